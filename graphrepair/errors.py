@@ -1,0 +1,51 @@
+"""Errors graphrepair raises on bad input.
+
+Every message names the node, parameter or file at fault and says what to do. The CLI prints
+``str(error)`` as one line and exits with status 2; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+
+class GraphRepairError(Exception):
+    """Base class of every error graphrepair raises on purpose."""
+
+
+class TraceError(GraphRepairError):
+    """The model could not be turned into an FX graph."""
+
+
+class UnsupportedOpError(GraphRepairError):
+    """An operation cannot be handled by a pass (not raised by discovery, which fixes axes instead)."""
+
+
+class ShapeError(GraphRepairError):
+    """The example input does not fit the model."""
+
+
+class MismatchError(GraphRepairError):
+    """Two models (or a model and a checkpoint) do not share an architecture."""
+
+
+class CheckError(GraphRepairError):
+    """A permutation changed what a model computes."""
+
+
+class DataError(GraphRepairError):
+    """Input data is missing, empty, of the wrong shape, or not finite."""
+
+
+class CheckpointError(GraphRepairError):
+    """A checkpoint file cannot be read or does not fit the model."""
+
+
+class LoadError(GraphRepairError):
+    """A MODULE:FACTORY (or MODULE:FUNCTION) reference cannot be imported or called."""
+
+
+class ExportError(GraphRepairError):
+    """ONNX export failed or onnxruntime disagrees with torch."""
+
+
+class NumericError(GraphRepairError):
+    """NaN or Inf in weights or statistics."""
