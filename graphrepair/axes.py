@@ -1,0 +1,336 @@
+"""The algebra of axis permutations that discovery solves.
+
+Every axis of every tensor in the graph (activations, parameters, buffers) is described by an
+*axis expression*: how a permutation of that axis is built from the permutation groups.
+
+    Var(v)        a free permutation variable v of |v| channels            idx = P_v
+    Fixed(n)      the identity on n positions (the axis must not move)     idx = arange(n)
+    Cat(e1..ek)   block-diagonal: e1 on the first |e1| positions, ...      idx = [idx1, |e1| + idx2, ...]
+    Kron(o, i)    position a*|i| + b goes to o(a)*|i| + i(b)                idx = (idx_o[:, None]*|i| + idx_i).ravel()
+
+A permutation is applied to a tensor axis by ``x.index_select(axis, idx)``: position p of the new
+tensor holds position idx[p] of the old one. Examples of where each form arises:
+
+    conv output channels                      Var(v)
+    torch.cat([a, b], dim=1)                  Cat(e_a, e_b)
+    (N, C, H, W).flatten(1)                   Kron(e_C, Fixed(H*W))     channel permutation in blocks of H*W
+    grouped conv input, g groups              Kron(Fixed(g), v)         the same permutation inside every group
+    (N, T, H*D).view(N, T, H, D)              Kron(h, d)                heads and the dims inside a head
+
+Discovery states every rule as "these two expressions are the same permutation" and
+:class:`AxisSolver` *unifies* them, like type inference. Unification only ever *restricts* freedom:
+it binds a variable to a more specific expression (a Cat of fresh variables, a Kron of fresh
+variables, or Fixed), and when two layouts cannot be reconciled it fixes every variable in both and
+records why. Restricting a set of allowed permutations can never make a permutation wrong, so the
+solver is conservative by construction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator, Union
+
+import torch
+
+
+@dataclass(frozen=True)
+class Var:
+    id: int
+    size: int
+
+
+@dataclass(frozen=True)
+class Fixed:
+    size: int
+    reason: str = field(default="", compare=False)
+
+
+@dataclass(frozen=True)
+class Cat:
+    parts: tuple
+
+    @property
+    def size(self) -> int:
+        return sum(p.size for p in self.parts)
+
+
+@dataclass(frozen=True)
+class Kron:
+    outer: "Expr"
+    inner: "Expr"
+
+    @property
+    def size(self) -> int:
+        return self.outer.size * self.inner.size
+
+
+Expr = Union[Var, Fixed, Cat, Kron]
+
+
+def cat(parts) -> Expr:
+    """Normalised block-diagonal concatenation (nested Cats flattened, adjacent Fixed merged)."""
+    flat: list = []
+    for p in parts:
+        for q in (p.parts if isinstance(p, Cat) else (p,)):
+            if q.size == 0:
+                continue
+            if flat and isinstance(q, Fixed) and isinstance(flat[-1], Fixed):
+                flat[-1] = Fixed(flat[-1].size + q.size, flat[-1].reason or q.reason)
+            else:
+                flat.append(q)
+    if not flat:
+        return Fixed(0)
+    return flat[0] if len(flat) == 1 else Cat(tuple(flat))
+
+
+def kron(outer: Expr, inner: Expr) -> Expr:
+    """Normalised Kronecker layout (size-1 factors dropped, Fixed x Fixed merged)."""
+    if outer.size == 1:
+        return inner
+    if inner.size == 1:
+        return outer
+    if isinstance(outer, Fixed) and isinstance(inner, Fixed):
+        return Fixed(outer.size * inner.size, outer.reason or inner.reason)
+    return Kron(outer, inner)
+
+
+def variables(e: Expr) -> Iterator[Var]:
+    if isinstance(e, Var):
+        yield e
+    elif isinstance(e, Cat):
+        for p in e.parts:
+            yield from variables(p)
+    elif isinstance(e, Kron):
+        yield from variables(e.outer)
+        yield from variables(e.inner)
+
+
+def is_fixed(e: Expr) -> bool:
+    return next(variables(e), None) is None
+
+
+def index(e: Expr, perms: dict[int, torch.Tensor]) -> torch.Tensor:
+    """The gather index of ``e`` when each variable id takes its permutation from ``perms``
+    (missing ids stay the identity)."""
+    if isinstance(e, Var):
+        p = perms.get(e.id)
+        return torch.arange(e.size) if p is None else p
+    if isinstance(e, Fixed):
+        return torch.arange(e.size)
+    if isinstance(e, Cat):
+        out, offset = [], 0
+        for p in e.parts:
+            out.append(index(p, perms) + offset)
+            offset += p.size
+        return torch.cat(out)
+    o, i = index(e.outer, perms), index(e.inner, perms)
+    return (o[:, None] * e.inner.size + i[None, :]).reshape(-1)
+
+
+def positions(e: Expr, var_id: int) -> torch.Tensor | None:
+    """Where variable ``var_id`` lives along an axis laid out as ``e`` (all variables at identity):
+    a LongTensor (|v|, R) whose row j lists the R positions that hold channel j of the variable, or
+    None if the variable does not occur. R > 1 when the layout repeats the variable (a flattened
+    feature map repeats each channel over the spatial positions; grouped convs repeat per group)."""
+    if isinstance(e, Var):
+        return torch.arange(e.size)[:, None] if e.id == var_id else None
+    if isinstance(e, Fixed):
+        return None
+    if isinstance(e, Cat):
+        found, offset = [], 0
+        for p in e.parts:
+            q = positions(p, var_id)
+            if q is not None:
+                found.append(q + offset)
+            offset += p.size
+        return torch.cat(found, dim=1) if found else None
+    q_out, q_in = positions(e.outer, var_id), positions(e.inner, var_id)
+    n_in = e.inner.size
+    found = []
+    if q_out is not None:  # var in the outer factor: every inner position is a replica
+        found.append((q_out[:, :, None] * n_in + torch.arange(n_in)).reshape(q_out.shape[0], -1))
+    if q_in is not None:  # var in the inner factor: every outer position is a replica
+        base = torch.arange(e.outer.size) * n_in
+        found.append((q_in[:, :, None] + base).reshape(q_in.shape[0], -1))
+    return torch.cat(found, dim=1) if found else None
+
+
+def describe(e: Expr, names: dict[int, str] | None = None) -> str:
+    """Short human form, e.g. ``cat(layer1.0, fixed[64])`` or ``kron(g3, fixed[16])``."""
+    names = names or {}
+    if isinstance(e, Var):
+        return names.get(e.id, f"v{e.id}")
+    if isinstance(e, Fixed):
+        return f"fixed[{e.size}]"
+    if isinstance(e, Cat):
+        return "cat(" + ", ".join(describe(p, names) for p in e.parts) + ")"
+    return f"kron({describe(e.outer, names)}, {describe(e.inner, names)})"
+
+
+class AxisSolver:
+    """Union-find over permutation variables, with variables bound to structured expressions.
+
+    ``binding[v]`` is the expression variable v was unified with; ``resolve`` substitutes bindings
+    all the way down. ``reasons[v]`` says why a variable ended up fixed.
+    """
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+        self.binding: dict[int, Expr] = {}
+        self.reasons: dict[int, str] = {}
+
+    # -- construction -------------------------------------------------------------------------
+    def fresh(self, size: int) -> Expr:
+        if size <= 1:
+            return Fixed(size, "a single position")
+        self.sizes.append(size)
+        return Var(len(self.sizes) - 1, size)
+
+    # -- substitution --------------------------------------------------------------------------
+    def head(self, e: Expr) -> Expr:
+        """Follow bindings of a top-level variable (with path compression)."""
+        if not isinstance(e, Var) or e.id not in self.binding:
+            return e
+        seen = []
+        while isinstance(e, Var) and e.id in self.binding:
+            seen.append(e.id)
+            e = self.binding[e.id]
+        for v in seen[:-1]:
+            self.binding[v] = e
+        return e
+
+    def resolve(self, e: Expr) -> Expr:
+        e = self.head(e)
+        if isinstance(e, Cat):
+            return cat(self.resolve(p) for p in e.parts)
+        if isinstance(e, Kron):
+            return kron(self.resolve(e.outer), self.resolve(e.inner))
+        return e
+
+    def _bind(self, v: Var, e: Expr) -> None:
+        assert v.size == e.size, (v, e)
+        self.binding[v.id] = e
+        if isinstance(e, Fixed):
+            self.reasons.setdefault(v.id, e.reason)
+
+    def fix(self, e: Expr, reason: str) -> None:
+        """Fix every variable occurring in ``e``."""
+        for v in list(variables(self.resolve(e))):
+            self._bind(v, Fixed(v.size, reason))
+
+    # -- unification ---------------------------------------------------------------------------
+    def unify(self, a: Expr, b: Expr, why: str) -> None:
+        if a.size != b.size:
+            raise AssertionError(f"axis sizes differ ({a.size} vs {b.size}) at {why}")
+        a, b = self.head(a), self.head(b)
+        if a == b:
+            return
+        if isinstance(a, Var) or isinstance(b, Var):
+            v, e = (a, b) if isinstance(a, Var) else (b, a)
+            if isinstance(e, Var):
+                self._bind(v, e)
+            elif any(w.id == v.id for w in variables(self.resolve(e))):
+                self.fix(v, f"a channel axis would have to equal a layout containing itself ({why})")
+                self.fix(e, f"a channel axis would have to equal a layout containing itself ({why})")
+            else:
+                self._bind(v, e)
+            return
+        if isinstance(a, Fixed) or isinstance(b, Fixed):
+            f, e = (a, b) if isinstance(a, Fixed) else (b, a)
+            self.fix(e, f.reason or why)
+            return
+        if isinstance(a, Kron) and isinstance(b, Kron):
+            if a.inner.size == b.inner.size:
+                self.unify(a.outer, b.outer, why)
+                self.unify(a.inner, b.inner, why)
+                return
+            small = min(a.inner.size, b.inner.size)
+            fa, fb = self.factor(a, small, why), self.factor(b, small, why)
+            self.unify(fa[0], fb[0], why)
+            self.unify(fa[1], fb[1], why)
+            return
+        # at least one Cat (the other a Cat or a Kron): compare block by block
+        bounds = sorted(set(self.boundaries(a)) | set(self.boundaries(b)))
+        pa, pb = self.split(a, bounds, why), self.split(b, bounds, why)
+        for x, y in zip(pa, pb):
+            self.unify(x, y, why)
+
+    def boundaries(self, e: Expr) -> list[int]:
+        e = self.resolve(e)
+        if isinstance(e, Cat):
+            out, offset = [], 0
+            for p in e.parts[:-1]:
+                offset += p.size
+                out.append(offset)
+            return out
+        return []
+
+    def split(self, e: Expr, bounds: list[int], why: str) -> list[Expr]:
+        """Cut ``e`` at the given positions (binding variables to Cats of fresh ones as needed)."""
+        out, start = [], 0
+        rest = self.resolve(e)
+        for b in bounds + [e.size]:
+            left, rest = self.split_at(rest, b - start, why)
+            out.append(left)
+            start = b
+        return out
+
+    def split_at(self, e: Expr, k: int, why: str) -> tuple[Expr, Expr]:
+        e = self.head(e)
+        n = e.size
+        if k == n:
+            return e, Fixed(0)
+        if k == 0:
+            return Fixed(0), e
+        if isinstance(e, Var):
+            left, right = self.fresh(k), self.fresh(n - k)
+            self._bind(e, cat((left, right)))
+            return left, right
+        if isinstance(e, Fixed):
+            return Fixed(k, e.reason), Fixed(n - k, e.reason)
+        if isinstance(e, Cat):
+            offset = 0
+            for i, p in enumerate(e.parts):
+                if offset + p.size >= k:
+                    l, r = self.split_at(p, k - offset, why)
+                    return cat(e.parts[:i] + (l,)), cat((r,) + e.parts[i + 1:])
+                offset += p.size
+        assert isinstance(e, Kron)
+        s = e.inner.size
+        if k % s == 0:
+            lo, ro = self.split_at(e.outer, k // s, why)
+            return kron(lo, e.inner), kron(ro, e.inner)
+        # the cut falls inside a block: the blocks themselves must stay in place
+        self.fix(e.outer, f"a split inside repeated blocks ({why})")
+        expanded = cat([e.inner] * e.outer.size)
+        return self.split_at(expanded, k, why)
+
+    def factor(self, e: Expr, s: int, why: str) -> tuple[Expr, Expr]:
+        """Write ``e`` as kron(outer, inner) with |inner| == s (restricting variables if needed)."""
+        e = self.head(e)
+        n = e.size
+        assert n % s == 0, (e, s)
+        if isinstance(e, Var):
+            o, i = self.fresh(n // s), self.fresh(s)
+            self._bind(e, kron(o, i))
+            return o, i
+        if isinstance(e, Fixed):
+            return Fixed(n // s, e.reason), Fixed(s, e.reason)
+        if isinstance(e, Kron):
+            si = e.inner.size
+            if si == s:
+                return e.outer, e.inner
+            if si % s == 0:
+                io, ii = self.factor(e.inner, s, why)
+                return kron(e.outer, io), ii
+            if s % si == 0:
+                oo, oi = self.factor(e.outer, s // si, why)
+                return oo, kron(oi, e.inner)
+        if isinstance(e, Cat) and all(p.size % s == 0 for p in e.parts):
+            factored = [self.factor(p, s, why) for p in e.parts]
+            inner = factored[0][1]
+            for _, other in factored[1:]:
+                self.unify(inner, other, why)
+            return cat(o for o, _ in factored), inner
+        self.fix(e, f"incompatible channel layouts ({why})")
+        return Fixed(n // s, f"incompatible channel layouts ({why})"), Fixed(s, "")

@@ -1,0 +1,283 @@
+"""Discovery: which hidden channels of a traced model may be permuted together.
+
+Walk the graph once in topological order. Each node gets one axis expression per output axis
+(``axes.py``); the rule for its op (``rules.py``) states which input, output and parameter axes
+must carry the same permutation, and the solver unifies them. Model inputs and outputs are fixed.
+An op without a rule fixes every axis it touches and records why. After the walk every variable
+that is still free is a permutation group.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+
+from . import axes as ax
+from .axes import AxisSolver, Expr, Fixed
+from .spec import FixedAxis, Group, Member, PermutationSpec
+from .trace import TensorInfo, Traced, trace
+
+STRUCTURAL = "structural: "  # prefix of reasons for axes that are never channel axes
+
+
+class Context:
+    """What a rule sees: the solver, shapes, the axes of values and parameters, and notes."""
+
+    def __init__(self, traced: Traced, aliases: dict[str, str]):
+        self.traced = traced
+        self.gm = traced.gm
+        self.solver = AxisSolver()
+        self.values: dict[str, Any] = {}  # node name -> list[Expr] | tuple of those | None
+        self.params: dict[str, list[Expr]] = {}  # canonical state_dict key -> axes
+        self.aliases = aliases  # state_dict key -> canonical key (tied weights share one)
+        self.origins: list[FixedAxis] = []  # where non-structural fixing started
+        self.joins: dict[str, str] = {}  # node name -> "residual" | "concat" | "gate"
+        self.node: torch.fx.Node | None = None
+
+    # -- shapes --------------------------------------------------------------------------------
+    def info(self, arg) -> Any:
+        return self.traced.info.get(arg.name) if isinstance(arg, torch.fx.Node) else None
+
+    def shape(self, arg) -> tuple[int, ...] | None:
+        i = self.info(arg)
+        return i.shape if isinstance(i, TensorInfo) else None
+
+    def out_shape(self) -> tuple[int, ...]:
+        return self.shape(self.node)
+
+    # -- axes of values --------------------------------------------------------------------------
+    def axes(self, arg) -> list[Expr] | None:
+        """Axis expressions of a tensor-valued argument, or None for anything else."""
+        if isinstance(arg, torch.fx.Node):
+            v = self.values.get(arg.name)
+            return v if isinstance(v, list) else None
+        return None
+
+    def param(self, key: str, shape: tuple[int, ...]) -> list[Expr]:
+        key = self.aliases.get(key, key)
+        if key not in self.params:
+            self.params[key] = [self.solver.fresh(s) for s in shape]
+        return self.params[key]
+
+    def fresh(self, size: int) -> Expr:
+        return self.solver.fresh(size)
+
+    def fresh_axes(self, shape) -> list[Expr]:
+        return [self.solver.fresh(s) for s in shape]
+
+    def fixed_axes(self, shape, reason: str) -> list[Expr]:
+        return [Fixed(s, reason) for s in shape]
+
+    def unify(self, a: Expr, b: Expr, why: str | None = None) -> None:
+        self.solver.unify(a, b, why or f"node {self.node.name}")
+
+    def fix(self, e: Expr, reason: str, axis: int | None = None, where: str | None = None,
+            structural: bool = False, record: bool = True) -> None:
+        """Fix ``e``; non-structural fixings are recorded as origins for ``spec.fixed``."""
+        if record and not structural and e.size > 1 and not ax.is_fixed(self.solver.resolve(e)):
+            self.origins.append(FixedAxis(where or self.node.name, -1 if axis is None else axis,
+                                          e.size, reason, "node"))
+        self.solver.fix(e, (STRUCTURAL if structural else "") + reason)
+
+    def fix_all(self, reason: str) -> None:
+        """The conservative fallback: every axis of every tensor input and of the output is fixed."""
+        for a in _tensor_args(self.node):
+            for d, e in enumerate(self.axes(a) or []):
+                self.fix(e, reason, d, a.name)
+
+    def arg(self, i: int, name: str, default=None):
+        n = self.node
+        if len(n.args) > i:
+            return n.args[i]
+        return n.kwargs.get(name, default)
+
+    def module(self) -> nn.Module:
+        return self.gm.get_submodule(self.node.target)
+
+    def join(self, kind: str) -> None:
+        self.joins[self.node.name] = kind
+
+
+def _tensor_args(node: torch.fx.Node) -> list[torch.fx.Node]:
+    found: list[torch.fx.Node] = []
+    torch.fx.node.map_arg((node.args, node.kwargs), lambda n: found.append(n) or n)
+    return found
+
+
+def op_name(node: torch.fx.Node) -> str:
+    """A canonical op name shared by the module-call, functional and ATen forms of an op."""
+    t = node.target
+    if node.op == "call_method":
+        return t
+    if isinstance(t, torch._ops.OpOverload):
+        return t._opname
+    if isinstance(t, torch._ops.OpOverloadPacket):
+        return t._qualified_op_name.split("::")[-1]
+    name = getattr(t, "__name__", str(t))
+    return {"iadd": "add", "isub": "sub", "imul": "mul", "truediv": "div", "itruediv": "div",
+            "floordiv": "floor_divide", "matmul": "matmul"}.get(name, name)
+
+
+def is_aten(node: torch.fx.Node) -> bool:
+    return isinstance(node.target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket))
+
+
+def _aliases(model: nn.Module) -> dict[str, str]:
+    """state_dict key -> canonical key: tied parameters (one tensor, several names) share one."""
+    first: dict[int, str] = {}
+    out: dict[str, str] = {}
+    for name, t in list(model.named_parameters(remove_duplicate=False)) + list(
+            model.named_buffers(remove_duplicate=False)):
+        out[name] = first.setdefault(id(t), name)
+    return out
+
+
+def discover(model: nn.Module, example_inputs, *, traced: Traced | None = None) -> PermutationSpec:
+    """Discover the permutation groups of ``model`` (see module docstring)."""
+    from .rules import apply_rule
+
+    traced = traced or trace(model, example_inputs)
+    ctx = Context(traced, _aliases(model))
+    gm = traced.gm
+    for node in gm.graph.nodes:
+        ctx.node = node
+        info = traced.info.get(node.name)
+        if node.op == "placeholder":
+            if isinstance(info, TensorInfo):
+                ctx.values[node.name] = [Fixed(s, f"model input '{node.name}'") for s in info.shape]
+            continue
+        if node.op == "get_attr":
+            if isinstance(info, TensorInfo):
+                ctx.values[node.name] = ctx.param(node.target, info.shape)
+            continue
+        if node.op == "output":
+            for a in _tensor_args(node):
+                for d, e in enumerate(ctx.axes(a) or []):
+                    ctx.fix(e, "model output", d, a.name, record=False)
+            continue
+        out = apply_rule(ctx, node)
+        ctx.values[node.name] = out
+    return _build_spec(model, ctx)
+
+
+# -- turning the solved variables into a frozen spec ---------------------------------------------
+
+def _build_spec(model: nn.Module, ctx: Context) -> PermutationSpec:
+    solver = ctx.solver
+    state = model.state_dict(keep_vars=True)
+    param_axes: dict[str, tuple] = {}
+    fixed: list[FixedAxis] = []
+    for key, t in state.items():
+        canon = ctx.aliases.get(key, key)
+        exprs = ctx.params.get(canon)
+        if exprs is None or len(exprs) != t.ndim:
+            exprs = [Fixed(s, "not used by the traced graph") for s in t.shape]
+        param_axes[key] = tuple(solver.resolve(e) for e in exprs)
+    node_axes = {name: tuple(solver.resolve(e) for e in v)
+                 for name, v in ctx.values.items() if isinstance(v, list)}
+
+    # variables still free, in graph order of first appearance (params first: stable names)
+    order: dict[int, None] = {}
+    for exprs in list(param_axes.values()) + list(node_axes.values()):
+        for e in exprs:
+            for v in ax.variables(e):
+                order.setdefault(v.id, None)
+    names = _group_names(param_axes, node_axes, list(order))
+
+    # one sweep over all axes builds every group's member list (linear in the graph size)
+    members: dict[int, tuple[list, list]] = {vid: ([], []) for vid in order}
+    for slot, table in ((0, param_axes), (1, node_axes)):
+        for k, es in table.items():
+            for d, e in enumerate(es):
+                for vid in dict.fromkeys(v.id for v in ax.variables(e)):
+                    members[vid][slot].append(Member(k, d, _layout(e, vid)))
+    groups = []
+    var_of_group = {}
+    for vid in order:
+        pm, nm = members[vid]
+        joins = tuple(sorted({ctx.joins[m.name] for m in nm if m.name in ctx.joins}))
+        groups.append(Group(names[vid], solver.sizes[vid], tuple(pm), tuple(nm), joins))
+        var_of_group[names[vid]] = vid
+
+    for key, es in param_axes.items():
+        for d, e in enumerate(es):
+            pinned = _fixed_parts(e)
+            if not pinned:
+                continue
+            count = sum(f.size for f in pinned)
+            if count <= 1:
+                continue
+            reason = next((f.reason for f in pinned if f.reason), "fixed")
+            structural = reason.startswith(STRUCTURAL)
+            fixed.append(FixedAxis(key, d, count, reason.removeprefix(STRUCTURAL), "param", structural))
+    fixed.extend(ctx.origins)
+    return PermutationSpec(tuple(groups), tuple(fixed), param_axes, node_axes, var_of_group,
+                           ctx.traced, ctx.traced.model_name)
+
+
+def _layout(e: Expr, vid: int) -> str:
+    return "full" if isinstance(e, ax.Var) and e.id == vid else ax.describe(e)
+
+
+def _fixed_parts(e: Expr) -> list[Fixed]:
+    if isinstance(e, Fixed):
+        return [e] if e.size > 0 else []
+    if isinstance(e, ax.Cat):
+        return [f for p in e.parts for f in _fixed_parts(p)]
+    if isinstance(e, ax.Kron):
+        # a fixed factor pins positions only if the whole product is fixed
+        return [Fixed(e.size, _fixed_parts(e.outer)[0].reason)] if ax.is_fixed(e) else []
+    return []
+
+
+def _group_names(param_axes, node_axes, var_ids) -> dict[int, str]:
+    """Readable stable names: the module whose output axis *is* the group, else a path into the
+    first layout that contains it (".3" = 4th block of a concatenation, ".o"/".i" = outer/inner
+    factor of a Kronecker layout)."""
+    names: dict[int, str] = {}
+    for key, es in param_axes.items():
+        if es and isinstance(es[0], ax.Var) and es[0].id not in names and key.endswith("weight"):
+            names[es[0].id] = key[: -len(".weight")] if key.endswith(".weight") else key
+    for vid in var_ids:
+        if vid in names:
+            continue
+        for key, es in list(param_axes.items()) + list(node_axes.items()):
+            for d, e in enumerate(es):
+                path = _path_to(e, vid)
+                if path is not None:
+                    base = key[: -len(".weight")] if key.endswith(".weight") else key
+                    names[vid] = f"{base}[{d}]{path}" if path else f"{base}[{d}]"
+                    break
+            if vid in names:
+                break
+    used: dict[str, int] = {}
+    for vid in var_ids:
+        n = names.get(vid, f"group{vid}")
+        if n in used:
+            used[n] += 1
+            n = f"{n}#{used[n]}"
+        else:
+            used[n] = 1
+        names[vid] = n
+    return names
+
+
+def _path_to(e: Expr, vid: int) -> str | None:
+    if isinstance(e, ax.Var):
+        return "" if e.id == vid else None
+    if isinstance(e, ax.Cat):
+        for i, p in enumerate(e.parts):
+            q = _path_to(p, vid)
+            if q is not None:
+                return f".{i}{q}"
+    if isinstance(e, ax.Kron):
+        for tag, p in (("o", e.outer), ("i", e.inner)):
+            q = _path_to(p, vid)
+            if q is not None:
+                return f".{tag}{q}"
+    return None
+
+
