@@ -196,8 +196,11 @@ def _build_spec(model: nn.Module, ctx: Context) -> PermutationSpec:
                     members[vid][slot].append(Member(k, d, _layout(e, vid)))
     groups = []
     var_of_group = {}
-    for vid in order:
+    for vid in list(order):
         pm, nm = members[vid]
+        if not pm:  # moves no parameter (e.g. a constant built in the graph): not a group
+            del order[vid]
+            continue
         joins = tuple(sorted({ctx.joins[m.name] for m in nm if m.name in ctx.joins}))
         groups.append(Group(names[vid], solver.sizes[vid], tuple(pm), tuple(nm), joins))
         var_of_group[names[vid]] = vid

@@ -681,19 +681,18 @@ def getitem(ctx: Context):
             ctx.fix(xa[d], f"indexed by position at node '{ctx.node.name}'", d, src.name)
             d += 1
         elif isinstance(i, slice):
-            if any(isinstance(b, torch.fx.Node) for b in (i.start, i.stop, i.step)):
-                return unknown(ctx, f"slice with traced bounds at node '{ctx.node.name}'")
-            full = i.indices(xs[d]) == (0, xs[d], 1)
-            if full:
-                out.append(xa[d])
-            else:
+            traced = any(isinstance(b, torch.fx.Node) for b in (i.start, i.stop, i.step))
+            if not traced and i.indices(xs[d]) == (0, xs[d], 1):
+                out.append(xa[d])  # a full slice keeps the axis
+            else:  # positions are picked (bounds known only at run time count as picked)
                 ctx.fix(xa[d], f"sliced at node '{ctx.node.name}'", d, src.name)
-                out.append(Fixed(len(range(*i.indices(xs[d]))), "slice"))
+                out.append(None)
             d += 1
         else:
             return unknown(ctx)
     out.extend(xa[d:])
-    return out
+    shape = ctx.out_shape()
+    return [Fixed(shape[k], "slice") if e is None else e for k, e in enumerate(out)]
 
 
 def slice_op(ctx: Context):

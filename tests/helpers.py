@@ -1,0 +1,24 @@
+"""Shared test helpers."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every floating parameter and buffer random values (norm weights, running statistics,
+    layer scales included), so that a wrong permutation of any of them changes the output."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            if not t.is_floating_point():
+                continue
+            noise = torch.randn(t.shape, generator=gen)
+            if name.endswith("running_var"):
+                t.copy_(0.5 + noise.abs())
+            elif t.ndim == 1:
+                t.add_(0.3 * noise)
+            else:
+                t.add_(0.1 * noise * (t.std() if t.numel() > 1 and t.std() > 0 else 1.0))
+    return model
