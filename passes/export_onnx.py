@@ -1,0 +1,332 @@
+"""Export a model to ONNX and keep the file only if onnxruntime agrees with torch.
+
+Steps: ``torch.onnx.export(..., dynamo=True)`` with a dynamic batch axis (axis 0 of every tensor
+input, one shared symbol "batch") and the weights embedded, into a temporary file in the target
+directory; ``onnx.checker.check_model``; onnxruntime sessions (CPUExecutionProvider, plus
+CUDAExecutionProvider when torch sees a GPU and onnxruntime offers it) run on the example inputs,
+on a batch of another size (2B + 1 rows built from the example: x, x reversed, x[:1]) to prove the
+batch axis is dynamic, and on any ``check_inputs``. Every output is compared with torch's:
+
+    |ort - torch| <= atol + rtol * |torch|    elementwise (NaN matches NaN)
+
+Outputs are flattened in torch's pytree order (tuples and lists by position, dicts by insertion
+order, HF ModelOutput by field), the same order the exporter gives the ONNX outputs; dataclasses
+pytree does not know are flattened by field. On success the temporary file is renamed onto
+``path`` (atomic ``os.replace``); on any failure it is removed and nothing is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import tempfile
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.utils import _pytree as pytree
+
+from passes.errors import ExportFailedError, ExportVerificationError
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    """What was written and how it was checked."""
+
+    path: str
+    node_count: int
+    op_counts: dict[str, int]
+    max_abs_diff: float
+    providers_checked: tuple[str, ...]
+
+
+# ---------------------------------------------------------------------------------------------
+# Flattening
+
+
+def flatten_outputs(value: Any) -> list[tuple[str, torch.Tensor]]:
+    """The tensors in ``value`` with a readable path each, in pytree order."""
+    out: list[tuple[str, torch.Tensor]] = []
+
+    def visit(v: Any, prefix: str) -> None:
+        leaves, _ = pytree.tree_flatten_with_path(v)
+        for path, leaf in leaves:
+            name = prefix + pytree.keystr(path)
+            if isinstance(leaf, torch.Tensor):
+                out.append((name, leaf))
+            elif dataclasses.is_dataclass(leaf) and not isinstance(leaf, type):
+                for f in dataclasses.fields(leaf):
+                    visit(getattr(leaf, f.name), f"{name}.{f.name}")
+
+    visit(value, "")
+    return out
+
+
+def _input_tensors(args: tuple) -> list[torch.Tensor]:
+    return [leaf for leaf in pytree.tree_leaves(args) if isinstance(leaf, torch.Tensor)]
+
+
+def _bigger_batch(args: tuple) -> tuple:
+    """The example batch grown from B to 2B + 1 rows: x, x reversed along the batch, x[:1]."""
+
+    def grow(a: Any) -> Any:
+        if isinstance(a, torch.Tensor) and a.ndim > 0:
+            return torch.cat([a, a.flip(0), a[:1]], dim=0)
+        return a
+
+    return pytree.tree_map(grow, args)
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence the exporter's progress logs and deprecation chatter (errors still raise)."""
+    names = ("torch.onnx", "torch.export", "torch._export", "torch._dynamo", "torch.fx.experimental", "onnxscript")
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.onnx.*")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Put every submodule in eval mode and restore each one's flag afterwards."""
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        for m, _ in flags:
+            m.training = False
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def _default_providers() -> list[str]:
+    import onnxruntime as ort
+
+    providers = ["CPUExecutionProvider"]
+    if torch.cuda.is_available() and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.append("CUDAExecutionProvider")
+    return providers
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        t = t.float()
+    return t.numpy()
+
+
+def _compare(
+    ref: list[tuple[str, torch.Tensor]], got: list[np.ndarray], rtol: float, atol: float, where: str
+) -> float:
+    """Largest |got - ref| over all outputs; raises ExportVerificationError on a mismatch."""
+    if len(ref) != len(got):
+        raise ExportVerificationError(
+            f"{where}: the ONNX model has {len(got)} outputs but torch returned {len(ref)} tensors "
+            f"({', '.join(n or '<output>' for n, _ in ref)})",
+            max_abs_diff=float("inf"),
+        )
+    worst = 0.0
+    for i, ((name, r), g) in enumerate(zip(ref, got)):
+        label = name or "<output>"
+        expected = _numpy(r)
+        if expected.shape != g.shape:
+            raise ExportVerificationError(
+                f"{where}: output {i} {label} has shape {g.shape} in onnxruntime but "
+                f"{expected.shape} in torch",
+                max_abs_diff=float("inf"),
+                output_name=label,
+                output_index=i,
+            )
+        e = expected.astype(np.float64)
+        a = np.asarray(g).astype(np.float64)
+        diff = np.abs(a - e)
+        both_nan = np.isnan(a) & np.isnan(e)
+        diff = np.where(both_nan, 0.0, diff)
+        diff = np.where(np.isnan(diff), np.inf, diff)
+        bad = diff > atol + rtol * np.abs(np.nan_to_num(e))
+        if diff.size and bool(bad.any()):
+            flat = int(np.argmax(np.where(bad, diff, -1.0)))
+            pos = tuple(int(k) for k in np.unravel_index(flat, diff.shape))
+            biggest = float(diff.reshape(-1)[flat])
+            raise ExportVerificationError(
+                f"{where}: onnxruntime and torch differ on output {i} {label} by {biggest:.3g} at "
+                f"index {pos} (torch {e[pos]:.6g}, onnxruntime {a[pos]:.6g}; tolerance "
+                f"atol={atol:g} + rtol={rtol:g}*|torch|); the model was not written",
+                max_abs_diff=biggest,
+                output_name=label,
+                output_index=i,
+                where=pos,
+            )
+        if diff.size:
+            worst = max(worst, float(diff.max()))
+    return worst
+
+
+def _run_torch(model: nn.Module, args: tuple) -> list[tuple[str, torch.Tensor]]:
+    with torch.no_grad():
+        return flatten_outputs(model(*args))
+
+
+def _verify(
+    model: nn.Module,
+    tmp: str,
+    input_sets: list[tuple[str, tuple]],
+    providers: Sequence[str],
+    rtol: float,
+    atol: float,
+) -> float:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    worst = 0.0
+    for provider in providers:
+        if provider not in available:
+            raise ExportFailedError(
+                f"onnxruntime offers {available}, not {provider!r}; pass providers= from that list"
+            )
+        chain = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        try:
+            session = ort.InferenceSession(tmp, sess_options=options, providers=chain)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise ExportFailedError(f"onnxruntime could not load the exported model with {provider}: {exc}") from exc
+        names = [i.name for i in session.get_inputs()]
+        for label, args in input_sets:
+            tensors = _input_tensors(args)
+            if len(tensors) != len(names):
+                raise ExportFailedError(
+                    f"the ONNX model takes {len(names)} inputs {names} but the example has "
+                    f"{len(tensors)} tensors; pass every model input as a tensor"
+                )
+            feed = {n: _numpy(t) for n, t in zip(names, tensors)}
+            got = session.run(None, feed)
+            ref = _run_torch(model, args)
+            worst = max(worst, _compare(ref, got, rtol, atol, f"{provider}, {label}"))
+    return worst
+
+
+def _temp_file(path: str) -> str:
+    directory = os.path.dirname(os.path.abspath(path)) or "."
+    if not os.path.isdir(directory):
+        raise ExportFailedError(f"cannot write {path}: directory {directory} does not exist; create it first")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    except OSError as exc:
+        raise ExportFailedError(
+            f"cannot write {path}: {exc.strerror or exc} in {directory}; choose a writable directory"
+        ) from exc
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; give the final file normal permissions
+    return tmp
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# The export
+
+
+def export_onnx(
+    model: nn.Module,
+    example_inputs: tuple,
+    path: str | os.PathLike,
+    *,
+    dynamic_batch: bool = True,
+    rtol: float = 1e-4,
+    atol: float = 1e-4,
+    providers: Sequence[str] | None = None,
+    check_inputs: Sequence[tuple] | None = None,
+) -> ExportReport:
+    """Export ``model`` to ``path`` as one ONNX file, verified with onnxruntime (see module doc).
+
+    Raises ExportFailedError when no model could be produced or written, and
+    ExportVerificationError when onnxruntime disagrees with torch; in both cases ``path`` is left
+    as it was and no temporary file remains.
+    """
+    import onnx
+
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    if not isinstance(example_inputs, tuple):
+        raise ExportFailedError(
+            f"example_inputs must be a tuple of model arguments, got {type(example_inputs).__name__}"
+        )
+    path = os.fspath(path)
+    providers = list(providers) if providers is not None else _default_providers()
+    dynamic_shapes = None
+    if dynamic_batch:
+        batch = torch.export.Dim("batch")
+        dynamic_shapes = pytree.tree_map(
+            lambda a: {0: batch} if isinstance(a, torch.Tensor) and a.ndim > 0 else None,
+            example_inputs,
+        )
+    tmp = _temp_file(path)
+    try:
+        with _eval_mode(model):
+            try:
+                with _quiet():
+                    torch.onnx.export(
+                        model,
+                        example_inputs,
+                        tmp,
+                        dynamo=True,
+                        external_data=False,
+                        dynamic_shapes=dynamic_shapes,
+                        verbose=False,
+                        report=False,
+                    )
+            except Exception as exc:  # the exporter raises many types; all mean "no model"
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                hint = " (try dynamic_batch=False if the model fixes its batch size)" if dynamic_batch else ""
+                raise ExportFailedError(
+                    f"torch.onnx.export could not export {type(model).__name__} to {path}: "
+                    f"{type(exc).__name__}: {first}{hint}"
+                ) from exc
+            try:
+                onnx.checker.check_model(tmp)
+            except Exception as exc:
+                raise ExportFailedError(f"the exported model for {path} is not valid ONNX: {exc}") from exc
+            proto = onnx.load(tmp)
+            input_sets = [("example inputs", example_inputs)]
+            if dynamic_batch:
+                input_sets.append(("batch of another size", _bigger_batch(example_inputs)))
+            for k, extra in enumerate(check_inputs or ()):
+                input_sets.append((f"check_inputs[{k}]", extra if isinstance(extra, tuple) else (extra,)))
+            worst = _verify(model, tmp, input_sets, providers, rtol, atol)
+        ops = Counter(
+            (f"{n.domain}::{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type) for n in proto.graph.node
+        )
+        try:
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise ExportFailedError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    except BaseException:
+        _remove(tmp)
+        raise
+    return ExportReport(path, len(proto.graph.node), dict(ops), worst, tuple(providers))

@@ -1,0 +1,401 @@
+"""Fold per-channel affine maps (apply-mode resets, ChannelAffine) into the op producing their input.
+
+A node y = s * x + t (s, t of shape (C,), broadcast along the channel axis) whose input x is the
+output of a single op P is removed by rewriting P's parameters (computed in float64, stored in
+the parameter's dtype):
+
+    Linear       y = x W^T + b, W (out, in):         W' = diag(s) W,  b' = s * b + t
+                 addmm(b, x, M), M = W^T (in, out):   M' = M diag(s)   (scale columns)
+    ConvNd       W (out, in/groups, k...):            W'[o] = s[o] W[o],  b' = s * b + t
+    ConvTranspNd W (in, out/groups, k...), groups g:  output channel o = q * (out/g) + j reads
+                 W[q-th block of in/g rows, j], so W viewed (g, in/g, out/g, k...) is scaled
+                 by s viewed (g, 1, out/g, 1...);  b' = s * b + t
+    BatchNorm    y = gamma * xhat + beta:             gamma' = s * gamma,  beta' = s * beta + t
+                 (the conv before it is left alone: architecture and state_dict keys stay)
+    Add          y = s * (P1 + P2) + t, each Pi foldable with the add as only user:
+                 scale P1 and P2 by s, shift only P1 by t.
+
+Channel axes: linear outputs have their channels on the last axis; conv, conv-transpose and
+batch-norm outputs on axis 1 (axis 0 for an unbatched conv input). The affine's ``dim`` must be
+that axis.
+
+Each candidate goes through match (``describe_producer``), check (a reason string or None) and
+rewrite. A missing bias is created as a new parameter (reported in ``notes``). Candidates that
+fail a check stay in the graph as one ``ChannelAffine`` each and their reason is recorded as
+``"<node name>: <reason>"``.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.fx import GraphModule, Node
+from torch.fx.passes.shape_prop import ShapeProp
+
+from passes.base import PassResult, finish, start
+from passes.errors import PassError
+from passes.modules import (
+    Arg,
+    Producer,
+    TensorSource,
+    call_arg,
+    describe_producer,
+    get_attr_value,
+    get_module,
+    node_rank,
+    parent_and_attr,
+    replace_module,
+    trace_tensor_source,
+)
+from passes.reset import ChannelAffine, Reset
+
+aten = torch.ops.aten
+
+_ADD_TARGETS = {operator.add, operator.iadd, torch.add, aten.add.Tensor}
+
+
+# ---------------------------------------------------------------------------------------------
+# Where a producer keeps its tensors
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """A parameter a fold rewrites: attribute path, the tensor, the graph nodes reading it."""
+
+    qualname: str
+    tensor: torch.Tensor
+    nodes: tuple[Node, ...] = ()
+    transposed: bool = False
+
+
+def _resolve(gm: GraphModule, p: Producer) -> tuple[_Slot | None, _Slot | None] | str:
+    """(weight slot, bias slot or None) of producer ``p``, or the reason they cannot be rewritten."""
+    if p.is_module:
+        m, name = p.module, str(p.node.target)
+        if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params():
+            return f"module {name!r} is lazy and not initialised yet"
+        if torch.nn.utils.parametrize.is_parametrized(m):
+            return f"module {name!r} has parametrized tensors; fold into its original parameters by hand"
+        if m._forward_hooks or m._forward_pre_hooks:
+            return f"module {name!r} has forward hooks that may change its output"
+        if m.weight is None:
+            return f"module {name!r} has no affine weight (affine=False)"
+        if not isinstance(m.weight, nn.Parameter):
+            return f"{name}.weight is not a parameter (weight norm or a derived tensor?)"
+        bias = None
+        if m.bias is not None:
+            if not isinstance(m.bias, nn.Parameter):
+                return f"{name}.bias is not a parameter"
+            bias = _Slot(f"{name}.bias", m.bias)
+        return _Slot(f"{name}.weight", m.weight), bias
+    rule = p.rule
+    w_arg = p.arg(rule.weight)
+    if w_arg is None:
+        return f"{p.node.name} has no weight (a batch norm without affine parameters)"
+    src = trace_tensor_source(w_arg)
+    if isinstance(src, str):
+        return src
+    weight = _slot_from_source(gm, src)
+    if isinstance(weight, str):
+        return weight
+    bias = None
+    b_arg = p.arg(rule.bias)
+    if b_arg is not None:
+        if not (isinstance(b_arg, Node) and b_arg.op == "get_attr"):
+            return f"the bias of {p.node.name} is not read from a parameter ({b_arg})"
+        bias = _slot_from_source(gm, TensorSource(str(b_arg.target), (b_arg,), False))
+        if isinstance(bias, str):
+            return bias
+    return weight, bias
+
+
+def _slot_from_source(gm: GraphModule, src: TensorSource) -> _Slot | str:
+    try:
+        value = get_attr_value(gm, src.qualname)
+    except PassError as exc:
+        return str(exc)
+    if not isinstance(value, torch.Tensor):
+        return f"{src.qualname!r} is a {type(value).__name__}, not a tensor"
+    return _Slot(src.qualname, value, src.nodes, src.transposed)
+
+
+def _storage_key(t: torch.Tensor) -> tuple:
+    if t.numel() == 0:
+        return ("id", id(t))
+    return (t.device, t.untyped_storage().data_ptr())
+
+
+def _sharing_reason(gm: GraphModule, p: Producer, slots: list[_Slot]) -> str | None:
+    """Why rewriting ``slots`` would also change some other op, or None."""
+    if p.is_module:
+        calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == p.node.target]
+        if len(calls) > 1:
+            return f"module {p.node.target!r} is called {len(calls)} times in the graph"
+    own = {n for s in slots for n in s.nodes}
+    for s in slots:
+        for n in s.nodes:
+            if len(n.users) != 1:
+                return f"{s.qualname!r} is read by {len(n.users)} ops"
+    names = {s.qualname for s in slots}
+    for n in gm.graph.nodes:
+        if n.op == "get_attr" and n not in own and str(n.target) in names:
+            return f"{n.target!r} is also read by get_attr node {n.name}"
+        if n.op == "call_module" and n is not p.node:
+            prefix = f"{n.target}."
+            if any(q.startswith(prefix) for q in names):
+                return f"{sorted(names)[0]!r} belongs to module {n.target!r}, which is called elsewhere"
+    keys = {_storage_key(s.tensor): s.qualname for s in slots}
+    for name, t in list(gm.named_parameters(remove_duplicate=False)) + list(
+        gm.named_buffers(remove_duplicate=False)
+    ):
+        if name not in names and _storage_key(t) in keys:
+            return f"{keys[_storage_key(t)]!r} shares its storage with {name!r} (tied weights)"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Check
+
+
+def _out_channels(p: Producer, weight: _Slot) -> int:
+    w = weight.tensor
+    if p.kind == "conv_transpose":
+        return w.shape[1] * p.groups
+    if p.kind == "batchnorm" or w.ndim < 2:
+        return w.shape[0]
+    axis = _weight_out_axis(p, weight)
+    return w.shape[axis]
+
+
+def _weight_out_axis(p: Producer, weight: _Slot) -> int:
+    if p.is_module or p.kind == "batchnorm":
+        return 0
+    axis = p.rule.out_axis
+    return 1 - axis if weight.transposed else axis
+
+
+def _channel_reason(p: Producer, weight: _Slot, dim: int, rank: int | None) -> str | None:
+    axis = p.channel_axis
+    if p.rule is not None and p.node.target in (aten.addmm.default, aten.mm.default):
+        rank = 2
+    if rank is not None:
+        if p.kind in ("conv", "conv_transpose") and rank == weight.tensor.ndim - 1:
+            axis = 0  # unbatched conv input (C, spatial...)
+        if not -rank <= dim < rank:
+            return f"axis {dim} is out of range for the {rank}-D output of {p.node.name}"
+        if dim % rank != axis % rank:
+            return (
+                f"the affine acts on axis {dim} but the channels of the {p.kind} output "
+                f"{p.output.name} are on axis {axis % rank}"
+            )
+        return None
+    if dim != axis:
+        return (
+            f"cannot tell whether axis {dim} is the channel axis of {p.output.name} (its rank is "
+            f"unknown); use dim={axis}, or pass example_inputs so shapes can be propagated"
+        )
+    return None
+
+
+def check_producer(
+    gm: GraphModule, p: Producer, consumer: Node, dim: int, rank: int | None, channels: int
+) -> tuple[_Slot, _Slot | None] | str:
+    """Check that ``p`` can absorb a (channels,) affine on axis ``dim`` read only by ``consumer``.
+
+    Returns (weight slot, bias slot) or the reason it cannot.
+    """
+    users = list(p.output.users)
+    if users != [consumer]:
+        names = ", ".join(u.name for u in users)
+        return f"the {p.kind} output {p.output.name} has {len(users)} users ({names}); folding would change them all"
+    if p.node.target is aten.addmm.default:
+        beta, alpha = p.node.kwargs.get("beta", 1), p.node.kwargs.get("alpha", 1)
+        if beta != 1 or alpha != 1:
+            return f"{p.node.name} is addmm with beta={beta}, alpha={alpha}"
+    resolved = _resolve(gm, p)
+    if isinstance(resolved, str):
+        return resolved
+    weight, bias = resolved
+    node_r = node_rank(p.output)
+    if node_r is not None and rank is not None and node_r != rank:
+        return f"{p.output.name} is {node_r}-D but the affine sees {rank}-D (broadcasting)"
+    reason = _channel_reason(p, weight, dim, node_r if node_r is not None else rank)
+    if reason is not None:
+        return reason
+    out = _out_channels(p, weight)
+    if out != channels:
+        return f"the affine has {channels} channels but {p.node.name} produces {out}"
+    reason = _sharing_reason(gm, p, [s for s in (weight, bias) if s is not None])
+    if reason is not None:
+        return reason
+    return weight, bias
+
+
+# ---------------------------------------------------------------------------------------------
+# Rewrite
+
+
+@torch.no_grad()
+def scale_producer(
+    gm: GraphModule, p: Producer, weight: _Slot, bias: _Slot | None, s: torch.Tensor, t: torch.Tensor
+) -> list[str]:
+    """Make ``p`` compute s * P(x) + t (s, t float64 (C,)); returns notes about created biases."""
+    w = weight.tensor
+    s = s.to(device=w.device, dtype=torch.float64)
+    t = t.to(device=w.device, dtype=torch.float64)
+    w64 = w.double()
+    if p.kind == "conv_transpose":
+        g = p.groups
+        blocks = w64.reshape(g, w.shape[0] // g, w.shape[1], *w.shape[2:])
+        ones = [1] * (w.ndim - 2)
+        w.copy_((blocks * s.reshape(g, 1, w.shape[1], *ones)).reshape(w.shape))
+    else:
+        shape = [1] * w.ndim
+        shape[_weight_out_axis(p, weight)] = -1
+        w.copy_(w64 * s.reshape(shape))
+    if bias is not None:
+        bias.tensor.copy_(s * bias.tensor.double() + t)
+        return []
+    if not bool((t != 0).any()):
+        return []
+    return [_create_bias(gm, p, weight, t)]
+
+
+def _create_bias(gm: GraphModule, p: Producer, weight: _Slot, t: torch.Tensor) -> str:
+    w = weight.tensor
+    param = nn.Parameter(t.to(w.dtype), requires_grad=w.requires_grad)
+    if p.is_module:
+        p.module.bias = param
+        return f"created parameter {p.node.target}.bias"
+    parent, attr = parent_and_attr(gm, weight.qualname)
+    name = attr[: -len("weight")] + "bias" if attr.endswith("weight") else f"{attr}_bias"
+    base, i = name, 0
+    while hasattr(parent, name) and not (name in parent._parameters and parent._parameters[name] is None):
+        name, i = f"{base}_{i}", i + 1
+    parent.register_parameter(name, param)
+    prefix = weight.qualname[: -len(attr)]
+    qualname = prefix + name
+    graph = gm.graph
+    with graph.inserting_before(p.node):
+        node = graph.get_attr(qualname)
+    if p.node.target is aten.mm.default:
+        x, mat2 = p.node.args[0], p.node.args[1]
+        p.node.target = aten.addmm.default
+        p.node.args = (node, x, mat2)
+    else:
+        _set_arg(p.node, p.rule.bias, node)
+    return f"created parameter {qualname}"
+
+
+def _set_arg(node: Node, slot: Arg, value: object) -> None:
+    if slot.index < len(node.args):
+        args = list(node.args)
+        args[slot.index] = value
+        node.args = tuple(args)
+    elif slot.index == len(node.args) and slot.name not in node.kwargs:
+        node.args = (*node.args, value)
+    else:
+        node.kwargs = {**node.kwargs, slot.name: value}
+
+
+# ---------------------------------------------------------------------------------------------
+# The pass
+
+
+def _is_plain_add(node: Node) -> bool:
+    if node.op == "call_method" and node.target in ("add", "add_"):
+        pass
+    elif node.op != "call_function" or node.target not in _ADD_TARGETS:
+        return False
+    if len(node.args) != 2 or not all(isinstance(a, Node) for a in node.args):
+        return False
+    return node.kwargs.get("alpha", 1) == 1 and set(node.kwargs) <= {"alpha"}
+
+
+def _plan(gm: GraphModule, node: Node, dim: int, rank: int | None, channels: int, s, t):
+    """[(producer, weight, bias, s, t), ...] to rewrite, or the reason the affine must stay."""
+    src = node.args[0] if node.args else None
+    if not isinstance(src, Node):
+        return "its input is not a graph value"
+    p = describe_producer(gm, src)
+    if p is not None:
+        checked = check_producer(gm, p, node, dim, rank, channels)
+        if isinstance(checked, str):
+            return checked
+        return [(p, *checked, s, t)]
+    if _is_plain_add(src):
+        a, b = src.args
+        if a is b:
+            return f"both inputs of {src.name} are {a.name}"
+        if list(src.users) != [node]:
+            return f"the add {src.name} has {len(src.users)} users"
+        plans = []
+        for x, shift in ((a, t), (b, torch.zeros_like(t))):
+            px = describe_producer(gm, x)
+            if px is None:
+                return (
+                    f"its input is the add {src.name}, and {x.name} is not produced by a linear, "
+                    "conv, conv_transpose or batchnorm"
+                )
+            checked = check_producer(gm, px, src, dim, rank, channels)
+            if isinstance(checked, str):
+                return f"its input is the add {src.name}, and for {x.name}: {checked}"
+            plans.append((px, *checked, s, shift))
+        if plans[0][0].node is plans[1][0].node:
+            return f"both inputs of {src.name} come from {plans[0][0].node.name}"
+        return plans
+    what = src.format_node() if src.op != "placeholder" else f"the graph input {src.name}"
+    return f"its input {what} is not produced by a linear, conv, conv_transpose, batchnorm or an add of them"
+
+
+def fold_affines(gm: GraphModule, inplace: bool = False, example_inputs: tuple | None = None) -> PassResult:
+    """Fold every apply-mode Reset and every ChannelAffine into its producer where possible.
+
+    ``example_inputs`` (optional) are run through the graph once to learn tensor ranks when the
+    graph carries no shape metadata (``symbolic_trace``) and the resets never saw data.
+    counts: {"folded": n, "kept": m}; notes: one line per kept node, and per created bias.
+    """
+    gm = start(gm, inplace, "fold_affines")
+    candidates = [
+        n
+        for n in gm.graph.nodes
+        if n.op == "call_module" and isinstance(get_module(gm, n), (Reset, ChannelAffine))
+    ]
+    for node in candidates:
+        module = get_module(gm, node)
+        if isinstance(module, Reset) and module.mode != "apply":
+            raise PassError(
+                f"reset {node.name} (after {module.source!r}) is in collect mode; estimate its "
+                "statistics and call set_mode(gm, 'apply') before folding"
+            )
+    if example_inputs is not None:
+        ShapeProp(gm).propagate(*example_inputs)
+    folded, kept, replaced, notes = 0, 0, 0, []
+    for node in candidates:
+        module = get_module(gm, node)
+        s, t = module.as_affine()
+        rank = node_rank(node)
+        if rank is None:
+            rank = getattr(module, "last_ndim", None)
+        plan = _plan(gm, node, module.dim, rank, int(s.shape[0]), s, t)
+        if isinstance(plan, str):
+            kept += 1
+            notes.append(f"{node.name}: {plan}")
+            if isinstance(module, Reset):
+                like = module.goal_mean
+                affine = ChannelAffine(s.to(like), t.to(like), dim=module.dim, source=module.source)
+                replace_module(gm, str(node.target), affine)
+                replaced += 1
+            continue
+        for p, weight, bias, ps, pt in plan:
+            for line in scale_producer(gm, p, weight, bias, ps, pt):
+                notes.append(f"{node.name}: {line}")
+        node.replace_all_uses_with(node.args[0])
+        gm.graph.erase_node(node)
+        gm.delete_submodule(str(node.target))
+        folded += 1
+    finish(gm)
+    return PassResult(gm, folded + replaced > 0, {"folded": folded, "kept": kept}, notes)

@@ -1,0 +1,359 @@
+"""The one place for node <-> module access, and for recognising the op that produces a tensor.
+
+Module access: ``get_module`` (the module a ``call_module`` node calls), ``parent_and_attr``,
+``replace_module``, ``insert_module_after`` (how ``torch.ao.quantization`` inserts observers: a
+unique prefixed name, ``setattr`` on the GraphModule, ``graph.inserting_after``, ``create_node``,
+then every former user of the node reads the new node instead).
+
+Producers: ``describe_producer(gm, node)`` says whether ``node``'s value is the output of a
+linear / conv / conv_transpose / batchnorm op and where that op keeps its weight and bias. Both
+graph forms are recognised:
+
+- ``call_module`` nodes calling nn.Linear, nn.ConvNd, nn.ConvTransposeNd, nn.BatchNormNd
+  (``torch.fx.symbolic_trace``);
+- ``call_function`` nodes (``torch.nn.functional`` or ATen, as in
+  ``torch.export.export(model, args).module()``) whose weights arrive through ``get_attr`` nodes.
+
+Axis conventions of the output tensor's channel axis and of the stored weight's output axis:
+
+============== ================== ======================================= ===============
+kind           output channel     stored weight                            output axis
+============== ================== ======================================= ===============
+linear         last axis (-1)     (out, in)                                 0
+addmm / mm     last axis (-1)     (in, out), or t()/permute([1,0]) of       1 (0 through
+               (2-D output)       an (out, in) parameter                    the transpose)
+conv           1                  (out, in/groups, k...)                    0
+conv_transpose 1                  (in, out/groups, k...): output channel    1 (per group)
+                                  g*out/groups + j is weight[g-th block of
+                                  in, j]
+batchnorm      1                  gamma (C,), beta (C,)                     0
+============== ================== ======================================= ===============
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.fx import GraphModule, Node
+
+from passes.errors import PassError
+
+aten = torch.ops.aten
+
+# ---------------------------------------------------------------------------------------------
+# Module access
+
+
+def get_module(gm: GraphModule, node: Node) -> nn.Module:
+    """The module a ``call_module`` node calls."""
+    if node.op != "call_module":
+        raise PassError(f"node {node.format_node()} is a {node.op} node, not call_module")
+    try:
+        return gm.get_submodule(node.target)
+    except AttributeError as exc:
+        raise PassError(
+            f"node {node.format_node()} calls {node.target!r}, which is not a submodule of the "
+            "GraphModule; was the module deleted without updating the graph?"
+        ) from exc
+
+
+def parent_and_attr(gm: nn.Module, qualname: str) -> tuple[nn.Module, str]:
+    """Split ``"layer1.0.conv1"`` into (the module ``layer1.0``, ``"conv1"``)."""
+    prefix, _, attr = qualname.rpartition(".")
+    try:
+        parent = gm.get_submodule(prefix) if prefix else gm
+    except AttributeError as exc:
+        raise PassError(f"no submodule {prefix!r} on the way to {qualname!r}") from exc
+    return parent, attr
+
+
+def get_attr_value(gm: nn.Module, qualname: str) -> Any:
+    """The object at attribute path ``qualname`` (what a ``get_attr`` node reads)."""
+    parent, attr = parent_and_attr(gm, qualname)
+    if not hasattr(parent, attr):
+        raise PassError(f"the GraphModule has no attribute {qualname!r}")
+    return getattr(parent, attr)
+
+
+def replace_module(gm: GraphModule, qualname: str, new: nn.Module) -> nn.Module:
+    """Put ``new`` where the submodule ``qualname`` was; returns the old module."""
+    parent, attr = parent_and_attr(gm, qualname)
+    old = getattr(parent, attr, None)
+    if not isinstance(old, nn.Module):
+        raise PassError(f"{qualname!r} is not a submodule of the GraphModule; nothing to replace")
+    setattr(parent, attr, new)
+    return old
+
+
+def unique_name(gm: nn.Module, prefix: str) -> str:
+    """The first free attribute name ``{prefix}_{i}`` on ``gm`` (i = 0, 1, ...)."""
+    i = 0
+    while hasattr(gm, f"{prefix}_{i}"):
+        i += 1
+    return f"{prefix}_{i}"
+
+
+def module_device(gm: nn.Module) -> torch.device:
+    """Device of the first parameter or buffer of ``gm`` (CPU for a module without tensors)."""
+    for t in gm.parameters():
+        return t.device
+    for t in gm.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def insert_module_after(gm: GraphModule, node: Node, module: nn.Module, prefix: str) -> Node:
+    """Call ``module`` on ``node``'s value and make every user of ``node`` read the result.
+
+    The module is registered on ``gm`` under a fresh name ``{prefix}_{i}``. The caller lints and
+    recompiles. Shape metadata (``val``, ``tensor_meta``) is copied to the new node, so the
+    module must not change its input's shape.
+    """
+    if node.op == "output":
+        raise PassError(f"cannot insert a module after the output node {node.format_node()}")
+    name = unique_name(gm, prefix)
+    gm.add_submodule(name, module)
+    anchor = node
+    if node.op in ("placeholder", "get_attr"):
+        # Keep the placeholders together at the top: insert after the last one if it comes later.
+        seen = False
+        for n in gm.graph.nodes:
+            seen = seen or n is node
+            if seen and n.op == "placeholder":
+                anchor = n
+    with gm.graph.inserting_after(anchor):
+        new = gm.graph.create_node("call_module", name, (node,), {}, name=name)
+    node.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
+    for key in ("val", "tensor_meta"):
+        if key in node.meta:
+            new.meta[key] = node.meta[key]
+    return new
+
+
+def node_rank(node: Node) -> int | None:
+    """Number of dimensions of ``node``'s value if shape metadata is known, else None."""
+    for key in ("val", "tensor_meta"):
+        meta = node.meta.get(key)
+        shape = getattr(meta, "shape", None)
+        if shape is not None:
+            return len(shape)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Producers
+
+
+@dataclass(frozen=True)
+class Arg:
+    """Where an argument of a call_function node sits: positional index and keyword name."""
+
+    index: int
+    name: str
+
+
+@dataclass(frozen=True)
+class FunctionRule:
+    """One row of the producer table for call_function nodes."""
+
+    kind: str
+    weight: Arg
+    bias: Arg | None
+    out_axis: int  # output axis of the weight as the op receives it
+    channel_axis: int  # channel axis of the output tensor (-1 = last)
+    groups: Arg | None = None
+    tuple_output: bool = False  # output is getitem(node, 0)
+
+
+@dataclass(frozen=True)
+class Producer:
+    """A recognised op producing a tensor with per-channel output weights.
+
+    ``weight`` / ``bias`` are the raw arguments: for a call_module producer None (the tensors are
+    ``module.weight`` / ``module.bias``), for a call_function producer the argument value
+    (usually a ``get_attr`` Node, possibly a transpose of one, or None when absent).
+    """
+
+    kind: str
+    node: Node
+    output: Node
+    module: nn.Module | None
+    rule: FunctionRule | None
+    channel_axis: int
+    groups: int
+
+    @property
+    def is_module(self) -> bool:
+        return self.module is not None
+
+    def arg(self, slot: Arg | None) -> Any:
+        return None if slot is None else call_arg(self.node, slot)
+
+
+def call_arg(node: Node, slot: Arg, default: Any = None) -> Any:
+    """The value of argument ``slot`` of a call node (positional or keyword)."""
+    if slot.index < len(node.args):
+        return node.args[slot.index]
+    return node.kwargs.get(slot.name, default)
+
+
+def _overloads(*packets_and_names: tuple[Any, tuple[str, ...]]) -> set[Any]:
+    out: set[Any] = set()
+    for packet, names in packets_and_names:
+        for name in names:
+            if name in packet.overloads():
+                out.add(getattr(packet, name))
+    return out
+
+
+_W, _B, _IN = Arg(1, "weight"), Arg(2, "bias"), Arg(0, "input")
+_LINEAR = FunctionRule("linear", _W, _B, out_axis=0, channel_axis=-1)
+_CONV = FunctionRule("conv", _W, _B, out_axis=0, channel_axis=1, groups=Arg(6, "groups"))
+_CONVT = FunctionRule("conv_transpose", _W, _B, out_axis=1, channel_axis=1, groups=Arg(6, "groups"))
+_BN_ATEN = FunctionRule("batchnorm", _W, _B, out_axis=0, channel_axis=1)
+
+# One row per op: target(s) -> rule. aten.convolution is split by its `transposed` flag below.
+_FUNCTION_TABLE: list[tuple[set[Any], FunctionRule]] = [
+    # y = x W^T + b, W (out, in)
+    ({F.linear, aten.linear.default}, _LINEAR),
+    # y = b + x M, M (in, out): aten's decomposition of linear (M = W.t())
+    ({aten.addmm.default}, FunctionRule("linear", Arg(2, "mat2"), Arg(0, "self"), 1, -1)),
+    # y = x M, M (in, out): linear without bias, decomposed
+    ({aten.mm.default}, FunctionRule("linear", Arg(1, "mat2"), None, 1, -1)),
+    # conv: weight (out, in/groups, k...)
+    (
+        {F.conv1d, F.conv2d, F.conv3d}
+        | _overloads(*[(getattr(aten, f"conv{d}d"), ("default", "padding")) for d in (1, 2, 3)]),
+        _CONV,
+    ),
+    # transposed conv: weight (in, out/groups, k...), groups at index 6 as for conv
+    (
+        {F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d}
+        | _overloads(
+            (aten.conv_transpose1d, ("default",)),
+            (aten.conv_transpose2d, ("input",)),
+            (aten.conv_transpose3d, ("input",)),
+        ),
+        _CONVT,
+    ),
+    # F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    ({F.batch_norm}, FunctionRule("batchnorm", Arg(3, "weight"), Arg(4, "bias"), 0, 1)),
+    # aten.batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps, ...)
+    ({aten.batch_norm.default}, _BN_ATEN),
+    # tuple-returning batch norms: (output, save_mean, save_rstd); output = getitem(node, 0)
+    (
+        _overloads(
+            (aten._native_batch_norm_legit_no_training, ("default",)),
+            (aten._native_batch_norm_legit, ("default",)),
+            (aten.native_batch_norm, ("default",)),
+        ),
+        FunctionRule("batchnorm", _W, _B, 0, 1, tuple_output=True),
+    ),
+]
+
+# aten.convolution(input, weight, bias, stride, padding, dilation, transposed, output_padding, groups)
+_CONVOLUTION = aten.convolution.default
+_CONVOLUTION_RULES = {
+    False: FunctionRule("conv", _W, _B, 0, 1, groups=Arg(8, "groups")),
+    True: FunctionRule("conv_transpose", _W, _B, 1, 1, groups=Arg(8, "groups")),
+}
+
+
+def _function_rule(target: Any, node: Node) -> FunctionRule | None:
+    if target is _CONVOLUTION:
+        transposed = call_arg(node, Arg(6, "transposed"), False)
+        return _CONVOLUTION_RULES[bool(transposed)]
+    for targets, rule in _FUNCTION_TABLE:
+        if target in targets:
+            return rule
+    return None
+
+
+def _module_kind(module: nn.Module) -> str | None:
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return "conv_transpose" if module.transposed else "conv"
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return "batchnorm"
+    return None
+
+
+def describe_producer(gm: GraphModule, node: Node) -> Producer | None:
+    """The producer whose output is ``node``'s value, or None if ``node`` is not one we know."""
+    if node.op == "call_module":
+        module = get_module(gm, node)
+        kind = _module_kind(module)
+        if kind is None:
+            return None
+        channel_axis = -1 if kind == "linear" else 1
+        groups = getattr(module, "groups", 1)
+        return Producer(kind, node, node, module, None, channel_axis, groups)
+    if node.op != "call_function":
+        return None
+    op, output = node, node
+    if node.target is operator.getitem:
+        src, index = node.args[0], node.args[1]
+        if not isinstance(src, Node) or src.op != "call_function" or index != 0:
+            return None
+        rule = _function_rule(src.target, src)
+        if rule is None or not rule.tuple_output:
+            return None
+        op = src
+    else:
+        rule = _function_rule(node.target, node)
+        if rule is None or rule.tuple_output:
+            return None
+    groups = int(call_arg(op, rule.groups, 1)) if rule.groups is not None else 1
+    return Producer(rule.kind, op, output, None, rule, rule.channel_axis, groups)
+
+
+def producer_kind(gm: GraphModule, node: Node) -> str | None:
+    """"linear", "conv", "conv_transpose" or "batchnorm" if ``node`` is such an op's output."""
+    producer = describe_producer(gm, node)
+    return None if producer is None else producer.kind
+
+
+# ---------------------------------------------------------------------------------------------
+# Where a function's weight comes from
+
+# Ops that transpose a 2-D tensor: aten.t, permute(w, [1, 0]), transpose(w, 0, 1).
+_TRANSPOSES = _overloads((aten.t, ("default",)), (aten.permute, ("default",)), (aten.transpose, ("int",)))
+
+
+def _is_transpose(node: Node) -> bool:
+    if node.op == "call_function" and node.target in _TRANSPOSES:
+        if node.target == aten.permute.default:
+            return list(node.args[1]) == [1, 0]
+        if node.target == aten.transpose.int:
+            return sorted(int(a) % 2 for a in node.args[1:3]) == [0, 1]
+        return True
+    if node.op == "call_method" and node.target == "t":
+        return True
+    return False
+
+
+@dataclass(frozen=True)
+class TensorSource:
+    """A stored tensor an op reads: its attribute path on the GraphModule, the nodes that carry it
+    to the op (``get_attr`` and possibly one transpose), and whether the op sees it transposed."""
+
+    qualname: str
+    nodes: tuple[Node, ...]
+    transposed: bool
+
+
+def trace_tensor_source(arg: Any) -> TensorSource | str:
+    """Follow a call_function's weight argument back to a stored tensor, or say why not."""
+    if not isinstance(arg, Node):
+        return f"the weight is {type(arg).__name__}, not a tensor read from the module"
+    if arg.op == "get_attr":
+        return TensorSource(str(arg.target), (arg,), False)
+    if _is_transpose(arg) and isinstance(arg.args[0], Node) and arg.args[0].op == "get_attr":
+        return TensorSource(str(arg.args[0].target), (arg.args[0], arg), True)
+    return f"the weight is computed by {arg.format_node()}, not read from a parameter"

@@ -1,0 +1,258 @@
+"""REPAIR's reset node and the per-channel affine it becomes.
+
+A reset sits on a tensor x with channel axis ``dim`` (1 for conv outputs, -1 for linear outputs)
+and gives every channel c a chosen mean and standard deviation (REPAIR, Jordan et al. 2023: the
+goal statistics of the interpolated network are the interpolated statistics of the endpoints,
+goal_mean = (1-a) mu_A + a mu_B, goal_std = (1-a) sigma_A + a sigma_B):
+
+    y_c = (x_c - m_c) / sqrt(v_c + eps) * goal_std_c + goal_mean_c
+
+- "collect" mode: m, v are the statistics of the current batch over every axis but ``dim``
+  (BatchNorm in train mode), and the reset accumulates the exact mean and population variance of
+  x over every batch seen (float64 sums with a per-channel shift, i.e. a cumulative average,
+  BatchNorm's momentum=None). ``running_mean`` / ``running_var`` hold them after each batch.
+- "apply" mode: m, v = running_mean, running_var (BatchNorm in eval mode); the stats can also be
+  set directly with ``set_running`` (closed-form REPAIR, no pass through the merged net).
+
+In apply mode the reset is the per-channel affine map y = scale * x + shift with
+
+    scale = goal_std / sqrt(running_var + eps),   shift = goal_mean - running_mean * scale
+
+(``as_affine()``), which ``fold_affines`` folds into the op producing x, or keeps as a
+``ChannelAffine`` when it cannot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.fx import GraphModule
+
+from passes.base import PassResult, finish, start
+from passes.errors import PassError
+from passes.modules import get_module, insert_module_after, module_device
+
+RESET_PREFIX = "_gr_reset"
+MODES = ("collect", "apply")
+
+
+def _broadcast_shape(ndim: int, dim: int) -> list[int]:
+    shape = [1] * ndim
+    shape[dim] = -1
+    return shape
+
+
+def _check_channels(x: torch.Tensor, dim: int, channels: int, who: str) -> int:
+    if not -x.ndim <= dim < x.ndim:
+        raise PassError(f"{who}: channel axis {dim} is out of range for an input of shape {tuple(x.shape)}")
+    dim %= x.ndim
+    if x.shape[dim] != channels:
+        raise PassError(
+            f"{who} has {channels} channels but its input has {x.shape[dim]} along axis {dim} "
+            f"(shape {tuple(x.shape)}); check the channel axis"
+        )
+    return dim
+
+
+class ChannelAffine(nn.Module):
+    """y = x * scale + shift, with (C,) ``scale`` and ``shift`` broadcast along axis ``dim``."""
+
+    def __init__(self, scale: torch.Tensor, shift: torch.Tensor, dim: int = 1, source: str = "") -> None:
+        super().__init__()
+        if scale.ndim != 1 or scale.shape != shift.shape:
+            raise PassError(
+                f"ChannelAffine needs 1-D scale and shift of the same length, got "
+                f"{tuple(scale.shape)} and {tuple(shift.shape)}"
+            )
+        self.dim = dim
+        self.source = source
+        self.register_buffer("scale", scale.detach().clone())
+        self.register_buffer("shift", shift.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dim = _check_channels(x, self.dim, self.scale.shape[0], f"ChannelAffine at {self.source!r}")
+        shape = _broadcast_shape(x.ndim, dim)
+        return x * self.scale.to(x.dtype).view(shape) + self.shift.to(x.dtype).view(shape)
+
+    def as_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, shift) in float64."""
+        return self.scale.double(), self.shift.double()
+
+    def extra_repr(self) -> str:
+        return f"{self.scale.shape[0]}, dim={self.dim}, source={self.source!r}"
+
+
+class Reset(nn.Module):
+    """REPAIR's reset node (see the module doc); starts in "collect" mode."""
+
+    def __init__(
+        self,
+        num_channels: int,
+        dim: int = 1,
+        eps: float = 1e-5,
+        goal_mean: torch.Tensor | None = None,
+        goal_std: torch.Tensor | None = None,
+        source: str = "",
+    ) -> None:
+        super().__init__()
+        self.dim = dim
+        self.eps = eps
+        self.source = source
+        self.mode = "collect"
+        self.last_ndim: int | None = None
+        goal_mean = torch.zeros(num_channels) if goal_mean is None else goal_mean.detach().clone()
+        goal_std = torch.ones(num_channels) if goal_std is None else goal_std.detach().clone()
+        if goal_mean.shape != (num_channels,) or goal_std.shape != (num_channels,):
+            raise PassError(
+                f"reset at {source!r}: goal_mean and goal_std must have shape ({num_channels},), got "
+                f"{tuple(goal_mean.shape)} and {tuple(goal_std.shape)}"
+            )
+        if not (torch.isfinite(goal_mean).all() and torch.isfinite(goal_std).all() and (goal_std >= 0).all()):
+            raise PassError(f"reset at {source!r}: goal statistics must be finite with goal_std >= 0")
+        self.register_buffer("goal_mean", goal_mean.float())
+        self.register_buffer("goal_std", goal_std.float())
+        self.register_buffer("running_mean", torch.zeros(num_channels))
+        self.register_buffer("running_var", torch.ones(num_channels))
+        self.count = 0  # samples per channel accumulated in collect mode
+        self.stats_set = False  # running stats given by set_running
+        self.register_buffer("_shift", None, persistent=False)
+        self.register_buffer("_sum", None, persistent=False)
+        self.register_buffer("_sum_sq", None, persistent=False)
+
+    @property
+    def num_channels(self) -> int:
+        return int(self.goal_mean.shape[0])
+
+    @property
+    def ready(self) -> bool:
+        """True when the running statistics come from data or from ``set_running``."""
+        return self.count > 0 or self.stats_set
+
+    def reset_stats(self) -> None:
+        """Forget the accumulated statistics (running stats back to mean 0, variance 1)."""
+        self.count = 0
+        self.stats_set = False
+        self._shift = self._sum = self._sum_sq = None
+        self.running_mean.zero_()
+        self.running_var.fill_(1.0)
+
+    def set_running(self, mean: torch.Tensor, var: torch.Tensor) -> None:
+        """Set the statistics that apply mode normalises with (closed-form REPAIR)."""
+        c = self.num_channels
+        if mean.shape != (c,) or var.shape != (c,):
+            raise PassError(
+                f"reset at {self.source!r}: set_running needs mean and var of shape ({c},), got "
+                f"{tuple(mean.shape)} and {tuple(var.shape)}"
+            )
+        if not (torch.isfinite(mean).all() and torch.isfinite(var).all() and (var >= 0).all()):
+            raise PassError(f"reset at {self.source!r}: set_running needs finite mean and var >= 0")
+        with torch.no_grad():
+            self.running_mean.copy_(mean)
+            self.running_var.copy_(var)
+        self.stats_set = True
+
+    def as_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, shift) in float64 such that apply mode computes y = scale * x + shift."""
+        scale = self.goal_std.double() / (self.running_var.double() + self.eps).sqrt()
+        shift = self.goal_mean.double() - self.running_mean.double() * scale
+        return scale, shift
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dim = _check_channels(x, self.dim, self.num_channels, f"reset at {self.source!r}")
+        shape = _broadcast_shape(x.ndim, dim)
+        goal_mean = self.goal_mean.to(x.dtype).view(shape)
+        goal_std = self.goal_std.to(x.dtype).view(shape)
+        if self.mode == "apply":
+            scale, shift = self.as_affine()
+            return x * scale.to(x.dtype).view(shape) + shift.to(x.dtype).view(shape)
+        self.last_ndim = x.ndim
+        self._accumulate(x, dim)
+        others = [d for d in range(x.ndim) if d != dim]
+        var, mean = torch.var_mean(x, dim=others, correction=0, keepdim=True)
+        return (x - mean) / torch.sqrt(var + self.eps) * goal_std + goal_mean
+
+    @torch.no_grad()
+    def _accumulate(self, x: torch.Tensor, dim: int) -> None:
+        m = x.detach().movedim(dim, 0).reshape(x.shape[dim], -1).double()
+        if self._sum is None:
+            self._shift = m.mean(dim=1)
+            self._sum = torch.zeros_like(self._shift)
+            self._sum_sq = torch.zeros_like(self._shift)
+        d = m - self._shift[:, None]
+        self._sum += d.sum(dim=1)
+        self._sum_sq += (d * d).sum(dim=1)
+        self.count += m.shape[1]
+        self.stats_set = False
+        m1 = self._sum / self.count
+        self.running_mean.copy_(self._shift + m1)
+        self.running_var.copy_((self._sum_sq / self.count - m1 * m1).clamp_min(0.0))
+
+    def extra_repr(self) -> str:
+        return f"{self.num_channels}, dim={self.dim}, eps={self.eps}, mode={self.mode}, source={self.source!r}"
+
+
+@dataclass(frozen=True)
+class ResetSpec:
+    """A reset on a node: channel axis and (C,) goal statistics."""
+
+    dim: int
+    goal_mean: torch.Tensor
+    goal_std: torch.Tensor
+    eps: float = 1e-5
+
+
+def insert_resets(gm: GraphModule, points: dict[str, ResetSpec], inplace: bool = False) -> PassResult:
+    """Insert a Reset (collect mode) after each node named in ``points``.
+
+    counts: {"resets": number inserted}. Look them up with ``resets(gm)``.
+    """
+    gm = start(gm, inplace, "insert_resets")
+    nodes = {n.name: n for n in gm.graph.nodes}
+    missing = [name for name in points if name not in nodes]
+    if missing:
+        raise PassError(
+            f"insert_resets: no node named {', '.join(map(repr, missing))} in the graph; "
+            f"node names are those of gm.graph.nodes (e.g. {', '.join(list(nodes)[:5])})"
+        )
+    device = module_device(gm)
+    for name, spec in points.items():
+        reset = Reset(
+            int(spec.goal_mean.shape[0]) if spec.goal_mean.ndim == 1 else -1,
+            dim=spec.dim,
+            eps=spec.eps,
+            goal_mean=spec.goal_mean,
+            goal_std=spec.goal_std,
+            source=name,
+        ).to(device)
+        insert_module_after(gm, nodes[name], reset, RESET_PREFIX)
+    finish(gm)
+    return PassResult(gm, bool(points), {"resets": len(points)}, [])
+
+
+def resets(gm: GraphModule) -> dict[str, Reset]:
+    """The resets in ``gm``'s graph, keyed by the name of the node each follows."""
+    out: dict[str, Reset] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            module = get_module(gm, node)
+            if isinstance(module, Reset):
+                out[module.source] = module
+    return out
+
+
+def set_mode(gm: GraphModule, mode: str) -> None:
+    """Switch every reset in ``gm`` to "collect" or "apply" (in place; no graph change)."""
+    if mode not in MODES:
+        raise PassError(f"reset mode must be one of {MODES}, got {mode!r}")
+    found = resets(gm)
+    if mode == "apply":
+        empty = [name for name, r in found.items() if not r.ready]
+        if empty:
+            raise PassError(
+                f"resets after {', '.join(map(repr, empty))} have no statistics; run the model on "
+                "data in collect mode, or call set_running, before switching to apply"
+            )
+    for r in found.values():
+        r.mode = mode

@@ -1,0 +1,115 @@
+"""passes.reset: Reset (collect / apply), ChannelAffine, insert_resets, set_mode."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from passes import ChannelAffine, PassError, Reset, ResetSpec, insert_resets, resets, set_mode
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec:FutureWarning")
+
+
+def test_collect_accumulates_exact_mean_and_var():
+    torch.manual_seed(0)
+    batches = [torch.randn(6, 5, 4, 4) * 2 + 50.0 for _ in range(3)] + [torch.randn(2, 5, 4, 4)]
+    reset = Reset(5, dim=1)
+    for b in batches:
+        reset(b)
+    data = torch.cat(batches).double()
+    torch.testing.assert_close(reset.running_mean, data.mean((0, 2, 3)).float(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        reset.running_var, data.var((0, 2, 3), correction=0).float(), rtol=1e-6, atol=1e-6
+    )
+    assert reset.count == data.numel() // 5
+
+
+def test_collect_output_has_the_goal_statistics_of_the_batch():
+    torch.manual_seed(0)
+    goal_mean, goal_std = torch.randn(4), torch.rand(4) + 0.5
+    reset = Reset(4, dim=-1, goal_mean=goal_mean, goal_std=goal_std, eps=0.0)
+    y = reset(torch.randn(3, 100, 4) * 7 + 3)
+    torch.testing.assert_close(y.mean((0, 1)), goal_mean, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(y.std((0, 1), correction=0), goal_std, rtol=1e-4, atol=1e-4)
+
+
+def test_apply_uses_running_stats_and_equals_as_affine():
+    torch.manual_seed(0)
+    reset = Reset(3, dim=1, goal_mean=torch.tensor([1.0, 2.0, 3.0]), goal_std=torch.tensor([0.5, 1.0, 2.0]))
+    mean, var = torch.randn(3), torch.rand(3) + 0.1
+    reset.set_running(mean, var)
+    reset.mode = "apply"
+    x = torch.randn(8, 3, 2)
+    expected = (x - mean[:, None]) / torch.sqrt(var[:, None] + reset.eps) * reset.goal_std[:, None] + reset.goal_mean[:, None]
+    torch.testing.assert_close(reset(x), expected)
+    scale, shift = reset.as_affine()
+    torch.testing.assert_close(reset(x), (x.double() * scale[:, None] + shift[:, None]).float())
+    assert reset.count == 0  # apply mode accumulates nothing
+
+
+def test_reset_errors_name_the_problem():
+    reset = Reset(3, dim=1, source="conv1")
+    with pytest.raises(PassError, match="conv1.*3 channels.*4"):
+        reset(torch.randn(2, 4))
+    with pytest.raises(PassError, match=r"shape \(3,\)"):
+        reset.set_running(torch.zeros(2), torch.ones(2))
+    with pytest.raises(PassError, match="var >= 0"):
+        reset.set_running(torch.zeros(3), -torch.ones(3))
+    with pytest.raises(PassError, match="goal"):
+        Reset(2, goal_std=torch.tensor([1.0, -1.0]))
+
+
+def test_channel_affine_broadcasts_along_dim():
+    scale, shift = torch.tensor([2.0, 3.0]), torch.tensor([1.0, -1.0])
+    x = torch.randn(4, 2, 5)
+    torch.testing.assert_close(ChannelAffine(scale, shift, dim=1)(x), x * scale[:, None] + shift[:, None])
+    torch.testing.assert_close(ChannelAffine(scale, shift, dim=-1)(x.transpose(1, 2)), x.transpose(1, 2) * scale + shift)
+
+
+class Mlp(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(3, 8)
+        self.fc2 = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.fc2(self.fc1(x).relu())
+
+
+@pytest.mark.parametrize("how", ["fx", "aten"])
+def test_insert_resets_structure_and_numbers(how):
+    torch.manual_seed(0)
+    model = Mlp()
+    x = torch.randn(16, 3)
+    gm = torch.fx.symbolic_trace(model) if how == "fx" else torch.export.export(model, (x,)).module()
+    name = next(n.name for n in gm.graph.nodes if n.name in ("fc1", "linear"))
+    goal_mean, goal_std = torch.randn(8), torch.rand(8) + 0.5
+    result = insert_resets(gm, {name: ResetSpec(-1, goal_mean, goal_std)})
+    out = result.graph_module
+    # structural
+    assert result.counts == {"resets": 1} and result.modified
+    found = resets(out)
+    assert list(found) == [name] and found[name].mode == "collect"
+    reset_node = next(n for n in out.graph.nodes if n.op == "call_module" and n.target.startswith("_gr_reset"))
+    assert reset_node.args[0].name == name and [u.name for u in reset_node.users][0] != name
+    # numeric: collect mode normalises fc1's output with batch statistics
+    h = model.fc1(x)
+    normed = (h - h.mean(0)) / torch.sqrt(h.var(0, correction=0) + 1e-5) * goal_std + goal_mean
+    torch.testing.assert_close(out(x), model.fc2(normed.relu()))
+    set_mode(out, "apply")
+    torch.testing.assert_close(out(x), model.fc2(normed.relu()), rtol=1e-5, atol=1e-5)
+
+
+def test_set_mode_apply_without_statistics_is_refused():
+    gm = torch.fx.symbolic_trace(Mlp())
+    out = insert_resets(gm, {"fc1": ResetSpec(-1, torch.zeros(8), torch.ones(8))}).graph_module
+    with pytest.raises(PassError, match="'fc1'.*no statistics"):
+        set_mode(out, "apply")
+    with pytest.raises(PassError, match="mode"):
+        set_mode(out, "train")
+    resets(out)["fc1"].set_running(torch.zeros(8), torch.ones(8))
+    set_mode(out, "apply")
+    assert resets(out)["fc1"].mode == "apply"
+    with pytest.raises(PassError, match="'fc9'"):
+        insert_resets(gm, {"fc9": ResetSpec(-1, torch.zeros(8), torch.ones(8))})

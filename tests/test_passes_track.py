@@ -1,0 +1,143 @@
+"""passes.track: channel matrices, observers, cross moments, insert_observers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from passes import (
+    ChannelObserver,
+    CrossMoments,
+    ObserverSpec,
+    PassError,
+    channel_matrix,
+    insert_observers,
+    observers,
+    producer_kind,
+)
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec:FutureWarning")
+
+
+def test_channel_matrix_moves_the_channel_axis_first():
+    x = torch.arange(2 * 3 * 4).reshape(2, 3, 4)
+    m = channel_matrix(x, 1)
+    assert m.shape == (3, 8)
+    torch.testing.assert_close(m[1], x[:, 1, :].reshape(-1))
+    torch.testing.assert_close(channel_matrix(x, -1)[2], x[..., 2].reshape(-1))
+
+
+def test_channel_matrix_with_index_stacks_replicas_as_samples():
+    x = torch.randn(5, 6)  # 6 positions = 2 channels x 3 replicas
+    index = torch.tensor([[0, 2, 4], [1, 3, 5]])
+    m = channel_matrix(x, 1, index)
+    assert m.shape == (2, 15)
+    torch.testing.assert_close(m[0], x[:, [0, 2, 4]].T.reshape(-1))
+    with pytest.raises(PassError, match="index"):
+        channel_matrix(x, 1, torch.tensor([0, 1]))
+    with pytest.raises(PassError, match="out of range"):
+        channel_matrix(x, 2)
+
+
+def test_observer_matches_torch_over_all_batches():
+    torch.manual_seed(0)
+    batches = [torch.randn(7, 4, 3, 3) * 3 + 100.0 for _ in range(4)]  # big offset: cancellation test
+    obs = ChannelObserver(dim=1)
+    for b in batches:
+        assert obs(b) is b  # identity
+    data = torch.cat(batches).double().transpose(0, 1).reshape(4, -1)
+    assert obs.count == data.shape[1]
+    torch.testing.assert_close(obs.mean, data.mean(1), rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(obs.var, data.var(1, correction=0), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(obs.std, data.std(1, correction=0), rtol=1e-10, atol=1e-10)
+    assert obs.mean.dtype == torch.float64
+
+
+def test_observer_disabled_keep_and_reset():
+    obs = ChannelObserver(dim=-1, keep=True)
+    x = torch.randn(5, 3)
+    obs(x)
+    torch.testing.assert_close(obs.last, x.T.double())
+    obs.enabled = False
+    obs(torch.randn(5, 3))
+    assert obs.count == 5
+    obs.reset_stats()
+    assert obs.count == 0 and obs.last is None
+    with pytest.raises(PassError, match="no data"):
+        obs.mean
+    obs.enabled = True
+    obs(x)
+    with pytest.raises(PassError, match="channels"):
+        obs(torch.randn(5, 4))
+
+
+def test_cross_moments_corr_equals_numpy_corrcoef():
+    torch.manual_seed(0)
+    mix = torch.randn(3, 4)
+    a_batches, b_batches = [], []
+    cm = CrossMoments(3, 4)
+    for _ in range(5):
+        a = torch.randn(3, 50) + 5.0
+        b = mix.T @ a + 0.5 * torch.randn(4, 50)
+        cm.update(a, b)
+        a_batches.append(a)
+        b_batches.append(b)
+    a, b = torch.cat(a_batches, 1).double().numpy(), torch.cat(b_batches, 1).double().numpy()
+    expected = np.corrcoef(a, b)[:3, 3:]
+    np.testing.assert_allclose(cm.corr().numpy(), expected, rtol=1e-9, atol=1e-12)
+    cov = np.cov(a, b, bias=True)[:3, 3:]
+    np.testing.assert_allclose(cm.cov().numpy(), cov, rtol=1e-9, atol=1e-12)
+
+
+def test_cross_moments_zero_variance_gives_zero_not_nan():
+    cm = CrossMoments(2, 2)
+    a = torch.stack([torch.ones(10), torch.randn(10)])
+    b = torch.stack([torch.randn(10), torch.full((10,), 3.0)])
+    cm.update(a, b)
+    corr = cm.corr()
+    assert torch.isfinite(corr).all()
+    assert corr[0].abs().sum() == 0 and corr[:, 1].abs().sum() == 0
+    with pytest.raises(PassError, match="same batch"):
+        cm.update(torch.randn(2, 3), torch.randn(2, 4))
+    with pytest.raises(PassError, match=r"\(2, N\)"):
+        cm.update(torch.randn(3, 3), torch.randn(2, 3))
+
+
+class Small(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).relu().mean((2, 3)))
+
+
+@pytest.mark.parametrize("how", ["fx", "aten"])
+def test_insert_observers_structure_and_statistics(how):
+    torch.manual_seed(0)
+    model = Small().eval()
+    x = torch.randn(4, 3, 6, 6)
+    gm = torch.fx.symbolic_trace(model) if how == "fx" else torch.export.export(model, (x,)).module()
+    conv, fc = [n.name for n in gm.graph.nodes if producer_kind(gm, n) is not None]
+    result = insert_observers(gm, {conv: ObserverSpec(1), fc: ObserverSpec(-1, keep=True)})
+    out = result.graph_module
+    # structural
+    assert result.modified and result.counts == {"observers": 2}
+    obs = observers(out)
+    assert set(obs) == {conv, fc}
+    assert not any(isinstance(m, ChannelObserver) for m in gm.modules())  # input untouched
+    # numeric: identity, and statistics equal torch's
+    torch.testing.assert_close(out(x), model(x))
+    conv_out = model.conv(x).double()
+    torch.testing.assert_close(obs[conv].mean, conv_out.mean((0, 2, 3)))
+    torch.testing.assert_close(obs[conv].var, conv_out.var((0, 2, 3), correction=0))
+    torch.testing.assert_close(obs[fc].last, model(x).double().T)
+
+
+def test_insert_observers_unknown_node_names_it():
+    gm = torch.fx.symbolic_trace(Small())
+    with pytest.raises(PassError, match="'nonexistent'"):
+        insert_observers(gm, {"nonexistent": ObserverSpec(1)})
