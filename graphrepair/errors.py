@@ -49,3 +49,7 @@ class ExportError(GraphRepairError):
 
 class NumericError(GraphRepairError):
     """NaN or Inf in weights or statistics."""
+
+
+class OutputError(GraphRepairError):
+    """An output file cannot be written (missing or read-only directory, path is a directory)."""
