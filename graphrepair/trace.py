@@ -96,17 +96,19 @@ class _ShapeRecorder(torch.fx.Interpreter):
         super().__init__(gm)
         self.info: dict[str, Any] = {}
         self.model_name = model_name
+        self.error: str | None = None  # fx appends context to raised errors: keep ours
 
     def run_node(self, n: torch.fx.Node) -> Any:
         try:
             out = super().run_node(n)
         except Exception as e:  # the example input does not fit: name the op that failed
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ShapeError(
+            self.error = (
                 f"the example input does not fit {self.model_name}: node '{n.name}' "
                 f"({n.format_node()}) failed with {type(e).__name__}: {first}. "
                 f"Check --input-shape / example_inputs."
-            ) from e
+            )
+            raise ShapeError(self.error) from e
         self.info[n.name] = value_info(out)
         return out
 
@@ -138,11 +140,12 @@ def trace(model: nn.Module, example_inputs) -> Traced:
                     f"(no data-dependent Python control flow) or check the example input."
                 ) from e2
         recorder = _ShapeRecorder(gm, name)
-        if kind == "export":
-            flat = list(args)
-        else:
-            flat = list(args)
-        recorder.run(*flat)
+        try:
+            recorder.run(*args)
+        except Exception as e:
+            if recorder.error is not None:  # fx appends its own context to the message: drop it
+                raise ShapeError(recorder.error) from e.__cause__
+            raise
     return Traced(gm=gm, kind=kind, model_name=name, info=recorder.info, fx_error=fx_error)
 
 
