@@ -1,0 +1,341 @@
+"""passes.fold_affine: folding apply-mode resets / ChannelAffine into their producer.
+
+Parameterised over layer type (Linear, Conv1d/2d, ConvTranspose2d, BatchNorm), bias, groups and
+graph form: call_module (symbolic_trace), ATen (torch.export), decomposed ATen
+(run_decompositions: addmm/mm, convolution, tuple-returning batch norm).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from passes import (
+    ChannelAffine,
+    PassError,
+    Reset,
+    ResetSpec,
+    fold_affines,
+    insert_resets,
+    producer_kind,
+    resets,
+    set_mode,
+)
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec:FutureWarning")
+
+HOWS = ["fx", "aten", "aten_decomposed"]
+
+
+def trace(model: nn.Module, x: torch.Tensor, how: str) -> torch.fx.GraphModule:
+    model.eval()
+    if how == "fx":
+        return torch.fx.symbolic_trace(model)
+    ep = torch.export.export(model, (x,))
+    if how == "aten_decomposed":
+        ep = ep.run_decompositions()
+    return ep.module()
+
+
+def with_reset(gm, node_name: str, dim: int, channels: int, x: torch.Tensor, seed: int = 0):
+    """gm with an apply-mode reset after ``node_name``, statistics collected on two batches."""
+    g = torch.Generator().manual_seed(seed)
+    spec = ResetSpec(dim, torch.randn(channels, generator=g), torch.rand(channels, generator=g) + 0.5)
+    out = insert_resets(gm, {node_name: spec}).graph_module
+    for k in range(2):
+        out(x + 0.1 * k)
+    set_mode(out, "apply")
+    return out
+
+
+def last_producer(gm) -> str:
+    return [n.name for n in gm.graph.nodes if producer_kind(gm, n) is not None][-1]
+
+
+def affine_modules(gm):
+    return [m for m in gm.modules() if isinstance(m, (Reset, ChannelAffine))]
+
+
+class Head(nn.Module):
+    """The layer under test followed by a nonlinearity (so its output is not the graph output)."""
+
+    def __init__(self, *layers: nn.Module) -> None:
+        super().__init__()
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return torch.tanh(self.body(x))
+
+
+def _bn(c):
+    bn = nn.BatchNorm2d(c)
+    bn.running_mean.normal_()
+    bn.running_var.uniform_(0.5, 2.0)
+    bn.weight.data.uniform_(0.5, 1.5)
+    bn.bias.data.normal_()
+    return bn
+
+
+# (id, model factory(bias, groups), input shape, reset dim, channels)
+CASES = [
+    ("linear", lambda bias, g: Head(nn.Linear(6, 8, bias=bias)), (4, 6), -1, 8),
+    ("linear3d", lambda bias, g: Head(nn.Linear(6, 8, bias=bias)), (4, 5, 6), -1, 8),
+    ("conv1d", lambda bias, g: Head(nn.Conv1d(4, 6, 3, groups=g, bias=bias)), (3, 4, 9), 1, 6),
+    ("conv2d", lambda bias, g: Head(nn.Conv2d(4, 6, 3, groups=g, bias=bias)), (3, 4, 7, 7), 1, 6),
+    (
+        "conv_transpose2d",
+        lambda bias, g: Head(nn.ConvTranspose2d(4, 6, 3, stride=2, groups=g, bias=bias)),
+        (3, 4, 5, 5),
+        1,
+        6,
+    ),
+    ("batchnorm2d", lambda bias, g: Head(nn.Conv2d(4, 6, 3, groups=g, bias=bias), _bn(6)), (3, 4, 7, 7), 1, 6),
+]
+
+
+GROUPED = [(c, g) for c in CASES for g in (1, 2) if not (g == 2 and c[0].startswith("linear"))]
+
+
+@pytest.mark.parametrize("how", HOWS)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("case,groups", GROUPED, ids=[f"{c[0]}-groups{g}" for c, g in GROUPED])
+def test_fold_equals_unfolded(case, groups, bias, how):
+    name, factory, shape, dim, channels = case
+    torch.manual_seed(0)
+    model = factory(bias, groups)
+    x = torch.randn(*shape)
+    traced = trace(model, x, how)
+    gm = with_reset(traced, last_producer(traced), dim, channels, x)
+    before = {k: v.clone() for k, v in gm.state_dict().items()}
+    expected = gm(x)
+
+    result = fold_affines(gm)
+    folded = result.graph_module
+
+    # structural: the reset is gone, nothing kept, the input module untouched
+    assert result.counts == {"folded": 1, "kept": 0}, result.notes
+    assert result.modified
+    assert affine_modules(folded) == []
+    assert not any(n.op == "call_module" and "_gr_reset" in str(n.target) for n in folded.graph.nodes)
+    assert len(affine_modules(gm)) == 1
+    for k, v in gm.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+    # state_dict keys: the original model's, plus a bias where one had to be created
+    keys = {k for k in folded.state_dict()}
+    original = {k for k in gm.state_dict() if not k.startswith("_gr_reset")}
+    created = keys - original
+    assert original <= keys
+    if name == "batchnorm2d" or bias:
+        assert created == set(), created
+    else:
+        assert len(created) == 1 and any("created parameter" in n for n in result.notes)
+    if name == "batchnorm2d":  # folded into the BN: the conv is untouched
+        for k in folded.state_dict():
+            if "weight" in k and folded.state_dict()[k].ndim == 4:
+                torch.testing.assert_close(folded.state_dict()[k], before[k], rtol=0, atol=0)
+    # numeric
+    torch.testing.assert_close(folded(x), expected, rtol=1e-5, atol=1e-5)
+
+
+class TwoUsers(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return torch.tanh(y) + y
+
+
+@pytest.mark.parametrize("how", ["fx", "aten"])
+def test_conv_with_two_users_is_kept_with_a_reason(how):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, 5)
+    gm = trace(TwoUsers(), x, how)
+    conv = last_producer(gm)
+    gm = with_reset(gm, conv, 1, 3, x)
+    expected = gm(x)
+    # the reset now reads the conv and feeds both users; add a second direct user of the conv
+    reset_node = next(n for n in gm.graph.nodes if n.op == "call_module" and "_gr_reset" in str(n.target))
+    conv_node = reset_node.args[0]
+    with gm.graph.inserting_after(reset_node):
+        extra = gm.graph.call_function(torch.mul, (conv_node, 0.0))
+    out_node = next(iter(reversed(gm.graph.nodes)))
+    with gm.graph.inserting_before(out_node):
+        total = gm.graph.call_function(torch.add, (out_node.args[0][0] if how != "fx" else out_node.args[0], extra))
+    if how == "fx":
+        out_node.args = (total,)
+    else:
+        out_node.args = ((total,),)
+    gm.recompile()
+
+    result = fold_affines(gm)
+    kept = result.graph_module
+    assert result.counts == {"folded": 0, "kept": 1}
+    assert len(result.notes) == 1 and result.notes[0].startswith(f"{reset_node.name}: ")
+    assert "2 users" in result.notes[0]
+    assert [type(m) for m in affine_modules(kept)] == [ChannelAffine]
+    torch.testing.assert_close(kept(x), expected, rtol=1e-5, atol=1e-5)
+
+
+class Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+class Twice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.a(torch.tanh(self.a(x)))
+
+
+class Computed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 4))
+
+    def forward(self, x):
+        return torch.tanh(F.linear(x, self.w * 2))
+
+
+class WrongAxis(nn.Module):
+    """Linear on (N, 4, 4): channels on the last axis, the reset normalises axis 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return torch.tanh(self.a(x))
+
+
+class Identity(nn.Module):
+    def forward(self, x):
+        return torch.tanh(x)
+
+
+NEGATIVE = [
+    ("tied", Tied, (3, 4), -1, "a", "tied"),
+    ("called_twice", Twice, (3, 4), -1, "a", "called 2 times"),
+    ("computed_weight", Computed, (3, 4), -1, "linear", "computed by"),
+    ("wrong_axis", WrongAxis, (3, 4, 4), 1, "a", "on axis 2"),
+    ("graph_input", Identity, (3, 4), -1, "x", "graph input"),
+]
+
+
+@pytest.mark.parametrize("case", NEGATIVE, ids=[c[0] for c in NEGATIVE])
+def test_unfoldable_resets_are_kept_as_channel_affines(case):
+    _, cls, shape, dim, node, reason = case
+    torch.manual_seed(0)
+    x = torch.randn(*shape)
+    model = cls()
+    gm = with_reset(torch.fx.symbolic_trace(model), node, dim, 4, x)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    expected = gm(x)
+    result = fold_affines(gm)
+    assert result.counts == {"folded": 0, "kept": 1}
+    assert reason in result.notes[0], result.notes
+    assert [type(m) for m in affine_modules(result.graph_module)] == [ChannelAffine]
+    for k, v in result.graph_module.state_dict().items():
+        if k in weights:
+            torch.testing.assert_close(v, weights[k], rtol=0, atol=0)
+    torch.testing.assert_close(result.graph_module(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_tied_weights_are_refused_in_aten_graphs_too():
+    torch.manual_seed(0)
+    x = torch.randn(3, 4)
+    gm = trace(Tied(), x, "aten")
+    first = [n.name for n in gm.graph.nodes if producer_kind(gm, n) == "linear"][0]
+    result = fold_affines(with_reset(gm, first, -1, 4, x))
+    # torch.export deduplicates the tied parameter: one get_attr node read by both linears
+    assert result.counts == {"folded": 0, "kept": 1}
+    assert "'b.weight' is read by 2 ops" in result.notes[0], result.notes
+
+
+class Residual(nn.Module):
+    def __init__(self, project: bool) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = _bn(4)
+        self.short = nn.Sequential(nn.Conv2d(4, 4, 1, bias=False), _bn(4)) if project else nn.Identity()
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.conv(x)) + self.short(x))
+
+
+@pytest.mark.parametrize("how", HOWS)
+def test_reset_after_add_of_two_batchnorms_folds_into_both(how):
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 5, 5)
+    gm = trace(Residual(project=True), x, how)
+    add = next(n.name for n in gm.graph.nodes if "add" in n.name)
+    gm = with_reset(gm, add, 1, 4, x)
+    expected = gm(x)
+    result = fold_affines(gm)
+    assert result.counts == {"folded": 1, "kept": 0}, result.notes
+    torch.testing.assert_close(result.graph_module(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_reset_after_identity_shortcut_is_kept():
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 5, 5)
+    gm = with_reset(torch.fx.symbolic_trace(Residual(project=False)), "add", 1, 4, x)
+    expected = gm(x)
+    result = fold_affines(gm)
+    assert result.counts == {"folded": 0, "kept": 1}
+    assert "add" in result.notes[0] and "short is not produced" in result.notes[0]
+    torch.testing.assert_close(result.graph_module(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_chain_of_affines_and_inplace():
+    torch.manual_seed(0)
+    x = torch.randn(3, 6)
+    model = Head(nn.Linear(6, 8))
+    gm = torch.fx.symbolic_trace(model)
+    gm = with_reset(gm, "body_0", -1, 8, x)
+    reset_node = next(n for n in gm.graph.nodes if n.op == "call_module" and "_gr_reset" in str(n.target))
+    second = ChannelAffine(torch.rand(8) + 0.5, torch.randn(8), dim=-1)
+    from passes import insert_module_after
+
+    insert_module_after(gm, reset_node, second, "_gr_affine")
+    gm.recompile()
+    expected = gm(x)
+    result = fold_affines(gm, inplace=True)
+    assert result.graph_module is gm
+    assert result.counts == {"folded": 2, "kept": 0}
+    assert affine_modules(gm) == []
+    torch.testing.assert_close(gm(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_rank_from_example_inputs_when_the_reset_never_saw_data():
+    torch.manual_seed(0)
+    x = torch.randn(3, 6)
+    gm = torch.fx.symbolic_trace(Head(nn.Linear(6, 8)))
+    gm = insert_resets(gm, {"body_0": ResetSpec(1, torch.zeros(8), torch.ones(8))}).graph_module
+    resets(gm)["body_0"].set_running(torch.randn(8), torch.rand(8) + 0.5)
+    set_mode(gm, "apply")
+    expected = gm(x)
+    unknown = fold_affines(gm)
+    assert unknown.counts == {"folded": 0, "kept": 1} and "rank is" in unknown.notes[0]
+    known = fold_affines(gm, example_inputs=(x,))
+    assert known.counts == {"folded": 1, "kept": 0}
+    torch.testing.assert_close(known.graph_module(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_collect_mode_reset_is_an_error():
+    gm = torch.fx.symbolic_trace(Head(nn.Linear(6, 8)))
+    gm = insert_resets(gm, {"body_0": ResetSpec(-1, torch.zeros(8), torch.ones(8))}).graph_module
+    with pytest.raises(PassError, match="collect mode.*set_mode"):
+        fold_affines(gm)
