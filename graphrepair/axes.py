@@ -91,6 +91,11 @@ def kron(outer: Expr, inner: Expr) -> Expr:
         return outer
     if isinstance(outer, Fixed) and isinstance(inner, Fixed):
         return Fixed(outer.size * inner.size, outer.reason or inner.reason)
+    # re-associate fixed factors: kron(kron(x, fixed a), fixed b) == kron(x, fixed ab)
+    if isinstance(inner, Fixed) and isinstance(outer, Kron) and isinstance(outer.inner, Fixed):
+        return kron(outer.outer, Fixed(outer.inner.size * inner.size, outer.inner.reason))
+    if isinstance(outer, Fixed) and isinstance(inner, Kron) and isinstance(inner.outer, Fixed):
+        return kron(Fixed(outer.size * inner.outer.size, outer.reason), inner.inner)
     return Kron(outer, inner)
 
 

@@ -1,0 +1,271 @@
+"""Discovery rules, three ways each: structural (the groups hold what they should), numeric (the
+spec keeps the function), negative (the rule must not free what is not free)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import graphrepair as gr
+from tests.helpers import randomize_
+
+
+def discover_checked(model, *inputs):
+    torch.manual_seed(0)
+    randomize_(model.eval(), seed=2)
+    spec = gr.discover(model, inputs)
+    spec.check(model, inputs)
+    return spec
+
+
+def group_of(spec, param, axis=0):
+    for g in spec.groups:
+        if any(m.name == param and m.axis == axis for m in g.params):
+            return g
+    return None
+
+
+class Functional(nn.Module):
+    """Weights used through F.linear / F.conv2d / torch.addmm (weights as get_attr nodes)."""
+
+    def __init__(self, transposed_weight=False):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(6, 3, 3, 3))
+        self.b1 = nn.Parameter(torch.randn(6))
+        self.transposed = transposed_weight
+        self.w2 = nn.Parameter(torch.randn(6, 5) if transposed_weight else torch.randn(5, 6))
+        self.b2 = nn.Parameter(torch.randn(5))
+        self.w3 = nn.Parameter(torch.randn(2, 5))
+
+    def forward(self, x):
+        h = F.relu(F.conv2d(x, self.w1, self.b1, padding=1)).mean((2, 3))
+        h = torch.addmm(self.b2, h, self.w2) if self.transposed else F.linear(h, self.w2, self.b2)
+        return F.linear(torch.tanh(h), self.w3)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_functional_linear_conv_addmm(transposed):
+    spec = discover_checked(Functional(transposed), torch.randn(2, 3, 5, 5))
+    assert spec.num_free == 6 + 5
+    g = group_of(spec, "w2", 1 if transposed else 0)
+    assert g is not None and g.size == 5
+    assert {(m.name, m.axis) for m in g.params} >= {("b2", 0), ("w3", 1)}
+
+
+@pytest.mark.parametrize("groups", [1, 2, 4])
+@pytest.mark.parametrize("bias", [True, False])
+def test_grouped_conv(groups, bias):
+    m = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=groups, bias=bias),
+                      nn.ReLU(), nn.Conv2d(8, 4, 1))
+    spec = discover_checked(m, torch.randn(2, 3, 6, 6))
+    # the producer keeps the same permutation inside each of the groups: 8/groups free; the grouped
+    # conv permutes inside each output group: 8 free in all
+    assert spec.num_free == 8 // groups + 8
+    if groups > 1:
+        assert any("." in g.name and g.size == 8 // groups for g in spec.groups)
+
+
+def test_depthwise_follows_its_input():
+    m = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1, groups=8), nn.ReLU(),
+                      nn.Conv2d(16, 4, 1))
+    spec = discover_checked(m, torch.randn(2, 3, 6, 6))
+    g = group_of(spec, "0.weight")
+    assert any(p.name == "2.weight" for p in g.params)  # the depthwise conv moves with its input
+    assert spec.num_free == 8 + 2  # + the within-group multiplier permutation (16 = 8 x 2)
+
+
+@pytest.mark.parametrize("groups", [1, 4])
+def test_conv_transpose(groups):
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+                      nn.ConvTranspose2d(8, 8, 2, stride=2, groups=groups), nn.ReLU(), nn.Conv2d(8, 2, 1))
+    spec = discover_checked(m, torch.randn(2, 3, 4, 4))
+    assert spec.num_free == 8 + (8 if groups == 1 else 8 // groups)
+
+
+@pytest.mark.parametrize("num_groups,free", [(1, 8), (2, 8), (8, 8)])
+def test_group_norm_keeps_channels_in_their_groups(num_groups, free):
+    m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(num_groups, 8), nn.ReLU(), nn.Conv2d(8, 2, 1))
+    spec = discover_checked(m, torch.randn(2, 3, 6, 6))
+    assert spec.num_free == free
+    if 1 < num_groups < 8:  # permutations only inside each block of 8 / G channels
+        assert all(g.size == 8 // num_groups for g in spec.groups)
+
+
+def test_layer_norm_channels_last():
+    class CL(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3)
+            self.norm = nn.LayerNorm(8)
+            self.fc = nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.fc(self.norm(self.conv(x).permute(0, 2, 3, 1)))
+
+    spec = discover_checked(CL(), torch.randn(2, 3, 5, 5))
+    g = group_of(spec, "conv.weight")
+    assert {("norm.weight", 0), ("norm.bias", 0), ("fc.weight", 1)} <= {(m.name, m.axis) for m in g.params}
+
+
+def test_flatten_merges_channels_with_spatial_blocks():
+    class Flat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3)
+            self.fc = nn.Linear(4 * 3 * 3, 2)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.conv(x)).view(x.size(0), -1))
+
+    spec = discover_checked(Flat(), torch.randn(2, 1, 5, 5))
+    g = group_of(spec, "conv.weight")
+    fc = next(m for m in g.params if m.name == "fc.weight")
+    assert fc.axis == 1 and fc.layout.startswith("kron(") and "fixed[9]" in fc.layout
+
+
+def test_concat_carries_each_block():
+    class C(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.fc = nn.Linear(3, 4), nn.Linear(3, 5), nn.Linear(9, 2)
+
+        def forward(self, x):
+            return self.fc(torch.relu(torch.cat([self.a(x), self.b(x)], dim=-1)))
+
+    spec = discover_checked(C(), torch.randn(2, 3))
+    assert sorted(g.size for g in spec.groups) == [4, 5]
+    assert all("concat" in g.joins for g in spec.groups)
+
+
+def test_split_and_chunk():
+    class S(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.fc1, self.fc2 = nn.Linear(3, 8), nn.Linear(3, 2), nn.Linear(5, 2)
+
+        def forward(self, x):
+            p, q = torch.split(self.a(x), [3, 5], dim=-1)
+            return self.fc1(torch.relu(p)) + self.fc2(q)
+
+    spec = discover_checked(S(), torch.randn(2, 3))
+    assert sorted(g.size for g in spec.groups) == [3, 5]
+
+
+def test_se_gate_joins_group():
+    class SE(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3)
+            self.fc1, self.fc2, self.head = nn.Linear(8, 2), nn.Linear(2, 8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            h = self.conv(x)
+            gate = torch.sigmoid(self.fc2(torch.relu(self.fc1(h.mean((2, 3))))))
+            return self.head((h * gate[:, :, None, None]).mean((2, 3)))
+
+    spec = discover_checked(SE(), torch.randn(2, 3, 6, 6))
+    g = group_of(spec, "conv.weight")
+    assert ("fc2.weight", 0) in {(m.name, m.axis) for m in g.params}
+    assert "gate" in g.joins
+    assert spec.num_free == 8 + 2
+
+
+def test_tied_embedding_head():
+    class LM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(11, 6)
+            self.mix = nn.Linear(6, 6)
+            self.head = nn.Linear(6, 11, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, t):
+            return self.head(torch.relu(self.mix(self.emb(t))) + self.emb(t))
+
+    spec = discover_checked(LM(), torch.randint(0, 11, (2, 5)))
+    g = group_of(spec, "emb.weight", 1)
+    assert ("head.weight", 1) in {(m.name, m.axis) for m in g.params}
+    assert any(f.name == "emb.weight" and f.axis == 0 for f in spec.fixed)
+    assert spec.num_free == 6
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_multihead_attention_module(batch_first):
+    class A(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(3, 8)
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=batch_first)
+            self.out = nn.Linear(8, 2)
+
+        def forward(self, x):
+            h = self.inp(x)
+            return self.out(self.attn(h, h, h, need_weights=False)[0] + h)
+
+    spec = discover_checked(A(), torch.randn(4, 5, 3))
+    # stream 8 (in -> attention -> residual), per-head q/k 2 x 4 and v 2 x 4
+    assert spec.num_free == 8 + 8 + 8
+
+
+def test_sdpa_heads():
+    class H(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.v, self.o = (nn.Linear(8, 8) for _ in range(4))
+
+        def forward(self, x):
+            b, t, _ = x.shape
+            q, k, v = (f(x).view(b, t, 2, 4).transpose(1, 2) for f in (self.q, self.k, self.v))
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return self.o(y.transpose(1, 2).reshape(b, t, 8))
+
+    spec = discover_checked(H(), torch.randn(2, 5, 8))
+    assert sorted(g.size for g in spec.groups) == [2, 4, 4]  # heads, q/k dims, v dims
+
+
+@pytest.mark.parametrize("op", ["cumsum", "argmax_gather", "slice", "unknown"])
+def test_order_dependent_ops_fix_their_axis(op):
+    class O(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 6), nn.Linear(6, 2)
+
+        def forward(self, x):
+            h = self.a(x)
+            if op == "cumsum":
+                h = h.cumsum(-1)
+            elif op == "argmax_gather":
+                h = h * h.argmax(-1, keepdim=True).float()
+            elif op == "slice":
+                h = torch.cat([h[:, :3], h[:, 3:]], dim=-1)
+            else:
+                h = torch.fft.fft(h).real
+            return self.b(h)
+
+    spec = discover_checked(O(), torch.randn(2, 3))
+    assert spec.num_free == 0
+    assert any(not f.structural and f.kind == "node" for f in spec.fixed)
+
+
+def test_reductions_and_softmax_over_channels_are_invariant():
+    class R(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 6), nn.Linear(6, 2)
+
+        def forward(self, x):
+            h = self.a(x)
+            return self.b(torch.softmax(h, -1) * h.mean(-1, keepdim=True) + h.amax(-1, keepdim=True))
+
+    spec = discover_checked(R(), torch.randn(2, 3))
+    assert spec.num_free == 6
+
+
+def test_unknown_module_fixes_everything_it_touches():
+    m = nn.Sequential(nn.Linear(3, 6), nn.ReLU(), nn.LSTM(6, 4))
+    x = torch.randn(5, 2, 3)
+    spec = gr.discover(m, x)
+    assert spec.num_free == 0
+    assert any("LSTM" in f.reason for f in spec.fixed)
