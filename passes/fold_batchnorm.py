@@ -9,8 +9,9 @@ so it folds like any affine (see ``fold_affine``): W' = diag(s) W, b' = s * b + 
 (for a conv: scale output channels, axis 0 of the weight; for a transposed conv the out axis of
 each group, axis 1). For call_module Conv/Linear -> BatchNorm pairs this uses torch's own
 ``torch.nn.utils.fusion.fuse_conv_bn_eval`` / ``fuse_linear_bn_eval`` (as
-``torch.fx.experimental.optimization.fuse`` does); torch's version scales a ConvTranspose weight
-as if groups were 1, so grouped transposed convs and call_function graphs (torch.export) go through
+``torch.fx.experimental.optimization.fuse`` does). torch's version fails on a grouped
+ConvTranspose (it broadcasts the (out,) scale against the out/groups weight axis), so grouped
+transposed convs, and call_function graphs (torch.export), go through
 ``fold_affine.scale_producer`` instead.
 
 Unlike ``fold_affines`` this removes the BatchNorm: its state_dict keys disappear. A BatchNorm in
@@ -33,6 +34,7 @@ from passes.modules import (
     describe_producer,
     get_attr_value,
     node_rank,
+    parent_and_attr,
     replace_module,
 )
 
@@ -95,11 +97,34 @@ def _remove_bn(gm: GraphModule, bn: Producer, replacement: Node) -> None:
             if not user.users:
                 graph.erase_node(user)
         graph.erase_node(bn.node)
+    prefixes = set()
     for a in inputs:
         if a.op == "get_attr" and not a.users:
             graph.erase_node(a)
+            _drop_attr_if_unread(gm, str(a.target))
+            prefixes.add(str(a.target).rpartition(".")[0])
+    # torch.export keeps an unread get_attr of BatchNorm's num_batches_tracked: drop it too
+    for prefix in prefixes:
+        qualname = f"{prefix}.num_batches_tracked" if prefix else "num_batches_tracked"
+        readers = [n for n in graph.nodes if n.op == "get_attr" and n.target == qualname]
+        if all(not n.users for n in readers):
+            for n in readers:
+                graph.erase_node(n)
+            _drop_attr_if_unread(gm, qualname)
     if bn.is_module:
         gm.delete_submodule(str(bn.node.target))
+
+
+def _drop_attr_if_unread(gm: GraphModule, qualname: str) -> None:
+    """Delete the batch norm's tensor attribute once no get_attr node reads it (so its
+    state_dict key goes away as it does when the BatchNorm module is deleted)."""
+    if any(n.op == "get_attr" and n.target == qualname for n in gm.graph.nodes):
+        return
+    parent, attr = parent_and_attr(gm, qualname)
+    if any(n.op == "call_module" and qualname.startswith(f"{n.target}.") for n in gm.graph.nodes):
+        return
+    if hasattr(parent, attr):
+        delattr(parent, attr)
 
 
 def _fold_one(gm: GraphModule, bn: Producer) -> str | list[str]:
