@@ -218,7 +218,7 @@ def _build_spec(model: nn.Module, ctx: Context) -> PermutationSpec:
             fixed.append(FixedAxis(key, d, count, reason.removeprefix(STRUCTURAL), "param", structural))
     fixed.extend(ctx.origins)
     return PermutationSpec(tuple(groups), tuple(fixed), param_axes, node_axes, var_of_group,
-                           ctx.traced, ctx.traced.model_name)
+                           ctx.traced, ctx.traced.model_name, dict(ctx.joins))
 
 
 def _layout(e: Expr, vid: int) -> str:

@@ -65,6 +65,7 @@ class PermutationSpec:
     var_of_group: dict  # group name -> variable id in the expressions
     traced: Traced = field(repr=False, compare=False)
     model_name: str = ""
+    node_joins: dict = field(default_factory=dict)  # node name -> "residual" | "concat" | "gate"
 
     # -- sizes and lookups ---------------------------------------------------------------------
     @property

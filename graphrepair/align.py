@@ -1,0 +1,119 @@
+"""Alignment: permutations of B's groups that make B's units line up with A's.
+
+Activation matching (REPAIR, Git Re-Basin): for each group g, with corr_g[i, j] the correlation of
+A's channel i and B's channel j over the fitting data (``stats.py``), solve
+
+    P_g = argmax_P  sum_i corr_g[i, P(i)]          (scipy's linear_sum_assignment)
+
+so that B' = B.index_select(axis, P_g) puts B's best match for A's channel i at position i.
+
+Weight matching (Git Re-Basin, permutation coordinate descent; no data): for each group g in a
+random order, holding the other groups' permutations, maximise the summed inner products of the
+weights that g touches,
+
+    P_g = argmax_P  sum_{W, axis d containing g}  < W_A[g-view],  W_B'[P, g-view] >_F
+
+where the g-view gathers, along axis d, the R positions of each of g's channels (a flattened
+feature map repeats a channel over spatial positions; a Kronecker layout repeats it per block) and
+flattens everything else, with the other groups' current permutations already applied to B. The
+descent repeats until no group changes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+from torch import nn
+
+from . import axes as ax
+from .errors import MismatchError
+from .spec import PermutationSpec
+
+
+def lap(score: torch.Tensor) -> torch.Tensor:
+    """The permutation maximising sum_i score[i, P(i)] (rows: A's channels, columns: B's)."""
+    s = score.detach().double().cpu().numpy()
+    if not np.isfinite(s).all():
+        s = np.nan_to_num(s, nan=0.0, posinf=0.0, neginf=0.0)
+    _, cols = linear_sum_assignment(s, maximize=True)
+    return torch.as_tensor(cols, dtype=torch.long)
+
+
+def activation_perms(spec: PermutationSpec, corr: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {g: lap(c) for g, c in corr.items()}
+
+
+def check_same_architecture(model_a: nn.Module, model_b: nn.Module) -> None:
+    """MismatchError naming the first parameter that differs in name or shape."""
+    sa, sb = model_a.state_dict(), model_b.state_dict()
+    for (ka, ta), (kb, tb) in zip(sa.items(), sb.items()):
+        if ka != kb:
+            raise MismatchError(f"models A and B differ: A has parameter {ka!r} where B has {kb!r}; "
+                                f"both must be the same architecture")
+        if ta.shape != tb.shape:
+            raise MismatchError(f"models A and B differ at parameter {ka!r}: shape {tuple(ta.shape)} in A "
+                                f"vs {tuple(tb.shape)} in B; both must be the same architecture")
+    if len(sa) != len(sb):
+        longer, name = (sa, "A") if len(sa) > len(sb) else (sb, "B")
+        extra = list(longer)[min(len(sa), len(sb))]
+        raise MismatchError(f"models A and B differ: only {name} has parameter {extra!r}")
+
+
+def _view(t: torch.Tensor, axis: int, pos: torch.Tensor) -> torch.Tensor:
+    """(|g|, everything else): channel c's positions pos[c] along ``axis`` and all other axes."""
+    m = t.movedim(axis, 0)
+    return m[pos.to(t.device)].reshape(pos.shape[0], -1)
+
+
+def weight_matching(spec: PermutationSpec, state_a: dict, state_b: dict, *, groups=None,
+                    init: dict[str, torch.Tensor] | None = None, max_iter: int = 100,
+                    seed: int = 0) -> dict[str, torch.Tensor]:
+    """Git Re-Basin's permutation coordinate descent over the discovered spec (see module doc).
+
+    ``groups`` restricts the descent to some groups (the others keep ``init``)."""
+    names = [g.name for g in spec.groups] if groups is None else list(groups)
+    perms = {g.name: torch.arange(g.size) for g in spec.groups}
+    if init:
+        perms.update({k: v.clone() for k, v in init.items()})
+    # the (param, axis) pairs each group touches, with the positions of its channels there
+    touches: dict[str, list[tuple[str, int, torch.Tensor]]] = {}
+    for g in spec.groups:
+        if g.name not in names:
+            continue
+        vid = spec.var_of_group[g.name]
+        items = []
+        for m in g.params:
+            t = state_a.get(m.name)
+            if t is None or not t.is_floating_point():
+                continue
+            pos = ax.positions(spec.param_axes[m.name][m.axis], vid)
+            if pos is not None:
+                items.append((m.name, m.axis, pos))
+        touches[g.name] = items
+    a64 = {k: v.detach().double() for k, v in state_a.items() if v.is_floating_point()}
+    b64 = {k: v.detach().double() for k, v in state_b.items() if v.is_floating_point()}
+    rng = np.random.default_rng(seed)
+    for _ in range(max_iter):
+        changed = False
+        for gi in rng.permutation(len(names)):
+            name = names[gi]
+            others = {k: v for k, v in perms.items() if k != name}
+            vp = spec._var_perms(others)
+            size = spec.group(name).size
+            score = torch.zeros(size, size, dtype=torch.float64)
+            for key, axis, pos in touches[name]:
+                wb = b64[key]
+                for d, e in enumerate(spec.param_axes[key]):
+                    if not ax.is_fixed(e):
+                        wb = wb.index_select(d, ax.index(e, vp).to(wb.device))
+                score += (_view(a64[key], axis, pos) @ _view(wb, axis, pos).T).cpu()
+            new = lap(score)
+            old = perms[name]
+            if (score[torch.arange(size), new].sum() > score[torch.arange(size), old].sum() + 1e-12
+                    and not torch.equal(new, old)):
+                perms[name] = new
+                changed = True
+        if not changed:
+            break
+    return perms

@@ -1,0 +1,328 @@
+"""Merge: align B to A, interpolate, REPAIR, fold — driven by the discovered spec alone.
+
+Interpolation, with B' = B permuted onto A:      theta_a = (1 - a) theta_A + a theta_B'
+(integer buffers such as BatchNorm's ``num_batches_tracked`` are taken from A).
+
+REPAIR goal statistics at every reset point (channel c of a conv/linear output or of a residual
+stream), from the one joint pass of A and B (``stats.py``), B's statistics permuted like B:
+
+    goal_mean_c = (1 - a) mu_A,c + a mu_B',c          goal_std_c = (1 - a) sigma_A,c + a sigma_B',c
+
+- "exact" (paper 4.2): reset nodes normalise the interpolated network's channel c to
+  (goal_mean_c, goal_std_c); one pass of the merged net in "collect" mode (batch statistics,
+  BatchNorm-style) estimates each reset's mean and variance; the resets then become per-channel
+  affines folded into the producing conv/linear/BatchNorm.
+- "approx" (paper 4.1, closed form; no pass through the merged net): the merged channel is
+  predicted as X_a = (1 - a) X_A + a X_B', so
+
+      mean = (1 - a) mu_A + a mu_B',   var = (1 - a)^2 Var(X_A) + a^2 Var(X_B') + 2 a (1 - a) Cov(X_A, X_B')
+
+  and the resets use these as their running statistics.
+- "reset": BatchNorm running statistics re-estimated on the merged net (Izmailov et al.).
+- None: plain interpolation of the aligned models.
+
+Merging k > 2 models: every model is aligned to the first, the weights are averaged with weights
+w_i, and the goal statistics are the w-weighted averages of the aligned endpoints' statistics.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from passes.fold_affine import fold_affines
+from passes.reset import ChannelAffine, Reset, ResetSpec, insert_resets, set_mode
+
+from .align import activation_perms, check_same_architecture, weight_matching
+from .data import take_examples
+from .discover import discover
+from .errors import GraphRepairError
+from .points import ResetPoint, observation_points, reset_points
+from .progress import progress
+from .spec import PermutationSpec
+from .stats import PairStats, check_finite, collect, graph_for, model_device
+
+REPAIR_MODES = ("exact", "approx", "reset", None)
+METHODS = ("activation", "weight")
+
+
+@dataclass
+class MergeResult:
+    model: nn.Module
+    spec: PermutationSpec
+    perms: list[dict[str, torch.Tensor]]  # per model after the first: its permutation onto model 0
+    weights: list[float]
+    method: str
+    repair: str | None
+    examples: int = 0
+    mean_corr: dict[str, float] = field(default_factory=dict)  # group -> mean matched correlation
+    resets: int = 0
+    folded: int = 0
+    kept: list[str] = field(default_factory=list)  # "<node>: <why it could not be folded>"
+    dead_channels: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+class FitData:
+    """Fitting data that can be read several times: re-iterable data is re-read, a one-shot
+    iterator is read once and its batches kept (inputs only, on the models' device)."""
+
+    def __init__(self, data, num_examples: int, batch_size: int, device: torch.device):
+        self.n, self.batch_size, self.device = num_examples, batch_size, device
+        self.cached = None
+        self.data = data
+        if isinstance(data, Iterator):
+            self.cached = list(self._stream())
+        self.count = None
+
+    def _stream(self):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            stream = take_examples(self.data, self.n, self.batch_size, self.device)
+            yield from stream
+        self.count = stream.count
+        for w in caught:
+            warnings.warn(w.message, w.category, stacklevel=4)
+
+    def __iter__(self):
+        return iter(self.cached) if self.cached is not None else self._stream()
+
+    def batches(self) -> int:
+        return -(-self.n // self.batch_size)
+
+    def example(self) -> torch.Tensor:
+        return next(iter(self))[:2]
+
+
+def check_alpha(alpha: float) -> float:
+    if not isinstance(alpha, (int, float)) or not 0.0 <= float(alpha) <= 1.0:
+        raise GraphRepairError(f"alpha must be in [0, 1] (0 = model A, 1 = model B), got {alpha!r}")
+    return float(alpha)
+
+
+def interpolate_states(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict:
+    out = {}
+    for k, t0 in states[0].items():
+        if t0.is_floating_point():
+            acc = torch.zeros_like(t0, dtype=torch.float64)
+            for s, w in zip(states, weights):
+                acc += w * s[k].double()
+            out[k] = acc.to(t0.dtype)
+        else:
+            out[k] = t0.clone()
+    return out
+
+
+def _permuted(stat: torch.Tensor, spec: PermutationSpec, node: str, axis: int, perms) -> torch.Tensor:
+    return stat[spec.node_index(node, axis, perms).to(stat.device)]
+
+
+def align_pair(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module, fit: FitData, *,
+               method: str, resets: list[ResetPoint], cross_at_resets: bool, quiet: bool,
+               seed: int = 0) -> tuple[dict[str, torch.Tensor], PairStats | None, dict[str, float]]:
+    """Permutations of B's groups onto A, and the pass statistics (None for weight matching
+    without REPAIR statistics)."""
+    sa, sb = model_a.state_dict(), model_b.state_dict()
+    stats = None
+    if method == "activation" or resets:
+        observe = observation_points(spec) if method == "activation" else {}
+        stats = collect(spec, model_a, model_b, iter(fit), observe, resets,
+                        cross_at_resets=cross_at_resets, quiet=quiet, total=fit.batches())
+    if method == "activation":
+        perms = activation_perms(spec, stats.corr)
+        rest = [g.name for g in spec.groups if g.name not in perms]
+        if rest:  # groups no activation reaches (fused attention internals): weight matching
+            perms = weight_matching(spec, sa, sb, groups=rest, init=perms, seed=seed)
+    else:
+        perms = weight_matching(spec, sa, sb, seed=seed)
+    mean_corr = {}
+    if stats is not None:
+        for g, c in stats.corr.items():
+            p = perms[g].to(c.device)
+            mean_corr[g] = float(c[torch.arange(len(p), device=c.device), p].mean())
+    return perms, stats, mean_corr
+
+
+def merge_models(models: list[nn.Module], data, *, weights: list[float] | None = None,
+                 method: str = "activation", repair: str | None = "exact", num_examples: int = 5000,
+                 batch_size: int = 256, points: str = "all", spec: PermutationSpec | None = None,
+                 quiet: bool = True, seed: int = 0) -> MergeResult:
+    """Align every model to ``models[0]``, average with ``weights``, REPAIR, fold."""
+    if len(models) < 2:
+        raise GraphRepairError("merging needs at least two models")
+    weights = [1.0 / len(models)] * len(models) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(models) or abs(sum(weights) - 1.0) > 1e-6 or min(weights) < 0:
+        raise GraphRepairError(f"weights must be {len(models)} non-negative numbers summing to 1, got {weights}")
+    if method not in METHODS:
+        raise GraphRepairError(f"method must be one of {METHODS}, got {method!r}")
+    if repair not in REPAIR_MODES:
+        raise GraphRepairError(f"repair must be one of {REPAIR_MODES}, got {repair!r}")
+    if repair == "approx" and len(models) > 2:
+        raise GraphRepairError("the closed-form REPAIR ('approx') merges two models; use 'exact' for more")
+    for i, m in enumerate(models[1:], 1):
+        check_same_architecture(models[0], m)
+    for i, m in enumerate(models):
+        check_finite(m.state_dict(), f"model {'AB'[i] if len(models) == 2 else i}")
+    device = model_device(models[0])
+    models = [m.to(device).eval() for m in models]
+    fit = FitData(data, num_examples, batch_size, device)
+    if spec is None:
+        spec = discover(models[0], (fit.example(),))
+    rpoints = reset_points(spec, points) if repair in ("exact", "approx") else []
+
+    perms_all, stats_all, corr_all = [], [], {}
+    for m in models[1:]:
+        perms, stats, mean_corr = align_pair(spec, models[0], m, fit, method=method, resets=rpoints,
+                                             cross_at_resets=repair == "approx", quiet=quiet, seed=seed)
+        perms_all.append(perms)
+        stats_all.append(stats)
+        corr_all = corr_all or mean_corr
+    from .permute import permute
+    aligned = [models[0]] + [permute(m, spec, p) for m, p in zip(models[1:], perms_all)]
+    merged_state = interpolate_states([m.state_dict() for m in aligned], weights)
+    check_finite(merged_state, "the merged model")
+
+    result = MergeResult(model=None, spec=spec, perms=perms_all, weights=weights, method=method,
+                         repair=repair, mean_corr=corr_all)
+    if stats_all and stats_all[0] is not None:
+        result.examples = stats_all[0].examples
+        result.dead_channels = sum(stats_all[0].dead.values())
+    if fit.count is not None and fit.count < num_examples:
+        result.notes.append(f"used {fit.count} examples (fewer than the {num_examples} requested)")
+
+    if repair in ("exact", "approx"):
+        result.model = _repair(spec, models[0], merged_state, rpoints, stats_all, perms_all, weights,
+                               repair, fit, quiet, result)
+    else:
+        model = copy.deepcopy(models[0])
+        model.load_state_dict(merged_state)
+        if repair == "reset":
+            n = reset_batchnorm_stats(model, fit, quiet)
+            if n == 0:
+                result.notes.append("the model has no BatchNorm: 'reset' changes nothing")
+        result.model = model.eval()
+    return result
+
+
+def _goal(rpoints, stats_all, perms_all, weights, spec):
+    """Goal mean/std per reset point: weighted average of the aligned endpoints' statistics."""
+    goals = {}
+    for r in rpoints:
+        s0 = stats_all[0].points[r.node]
+        mean = weights[0] * s0.mean_a
+        std = weights[0] * s0.var_a.sqrt()
+        for w, st, p in zip(weights[1:], stats_all, perms_all):
+            s = st.points[r.node]
+            mean = mean + w * _permuted(s.mean_b, spec, r.node, r.axis, p)
+            std = std + w * _permuted(s.var_b, spec, r.node, r.axis, p).sqrt()
+        goals[r.node] = (mean, std)
+    return goals
+
+
+def _repair(spec, model_a, merged_state, rpoints, stats_all, perms_all, weights, mode, fit, quiet,
+            result: MergeResult) -> nn.Module:
+    device = model_device(model_a)
+    gm = graph_for(spec, merged_state, device)
+    goals = _goal(rpoints, stats_all, perms_all, weights, spec)
+    insert_resets(gm, {r.node: ResetSpec(r.axis, goals[r.node][0].float(), goals[r.node][1].float())
+                       for r in rpoints}, inplace=True)
+    result.resets = len(rpoints)
+    if mode == "exact":
+        set_mode(gm, "collect")
+        with torch.no_grad():
+            for x in progress(iter(fit), "REPAIR statistics of the merged model", total=fit.batches(),
+                              quiet=quiet):
+                gm(x)
+    else:  # closed form from the A-B statistics alone
+        from passes.reset import resets as find_resets
+        a = weights[1]
+        found = find_resets(gm)
+        for r in rpoints:
+            s, p = stats_all[0].points[r.node], perms_all[0]
+            idx = spec.node_index(r.node, r.axis, p).to(s.mean_a.device)
+            mean_b, var_b = s.mean_b[idx], s.var_b[idx]
+            cov = s.cov_ab[torch.arange(len(idx), device=idx.device), idx]
+            mean = (1 - a) * s.mean_a + a * mean_b
+            var = ((1 - a) ** 2 * s.var_a + a ** 2 * var_b + 2 * a * (1 - a) * cov).clamp_min(0.0)
+            found[r.node].set_running(mean.float(), var.float())
+    set_mode(gm, "apply")
+    folded = fold_affines(gm, inplace=True, example_inputs=(fit.example(),))
+    result.folded = folded.counts.get("folded", 0)
+    result.kept = list(folded.notes)
+    return finalize(gm, model_a, merged_state)
+
+
+def finalize(gm, model_a: nn.Module, merged_state: dict) -> nn.Module:
+    """The user's own model class when every reset was folded into existing parameters, else the
+    GraphModule (with one ChannelAffine per unfoldable reset)."""
+    gsd = gm.state_dict()
+    leftovers = any(isinstance(m, (Reset, ChannelAffine)) for m in gm.modules())
+    if not leftovers and set(gsd) <= set(merged_state):
+        model = copy.deepcopy(model_a)
+        model.load_state_dict({**merged_state, **{k: v for k, v in gsd.items()}})
+        return model.eval()
+    return gm.eval()
+
+
+@torch.no_grad()
+def reset_batchnorm_stats(model: nn.Module, fit, quiet: bool = True) -> int:
+    """Re-estimate every BatchNorm's running statistics on ``fit`` (cumulative average, one pass)."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return 0
+    momenta = [bn.momentum for bn in bns]
+    model.eval()
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None
+        bn.train()
+    for x in progress(iter(fit), "BatchNorm statistics of the merged model", quiet=quiet):
+        model(x)
+    for bn, mom in zip(bns, momenta):
+        bn.momentum = mom
+    model.eval()
+    return len(bns)
+
+
+# -- the public forms ---------------------------------------------------------------------------
+
+def merge(model_a: nn.Module, model_b: nn.Module, data, alpha: float = 0.5, method: str = "activation",
+          repair: str | None = "exact", num_examples: int = 5000, points: str = "all",
+          batch_size: int = 256, spec: PermutationSpec | None = None, quiet: bool = True) -> nn.Module:
+    """Merge two models of one architecture (see the module docstring); returns the merged model."""
+    alpha = check_alpha(alpha)
+    return merge_models([model_a, model_b], data, weights=[1 - alpha, alpha], method=method,
+                        repair=repair, num_examples=num_examples, batch_size=batch_size, points=points,
+                        spec=spec, quiet=quiet).model
+
+
+def align(model_a: nn.Module, model_b: nn.Module, data=None, spec: PermutationSpec | None = None,
+          method: str = "activation", num_examples: int = 5000, batch_size: int = 256,
+          example_inputs=None, quiet: bool = True) -> dict[str, torch.Tensor]:
+    """Permutations {group: P} such that ``permute(model_b, spec, P)`` lines up with model_a.
+    ``data`` is needed for activation matching; weight matching needs only ``example_inputs``
+    (or data) to trace the model when no spec is given."""
+    if method not in METHODS:
+        raise GraphRepairError(f"method must be one of {METHODS}, got {method!r}")
+    check_same_architecture(model_a, model_b)
+    if method == "weight":
+        if spec is None:
+            if example_inputs is None:
+                if data is None:
+                    raise GraphRepairError("weight matching needs example_inputs (or data) to trace the model")
+                example_inputs = (FitData(data, 2, 2, model_device(model_a)).example(),)
+            spec = discover(model_a, example_inputs)
+        return weight_matching(spec, model_a.state_dict(), model_b.state_dict())
+    if data is None:
+        raise GraphRepairError("activation matching needs data; pass data or use method='weight'")
+    device = model_device(model_a)
+    fit = FitData(data, num_examples, batch_size, device)
+    spec = spec or discover(model_a, (fit.example(),))
+    perms, _, _ = align_pair(spec, model_a.eval(), model_b.to(device).eval(), fit, method="activation",
+                             resets=[], cross_at_resets=False, quiet=quiet)
+    return perms
