@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import logging
 import os
+import re
 import tempfile
 import warnings
 from collections import Counter
@@ -89,14 +91,16 @@ def _bigger_batch(args: tuple) -> tuple:
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """Silence the exporter's progress logs and deprecation chatter (errors still raise)."""
+    """Silence the exporter's progress logs, graph dumps and deprecation chatter (errors still
+    raise, and their message carries the summary)."""
     names = ("torch.onnx", "torch.export", "torch._export", "torch._dynamo", "torch.fx.experimental", "onnxscript")
     loggers = [logging.getLogger(n) for n in names]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
+    sink = io.StringIO()
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
             warnings.simplefilter("ignore", FutureWarning)
             warnings.simplefilter("ignore", DeprecationWarning)
             warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.onnx.*")
@@ -117,6 +121,18 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
     finally:
         for m, flag in flags:
             m.training = flag
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _summary(exc: BaseException) -> str:
+    """One readable line for an exporter error: the root cause and where in the model it arose."""
+    cause = exc.__cause__ or exc
+    text = _ANSI.sub("", str(cause)).strip()
+    line = f"{type(cause).__name__}: {text.splitlines()[0] if text else ''}"
+    where = re.search(r"raised this error:\s*\n\s*(File [^\n]*)", _ANSI.sub("", str(exc)))
+    return f"{line} ({where.group(1).strip()})" if where else line
 
 
 def _default_providers() -> list[str]:
@@ -206,7 +222,7 @@ def _verify(
             )
         chain = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
         options = ort.SessionOptions()
-        options.log_severity_level = 3
+        options.log_severity_level = 4  # errors come back as exceptions
         try:
             session = ort.InferenceSession(tmp, sess_options=options, providers=chain)
         except Exception as exc:  # onnxruntime raises its own exception types
@@ -219,9 +235,23 @@ def _verify(
                     f"the ONNX model takes {len(names)} inputs {names} but the example has "
                     f"{len(tensors)} tensors; pass every model input as a tensor"
                 )
+            try:
+                ref = _run_torch(model, args)
+            except Exception as exc:
+                raise ExportFailedError(
+                    f"torch itself fails on the {label} ({type(exc).__name__}: {exc}); if the model "
+                    "fixes its batch size, export with dynamic_batch=False"
+                ) from exc
             feed = {n: _numpy(t) for n, t in zip(names, tensors)}
-            got = session.run(None, feed)
-            ref = _run_torch(model, args)
+            try:
+                got = session.run(None, feed)
+            except Exception as exc:  # onnxruntime's own exception types
+                hint = "; the exported graph may fix the batch size: try dynamic_batch=False" if "batch" in label else ""
+                raise ExportVerificationError(
+                    f"{provider}, {label}: onnxruntime fails where torch succeeds: "
+                    f"{str(exc).strip().splitlines()[0]}{hint}; the model was not written",
+                    max_abs_diff=float("inf"),
+                ) from exc
             worst = max(worst, _compare(ref, got, rtol, atol, f"{provider}, {label}"))
     return worst
 
@@ -302,11 +332,10 @@ def export_onnx(
                         report=False,
                     )
             except Exception as exc:  # the exporter raises many types; all mean "no model"
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-                hint = " (try dynamic_batch=False if the model fixes its batch size)" if dynamic_batch else ""
+                hint = "; if the model fixes its batch size, try dynamic_batch=False" if dynamic_batch else ""
                 raise ExportFailedError(
                     f"torch.onnx.export could not export {type(model).__name__} to {path}: "
-                    f"{type(exc).__name__}: {first}{hint}"
+                    f"{_summary(exc)}{hint}"
                 ) from exc
             try:
                 onnx.checker.check_model(tmp)
