@@ -41,7 +41,6 @@ from passes.modules import (
     Arg,
     Producer,
     TensorSource,
-    call_arg,
     describe_producer,
     get_attr_value,
     get_module,

@@ -162,15 +162,17 @@ class Reset(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dim = _check_channels(x, self.dim, self.num_channels, f"reset at {self.source!r}")
         shape = _broadcast_shape(x.ndim, dim)
-        goal_mean = self.goal_mean.to(x.dtype).view(shape)
-        goal_std = self.goal_std.to(x.dtype).view(shape)
         if self.mode == "apply":
-            scale, shift = self.as_affine()
+            # in the buffers' dtype (float64 only for folding, see as_affine)
+            scale = self.goal_std * torch.rsqrt(self.running_var + self.eps)
+            shift = self.goal_mean - self.running_mean * scale
             return x * scale.to(x.dtype).view(shape) + shift.to(x.dtype).view(shape)
         self.last_ndim = x.ndim
         self._accumulate(x, dim)
         others = [d for d in range(x.ndim) if d != dim]
         var, mean = torch.var_mean(x, dim=others, correction=0, keepdim=True)
+        goal_mean = self.goal_mean.to(x.dtype).view(shape)
+        goal_std = self.goal_std.to(x.dtype).view(shape)
         return (x - mean) / torch.sqrt(var + self.eps) * goal_std + goal_mean
 
     @torch.no_grad()

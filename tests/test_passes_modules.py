@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from passes import PassError, get_module, insert_module_after, parent_and_attr, producer_kind, replace_module
 from passes.modules import describe_producer, trace_tensor_source
 
+pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec:FutureWarning")
+
 torch.manual_seed(0)
 
 

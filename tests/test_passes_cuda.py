@@ -1,0 +1,74 @@
+"""The passes on a CUDA model: statistics stay on the device, folding and export work there."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+
+from passes import (
+    CrossMoments,
+    ObserverSpec,
+    ResetSpec,
+    export_onnx,
+    fold_affines,
+    insert_observers,
+    insert_resets,
+    observers,
+    set_mode,
+)
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+    pytest.mark.filterwarnings("ignore:.*LeafSpec:FutureWarning"),
+]
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+def test_statistics_resets_and_fold_on_cuda():
+    torch.manual_seed(0)
+    model = Net().cuda().eval()
+    x = torch.randn(4, 3, 8, 8, device="cuda")
+    gm = torch.fx.symbolic_trace(model)
+    watched = insert_observers(gm, {"conv": ObserverSpec(1, keep=True), "fc": ObserverSpec(-1, keep=True)}).graph_module
+    watched(x)
+    obs = observers(watched)
+    assert obs["conv"].mean.device.type == "cuda" and obs["conv"].mean.dtype == torch.float64
+    torch.testing.assert_close(obs["conv"].mean, model.conv(x).double().mean((0, 2, 3)))
+    cm = CrossMoments(8, 8, device="cuda")
+    cm.update(obs["conv"].last, obs["conv"].last)
+    torch.testing.assert_close(torch.diagonal(cm.corr()), torch.ones(8, device="cuda", dtype=torch.float64))
+
+    spec = ResetSpec(1, torch.randn(8), torch.rand(8) + 0.5)
+    reset = insert_resets(gm, {"bn": spec}).graph_module
+    assert all(b.device.type == "cuda" for b in reset.buffers())
+    reset(x)
+    set_mode(reset, "apply")
+    expected = reset(x)
+    result = fold_affines(reset)
+    assert result.counts == {"folded": 1, "kept": 0}
+    torch.testing.assert_close(result.graph_module(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_export_checks_the_cuda_provider_when_onnxruntime_has_it(tmp_path):
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    model = Net().cuda().eval()
+    report = export_onnx(model, (torch.randn(2, 3, 8, 8, device="cuda"),), tmp_path / "net.onnx", atol=1e-3, rtol=1e-3)
+    assert os.path.exists(report.path)
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        assert report.providers_checked == ("CPUExecutionProvider", "CUDAExecutionProvider")
