@@ -3,15 +3,20 @@ REPAIR through graph passes, and export verified ONNX."""
 
 from .discover import discover
 from .errors import (CheckError, CheckpointError, DataError, ExportError, GraphRepairError,
-                     LoadError, MismatchError, NumericError, ShapeError, TraceError,
+                     LoadError, MismatchError, NumericError, OutputError, ShapeError, TraceError,
                      UnsupportedOpError)
+from .export import export_onnx
+from .merge import MergeResult, align, merge, merge_models, prepare
+from .metrics import Curve, barrier, evaluate, layer_report
 from .permute import permute
 from .spec import FixedAxis, Group, PermutationSpec
 from .trace import trace
 
 __all__ = [
-    "discover", "permute", "trace", "PermutationSpec", "Group", "FixedAxis",
+    "discover", "permute", "export_onnx", "trace", "align", "merge", "merge_models", "prepare", "barrier",
+    "evaluate", "layer_report", "Curve", "MergeResult", "PermutationSpec", "Group", "FixedAxis",
     "GraphRepairError", "TraceError", "ShapeError", "UnsupportedOpError", "MismatchError",
     "CheckError", "CheckpointError", "DataError", "LoadError", "ExportError", "NumericError",
+    "OutputError",
 ]
 __version__ = "0.1.0"

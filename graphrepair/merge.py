@@ -148,23 +148,35 @@ def align_pair(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module, fi
     return perms, stats, mean_corr
 
 
-def merge_models(models: list[nn.Module], data, *, weights: list[float] | None = None,
-                 method: str = "activation", repair: str | None = "exact", num_examples: int = 5000,
-                 batch_size: int = 256, points: str = "all", spec: PermutationSpec | None = None,
-                 quiet: bool = True, seed: int = 0) -> MergeResult:
-    """Align every model to ``models[0]``, average with ``weights``, REPAIR, fold."""
+@dataclass
+class Prepared:
+    """Everything a merge needs that does not depend on alpha or the repair mode: the spec, the
+    fitting data, the reset points, each model's permutation onto model 0 and the pass statistics.
+    Computing it once lets a barrier curve reuse one alignment for every alpha."""
+
+    models: list[nn.Module]
+    spec: PermutationSpec
+    fit: FitData
+    method: str
+    points: list[ResetPoint]
+    perms: list[dict[str, torch.Tensor]]
+    stats: list[PairStats | None]
+    mean_corr: dict[str, float]
+    aligned: list[dict[str, torch.Tensor]]  # state dicts, models 1.. permuted onto model 0
+
+
+def prepare(models: list[nn.Module], data, *, method: str = "activation", statistics: bool = True,
+            cross: bool = False, num_examples: int = 5000, batch_size: int = 256, points: str = "all",
+            spec: PermutationSpec | None = None, quiet: bool = True, seed: int = 0,
+            align: bool = True) -> Prepared:
+    """Check, trace, discover, run the joint pass(es) and align. ``statistics``: gather REPAIR's
+    endpoint statistics at the reset points (``cross``: also A-B cross-covariances, for 'approx').
+    ``align=False`` keeps B as it is (the naive baseline)."""
     if len(models) < 2:
         raise GraphRepairError("merging needs at least two models")
-    weights = [1.0 / len(models)] * len(models) if weights is None else [float(w) for w in weights]
-    if len(weights) != len(models) or abs(sum(weights) - 1.0) > 1e-6 or min(weights) < 0:
-        raise GraphRepairError(f"weights must be {len(models)} non-negative numbers summing to 1, got {weights}")
     if method not in METHODS:
         raise GraphRepairError(f"method must be one of {METHODS}, got {method!r}")
-    if repair not in REPAIR_MODES:
-        raise GraphRepairError(f"repair must be one of {REPAIR_MODES}, got {repair!r}")
-    if repair == "approx" and len(models) > 2:
-        raise GraphRepairError("the closed-form REPAIR ('approx') merges two models; use 'exact' for more")
-    for i, m in enumerate(models[1:], 1):
+    for m in models[1:]:
         check_same_architecture(models[0], m)
     for i, m in enumerate(models):
         check_finite(m.state_dict(), f"model {'AB'[i] if len(models) == 2 else i}")
@@ -173,31 +185,55 @@ def merge_models(models: list[nn.Module], data, *, weights: list[float] | None =
     fit = FitData(data, num_examples, batch_size, device)
     if spec is None:
         spec = discover(models[0], (fit.example(),))
-    rpoints = reset_points(spec, points) if repair in ("exact", "approx") else []
-
-    perms_all, stats_all, corr_all = [], [], {}
+    rpoints = reset_points(spec, points) if statistics else []
+    perms_all, stats_all, corr = [], [], {}
+    from .permute import permute
     for m in models[1:]:
-        perms, stats, mean_corr = align_pair(spec, models[0], m, fit, method=method, resets=rpoints,
-                                             cross_at_resets=repair == "approx", quiet=quiet, seed=seed)
+        if align:
+            perms, stats, mean_corr = align_pair(spec, models[0], m, fit, method=method, resets=rpoints,
+                                                 cross_at_resets=cross, quiet=quiet, seed=seed)
+        else:
+            perms = spec.identity_permutations()
+            stats = collect(spec, models[0], m, iter(fit), {}, rpoints, cross_at_resets=cross,
+                            quiet=quiet, total=fit.batches()) if rpoints else None
+            mean_corr = {}
         perms_all.append(perms)
         stats_all.append(stats)
-        corr_all = corr_all or mean_corr
-    from .permute import permute
-    aligned = [models[0]] + [permute(m, spec, p) for m, p in zip(models[1:], perms_all)]
-    merged_state = interpolate_states([m.state_dict() for m in aligned], weights)
+        corr = corr or mean_corr
+    aligned = [permute(m, spec, p).state_dict() for m, p in zip(models[1:], perms_all)]
+    return Prepared(models, spec, fit, method, rpoints, perms_all, stats_all, corr, aligned)
+
+
+def merge_prepared(prep: Prepared, weights: list[float], repair: str | None,
+                   quiet: bool = True) -> MergeResult:
+    """Interpolate the aligned models with ``weights`` and apply ``repair``."""
+    models = prep.models
+    if len(weights) != len(models) or abs(sum(weights) - 1.0) > 1e-6 or min(weights) < 0:
+        raise GraphRepairError(f"weights must be {len(models)} non-negative numbers summing to 1, got {weights}")
+    if repair not in REPAIR_MODES:
+        raise GraphRepairError(f"repair must be one of {REPAIR_MODES}, got {repair!r}")
+    if repair == "approx" and len(models) > 2:
+        raise GraphRepairError("the closed-form REPAIR ('approx') merges two models; use 'exact' for more")
+    if repair in ("exact", "approx") and (not prep.points or prep.stats[0] is None):
+        raise GraphRepairError(f"repair={repair!r} needs the endpoint statistics: prepare(..., statistics=True)")
+    if repair == "approx" and prep.stats[0].points and next(iter(prep.stats[0].points.values())).cov_ab is None:
+        raise GraphRepairError("repair='approx' needs A-B cross-covariances: prepare(..., cross=True)")
+    merged_state = interpolate_states([models[0].state_dict()] + prep.aligned, weights)
     check_finite(merged_state, "the merged model")
-
-    result = MergeResult(model=None, spec=spec, perms=perms_all, weights=weights, method=method,
-                         repair=repair, mean_corr=corr_all)
-    if stats_all and stats_all[0] is not None:
-        result.examples = stats_all[0].examples
-        result.dead_channels = sum(stats_all[0].dead.values())
-    if fit.count is not None and fit.count < num_examples:
-        result.notes.append(f"used {fit.count} examples (fewer than the {num_examples} requested)")
-
+    result = MergeResult(model=None, spec=prep.spec, perms=prep.perms, weights=weights,
+                         method=prep.method, repair=repair, mean_corr=prep.mean_corr)
+    if prep.stats and prep.stats[0] is not None:
+        result.examples = prep.stats[0].examples
+        result.dead_channels = sum(prep.stats[0].dead.values())
+        if result.dead_channels:
+            result.notes.append(f"{result.dead_channels} dead channels (zero variance) were matched "
+                                f"and reset with an epsilon")
+    fit = prep.fit
+    if fit.count is not None and fit.count < fit.n:
+        result.notes.append(f"used {fit.count} examples (fewer than the {fit.n} requested)")
     if repair in ("exact", "approx"):
-        result.model = _repair(spec, models[0], merged_state, rpoints, stats_all, perms_all, weights,
-                               repair, fit, quiet, result)
+        result.model = _repair(prep.spec, models[0], merged_state, prep.points, prep.stats, prep.perms,
+                               weights, repair, fit, quiet, result)
     else:
         model = copy.deepcopy(models[0])
         model.load_state_dict(merged_state)
@@ -207,6 +243,20 @@ def merge_models(models: list[nn.Module], data, *, weights: list[float] | None =
                 result.notes.append("the model has no BatchNorm: 'reset' changes nothing")
         result.model = model.eval()
     return result
+
+
+def merge_models(models: list[nn.Module], data, *, weights: list[float] | None = None,
+                 method: str = "activation", repair: str | None = "exact", num_examples: int = 5000,
+                 batch_size: int = 256, points: str = "all", spec: PermutationSpec | None = None,
+                 quiet: bool = True, seed: int = 0) -> MergeResult:
+    """Align every model to ``models[0]``, average with ``weights``, REPAIR, fold."""
+    weights = [1.0 / len(models)] * len(models) if weights is None else [float(w) for w in weights]
+    if repair not in REPAIR_MODES:
+        raise GraphRepairError(f"repair must be one of {REPAIR_MODES}, got {repair!r}")
+    prep = prepare(models, data, method=method, statistics=repair in ("exact", "approx"),
+                   cross=repair == "approx", num_examples=num_examples, batch_size=batch_size,
+                   points=points, spec=spec, quiet=quiet, seed=seed)
+    return merge_prepared(prep, weights, repair, quiet)
 
 
 def _goal(rpoints, stats_all, perms_all, weights, spec):

@@ -1,0 +1,198 @@
+"""Measurements along the path between two models.
+
+Barrier (REPAIR, Eq. 1), for the loss L and likewise for the error rate:
+
+    B = sup_a [ L(theta_a) - ((1 - a) L(theta_A) + a L(theta_B)) ]
+
+evaluated on a grid of alphas. Accuracy barriers are reported as the height of the error bump.
+
+Variance collapse (REPAIR 3.1), per reset point (conv/linear or residual output), with v the mean
+over channels of the per-channel variance on the fitting data:
+
+    ratio = v_merged / ((v_A + v_B') / 2)                 (1 = no collapse; REPAIR restores ~1)
+
+Layerwise linear feature connectivity (Zhou et al. 2023), per point, over the examples x:
+
+    LLFC = mean_x cos( f(theta_a; x),  (1 - a) f(theta_A; x) + a f(theta_B'; x) )
+
+and the commutativity distance of a Linear/Conv layer with weights W and input features H,
+
+    ||W_A H_B' - W_B' H_A||_F / (||W_A H_A||_F + ||W_B' H_B'||_F) * 2    (0 = commuting)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from passes.track import ObserverSpec, insert_observers, observers
+
+from .data import iter_labeled
+from .errors import DataError
+from .merge import Prepared, check_alpha, merge_prepared, prepare
+from .progress import progress
+from .stats import graph_for, model_device
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data, batch_size: int = 512, quiet: bool = True) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) of a classifier on labeled data; outputs may be logits of
+    shape (N, classes) or a ModelOutput/dict with ``logits``."""
+    device = model_device(model)
+    model.eval()
+    correct, loss, n = 0, 0.0, 0
+    for x, y in progress(iter_labeled(data, batch_size, device), "evaluating", quiet=quiet):
+        out = model(x)
+        logits = out["logits"] if isinstance(out, dict) or hasattr(out, "logits") else out
+        if isinstance(logits, (tuple, list)):
+            logits = logits[0]
+        logits = logits.reshape(-1, logits.shape[-1]).float()
+        y = y.reshape(-1).to(logits.device)
+        correct += int((logits.argmax(-1) == y).sum())
+        loss += float(F.cross_entropy(logits, y, reduction="sum"))
+        n += y.numel()
+    if n == 0:
+        raise DataError("the evaluation data has no examples")
+    return correct / n, loss / n
+
+
+def barrier_of(alphas: list[float], values: list[float], higher_is_better: bool = False) -> float:
+    """Eq. (1) on a grid: the largest rise of ``values`` above the straight line between the ends
+    (for accuracies, the largest drop below it)."""
+    a0, a1 = values[0], values[-1]
+    worst = 0.0
+    for a, v in zip(alphas, values):
+        line = (1 - a) * a0 + a * a1
+        worst = max(worst, (line - v) if higher_is_better else (v - line))
+    return worst
+
+
+@dataclass
+class Curve:
+    label: str
+    alphas: list[float]
+    accuracy: list[float]
+    loss: list[float]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def accuracy_barrier(self) -> float:
+        return barrier_of(self.alphas, self.accuracy, higher_is_better=True)
+
+    @property
+    def loss_barrier(self) -> float:
+        return barrier_of(self.alphas, self.loss)
+
+    def at(self, alpha: float) -> tuple[float, float]:
+        i = min(range(len(self.alphas)), key=lambda k: abs(self.alphas[k] - alpha))
+        return self.accuracy[i], self.loss[i]
+
+    def as_dict(self) -> dict:
+        return {"label": self.label, "alphas": self.alphas, "accuracy": self.accuracy, "loss": self.loss,
+                "accuracy_barrier": self.accuracy_barrier, "loss_barrier": self.loss_barrier,
+                "notes": self.notes}
+
+
+def alpha_grid(alphas) -> list[float]:
+    if isinstance(alphas, int):
+        if alphas < 2:
+            raise DataError(f"--alphas needs at least 2 points (the two endpoints), got {alphas}")
+        return [i / (alphas - 1) for i in range(alphas)]
+    grid = [check_alpha(a) for a in alphas]
+    if len(grid) < 2:
+        raise DataError("a barrier needs at least two alphas")
+    return sorted(grid)
+
+
+def curve(prep: Prepared, eval_data, alphas, repair: str | None, label: str, quiet: bool = True,
+          batch_size: int = 512) -> Curve:
+    """Accuracy and loss of the interpolation (and repair) at every alpha, from one alignment."""
+    grid = alpha_grid(alphas)
+    acc, loss, notes = [], [], set()
+    for a in grid:
+        if a == 0.0:
+            model = prep.models[0]
+        else:
+            res = merge_prepared(prep, [1 - a, a], repair if 0 < a < 1 else None, quiet=quiet)
+            model = res.model
+            notes.update(res.notes)
+        ac, lo = evaluate(model, eval_data, batch_size)
+        acc.append(ac)
+        loss.append(lo)
+    return Curve(label, grid, acc, loss, sorted(notes))
+
+
+def barrier(model_a: nn.Module, model_b: nn.Module, eval_data, fit_data, alphas=11,
+            repair: str | None = "exact", method: str = "activation", num_examples: int = 5000,
+            batch_size: int = 256, quiet: bool = True) -> Curve:
+    """The path A -> B' (B aligned to A, REPAIRed at every inner alpha): accuracy, loss, barriers."""
+    prep = prepare([model_a, model_b], fit_data, method=method,
+                   statistics=repair in ("exact", "approx"), cross=repair == "approx",
+                   num_examples=num_examples, batch_size=batch_size, quiet=quiet)
+    label = f"{method} + {repair}" if repair else method
+    return curve(prep, eval_data, alphas, repair, label, quiet)
+
+
+# -- variance collapse and LLFC -------------------------------------------------------------------
+
+@torch.no_grad()
+def _features(spec, state, points, keep: bool):
+    """Observers at ``points`` ({node: axis}) on a graph carrying ``state``."""
+    gm = graph_for(spec, state, None)
+    gm = insert_observers(gm, {n: ObserverSpec(dim=a, keep=keep) for n, a in points.items()},
+                          inplace=True).graph_module
+    return gm, observers(gm)
+
+
+@torch.no_grad()
+def layer_report(prep: Prepared, merged: nn.Module | dict, alpha: float, quiet: bool = True) -> list[dict]:
+    """Per reset point: variance-collapse ratio of ``merged`` and its LLFC cosine, measured in one
+    pass over the fitting data with A, B' and the merged model side by side."""
+    spec = prep.spec
+    pts = {r.node: r.axis for r in prep.points} or {r.node: r.axis for r in _default_points(spec)}
+    device = model_device(prep.models[0])
+    states = [prep.models[0].state_dict(), prep.aligned[0]]
+    gms = []
+    for st in states:
+        gm, obs = _features(spec, st, pts, keep=True)
+        gms.append((gm.to(device), obs))
+    if isinstance(merged, torch.fx.GraphModule):
+        raise DataError("layer_report needs a merged model of the original class (all resets folded); "
+                        "measure it with repair=None or 'reset', or points='conv'")
+    merged_state = merged.state_dict() if isinstance(merged, nn.Module) else merged
+    gm_m, obs_m = _features(spec, merged_state, pts, keep=True)
+    gm_m = gm_m.to(device)
+    cos_sum = {n: 0.0 for n in pts}
+    count = 0
+    for x in progress(iter(prep.fit), "layer statistics", total=prep.fit.batches(), quiet=quiet):
+        for gm, _ in gms:
+            gm(x)
+        gm_m(x)
+        for n in pts:
+            fa, fb, fm = gms[0][1][n].last, gms[1][1][n].last, obs_m[n].last
+            # per-example feature vectors: channel matrices are (C, N*rest); regroup by example
+            lin = (1 - alpha) * fa + alpha * fb
+            cos_sum[n] += float(_per_example_cos(fm, lin, x.shape[0]).sum())
+        count += x.shape[0]
+    out = []
+    for n in pts:
+        va, vb, vm = gms[0][1][n].var.mean(), gms[1][1][n].var.mean(), obs_m[n].var.mean()
+        out.append({"node": n, "variance_ratio": float(vm / ((va + vb) / 2).clamp_min(1e-12)),
+                    "llfc_cosine": cos_sum[n] / count})
+    return out
+
+
+def _per_example_cos(a: torch.Tensor, b: torch.Tensor, n: int) -> torch.Tensor:
+    """Cosine per example between two (C, N*rest) channel matrices of one batch of n examples."""
+    c = a.shape[0]
+    a = a.reshape(c, n, -1).transpose(0, 1).reshape(n, -1)
+    b = b.reshape(c, n, -1).transpose(0, 1).reshape(n, -1)
+    return F.cosine_similarity(a, b, dim=1, eps=1e-12)
+
+
+def _default_points(spec):
+    from .points import reset_points
+    return reset_points(spec, "all")
