@@ -339,3 +339,42 @@ def test_collect_mode_reset_is_an_error():
     gm = insert_resets(gm, {"body_0": ResetSpec(-1, torch.zeros(8), torch.ones(8))}).graph_module
     with pytest.raises(PassError, match="collect mode.*set_mode"):
         fold_affines(gm)
+
+
+class Functional(nn.Module):
+    """Parameters used through torch.nn.functional: get_attr weights under symbolic_trace."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(4, 3, 1))  # conv1d without bias
+        self.gamma = nn.Parameter(torch.rand(4) + 0.5)  # batch norm without beta
+        self.register_buffer("rm", torch.randn(4))
+        self.register_buffer("rv", torch.rand(4) + 0.5)
+        self.w2 = nn.Parameter(torch.randn(5, 4))
+        self.b2 = nn.Parameter(torch.randn(5))
+
+    def forward(self, x):
+        y = torch.tanh(F.conv1d(x, self.w1))
+        y = torch.tanh(F.batch_norm(y, self.rm, self.rv, self.gamma, None, False))
+        return torch.tanh(F.linear(y.mean(-1), self.w2, self.b2))
+
+
+def test_functional_forms_under_symbolic_trace_fold_and_get_biases():
+    torch.manual_seed(0)
+    x = torch.randn(3, 3, 6)
+    gm = torch.fx.symbolic_trace(Functional())
+    points = {
+        "conv1d": ResetSpec(1, torch.randn(4), torch.rand(4) + 0.5),
+        "batch_norm": ResetSpec(1, torch.randn(4), torch.rand(4) + 0.5),
+        "linear": ResetSpec(-1, torch.randn(5), torch.rand(5) + 0.5),
+    }
+    gm = insert_resets(gm, points).graph_module
+    gm(x)
+    set_mode(gm, "apply")
+    expected = gm(x)
+    result = fold_affines(gm)
+    assert result.counts == {"folded": 3, "kept": 0}, result.notes
+    assert sorted(n.split(": ")[1] for n in result.notes) == ["created parameter gamma_bias", "created parameter w1_bias"]
+    targets = {n.target for n in result.graph_module.graph.nodes if n.op == "get_attr"}
+    assert {"gamma_bias", "w1_bias"} <= targets
+    torch.testing.assert_close(result.graph_module(x), expected, rtol=1e-5, atol=1e-5)
