@@ -70,7 +70,7 @@ class _Slot:
     transposed: bool = False
 
 
-def _resolve(gm: GraphModule, p: Producer) -> tuple[_Slot | None, _Slot | None] | str:
+def _resolve(gm: GraphModule, p: Producer) -> tuple[_Slot, _Slot | None] | str:
     """(weight slot, bias slot or None) of producer ``p``, or the reason they cannot be rewritten."""
     if p.is_module:
         m, name = p.module, str(p.node.target)
