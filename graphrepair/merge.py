@@ -66,6 +66,8 @@ class MergeResult:
     kept: list[str] = field(default_factory=list)  # "<node>: <why it could not be folded>"
     dead_channels: int = 0
     notes: list[str] = field(default_factory=list)
+    unfolded: nn.Module | None = None  # with keep_unfolded: the merged graph with its reset nodes
+    goals: dict | None = None  # with keep_unfolded: reset node -> (goal mean, goal std)
 
 
 class FitData:
@@ -205,7 +207,7 @@ def prepare(models: list[nn.Module], data, *, method: str = "activation", statis
 
 
 def merge_prepared(prep: Prepared, weights: list[float], repair: str | None,
-                   quiet: bool = True) -> MergeResult:
+                   quiet: bool = True, keep_unfolded: bool = False) -> MergeResult:
     """Interpolate the aligned models with ``weights`` and apply ``repair``."""
     models = prep.models
     if len(weights) != len(models) or abs(sum(weights) - 1.0) > 1e-6 or min(weights) < 0:
@@ -233,7 +235,7 @@ def merge_prepared(prep: Prepared, weights: list[float], repair: str | None,
         result.notes.append(f"used {fit.count} examples (fewer than the {fit.n} requested)")
     if repair in ("exact", "approx"):
         result.model = _repair(prep.spec, models[0], merged_state, prep.points, prep.stats, prep.perms,
-                               weights, repair, fit, quiet, result)
+                               weights, repair, fit, quiet, result, keep_unfolded)
     else:
         model = copy.deepcopy(models[0])
         model.load_state_dict(merged_state)
@@ -275,7 +277,7 @@ def _goal(rpoints, stats_all, perms_all, weights, spec):
 
 
 def _repair(spec, model_a, merged_state, rpoints, stats_all, perms_all, weights, mode, fit, quiet,
-            result: MergeResult) -> nn.Module:
+            result: MergeResult, keep_unfolded: bool = False) -> nn.Module:
     device = model_device(model_a)
     gm = graph_for(spec, merged_state, device)
     goals = _goal(rpoints, stats_all, perms_all, weights, spec)
@@ -301,6 +303,10 @@ def _repair(spec, model_a, merged_state, rpoints, stats_all, perms_all, weights,
             var = ((1 - a) ** 2 * s.var_a + a ** 2 * var_b + 2 * a * (1 - a) * cov).clamp_min(0.0)
             found[r.node].set_running(mean.float(), var.float())
     set_mode(gm, "apply")
+    if keep_unfolded:  # the resets as nodes, for checking the fold
+        result.unfolded = copy.deepcopy(gm)
+        result.goals = {k: (m.detach(), s.detach()) for k, (m, s) in _goal(
+            rpoints, stats_all, perms_all, weights, spec).items()}
     folded = fold_affines(gm, inplace=True, example_inputs=(fit.example(),))
     result.folded = folded.counts.get("folded", 0)
     result.kept = list(folded.notes)

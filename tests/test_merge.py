@@ -1,0 +1,216 @@
+"""Align, interpolate, REPAIR: invariants and bad input."""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+import graphrepair as gr
+from fixtures.datasets import digits
+from fixtures.train import train
+from fixtures.zoo import ZOO, mlp
+from graphrepair.align import weight_matching
+from graphrepair.merge import merge_prepared, prepare
+from passes.track import ObserverSpec, insert_observers, observers
+from tests.helpers import randomize_
+
+
+@pytest.fixture(scope="module")
+def digits_pair():
+    x, y = digits("train")
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        m = mlp(depth=3, width=32, in_features=64, classes=10)
+        train(m, x, y, epochs=8, batch_size=64, lr=0.05, seed=seed)
+        models.append(m.eval())
+    return models, x, y
+
+
+def outputs(model, x):
+    with torch.no_grad():
+        return model(x)
+
+
+def test_alignment_permutations_keep_b_function(digits_pair):
+    (a, b), x, _ = digits_pair
+    perms = gr.align(a, b, x, num_examples=500)
+    spec = gr.discover(a, x[:2])
+    b2 = gr.permute(b, spec, perms)
+    torch.testing.assert_close(outputs(b2, x), outputs(b, x), rtol=1e-5, atol=1e-5)
+    assert any(not torch.equal(p, torch.arange(len(p))) for p in perms.values())
+
+
+def test_alignment_raises_correlation(digits_pair):
+    (a, b), x, _ = digits_pair
+    prep = prepare([a, b], x, num_examples=800, statistics=False)
+    ident = prepare([a, b], x, num_examples=800, statistics=False, align=False)
+    del ident
+    for g, c in prep.mean_corr.items():
+        assert c > 0.3, (g, c)
+
+
+# Layouts where a group is one factor of a Kronecker product (heads x head dims, after a view to
+# heads) make coordinate descent non-convex; the exact-recovery property is tested on the others.
+@pytest.mark.parametrize("name", ["mlp3", "resnet20_bn", "transformer_tiny", "densenet_tiny",
+                                  "mobilenetv2_tiny", "grouped_conv_net", "flatten_cnn"])
+def test_weight_matching_recovers_a_random_permutation(name):
+    entry = ZOO[name]
+    torch.manual_seed(0)
+    a = randomize_(entry.factory().eval(), seed=3)
+    x = entry.example_inputs()
+    spec = gr.discover(a, x)
+    b = gr.permute(a, spec, spec.random_permutations(seed=7))
+    perms = weight_matching(spec, a.state_dict(), b.state_dict())
+    back = gr.permute(b, spec, perms)
+    for k, v in a.state_dict().items():
+        torch.testing.assert_close(back.state_dict()[k], v, rtol=0, atol=0, msg=k)
+
+
+def test_exact_repair_folded_equals_unfolded_and_meets_goals(digits_pair):
+    (a, b), x, _ = digits_pair
+    n = 600
+    # one batch holding every fitting example: the collect pass then sees the same statistics the
+    # applied resets use, so the goals must be met exactly
+    prep = prepare([a, b], x[:n], num_examples=n, batch_size=n)
+    res = merge_prepared(prep, [0.5, 0.5], "exact", keep_unfolded=True)
+    assert res.folded == res.resets == 3 and not res.kept
+    assert type(res.model) is type(a)  # every reset folded: the user's own class
+    xs = x[:n]
+    torch.testing.assert_close(outputs(res.model, xs), outputs(res.unfolded, xs), rtol=1e-4, atol=1e-4)
+    gm = insert_observers(copy.deepcopy(res.unfolded), {
+        node: ObserverSpec(dim=-1) for node in res.goals}).graph_module
+    # observe the reset outputs: observers sit after the original node, before the reset, so
+    # observe the merged (folded) model through the spec graph instead
+    from graphrepair.stats import graph_for
+    g2 = graph_for(res.spec, res.model)
+    g2 = insert_observers(g2, {node: ObserverSpec(dim=-1) for node in res.goals}).graph_module
+    g2(xs)
+    for node, o in observers(g2).items():
+        mean, std = res.goals[node]
+        torch.testing.assert_close(o.mean.float(), mean.float(), rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(o.std.float(), std.float(), rtol=1e-3, atol=1e-3)
+    del gm
+
+
+@pytest.mark.parametrize("repair", [None, "reset", "approx", "exact"])
+def test_repair_modes_run_and_keep_class(digits_pair, repair):
+    (a, b), x, y = digits_pair
+    merged = gr.merge(a, b, x, alpha=0.5, repair=repair, num_examples=500)
+    assert type(merged) is type(a)
+    out = outputs(merged, x[:10])
+    assert torch.isfinite(out).all()
+
+
+def test_repair_beats_plain_interpolation(digits_pair):
+    (a, b), x, y = digits_pair
+    xt, yt = digits("test")
+    ev = TensorDataset(xt, yt)
+    prep = prepare([a, b], x, num_examples=1000)
+    plain = gr.evaluate(merge_prepared(prep, [0.5, 0.5], None).model, ev)
+    repaired = gr.evaluate(merge_prepared(prep, [0.5, 0.5], "exact").model, ev)
+    assert repaired[1] < plain[1]  # lower loss
+
+
+def test_alpha_endpoints_reproduce_the_models(digits_pair):
+    (a, b), x, _ = digits_pair
+    spec = gr.discover(a, x[:2])
+    prep = prepare([a, b], x, num_examples=300, statistics=False)
+    at_b = merge_prepared(prep, [0.0, 1.0], None).model
+    torch.testing.assert_close(outputs(at_b, x), outputs(b, x), rtol=1e-5, atol=1e-5)
+    del spec
+
+
+def test_three_models(digits_pair):
+    (a, b), x, _ = digits_pair
+    spec = gr.discover(a, x[:2])
+    c = gr.permute(b, spec, spec.random_permutations(seed=1))  # b in another order
+    res = gr.merge_models([a, b, c], x, num_examples=400)
+    assert len(res.perms) == 2 and res.weights == pytest.approx([1 / 3] * 3)
+    assert torch.isfinite(outputs(res.model, x[:5])).all()
+    # c is b reordered: its optimal matching onto a is as good as b's, group by group
+    pb = prepare([a, b], x, num_examples=400, statistics=False)
+    pc = prepare([a, c], x, num_examples=400, statistics=False)
+    for g in pb.mean_corr:
+        assert pc.mean_corr[g] == pytest.approx(pb.mean_corr[g], abs=1e-6)
+
+
+def test_cuda_merge_matches_cpu(digits_pair):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    (a, b), x, _ = digits_pair
+    cpu = gr.merge(a, b, x, num_examples=500)
+    gpu = gr.merge(copy.deepcopy(a).cuda(), copy.deepcopy(b).cuda(), x, num_examples=500)
+    assert next(gpu.parameters()).is_cuda
+    torch.testing.assert_close(outputs(gpu, x.cuda()).cpu(), outputs(cpu, x), rtol=1e-3, atol=1e-3)
+
+
+# -- bad input --------------------------------------------------------------------------------------
+
+def test_different_architectures_name_the_parameter(digits_pair):
+    (a, _), x, _ = digits_pair
+    other = mlp(depth=3, width=16, in_features=64, classes=10)
+    with pytest.raises(gr.MismatchError, match=r"'1\.weight'.*\(32, 64\).*\(16, 64\)"):
+        gr.merge(a, other, x)
+    with pytest.raises(gr.MismatchError, match=r"'5\.weight': shape \(32, 32\) in A vs \(10, 32\)"):
+        gr.merge(a, mlp(depth=2, width=32, in_features=64, classes=10), x)
+    with pytest.raises(gr.MismatchError, match=r"only A has parameter '7\.weight'"):
+        gr.merge(a, nn.Sequential(*copy.deepcopy(list(a))[:-2]), x)
+
+
+def test_alpha_outside_unit_interval(digits_pair):
+    (a, b), x, _ = digits_pair
+    with pytest.raises(gr.GraphRepairError, match=r"alpha must be in \[0, 1\]"):
+        gr.merge(a, b, x, alpha=1.5)
+
+
+def test_empty_data(digits_pair):
+    (a, b), x, _ = digits_pair
+    with pytest.raises(gr.DataError, match="no"):
+        gr.merge(a, b, x[:0])
+    with pytest.raises(gr.DataError):
+        gr.merge(a, b, [])
+
+
+def test_wrong_batch_shape(digits_pair):
+    (a, b), _, _ = digits_pair
+    with pytest.raises(gr.ShapeError, match="does not fit"):
+        gr.merge(a, b, torch.randn(20, 1, 9, 9))
+
+
+def test_fewer_examples_than_requested_warns_with_the_count(digits_pair):
+    (a, b), x, _ = digits_pair
+    with pytest.warns(UserWarning, match="only 300 examples"):
+        res = gr.merge_models([a, b], x[:300], num_examples=5000)
+    assert res.examples == 300
+    assert any("300" in n for n in res.notes)
+
+
+def test_nan_weights_name_the_layer(digits_pair):
+    (a, b), x, _ = digits_pair
+    bad = copy.deepcopy(b)
+    with torch.no_grad():
+        bad[3].weight[0, 0] = math.nan
+    with pytest.raises(gr.NumericError, match=r"model B.*'3\.weight'"):
+        gr.merge(a, bad, x)
+
+
+def test_dead_channels_are_handled_and_reported(digits_pair):
+    (a, b), x, _ = digits_pair
+    dead_a, dead_b = copy.deepcopy(a), copy.deepcopy(b)
+    with torch.no_grad():
+        for m in (dead_a, dead_b):  # two hidden units that never fire
+            m[1].weight[:2] = 0
+            m[1].bias[:2] = -1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no RuntimeWarning from NaN arithmetic either
+        res = gr.merge_models([dead_a, dead_b], x, num_examples=500)
+    assert res.dead_channels >= 2
+    assert any("dead" in n for n in res.notes)
+    assert all(torch.isfinite(v).all() for v in res.model.state_dict().values())
