@@ -25,6 +25,9 @@ from graphrepair.errors import OutputError
 
 __all__ = ["atomic_output", "atomic_write", "save_safetensors"]
 
+# A writer failing with these says nothing about the writer: the disk is full.
+_FULL = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
 
 def _create_temp(target: Path) -> Path:
     """Create an empty file next to ``target`` with a fresh name (mode 0666 minus the umask)."""
@@ -56,8 +59,8 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     >>> with atomic_output("out.onnx") as tmp:
     ...     torch.onnx.export(model, args, tmp)   # doctest: +SKIP
 
-    Raises OutputError when the directory is missing or not writable; any exception raised inside
-    the block propagates unchanged after the temporary file has been removed.
+    Raises OutputError when the directory is missing or not writable, or the disk is full; any other
+    exception raised inside the block propagates unchanged after the temporary file has been removed.
     """
     target = Path(path)
     _check_target(target)
@@ -73,16 +76,20 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         if not tmp.exists():
             raise OutputError(f"writing '{target}' produced no file (the writer did not create '{tmp}')")
-        with open(tmp, "rb+") as fh:
+        with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         try:
             os.replace(tmp, target)
         except OSError as exc:
             raise OutputError(f"cannot replace '{target}': {exc.strerror}") from exc
         _fsync_directory(target.parent)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+        if isinstance(exc, OSError) and exc.errno in _FULL:
+            raise OutputError(
+                f"cannot write '{target}': {exc.strerror} in '{target.parent}'; free space or choose another location"
+            ) from exc
         raise
 
 

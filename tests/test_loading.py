@@ -423,6 +423,16 @@ def test_atomic_write_failure_leaves_nothing(tmp_path: Path, error: BaseExceptio
     assert entries(tmp_path) == []
 
 
+def test_atomic_write_disk_full(tmp_path: Path) -> None:
+    def write(path: Path) -> None:
+        path.write_bytes(b"part")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OutputError, match="No space left on device in .*; free space or choose another location"):
+        atomic_write(tmp_path / "out.onnx", write)
+    assert entries(tmp_path) == []
+
+
 def test_atomic_write_failure_keeps_old_file(tmp_path: Path) -> None:
     target = tmp_path / "out.bin"
     target.write_bytes(b"old")
