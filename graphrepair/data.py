@@ -3,8 +3,10 @@
 What counts as data (the same everywhere in graphrepair):
 
 * one tensor (or numpy array) of inputs, split along its first axis into batches;
-* an :class:`ArrayDataset` (what :func:`load_data_file` returns), a ``torch.utils.data.TensorDataset``
-  or a dict with ``"x"`` (and ``"y"``) tensors: inputs and labels, split into batches;
+* an :class:`ArrayDataset` (what :func:`load_data_file` returns), a ``torch.utils.data.TensorDataset``,
+  a dict with ``"x"`` (and ``"y"``) tensors, or a *tuple* ``(x, y)`` of two tensors with the same
+  number of examples (what ``fixtures.datasets`` returns): inputs and labels, split into batches.
+  A list of two tensors stays a list of two batches;
 * any other map-style ``Dataset`` (batched with a ``DataLoader``, in order);
 * any iterable of batches -- a ``DataLoader``, a list, a generator -- where each batch is a tensor, a
   tuple/list whose first item is the input (second: the labels), or a dict holding the input under
@@ -145,6 +147,14 @@ def _describe(data: Any) -> str:
     return f"the {type(data).__name__} given"
 
 
+def _is_xy_pair(data: Any) -> bool:
+    """A tuple (x, y) of inputs and labels, as opposed to an iterable of two batches."""
+    if not (isinstance(data, tuple) and len(data) == 2):
+        return False
+    x, y = (_as_tensor(item) for item in data)
+    return x is not None and y is not None and x.dim() >= 1 and y.dim() >= 1 and x.shape[0] == y.shape[0]
+
+
 def _raw_pairs(data: Any, batch_size: int) -> Iterator[tuple[torch.Tensor, Any]]:
     """(x, y or None) per batch, before device moves and the emptiness check."""
     if data is None:
@@ -162,6 +172,8 @@ def _raw_pairs(data: Any, batch_size: int) -> Iterator[tuple[torch.Tensor, Any]]
     elif isinstance(data, TensorDataset):
         tensors = data.tensors
         yield from _sliced(tensors[0], tensors[1] if len(tensors) > 1 else None, batch_size)
+    elif _is_xy_pair(data):
+        yield from _sliced(_as_tensor(data[0]), _as_tensor(data[1]), batch_size)
     elif isinstance(data, Mapping) and "x" in data and _as_tensor(data["x"]) is not None:
         y = _as_tensor(data["y"]) if "y" in data else None
         yield from _sliced(_as_tensor(data["x"]), y, batch_size)
@@ -292,7 +304,8 @@ def check_batch_shape(x: torch.Tensor, expected: Sequence[int | None], where: st
     want = tuple(expected)
     fits = len(found) == len(want) and all(w is None or w == -1 or w == f for f, w in zip(found, want))
     if not fits:
-        shown = "(" + ", ".join("*" if w is None or w == -1 else str(w) for w in want) + ("," if len(want) == 1 else "") + ")"
+        sizes = ["*" if w is None or w == -1 else str(w) for w in want]
+        shown = "(" + ", ".join(sizes) + ("," if len(sizes) == 1 else "") + ")"
         raise DataError(
             f"{where}: examples have shape {found} (batch {tuple(x.shape)}), expected {shown}; "
             "give data shaped like the model's input"
@@ -347,7 +360,9 @@ def _read_file(path: Path) -> tuple[Any, Any, list[str]]:
                 "e.g. torch.save({'x': x, 'y': y}, path)"
             )
         return loaded.get("x"), loaded.get("y"), [str(k) for k in loaded]
-    raise DataError(f"data file '{path}' has an unknown extension '{path.suffix}'; expected one of {', '.join(DATA_SUFFIXES)}")
+    raise DataError(
+        f"data file '{path}' has an unknown extension '{path.suffix}'; expected one of {', '.join(DATA_SUFFIXES)}"
+    )
 
 
 def load_data_file(path: str | os.PathLike) -> ArrayDataset:

@@ -81,6 +81,13 @@ def test_in_memory_datasets_are_sliced() -> None:
         assert torch.equal(torch.cat([y for _, y in pairs]), Y)
 
 
+def test_xy_tuple_is_a_dataset_but_a_list_is_batches() -> None:
+    assert sizes(iter_batches((X, Y), batch_size=4)) == [4, 4, 2]
+    assert torch.equal(torch.cat([y for _, y in iter_labeled((X, Y), batch_size=4)]), Y)
+    assert sizes(iter_batches([X, X[:3]])) == [10, 3]
+    assert sizes(iter_batches((X, X[:3]))) == [10, 3]  # lengths differ: two batches
+
+
 def test_map_style_dataset_is_batched() -> None:
     class Squares(Dataset):
         def __len__(self) -> int:
