@@ -1,0 +1,56 @@
+"""The output files of one command: checked before any work starts, written all together or not at all.
+
+``check_output_path`` fails fast (before minutes of merging) on a path that cannot be written: a
+missing or read-only directory, a directory given as the file. ``atomic_outputs`` hands out one
+temporary file per target (``fileio.atomic_output``, each in its target's directory); only when
+every writer has succeeded are they renamed into place, so a command that fails half-way (an ONNX
+verification, a full disk for the second file) leaves none of its outputs behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from .errors import OutputError
+from .fileio import atomic_output
+
+
+def check_output_path(path: str | os.PathLike, option: str) -> Path:
+    """OutputError (one line naming ``option``) unless ``path`` can be created or replaced."""
+    p = Path(path)
+    if str(path) == "" or p.name in ("", ".", ".."):
+        raise OutputError(f"{option}: '{path}' is not a file name")
+    if p.is_dir():
+        raise OutputError(f"{option} '{p}' is a directory; give a file name, e.g. '{p / 'out'}'")
+    parent = p.parent
+    if not parent.exists():
+        raise OutputError(f"{option} '{p}': directory '{parent}' does not exist; create it first")
+    if not parent.is_dir():
+        raise OutputError(f"{option} '{p}': '{parent}' is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"{option} '{p}': directory '{parent}' is not writable; choose a writable location")
+    return p
+
+
+def check_distinct(paths: dict[str, Path | None]) -> None:
+    """OutputError if two options name the same file."""
+    seen: dict[Path, str] = {}
+    for option, p in paths.items():
+        if p is None:
+            continue
+        key = p.resolve()
+        if key in seen:
+            raise OutputError(f"{seen[key]} and {option} both name '{p}'; give two different files")
+        seen[key] = option
+
+
+@contextlib.contextmanager
+def atomic_outputs(paths: Sequence[Path | None]) -> Iterator[list[Path | None]]:
+    """Temporary paths for ``paths`` (None stays None); all are renamed into place when the block
+    succeeds, none when it raises. (Only a failing rename itself -- after every file was written
+    and verified -- can leave the files renamed before it in place.)"""
+    with contextlib.ExitStack() as stack:
+        yield [None if p is None else stack.enter_context(atomic_output(p)) for p in paths]
