@@ -1,0 +1,253 @@
+"""``graphrepair demo``: the whole story on a pair of small networks, offline, in well under a minute.
+
+Default pair ("digits-mlp"): two MLPs (8 hidden layers of width 64, the REPAIR paper's MLP at
+digits scale) trained from seeds 0 and 1 on scikit-learn's bundled 8x8 digits (1,437 training
+images, 360 test images; ``fixtures.datasets.digits``). Nothing is downloaded.
+
+The demo merges them at alpha = 0.5 naively, after alignment and after alignment + exact REPAIR,
+measures each path over a grid of alphas (``study.run_study``), the per-layer variance collapse and
+LLFC (``layers=True``), and writes into ``out_dir``:
+
+    merged.onnx    the aligned + REPAIRed midpoint, verified with onnxruntime before it is kept
+    barrier.png    accuracy and loss against alpha for the three paths
+    layers.png     variance ratio and LLFC cosine per layer, aligned without and with REPAIR
+
+Other pairs (``graphrepair demo --pair NAME``): ``PAIRS`` maps a name to a builder returning a
+:class:`DemoPair`; the checkpoint pairs of ``fixtures.pairs`` (MNIST MLPs and ResNet) join them
+automatically when their files are present in ``fixtures/checkpoints/`` (``shipped_pairs``). The
+default never depends on them.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .data import ArrayDataset
+from .errors import GraphRepairError, OutputError
+from .merge import MergeResult, merge_prepared
+from .study import Study, known_length, run_study
+from .tables import plural
+
+DEMO_ALPHA = 0.5
+OUTPUT_NAMES = {"onnx": "merged.onnx", "barrier": "barrier.png", "layers": "layers.png"}
+
+
+@dataclass
+class DemoPair:
+    """Two trained models of one architecture and their fitting and evaluation data."""
+
+    name: str
+    description: str
+    model_a: nn.Module
+    model_b: nn.Module
+    fit: object  # data for alignment and REPAIR statistics (inputs; labels ignored)
+    eval: object  # labeled data
+    seconds: float = 0.0  # time to build (train or load) the pair
+
+
+def digits_mlp_pair(depth: int = 8, width: int = 64, epochs: int = 30, lr: float = 0.05,
+                    batch_size: int = 64, seeds: tuple[int, int] = (0, 1),
+                    device: torch.device | str | None = None) -> DemoPair:
+    """Train the default pair (a few seconds on one CPU core)."""
+    try:
+        from fixtures.datasets import digits
+        from fixtures.train import train_pair
+        from fixtures.zoo import mlp
+        x, y = digits("train", flatten=True)
+        x_test, y_test = digits("test", flatten=True)
+    except ImportError as e:
+        raise GraphRepairError(f"the demo needs scikit-learn for its offline digits data ({e}); "
+                               f"install it: pip install scikit-learn") from e
+    start = time.perf_counter()
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    a, b = train_pair(lambda: mlp(depth=depth, width=width, in_features=64), (x, y), seeds=seeds,
+                      epochs=epochs, lr=lr, batch_size=batch_size, device=device)
+    return DemoPair(
+        name="digits-mlp",
+        description=f"MLP, {depth} hidden layers of width {width}, on 8x8 digits (seeds {seeds[0]} "
+                    f"and {seeds[1]}, {epochs} epochs)",
+        model_a=a, model_b=b,
+        fit=ArrayDataset(x.to(device), y.to(device), source="digits train (1437)"),
+        eval=ArrayDataset(x_test.to(device), y_test.to(device), source="digits test (360)"),
+        seconds=time.perf_counter() - start)
+
+
+PAIRS: dict[str, Callable[..., DemoPair]] = {"digits-mlp": digits_mlp_pair}
+
+
+def shipped_pairs() -> dict[str, Callable[..., DemoPair]]:
+    """Builders for the checkpoint pairs of ``fixtures.pairs`` whose files are present in
+    ``fixtures/checkpoints/`` (none when that module or the files are absent: the demo never
+    depends on them)."""
+    try:
+        from fixtures import pairs as shipped
+        found = {name: all(path.is_file() for path in pair.paths()) for name, pair in shipped.PAIRS.items()}
+    except Exception:  # an older or newer fixtures package: no shipped pairs, the default still runs
+        return {}
+    return {name: functools.partial(_shipped_pair, name) for name, ok in found.items() if ok}
+
+
+def available_pairs() -> dict[str, Callable[..., DemoPair]]:
+    """``PAIRS`` plus the shipped checkpoint pairs (``graphrepair demo --pair NAME``)."""
+    return {**shipped_pairs(), **PAIRS}
+
+
+def _shipped_pair(name: str, device: torch.device | str | None = None, fit_examples: int = 5000) -> DemoPair:
+    """A pair from fixtures/checkpoints: the first ``fit_examples`` training inputs for alignment and
+    REPAIR statistics, the test split for evaluation."""
+    from fixtures import pairs as shipped
+
+    start = time.perf_counter()
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    pair = shipped.PAIRS[name]
+    a, b = shipped.load_pair(name)
+    x, _ = pair.data("train")
+    x_test, y_test = pair.data("test")
+    return DemoPair(
+        name=name, description=f"{pair.factory_ref} pair '{name}' from fixtures/checkpoints ({pair.dataset})",
+        model_a=a.to(device), model_b=b.to(device),
+        fit=ArrayDataset(x[:fit_examples].to(device), source=f"{pair.dataset} train ({fit_examples})"),
+        eval=ArrayDataset(x_test.to(device), y_test.to(device), source=f"{pair.dataset} test ({len(x_test)})"),
+        seconds=time.perf_counter() - start)
+
+
+@dataclass
+class DemoResult:
+    pair: DemoPair
+    study: Study
+    merged: MergeResult
+    figures: dict  # "barrier", "layers" -> matplotlib Figure
+    paths: dict[str, Path] = field(default_factory=dict)  # "onnx", "barrier", "layers" -> written file
+    export: object = None  # passes.export_onnx.ExportReport when the ONNX file was written
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def summary_table(self) -> str:
+        return self.study.summary_table(DEMO_ALPHA)
+
+    def text(self) -> str:
+        """What ``graphrepair demo`` prints."""
+        s, m = self.study, self.merged
+        lines = [f"pair: {self.pair.description}",
+                 f"spec: {plural(s.groups, 'permutation group')}, {plural(s.free_channels, 'channel')} "
+                 f"may move; "
+                 f"activation matching on {s.examples} examples; REPAIR: {m.folded} of {m.resets} "
+                 f"resets folded into the weights", "",
+                 f"accuracy and loss on {_source(self.pair.eval)} at alpha {DEMO_ALPHA:g}, and the barriers "
+                 f"over {len(s.curves[0].alphas)} alphas:", self.summary_table()]
+        if s.layers:
+            lines += ["", f"per layer at alpha {DEMO_ALPHA:g} (variance ratio 1 = no collapse; "
+                          f"LLFC cosine 1 = linear feature connectivity):", s.layer_table()]
+        lines.append("")
+        if self.export is not None:
+            ops = ", ".join(f"{k} {v}" for k, v in sorted(self.export.op_counts.items()))
+            lines.append(f"wrote {self.paths['onnx']}: {self.export.node_count} nodes ({ops}); "
+                         f"onnxruntime agrees with torch (max |diff| {self.export.max_abs_diff:.1e})")
+        for key in ("barrier", "layers"):
+            if key in self.paths:
+                lines.append(f"wrote {self.paths[key]}")
+        for note in dict.fromkeys(s.notes + m.notes):
+            lines.append(f"note: {note}")
+        t = self.seconds
+        lines.append(f"time: {t.get('total', 0):.1f}s (training {t.get('pair', 0):.1f}s, merging and "
+                     f"measuring {t.get('study', 0):.1f}s, ONNX export {t.get('export', 0):.1f}s)")
+        return "\n".join(lines)
+
+    def as_dict(self) -> dict:
+        out = {"pair": self.pair.name, "description": self.pair.description, **self.study.as_dict(),
+               "merged": {"alpha": DEMO_ALPHA, "resets": self.merged.resets, "folded": self.merged.folded,
+                          "kept": self.merged.kept},
+               "paths": {k: str(v) for k, v in self.paths.items()}, "seconds": self.seconds}
+        if self.export is not None:
+            out["onnx"] = {"path": str(self.paths["onnx"]), "node_count": self.export.node_count,
+                           "op_counts": self.export.op_counts, "max_abs_diff": self.export.max_abs_diff,
+                           "providers": list(self.export.providers_checked)}
+        return out
+
+
+def _source(data) -> str:
+    return getattr(data, "source", type(data).__name__)
+
+
+def prepare_out_dir(out_dir: str | Path) -> Path:
+    """Create ``out_dir`` (and parents) if needed; OutputError if that fails or it is not writable."""
+    from .outputs import check_output_path
+
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out '{out}' is a file, not a directory; give a directory for the demo's outputs")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"--out '{out}': cannot create the directory ({e.strerror})") from e
+    for name in OUTPUT_NAMES.values():
+        check_output_path(out / name, "--out")
+    return out
+
+
+def run_demo(out_dir: str | Path | None = "graphrepair-demo", *, pair: str | DemoPair = "digits-mlp",
+             alphas: int = 11, device: torch.device | str | None = None, quiet: bool = True,
+             **pair_options) -> DemoResult:
+    """Build (train) the pair, run the naive / aligned / REPAIR study, write the files to
+    ``out_dir`` (nothing is written when it is None), and return everything, figures included.
+    ``pair_options`` go to the pair's builder (e.g. ``epochs=10`` for a quicker run)."""
+    from .plots import barrier_figure, layers_figure
+
+    start = time.perf_counter()
+    out = prepare_out_dir(out_dir) if out_dir is not None else None
+    if isinstance(pair, str):
+        builders = available_pairs()
+        if pair not in builders:
+            raise GraphRepairError(f"unknown demo pair {pair!r}; choose one of {', '.join(builders)}")
+        pair = builders[pair](device=device, **pair_options)
+    seconds = {"pair": pair.seconds}
+    t = time.perf_counter()
+    n = known_length(pair.fit) or 5000
+    study = run_study(pair.model_a, pair.model_b, pair.fit, pair.eval, alphas=alphas,
+                      method="activation", repair="exact", num_examples=n, layers=True,
+                      layer_alpha=DEMO_ALPHA, quiet=quiet)
+    merged = merge_prepared(study.prep, [1 - DEMO_ALPHA, DEMO_ALPHA], "exact", quiet=quiet)
+    title = pair.description
+    figures = {"barrier": barrier_figure(study.curves, title),
+               "layers": layers_figure(study.layers, study.layer_labels, DEMO_ALPHA, title)}
+    seconds["study"] = time.perf_counter() - t
+    result = DemoResult(pair, study, merged, figures, seconds=seconds)
+    if out is not None:
+        write_outputs(result, out)
+    seconds["total"] = time.perf_counter() - start
+    return result
+
+
+def write_outputs(result: DemoResult, out: Path) -> None:
+    """merged.onnx (verified), barrier.png and layers.png, all or none."""
+    from .export import export_onnx
+    from .outputs import atomic_outputs
+    from .plots import save_figure
+
+    t = time.perf_counter()
+    targets = {k: out / name for k, name in OUTPUT_NAMES.items()}
+    example = first_examples(result.pair.fit)
+    with atomic_outputs(list(targets.values())) as tmps:
+        tmp = dict(zip(targets, tmps))
+        result.export = export_onnx(result.merged.model, (example,), tmp["onnx"])
+        save_figure(result.figures["barrier"], tmp["barrier"])
+        save_figure(result.figures["layers"], tmp["layers"])
+    result.paths = targets
+    result.seconds["export"] = time.perf_counter() - t
+
+
+def first_examples(data, n: int = 2) -> torch.Tensor:
+    """The first ``n`` inputs of ``data`` (the example input of an ONNX export)."""
+    from .data import iter_batches
+
+    return next(iter_batches(data, n))[:n]
+
+
+__all__ = ["DemoPair", "DemoResult", "PAIRS", "available_pairs", "digits_mlp_pair", "shipped_pairs", "first_examples", "prepare_out_dir",
+           "run_demo", "write_outputs"]
