@@ -97,7 +97,8 @@ def pick_device(name: str) -> torch.device:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@click.option("--quiet", "-q", is_flag=True,
+              help="No progress bars (they are shown only when stderr is a terminal anyway).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
               show_default=True, help="Where models run.")
 @click.version_option(package_name="graphrepair")
