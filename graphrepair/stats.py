@@ -4,7 +4,8 @@ Both models run as copies of the traced graph with observers inserted (``passes.
 every batch, A and B see the same inputs; then, per group g and per observation point p of g,
 
     X_A = A's activation at p as a (|g|, samples) matrix, X_B likewise,
-    C_g,p += sums of X_A, X_B, X_A^2, X_B^2 and X_A X_B^T       (float64, on the models' device)
+    C_g,p <- per-batch means, centred second moments and (X_A - m_A)(X_B - m_B)^T, merged across
+             batches in float64 (passes.track), on the models' device
 
 and the correlation used for matching is the average over the points of a group:
 
@@ -107,7 +108,13 @@ def collect(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module, batch
             cross[(g, p.node)] = CrossMoments(size, size, device)
     reset_cross = {r.node: CrossMoments(r.channels, r.channels, device)
                    for r in resets} if cross_at_resets else {}
-    pos_dev = {(g, p.node): p.positions.to(device) for g, pts in observe.items() for p in pts}
+    info = spec.traced.info
+    pos_dev = {}  # None where the group is the node's whole channel axis: no gather needed
+    for g, pts in observe.items():
+        for p in pts:
+            whole = (p.positions.shape[1] == 1 and p.positions.shape[0] == info[p.node].shape[p.axis]
+                     and bool((p.positions[:, 0] == torch.arange(p.positions.shape[0])).all()))
+            pos_dev[(g, p.node)] = None if whole else p.positions.to(device)
 
     examples = 0
     for x in progress(batches, "statistics of A and B", total=total, quiet=quiet):
@@ -117,7 +124,10 @@ def collect(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module, batch
         for (g, node), cm in cross.items():
             pos = pos_dev[(g, node)]
             xa, xb = obs_a[node].last, obs_b[node].last
-            cm.update(xa[pos].reshape(pos.shape[0], -1), xb[pos].reshape(pos.shape[0], -1))
+            if pos is None:
+                cm.update(xa, xb)
+            else:
+                cm.update(xa[pos].reshape(pos.shape[0], -1), xb[pos].reshape(pos.shape[0], -1))
         for node, cm in reset_cross.items():
             cm.update(obs_a[node].last, obs_b[node].last)
         for o in list(obs_a.values()) + list(obs_b.values()):

@@ -33,6 +33,7 @@ from torch.fx import GraphModule
 from passes.base import PassResult, finish, start
 from passes.errors import PassError
 from passes.modules import get_module, insert_module_after, module_device
+from passes.track import Moments, batch_moments
 
 RESET_PREFIX = "_gr_reset"
 MODES = ("collect", "apply")
@@ -117,9 +118,7 @@ class Reset(nn.Module):
         self.register_buffer("running_var", torch.ones(num_channels))
         self.count = 0  # samples per channel accumulated in collect mode
         self.stats_set = False  # running stats given by set_running
-        self.register_buffer("_shift", None, persistent=False)
-        self.register_buffer("_sum", None, persistent=False)
-        self.register_buffer("_sum_sq", None, persistent=False)
+        self.moments = Moments()
 
     @property
     def num_channels(self) -> int:
@@ -134,7 +133,7 @@ class Reset(nn.Module):
         """Forget the accumulated statistics (running stats back to mean 0, variance 1)."""
         self.count = 0
         self.stats_set = False
-        self._shift = self._sum = self._sum_sq = None
+        self.moments = Moments()
         self.running_mean.zero_()
         self.running_var.fill_(1.0)
 
@@ -168,28 +167,21 @@ class Reset(nn.Module):
             shift = self.goal_mean - self.running_mean * scale
             return x * scale.to(x.dtype).view(shape) + shift.to(x.dtype).view(shape)
         self.last_ndim = x.ndim
-        self._accumulate(x, dim)
-        others = [d for d in range(x.ndim) if d != dim]
-        var, mean = torch.var_mean(x, dim=others, correction=0, keepdim=True)
-        goal_mean = self.goal_mean.to(x.dtype).view(shape)
-        goal_std = self.goal_std.to(x.dtype).view(shape)
-        return (x - mean) / torch.sqrt(var + self.eps) * goal_std + goal_mean
+        n, mean, var = batch_moments(x.detach(), dim)
+        self._accumulate(n, mean, var)
+        # normalise with the batch statistics, as one fused multiply-add
+        scale = self.goal_std.double() * torch.rsqrt(var + self.eps)
+        shift = self.goal_mean.double() - mean * scale
+        return torch.addcmul(shift.to(x.dtype).view(shape), x, scale.to(x.dtype).view(shape))
 
     @torch.no_grad()
-    def _accumulate(self, x: torch.Tensor, dim: int) -> None:
-        m = x.detach().movedim(dim, 0).reshape(x.shape[dim], -1).double()
-        if self._sum is None:
-            self._shift = m.mean(dim=1)
-            self._sum = torch.zeros_like(self._shift)
-            self._sum_sq = torch.zeros_like(self._shift)
-        d = m - self._shift[:, None]
-        self._sum += d.sum(dim=1)
-        self._sum_sq += (d * d).sum(dim=1)
-        self.count += m.shape[1]
+    def _accumulate(self, n: int, mean: torch.Tensor, var: torch.Tensor) -> None:
+        """Merge the batch statistics already computed for normalising (no second pass over x)."""
+        self.moments.add(n, mean, var)
+        self.count = self.moments.n
         self.stats_set = False
-        m1 = self._sum / self.count
-        self.running_mean.copy_(self._shift + m1)
-        self.running_var.copy_((self._sum_sq / self.count - m1 * m1).clamp_min(0.0))
+        self.running_mean.copy_(self.moments.mean)
+        self.running_var.copy_(self.moments.var)
 
     def extra_repr(self) -> str:
         return f"{self.num_channels}, dim={self.dim}, eps={self.eps}, mode={self.mode}, source={self.source!r}"

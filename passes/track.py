@@ -1,4 +1,4 @@
-"""Per-channel statistics of intermediate tensors, streamed in float64 on the tensor's device.
+"""Per-channel statistics of intermediate tensors, streamed on the tensor's device.
 
 Channel matrix. For a tensor x and a channel axis ``dim`` (1 for NCHW conv outputs, -1 for
 linear outputs and channels-last layouts), ``channel_matrix(x, dim)`` moves ``dim`` to the front
@@ -6,18 +6,21 @@ and flattens every other axis into samples: X (C, N) with N = x.numel() / C. Wit
 (LongTensor (C, R) of positions along ``dim``) channel c is made of the R positions index[c, :]
 (e.g. one unit replicated over R heads), each replica giving extra samples: X (C, R*N).
 
-Moments of one tensor (``ChannelObserver``). With a per-channel shift k_c taken from the first
-batch (any value near the mean avoids the cancellation of sum(x^2) - n mean^2 in float64),
-over all n samples seen:
+Streaming moments (``Moments``). Each batch b contributes its count n_b, per-channel mean m_b and
+centred second moment M2_b (one fused ``var_mean`` in the activation's dtype: no float64 copy of
+the activation is ever made); batches are merged in float64 with Chan et al.'s pairwise update,
 
-    S1_c = sum (x - k_c),  S2_c = sum (x - k_c)^2
-    mean_c = k_c + S1_c / n,   var_c = S2_c / n - (S1_c / n)^2   (population variance)
+    n = n_1 + n_b,   d = m_b - m_1,   m = m_1 + d n_b / n,   M2 = M2_1 + M2_b + d^2 n_1 n_b / n,
+
+so mean = m and the population variance = M2 / n, free of the cancellation of sum(x^2) - n mean^2.
 
 Cross moments of two tensors (``CrossMoments``), e.g. the same point in models A and B fed the
-same batch, X_a (Ca, N), X_b (Cb, N), shifted by k_a, k_b:
+same batch, X_a (Ca, N), X_b (Cb, N): per batch the centred product
+C_b = (X_a - m_a)(X_b - m_b)^T (one matmul in the activation's dtype), merged in float64 by
 
-    cov = (sum (x_a - k_a)(x_b - k_b)^T) / n - (S1_a / n)(S1_b / n)^T        (Ca, Cb)
-    corr_ij = cov_ij / (std_a_i std_b_j), and 0 where either std is <= eps (never NaN)
+    C = C_1 + C_b + (m_a,b - m_a,1)(m_b,b - m_b,1)^T n_1 n_b / n
+
+    cov = C / n,   corr_ij = cov_ij / (std_a_i std_b_j), and 0 where either std is <= eps (never NaN)
 
 Nothing is stored across batches except these sums: memory O(C) per observer, O(Ca*Cb) per
 cross-moment table.
@@ -60,11 +63,73 @@ def channel_matrix(
     return m if dtype is None else m.to(dtype)
 
 
+class Moments:
+    """Streaming count, mean and centred second moment per channel (float64; see the module doc)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.mean: torch.Tensor | None = None
+        self.m2: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def add(self, n: int, mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """Merge one batch of ``n`` samples with per-channel ``mean`` and population ``var``.
+        Returns (mean_batch - mean_before, n_before * n / n_total) for cross-moment updates."""
+        mean = mean.detach().double()
+        m2 = var.detach().double() * n
+        if self.mean is None:
+            self.n, self.mean, self.m2 = n, mean, m2
+            return torch.zeros_like(mean), 0.0
+        if mean.shape != self.mean.shape:
+            raise PassError(f"a batch with {mean.shape[0]} channels cannot be merged with earlier "
+                            f"batches of {self.mean.shape[0]} channels")
+        total = self.n + n
+        delta = mean - self.mean
+        weight = self.n * n / total
+        self.mean = self.mean + delta * (n / total)
+        self.m2 = self.m2 + m2 + delta * delta * weight
+        self.n = total
+        return delta, weight
+
+    @property
+    def var(self) -> torch.Tensor:
+        return (self.m2 / self.n).clamp_min(0.0)
+
+
+def _reduce_dims(ndim: int, dim: int) -> list[int]:
+    dim = dim % ndim
+    return [d for d in range(ndim) if d != dim]
+
+
+# Above this ratio of mean^2 to variance, E[x^2] - E[x]^2 from float32 sums loses more than ~1e-4
+# of the variance: such batches take the exact (slower, Welford) reduction instead.
+_CANCELLATION = 1e3
+
+
+@torch.no_grad()
+def batch_moments(x: torch.Tensor, dim: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """(count, mean, population variance) per channel of one batch, means and variances in float64.
+
+    float32 inputs use the two fastest reductions torch has (sum and vector_norm, no temporary
+    copy of x) and fall back to ``var_mean`` for a batch where cancellation would cost accuracy;
+    other dtypes use ``var_mean`` in float32/float64 directly."""
+    dims = _reduce_dims(x.ndim, dim)
+    n = x.numel() // x.shape[dim] if x.ndim else 1
+    if x.dtype == torch.float32 and dims:
+        mean = x.sum(dims).double() / n
+        var = (torch.linalg.vector_norm(x, 2, dim=dims).double().square() / n - mean * mean).clamp_min(0.0)
+        if not bool((mean * mean > _CANCELLATION * var).any()):
+            return n, mean, var
+    xf = x if x.dtype == torch.float64 else x.float()
+    var, mean = torch.var_mean(xf, dim=dims, correction=0)
+    return n, mean.double(), var.double()
+
+
 class ChannelObserver(nn.Module):
     """Identity module that accumulates per-channel count, mean and variance of its input.
 
     ``dim`` is the channel axis; ``index`` (C, R) groups positions along it (see the module doc).
-    With ``keep=True`` the float64 channel matrix of the latest batch is kept in ``.last``
+    With ``keep=True`` the channel matrix (activation dtype) of the latest batch is kept in ``.last``
     (overwritten each batch) so that a caller can update a ``CrossMoments`` table.
     ``source`` names the graph node observed (set by ``insert_observers``).
     """
@@ -83,15 +148,15 @@ class ChannelObserver(nn.Module):
         self.source = source
         self.register_buffer("index", None if index is None else index.long(), persistent=False)
         self.last: torch.Tensor | None = None
-        self.count = 0
-        self.register_buffer("shift", None, persistent=False)
-        self.register_buffer("sum", None, persistent=False)
-        self.register_buffer("sum_sq", None, persistent=False)
+        self.moments = Moments()
+
+    @property
+    def count(self) -> int:
+        return self.moments.n
 
     def reset_stats(self) -> None:
         """Forget every batch seen so far."""
-        self.count = 0
-        self.shift = self.sum = self.sum_sq = None
+        self.moments = Moments()
         self.last = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -107,20 +172,13 @@ class ChannelObserver(nn.Module):
                 f"observer at node {self.source!r} received a {type(x).__name__}, not a tensor; "
                 "observe a node whose value is a single tensor"
             )
-        m = channel_matrix(x.detach(), self.dim, self.index, dtype=torch.float64)
-        if self.sum is None:
-            self.shift = m.mean(dim=1)
-            self.sum = torch.zeros_like(self.shift)
-            self.sum_sq = torch.zeros_like(self.shift)
-        elif m.shape[0] != self.sum.shape[0]:
-            raise PassError(
-                f"observer at node {self.source!r} saw {m.shape[0]} channels along axis {self.dim}, "
-                f"earlier batches had {self.sum.shape[0]}"
-            )
-        d = m - self.shift[:, None]
-        self.sum += d.sum(dim=1)
-        self.sum_sq += (d * d).sum(dim=1)
-        self.count += m.shape[1]
+        x = x.detach()
+        if self.index is None:
+            self.moments.add(*batch_moments(x, self.dim))  # reduces x in place, no copy
+            self.last = channel_matrix(x, self.dim) if self.keep else None
+            return
+        m = channel_matrix(x, self.dim, self.index)
+        self.moments.add(*batch_moments(m, 0))
         self.last = m if self.keep else None
 
     def _need_data(self) -> None:
@@ -133,20 +191,19 @@ class ChannelObserver(nn.Module):
     @property
     def num_channels(self) -> int:
         self._need_data()
-        return int(self.sum.shape[0])
+        return int(self.moments.mean.shape[0])
 
     @property
     def mean(self) -> torch.Tensor:
         """Per-channel mean (float64, (C,))."""
         self._need_data()
-        return self.shift + self.sum / self.count
+        return self.moments.mean
 
     @property
     def var(self) -> torch.Tensor:
         """Per-channel population variance (float64, (C,))."""
         self._need_data()
-        m1 = self.sum / self.count
-        return (self.sum_sq / self.count - m1 * m1).clamp_min(0.0)
+        return self.moments.var
 
     @property
     def std(self) -> torch.Tensor:
@@ -166,15 +223,12 @@ class CrossMoments:
     def __init__(self, ca: int, cb: int, device: torch.device | str | None = None) -> None:
         self.ca, self.cb = ca, cb
         self.device = torch.device(device) if device is not None else torch.device("cpu")
-        f64 = dict(dtype=torch.float64, device=self.device)
-        self.n = 0
-        self.shift_a: torch.Tensor | None = None
-        self.shift_b: torch.Tensor | None = None
-        self.sum_a = torch.zeros(ca, **f64)
-        self.sum_b = torch.zeros(cb, **f64)
-        self.sum_aa = torch.zeros(ca, **f64)
-        self.sum_bb = torch.zeros(cb, **f64)
-        self.sum_ab = torch.zeros(ca, cb, **f64)
+        self.a, self.b = Moments(), Moments()
+        self.c = torch.zeros(ca, cb, dtype=torch.float64, device=self.device)  # centred co-moment
+
+    @property
+    def n(self) -> int:
+        return self.a.n
 
     @torch.no_grad()
     def update(self, xa: torch.Tensor, xb: torch.Tensor) -> None:
@@ -189,18 +243,22 @@ class CrossMoments:
                 f"CrossMoments.update: the two matrices have {xa.shape[1]} and {xb.shape[1]} samples; "
                 "both must come from the same batch"
             )
-        a = xa.to(device=self.device, dtype=torch.float64)
-        b = xb.to(device=self.device, dtype=torch.float64)
-        if self.shift_a is None:
-            self.shift_a, self.shift_b = a.mean(dim=1), b.mean(dim=1)
-        a = a - self.shift_a[:, None]
-        b = b - self.shift_b[:, None]
-        self.sum_a += a.sum(dim=1)
-        self.sum_b += b.sum(dim=1)
-        self.sum_aa += (a * a).sum(dim=1)
-        self.sum_bb += (b * b).sum(dim=1)
-        self.sum_ab += a @ b.T
-        self.n += a.shape[1]
+        a = xa.detach().to(self.device)
+        b = xb.detach().to(self.device)
+        if not a.is_floating_point():
+            a, b = a.float(), b.float()
+        n, mean_a, var_a = batch_moments(a, 0)
+        _, mean_b, var_b = batch_moments(b, 0)
+        # centred product of the batch: one matmul; means are subtracted afterwards unless they
+        # are large against the spread, where the product is formed from centred copies instead
+        big = lambda m, v: bool((m * m > 10.0 * v).any())  # noqa: E731
+        if big(mean_a, var_a) or big(mean_b, var_b):
+            c_batch = ((a - mean_a[:, None].to(a.dtype)) @ (b - mean_b[:, None].to(b.dtype)).T).double()
+        else:
+            c_batch = (a @ b.T).double() - n * torch.outer(mean_a, mean_b)
+        delta_a, weight = self.a.add(n, mean_a, var_a)
+        delta_b, _ = self.b.add(n, mean_b, var_b)
+        self.c += c_batch + torch.outer(delta_a, delta_b) * weight
 
     def _need_data(self) -> None:
         if self.n == 0:
@@ -209,29 +267,27 @@ class CrossMoments:
     @property
     def mean_a(self) -> torch.Tensor:
         self._need_data()
-        return self.shift_a + self.sum_a / self.n
+        return self.a.mean
 
     @property
     def mean_b(self) -> torch.Tensor:
         self._need_data()
-        return self.shift_b + self.sum_b / self.n
+        return self.b.mean
 
     @property
     def var_a(self) -> torch.Tensor:
         self._need_data()
-        m = self.sum_a / self.n
-        return (self.sum_aa / self.n - m * m).clamp_min(0.0)
+        return self.a.var
 
     @property
     def var_b(self) -> torch.Tensor:
         self._need_data()
-        m = self.sum_b / self.n
-        return (self.sum_bb / self.n - m * m).clamp_min(0.0)
+        return self.b.var
 
     def cov(self) -> torch.Tensor:
         """Population cross-covariance (Ca, Cb), float64."""
         self._need_data()
-        return self.sum_ab / self.n - torch.outer(self.sum_a / self.n, self.sum_b / self.n)
+        return self.c / self.n
 
     def corr(self, eps: float = 1e-12) -> torch.Tensor:
         """Pearson correlation (Ca, Cb); rows/columns of channels with std <= eps are 0."""
