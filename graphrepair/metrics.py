@@ -149,8 +149,9 @@ def _features(spec, state, points, keep: bool):
 
 @torch.no_grad()
 def layer_report(prep: Prepared, merged: nn.Module | dict, alpha: float, quiet: bool = True) -> list[dict]:
-    """Per reset point: variance-collapse ratio of ``merged`` and its LLFC cosine, measured in one
-    pass over the fitting data with A, B' and the merged model side by side."""
+    """Per reset point: variance-collapse ratio of ``merged``, its LLFC cosine and (for points
+    produced by an nn.Linear/nn.Conv) the commutativity distance of A and B', measured in one pass
+    over the fitting data with A, B' and the merged model side by side."""
     spec = prep.spec
     pts = {r.node: r.axis for r in prep.points} or {r.node: r.axis for r in _default_points(spec)}
     device = model_device(prep.models[0])
@@ -165,7 +166,9 @@ def layer_report(prep: Prepared, merged: nn.Module | dict, alpha: float, quiet: 
     merged_state = merged.state_dict() if isinstance(merged, nn.Module) else merged
     gm_m, obs_m = _features(spec, merged_state, pts, keep=True)
     gm_m = gm_m.to(device)
+    layers = _commuting_layers(prep, gms[0][0], gms[1][0])
     cos_sum = {n: 0.0 for n in pts}
+    comm = {n: [0.0, 0.0] for n in layers}  # ||W_A H_B' - W_B' H_A||^2, ||W_A H_A||^2 + ||W_B' H_B'||^2
     count = 0
     for x in progress(iter(prep.fit), "layer statistics", total=prep.fit.batches(), quiet=quiet):
         for gm, _ in gms:
@@ -176,12 +179,53 @@ def layer_report(prep: Prepared, merged: nn.Module | dict, alpha: float, quiet: 
             # per-example feature vectors: channel matrices are (C, N*rest); regroup by example
             lin = (1 - alpha) * fa + alpha * fb
             cos_sum[n] += float(_per_example_cos(fm, lin, x.shape[0]).sum())
+        for n, (mod_a, mod_b, seen_a, seen_b) in layers.items():
+            h_a, h_b = seen_a[0], seen_b[0]
+            cross = _weight_only(mod_a, h_b) - _weight_only(mod_b, h_a)
+            comm[n][0] += float(cross.double().square().sum())
+            comm[n][1] += float(_weight_only(mod_a, h_a).double().square().sum()
+                                + _weight_only(mod_b, h_b).double().square().sum())
         count += x.shape[0]
+    for mod_a, mod_b, _, _ in layers.values():
+        for m in (mod_a, mod_b):
+            for h in list(m._forward_pre_hooks):
+                del m._forward_pre_hooks[h]
     out = []
     for n in pts:
         va, vb, vm = gms[0][1][n].var.mean(), gms[1][1][n].var.mean(), obs_m[n].var.mean()
-        out.append({"node": n, "variance_ratio": float(vm / ((va + vb) / 2).clamp_min(1e-12)),
-                    "llfc_cosine": cos_sum[n] / count})
+        row = {"node": n, "variance_ratio": float(vm / ((va + vb) / 2).clamp_min(1e-12)),
+               "llfc_cosine": cos_sum[n] / count, "commutativity": None}
+        if n in comm and comm[n][1] > 0:
+            # relative to the mean norm of the two endpoints' own products
+            row["commutativity"] = (comm[n][0] ** 0.5) / ((comm[n][1] / 2) ** 0.5)
+        out.append(row)
+    return out
+
+
+def _weight_only(module: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """W h without the bias (LLFC's commutativity compares the weights' action)."""
+    if isinstance(module, nn.Linear):
+        return F.linear(h, module.weight)
+    return module._conv_forward(h, module.weight, None)
+
+
+def _commuting_layers(prep: Prepared, gm_a, gm_b) -> dict:
+    """Reset point -> (layer in A's graph, layer in B''s graph, captured inputs) for reset points
+    produced by an nn.Linear / nn.Conv module call (their inputs are captured with hooks)."""
+    out = {}
+    nodes = {n.name: n for n in gm_a.graph.nodes}
+    for r in prep.points:
+        node = nodes.get(r.producer)
+        if node is None or node.op != "call_module":
+            continue
+        mod_a, mod_b = gm_a.get_submodule(node.target), gm_b.get_submodule(node.target)
+        if not isinstance(mod_a, (nn.Linear, nn.modules.conv._ConvNd)) or isinstance(
+                mod_a, nn.modules.conv._ConvTransposeNd):
+            continue
+        seen_a, seen_b = [None], [None]
+        mod_a.register_forward_pre_hook(lambda m, args, s=seen_a: s.__setitem__(0, args[0].detach()))
+        mod_b.register_forward_pre_hook(lambda m, args, s=seen_b: s.__setitem__(0, args[0].detach()))
+        out[r.node] = (mod_a, mod_b, seen_a, seen_b)
     return out
 
 

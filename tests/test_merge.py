@@ -214,3 +214,24 @@ def test_dead_channels_are_handled_and_reported(digits_pair):
     assert res.dead_channels >= 2
     assert any("dead" in n for n in res.notes)
     assert all(torch.isfinite(v).all() for v in res.model.state_dict().values())
+
+
+def test_layer_report_on_a_model_and_its_permuted_copy(digits_pair):
+    """B = A reordered: after alignment the path is flat, so no collapse (ratio 1), features are
+    linearly connected (cosine 1) and the layers commute (distance 0); the naive path is not."""
+    (a, _), x, _ = digits_pair
+    spec = gr.discover(a, x[:2])
+    b = gr.permute(a, spec, spec.random_permutations(seed=5))
+    # weight matching recovers the permutation exactly (activation matching cannot tell dead units
+    # apart, and averaging two different dead units can wake one up)
+    prep = prepare([a, b], x, num_examples=500, method="weight")
+    rows = gr.layer_report(prep, merge_prepared(prep, [0.5, 0.5], None).model, 0.5)
+    assert len(rows) == 3
+    for row in rows:
+        assert row["variance_ratio"] == pytest.approx(1.0, abs=1e-4)
+        assert row["llfc_cosine"] == pytest.approx(1.0, abs=1e-4)
+        assert row["commutativity"] == pytest.approx(0.0, abs=1e-4)
+    naive = prepare([a, b], x, num_examples=500, align=False)
+    rows = gr.layer_report(naive, merge_prepared(naive, [0.5, 0.5], None).model, 0.5)
+    assert all(r["commutativity"] > 0.1 for r in rows[1:])
+    assert rows[-1]["variance_ratio"] < 0.9
