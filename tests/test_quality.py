@@ -1,0 +1,60 @@
+"""REPAIR's quality bar on the shipped checkpoint pairs (fixtures/checkpoints), at alpha = 0.5.
+
+The full table (11 alphas, every mode, 5,000 fitting examples) is ``python -m scripts.quality``;
+here each pair is measured with 2,000 fitting examples on the whole test split, in modes naive,
+aligned and aligned + REPAIR exact only.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fixtures.pairs import PAIRS
+from scripts.quality import markdown, measure_pair
+
+# Largest drop allowed of the exact-REPAIR midpoint's accuracy below the endpoints' mean. Measured
+# with 2,000 fitting examples: mlp10 0.9 points, mlp20 1.9, resnet20 0.9 (aligned alone: 6.9, 52.0
+# and 72.4 points).
+MIDPOINT_TOLERANCE = 0.03
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread: these small models run 2-3x faster than with two on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _measure(name: str):
+    missing = [str(p) for p in PAIRS[name].paths() if not p.is_file()]
+    if missing:
+        pytest.skip(f"checkpoint missing: {', '.join(missing)} (python -m scripts.train_fixtures --pairs {name})")
+    return measure_pair(name, "cpu", num_examples=2000, alphas=None, modes=("naive", "aligned", "exact"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["mlp10", "mlp20", "resnet20"])
+def test_repair_cuts_the_aligned_barrier(name, one_thread):
+    q = _measure(name)
+    (acc_a, _), (acc_b, _) = q.endpoints["A"], q.endpoints["B"]
+    assert min(acc_a, acc_b) > 0.97, q.endpoints  # the checkpoints are trained models
+    naive, aligned, exact = (q.midpoint[m][0] for m in ("naive", "aligned", "exact"))
+    assert aligned > naive + 0.1, q.midpoint
+    before, after = q.barrier_at_half("aligned"), q.barrier_at_half("exact")
+    assert before > 0.02, f"the aligned midpoint shows no barrier to cut ({before:.4f}); {q.midpoint}"
+    assert q.cut("accuracy", at_half=True) >= 0.6, (before, after)
+    assert q.cut("loss", at_half=True) >= 0.6, (q.barrier_at_half("aligned", "loss"), q.barrier_at_half("exact", "loss"))
+    assert exact >= (acc_a + acc_b) / 2 - MIDPOINT_TOLERANCE, (exact, acc_a, acc_b)
+    table = markdown([q], alphas=None)
+    assert f"| {name} |" in table and "cut" in table
+
+
+def test_load_pair_names_the_missing_checkpoint(tmp_path):
+    from fixtures.pairs import load_pair
+    from graphrepair.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match=r"mlp10_mnist_a\.safetensors.*scripts\.train_fixtures --pairs mlp10"):
+        load_pair("mlp10", tmp_path)
