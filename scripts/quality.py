@@ -20,7 +20,9 @@ Evaluation: the whole test split. The alignment is computed once per pair (``pre
 statistics and cross-covariances) and reused for every mode and alpha. The endpoints of both
 paths are models A and B (B' computes what B computes), so they are evaluated once.
 
-Prints Markdown tables ready for the README, then the wall time. ``--retrain`` first retrains the
+Prints Markdown tables ready for the README, then the wall time. The numbers can move by about a
+point with the CPU thread count (``--threads``) on mlp20's aligned and approx modes: its dead ReLU
+units have zero correlation with everything, so their matching is decided by rounding. ``--retrain`` first retrains the
 pairs (``scripts.train_fixtures``, overwriting fixtures/checkpoints).
 """
 

@@ -7,7 +7,8 @@ Each pair is two models from one factory, trained by ``fixtures.train.train_pair
 recipe (``PAIRS[name].recipe``): seeds 0 and 1 give different initialisations and data orders.
 On CPU with the same torch build and thread count the weights are bit-for-bit reproducible.
 Floating-point tensors are stored as float16 (half the size; the accuracies of the stored weights
-are printed next to the float32 ones), with the recipe in the safetensors metadata. Files are
+are printed next to the float32 ones), with the recipe in the safetensors metadata (one JSON string under
+``fixture``, so a retrain on the same torch build and thread count gives the same bytes). Files are
 written atomically (``graphrepair.fileio.save_safetensors``).
 """
 
@@ -53,13 +54,15 @@ def train_one(pair: Pair, out: Path | None, device: torch.device, threads: int |
     models = train_pair(pair.factory, (x, y), seeds=seeds, device=device, threads=threads,
                         progress=progress, **recipe)
     seconds = time.perf_counter() - start
-    metadata = {"pair": pair.name, "factory": pair.factory_ref, "dataset": pair.dataset_label,
-                "recipe": json.dumps(pair.recipe), "stored_dtype": str(STORED_DTYPE),
-                "torch": torch.__version__, "device": str(device)}
+    about = {"pair": pair.name, "factory": pair.factory_ref, "dataset": pair.dataset_label,
+             "recipe": pair.recipe, "stored_dtype": str(STORED_DTYPE), "torch": torch.__version__,
+             "device": str(device)}
     summary = {"pair": pair.name, "train_seconds": seconds, "float32": [], "bytes": 0}
     for model, path, seed in zip(models, pair.paths(out), seeds):
         summary["float32"].append(evaluate(model, x_test.to(device), y_test.to(device)))
-        save_safetensors(stored(model.state_dict()), path, metadata={**metadata, "seed": str(seed)})
+        # One metadata key: safetensors writes several in random order, one keeps the bytes reproducible.
+        save_safetensors(stored(model.state_dict()), path,
+                         metadata={"fixture": json.dumps({**about, "seed": seed}, sort_keys=True)})
         summary["bytes"] += path.stat().st_size
     summary["stored"] = [evaluate(m, x_test, y_test) for m in load_pair(pair.name, out)]
     for tag, (acc32, loss32), (acc, loss), path in zip("AB", summary["float32"], summary["stored"],
