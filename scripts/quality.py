@@ -21,8 +21,9 @@ statistics and cross-covariances) and reused for every mode and alpha. The endpo
 paths are models A and B (B' computes what B computes), so they are evaluated once.
 
 Prints Markdown tables ready for the README, then the wall time. The numbers can move by about a
-point with the CPU thread count (``--threads``) on mlp20's aligned and approx modes: its dead ReLU
-units have zero correlation with everything, so their matching is decided by rounding. ``--retrain`` first retrains the
+point with the CPU thread count (``--threads``) in mlp20's aligned and approx modes: rounding in the
+correlations changes the matching of a few dozen of its 2,560 units (near ties, half of them dead
+ReLUs, which correlate with nothing), and 20 unrepaired layers amplify it. ``--retrain`` first retrains the
 pairs (``scripts.train_fixtures``, overwriting fixtures/checkpoints).
 """
 
