@@ -78,6 +78,10 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
             raise OutputError(f"writing '{target}' produced no file (the writer did not create '{tmp}')")
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
+        # writers that replace the temporary file themselves (safetensors) leave it 0600
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         try:
             os.replace(tmp, target)
         except OSError as exc:

@@ -228,8 +228,8 @@ def merge_prepared(prep: Prepared, weights: list[float], repair: str | None,
         result.examples = prep.stats[0].examples
         result.dead_channels = sum(prep.stats[0].dead.values())
         if result.dead_channels:
-            result.notes.append(f"{result.dead_channels} dead channels (zero variance) were matched "
-                                f"and reset with an epsilon")
+            result.notes.append(f"{result.dead_channels} dead units (zero variance in model A at the "
+                                f"matching points, e.g. ReLUs that never fire): their matching is arbitrary")
     fit = prep.fit
     if fit.count is not None and fit.count < fit.n:
         result.notes.append(f"used {fit.count} examples (fewer than the {fit.n} requested)")

@@ -508,3 +508,19 @@ def test_save_safetensors_rejects_non_tensor_and_leaves_nothing(tmp_path: Path) 
     with pytest.raises(TypeError, match="'step' is a int"):
         save_safetensors({"w": torch.zeros(2), "step": 3}, tmp_path / "s.safetensors")
     assert entries(tmp_path) == []
+
+
+def test_written_files_get_ordinary_permissions(tmp_path):
+    """Writers that replace their temporary file themselves (safetensors) must not leave 0600."""
+    import os
+    import stat
+
+    import torch
+
+    from graphrepair.fileio import save_safetensors
+
+    path = tmp_path / "w.safetensors"
+    save_safetensors({"a": torch.ones(2)}, path)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
