@@ -187,7 +187,7 @@ class AxisSolver:
     # -- construction -------------------------------------------------------------------------
     def fresh(self, size: int) -> Expr:
         if size <= 1:
-            return Fixed(size, "a single position")
+            return Fixed(size)  # no reason: a lone position never needs one (and never hides another's)
         self.sizes.append(size)
         return Var(len(self.sizes) - 1, size)
 
