@@ -124,12 +124,12 @@ def collect(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module, batch
         for (g, node), cm in cross.items():
             pos = pos_dev[(g, node)]
             xa, xb = obs_a[node].last, obs_b[node].last
-            if pos is None:
-                cm.update(xa, xb)
+            if pos is None:  # the observers' batch moments are those of xa, xb: not reduced again
+                cm.update(xa, xb, obs_a[node].batch, obs_b[node].batch)
             else:
                 cm.update(xa[pos].reshape(pos.shape[0], -1), xb[pos].reshape(pos.shape[0], -1))
         for node, cm in reset_cross.items():
-            cm.update(obs_a[node].last, obs_b[node].last)
+            cm.update(obs_a[node].last, obs_b[node].last, obs_a[node].batch, obs_b[node].batch)
         for o in list(obs_a.values()) + list(obs_b.values()):
             o.last = None  # drop the batch's activations before the next batch
     if examples == 0:

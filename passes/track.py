@@ -7,8 +7,9 @@ and flattens every other axis into samples: X (C, N) with N = x.numel() / C. Wit
 (e.g. one unit replicated over R heads), each replica giving extra samples: X (C, R*N).
 
 Streaming moments (``Moments``). Each batch b contributes its count n_b, per-channel mean m_b and
-centred second moment M2_b (one fused ``var_mean`` in the activation's dtype: no float64 copy of
-the activation is ever made); batches are merged in float64 with Chan et al.'s pairwise update,
+centred second moment M2_b (float32 sums and norms per channel, reduced along the contiguous
+axes first, or ``var_mean`` where E[x^2] - E[x]^2 would cancel: no float64 copy of the activation
+is ever made; see ``batch_moments``); batches are merged in float64 with Chan et al.'s pairwise update,
 
     n = n_1 + n_b,   d = m_b - m_1,   m = m_1 + d n_b / n,   M2 = M2_1 + M2_b + d^2 n_1 n_b / n,
 
@@ -106,18 +107,40 @@ def _reduce_dims(ndim: int, dim: int) -> list[int]:
 _CANCELLATION = 1e3
 
 
+def _split(x: torch.Tensor, dim: int) -> tuple[int, int, int] | None:
+    """(pre, C, post) such that a contiguous ``x`` is a (pre, C, post) view with channels in the
+    middle; None when ``x`` is not contiguous."""
+    if not x.is_contiguous():
+        return None
+    dim %= x.ndim
+    pre = 1
+    for s in x.shape[:dim]:
+        pre *= s
+    c = x.shape[dim]
+    return pre, c, (x.numel() // (pre * c) if pre * c else 0)
+
+
 @torch.no_grad()
 def batch_moments(x: torch.Tensor, dim: int) -> tuple[int, torch.Tensor, torch.Tensor]:
     """(count, mean, population variance) per channel of one batch, means and variances in float64.
 
     float32 inputs use the two fastest reductions torch has (sum and vector_norm, no temporary
-    copy of x) and fall back to ``var_mean`` for a batch where cancellation would cost accuracy;
-    other dtypes use ``var_mean`` in float32/float64 directly."""
+    copy of x; a contiguous x is seen as (pre, C, post) and reduced over its contiguous ``post``
+    axis first, then over ``pre`` in float64) and fall back to ``var_mean`` for a batch where
+    cancellation would cost accuracy; other dtypes use ``var_mean`` in float32/float64 directly."""
     dims = _reduce_dims(x.ndim, dim)
     n = x.numel() // x.shape[dim] if x.ndim else 1
     if x.dtype == torch.float32 and dims:
-        mean = x.sum(dims).double() / n
-        var = (torch.linalg.vector_norm(x, 2, dim=dims).double().square() / n - mean * mean).clamp_min(0.0)
+        split = _split(x, dim)
+        if split is not None and split[2] > 1 and split[0] > 0:
+            v = x.view(split)
+            s = v.sum(2).double().sum(0)
+            sq = torch.linalg.vector_norm(v, 2, dim=2).double().square().sum(0)
+        else:
+            s = x.sum(dims).double()
+            sq = torch.linalg.vector_norm(x, 2, dim=dims).double().square()
+        mean = s / n
+        var = (sq / n - mean * mean).clamp_min(0.0)
         if not bool((mean * mean > _CANCELLATION * var).any()):
             return n, mean, var
     xf = x if x.dtype == torch.float64 else x.float()
@@ -130,7 +153,9 @@ class ChannelObserver(nn.Module):
 
     ``dim`` is the channel axis; ``index`` (C, R) groups positions along it (see the module doc).
     With ``keep=True`` the channel matrix (activation dtype) of the latest batch is kept in ``.last``
-    (overwritten each batch) so that a caller can update a ``CrossMoments`` table.
+    (overwritten each batch) so that a caller can update a ``CrossMoments`` table, and its
+    (count, mean, variance) in ``.batch``, which ``CrossMoments.update`` can take instead of
+    reducing the matrix again.
     ``source`` names the graph node observed (set by ``insert_observers``).
     """
 
@@ -148,6 +173,7 @@ class ChannelObserver(nn.Module):
         self.source = source
         self.register_buffer("index", None if index is None else index.long(), persistent=False)
         self.last: torch.Tensor | None = None
+        self.batch: tuple[int, torch.Tensor, torch.Tensor] | None = None
         self.moments = Moments()
 
     @property
@@ -158,6 +184,7 @@ class ChannelObserver(nn.Module):
         """Forget every batch seen so far."""
         self.moments = Moments()
         self.last = None
+        self.batch = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.enabled:
@@ -174,12 +201,14 @@ class ChannelObserver(nn.Module):
             )
         x = x.detach()
         if self.index is None:
-            self.moments.add(*batch_moments(x, self.dim))  # reduces x in place, no copy
+            batch = batch_moments(x, self.dim)  # reduces x in place, no copy
             self.last = channel_matrix(x, self.dim) if self.keep else None
-            return
-        m = channel_matrix(x, self.dim, self.index)
-        self.moments.add(*batch_moments(m, 0))
-        self.last = m if self.keep else None
+        else:
+            m = channel_matrix(x, self.dim, self.index)
+            batch = batch_moments(m, 0)
+            self.last = m if self.keep else None
+        self.moments.add(*batch)
+        self.batch = batch if self.keep else None
 
     def _need_data(self) -> None:
         if self.count == 0:
@@ -218,6 +247,8 @@ class CrossMoments:
 
     ``update(xa, xb)`` takes channel matrices (Ca, N) and (Cb, N) whose columns are the same
     samples (e.g. ``obs_a.last`` and ``obs_b.last`` after feeding one batch to both models).
+    ``moments_a`` / ``moments_b``: the (count, mean, variance) of the same matrices when already
+    known (``obs.batch``), so that they are not reduced twice.
     """
 
     def __init__(self, ca: int, cb: int, device: torch.device | str | None = None) -> None:
@@ -231,7 +262,9 @@ class CrossMoments:
         return self.a.n
 
     @torch.no_grad()
-    def update(self, xa: torch.Tensor, xb: torch.Tensor) -> None:
+    def update(self, xa: torch.Tensor, xb: torch.Tensor,
+               moments_a: tuple[int, torch.Tensor, torch.Tensor] | None = None,
+               moments_b: tuple[int, torch.Tensor, torch.Tensor] | None = None) -> None:
         if xa.ndim != 2 or xb.ndim != 2 or xa.shape[0] != self.ca or xb.shape[0] != self.cb:
             raise PassError(
                 f"CrossMoments({self.ca}, {self.cb}).update needs channel matrices ({self.ca}, N) and "
@@ -247,8 +280,8 @@ class CrossMoments:
         b = xb.detach().to(self.device)
         if not a.is_floating_point():
             a, b = a.float(), b.float()
-        n, mean_a, var_a = batch_moments(a, 0)
-        _, mean_b, var_b = batch_moments(b, 0)
+        n, mean_a, var_a = batch_moments(a, 0) if moments_a is None else _given(moments_a, a)
+        _, mean_b, var_b = batch_moments(b, 0) if moments_b is None else _given(moments_b, b)
         # centred product of the batch: one matmul; means are subtracted afterwards unless they
         # are large against the spread, where the product is formed from centred copies instead
         big = lambda m, v: bool((m * m > 10.0 * v).any())  # noqa: E731
@@ -296,6 +329,14 @@ class CrossMoments:
         live = torch.outer(std_a > eps, std_b > eps)
         out = torch.where(live, self.cov() / torch.where(live, denom, 1.0), 0.0)
         return out.clamp(-1.0, 1.0)
+
+
+def _given(moments: tuple[int, torch.Tensor, torch.Tensor], x: torch.Tensor):
+    n, mean, var = moments
+    if n != x.shape[1] or mean.shape != (x.shape[0],) or var.shape != (x.shape[0],):
+        raise PassError(f"CrossMoments.update: given moments of {n} samples and {tuple(mean.shape)} "
+                        f"channels do not belong to a ({x.shape[0]}, {x.shape[1]}) channel matrix")
+    return n, mean.to(device=x.device, dtype=torch.float64), var.to(device=x.device, dtype=torch.float64)
 
 
 @dataclass(frozen=True)
