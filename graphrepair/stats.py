@@ -123,13 +123,15 @@ def collect(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module, batch
         examples += x.shape[0]
         for (g, node), cm in cross.items():
             pos = pos_dev[(g, node)]
-            xa, xb = obs_a[node].last, obs_b[node].last
             if pos is None:  # the observers' batch moments are those of xa, xb: not reduced again
-                cm.update(xa, xb, obs_a[node].batch, obs_b[node].batch)
+                (ta, dim), (tb, _) = obs_a[node].kept(), obs_b[node].kept()
+                cm.update(ta, tb, obs_a[node].batch, obs_b[node].batch, dim=dim)
             else:
+                xa, xb = obs_a[node].last, obs_b[node].last
                 cm.update(xa[pos].reshape(pos.shape[0], -1), xb[pos].reshape(pos.shape[0], -1))
         for node, cm in reset_cross.items():
-            cm.update(obs_a[node].last, obs_b[node].last, obs_a[node].batch, obs_b[node].batch)
+            (ta, dim), (tb, _) = obs_a[node].kept(), obs_b[node].kept()
+            cm.update(ta, tb, obs_a[node].batch, obs_b[node].batch, dim=dim)
         for o in list(obs_a.values()) + list(obs_b.values()):
             o.last = None  # drop the batch's activations before the next batch
     if examples == 0:
