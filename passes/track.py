@@ -121,6 +121,9 @@ def _split(x: torch.Tensor, dim: int) -> tuple[int, int, int] | None:
     return pre, c, (x.numel() // (pre * c) if pre * c else 0)
 
 
+# Up to this many elements a (N, C) batch is squared into a temporary (<= 4 MB in float32).
+_SMALL = 1 << 20
+
 # Below this many positions per (sample, channel) a channel-matrix copy and one matmul beat
 # batched matmuls over the samples (measured on CPU: 8x8 maps copy, 16x16 and larger batch).
 _BATCHED_MIN = 256
@@ -132,7 +135,8 @@ def batch_moments(x: torch.Tensor, dim: int) -> tuple[int, torch.Tensor, torch.T
 
     float32 inputs use the two fastest reductions torch has (sum and vector_norm, no temporary
     copy of x; a contiguous x is seen as (pre, C, post) and reduced over its contiguous ``post``
-    axis first, then over ``pre`` in float64) and fall back to ``var_mean`` for a batch where
+    axis first, then over ``pre`` in float64; a small (N, C) batch squares into a temporary, which
+    is faster than vector_norm along the strided axis) and fall back to ``var_mean`` for a batch where
     cancellation would cost accuracy; other dtypes use ``var_mean`` in float32/float64 directly."""
     dims = _reduce_dims(x.ndim, dim)
     n = x.numel() // x.shape[dim] if x.ndim else 1
@@ -142,6 +146,9 @@ def batch_moments(x: torch.Tensor, dim: int) -> tuple[int, torch.Tensor, torch.T
             v = x.view(split)
             s = v.sum(2).double().sum(0)
             sq = torch.linalg.vector_norm(v, 2, dim=2).double().square().sum(0)
+        elif split is not None and split[2] == 1 and x.numel() <= _SMALL:
+            s = x.sum(dims).double()  # (N, C) with C contiguous: x * x beats a strided vector_norm
+            sq = torch.mul(x, x).sum(dims).double()
         else:
             s = x.sum(dims).double()
             sq = torch.linalg.vector_norm(x, 2, dim=dims).double().square()
