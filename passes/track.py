@@ -140,7 +140,8 @@ def batch_moments(x: torch.Tensor, dim: int) -> tuple[int, torch.Tensor, torch.T
     cancellation would cost accuracy; other dtypes use ``var_mean`` in float32/float64 directly."""
     dims = _reduce_dims(x.ndim, dim)
     n = x.numel() // x.shape[dim] if x.ndim else 1
-    if x.dtype == torch.float32 and dims:
+    if x.dtype == torch.float32 and dims and not x.is_cuda:  # on CUDA var_mean is fast, and a
+        # cancellation check would wait for the device every batch
         split = _split(x, dim)
         if split is not None and split[2] > 1 and split[0] > 0:
             v = x.view(split)
@@ -343,7 +344,7 @@ class CrossMoments:
         # centred product of the batch: one matmul; means are subtracted afterwards unless they
         # are large against the spread, where the product is formed from centred copies instead
         big = lambda m, v: bool((m * m > 10.0 * v).any())  # noqa: E731
-        if big(mean_a, var_a) or big(mean_b, var_b):
+        if a.is_cuda or big(mean_a, var_a) or big(mean_b, var_b):  # CUDA: always centre, no host sync
             c_batch = ((a - mean_a[:, None].to(a.dtype)) @ (b - mean_b[:, None].to(b.dtype)).T).double()
         else:
             c_batch = (a @ b.T).double() - n * torch.outer(mean_a, mean_b)
@@ -364,7 +365,7 @@ class CrossMoments:
         batched = (sa is not None and sb is not None and a.is_floating_point() and a.dtype == b.dtype
                    and sa[0] == sb[0] and sa[2] == sb[2] and sa[2] >= _BATCHED_MIN
                    and (sa[1], sb[1]) == (self.ca, self.cb))
-        if not batched:
+        if not batched or a.is_cuda:  # CUDA: centred channel matrices, no host sync per batch
             self.update(channel_matrix(a, dim), channel_matrix(b, dim), moments_a, moments_b)
             return
         n, mean_a, var_a = batch_moments(a, dim) if moments_a is None else moments_a

@@ -141,14 +141,28 @@ def test_three_models(digits_pair):
         assert pc.mean_corr[g] == pytest.approx(pb.mean_corr[g], abs=1e-6)
 
 
-def test_cuda_merge_matches_cpu(digits_pair):
+def test_cuda_statistics_and_merge_match_cpu(digits_pair):
+    """The CUDA code paths (observers, cross moments, resets, folding) give the CPU's statistics.
+    Merged weights may still differ where units are tied or dead (their matching is arbitrary), so
+    the merged models are compared by their test accuracy."""
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     (a, b), x, _ = digits_pair
-    cpu = gr.merge(a, b, x, num_examples=500)
-    gpu = gr.merge(copy.deepcopy(a).cuda(), copy.deepcopy(b).cuda(), x, num_examples=500)
-    assert next(gpu.parameters()).is_cuda
-    torch.testing.assert_close(outputs(gpu, x.cuda()).cpu(), outputs(cpu, x), rtol=1e-3, atol=1e-3)
+    cpu = prepare([a, b], x, num_examples=500, cross=True)
+    gpu = prepare([copy.deepcopy(a).cuda(), copy.deepcopy(b).cuda()], x, num_examples=500, cross=True)
+    for g, c in cpu.stats[0].corr.items():
+        assert gpu.stats[0].corr[g].is_cuda
+        torch.testing.assert_close(gpu.stats[0].corr[g].cpu(), c, rtol=1e-4, atol=1e-4)
+    for node, st in cpu.stats[0].points.items():
+        got = gpu.stats[0].points[node]
+        for name in ("mean_a", "var_a", "mean_b", "var_b", "cov_ab"):
+            torch.testing.assert_close(getattr(got, name).cpu(), getattr(st, name), rtol=1e-4, atol=1e-4)
+    merged_gpu = merge_prepared(gpu, [0.5, 0.5], "exact").model
+    assert next(merged_gpu.parameters()).is_cuda
+    xt, yt = digits("test")
+    acc_cpu = gr.evaluate(merge_prepared(cpu, [0.5, 0.5], "exact").model, TensorDataset(xt, yt))[0]
+    acc_gpu = gr.evaluate(merged_gpu, TensorDataset(xt.cuda(), yt.cuda()))[0]
+    assert abs(acc_gpu - acc_cpu) < 0.03
 
 
 # -- bad input --------------------------------------------------------------------------------------
