@@ -107,6 +107,29 @@ def module_device(gm: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def named_nodes(gm: GraphModule, names, pass_name: str) -> dict[str, Node]:
+    """The nodes of ``gm`` named in ``names``; a PassError naming every missing one."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    missing = [name for name in names if name not in nodes]
+    if missing:
+        raise PassError(
+            f"{pass_name}: no node named {', '.join(map(repr, missing))} in the graph; "
+            f"node names are those of gm.graph.nodes (e.g. {', '.join(list(nodes)[:5])})"
+        )
+    return nodes
+
+
+def inserted_modules(gm: GraphModule, cls: type) -> dict[str, nn.Module]:
+    """The ``cls`` modules called in ``gm``'s graph, keyed by the node each follows (``.source``)."""
+    out: dict[str, nn.Module] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            module = get_module(gm, node)
+            if isinstance(module, cls):
+                out[module.source] = module
+    return out
+
+
 def insert_module_after(gm: GraphModule, node: Node, module: nn.Module, prefix: str) -> Node:
     """Call ``module`` on ``node``'s value and make every user of ``node`` read the result.
 

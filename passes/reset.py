@@ -32,7 +32,7 @@ from torch.fx import GraphModule
 
 from passes.base import PassResult, finish, start
 from passes.errors import PassError
-from passes.modules import get_module, insert_module_after, module_device
+from passes.modules import insert_module_after, inserted_modules, module_device, named_nodes
 from passes.track import Moments, batch_moments
 
 RESET_PREFIX = "_gr_reset"
@@ -203,13 +203,7 @@ def insert_resets(gm: GraphModule, points: dict[str, ResetSpec], inplace: bool =
     counts: {"resets": number inserted}. Look them up with ``resets(gm)``.
     """
     gm = start(gm, inplace, "insert_resets")
-    nodes = {n.name: n for n in gm.graph.nodes}
-    missing = [name for name in points if name not in nodes]
-    if missing:
-        raise PassError(
-            f"insert_resets: no node named {', '.join(map(repr, missing))} in the graph; "
-            f"node names are those of gm.graph.nodes (e.g. {', '.join(list(nodes)[:5])})"
-        )
+    nodes = named_nodes(gm, points, "insert_resets")
     device = module_device(gm)
     for name, spec in points.items():
         reset = Reset(
@@ -227,13 +221,7 @@ def insert_resets(gm: GraphModule, points: dict[str, ResetSpec], inplace: bool =
 
 def resets(gm: GraphModule) -> dict[str, Reset]:
     """The resets in ``gm``'s graph, keyed by the name of the node each follows."""
-    out: dict[str, Reset] = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            module = get_module(gm, node)
-            if isinstance(module, Reset):
-                out[module.source] = module
-    return out
+    return inserted_modules(gm, Reset)
 
 
 def set_mode(gm: GraphModule, mode: str) -> None:

@@ -38,7 +38,7 @@ from torch.fx import GraphModule
 
 from passes.base import PassResult, finish, start
 from passes.errors import PassError
-from passes.modules import get_module, insert_module_after, module_device
+from passes.modules import get_module, insert_module_after, inserted_modules, module_device, named_nodes
 
 OBSERVER_PREFIX = "_gr_obs"
 
@@ -473,13 +473,7 @@ def insert_observers(
     counts: {"observers": number inserted}. Look the observers up with ``observers(gm)``.
     """
     gm = start(gm, inplace, "insert_observers")
-    nodes = {n.name: n for n in gm.graph.nodes}
-    missing = [name for name in points if name not in nodes]
-    if missing:
-        raise PassError(
-            f"insert_observers: no node named {', '.join(map(repr, missing))} in the graph; "
-            f"node names are those of gm.graph.nodes (e.g. {', '.join(list(nodes)[:5])})"
-        )
+    nodes = named_nodes(gm, points, "insert_observers")
     device = module_device(gm)
     defer = not writes_in_place(gm)  # else a kept batch could change before it is read
     for name, spec in points.items():
@@ -493,11 +487,5 @@ def insert_observers(
 
 def observers(gm: GraphModule) -> dict[str, ChannelObserver]:
     """The observers in ``gm``'s graph, keyed by the name of the node each observes."""
-    out: dict[str, ChannelObserver] = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            module = get_module(gm, node)
-            if isinstance(module, ChannelObserver):
-                out[module.source] = module
-    return out
+    return inserted_modules(gm, ChannelObserver)
 

@@ -39,6 +39,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from fixtures.pairs import PAIRS, load_pair
+from scripts.train_fixtures import resolve_device
 from graphrepair.merge import merge_prepared, prepare
 from graphrepair.metrics import Curve, alpha_grid, barrier_of, evaluate
 
@@ -83,12 +84,6 @@ class PairQuality:
         return (before - after) / before if before > 0 else float("nan")
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda but CUDA is not available")
-    return torch.device(name)
 
 
 def measure_pair(name: str, device: torch.device | str = "cpu", num_examples: int = 5000,

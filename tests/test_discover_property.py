@@ -96,10 +96,8 @@ def programs(draw):
         if op == "conv":
             arg = (draw(st.sampled_from([2, 4, 6, 8])), draw(st.sampled_from([1, 3])),
                    draw(st.sampled_from([1, 2])))
-            groups = arg[2] if c % arg[2] == 0 and arg[0] % arg[2] == 0 else 1
-            program.append((op, (i,), arg))
+            program.append((op, (i,), arg))  # RandomNet falls back to groups=1 where they don't divide
             chans.append(arg[0])
-            del groups
         elif op in ("add", "cat"):
             same = [j for j, cj in enumerate(chans) if cj == c] if op == "add" else list(range(len(chans)))
             j = draw(st.sampled_from(same))
