@@ -179,17 +179,16 @@ def layer_report(prep: Prepared, merged: nn.Module | dict, alpha: float, quiet: 
             # per-example feature vectors: channel matrices are (C, N*rest); regroup by example
             lin = (1 - alpha) * fa + alpha * fb
             cos_sum[n] += float(_per_example_cos(fm, lin, x.shape[0]).sum())
-        for n, (mod_a, mod_b, seen_a, seen_b) in layers.items():
+        for n, (mod_a, mod_b, seen_a, seen_b, _) in layers.items():
             h_a, h_b = seen_a[0], seen_b[0]
             cross = _weight_only(mod_a, h_b) - _weight_only(mod_b, h_a)
             comm[n][0] += float(cross.double().square().sum())
             comm[n][1] += float(_weight_only(mod_a, h_a).double().square().sum()
                                 + _weight_only(mod_b, h_b).double().square().sum())
         count += x.shape[0]
-    for mod_a, mod_b, _, _ in layers.values():
-        for m in (mod_a, mod_b):
-            for h in list(m._forward_pre_hooks):
-                del m._forward_pre_hooks[h]
+    for *_, hooks in layers.values():
+        for h in hooks:
+            h.remove()
     out = []
     for n in pts:
         va, vb, vm = gms[0][1][n].var.mean(), gms[1][1][n].var.mean(), obs_m[n].var.mean()
@@ -223,9 +222,9 @@ def _commuting_layers(prep: Prepared, gm_a, gm_b) -> dict:
                 mod_a, nn.modules.conv._ConvTransposeNd):
             continue
         seen_a, seen_b = [None], [None]
-        mod_a.register_forward_pre_hook(lambda m, args, s=seen_a: s.__setitem__(0, args[0].detach()))
-        mod_b.register_forward_pre_hook(lambda m, args, s=seen_b: s.__setitem__(0, args[0].detach()))
-        out[r.node] = (mod_a, mod_b, seen_a, seen_b)
+        hooks = [mod_a.register_forward_pre_hook(lambda m, args, s=seen_a: s.__setitem__(0, args[0].detach())),
+                 mod_b.register_forward_pre_hook(lambda m, args, s=seen_b: s.__setitem__(0, args[0].detach()))]
+        out[r.node] = (mod_a, mod_b, seen_a, seen_b, hooks)
     return out
 
 

@@ -456,7 +456,6 @@ def matmul(ctx: Context):
 
 def addmm(ctx: Context):
     """beta*bias + a @ b (GPT-2's Conv1D stores its weight (in, out) and calls this)."""
-    name = op_name(ctx.node)
     bias, a, b = ctx.node.args[0], ctx.node.args[1], ctx.node.args[2]
     out = _matmul(ctx, a, b)
     if out is None:
@@ -466,7 +465,6 @@ def addmm(ctx: Context):
         for i in range(1, len(bs) + 1):
             if bs[-i] == out[-i].size and bs[-i] > 1:
                 ctx.unify(ba[-i], out[-i])
-    del name
     return out
 
 
