@@ -28,7 +28,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from passes.track import CrossMoments, ObserverSpec, insert_observers, observers
+from passes.track import CrossMoments, ObserverSpec, channel_matrix, insert_observers, observers
 
 from .errors import DataError, MismatchError, NumericError
 from .points import ObservePoint, ResetPoint
@@ -81,6 +81,21 @@ def check_finite(state: dict[str, torch.Tensor], who: str) -> None:
             raise NumericError(f"{who}: parameter {k!r} contains NaN or Inf; the model cannot be merged")
 
 
+def _matrix_along(obs, axis: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """The observer's kept batch as a channel matrix along ``axis`` (which may differ from the axis
+    it observes, when two groups meet in one node, e.g. heads and head dims)."""
+    ndim = len(shape)
+    if axis % ndim == obs.dim % ndim:
+        return obs.last
+    t, d = obs.kept()
+    if d == 0 and t.ndim == 2 and ndim != 2:  # a channel matrix: back to the tensor's layout
+        dim = obs.dim % ndim
+        rest = [s for i, s in enumerate(shape) if i != dim]
+        rest[0] = -1  # the batch axis (the last batch may be smaller)
+        t, d = t.reshape([shape[dim]] + rest).movedim(0, dim), dim
+    return channel_matrix(t, axis % ndim)
+
+
 @torch.no_grad()
 def collect(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module, batches,
             observe: dict[str, list[ObservePoint]], resets: list[ResetPoint], *,
@@ -89,7 +104,10 @@ def collect(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module, batch
     on the models' device."""
     device = model_device(model_a)
     gm_a, gm_b = graph_for(spec, model_a, device), graph_for(spec, model_b, device)
-    keep_nodes = {p.node: p.axis for pts in observe.values() for p in pts}
+    keep_nodes: dict[str, int] = {}  # one observer per node, on the first axis observed there
+    for pts in observe.values():
+        for p in pts:
+            keep_nodes.setdefault(p.node, p.axis)
     points = {}
     for node, axis in keep_nodes.items():
         points[node] = ObserverSpec(dim=axis, keep=True)
@@ -113,8 +131,9 @@ def collect(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module, batch
     for g, pts in observe.items():
         for p in pts:
             whole = (p.positions.shape[1] == 1 and p.positions.shape[0] == info[p.node].shape[p.axis]
-                     and bool((p.positions[:, 0] == torch.arange(p.positions.shape[0])).all()))
-            pos_dev[(g, p.node)] = None if whole else p.positions.to(device)
+                     and bool((p.positions[:, 0] == torch.arange(p.positions.shape[0])).all())
+                     and keep_nodes[p.node] == p.axis)
+            pos_dev[(g, p.node)] = None if whole else (p.axis, p.positions.to(device))
 
     examples = 0
     for x in progress(batches, "statistics of A and B", total=total, quiet=quiet):
@@ -127,7 +146,9 @@ def collect(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module, batch
                 (ta, dim), (tb, _) = obs_a[node].kept(), obs_b[node].kept()
                 cm.update(ta, tb, obs_a[node].batch, obs_b[node].batch, dim=dim)
             else:
-                xa, xb = obs_a[node].last, obs_b[node].last
+                axis, pos = pos
+                xa = _matrix_along(obs_a[node], axis, info[node].shape)
+                xb = _matrix_along(obs_b[node], axis, info[node].shape)
                 cm.update(xa[pos].reshape(pos.shape[0], -1), xb[pos].reshape(pos.shape[0], -1))
         for node, cm in reset_cross.items():
             (ta, dim), (tb, _) = obs_a[node].kept(), obs_b[node].kept()

@@ -130,8 +130,7 @@ def trace(model: nn.Module, example_inputs) -> Traced:
         except Exception as e:
             fx_error = _first_line(e)
             try:
-                ep = torch.export.export(model, args, strict=False)
-                gm = ep.module()
+                gm = _export(model, args)
                 kind = "export"
             except Exception as e2:
                 raise TraceError(
@@ -147,6 +146,18 @@ def trace(model: nn.Module, example_inputs) -> Traced:
                 raise ShapeError(recorder.error) from e.__cause__
             raise
     return Traced(gm=gm, kind=kind, model_name=name, info=recorder.info, fx_error=fx_error)
+
+
+def _export(model: nn.Module, args: tuple) -> torch.fx.GraphModule:
+    """torch.export's graph with the batch axis left dynamic, so that the graph runs on batches of
+    any size (a statically exported graph guards on the example's batch size); static when the
+    model pins its batch size."""
+    dynamic = tuple({0: torch.export.Dim.AUTO} if isinstance(a, torch.Tensor) and a.ndim > 0 else None
+                    for a in args)
+    try:
+        return torch.export.export(model, args, dynamic_shapes=dynamic, strict=False).module()
+    except Exception:
+        return torch.export.export(model, args, strict=False).module()
 
 
 def clone_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:

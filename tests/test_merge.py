@@ -249,3 +249,23 @@ def test_layer_report_on_a_model_and_its_permuted_copy(digits_pair):
     rows = gr.layer_report(naive, merge_prepared(naive, [0.5, 0.5], None).model, 0.5)
     assert all(r["commutativity"] > 0.1 for r in rows[1:])
     assert rows[-1]["variance_ratio"] < 0.9
+
+
+def test_export_traced_models_merge_at_any_batch_size():
+    """torch.export graphs keep a dynamic batch axis, and a node observed on two axes (heads and
+    head dims of split-head attention) gives each group the statistics of its own axis."""
+    pytest.importorskip("transformers")
+    entry = ZOO["gpt2_tiny"]
+    torch.manual_seed(0)
+    a = randomize_(entry.factory().eval(), seed=1)
+    spec = gr.discover(a, entry.example_inputs())  # traced on a batch of 2
+    assert spec.traced.kind == "export"
+    truth = spec.random_permutations(seed=4)
+    b = gr.permute(a, spec, truth)
+    x = torch.randint(0, entry.vocab, (48, 16))
+    prep = prepare([a, b], x, num_examples=48, batch_size=32, statistics=False, spec=spec)
+    for g in ("transformer.h.0.ln_1", "transformer.h.0.mlp.c_proj", "transformer.h.1.mlp.c_proj"):
+        assert torch.equal(prep.perms[0][g], torch.argsort(truth[g])), g
+        assert prep.mean_corr[g] == pytest.approx(1.0, abs=1e-5)
+    res = gr.merge_models([a, b], x, num_examples=48, batch_size=32, spec=spec)
+    assert res.resets > 0 and torch.isfinite(res.model(x[:3])["logits"]).all()
