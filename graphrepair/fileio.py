@@ -42,14 +42,23 @@ def _create_temp(target: Path) -> Path:
     raise FileExistsError(errno.EEXIST, "no free temporary name", str(target.parent))
 
 
-def _check_target(path: Path) -> None:
-    if path.is_dir():
-        raise OutputError(f"cannot write '{path}': it is a directory; give a file name, e.g. '{path / 'out'}'")
-    parent = path.parent
+def check_target(path: str | os.PathLike, who: str | None = None) -> Path:
+    """OutputError (one line, naming ``who`` -- e.g. a command-line option -- when given) unless
+    ``path`` names a file that can be created or replaced."""
+    p = Path(path)
+    head = f"{who} '{p}'" if who else f"cannot write '{p}'"
+    if str(path) == "" or p.name in ("", ".", ".."):
+        raise OutputError(f"{head}: not a file name")
+    if p.is_dir():
+        raise OutputError(f"{head}: it is a directory; give a file name, e.g. '{p / 'out'}'")
+    parent = p.parent
     if not parent.exists():
-        raise OutputError(f"cannot write '{path}': directory '{parent}' does not exist; create it first")
+        raise OutputError(f"{head}: directory '{parent}' does not exist; create it first")
     if not parent.is_dir():
-        raise OutputError(f"cannot write '{path}': '{parent}' is not a directory")
+        raise OutputError(f"{head}: '{parent}' is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"{head}: directory '{parent}' is not writable; choose a writable location")
+    return p
 
 
 @contextlib.contextmanager
@@ -63,7 +72,7 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     exception raised inside the block propagates unchanged after the temporary file has been removed.
     """
     target = Path(path)
-    _check_target(target)
+    check_target(target)
     try:
         tmp = _create_temp(target)
     except OSError as exc:

@@ -15,24 +15,12 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from .errors import OutputError
-from .fileio import atomic_output
+from .fileio import atomic_output, check_target
 
 
 def check_output_path(path: str | os.PathLike, option: str) -> Path:
     """OutputError (one line naming ``option``) unless ``path`` can be created or replaced."""
-    p = Path(path)
-    if str(path) == "" or p.name in ("", ".", ".."):
-        raise OutputError(f"{option}: '{path}' is not a file name")
-    if p.is_dir():
-        raise OutputError(f"{option} '{p}' is a directory; give a file name, e.g. '{p / 'out'}'")
-    parent = p.parent
-    if not parent.exists():
-        raise OutputError(f"{option} '{p}': directory '{parent}' does not exist; create it first")
-    if not parent.is_dir():
-        raise OutputError(f"{option} '{p}': '{parent}' is not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(f"{option} '{p}': directory '{parent}' is not writable; choose a writable location")
-    return p
+    return check_target(path, option)
 
 
 def check_distinct(paths: dict[str, Path | None]) -> None:
