@@ -22,3 +22,26 @@ def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
             else:
                 t.add_(0.1 * noise * (t.std() if t.numel() > 1 and t.std() > 0 else 1.0))
     return model
+
+
+def graph_of(model: nn.Module, x: torch.Tensor, how: str) -> torch.fx.GraphModule:
+    """``model`` as a GraphModule of the kind ``how`` names: "fx" (symbolic_trace, module calls),
+    "aten" (torch.export) or "aten_decomposed" (torch.export after core decompositions)."""
+    model.eval()
+    if how == "fx":
+        return torch.fx.symbolic_trace(model)
+    ep = torch.export.export(model, (x,))
+    if how == "aten_decomposed":
+        ep = ep.run_decompositions()
+    return ep.module()
+
+
+class Head(nn.Module):
+    """The layers under test followed by a nonlinearity (so their output is not the graph output)."""
+
+    def __init__(self, *layers: nn.Module) -> None:
+        super().__init__()
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return torch.tanh(self.body(x))

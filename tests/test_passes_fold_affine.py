@@ -23,20 +23,11 @@ from passes import (
     resets,
     set_mode,
 )
+from tests.helpers import Head, graph_of
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec:FutureWarning")
 
 HOWS = ["fx", "aten", "aten_decomposed"]
-
-
-def trace(model: nn.Module, x: torch.Tensor, how: str) -> torch.fx.GraphModule:
-    model.eval()
-    if how == "fx":
-        return torch.fx.symbolic_trace(model)
-    ep = torch.export.export(model, (x,))
-    if how == "aten_decomposed":
-        ep = ep.run_decompositions()
-    return ep.module()
 
 
 def with_reset(gm, node_name: str, dim: int, channels: int, x: torch.Tensor, seed: int = 0):
@@ -56,17 +47,6 @@ def last_producer(gm) -> str:
 
 def affine_modules(gm):
     return [m for m in gm.modules() if isinstance(m, (Reset, ChannelAffine))]
-
-
-class Head(nn.Module):
-    """The layer under test followed by a nonlinearity (so its output is not the graph output)."""
-
-    def __init__(self, *layers: nn.Module) -> None:
-        super().__init__()
-        self.body = nn.Sequential(*layers)
-
-    def forward(self, x):
-        return torch.tanh(self.body(x))
 
 
 def _bn(c):
@@ -106,7 +86,7 @@ def test_fold_equals_unfolded(case, groups, bias, how):
     torch.manual_seed(0)
     model = factory(bias, groups)
     x = torch.randn(*shape)
-    traced = trace(model, x, how)
+    traced = graph_of(model, x, how)
     gm = with_reset(traced, last_producer(traced), dim, channels, x)
     before = {k: v.clone() for k, v in gm.state_dict().items()}
     expected = gm(x)
@@ -153,7 +133,7 @@ class TwoUsers(nn.Module):
 def test_conv_with_two_users_is_kept_with_a_reason(how):
     torch.manual_seed(0)
     x = torch.randn(2, 3, 5, 5)
-    gm = trace(TwoUsers(), x, how)
+    gm = graph_of(TwoUsers(), x, how)
     conv = last_producer(gm)
     gm = with_reset(gm, conv, 1, 3, x)
     expected = gm(x)
@@ -256,7 +236,7 @@ def test_unfoldable_resets_are_kept_as_channel_affines(case):
 def test_tied_weights_are_refused_in_aten_graphs_too():
     torch.manual_seed(0)
     x = torch.randn(3, 4)
-    gm = trace(Tied(), x, "aten")
+    gm = graph_of(Tied(), x, "aten")
     first = [n.name for n in gm.graph.nodes if producer_kind(gm, n) == "linear"][0]
     result = fold_affines(with_reset(gm, first, -1, 4, x))
     # torch.export deduplicates the tied parameter: one get_attr node read by both linears
@@ -279,7 +259,7 @@ class Residual(nn.Module):
 def test_reset_after_add_of_two_batchnorms_folds_into_both(how):
     torch.manual_seed(0)
     x = torch.randn(2, 4, 5, 5)
-    gm = trace(Residual(project=True), x, how)
+    gm = graph_of(Residual(project=True), x, how)
     add = next(n.name for n in gm.graph.nodes if "add" in n.name)
     gm = with_reset(gm, add, 1, 4, x)
     expected = gm(x)

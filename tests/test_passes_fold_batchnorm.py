@@ -7,18 +7,9 @@ import torch
 import torch.nn as nn
 
 from passes import fold_batchnorms, producer_kind
+from tests.helpers import Head, graph_of
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec:FutureWarning")
-
-
-def trace(model: nn.Module, x: torch.Tensor, how: str) -> torch.fx.GraphModule:
-    model.eval()
-    if how == "fx":
-        return torch.fx.symbolic_trace(model)
-    ep = torch.export.export(model, (x,))
-    if how == "aten_decomposed":
-        ep = ep.run_decompositions()
-    return ep.module()
 
 
 def _bn(cls, c):
@@ -28,15 +19,6 @@ def _bn(cls, c):
     bn.weight.data.uniform_(0.5, 1.5)
     bn.bias.data.normal_()
     return bn
-
-
-class Head(nn.Module):
-    def __init__(self, *layers: nn.Module) -> None:
-        super().__init__()
-        self.body = nn.Sequential(*layers)
-
-    def forward(self, x):
-        return torch.tanh(self.body(x))
 
 
 CASES = [
@@ -64,7 +46,7 @@ def test_fold_batchnorm(case, groups, bias, how):
     torch.manual_seed(0)
     x = torch.randn(*shape)
     model = factory(bias, groups).eval()
-    gm = trace(model, x, how)
+    gm = graph_of(model, x, how)
     expected = model(x)
     # fx graphs carry no shapes: Linear -> BatchNorm1d needs the rank, hence example_inputs
     result = fold_batchnorms(gm, example_inputs=(x,) if name == "linear" and how == "fx" else None)
@@ -109,7 +91,7 @@ def test_batchnorm_that_cannot_fold_is_kept(cls, reason, how):
     torch.manual_seed(0)
     x = torch.randn(2, 3, 5, 5)
     model = cls().eval()
-    result = fold_batchnorms(trace(model, x, how))
+    result = fold_batchnorms(graph_of(model, x, how))
     assert result.counts == {"folded": 0, "kept": 1}
     assert not result.modified
     assert reason in result.notes[0], result.notes
@@ -126,7 +108,7 @@ def test_training_mode_batchnorm_is_not_folded():
 
 
 def test_linear_batchnorm_without_shapes_is_kept_with_advice():
-    gm = trace(CASES[0][1](True, 1), torch.randn(4, 6), "fx")
+    gm = graph_of(CASES[0][1](True, 1), torch.randn(4, 6), "fx")
     result = fold_batchnorms(gm)
     assert result.counts == {"folded": 0, "kept": 1}
     assert "example_inputs" in result.notes[0]

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from passes import PassError, get_module, insert_module_after, parent_and_attr, producer_kind, replace_module
 from passes.modules import describe_producer, trace_tensor_source
+from tests.helpers import graph_of
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec:FutureWarning")
 
@@ -50,29 +51,19 @@ class Functional(nn.Module):
         return F.linear(y.mean(-1), self.w2, self.b2)
 
 
-def _graph(model: nn.Module, x: torch.Tensor, how: str) -> torch.fx.GraphModule:
-    model.eval()
-    if how == "fx":
-        return torch.fx.symbolic_trace(model)
-    ep = torch.export.export(model, (x,))
-    if how == "aten_decomposed":
-        ep = ep.run_decompositions()
-    return ep.module()
-
-
 def _kinds(gm) -> list[str]:
     return [k for k in (producer_kind(gm, n) for n in gm.graph.nodes) if k is not None]
 
 
 @pytest.mark.parametrize("how", ["fx", "aten", "aten_decomposed"])
 def test_producer_kind_recognises_modules_and_aten_ops(how):
-    gm = _graph(Net(), torch.randn(2, 3, 8, 8), how)
+    gm = graph_of(Net(), torch.randn(2, 3, 8, 8), how)
     assert _kinds(gm) == ["conv", "batchnorm", "conv_transpose", "linear", "linear"]
 
 
 @pytest.mark.parametrize("how", ["fx", "aten", "aten_decomposed"])
 def test_producer_kind_recognises_functional_forms(how):
-    gm = _graph(Functional(), torch.randn(2, 3, 7), how)
+    gm = graph_of(Functional(), torch.randn(2, 3, 7), how)
     assert _kinds(gm) == ["conv", "batchnorm", "linear"]
     for node in gm.graph.nodes:
         p = describe_producer(gm, node)
@@ -84,7 +75,7 @@ def test_producer_kind_recognises_functional_forms(how):
 
 
 def test_tuple_batchnorm_output_is_the_getitem():
-    gm = _graph(Net(), torch.randn(2, 3, 8, 8), "aten_decomposed")
+    gm = graph_of(Net(), torch.randn(2, 3, 8, 8), "aten_decomposed")
     bn = next(n for n in gm.graph.nodes if "batch_norm" in str(n.target))
     getitem = next(u for u in bn.users if u.target is operator.getitem)
     assert producer_kind(gm, bn) is None  # the tuple itself is not a channel tensor
@@ -92,7 +83,7 @@ def test_tuple_batchnorm_output_is_the_getitem():
 
 
 def test_producer_kind_none_for_other_ops():
-    gm = _graph(Net(), torch.randn(2, 3, 8, 8), "fx")
+    gm = graph_of(Net(), torch.randn(2, 3, 8, 8), "fx")
     others = [n for n in gm.graph.nodes if n.op != "call_module"]
     assert all(producer_kind(gm, n) is None for n in others)
 
@@ -128,7 +119,7 @@ class Scale(nn.Module):
 def test_insert_module_after_rewires_every_user(how):
     model = Net()
     x = torch.randn(2, 3, 8, 8)
-    gm = _graph(model, x, how)
+    gm = graph_of(model, x, how)
     target = next(n for n in gm.graph.nodes if producer_kind(gm, n) == "conv")
     users_before = set(target.users)
     new = insert_module_after(gm, target, Scale(), "_gr_test")
