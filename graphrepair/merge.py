@@ -376,9 +376,5 @@ def align(model_a: nn.Module, model_b: nn.Module, data=None, spec: PermutationSp
         return weight_matching(spec, model_a.state_dict(), model_b.state_dict())
     if data is None:
         raise GraphRepairError("activation matching needs data; pass data or use method='weight'")
-    device = model_device(model_a)
-    fit = FitData(data, num_examples, batch_size, device)
-    spec = spec or discover(model_a, (fit.example(),))
-    perms, _, _ = align_pair(spec, model_a.eval(), model_b.to(device).eval(), fit, method="activation",
-                             resets=[], cross_at_resets=False, quiet=quiet)
-    return perms
+    return prepare([model_a, model_b], data, method="activation", statistics=False,
+                   num_examples=num_examples, batch_size=batch_size, spec=spec, quiet=quiet).perms[0]

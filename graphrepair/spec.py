@@ -11,7 +11,6 @@ which, by construction of the expressions, leaves the function unchanged.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -183,7 +182,3 @@ def _compare(ref, got, rtol, atol) -> float | None:
         worst = max(worst, float(diff.max()))
         bad = bad or bool((diff > scale).any())
     return worst if bad else None
-
-
-def clone_model(model: nn.Module) -> nn.Module:
-    return copy.deepcopy(model)

@@ -10,7 +10,6 @@ interpreter that records, for every node, the shape and dtype of what it produce
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -158,7 +157,3 @@ def _export(model: nn.Module, args: tuple) -> torch.fx.GraphModule:
         return torch.export.export(model, args, dynamic_shapes=dynamic, strict=False).module()
     except Exception:
         return torch.export.export(model, args, strict=False).module()
-
-
-def clone_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    return copy.deepcopy(gm)
