@@ -108,18 +108,23 @@ def alpha_grid(alphas) -> list[float]:
 
 
 def curve(prep: Prepared, eval_data, alphas, repair: str | None, label: str, quiet: bool = True,
-          batch_size: int = 512) -> Curve:
-    """Accuracy and loss of the interpolation (and repair) at every alpha, from one alignment."""
+          batch_size: int = 512, endpoints: tuple | None = None) -> Curve:
+    """Accuracy and loss of the interpolation (and repair) at every alpha, from one alignment.
+    ``endpoints`` ((acc, loss) of A, (acc, loss) of B), when known from another curve of the same
+    pair, spare the two endpoint evaluations (B and every permuted B' compute the same function)."""
     grid = alpha_grid(alphas)
     acc, loss, notes = [], [], set()
     for a in grid:
-        if a == 0.0:
-            model = prep.models[0]
+        if endpoints is not None and a in (0.0, 1.0):
+            ac, lo = endpoints[0] if a == 0.0 else endpoints[1]
         else:
-            res = merge_prepared(prep, [1 - a, a], repair if 0 < a < 1 else None, quiet=quiet)
-            model = res.model
-            notes.update(res.notes)
-        ac, lo = evaluate(model, eval_data, batch_size)
+            if a == 0.0:
+                model = prep.models[0]
+            else:
+                res = merge_prepared(prep, [1 - a, a], repair if 0 < a < 1 else None, quiet=quiet)
+                model = res.model
+                notes.update(res.notes)
+            ac, lo = evaluate(model, eval_data, batch_size, quiet=quiet)
         acc.append(ac)
         loss.append(lo)
     return Curve(label, grid, acc, loss, sorted(notes))

@@ -158,10 +158,13 @@ def run_study(model_a: nn.Module, model_b: nn.Module, fit_data, eval_data, *, al
                    statistics=repair in ("exact", "approx"), cross=repair == "approx",
                    num_examples=num_examples, batch_size=batch_size, points=points,
                    spec=naive.spec, quiet=quiet)
-    curves = [curve(naive, eval_data, grid, None, "naive", quiet=quiet),
-              curve(prep, eval_data, grid, None, "aligned", quiet=quiet)]
+    curves = [curve(naive, eval_data, grid, None, "naive", quiet=quiet)]
+    ends = (((curves[0].accuracy[0], curves[0].loss[0]), (curves[0].accuracy[-1], curves[0].loss[-1]))
+            if grid[0] == 0.0 and grid[-1] == 1.0 else None)
+    curves.append(curve(prep, eval_data, grid, None, "aligned", quiet=quiet, endpoints=ends))
     if repair:
-        curves.append(curve(prep, eval_data, grid, repair, repair_label(repair), quiet=quiet))
+        curves.append(curve(prep, eval_data, grid, repair, repair_label(repair), quiet=quiet,
+                            endpoints=ends))
     notes = sorted({n for c in curves for n in c.notes})
     examples = prep.stats[0].examples if prep.stats and prep.stats[0] is not None else (prep.fit.count or 0)
     study = Study(curves=curves, method=method, repair=repair, examples=examples,

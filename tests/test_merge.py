@@ -269,3 +269,20 @@ def test_export_traced_models_merge_at_any_batch_size():
         assert prep.mean_corr[g] == pytest.approx(1.0, abs=1e-5)
     res = gr.merge_models([a, b], x, num_examples=48, batch_size=32, spec=spec)
     assert res.resets > 0 and torch.isfinite(res.model(x[:3])["logits"]).all()
+
+
+def test_curve_reuses_known_endpoints_exactly(digits_pair):
+    """B and the aligned B' compute the same function, so a curve given another curve's endpoint
+    figures equals one that evaluates them again."""
+    from graphrepair.metrics import curve
+
+    (a, b), x, _ = digits_pair
+    xt, yt = digits("test")
+    ev = TensorDataset(xt, yt)
+    prep = prepare([a, b], x, num_examples=400, statistics=False)
+    full = curve(prep, ev, 3, None, "aligned")
+    naive = curve(prepare([a, b], x, num_examples=400, statistics=False, align=False), ev, 3, None, "naive")
+    ends = ((naive.accuracy[0], naive.loss[0]), (naive.accuracy[-1], naive.loss[-1]))
+    reused = curve(prep, ev, 3, None, "aligned", endpoints=ends)
+    assert reused.accuracy == full.accuracy
+    assert reused.loss == pytest.approx(full.loss, rel=1e-5)
