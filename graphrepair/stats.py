@@ -1,13 +1,15 @@
-"""One streaming pass of A and one of B, on the same batches, gives every statistic a merge needs.
+"""One streaming pass of A and B, on the same batches, gives every statistic a merge needs.
 
-Both models run as copies of the traced graph with observers inserted (``passes.track``). For
-every batch, A and B see the same inputs; then, per group g and per observation point p of g,
+A and B run as the two halves of one paired graph (``passes.pair``): node by node, A's copy and
+B's copy of the traced graph, with a tap (``passes.track.PairTap``) after every node a statistic
+is taken at. Per group g and per observation point p of g, on every batch,
 
     X_A = A's activation at p as a (|g|, samples) matrix, X_B likewise,
-    C_g,p <- per-batch means, centred second moments and (X_A - m_A)(X_B - m_B)^T, merged across
-             batches in float64 (passes.track), on the models' device
+    S1, S2 <- per-channel sums of X and X^2;  S_AB <- X_A X_B^T   (float64 totals, one matmul)
 
-and the correlation used for matching is the average over the points of a group:
+and at the end cov_p = S_AB / n - m_A m_B^T (sums taken about a per-channel shift when means are
+large, see ``ChannelSums``). The correlation used for matching is the average over the points of
+a group:
 
     corr_g = mean_p  cov_p(A_i, B_j) / (std_p(A_i) std_p(B_j)).
 
@@ -15,8 +17,11 @@ At every reset point the per-channel mean and variance of A and of B are accumul
 goal statistics of REPAIR); for the closed form the full A-B cross-covariance is kept there, since
 Cov(X_A,i, X_B',i) needs the permutation that is only known after the pass.
 
-Memory: O(|g|^2) per group point and O(C) per reset point (O(C^2) for the closed form); the
-activations of one batch are the only tensors held, and only until B has run on it.
+Memory: O(|g|^2) per group point and O(C) per reset point (O(C^2) for the closed form). No
+activation is kept: each tap compares A's and B's value of its node as soon as both exist, and
+they are freed at their last use as in a plain forward (about twice one model's activation memory).
+When the traced graph calls the models' own modules (``torch.fx.symbolic_trace``), the pair reads
+them directly; no copy of either model is made.
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ import torch
 import torch.fx
 from torch import nn
 
-from passes.track import CrossMoments, ObserverSpec, channel_matrix, insert_observers, observers
+from passes.pair import pair_graph
+from passes.track import PairTap, TapView, correlation
 
 from .errors import DataError, MismatchError, NumericError
 from .points import ObservePoint, ResetPoint
@@ -81,19 +87,42 @@ def check_finite(state: dict[str, torch.Tensor], who: str) -> None:
             raise NumericError(f"{who}: parameter {k!r} contains NaN or Inf; the model cannot be merged")
 
 
-def _matrix_along(obs, axis: int, shape: tuple[int, ...]) -> torch.Tensor:
-    """The observer's kept batch as a channel matrix along ``axis`` (which may differ from the axis
-    it observes, when two groups meet in one node, e.g. heads and head dims)."""
-    ndim = len(shape)
-    if axis % ndim == obs.dim % ndim:
-        return obs.last
-    t, d = obs.kept()
-    if d == 0 and t.ndim == 2 and ndim != 2:  # a channel matrix: back to the tensor's layout
-        dim = obs.dim % ndim
-        rest = [s for i, s in enumerate(shape) if i != dim]
-        rest[0] = -1  # the batch axis (the last batch may be smaller)
-        t, d = t.reshape([shape[dim]] + rest).movedim(0, dim), dim
-    return channel_matrix(t, axis % ndim)
+def pair_roots(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module,
+               device: torch.device) -> tuple[nn.Module, nn.Module]:
+    """The modules the two copies of the traced graph read from: the models themselves when every
+    module and attribute the graph reads is theirs and B's modules are configured like A's (no
+    copy), else copies of the traced graph carrying each model's weights."""
+    gm = spec.traced.gm
+    own = True
+    for n in gm.graph.nodes:
+        if n.op not in ("call_module", "get_attr"):
+            continue
+        try:
+            ref = gm.get_submodule(n.target) if n.op == "call_module" else None
+            ma = model_a.get_submodule(n.target) if n.op == "call_module" else None
+            mb = model_b.get_submodule(n.target) if n.op == "call_module" else None
+        except AttributeError:
+            own = False
+            break
+        if n.op == "call_module":
+            if not (ref is ma and type(mb) is type(ma) and mb.extra_repr() == ma.extra_repr()):
+                own = False
+                break
+        else:
+            prefix, _, attr = n.target.rpartition(".")
+            try:
+                parents = [m.get_submodule(prefix) if prefix else m for m in (gm, model_a, model_b)]
+            except AttributeError:
+                own = False
+                break
+            vals = [getattr(p, attr, None) for p in parents]
+            if not (isinstance(vals[0], torch.Tensor) and vals[1] is vals[0]
+                    and isinstance(vals[2], torch.Tensor) and vals[2].shape == vals[0].shape):
+                own = False
+                break
+    if own:
+        return model_a, model_b
+    return graph_for(spec, model_a, device), graph_for(spec, model_b, device)
 
 
 @torch.no_grad()
@@ -103,58 +132,37 @@ def collect(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module, batch
     """The single joint pass (see the module docstring). ``batches`` yields input tensors already
     on the models' device."""
     device = model_device(model_a)
-    gm_a, gm_b = graph_for(spec, model_a, device), graph_for(spec, model_b, device)
-    keep_nodes: dict[str, int] = {}  # one observer per node, on the first axis observed there
-    for pts in observe.values():
-        for p in pts:
-            keep_nodes.setdefault(p.node, p.axis)
-    points = {}
-    for node, axis in keep_nodes.items():
-        points[node] = ObserverSpec(dim=axis, keep=True)
-    for r in resets:
-        if r.node in points and points[r.node].dim != r.axis:
-            raise AssertionError(f"node {r.node} observed on two axes")
-        points[r.node] = ObserverSpec(dim=r.axis, keep=r.node in keep_nodes or cross_at_resets)
-    gm_a = insert_observers(gm_a, points, inplace=True).graph_module
-    gm_b = insert_observers(gm_b, points, inplace=True).graph_module
-    obs_a, obs_b = observers(gm_a), observers(gm_b)
-
-    cross: dict[tuple[str, str], CrossMoments] = {}
-    for g, pts in observe.items():
-        for p in pts:
-            size = p.positions.shape[0]
-            cross[(g, p.node)] = CrossMoments(size, size, device)
-    reset_cross = {r.node: CrossMoments(r.channels, r.channels, device)
-                   for r in resets} if cross_at_resets else {}
     info = spec.traced.info
-    pos_dev = {}  # None where the group is the node's whole channel axis: no gather needed
+    views: dict[str, list[TapView]] = {}
+
+    def view(node: str, v: TapView) -> tuple[str, int]:
+        vs = views.setdefault(node, [])
+        for i, old in enumerate(vs):  # one view per (axis, whole channel axis)
+            if v.index is None and old.index is None and old.dim == v.dim:
+                if v.cross and not old.cross:
+                    vs[i] = TapView(old.dim, None, True)
+                return node, i
+        vs.append(v)
+        return node, len(vs) - 1
+
+    at_group: dict[tuple[str, str], tuple[str, int]] = {}
     for g, pts in observe.items():
         for p in pts:
+            ndim = len(info[p.node].shape)
             whole = (p.positions.shape[1] == 1 and p.positions.shape[0] == info[p.node].shape[p.axis]
-                     and bool((p.positions[:, 0] == torch.arange(p.positions.shape[0])).all())
-                     and keep_nodes[p.node] == p.axis)
-            pos_dev[(g, p.node)] = None if whole else (p.axis, p.positions.to(device))
+                     and bool((p.positions[:, 0] == torch.arange(p.positions.shape[0])).all()))
+            index = None if whole else p.positions.to(device)
+            at_group[(g, p.node)] = view(p.node, TapView(p.axis % ndim, index, True))
+    at_reset = {r.node: view(r.node, TapView(r.axis % len(info[r.node].shape), None, cross_at_resets))
+                for r in resets}
+    taps = {node: PairTap(vs, source=node) for node, vs in views.items()}
+    root_a, root_b = pair_roots(spec, model_a, model_b, device)
+    pair = pair_graph(spec.traced.gm.graph, root_a, root_b, taps)
 
     examples = 0
     for x in progress(batches, "statistics of A and B", total=total, quiet=quiet):
-        gm_a(x)
-        gm_b(x)
+        pair(x)
         examples += x.shape[0]
-        for (g, node), cm in cross.items():
-            pos = pos_dev[(g, node)]
-            if pos is None:  # the observers' batch moments are those of xa, xb: not reduced again
-                (ta, dim), (tb, _) = obs_a[node].kept(), obs_b[node].kept()
-                cm.update(ta, tb, obs_a[node].batch, obs_b[node].batch, dim=dim)
-            else:
-                axis, pos = pos
-                xa = _matrix_along(obs_a[node], axis, info[node].shape)
-                xb = _matrix_along(obs_b[node], axis, info[node].shape)
-                cm.update(xa[pos].reshape(pos.shape[0], -1), xb[pos].reshape(pos.shape[0], -1))
-        for node, cm in reset_cross.items():
-            (ta, dim), (tb, _) = obs_a[node].kept(), obs_b[node].kept()
-            cm.update(ta, tb, obs_a[node].batch, obs_b[node].batch, dim=dim)
-        for o in list(obs_a.values()) + list(obs_b.values()):
-            o.last = None  # drop the batch's activations before the next batch
     if examples == 0:
         raise DataError("the fitting data has no examples")
 
@@ -163,20 +171,25 @@ def collect(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module, batch
     for g, pts in observe.items():
         if not pts:
             continue
-        mats = [cross[(g, p.node)].corr() for p in pts]
+        mats = []
+        for p in pts:
+            node, i = at_group[(g, p.node)]
+            sa, sb = taps[node].moments(i)
+            mats.append(correlation(taps[node].cov(i), sa.var, sb.var))
         c = torch.stack(mats).mean(0)
         if not torch.isfinite(c).all():
             raise NumericError(f"correlations of group {g!r} are not finite (NaN/Inf activations?)")
         corr[g] = c
-        var_a = cross[(g, pts[0].node)].var_a
-        dead[g] = int((var_a <= 1e-12).sum())
+        node, i = at_group[(g, pts[0].node)]
+        dead[g] = int((taps[node].moments(i)[0].var <= 1e-12).sum())
     stats = {}
     for r in resets:
-        a, b = obs_a[r.node], obs_b[r.node]
+        node, i = at_reset[r.node]
+        a, b = taps[node].moments(i)
         for who, o in (("A", a), ("B", b)):
             if not (torch.isfinite(o.mean).all() and torch.isfinite(o.var).all()):
                 raise NumericError(f"statistics of model {who} at node {r.node!r} are not finite "
                                    f"(NaN/Inf activations)")
         stats[r.node] = PointStats(a.mean, a.var, b.mean, b.var,
-                                   reset_cross[r.node].cov() if r.node in reset_cross else None)
+                                   taps[node].cov(i) if cross_at_resets else None)
     return PairStats(corr, stats, examples, {g: n for g, n in dead.items() if n})

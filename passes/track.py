@@ -294,96 +294,207 @@ class ChannelObserver(nn.Module):
         return f"dim={self.dim}, source={self.source!r}, keep={self.keep}, count={self.count}"
 
 
+# Above this ratio of mean^2 to variance in any channel of the first batch, ``ChannelSums`` sums
+# x - shift instead of x (shift = that batch's mean): E[x^2] - E[x]^2 from float32 sums of x would
+# otherwise lose more than ~1e-6 of the variance, and X_a X_b^T - n m_a m_b^T likewise.
+_SHIFT_RATIO = 10.0
+
+
+class _Layout:
+    """A tensor seen as channels x samples without a copy where possible: ``kind`` "rows" is an
+    (N, C) matrix, "cols" a (C, N) matrix, "batched" a contiguous (pre, C, post) view."""
+
+    __slots__ = ("kind", "t")
+
+    def __init__(self, kind: str, t: torch.Tensor) -> None:
+        self.kind, self.t = kind, t
+
+    @property
+    def channels(self) -> int:
+        return self.t.shape[1] if self.kind in ("rows", "batched") else self.t.shape[0]
+
+    @property
+    def samples(self) -> int:
+        return self.t.numel() // self.channels if self.channels else 0
+
+    def cols(self) -> torch.Tensor:
+        """The (C, N) channel matrix (a copy only for "batched")."""
+        if self.kind == "cols":
+            return self.t
+        if self.kind == "rows":
+            return self.t.T
+        return self.t.transpose(0, 1).reshape(self.t.shape[1], -1)
+
+    def sums(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel sum and sum of squares, float64 (reduced in the tensor's dtype first, along
+        its contiguous axis where there is one; no copy of the tensor)."""
+        t = self.t
+        if self.kind == "rows":
+            s = t.sum(0)
+            sq = torch.mul(t, t).sum(0) if t.numel() <= _SMALL else torch.linalg.vector_norm(t, 2, dim=0).square()
+        elif self.kind == "cols":
+            s = t.sum(1)
+            sq = torch.linalg.vector_norm(t, 2, dim=1).square()
+        else:
+            s = t.sum(2).sum(0, dtype=torch.float64)
+            sq = torch.linalg.vector_norm(t, 2, dim=2).square().sum(0, dtype=torch.float64)
+        return s.double(), sq.double()
+
+
+def _layout(x: torch.Tensor, dim: int, index: torch.Tensor | None, shift: torch.Tensor | None) -> _Layout:
+    if x.dtype not in (torch.float32, torch.float64):
+        x = x.float()
+    if index is not None:
+        m = channel_matrix(x, dim, index)
+        return _Layout("cols", m if shift is None else m - shift[:, None])
+    if shift is not None:
+        shape = [1] * x.ndim
+        shape[dim % x.ndim] = -1
+        x = x - shift.view(shape)
+    split = _split(x, dim)
+    if split is None:
+        return _Layout("cols", channel_matrix(x, dim))
+    pre, c, post = split
+    if post == 1:
+        return _Layout("rows", x.view(pre, c))
+    if pre == 1:
+        return _Layout("cols", x.view(c, post))
+    return _Layout("batched", x.view(pre, c, post))
+
+
+class ChannelSums:
+    """Streaming per-channel count, mean and variance of tensors with channels along ``dim``
+    (``index`` (C, R): channel c is made of the positions index[c, :], see ``channel_matrix``).
+
+    Per batch: the sums of x and x^2 per channel, reduced in the activation's dtype (float32 for
+    half types) and added to float64 totals: two reductions and no copy of x. A fixed per-channel
+    shift, the first batch's mean, is subtracted first when that batch shows a mean large against
+    its spread (``_SHIFT_RATIO``), so that var = E[(x-K)^2] - E[x-K]^2 does not cancel:
+
+        mean = S1 / n + K,      var = S2 / n - (S1 / n)^2.
+    """
+
+    def __init__(self, dim: int, index: torch.Tensor | None = None) -> None:
+        self.dim = dim
+        self.index = None if index is None else index.long()
+        self.n = 0
+        self.shift: torch.Tensor | None = None
+        self.s1: torch.Tensor | None = None
+        self.s2: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> _Layout:
+        """Add one batch; returns it as a layout (shifted), for ``cross_product``."""
+        x = x.detach()
+        if self.index is not None and self.index.device != x.device:
+            self.index = self.index.to(x.device)
+        lay = _layout(x, self.dim, self.index, self.shift)
+        s, sq = lay.sums()
+        n = lay.samples
+        if self.s1 is None:
+            mean = s / max(n, 1)
+            if bool((mean * mean > _SHIFT_RATIO * (sq / max(n, 1) - mean * mean)).any()):
+                self.shift = mean.to(lay.t.dtype)
+                lay = _layout(x, self.dim, self.index, self.shift)
+                s, sq = lay.sums()
+            self.n, self.s1, self.s2 = n, s, sq
+            return lay
+        if s.shape != self.s1.shape:
+            raise PassError(f"a batch with {s.shape[0]} channels cannot be merged with earlier batches "
+                            f"of {self.s1.shape[0]} channels")
+        self.n += n
+        self.s1 += s
+        self.s2 += sq
+        return lay
+
+    def _need_data(self) -> None:
+        if self.n == 0:
+            raise PassError("no samples seen yet; call update(x) first")
+
+    @property
+    def shifted_mean(self) -> torch.Tensor:
+        self._need_data()
+        return self.s1 / self.n
+
+    @property
+    def mean(self) -> torch.Tensor:
+        m = self.shifted_mean
+        return m if self.shift is None else m + self.shift.double()
+
+    @property
+    def var(self) -> torch.Tensor:
+        m = self.shifted_mean
+        return (self.s2 / self.n - m * m).clamp_min(0.0)
+
+
+def cross_product(la: _Layout, lb: _Layout) -> torch.Tensor:
+    """X_a X_b^T (Ca, Cb) of two layouts of one batch's samples, in their dtype, one (batched) matmul."""
+    if la.kind == lb.kind == "rows":
+        return la.t.T @ lb.t
+    if la.kind == lb.kind == "batched" and la.t.shape[0] == lb.t.shape[0] and la.t.shape[2] >= _BATCHED_MIN:
+        return torch.bmm(la.t, lb.t.transpose(1, 2)).sum(0)
+    a, b = la.cols(), lb.cols()
+    if a.shape[1] != b.shape[1]:
+        raise PassError(f"the two tensors have {a.shape[1]} and {b.shape[1]} samples per channel; "
+                        "both must come from the same batch")
+    return a @ b.T
+
+
+def covariance(sa: ChannelSums, sb: ChannelSums, sab: torch.Tensor) -> torch.Tensor:
+    """Population cross-covariance from the shifted sums: S_ab / n - (S1_a / n)(S1_b / n)^T."""
+    return sab / sa.n - torch.outer(sa.shifted_mean, sb.shifted_mean)
+
+
+def correlation(cov: torch.Tensor, var_a: torch.Tensor, var_b: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Pearson correlation from a covariance; rows/columns of channels with std <= eps are 0."""
+    std_a, std_b = var_a.sqrt(), var_b.sqrt()
+    live = torch.outer(std_a > eps, std_b > eps)
+    out = torch.where(live, cov / torch.where(live, torch.outer(std_a, std_b), 1.0), 0.0)
+    return out.clamp(-1.0, 1.0)
+
+
 class CrossMoments:
     """Streaming covariance and correlation between two sets of channels (see the module doc).
 
     ``update(xa, xb)`` takes channel matrices (Ca, N) and (Cb, N) whose columns are the same
-    samples (e.g. ``obs_a.last`` and ``obs_b.last`` after feeding one batch to both models).
-    ``moments_a`` / ``moments_b``: the (count, mean, variance) of the same matrices when already
-    known (``obs.batch``), so that they are not reduced twice. With ``dim`` != 0 (or tensors of
-    other than 2 axes), ``xa`` and ``xb`` are the tensors themselves with channels along ``dim``
-    (``channel_matrix(x, dim)`` is what is meant; e.g. an observer's ``kept()``): a contiguous
-    (pre, C, post) tensor with a long ``post`` axis is multiplied as ``pre`` batched matmuls, without
-    forming the channel matrix.
+    samples (e.g. the same point of models A and B fed one batch); with ``dim`` the tensors
+    themselves with channels along ``dim`` (what ``channel_matrix(x, dim)`` would give).
+    Per batch one matmul in the activation's dtype, summed in float64 (``ChannelSums`` shifts).
     """
 
     def __init__(self, ca: int, cb: int, device: torch.device | str | None = None) -> None:
         self.ca, self.cb = ca, cb
         self.device = torch.device(device) if device is not None else torch.device("cpu")
-        self.a, self.b = Moments(), Moments()
-        self.c = torch.zeros(ca, cb, dtype=torch.float64, device=self.device)  # centred co-moment
+        self.a: ChannelSums | None = None
+        self.b: ChannelSums | None = None
+        self.sab = torch.zeros(ca, cb, dtype=torch.float64, device=self.device)
 
     @property
     def n(self) -> int:
-        return self.a.n
+        return 0 if self.a is None else self.a.n
 
     @torch.no_grad()
-    def update(self, xa: torch.Tensor, xb: torch.Tensor,
-               moments_a: tuple[int, torch.Tensor, torch.Tensor] | None = None,
-               moments_b: tuple[int, torch.Tensor, torch.Tensor] | None = None, dim: int = 0) -> None:
-        if dim != 0 or xa.ndim != 2 or xb.ndim != 2:
-            self._update_nd(xa, xb, moments_a, moments_b, dim)
-            return
-        if xa.ndim != 2 or xb.ndim != 2 or xa.shape[0] != self.ca or xb.shape[0] != self.cb:
+    def update(self, xa: torch.Tensor, xb: torch.Tensor, dim: int = 0) -> None:
+        for x in (xa, xb):
+            if not isinstance(x, torch.Tensor) or x.ndim == 0 or not -x.ndim <= dim < x.ndim:
+                raise PassError(f"CrossMoments.update: channel axis {dim} is out of range for "
+                                f"{tuple(getattr(x, 'shape', ()))}")
+        if xa.shape[dim] != self.ca or xb.shape[dim] != self.cb:
             raise PassError(
                 f"CrossMoments({self.ca}, {self.cb}).update needs channel matrices ({self.ca}, N) and "
                 f"({self.cb}, N), got {tuple(xa.shape)} and {tuple(xb.shape)}; "
-                "use channel_matrix(x, dim) or an observer's .last"
+                "use channel_matrix(x, dim) or pass dim"
             )
-        if xa.shape[1] != xb.shape[1]:
+        if xa.numel() // self.ca != xb.numel() // self.cb:
             raise PassError(
-                f"CrossMoments.update: the two matrices have {xa.shape[1]} and {xb.shape[1]} samples; "
-                "both must come from the same batch"
+                f"CrossMoments.update: the two tensors have {xa.numel() // self.ca} and "
+                f"{xb.numel() // self.cb} samples; both must come from the same batch"
             )
-        a = xa.detach().to(self.device)
-        b = xb.detach().to(self.device)
-        if not a.is_floating_point():
-            a, b = a.float(), b.float()
-        n, mean_a, var_a = batch_moments(a, 0) if moments_a is None else _given(moments_a, a)
-        _, mean_b, var_b = batch_moments(b, 0) if moments_b is None else _given(moments_b, b)
-        # centred product of the batch: one matmul; means are subtracted afterwards unless they
-        # are large against the spread, where the product is formed from centred copies instead
-        big = lambda m, v: bool((m * m > 10.0 * v).any())  # noqa: E731
-        if a.is_cuda or big(mean_a, var_a) or big(mean_b, var_b):  # CUDA: always centre, no host sync
-            c_batch = ((a - mean_a[:, None].to(a.dtype)) @ (b - mean_b[:, None].to(b.dtype)).T).double()
-        else:
-            c_batch = (a @ b.T).double() - n * torch.outer(mean_a, mean_b)
-        delta_a, weight = self.a.add(n, mean_a, var_a)
-        delta_b, _ = self.b.add(n, mean_b, var_b)
-        self.c += c_batch + torch.outer(delta_a, delta_b) * weight
-
-    @torch.no_grad()
-    def _update_nd(self, xa, xb, moments_a, moments_b, dim: int) -> None:
-        """``update`` for tensors with channels along ``dim`` (see the class doc)."""
-        for x in (xa, xb):
-            if not isinstance(x, torch.Tensor) or not -x.ndim <= dim < x.ndim:
-                raise PassError(f"CrossMoments.update: channel axis {dim} is out of range for "
-                                f"{tuple(getattr(x, 'shape', ()))}")
-        a = xa.detach().to(self.device)
-        b = xb.detach().to(self.device)
-        sa, sb = _split(a, dim), _split(b, dim)
-        batched = (sa is not None and sb is not None and a.is_floating_point() and a.dtype == b.dtype
-                   and sa[0] == sb[0] and sa[2] == sb[2] and sa[2] >= _BATCHED_MIN
-                   and (sa[1], sb[1]) == (self.ca, self.cb))
-        if not batched or a.is_cuda:  # CUDA: centred channel matrices, no host sync per batch
-            self.update(channel_matrix(a, dim), channel_matrix(b, dim), moments_a, moments_b)
-            return
-        n, mean_a, var_a = batch_moments(a, dim) if moments_a is None else moments_a
-        _, mean_b, var_b = batch_moments(b, dim) if moments_b is None else moments_b
-        mean_a, var_a = mean_a.to(self.device, torch.float64), var_a.to(self.device, torch.float64)
-        mean_b, var_b = mean_b.to(self.device, torch.float64), var_b.to(self.device, torch.float64)
-        if n != sa[0] * sa[2] or mean_a.shape != (self.ca,) or mean_b.shape != (self.cb,):
-            raise PassError("CrossMoments.update: the given moments do not belong to these tensors")
-        big = lambda m, v: bool((m * m > 10.0 * v).any())  # noqa: E731
-        if big(mean_a, var_a) or big(mean_b, var_b):  # centred copies needed: as channel matrices
-            self.update(channel_matrix(a, dim), channel_matrix(b, dim), (n, mean_a, var_a), (n, mean_b, var_b))
-            return
-        # sum over pre of the (C, post) @ (post, C) products: X_a X_b^T without a channel-matrix copy
-        c_batch = torch.bmm(a.view(sa), b.view(sb).transpose(1, 2)).double().sum(0)
-        c_batch -= n * torch.outer(mean_a, mean_b)
-        delta_a, weight = self.a.add(n, mean_a, var_a)
-        delta_b, _ = self.b.add(n, mean_b, var_b)
-        self.c += c_batch + torch.outer(delta_a, delta_b) * weight
+        if self.a is None:
+            self.a, self.b = ChannelSums(dim), ChannelSums(dim)
+        la = self.a.update(xa.to(self.device))
+        lb = self.b.update(xb.to(self.device))
+        self.sab += cross_product(la, lb)
 
     def _need_data(self) -> None:
         if self.n == 0:
@@ -412,23 +523,57 @@ class CrossMoments:
     def cov(self) -> torch.Tensor:
         """Population cross-covariance (Ca, Cb), float64."""
         self._need_data()
-        return self.c / self.n
+        return covariance(self.a, self.b, self.sab)
 
     def corr(self, eps: float = 1e-12) -> torch.Tensor:
         """Pearson correlation (Ca, Cb); rows/columns of channels with std <= eps are 0."""
-        std_a, std_b = self.var_a.sqrt(), self.var_b.sqrt()
-        denom = torch.outer(std_a, std_b)
-        live = torch.outer(std_a > eps, std_b > eps)
-        out = torch.where(live, self.cov() / torch.where(live, denom, 1.0), 0.0)
-        return out.clamp(-1.0, 1.0)
+        return correlation(self.cov(), self.var_a, self.var_b, eps)
 
 
-def _given(moments: tuple[int, torch.Tensor, torch.Tensor], x: torch.Tensor):
-    n, mean, var = moments
-    if n != x.shape[1] or mean.shape != (x.shape[0],) or var.shape != (x.shape[0],):
-        raise PassError(f"CrossMoments.update: given moments of {n} samples and {tuple(mean.shape)} "
-                        f"channels do not belong to a ({x.shape[0]}, {x.shape[1]}) channel matrix")
-    return n, mean.to(device=x.device, dtype=torch.float64), var.to(device=x.device, dtype=torch.float64)
+@dataclass(frozen=True)
+class TapView:
+    """What a ``PairTap`` measures on its node: channel axis ``dim``, optional (C, R) ``index``,
+    and whether to keep the A-B cross products (``cross``)."""
+
+    dim: int
+    index: torch.Tensor | None = None
+    cross: bool = False
+
+
+class PairTap(nn.Module):
+    """Called with the same node's value in models A and B (``passes.pair``): per view, the
+    per-channel sums of A and of B, and with ``cross`` the float64 sum of X_a X_b^T.
+    Read the results with ``moments(i)`` -> (ChannelSums A, ChannelSums B) and ``cov(i)``."""
+
+    def __init__(self, views: list[TapView], source: str = "") -> None:
+        super().__init__()
+        self.views = list(views)
+        self.source = source
+        self.sums = [(ChannelSums(v.dim, v.index), ChannelSums(v.dim, v.index)) for v in self.views]
+        self.cross: list[torch.Tensor | None] = [None] * len(self.views)
+
+    @torch.no_grad()
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+            raise PassError(f"the tap at node {self.source!r} received a {type(a).__name__}, not a "
+                            "tensor; tap a node whose value is a single tensor")
+        for i, (v, (sa, sb)) in enumerate(zip(self.views, self.sums)):
+            la, lb = sa.update(a), sb.update(b)
+            if v.cross:
+                prod = cross_product(la, lb)
+                if self.cross[i] is None:
+                    self.cross[i] = prod.double()
+                else:
+                    self.cross[i] += prod
+
+    def moments(self, i: int) -> tuple[ChannelSums, ChannelSums]:
+        return self.sums[i]
+
+    def cov(self, i: int) -> torch.Tensor:
+        """A-B cross-covariance of view ``i`` (float64)."""
+        if self.cross[i] is None:
+            raise PassError(f"the tap at node {self.source!r} has no cross products for view {i}")
+        return covariance(*self.sums[i], self.cross[i])
 
 
 @dataclass(frozen=True)

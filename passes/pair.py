@@ -1,0 +1,84 @@
+"""Two models of one graph, run side by side in one GraphModule, with taps that see both.
+
+``pair_graph(graph, root_a, root_b, taps)`` builds a GraphModule whose forward feeds the same
+inputs to two copies of ``graph``: copy A reads its modules and attributes from ``root_a``, copy B
+from ``root_b`` (the modules are shared, not copied: no weights are duplicated). The copies are
+interleaved node by node (A's node n, then B's node n), and after the pair of nodes named in
+``taps`` the tap module is called as ``tap(value_a, value_b)`` for its side effects (its result is
+ignored). The forward returns ``(output_a, output_b)``.
+
+Interleaving is what makes joint statistics cheap: the two values a tap compares exist together
+only while the tap runs, and each is freed at its last use as in a plain forward, so the pass
+needs about twice the activation memory of one model's forward instead of holding every tapped
+activation of A until B has run.
+
+A graph whose placeholders take a pytree (``torch.export`` modules) is paired in its flat form:
+the paired module takes the flat inputs (one tensor for a one-tensor model).
+"""
+
+from __future__ import annotations
+
+import torch.fx as fx
+import torch.nn as nn
+
+from passes.errors import PassError
+from passes.modules import get_attr_value
+
+TAP_PREFIX = "_gr_tap"
+
+
+def _resolves(root: nn.Module, target: str) -> bool:
+    try:
+        get_attr_value(root, target)
+    except PassError:
+        return False
+    return True
+
+
+def pair_graph(graph: fx.Graph, root_a: nn.Module, root_b: nn.Module,
+               taps: dict[str, nn.Module]) -> fx.GraphModule:
+    """The paired GraphModule (see the module doc). ``taps``: node name -> module called as
+    ``module(value_a, value_b)`` right after both copies of that node have run."""
+    nodes = {n.name: n for n in graph.nodes}
+    missing = [t for t in taps if t not in nodes]
+    if missing:
+        raise PassError(f"pair_graph: no node named {', '.join(map(repr, missing))} in the graph")
+    for n in graph.nodes:
+        if n.op in ("call_module", "get_attr"):
+            for side, root in (("A", root_a), ("B", root_b)):
+                if not _resolves(root, n.target):
+                    raise PassError(f"pair_graph: node {n.name!r} reads {n.target!r}, which model {side} "
+                                    f"does not have")
+    root = nn.Module()
+    root.a, root.b = root_a, root_b
+    for i, name in enumerate(taps):
+        setattr(root, f"{TAP_PREFIX}_{i}", taps[name])
+    tap_names = {name: f"{TAP_PREFIX}_{i}" for i, name in enumerate(taps)}
+
+    out = fx.Graph()
+    env_a: dict[fx.Node, fx.Node] = {}
+    env_b: dict[fx.Node, fx.Node] = {}
+    outputs = None
+    for n in graph.nodes:
+        if n.op == "placeholder":
+            p = out.node_copy(n)
+            env_a[n] = env_b[n] = p
+            continue
+        if n.op == "output":
+            outputs = (fx.map_arg(n.args[0], env_a.__getitem__), fx.map_arg(n.args[0], env_b.__getitem__))
+            continue
+        for side, env in (("a", env_a), ("b", env_b)):
+            target = f"{side}.{n.target}" if n.op in ("call_module", "get_attr") else n.target
+            new = out.create_node(n.op, target, fx.map_arg(n.args, env.__getitem__),
+                                  fx.map_arg(n.kwargs, env.__getitem__), name=f"{side}_{n.name}",
+                                  type_expr=n.type)
+            new.meta = dict(n.meta)
+            env[n] = new
+        if n.name in taps:
+            out.call_module(tap_names[n.name], (env_a[n], env_b[n]))
+    if outputs is None:
+        raise PassError("pair_graph: the graph has no output node")
+    out.output(outputs)
+    gm = fx.GraphModule(root, out)
+    gm.graph.lint()
+    return gm
