@@ -11,11 +11,22 @@ floor is therefore three plain eval passes over the same examples. Printed, meas
 
 Everything a merge does is in the numerator: tracing and discovery, the joint statistics pass,
 linear assignment, permutation, interpolation, the REPAIR pass, folding.
+
+Both sides are timed in the same process, alternately, best of ``--repeats``; the minor page
+faults of each are printed too. On CPU with glibc's default malloc every activation above the
+mmap threshold (32 MB at most) is a fresh mapping whose pages fault on first touch; how many do
+depends on the heap's history, so it can favour either side. Run once as is and once with
+
+    GLIBC_TUNABLES=glibc.malloc.mmap_threshold=4294967295:glibc.malloc.trim_threshold=4294967295
+
+(memory is reused, no page churn: what jemalloc or tcmalloc give) to see both regimes.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import resource
 import time
 
 import torch
@@ -36,6 +47,10 @@ def plain_pass(model, x, batch_size, device):
     sync(device)
 
 
+def faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def bench(name, factory, shape, n, batch_size, device, repeats=2):
     torch.manual_seed(0)
     a, b = factory().to(device).eval(), factory().to(device).eval()
@@ -43,20 +58,23 @@ def bench(name, factory, shape, n, batch_size, device, repeats=2):
     # warm-up (allocator, kernels, first trace)
     gr.merge_models([a, b], x[:512], num_examples=512, batch_size=batch_size)
     best_merge, best_plain, result = float("inf"), float("inf"), None
+    faults_merge = faults_plain = 0
     for _ in range(repeats):
         sync(device)
-        t = time.perf_counter()
+        f, t = faults(), time.perf_counter()
         result = gr.merge_models([a, b], x, num_examples=n, batch_size=batch_size,
                                  method="activation", repair="exact")
         sync(device)
-        best_merge = min(best_merge, time.perf_counter() - t)
-        t = time.perf_counter()
+        if time.perf_counter() - t < best_merge:
+            best_merge, faults_merge = time.perf_counter() - t, faults() - f
+        f, t = faults(), time.perf_counter()
         for m in (a, b, result.model):
             plain_pass(m, x, batch_size, device)
-        best_plain = min(best_plain, time.perf_counter() - t)
-    print(f"{name:34s} device={device.type:4s} examples={n} merge={best_merge:7.3f}s "
+        if time.perf_counter() - t < best_plain:
+            best_plain, faults_plain = time.perf_counter() - t, faults() - f
+    print(f"{name:30s} device={device.type:4s} examples={n} merge={best_merge:7.3f}s "
           f"3 plain passes={best_plain:7.3f}s ratio={best_merge / best_plain:5.2f} "
-          f"(resets {result.resets}, folded {result.folded})")
+          f"(page faults {faults_merge} vs {faults_plain}; resets {result.resets}, folded {result.folded})")
     return best_merge / best_plain
 
 
@@ -65,13 +83,19 @@ def main():
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--examples", type=int, default=5000)
     p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--only", choices=["mlp", "resnet"], default=None)
     args = p.parse_args()
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
-    bench("paper MLP, 20 layers x 128", lambda: mlp(depth=20, width=128), (1, 28, 28),
-          args.examples, args.batch_size, device)
-    bench("ResNet20 (BN) width 2, 32x32", lambda: resnet20("bn", width=2), (3, 32, 32),
-          args.examples, args.batch_size, device)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '(unset)')}")
+    if args.only in (None, "mlp"):
+        bench("paper MLP, 20 layers x 128", lambda: mlp(depth=20, width=128), (1, 28, 28),
+              args.examples, args.batch_size, device, args.repeats)
+    if args.only in (None, "resnet"):
+        bench("ResNet20 (BN) width 2, 32x32", lambda: resnet20("bn", width=2), (3, 32, 32),
+              args.examples, args.batch_size, device, args.repeats)
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ from .errors import GraphRepairError
 from .points import ResetPoint, observation_points, reset_points
 from .progress import progress
 from .spec import PermutationSpec
-from .stats import PairStats, check_finite, collect, graph_for, model_device
+from .stats import PairStats, check_finite, collect, copy_with_state, graph_for, model_device
 
 REPAIR_MODES = ("exact", "approx", "reset", None)
 METHODS = ("activation", "weight")
@@ -237,8 +237,7 @@ def merge_prepared(prep: Prepared, weights: list[float], repair: str | None,
         result.model = _repair(prep.spec, models[0], merged_state, prep.points, prep.stats, prep.perms,
                                weights, repair, fit, quiet, result, keep_unfolded)
     else:
-        model = copy.deepcopy(models[0])
-        model.load_state_dict(merged_state)
+        model = copy_with_state(models[0], merged_state, own=True)
         if repair == "reset":
             n = reset_batchnorm_stats(model, fit, quiet)
             if n == 0:
@@ -279,7 +278,7 @@ def _goal(rpoints, stats_all, perms_all, weights, spec):
 def _repair(spec, model_a, merged_state, rpoints, stats_all, perms_all, weights, mode, fit, quiet,
             result: MergeResult, keep_unfolded: bool = False) -> nn.Module:
     device = model_device(model_a)
-    gm = graph_for(spec, merged_state, device)
+    gm = graph_for(spec, merged_state, device, own=True)
     goals = _goal(rpoints, stats_all, perms_all, weights, spec)
     insert_resets(gm, {r.node: ResetSpec(r.axis, goals[r.node][0].float(), goals[r.node][1].float())
                        for r in rpoints}, inplace=True)
@@ -307,7 +306,8 @@ def _repair(spec, model_a, merged_state, rpoints, stats_all, perms_all, weights,
         result.unfolded = copy.deepcopy(gm)
         result.goals = {k: (m.detach(), s.detach()) for k, (m, s) in _goal(
             rpoints, stats_all, perms_all, weights, spec).items()}
-    folded = fold_affines(gm, inplace=True, example_inputs=(fit.example(),))
+    # exact: every reset saw data and knows its input's rank; approx: shapes from one small example
+    folded = fold_affines(gm, inplace=True, example_inputs=(fit.example(),) if mode == "approx" else None)
     result.folded = folded.counts.get("folded", 0)
     result.kept = list(folded.notes)
     return finalize(gm, model_a, merged_state)
@@ -319,9 +319,7 @@ def finalize(gm, model_a: nn.Module, merged_state: dict) -> nn.Module:
     gsd = gm.state_dict()
     leftovers = any(isinstance(m, (Reset, ChannelAffine)) for m in gm.modules())
     if not leftovers and set(gsd) <= set(merged_state):
-        model = copy.deepcopy(model_a)
-        model.load_state_dict({**merged_state, **{k: v for k, v in gsd.items()}})
-        return model.eval()
+        return copy_with_state(model_a, {**merged_state, **gsd}, own=True).eval()
     return gm.eval()
 
 

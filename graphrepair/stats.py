@@ -59,20 +59,45 @@ class PairStats:
     dead: dict[str, int] = field(default_factory=dict)  # group -> channels with zero variance
 
 
-def graph_for(spec: PermutationSpec, state: dict[str, torch.Tensor] | nn.Module,
-              device: torch.device | None = None) -> torch.fx.GraphModule:
-    """A copy of the traced graph carrying the weights of ``state`` (a model or a state dict)."""
-    gm = copy.deepcopy(spec.traced.gm)
-    sd = state.state_dict() if isinstance(state, nn.Module) else state
-    own = gm.state_dict()
-    missing = [k for k in own if k not in sd]
+def copy_with_state(module: nn.Module, state: dict[str, torch.Tensor], *, own: bool = False,
+                    device: torch.device | None = None) -> nn.Module:
+    """A copy of ``module`` carrying ``state`` (every key of the module's state dict), made without
+    copying the module's own weights first: the tensors of its state dict are left out of the deep
+    copy and the copy is given the tensors of ``state`` (cast to the module's dtypes, on ``device``
+    or the module's devices). ``own=True``: ``state``'s tensors belong to the caller and are taken
+    as they are where no cast is needed, else they are copied. Everything else (non-persistent
+    buffers, the graph of a GraphModule) is deep-copied as usual."""
+    current = module.state_dict(keep_vars=True)
+    missing = [k for k in current if k not in state]
     if missing:
         raise MismatchError(f"the model has no parameter {missing[0]!r} that its traced graph uses "
                             f"({len(missing)} missing); is it the architecture the spec was made for?")
-    gm.load_state_dict({k: sd[k] for k in own}, strict=True)
+    memo = {id(t): t for t in current.values()}  # shared until replaced below
+    clone = copy.deepcopy(module, memo)
+    new, first = {}, {}
+    for k, t in current.items():
+        if id(t) in first:  # tied: one tensor under two names stays one tensor
+            new[k] = new[first[id(t)]]
+            continue
+        first[id(t)] = k
+        v = state[k].detach()
+        if v.shape != t.shape:
+            raise MismatchError(f"parameter {k!r} has shape {tuple(v.shape)}, but the model's is {tuple(t.shape)}")
+        v = v.to(device=device if device is not None else t.device, dtype=t.dtype, copy=not own)
+        new[k] = nn.Parameter(v, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else v
+    clone.load_state_dict(new, strict=True, assign=True)
     if device is not None:
-        gm.to(device)
-    return gm.eval()
+        clone.to(device)
+    return clone
+
+
+def graph_for(spec: PermutationSpec, state: dict[str, torch.Tensor] | nn.Module,
+              device: torch.device | None = None, own: bool = False) -> torch.fx.GraphModule:
+    """A copy of the traced graph carrying the weights of ``state`` (a model or a state dict;
+    ``own``: see ``copy_with_state``)."""
+    sd = state.state_dict() if isinstance(state, nn.Module) else state
+    return copy_with_state(spec.traced.gm, sd, own=own and not isinstance(state, nn.Module),
+                           device=device).eval()
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -157,7 +182,7 @@ def collect(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module, batch
                 for r in resets}
     taps = {node: PairTap(vs, source=node) for node, vs in views.items()}
     root_a, root_b = pair_roots(spec, model_a, model_b, device)
-    pair = pair_graph(spec.traced.gm.graph, root_a, root_b, taps)
+    pair = pair_graph(spec.traced.gm, root_a, root_b, taps)
 
     examples = 0
     for x in progress(batches, "statistics of A and B", total=total, quiet=quiet):

@@ -2,7 +2,10 @@
 
 Nothing here knows about permutations or model merging; ``graphrepair`` builds on it.
 
-- ``insert_observers`` / ``observers`` / ``CrossMoments``: streaming per-channel statistics.
+- ``insert_observers`` / ``observers`` / ``CrossMoments`` / ``ChannelSums``: streaming per-channel
+  statistics.
+- ``pair_graph`` / ``PairTap``: two models of one graph run side by side, node by node, with taps
+  that see both values of a node (joint statistics without holding activations).
 - ``insert_resets`` / ``resets`` / ``set_mode``: REPAIR's reset nodes.
 - ``fold_affines``: fold resets and per-channel affines into the producing op.
 - ``fold_batchnorms``: fold eval-mode BatchNorm into the preceding conv / linear.
@@ -23,11 +26,15 @@ from passes.modules import (
     producer_kind,
     replace_module,
 )
+from passes.pair import pair_graph
 from passes.reset import ChannelAffine, Reset, ResetSpec, insert_resets, resets, set_mode
 from passes.track import (
     ChannelObserver,
+    ChannelSums,
     CrossMoments,
     ObserverSpec,
+    PairTap,
+    TapView,
     channel_matrix,
     insert_observers,
     observers,
@@ -36,16 +43,19 @@ from passes.track import (
 __all__ = [
     "ChannelAffine",
     "ChannelObserver",
+    "ChannelSums",
     "CrossMoments",
     "ExportFailedError",
     "ExportReport",
     "ExportVerificationError",
     "ObserverSpec",
+    "PairTap",
     "PassError",
     "PassResult",
     "Producer",
     "Reset",
     "ResetSpec",
+    "TapView",
     "channel_matrix",
     "describe_producer",
     "export_onnx",
@@ -57,6 +67,7 @@ __all__ = [
     "insert_observers",
     "insert_resets",
     "observers",
+    "pair_graph",
     "parent_and_attr",
     "producer_kind",
     "replace_module",

@@ -12,8 +12,12 @@ only while the tap runs, and each is freed at its last use as in a plain forward
 needs about twice the activation memory of one model's forward instead of holding every tapped
 activation of A until B has run.
 
+When the graph may write in place (``passes.track.writes_in_place``), copy B reads clones of the
+inputs, so that an in-place op of copy A on an input cannot change what copy B sees.
+
 A graph whose placeholders take a pytree (``torch.export`` modules) is paired in its flat form:
-the paired module takes the flat inputs (one tensor for a one-tensor model).
+the paired module takes the flat inputs (one tensor for a one-tensor model) and returns the two
+flat output lists.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import torch.nn as nn
 
 from passes.errors import PassError
 from passes.modules import get_attr_value
+from passes.track import writes_in_place
 
 TAP_PREFIX = "_gr_tap"
 
@@ -35,10 +40,16 @@ def _resolves(root: nn.Module, target: str) -> bool:
     return True
 
 
-def pair_graph(graph: fx.Graph, root_a: nn.Module, root_b: nn.Module,
+def _clone(x):
+    return x.clone() if hasattr(x, "clone") else x
+
+
+def pair_graph(gm: fx.GraphModule, root_a: nn.Module, root_b: nn.Module,
                taps: dict[str, nn.Module]) -> fx.GraphModule:
-    """The paired GraphModule (see the module doc). ``taps``: node name -> module called as
-    ``module(value_a, value_b)`` right after both copies of that node have run."""
+    """The paired GraphModule of ``gm``'s graph (see the module doc). ``taps``: node name -> module
+    called as ``module(value_a, value_b)`` right after both copies of that node have run."""
+    graph = gm.graph
+    clone_inputs = writes_in_place(gm)
     nodes = {n.name: n for n in graph.nodes}
     missing = [t for t in taps if t not in nodes]
     if missing:
@@ -63,6 +74,8 @@ def pair_graph(graph: fx.Graph, root_a: nn.Module, root_b: nn.Module,
         if n.op == "placeholder":
             p = out.node_copy(n)
             env_a[n] = env_b[n] = p
+            if clone_inputs:
+                env_b[n] = out.call_function(_clone, (p,))
             continue
         if n.op == "output":
             outputs = (fx.map_arg(n.args[0], env_a.__getitem__), fx.map_arg(n.args[0], env_b.__getitem__))

@@ -8,9 +8,11 @@ goal_mean = (1-a) mu_A + a mu_B, goal_std = (1-a) sigma_A + a sigma_B):
     y_c = (x_c - m_c) / sqrt(v_c + eps) * goal_std_c + goal_mean_c
 
 - "collect" mode: m, v are the statistics of the current batch over every axis but ``dim``
-  (BatchNorm in train mode), and the reset accumulates the exact mean and population variance of
-  x over every batch seen (float64 sums with a per-channel shift, i.e. a cumulative average,
-  BatchNorm's momentum=None). ``running_mean`` / ``running_var`` hold them after each batch.
+  (BatchNorm in train mode: ``F.batch_norm`` when ``dim`` is axis 1), and the reset accumulates
+  the exact mean and population variance of x over every batch seen (``passes.track.ChannelSums``:
+  float64 sums, about a per-channel shift where means are large; a cumulative average, not
+  BatchNorm's per-batch momentum=None average). ``running_mean`` / ``running_var`` hold them after
+  each batch.
 - "apply" mode: m, v = running_mean, running_var (BatchNorm in eval mode); the stats can also be
   set directly with ``set_running`` (closed-form REPAIR, no pass through the merged net).
 
@@ -28,12 +30,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.fx import GraphModule
 
 from passes.base import PassResult, finish, start
 from passes.errors import PassError
 from passes.modules import insert_module_after, inserted_modules, module_device, named_nodes
-from passes.track import Moments, batch_moments
+from passes.track import _SMALL, ChannelSums
 
 RESET_PREFIX = "_gr_reset"
 MODES = ("collect", "apply")
@@ -118,7 +121,7 @@ class Reset(nn.Module):
         self.register_buffer("running_var", torch.ones(num_channels))
         self.count = 0  # samples per channel accumulated in collect mode
         self.stats_set = False  # running stats given by set_running
-        self.moments = Moments()
+        self.sums = ChannelSums(dim)
 
     @property
     def num_channels(self) -> int:
@@ -133,7 +136,7 @@ class Reset(nn.Module):
         """Forget the accumulated statistics (running stats back to mean 0, variance 1)."""
         self.count = 0
         self.stats_set = False
-        self.moments = Moments()
+        self.sums = ChannelSums(self.dim)
         self.running_mean.zero_()
         self.running_var.fill_(1.0)
 
@@ -167,21 +170,25 @@ class Reset(nn.Module):
             shift = self.goal_mean - self.running_mean * scale
             return x * scale.to(x.dtype).view(shape) + shift.to(x.dtype).view(shape)
         self.last_ndim = x.ndim
-        n, mean, var = batch_moments(x.detach(), dim)
-        self._accumulate(n, mean, var)
-        # normalise with the batch statistics, as one fused multiply-add
+        with torch.no_grad():
+            self.sums.update(x)
+            self.count = self.sums.n
+            self.stats_set = False
+            self.running_mean.copy_(self.sums.mean)
+            self.running_var.copy_(self.sums.var)
+        if dim == 1 and x.numel() > x.shape[1] and (x.is_cuda or x.numel() <= _SMALL):
+            # BatchNorm's own kernel: batch statistics in one fused op (on CPU the fewest calls for
+            # small tensors; for large ones two reductions and one multiply-add are faster)
+            return F.batch_norm(x, None, None, self.goal_std.to(x.dtype), self.goal_mean.to(x.dtype),
+                                training=True, eps=self.eps)
+        n, s1, s2 = self.sums.batch
+        mean = s1.double() / n
+        var = (s2.double() / n - mean * mean).clamp_min(0.0)
+        if self.sums.shift is not None:
+            mean = mean + self.sums.shift.double()
         scale = self.goal_std.double() * torch.rsqrt(var + self.eps)
         shift = self.goal_mean.double() - mean * scale
         return torch.addcmul(shift.to(x.dtype).view(shape), x, scale.to(x.dtype).view(shape))
-
-    @torch.no_grad()
-    def _accumulate(self, n: int, mean: torch.Tensor, var: torch.Tensor) -> None:
-        """Merge the batch statistics already computed for normalising (no second pass over x)."""
-        self.moments.add(n, mean, var)
-        self.count = self.moments.n
-        self.stats_set = False
-        self.running_mean.copy_(self.moments.mean)
-        self.running_var.copy_(self.moments.var)
 
     def extra_repr(self) -> str:
         return f"{self.num_channels}, dim={self.dim}, eps={self.eps}, mode={self.mode}, source={self.source!r}"

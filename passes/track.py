@@ -6,22 +6,23 @@ and flattens every other axis into samples: X (C, N) with N = x.numel() / C. Wit
 (LongTensor (C, R) of positions along ``dim``) channel c is made of the R positions index[c, :]
 (e.g. one unit replicated over R heads), each replica giving extra samples: X (C, R*N).
 
-Streaming moments (``Moments``). Each batch b contributes its count n_b, per-channel mean m_b and
-centred second moment M2_b (float32 sums and norms per channel, reduced along the contiguous
-axes first, or ``var_mean`` where E[x^2] - E[x]^2 would cancel: no float64 copy of the activation
-is ever made; see ``batch_moments``); batches are merged in float64 with Chan et al.'s pairwise update,
+Streaming moments (``ChannelSums``). Each batch adds its per-channel sum and sum of squares,
+reduced in the activation's dtype (float32 for half types) along the tensor's contiguous axis
+where it has one (no copy of the activation), to float64 totals S1, S2 and the count n. When the
+first batch shows a channel whose mean is large against its spread (mean^2 > 10 var), every batch
+is summed about a fixed per-channel shift K (that batch's mean) instead, so that
 
-    n = n_1 + n_b,   d = m_b - m_1,   m = m_1 + d n_b / n,   M2 = M2_1 + M2_b + d^2 n_1 n_b / n,
+    mean = S1 / n + K,     population variance = S2 / n - (S1 / n)^2
 
-so mean = m and the population variance = M2 / n, free of the cancellation of sum(x^2) - n mean^2.
+does not cancel (float32 sums of x and x^2 would lose the variance of, say, mean 100, std 3).
 
-Cross moments of two tensors (``CrossMoments``), e.g. the same point in models A and B fed the
-same batch, X_a (Ca, N), X_b (Cb, N): per batch the centred product
-C_b = (X_a - m_a)(X_b - m_b)^T (one matmul in the activation's dtype), merged in float64 by
+Cross moments of two tensors (``CrossMoments``, ``PairTap``), e.g. the same point in models A
+and B fed the same batch, X_a (Ca, N), X_b (Cb, N): per batch one matmul X_a X_b^T in the
+activation's dtype (as batched matmuls over a leading axis for conv maps, without forming the
+channel matrix) added to a float64 total S_ab, about the same shifts, and
 
-    C = C_1 + C_b + (m_a,b - m_a,1)(m_b,b - m_b,1)^T n_1 n_b / n
-
-    cov = C / n,   corr_ij = cov_ij / (std_a_i std_b_j), and 0 where either std is <= eps (never NaN)
+    cov = S_ab / n - (S1_a / n)(S1_b / n)^T,
+    corr_ij = cov_ij / (std_a_i std_b_j), and 0 where either std is <= eps (never NaN)
 
 Nothing is stored across batches except these sums: memory O(C) per observer, O(Ca*Cb) per
 cross-moment table.
@@ -65,49 +66,6 @@ def channel_matrix(
     return m if dtype is None else m.to(dtype)
 
 
-class Moments:
-    """Streaming count, mean and centred second moment per channel (float64; see the module doc)."""
-
-    def __init__(self) -> None:
-        self.n = 0
-        self.mean: torch.Tensor | None = None
-        self.m2: torch.Tensor | None = None
-
-    @torch.no_grad()
-    def add(self, n: int, mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """Merge one batch of ``n`` samples with per-channel ``mean`` and population ``var``.
-        Returns (mean_batch - mean_before, n_before * n / n_total) for cross-moment updates."""
-        mean = mean.detach().double()
-        m2 = var.detach().double() * n
-        if self.mean is None:
-            self.n, self.mean, self.m2 = n, mean, m2
-            return torch.zeros_like(mean), 0.0
-        if mean.shape != self.mean.shape:
-            raise PassError(f"a batch with {mean.shape[0]} channels cannot be merged with earlier "
-                            f"batches of {self.mean.shape[0]} channels")
-        total = self.n + n
-        delta = mean - self.mean
-        weight = self.n * n / total
-        self.mean = self.mean + delta * (n / total)
-        self.m2 = self.m2 + m2 + delta * delta * weight
-        self.n = total
-        return delta, weight
-
-    @property
-    def var(self) -> torch.Tensor:
-        return (self.m2 / self.n).clamp_min(0.0)
-
-
-def _reduce_dims(ndim: int, dim: int) -> list[int]:
-    dim = dim % ndim
-    return [d for d in range(ndim) if d != dim]
-
-
-# Above this ratio of mean^2 to variance, E[x^2] - E[x]^2 from float32 sums loses more than ~1e-4
-# of the variance: such batches take the exact (slower, Welford) reduction instead.
-_CANCELLATION = 1e3
-
-
 def _split(x: torch.Tensor, dim: int) -> tuple[int, int, int] | None:
     """(pre, C, post) such that a contiguous ``x`` is a (pre, C, post) view with channels in the
     middle; None when ``x`` is not contiguous."""
@@ -129,175 +87,13 @@ _SMALL = 1 << 20
 _BATCHED_MIN = 256
 
 
-@torch.no_grad()
-def batch_moments(x: torch.Tensor, dim: int) -> tuple[int, torch.Tensor, torch.Tensor]:
-    """(count, mean, population variance) per channel of one batch, means and variances in float64.
-
-    float32 inputs use the two fastest reductions torch has (sum and vector_norm, no temporary
-    copy of x; a contiguous x is seen as (pre, C, post) and reduced over its contiguous ``post``
-    axis first, then over ``pre`` in float64; a small (N, C) batch squares into a temporary, which
-    is faster than vector_norm along the strided axis) and fall back to ``var_mean`` for a batch where
-    cancellation would cost accuracy; other dtypes use ``var_mean`` in float32/float64 directly."""
-    dims = _reduce_dims(x.ndim, dim)
-    n = x.numel() // x.shape[dim] if x.ndim else 1
-    if x.dtype == torch.float32 and dims and not x.is_cuda:  # on CUDA var_mean is fast, and a
-        # cancellation check would wait for the device every batch
-        split = _split(x, dim)
-        if split is not None and split[2] > 1 and split[0] > 0:
-            v = x.view(split)
-            s = v.sum(2).double().sum(0)
-            sq = torch.linalg.vector_norm(v, 2, dim=2).double().square().sum(0)
-        elif split is not None and split[2] == 1 and x.numel() <= _SMALL:
-            s = x.sum(dims).double()  # (N, C) with C contiguous: x * x beats a strided vector_norm
-            sq = torch.mul(x, x).sum(dims).double()
-        else:
-            s = x.sum(dims).double()
-            sq = torch.linalg.vector_norm(x, 2, dim=dims).double().square()
-        mean = s / n
-        var = (sq / n - mean * mean).clamp_min(0.0)
-        if not bool((mean * mean > _CANCELLATION * var).any()):
-            return n, mean, var
-    xf = x if x.dtype == torch.float64 else x.float()
-    var, mean = torch.var_mean(xf, dim=dims, correction=0)
-    return n, mean.double(), var.double()
-
-
-class ChannelObserver(nn.Module):
-    """Identity module that accumulates per-channel count, mean and variance of its input.
-
-    ``dim`` is the channel axis; ``index`` (C, R) groups positions along it (see the module doc).
-    With ``keep=True`` the channel matrix (activation dtype) of the latest batch is kept in ``.last``
-    (overwritten each batch) so that a caller can update a ``CrossMoments`` table, and its
-    (count, mean, variance) in ``.batch``, which ``CrossMoments.update`` can take instead of
-    reducing the matrix again. With ``defer=True`` (set by ``insert_observers`` when no op of the
-    graph writes in place) the batch itself is kept and the channel matrix is only formed when
-    ``.last`` is read, so a caller that can use the tensor as it is (``kept()``) skips that copy.
-    ``source`` names the graph node observed (set by ``insert_observers``).
-    """
-
-    def __init__(
-        self,
-        dim: int,
-        index: torch.Tensor | None = None,
-        keep: bool = False,
-        source: str = "",
-        defer: bool = False,
-    ) -> None:
-        super().__init__()
-        self.dim = dim
-        self.keep = keep
-        self.defer = defer
-        self._raw: torch.Tensor | None = None
-        self._raw_version = 0
-        self._last: torch.Tensor | None = None
-        self.enabled = True
-        self.source = source
-        self.register_buffer("index", None if index is None else index.long(), persistent=False)
-        self.last: torch.Tensor | None = None
-        self.batch: tuple[int, torch.Tensor, torch.Tensor] | None = None
-        self.moments = Moments()
-
-    @property
-    def count(self) -> int:
-        return self.moments.n
-
-    @property
-    def last(self) -> torch.Tensor | None:
-        """The latest batch as a channel matrix (with ``keep``; None once cleared)."""
-        if self._last is None and self._raw is not None:
-            self._last = channel_matrix(self._checked_raw(), self.dim)
-        return self._last
-
-    @last.setter
-    def last(self, value: torch.Tensor | None) -> None:
-        self._last, self._raw = value, None
-
-    def _checked_raw(self) -> torch.Tensor:
-        if self._raw._version != self._raw_version:
-            raise PassError(
-                f"the tensor observed at node {self.source!r} was modified in place after the observer "
-                "saw it; insert the observers with defer=False for graphs with in-place ops"
-            )
-        return self._raw
-
-    def kept(self) -> tuple[torch.Tensor, int] | None:
-        """The latest batch as (tensor, channel axis): the observed tensor itself when deferred,
-        else (``.last``, 0); None when nothing is kept."""
-        if self._raw is not None and self._last is None:
-            return self._checked_raw(), self.dim
-        last = self.last
-        return None if last is None else (last, 0)
-
-    def reset_stats(self) -> None:
-        """Forget every batch seen so far."""
-        self.moments = Moments()
-        self.last = None
-        self.batch = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.enabled:
-            self.update(x)
-        return x
-
-    @torch.no_grad()
-    def update(self, x: torch.Tensor) -> None:
-        """Add one batch to the statistics (what ``forward`` does when enabled)."""
-        if not isinstance(x, torch.Tensor):
-            raise PassError(
-                f"observer at node {self.source!r} received a {type(x).__name__}, not a tensor; "
-                "observe a node whose value is a single tensor"
-            )
-        x = x.detach()
-        if self.index is None:
-            batch = batch_moments(x, self.dim)  # reduces x in place, no copy
-            if self.keep and self.defer:
-                self.last = None
-                self._raw, self._raw_version = x, x._version
-            else:
-                self.last = channel_matrix(x, self.dim) if self.keep else None
-        else:
-            m = channel_matrix(x, self.dim, self.index)
-            batch = batch_moments(m, 0)
-            self.last = m if self.keep else None
-        self.moments.add(*batch)
-        self.batch = batch if self.keep else None
-
-    def _need_data(self) -> None:
-        if self.count == 0:
-            raise PassError(
-                f"observer at node {self.source!r} has seen no data; run the model on some batches "
-                "with the observer enabled first"
-            )
-
-    @property
-    def num_channels(self) -> int:
-        self._need_data()
-        return int(self.moments.mean.shape[0])
-
-    @property
-    def mean(self) -> torch.Tensor:
-        """Per-channel mean (float64, (C,))."""
-        self._need_data()
-        return self.moments.mean
-
-    @property
-    def var(self) -> torch.Tensor:
-        """Per-channel population variance (float64, (C,))."""
-        self._need_data()
-        return self.moments.var
-
-    @property
-    def std(self) -> torch.Tensor:
-        return self.var.sqrt()
-
-    def extra_repr(self) -> str:
-        return f"dim={self.dim}, source={self.source!r}, keep={self.keep}, count={self.count}"
-
-
 # Above this ratio of mean^2 to variance in any channel of the first batch, ``ChannelSums`` sums
 # x - shift instead of x (shift = that batch's mean): E[x^2] - E[x]^2 from float32 sums of x would
 # otherwise lose more than ~1e-6 of the variance, and X_a X_b^T - n m_a m_b^T likewise.
 _SHIFT_RATIO = 10.0
+
+
+_EXACT = (torch.float32, torch.float64)  # dtypes reduced as they are (others in float32)
 
 
 class _Layout:
@@ -326,8 +122,8 @@ class _Layout:
         return self.t.transpose(0, 1).reshape(self.t.shape[1], -1)
 
     def sums(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-channel sum and sum of squares, float64 (reduced in the tensor's dtype first, along
-        its contiguous axis where there is one; no copy of the tensor)."""
+        """Per-channel sum and sum of squares (reduced in the tensor's dtype along its contiguous
+        axis where there is one, then in float64 over a leading axis; no copy of the tensor)."""
         t = self.t
         if self.kind == "rows":
             s = t.sum(0)
@@ -338,7 +134,7 @@ class _Layout:
         else:
             s = t.sum(2).sum(0, dtype=torch.float64)
             sq = torch.linalg.vector_norm(t, 2, dim=2).square().sum(0, dtype=torch.float64)
-        return s.double(), sq.double()
+        return s, sq
 
 
 def _layout(x: torch.Tensor, dim: int, index: torch.Tensor | None, shift: torch.Tensor | None) -> _Layout:
@@ -381,6 +177,18 @@ class ChannelSums:
         self.shift: torch.Tensor | None = None
         self.s1: torch.Tensor | None = None
         self.s2: torch.Tensor | None = None
+        # latest (n, S1, S2) of one batch, shifted, in the reduction's dtype
+        self.batch: tuple[int, torch.Tensor, torch.Tensor] | None = None
+        self._view: tuple | None = None  # (shape, kind, view shape) of the last plain layout
+
+    def _layout(self, x: torch.Tensor) -> _Layout:
+        cached = self._view
+        if cached is not None and cached[0] == x.shape and x.dtype in _EXACT and x.is_contiguous():
+            return _Layout(cached[1], x.view(cached[2]))  # same shape as the last batch: no analysis
+        lay = _layout(x, self.dim, self.index, self.shift)
+        if self.index is None and self.shift is None and x.dtype in _EXACT and x.is_contiguous():
+            self._view = (x.shape, lay.kind, lay.t.shape)
+        return lay
 
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> _Layout:
@@ -388,23 +196,28 @@ class ChannelSums:
         x = x.detach()
         if self.index is not None and self.index.device != x.device:
             self.index = self.index.to(x.device)
-        lay = _layout(x, self.dim, self.index, self.shift)
+        lay = self._layout(x)
         s, sq = lay.sums()
         n = lay.samples
         if self.s1 is None:
-            mean = s / max(n, 1)
-            if bool((mean * mean > _SHIFT_RATIO * (sq / max(n, 1) - mean * mean)).any()):
+            mean = s.double() / max(n, 1)
+            if bool((mean * mean > _SHIFT_RATIO * (sq.double() / max(n, 1) - mean * mean)).any()):
                 self.shift = mean.to(lay.t.dtype)
-                lay = _layout(x, self.dim, self.index, self.shift)
+                self._view = None
+                lay = self._layout(x)
                 s, sq = lay.sums()
-            self.n, self.s1, self.s2 = n, s, sq
+            self.n, self.s1, self.s2 = n, s.double(), sq.double()
+            if self.s1 is s:
+                self.s1, self.s2 = s.clone(), sq.clone()
+            self.batch = (n, s, sq)
             return lay
         if s.shape != self.s1.shape:
             raise PassError(f"a batch with {s.shape[0]} channels cannot be merged with earlier batches "
                             f"of {self.s1.shape[0]} channels")
         self.n += n
-        self.s1 += s
-        self.s2 += sq
+        self.s1.add_(s)
+        self.s2.add_(sq)
+        self.batch = (n, s, sq)
         return lay
 
     def _need_data(self) -> None:
@@ -425,6 +238,86 @@ class ChannelSums:
     def var(self) -> torch.Tensor:
         m = self.shifted_mean
         return (self.s2 / self.n - m * m).clamp_min(0.0)
+
+
+class ChannelObserver(nn.Module):
+    """Identity module that accumulates per-channel count, mean and variance of its input
+    (``ChannelSums``; see the module doc).
+
+    ``dim`` is the channel axis; ``index`` (C, R) groups positions along it (see ``channel_matrix``).
+    With ``keep=True`` the channel matrix of the latest batch (activation dtype, never a view of
+    the activation, so later in-place ops cannot change it) is kept in ``.last``, overwritten each
+    batch. ``source`` names the graph node observed (set by ``insert_observers``).
+    """
+
+    def __init__(self, dim: int, index: torch.Tensor | None = None, keep: bool = False, source: str = "") -> None:
+        super().__init__()
+        self.dim = dim
+        self.keep = keep
+        self.enabled = True
+        self.source = source
+        self.register_buffer("index", None if index is None else index.long(), persistent=False)
+        self.last: torch.Tensor | None = None
+        self.sums = ChannelSums(dim, self.index)
+
+    @property
+    def count(self) -> int:
+        return self.sums.n
+
+    def reset_stats(self) -> None:
+        """Forget every batch seen so far."""
+        self.sums = ChannelSums(self.dim, self.index)
+        self.last = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.enabled:
+            self.update(x)
+        return x
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        """Add one batch to the statistics (what ``forward`` does when enabled)."""
+        if not isinstance(x, torch.Tensor):
+            raise PassError(
+                f"observer at node {self.source!r} received a {type(x).__name__}, not a tensor; "
+                "observe a node whose value is a single tensor"
+            )
+        x = x.detach()
+        self.sums.update(x)
+        if self.keep:
+            m = channel_matrix(x, self.dim, self.index)
+            self.last = m.clone() if m.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() else m
+
+    def _need_data(self) -> None:
+        if self.count == 0:
+            raise PassError(
+                f"observer at node {self.source!r} has seen no data; run the model on some batches "
+                "with the observer enabled first"
+            )
+
+    @property
+    def num_channels(self) -> int:
+        self._need_data()
+        return int(self.sums.s1.shape[0])
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """Per-channel mean (float64, (C,))."""
+        self._need_data()
+        return self.sums.mean
+
+    @property
+    def var(self) -> torch.Tensor:
+        """Per-channel population variance (float64, (C,))."""
+        self._need_data()
+        return self.sums.var
+
+    @property
+    def std(self) -> torch.Tensor:
+        return self.var.sqrt()
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, source={self.source!r}, keep={self.keep}, count={self.count}"
 
 
 def cross_product(la: _Layout, lb: _Layout) -> torch.Tensor:
@@ -494,7 +387,7 @@ class CrossMoments:
             self.a, self.b = ChannelSums(dim), ChannelSums(dim)
         la = self.a.update(xa.to(self.device))
         lb = self.b.update(xb.to(self.device))
-        self.sab += cross_product(la, lb)
+        self.sab.add_(cross_product(la, lb))
 
     def _need_data(self) -> None:
         if self.n == 0:
@@ -562,9 +455,9 @@ class PairTap(nn.Module):
             if v.cross:
                 prod = cross_product(la, lb)
                 if self.cross[i] is None:
-                    self.cross[i] = prod.double()
+                    self.cross[i] = prod.to(torch.float64, copy=True)
                 else:
-                    self.cross[i] += prod
+                    self.cross[i].add_(prod)
 
     def moments(self, i: int) -> tuple[ChannelSums, ChannelSums]:
         return self.sums[i]
@@ -620,11 +513,9 @@ def insert_observers(
     gm = start(gm, inplace, "insert_observers")
     nodes = named_nodes(gm, points, "insert_observers")
     device = module_device(gm)
-    defer = not writes_in_place(gm)  # else a kept batch could change before it is read
     for name, spec in points.items():
         index = None if spec.index is None else spec.index.to(device)
-        observer = ChannelObserver(spec.dim, index=index, keep=spec.keep, source=name,
-                                   defer=defer and spec.keep and index is None)
+        observer = ChannelObserver(spec.dim, index=index, keep=spec.keep, source=name)
         insert_module_after(gm, nodes[name], observer, OBSERVER_PREFIX)
     finish(gm)
     return PassResult(gm, bool(points), {"observers": len(points)}, [])

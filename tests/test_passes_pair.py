@@ -1,0 +1,153 @@
+"""passes.pair (two models of one graph side by side) and the statistics its taps gather."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from passes import ChannelSums, PairTap, PassError, TapView, pair_graph
+from tests.helpers import graph_of, randomize_
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec:FutureWarning")
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x):
+        h = self.bn(self.conv(x)).relu()
+        return self.fc(h.mean((2, 3)))
+
+
+class Recorder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = []
+
+    def forward(self, a, b):
+        self.seen.append((a.clone(), b.clone()))
+
+
+def _pair(how):
+    torch.manual_seed(0)
+    a, b = randomize_(Net().eval(), 1), randomize_(Net().eval(), 2)
+    x = torch.randn(4, 3, 8, 8)
+    gm = graph_of(a, x, how)
+    if how == "fx":
+        roots = (a, b)
+    else:  # an ATen graph reads its own attributes: one copy per model
+        gb = copy.deepcopy(gm)
+        gb.load_state_dict(b.state_dict())
+        roots = (gm, gb)
+    return a, b, x, gm, roots
+
+
+@pytest.mark.parametrize("how", ["fx", "aten"])
+def test_pair_runs_both_models_and_taps_see_both_values(how):
+    a, b, x, gm, roots = _pair(how)
+    relu = next(n.name for n in gm.graph.nodes if "relu" in n.name)
+    rec = Recorder()
+    pair = pair_graph(gm, *roots, {relu: rec})
+    with torch.no_grad():
+        out_a, out_b = pair(x)
+        if how == "aten":  # the flat form: outputs as the graph's output list
+            (out_a,), (out_b,) = out_a, out_b
+        torch.testing.assert_close(out_a, a(x))
+        torch.testing.assert_close(out_b, b(x))
+        assert len(rec.seen) == 1
+        ha, hb = rec.seen[0]
+        torch.testing.assert_close(ha, a.bn(a.conv(x)).relu())
+        torch.testing.assert_close(hb, b.bn(b.conv(x)).relu())
+    # the models themselves are untouched: the pair shares their modules, it does not copy them
+    if how == "fx":
+        assert pair.a.conv is a.conv and pair.b.conv is b.conv
+
+
+def test_pair_names_a_missing_node_and_a_missing_attribute():
+    a, b, x, gm, roots = _pair("fx")
+    with pytest.raises(PassError, match="no node named 'nope'"):
+        pair_graph(gm, a, b, {"nope": Recorder()})
+    with pytest.raises(PassError, match="model B does not have"):
+        pair_graph(gm, a, nn.Sequential(), {})
+
+
+class InPlaceOnInput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, x):
+        x.mul_(2.0)  # writes into the model's input
+        return self.fc(x)
+
+
+def test_in_place_op_on_the_input_does_not_leak_into_the_other_copy():
+    torch.manual_seed(0)
+    a, b = InPlaceOnInput(), InPlaceOnInput()
+    gm = torch.fx.symbolic_trace(a)
+    x = torch.randn(4, 5)
+    with torch.no_grad():
+        out_a, out_b = pair_graph(gm, a, b, {})(x.clone())
+        torch.testing.assert_close(out_a, a(x.clone()))
+        torch.testing.assert_close(out_b, b(x.clone()))
+
+
+def _reference(batches_a, batches_b, dim):
+    xa = torch.cat([t.double().movedim(dim, 0).reshape(t.shape[dim], -1) for t in batches_a], 1).numpy()
+    xb = torch.cat([t.double().movedim(dim, 0).reshape(t.shape[dim], -1) for t in batches_b], 1).numpy()
+    c = xa.shape[0]
+    return xa, xb, np.cov(xa, xb, bias=True)[:c, c:]
+
+
+@pytest.mark.parametrize("shape,dim", [((50, 7), -1), ((6, 5, 18, 18), 1), ((6, 5, 4, 4), 1), ((3, 9, 5), -1),
+                                       ((4, 6, 5), 1)])
+@pytest.mark.parametrize("offset", [0.0, 1000.0])
+def test_pair_tap_moments_and_covariance_equal_numpy(shape, dim, offset):
+    """Every layout (rows, columns, batched maps, small maps, non-contiguous channel axis), and
+    means 1000x the spread, where unshifted float32 sums would lose the variance entirely."""
+    torch.manual_seed(0)
+    tap = PairTap([TapView(dim, None, True)], source="x")
+    batches_a, batches_b = [], []
+    for _ in range(3):
+        xa = torch.randn(*shape) + offset
+        xb = 0.5 * xa + torch.randn(*shape) - offset
+        tap(xa, xb)
+        batches_a.append(xa)
+        batches_b.append(xb)
+    xa, xb, cov = _reference(batches_a, batches_b, dim)
+    sa, sb = tap.moments(0)
+    assert sa.n == xa.shape[1]
+    assert (sa.shift is not None) == (offset > 0)
+    np.testing.assert_allclose(sa.mean.numpy(), xa.mean(1), rtol=1e-6, atol=1e-5)
+    np.testing.assert_allclose(sa.var.numpy(), xa.var(1), rtol=2e-4)
+    np.testing.assert_allclose(sb.var.numpy(), xb.var(1), rtol=2e-4)
+    np.testing.assert_allclose(tap.cov(0).numpy(), cov, rtol=2e-4, atol=2e-4)
+
+
+def test_pair_tap_view_with_index_pairs_replicas():
+    torch.manual_seed(0)
+    index = torch.tensor([[0, 2], [1, 3]])  # two channels, each made of two positions
+    tap = PairTap([TapView(-1, index, True)], source="x")
+    xa, xb = torch.randn(30, 4), torch.randn(30, 4)
+    tap(xa, xb)
+    ma = torch.cat([xa[:, [0, 2]].T.reshape(1, -1), xa[:, [1, 3]].T.reshape(1, -1)]).double()
+    mb = torch.cat([xb[:, [0, 2]].T.reshape(1, -1), xb[:, [1, 3]].T.reshape(1, -1)]).double()
+    expected = np.cov(ma.numpy(), mb.numpy(), bias=True)[:2, 2:]
+    np.testing.assert_allclose(tap.cov(0).numpy(), expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(PassError, match="not a tensor"):
+        tap((xa,), xb)
+
+
+def test_channel_sums_refuses_a_batch_with_other_channels():
+    s = ChannelSums(1)
+    s.update(torch.randn(4, 3))
+    with pytest.raises(PassError, match="3 channels"):
+        s.update(torch.randn(4, 5))
