@@ -121,6 +121,7 @@ def interpolate_states(states: list[dict[str, torch.Tensor]], weights: list[floa
 
 
 def _permuted(stat: torch.Tensor, spec: PermutationSpec, node: str, axis: int, perms) -> torch.Tensor:
+    """``perms``: group permutations, or ``spec.checked(perms)`` of them."""
     return stat[spec.node_index(node, axis, perms).to(stat.device)]
 
 
@@ -189,7 +190,6 @@ def prepare(models: list[nn.Module], data, *, method: str = "activation", statis
         spec = discover(models[0], (fit.example(),))
     rpoints = reset_points(spec, points) if statistics else []
     perms_all, stats_all, corr = [], [], {}
-    from .permute import permute
     for m in models[1:]:
         if align:
             perms, stats, mean_corr = align_pair(spec, models[0], m, fit, method=method, resets=rpoints,
@@ -202,7 +202,7 @@ def prepare(models: list[nn.Module], data, *, method: str = "activation", statis
         perms_all.append(perms)
         stats_all.append(stats)
         corr = corr or mean_corr
-    aligned = [permute(m, spec, p).state_dict() for m, p in zip(models[1:], perms_all)]
+    aligned = [spec.permute_state_dict(m.state_dict(), p) for m, p in zip(models[1:], perms_all)]
     return Prepared(models, spec, fit, method, rpoints, perms_all, stats_all, corr, aligned)
 
 
@@ -263,6 +263,7 @@ def merge_models(models: list[nn.Module], data, *, weights: list[float] | None =
 def _goal(rpoints, stats_all, perms_all, weights, spec):
     """Goal mean/std per reset point: weighted average of the aligned endpoints' statistics."""
     goals = {}
+    perms_all = [spec.checked(p) for p in perms_all]  # validated once, not per point
     for r in rpoints:
         s0 = stats_all[0].points[r.node]
         mean = weights[0] * s0.mean_a

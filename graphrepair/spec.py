@@ -22,6 +22,13 @@ from .trace import Traced, as_tuple, eval_mode, flatten_outputs
 
 
 @dataclass(frozen=True)
+class CheckedPerms:
+    """Group permutations checked against a spec (``PermutationSpec.checked``)."""
+
+    var_perms: dict[int, torch.Tensor]
+
+
+@dataclass(frozen=True)
 class Member:
     name: str  # state_dict key or node name
     axis: int
@@ -98,15 +105,22 @@ class PermutationSpec:
             out[self.var_of_group[name]] = p
         return out
 
+    def checked(self, perms: dict[str, torch.Tensor]) -> "CheckedPerms":
+        """``perms`` validated once, for many ``param_index`` / ``node_index`` calls."""
+        return perms if isinstance(perms, CheckedPerms) else CheckedPerms(self._var_perms(perms))
+
+    def _vp(self, perms) -> dict[int, torch.Tensor]:
+        return perms.var_perms if isinstance(perms, CheckedPerms) else self._var_perms(perms)
+
     def param_index(self, key: str, axis: int, perms: dict[str, torch.Tensor]) -> torch.Tensor:
-        return ax.index(self.param_axes[key][axis], self._var_perms(perms))
+        return ax.index(self.param_axes[key][axis], self._vp(perms))
 
     def node_index(self, node: str, axis: int, perms: dict[str, torch.Tensor]) -> torch.Tensor:
-        return ax.index(self.node_axes[node][axis], self._var_perms(perms))
+        return ax.index(self.node_axes[node][axis], self._vp(perms))
 
     def permute_state_dict(self, state: dict[str, torch.Tensor], perms: dict[str, torch.Tensor]) -> dict:
         """A new state dict with every parameter and buffer reordered by ``perms``."""
-        vp = self._var_perms(perms)
+        vp = self._vp(perms)
         out = {}
         for key, t in state.items():
             exprs = self.param_axes.get(key)

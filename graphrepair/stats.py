@@ -107,9 +107,20 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def check_finite(state: dict[str, torch.Tensor], who: str) -> None:
-    for k, t in state.items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise NumericError(f"{who}: parameter {k!r} contains NaN or Inf; the model cannot be merged")
+    """A NumericError naming the first parameter with a NaN or Inf. One norm per tensor, taken
+    together (a norm is finite exactly when the tensor is, unless it overflows: then the tensor
+    itself is checked)."""
+    items = [(k, t) for k, t in state.items() if t.is_floating_point() and t.numel()]
+    by_device: dict = {}
+    for k, t in items:
+        by_device.setdefault((t.device, t.dtype), []).append((k, t))
+    for group in by_device.values():
+        norms = torch.stack(torch._foreach_norm([t.detach() for _, t in group], ord=float("inf")))
+        if bool(torch.isfinite(norms).all()):
+            continue
+        for k, t in group:
+            if not torch.isfinite(t).all():
+                raise NumericError(f"{who}: parameter {k!r} contains NaN or Inf; the model cannot be merged")
 
 
 def pair_roots(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module,
@@ -182,7 +193,7 @@ def collect(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module, batch
                 for r in resets}
     taps = {node: PairTap(vs, source=node) for node, vs in views.items()}
     root_a, root_b = pair_roots(spec, model_a, model_b, device)
-    pair = pair_graph(spec.traced.gm, root_a, root_b, taps)
+    pair = pair_graph(spec.traced.gm, root_a, root_b, taps, outputs=False)
 
     examples = 0
     for x in progress(batches, "statistics of A and B", total=total, quiet=quiet):

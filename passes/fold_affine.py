@@ -127,8 +127,20 @@ def _storage_key(t: torch.Tensor) -> tuple:
     return (t.device, t.untyped_storage().data_ptr())
 
 
-def _sharing_reason(gm: GraphModule, p: Producer, slots: list[_Slot]) -> str | None:
-    """Why rewriting ``slots`` would also change some other op, or None."""
+def storage_names(gm: GraphModule) -> dict[tuple, list[str]]:
+    """Storage key -> the names of every parameter and buffer of ``gm`` on that storage."""
+    out: dict[tuple, list[str]] = {}
+    for name, t in list(gm.named_parameters(remove_duplicate=False)) + list(
+        gm.named_buffers(remove_duplicate=False)
+    ):
+        out.setdefault(_storage_key(t), []).append(name)
+    return out
+
+
+def _sharing_reason(gm: GraphModule, p: Producer, slots: list[_Slot],
+                    storage: dict[tuple, list[str]] | None = None) -> str | None:
+    """Why rewriting ``slots`` would also change some other op, or None. ``storage``: the
+    ``storage_names(gm)`` of the unchanged module, when the caller checks many producers."""
     if p.is_module:
         calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == p.node.target]
         if len(calls) > 1:
@@ -146,12 +158,12 @@ def _sharing_reason(gm: GraphModule, p: Producer, slots: list[_Slot]) -> str | N
             prefix = f"{n.target}."
             if any(q.startswith(prefix) for q in names):
                 return f"{sorted(names)[0]!r} belongs to module {n.target!r}, which is called elsewhere"
-    keys = {_storage_key(s.tensor): s.qualname for s in slots}
-    for name, t in list(gm.named_parameters(remove_duplicate=False)) + list(
-        gm.named_buffers(remove_duplicate=False)
-    ):
-        if name not in names and _storage_key(t) in keys:
-            return f"{keys[_storage_key(t)]!r} shares its storage with {name!r} (tied weights)"
+    if storage is None:
+        storage = storage_names(gm)
+    for s in slots:
+        for name in storage.get(_storage_key(s.tensor), []):
+            if name not in names:
+                return f"{s.qualname!r} shares its storage with {name!r} (tied weights)"
     return None
 
 
@@ -200,11 +212,12 @@ def _channel_reason(p: Producer, weight: _Slot, dim: int, rank: int | None) -> s
 
 
 def check_producer(
-    gm: GraphModule, p: Producer, consumer: Node, dim: int, rank: int | None, channels: int
+    gm: GraphModule, p: Producer, consumer: Node, dim: int, rank: int | None, channels: int,
+    storage: dict[tuple, list[str]] | None = None,
 ) -> tuple[_Slot, _Slot | None] | str:
     """Check that ``p`` can absorb a (channels,) affine on axis ``dim`` read only by ``consumer``.
 
-    Returns (weight slot, bias slot) or the reason it cannot.
+    Returns (weight slot, bias slot) or the reason it cannot. ``storage``: see ``_sharing_reason``.
     """
     users = list(p.output.users)
     if users != [consumer]:
@@ -227,7 +240,7 @@ def check_producer(
     out = _out_channels(p, weight)
     if out != channels:
         return f"the affine has {channels} channels but {p.node.name} produces {out}"
-    reason = _sharing_reason(gm, p, [s for s in (weight, bias) if s is not None])
+    reason = _sharing_reason(gm, p, [s for s in (weight, bias) if s is not None], storage)
     if reason is not None:
         return reason
     return weight, bias
@@ -314,14 +327,14 @@ def _is_plain_add(node: Node) -> bool:
     return node.kwargs.get("alpha", 1) == 1 and set(node.kwargs) <= {"alpha"}
 
 
-def _plan(gm: GraphModule, node: Node, dim: int, rank: int | None, channels: int, s, t):
+def _plan(gm: GraphModule, node: Node, dim: int, rank: int | None, channels: int, s, t, storage=None):
     """[(producer, weight, bias, s, t), ...] to rewrite, or the reason the affine must stay."""
     src = node.args[0] if node.args else None
     if not isinstance(src, Node):
         return "its input is not a graph value"
     p = describe_producer(gm, src)
     if p is not None:
-        checked = check_producer(gm, p, node, dim, rank, channels)
+        checked = check_producer(gm, p, node, dim, rank, channels, storage)
         if isinstance(checked, str):
             return checked
         return [(p, *checked, s, t)]
@@ -339,7 +352,7 @@ def _plan(gm: GraphModule, node: Node, dim: int, rank: int | None, channels: int
                     f"its input is the add {src.name}, and {x.name} is not produced by a linear, "
                     "conv, conv_transpose or batchnorm"
                 )
-            checked = check_producer(gm, px, src, dim, rank, channels)
+            checked = check_producer(gm, px, src, dim, rank, channels, storage)
             if isinstance(checked, str):
                 return f"its input is the add {src.name}, and for {x.name}: {checked}"
             plans.append((px, *checked, s, shift))
@@ -373,13 +386,14 @@ def fold_affines(gm: GraphModule, inplace: bool = False, example_inputs: tuple |
     if example_inputs is not None:
         ShapeProp(gm).propagate(*example_inputs)
     folded, kept, replaced, notes = 0, 0, 0, []
+    storage = storage_names(gm)  # folding rewrites values in place and adds unshared biases only
     for node in candidates:
         module = get_module(gm, node)
         s, t = module.as_affine()
         rank = node_rank(node)
         if rank is None:
             rank = getattr(module, "last_ndim", None)
-        plan = _plan(gm, node, module.dim, rank, int(s.shape[0]), s, t)
+        plan = _plan(gm, node, module.dim, rank, int(s.shape[0]), s, t, storage)
         if isinstance(plan, str):
             kept += 1
             notes.append(f"{node.name}: {plan}")

@@ -40,14 +40,19 @@ def _resolves(root: nn.Module, target: str) -> bool:
     return True
 
 
+_MISSING = object()
+
+
 def _clone(x):
     return x.clone() if hasattr(x, "clone") else x
 
 
 def pair_graph(gm: fx.GraphModule, root_a: nn.Module, root_b: nn.Module,
-               taps: dict[str, nn.Module]) -> fx.GraphModule:
+               taps: dict[str, nn.Module], outputs: bool = True) -> fx.GraphModule:
     """The paired GraphModule of ``gm``'s graph (see the module doc). ``taps``: node name -> module
-    called as ``module(value_a, value_b)`` right after both copies of that node have run."""
+    called as ``module(value_a, value_b)`` right after both copies of that node have run.
+    ``outputs=False``: only the taps matter; the pair stops after the last tap and returns None
+    (nothing after it can change what a tap sees)."""
     graph = gm.graph
     clone_inputs = writes_in_place(gm)
     nodes = {n.name: n for n in graph.nodes}
@@ -69,7 +74,8 @@ def pair_graph(gm: fx.GraphModule, root_a: nn.Module, root_b: nn.Module,
     out = fx.Graph()
     env_a: dict[fx.Node, fx.Node] = {}
     env_b: dict[fx.Node, fx.Node] = {}
-    outputs = None
+    result = _MISSING
+    left = len(taps)
     for n in graph.nodes:
         if n.op == "placeholder":
             p = out.node_copy(n)
@@ -78,7 +84,9 @@ def pair_graph(gm: fx.GraphModule, root_a: nn.Module, root_b: nn.Module,
                 env_b[n] = out.call_function(_clone, (p,))
             continue
         if n.op == "output":
-            outputs = (fx.map_arg(n.args[0], env_a.__getitem__), fx.map_arg(n.args[0], env_b.__getitem__))
+            result = (fx.map_arg(n.args[0], env_a.__getitem__), fx.map_arg(n.args[0], env_b.__getitem__))
+            if not outputs:
+                result = None
             continue
         for side, env in (("a", env_a), ("b", env_b)):
             target = f"{side}.{n.target}" if n.op in ("call_module", "get_attr") else n.target
@@ -89,9 +97,13 @@ def pair_graph(gm: fx.GraphModule, root_a: nn.Module, root_b: nn.Module,
             env[n] = new
         if n.name in taps:
             out.call_module(tap_names[n.name], (env_a[n], env_b[n]))
-    if outputs is None:
+            left -= 1
+            if not outputs and left == 0:
+                result = None
+                break
+    if result is _MISSING:
         raise PassError("pair_graph: the graph has no output node")
-    out.output(outputs)
+    out.output(result)
     gm = fx.GraphModule(root, out)
     gm.graph.lint()
     return gm

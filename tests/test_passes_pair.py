@@ -151,3 +151,16 @@ def test_channel_sums_refuses_a_batch_with_other_channels():
     s.update(torch.randn(4, 3))
     with pytest.raises(PassError, match="3 channels"):
         s.update(torch.randn(4, 5))
+
+
+def test_pair_without_outputs_stops_after_the_last_tap():
+    a, b, x, gm, roots = _pair("fx")
+    relu = next(n.name for n in gm.graph.nodes if "relu" in n.name)
+    rec = Recorder()
+    pair = pair_graph(gm, *roots, {relu: rec}, outputs=False)
+    with torch.no_grad():
+        assert pair(x) is None
+    assert len(rec.seen) == 1
+    called = [n.target for n in pair.graph.nodes if n.op == "call_module"]
+    assert "a.fc" not in called and "b.fc" not in called  # nothing after the tap runs
+    assert called[-1].startswith("_gr_tap")
