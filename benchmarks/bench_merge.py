@@ -32,6 +32,7 @@ import time
 import torch
 
 import graphrepair as gr
+from graphrepair.merge import merge_prepared
 from fixtures.zoo import mlp, resnet20
 
 
@@ -75,6 +76,25 @@ def bench(name, factory, shape, n, batch_size, device, repeats=2):
     print(f"{name:30s} device={device.type:4s} examples={n} merge={best_merge:7.3f}s "
           f"3 plain passes={best_plain:7.3f}s ratio={best_merge / best_plain:5.2f} "
           f"(page faults {faults_merge} vs {faults_plain}; resets {result.resets}, folded {result.folded})")
+    # where the time goes (one more merge, in its stages): discovery alone, then the whole prepare
+    # (trace, discover, joint pass, linear assignment) and merge_prepared (interpolation, REPAIR
+    # pass, folding); each against the plain passes it contains
+    sync(device)
+    t = time.perf_counter()
+    gr.discover(a, (x[:2],))
+    t_discover = time.perf_counter() - t
+    t = time.perf_counter()
+    prep = gr.prepare([a, b], x, num_examples=n, batch_size=batch_size, statistics=True)
+    sync(device)
+    t_prepare = time.perf_counter() - t
+    t = time.perf_counter()
+    merge_prepared(prep, [0.5, 0.5], "exact")
+    sync(device)
+    t_repair = time.perf_counter() - t
+    plain = best_plain / 3
+    print(f"{'':30s} stages: discover {t_discover:.3f}s | prepare {t_prepare:.3f}s = "
+          f"{t_prepare / (2 * plain):.2f} x the plain passes of A and B | merge_prepared {t_repair:.3f}s = "
+          f"{t_repair / plain:.2f} x a plain pass")
     return best_merge / best_plain
 
 

@@ -184,10 +184,17 @@ class ChannelSums:
     def _layout(self, x: torch.Tensor) -> _Layout:
         cached = self._view
         if cached is not None and cached[0] == x.shape and x.dtype in _EXACT and x.is_contiguous():
-            return _Layout(cached[1], x.view(cached[2]))  # same shape as the last batch: no analysis
+            # same shape as the last batch: no analysis, at most the subtraction of the shift
+            t = x if cached[3] is None else x - cached[3]
+            return _Layout(cached[1], t.view(cached[2]))
         lay = _layout(x, self.dim, self.index, self.shift)
-        if self.index is None and self.shift is None and x.dtype in _EXACT and x.is_contiguous():
-            self._view = (x.shape, lay.kind, lay.t.shape)
+        if self.index is None and x.dtype in _EXACT and x.is_contiguous():
+            shift = None
+            if self.shift is not None:
+                shape = [1] * x.ndim
+                shape[self.dim % x.ndim] = -1
+                shift = self.shift.view(shape)
+            self._view = (x.shape, lay.kind, lay.t.shape, shift)
         return lay
 
     @torch.no_grad()

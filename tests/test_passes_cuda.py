@@ -72,3 +72,28 @@ def test_export_checks_the_cuda_provider_when_onnxruntime_has_it(tmp_path):
     assert os.path.exists(report.path)
     if "CUDAExecutionProvider" in ort.get_available_providers():
         assert report.providers_checked == ("CPUExecutionProvider", "CUDAExecutionProvider")
+
+
+@pytest.mark.parametrize("offset", [0.0, 1000.0])
+def test_pair_taps_on_cuda_match_the_cpu(offset, monkeypatch):
+    """The joint statistics pass on the GPU: the same sums as on the CPU, kept on the device."""
+    from passes import PairTap, TapView, pair_graph
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # compare like with like
+    torch.manual_seed(0)
+    a, b = Net().eval(), Net().eval()
+    x = torch.randn(16, 3, 16, 16) + offset
+    results = {}
+    for device in ("cpu", "cuda"):
+        a.to(device), b.to(device)
+        gm = torch.fx.symbolic_trace(a)
+        taps = {"conv": PairTap([TapView(1, None, True)], "conv"), "fc": PairTap([TapView(-1, None, True)], "fc")}
+        pair = pair_graph(gm, a, b, taps, outputs=False)
+        with torch.no_grad():
+            for chunk in x.to(device).split(4):
+                pair(chunk)
+        results[device] = {k: (t.moments(0)[0].mean, t.moments(0)[1].var, t.cov(0)) for k, t in taps.items()}
+    for k in results["cpu"]:
+        for cpu, cuda in zip(results["cpu"][k], results["cuda"][k]):
+            assert cuda.device.type == "cuda" and cuda.dtype == torch.float64
+            torch.testing.assert_close(cuda.cpu(), cpu, rtol=1e-3, atol=1e-3)
