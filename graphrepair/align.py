@@ -6,6 +6,7 @@ A's channel i and B's channel j over the fitting data (``stats.py``), solve
     P_g = argmax_P  sum_i corr_g[i, P(i)]          (scipy's linear_sum_assignment)
 
 so that B' = B.index_select(axis, P_g) puts B's best match for A's channel i at position i.
+Groups coupled at a shared tensor (heads x head dims) are solved jointly, see ``activation_perms``.
 
 Weight matching (Git Re-Basin, permutation coordinate descent; no data): for each group g in a
 random order, holding the other groups' permutations, maximise the summed inner products of the
@@ -40,8 +41,54 @@ def lap(score: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(cols, dtype=torch.long)
 
 
-def activation_perms(spec: PermutationSpec, corr: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {g: lap(c) for g, c in corr.items()}
+def activation_perms(spec: PermutationSpec, stats, max_rounds: int = 50) -> dict[str, torch.Tensor]:
+    """One linear assignment per group on its correlation (``stats``: a ``stats.PairStats``).
+
+    Groups that share a tensor with other groups (split-head attention: heads x head dims,
+    ``PairStats.coupled``) are solved jointly: at such a node the correlation of A's channel i with
+    B's channel j depends on how the other groups' positions are paired,
+
+        corr_g[i, j] = mean_r  C[pos_g(i, r), Q_g(pos_g(j, r))]
+
+    (C the correlation of every pair of positions of the node's joint channel space, pos_g the
+    positions of g's channels, Q_g the gather index of the other groups' current permutations).
+    Started from a pairing-free estimate (each A position's best match among B's replicas),
+    coordinate ascent solves one group at a time until no group changes; every step can only
+    raise the summed correlation."""
+    perms = {g: lap(c) for g, c in stats.corr.items() if g not in stats.coupled}
+    if not stats.coupled:
+        return perms
+    for g, c in stats.coupled.items():  # start: each position's best match among the replicas
+        total = c.plain_sum.clone() if c.plain_sum is not None else 0.0
+        for node in c.nodes:
+            jp = stats.joint[node]
+            pos = ax.positions(jp.expr, spec.var_of_group[g]).to(jp.corr.device)
+            block = jp.corr[pos[:, None, :, None], pos[None, :, None, :]]  # (|g|, |g|, R, R)
+            total = total + block.max(-1).values.mean(-1)
+        perms[g] = lap(total / (c.plain_count + len(c.nodes)))
+    for _ in range(max_rounds):
+        changed = False
+        for g in stats.coupled:
+            p = lap(coupled_corr(spec, stats, g, perms))
+            if not torch.equal(p, perms[g]):
+                perms[g], changed = p, True
+        if not changed:
+            break
+    return perms
+
+
+def coupled_corr(spec: PermutationSpec, stats, g: str, perms: dict[str, torch.Tensor]) -> torch.Tensor:
+    """corr_g given the other groups' permutations ``perms`` (see ``activation_perms``)."""
+    c = stats.coupled[g]
+    total = c.plain_sum.clone() if c.plain_sum is not None else 0.0
+    others = {spec.var_of_group[h]: p for h, p in perms.items() if h != g}
+    for node in c.nodes:
+        jp = stats.joint[node]
+        dev = jp.corr.device
+        pos = ax.positions(jp.expr, spec.var_of_group[g]).to(dev)
+        q = ax.index(jp.expr, others).to(dev)
+        total = total + jp.corr[pos[:, None, :], q[pos][None, :, :]].mean(-1)
+    return total / (c.plain_count + len(c.nodes))
 
 
 def check_same_architecture(model_a: nn.Module, model_b: nn.Module) -> None:

@@ -38,7 +38,7 @@ from torch import nn
 from passes.fold_affine import fold_affines
 from passes.reset import ChannelAffine, Reset, ResetSpec, insert_resets, set_mode
 
-from .align import activation_perms, check_same_architecture, weight_matching
+from .align import activation_perms, check_same_architecture, coupled_corr, weight_matching
 from .data import take_examples
 from .discover import discover
 from .errors import GraphRepairError
@@ -137,7 +137,7 @@ def align_pair(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module, fi
         stats = collect(spec, model_a, model_b, iter(fit), observe, resets,
                         cross_at_resets=cross_at_resets, quiet=quiet, total=fit.batches())
     if method == "activation":
-        perms = activation_perms(spec, stats.corr)
+        perms = activation_perms(spec, stats)
         rest = [g.name for g in spec.groups if g.name not in perms]
         if rest:  # groups no activation reaches (fused attention internals): weight matching
             perms = weight_matching(spec, sa, sb, groups=rest, init=perms, seed=seed)
@@ -146,6 +146,8 @@ def align_pair(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module, fi
     mean_corr = {}
     if stats is not None:
         for g, c in stats.corr.items():
+            if g in stats.coupled:
+                c = coupled_corr(spec, stats, g, perms)
             p = perms[g].to(c.device)
             mean_corr[g] = float(c[torch.arange(len(p), device=c.device), p].mean())
     return perms, stats, mean_corr

@@ -13,6 +13,12 @@ a group:
 
     corr_g = mean_p  cov_p(A_i, B_j) / (std_p(A_i) std_p(B_j)).
 
+Where one group's positions are replicated over another group's (heads x head dims after the
+split to heads), the pairing of those replicas depends on the other group's permutation, which is
+not known yet: there the A-B correlation of every pair of positions of the joint channel space is
+gathered instead (``JointPoint``, at most ``JOINT_MAX`` positions), and alignment solves the
+groups jointly (``align.activation_perms``).
+
 At every reset point the per-channel mean and variance of A and of B are accumulated too (the
 goal statistics of REPAIR); for the closed form the full A-B cross-covariance is kept there, since
 Cov(X_A,i, X_B',i) needs the permutation that is only known after the pass.
@@ -36,6 +42,7 @@ from torch import nn
 from passes.pair import pair_graph
 from passes.track import PairTap, TapView, correlation
 
+from . import axes as ax
 from .errors import DataError, MismatchError, NumericError
 from .points import ObservePoint, ResetPoint
 from .progress import progress
@@ -52,11 +59,35 @@ class PointStats:
 
 
 @dataclass
+class JointPoint:
+    """A node whose tensor carries several groups (e.g. heads and the dims inside a head): the
+    A-B correlation of every pair of positions of their joint channel space, flattened in the
+    order of ``expr`` (the Kronecker product of the node's group-carrying axes)."""
+
+    expr: object  # axes.Expr
+    corr: torch.Tensor  # (F, F)
+
+
+@dataclass
+class Coupled:
+    """A group observed at joint points: its correlation depends on the other groups' permutations
+    there. ``plain_sum`` sums its correlations at ordinary points (``plain_count`` of them)."""
+
+    plain_sum: torch.Tensor | None
+    plain_count: int
+    nodes: list[str]
+
+
+@dataclass
 class PairStats:
     corr: dict[str, torch.Tensor]  # group name -> (|g|, |g|) mean correlation A_i vs B_j
     points: dict[str, PointStats]  # reset node -> endpoint statistics
     examples: int
     dead: dict[str, int] = field(default_factory=dict)  # group -> channels with zero variance
+    # groups whose correlation depends on other groups' permutations (see JointPoint); their
+    # ``corr`` entry pairs the other groups' positions as they are
+    coupled: dict[str, Coupled] = field(default_factory=dict)
+    joint: dict[str, JointPoint] = field(default_factory=dict)
 
 
 def copy_with_state(module: nn.Module, state: dict[str, torch.Tensor], *, own: bool = False,
@@ -161,6 +192,41 @@ def pair_roots(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module,
     return graph_for(spec, model_a, device), graph_for(spec, model_b, device)
 
 
+# Largest joint channel space (product of a node's group-carrying axes) whose full A-B
+# correlation is gathered: (F, F) float64, 32 MB at this size.
+JOINT_MAX = 2048
+
+
+def _mixes(e) -> bool:
+    """Whether a Kronecker factor of ``e`` holds groups on both sides (heads x head dims)."""
+    if isinstance(e, ax.Kron):
+        return (not ax.is_fixed(e.outer) and not ax.is_fixed(e.inner)) or _mixes(e.outer) or _mixes(e.inner)
+    if isinstance(e, ax.Cat):
+        return any(_mixes(p) for p in e.parts)
+    return False
+
+
+def _joint_axes(spec: PermutationSpec, node: str, shape) -> tuple[tuple, object] | None:
+    """(axes, Kronecker expression) of ``node``'s group-carrying axes when one group's positions
+    are replicated over another's (two such axes, or heads x head dims on one) and their joint
+    size is at most JOINT_MAX; else None."""
+    exprs = spec.node_axes.get(node)
+    if not exprs or len(exprs) != len(shape):
+        return None
+    axes_ = tuple(d for d, e in enumerate(exprs) if not ax.is_fixed(e))
+    if len(axes_) == 1 and not _mixes(exprs[axes_[0]]):
+        return None  # one axis whose groups sit in separate blocks (a concat): nothing couples
+    size = 1
+    for d in axes_:
+        size *= shape[d]
+    if size > JOINT_MAX:
+        return None
+    expr = exprs[axes_[0]]
+    for d in axes_[1:]:
+        expr = ax.kron(expr, exprs[d])
+    return axes_, expr
+
+
 @torch.no_grad()
 def collect(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module, batches,
             observe: dict[str, list[ObservePoint]], resets: list[ResetPoint], *,
@@ -182,9 +248,15 @@ def collect(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module, batch
         return node, len(vs) - 1
 
     at_group: dict[tuple[str, str], tuple[str, int]] = {}
+    joint_exprs: dict[str, tuple[tuple, object]] = {}  # node -> (its group-carrying axes, expr)
+    at_joint: dict[str, tuple[str, int]] = {}
     for g, pts in observe.items():
         for p in pts:
             ndim = len(info[p.node].shape)
+            joint = _joint_axes(spec, p.node, info[p.node].shape)
+            if joint is not None:
+                joint_exprs[p.node] = joint
+                at_joint[p.node] = view(p.node, TapView(joint[0], None, True))
             whole = (p.positions.shape[1] == 1 and p.positions.shape[0] == info[p.node].shape[p.axis]
                      and bool((p.positions[:, 0] == torch.arange(p.positions.shape[0])).all()))
             index = None if whole else p.positions.to(device)
@@ -204,6 +276,7 @@ def collect(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module, batch
 
     corr: dict[str, torch.Tensor] = {}
     dead: dict[str, int] = {}
+    coupled: dict[str, Coupled] = {}
     for g, pts in observe.items():
         if not pts:
             continue
@@ -218,6 +291,17 @@ def collect(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module, batch
         corr[g] = c
         node, i = at_group[(g, pts[0].node)]
         dead[g] = int((taps[node].moments(i)[0].var <= 1e-12).sum())
+        nodes = [p.node for p in pts if p.node in at_joint]
+        if nodes:
+            plain = [m for p, m in zip(pts, mats) if p.node not in at_joint]
+            coupled[g] = Coupled(torch.stack(plain).sum(0) if plain else None, len(plain), nodes)
+    joint = {}
+    for node, (view_node, i) in at_joint.items():
+        sa, sb = taps[view_node].moments(i)
+        jc = correlation(taps[view_node].cov(i), sa.var, sb.var)
+        if not torch.isfinite(jc).all():
+            raise NumericError(f"correlations at node {node!r} are not finite (NaN/Inf activations?)")
+        joint[node] = JointPoint(joint_exprs[node][1], jc)
     stats = {}
     for r in resets:
         node, i = at_reset[r.node]
@@ -228,4 +312,4 @@ def collect(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module, batch
                                    f"(NaN/Inf activations)")
         stats[r.node] = PointStats(a.mean, a.var, b.mean, b.var,
                                    taps[node].cov(i) if cross_at_resets else None)
-    return PairStats(corr, stats, examples, {g: n for g, n in dead.items() if n})
+    return PairStats(corr, stats, examples, {g: n for g, n in dead.items() if n}, coupled, joint)

@@ -137,9 +137,14 @@ class _Layout:
         return s, sq
 
 
-def _layout(x: torch.Tensor, dim: int, index: torch.Tensor | None, shift: torch.Tensor | None) -> _Layout:
+def _layout(x: torch.Tensor, dim, index: torch.Tensor | None, shift: torch.Tensor | None) -> _Layout:
     if x.dtype not in (torch.float32, torch.float64):
         x = x.float()
+    if isinstance(dim, tuple):  # joint channels: the product of several axes, as (N, C) rows
+        dims = [d % x.ndim for d in dim]
+        m = x.movedim(dims, list(range(x.ndim - len(dims), x.ndim)))
+        m = m.reshape(-1, m.shape[-len(dims):].numel())
+        return _Layout("rows", m if shift is None else m - shift)
     if index is not None:
         m = channel_matrix(x, dim, index)
         return _Layout("cols", m if shift is None else m - shift[:, None])
@@ -160,7 +165,8 @@ def _layout(x: torch.Tensor, dim: int, index: torch.Tensor | None, shift: torch.
 
 class ChannelSums:
     """Streaming per-channel count, mean and variance of tensors with channels along ``dim``
-    (``index`` (C, R): channel c is made of the positions index[c, :], see ``channel_matrix``).
+    (``index`` (C, R): channel c is made of the positions index[c, :], see ``channel_matrix``;
+    ``dim`` a tuple of axes: every position of their product, flattened in order, is a channel).
 
     Per batch: the sums of x and x^2 per channel, reduced in the activation's dtype (float32 for
     half types) and added to float64 totals: two reductions and no copy of x. A fixed per-channel
@@ -170,7 +176,7 @@ class ChannelSums:
         mean = S1 / n + K,      var = S2 / n - (S1 / n)^2.
     """
 
-    def __init__(self, dim: int, index: torch.Tensor | None = None) -> None:
+    def __init__(self, dim, index: torch.Tensor | None = None) -> None:
         self.dim = dim
         self.index = None if index is None else index.long()
         self.n = 0
@@ -188,7 +194,7 @@ class ChannelSums:
             t = x if cached[3] is None else x - cached[3]
             return _Layout(cached[1], t.view(cached[2]))
         lay = _layout(x, self.dim, self.index, self.shift)
-        if self.index is None and x.dtype in _EXACT and x.is_contiguous():
+        if self.index is None and not isinstance(self.dim, tuple) and x.dtype in _EXACT and x.is_contiguous():
             shift = None
             if self.shift is not None:
                 shape = [1] * x.ndim
@@ -432,10 +438,11 @@ class CrossMoments:
 
 @dataclass(frozen=True)
 class TapView:
-    """What a ``PairTap`` measures on its node: channel axis ``dim``, optional (C, R) ``index``,
-    and whether to keep the A-B cross products (``cross``)."""
+    """What a ``PairTap`` measures on its node: channel axis ``dim`` (a tuple of axes: their
+    product, flattened in order, is the channel axis), optional (C, R) ``index``, and whether to
+    keep the A-B cross products (``cross``)."""
 
-    dim: int
+    dim: int | tuple
     index: torch.Tensor | None = None
     cross: bool = False
 

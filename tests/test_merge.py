@@ -252,8 +252,9 @@ def test_layer_report_on_a_model_and_its_permuted_copy(digits_pair):
 
 
 def test_export_traced_models_merge_at_any_batch_size():
-    """torch.export graphs keep a dynamic batch axis, and a node observed on two axes (heads and
-    head dims of split-head attention) gives each group the statistics of its own axis."""
+    """torch.export graphs keep a dynamic batch axis; activation matching recovers a permuted copy
+    exactly, heads and the dims inside a head included (groups coupled at split-head nodes are
+    solved jointly)."""
     pytest.importorskip("transformers")
     entry = ZOO["gpt2_tiny"]
     torch.manual_seed(0)
@@ -264,9 +265,11 @@ def test_export_traced_models_merge_at_any_batch_size():
     b = gr.permute(a, spec, truth)
     x = torch.randint(0, entry.vocab, (48, 16))
     prep = prepare([a, b], x, num_examples=48, batch_size=32, statistics=False, spec=spec)
-    for g in ("transformer.h.0.ln_1", "transformer.h.0.mlp.c_proj", "transformer.h.1.mlp.c_proj"):
+    coupled = {g for g in truth if "attn" in g}  # heads and the dims inside a head
+    assert coupled and set(prep.stats[0].coupled) == coupled
+    for g in truth:
         assert torch.equal(prep.perms[0][g], torch.argsort(truth[g])), g
-        assert prep.mean_corr[g] == pytest.approx(1.0, abs=1e-5)
+        assert prep.mean_corr[g] == pytest.approx(1.0, abs=1e-5), g
     res = gr.merge_models([a, b], x, num_examples=48, batch_size=32, spec=spec)
     assert res.resets > 0 and torch.isfinite(res.model(x[:3])["logits"]).all()
 
@@ -286,3 +289,23 @@ def test_curve_reuses_known_endpoints_exactly(digits_pair):
     reused = curve(prep, ev, 3, None, "aligned", endpoints=ends)
     assert reused.accuracy == full.accuracy
     assert reused.loss == pytest.approx(full.loss, rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["bert_tiny", "vit_tiny"])
+def test_activation_matching_recovers_split_heads_of_exported_models(name):
+    """Heads and head dims meet in one tensor after the split to heads: their correlations depend
+    on each other's permutation and are solved jointly; a permuted copy is recovered exactly."""
+    pytest.importorskip("transformers")
+    entry = ZOO[name]
+    torch.manual_seed(0)
+    a = randomize_(entry.factory().eval(), seed=1)
+    ex = entry.example_inputs()
+    spec = gr.discover(a, ex)
+    truth = spec.random_permutations(seed=4)
+    b = gr.permute(a, spec, truth)
+    shape = (64,) + tuple(ex[0].shape[1:])
+    x = torch.randint(0, entry.vocab, shape) if ex[0].dtype == torch.long else torch.randn(shape)
+    prep = prepare([a, b], x, num_examples=64, batch_size=32, statistics=False, spec=spec)
+    assert len(prep.stats[0].coupled) >= 2
+    for g in truth:
+        assert torch.equal(prep.perms[0][g], torch.argsort(truth[g])), g
