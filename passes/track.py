@@ -10,7 +10,7 @@ Streaming moments (``ChannelSums``). Each batch adds its per-channel sum and sum
 reduced in the activation's dtype (float32 for half types) along the tensor's contiguous axis
 where it has one (no copy of the activation), to float64 totals S1, S2 and the count n. When the
 first batch shows a channel whose mean is large against its spread (mean^2 > 10 var), every batch
-is summed about a fixed per-channel shift K (that batch's mean) instead, so that
+is summed about a fixed per-channel shift K (that batch's mean; one subtraction per batch), so that
 
     mean = S1 / n + K,     population variance = S2 / n - (S1 / n)^2
 
