@@ -232,6 +232,7 @@ def merge_prepared(prep: Prepared, weights: list[float], repair: str | None,
         if result.dead_channels:
             result.notes.append(f"{result.dead_channels} dead units (zero variance in model A at the "
                                 f"matching points, e.g. ReLUs that never fire): their matching is arbitrary")
+        result.notes.extend(prep.stats[0].notes)
     fit = prep.fit
     if fit.count is not None and fit.count < fit.n:
         result.notes.append(f"used {fit.count} examples (fewer than the {fit.n} requested)")

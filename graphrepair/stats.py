@@ -88,6 +88,7 @@ class PairStats:
     # ``corr`` entry pairs the other groups' positions as they are
     coupled: dict[str, Coupled] = field(default_factory=dict)
     joint: dict[str, JointPoint] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
 
 def copy_with_state(module: nn.Module, state: dict[str, torch.Tensor], *, own: bool = False,
@@ -206,10 +207,10 @@ def _mixes(e) -> bool:
     return False
 
 
-def _joint_axes(spec: PermutationSpec, node: str, shape) -> tuple[tuple, object] | None:
-    """(axes, Kronecker expression) of ``node``'s group-carrying axes when one group's positions
-    are replicated over another's (two such axes, or heads x head dims on one) and their joint
-    size is at most JOINT_MAX; else None."""
+def _joint_axes(spec: PermutationSpec, node: str, shape) -> tuple[tuple, object, int] | None:
+    """(axes, Kronecker expression, joint size) of ``node``'s group-carrying axes when one group's
+    positions are replicated over another's (two such axes, or heads x head dims on one); else
+    None."""
     exprs = spec.node_axes.get(node)
     if not exprs or len(exprs) != len(shape):
         return None
@@ -219,12 +220,10 @@ def _joint_axes(spec: PermutationSpec, node: str, shape) -> tuple[tuple, object]
     size = 1
     for d in axes_:
         size *= shape[d]
-    if size > JOINT_MAX:
-        return None
     expr = exprs[axes_[0]]
     for d in axes_[1:]:
         expr = ax.kron(expr, exprs[d])
-    return axes_, expr
+    return axes_, expr, size
 
 
 @torch.no_grad()
@@ -250,12 +249,17 @@ def collect(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module, batch
     at_group: dict[tuple[str, str], tuple[str, int]] = {}
     joint_exprs: dict[str, tuple[tuple, object]] = {}  # node -> (its group-carrying axes, expr)
     at_joint: dict[str, tuple[str, int]] = {}
+    notes: dict[str, str] = {}
     for g, pts in observe.items():
         for p in pts:
             ndim = len(info[p.node].shape)
             joint = _joint_axes(spec, p.node, info[p.node].shape)
-            if joint is not None:
-                joint_exprs[p.node] = joint
+            if joint is not None and joint[2] > JOINT_MAX:
+                notes[p.node] = (f"at node {p.node!r} groups meet in a joint space of {joint[2]} positions "
+                                 f"(more than {JOINT_MAX}): there each group's replicas are paired as "
+                                 f"they are, so their alignment is approximate")
+            elif joint is not None:
+                joint_exprs[p.node] = joint[:2]
                 at_joint[p.node] = view(p.node, TapView(joint[0], None, True))
             whole = (p.positions.shape[1] == 1 and p.positions.shape[0] == info[p.node].shape[p.axis]
                      and bool((p.positions[:, 0] == torch.arange(p.positions.shape[0])).all()))
@@ -312,4 +316,5 @@ def collect(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module, batch
                                    f"(NaN/Inf activations)")
         stats[r.node] = PointStats(a.mean, a.var, b.mean, b.var,
                                    taps[node].cov(i) if cross_at_resets else None)
-    return PairStats(corr, stats, examples, {g: n for g, n in dead.items() if n}, coupled, joint)
+    return PairStats(corr, stats, examples, {g: n for g, n in dead.items() if n}, coupled, joint,
+                     list(notes.values()))

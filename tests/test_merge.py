@@ -309,3 +309,19 @@ def test_activation_matching_recovers_split_heads_of_exported_models(name):
     assert len(prep.stats[0].coupled) >= 2
     for g in truth:
         assert torch.equal(prep.perms[0][g], torch.argsort(truth[g])), g
+
+
+def test_a_joint_space_too_large_is_reported_not_skipped_silently(monkeypatch):
+    pytest.importorskip("transformers")
+    import graphrepair.stats as stats_module
+
+    monkeypatch.setattr(stats_module, "JOINT_MAX", 8)  # the tiny GPT-2's heads x dims is 32
+    entry = ZOO["gpt2_tiny"]
+    torch.manual_seed(0)
+    a, b = entry.factory().eval(), entry.factory().eval()
+    x = torch.randint(0, entry.vocab, (16, 16))
+    res = gr.merge_models([a, b], x, num_examples=16, batch_size=16, repair=None)
+    assert any("joint space of 32 positions" in n and "approximate" in n for n in res.notes)
+    monkeypatch.setattr(stats_module, "JOINT_MAX", 2048)
+    res = gr.merge_models([a, b], x, num_examples=16, batch_size=16, repair=None)
+    assert not any("joint space" in n for n in res.notes)
