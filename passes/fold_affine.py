@@ -161,8 +161,15 @@ def _sharing_reason(gm: GraphModule, p: Producer, slots: list[_Slot],
     if storage is None:
         storage = storage_names(gm)
     for s in slots:
-        for name in storage.get(_storage_key(s.tensor), []):
-            if name not in names:
+        key = _storage_key(s.tensor)
+        for name in storage.get(key, []):
+            if name in names:
+                continue
+            try:  # a map made before earlier folds: the name must still hold that storage
+                still = _storage_key(get_attr_value(gm, name)) == key
+            except PassError:
+                still = False
+            if still:
                 return f"{s.qualname!r} shares its storage with {name!r} (tied weights)"
     return None
 
