@@ -102,8 +102,8 @@ def copy_with_state(module: nn.Module, state: dict[str, torch.Tensor], *, own: b
     current = module.state_dict(keep_vars=True)
     missing = [k for k in current if k not in state]
     if missing:
-        raise MismatchError(f"the model has no parameter {missing[0]!r} that its traced graph uses "
-                            f"({len(missing)} missing); is it the architecture the spec was made for?")
+        raise MismatchError(f"no weights given for parameter {missing[0]!r} of the model ({len(missing)} "
+                            f"missing); are they from the architecture the spec was made for?")
     memo = {id(t): t for t in current.values()}  # shared until replaced below
     clone = copy.deepcopy(module, memo)
     new, first = {}, {}
@@ -139,15 +139,15 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def check_finite(state: dict[str, torch.Tensor], who: str) -> None:
-    """A NumericError naming the first parameter with a NaN or Inf. One norm per tensor, taken
-    together (a norm is finite exactly when the tensor is, unless it overflows: then the tensor
-    itself is checked)."""
+    """A NumericError naming the first parameter with a NaN or Inf. The max-norms of all tensors on
+    one device are checked together (one wait for the device instead of one per tensor); a norm is
+    finite exactly when its tensor is."""
     items = [(k, t) for k, t in state.items() if t.is_floating_point() and t.numel()]
     by_device: dict = {}
     for k, t in items:
         by_device.setdefault((t.device, t.dtype), []).append((k, t))
     for group in by_device.values():
-        norms = torch.stack(torch._foreach_norm([t.detach() for _, t in group], ord=float("inf")))
+        norms = torch.stack([torch.linalg.vector_norm(t.detach(), float("inf")) for _, t in group])
         if bool(torch.isfinite(norms).all()):
             continue
         for k, t in group:
