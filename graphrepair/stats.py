@@ -33,6 +33,7 @@ them directly; no copy of either model is made.
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -105,7 +106,11 @@ def copy_with_state(module: nn.Module, state: dict[str, torch.Tensor], *, own: b
         raise MismatchError(f"no weights given for parameter {missing[0]!r} of the model ({len(missing)} "
                             f"missing); are they from the architecture the spec was made for?")
     memo = {id(t): t for t in current.values()}  # shared until replaced below
-    clone = copy.deepcopy(module, memo)
+    with warnings.catch_warnings():
+        # GraphModules from torch.export carry pytree specs whose copy warns about a deprecation
+        # inside torch itself; nothing the caller can act on
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        clone = copy.deepcopy(module, memo)
     new, first = {}, {}
     for k, t in current.items():
         if id(t) in first:  # tied: one tensor under two names stays one tensor
