@@ -17,7 +17,8 @@ weights that g touches,
 where the g-view gathers, along axis d, the R positions of each of g's channels (a flattened
 feature map repeats a channel over spatial positions; a Kronecker layout repeats it per block) and
 flattens everything else, with the other groups' current permutations already applied to B. The
-descent repeats until no group changes.
+descent repeats until no group changes. Groups replicated over other groups on one axis (heads x
+head dims) start from a pairing-free estimate instead of the identity (see ``weight_matching``).
 """
 
 from __future__ import annotations
@@ -141,26 +142,50 @@ def weight_matching(spec: PermutationSpec, state_a: dict, state_b: dict, *, grou
     a64 = {k: v.detach().double() for k, v in state_a.items() if v.is_floating_point()}
     b64 = {k: v.detach().double() for k, v in state_b.items() if v.is_floating_point()}
     rng = np.random.default_rng(seed)
-    for _ in range(max_iter):
-        changed = False
-        for gi in rng.permutation(len(names)):
-            name = names[gi]
-            others = {k: v for k, v in perms.items() if k != name}
-            vp = spec._var_perms(others)
+
+    def b_permuted(key: str, vp: dict) -> torch.Tensor:
+        wb = b64[key]
+        for d, e in enumerate(spec.param_axes[key]):
+            if not ax.is_fixed(e):
+                wb = wb.index_select(d, ax.index(e, vp).to(wb.device))
+        return wb
+
+    def descend(active: list[str]) -> None:
+        for _ in range(max_iter):
+            changed = False
+            for gi in rng.permutation(len(active)):
+                name = active[gi]
+                vp = spec._var_perms({k: v for k, v in perms.items() if k != name})
+                size = spec.group(name).size
+                score = torch.zeros(size, size, dtype=torch.float64)
+                for key, axis, pos in touches[name]:
+                    score += (_view(a64[key], axis, pos) @ _view(b_permuted(key, vp), axis, pos).T).cpu()
+                new = lap(score)
+                old = perms[name]
+                if (score[torch.arange(size), new].sum() > score[torch.arange(size), old].sum() + 1e-12
+                        and not torch.equal(new, old)):
+                    perms[name] = new
+                    changed = True
+            if not changed:
+                return
+
+    # Groups replicated over other groups on one axis (heads x head dims): coordinate descent
+    # from the identity pairs their replicas wrongly and stalls. First the other groups, then
+    # these from a pairing-free start (each A replica's best match among B's), then all together.
+    coupled = [n for n in names if not (init and n in init)
+               and any(ax.mixes(spec.param_axes[key][axis]) for key, axis, _ in touches[n])]
+    if coupled:
+        descend([n for n in names if n not in coupled])
+        for name in coupled:
+            vp = spec._var_perms({k: v for k, v in perms.items() if k not in coupled})
             size = spec.group(name).size
             score = torch.zeros(size, size, dtype=torch.float64)
             for key, axis, pos in touches[name]:
-                wb = b64[key]
-                for d, e in enumerate(spec.param_axes[key]):
-                    if not ax.is_fixed(e):
-                        wb = wb.index_select(d, ax.index(e, vp).to(wb.device))
-                score += (_view(a64[key], axis, pos) @ _view(wb, axis, pos).T).cpu()
-            new = lap(score)
-            old = perms[name]
-            if (score[torch.arange(size), new].sum() > score[torch.arange(size), old].sum() + 1e-12
-                    and not torch.equal(new, old)):
-                perms[name] = new
-                changed = True
-        if not changed:
-            break
+                wa = a64[key].movedim(axis, 0)[pos.to(a64[key].device)]  # (|g|, R, ...)
+                wb = b_permuted(key, vp).movedim(axis, 0)[pos.to(a64[key].device)]
+                wa, wb = wa.reshape(size, pos.shape[1], -1), wb.reshape(size, pos.shape[1], -1)
+                pair = torch.einsum("irk,jsk->ijrs", wa, wb)  # replica r of A against s of B
+                score += pair.max(-1).values.sum(-1).cpu()
+            perms[name] = lap(score)
+    descend(names)
     return perms

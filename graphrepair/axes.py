@@ -110,6 +110,16 @@ def variables(e: Expr) -> Iterator[Var]:
         yield from variables(e.inner)
 
 
+def mixes(e: Expr) -> bool:
+    """Whether a Kronecker factor of ``e`` holds variables on both sides (heads x head dims): the
+    positions of one variable are then replicated over another's."""
+    if isinstance(e, Kron):
+        return (not is_fixed(e.outer) and not is_fixed(e.inner)) or mixes(e.outer) or mixes(e.inner)
+    if isinstance(e, Cat):
+        return any(mixes(p) for p in e.parts)
+    return False
+
+
 def is_fixed(e: Expr) -> bool:
     return next(variables(e), None) is None
 

@@ -203,15 +203,6 @@ def pair_roots(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module,
 JOINT_MAX = 2048
 
 
-def _mixes(e) -> bool:
-    """Whether a Kronecker factor of ``e`` holds groups on both sides (heads x head dims)."""
-    if isinstance(e, ax.Kron):
-        return (not ax.is_fixed(e.outer) and not ax.is_fixed(e.inner)) or _mixes(e.outer) or _mixes(e.inner)
-    if isinstance(e, ax.Cat):
-        return any(_mixes(p) for p in e.parts)
-    return False
-
-
 def _joint_axes(spec: PermutationSpec, node: str, shape) -> tuple[tuple, object, int] | None:
     """(axes, Kronecker expression, joint size) of ``node``'s group-carrying axes when one group's
     positions are replicated over another's (two such axes, or heads x head dims on one); else
@@ -220,7 +211,7 @@ def _joint_axes(spec: PermutationSpec, node: str, shape) -> tuple[tuple, object,
     if not exprs or len(exprs) != len(shape):
         return None
     axes_ = tuple(d for d, e in enumerate(exprs) if not ax.is_fixed(e))
-    if len(axes_) == 1 and not _mixes(exprs[axes_[0]]):
+    if len(axes_) == 1 and not ax.mixes(exprs[axes_[0]]):
         return None  # one axis whose groups sit in separate blocks (a concat): nothing couples
     size = 1
     for d in axes_:
