@@ -67,6 +67,7 @@ class JointPoint:
 
     expr: object  # axes.Expr
     corr: torch.Tensor  # (F, F)
+    var_a: torch.Tensor  # (F,) A's variance at every position
 
 
 @dataclass
@@ -254,9 +255,10 @@ def collect(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module, batch
                 notes[p.node] = (f"at node {p.node!r} groups meet in a joint space of {joint[2]} positions "
                                  f"(more than {JOINT_MAX}): there each group's replicas are paired as "
                                  f"they are, so their alignment is approximate")
-            elif joint is not None:
+            elif joint is not None:  # the joint view serves every group at this node
                 joint_exprs[p.node] = joint[:2]
                 at_joint[p.node] = view(p.node, TapView(joint[0], None, True))
+                continue
             whole = (p.positions.shape[1] == 1 and p.positions.shape[0] == info[p.node].shape[p.axis]
                      and bool((p.positions[:, 0] == torch.arange(p.positions.shape[0])).all()))
             index = None if whole else p.positions.to(device)
@@ -274,34 +276,41 @@ def collect(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module, batch
     if examples == 0:
         raise DataError("the fitting data has no examples")
 
-    corr: dict[str, torch.Tensor] = {}
-    dead: dict[str, int] = {}
-    coupled: dict[str, Coupled] = {}
-    for g, pts in observe.items():
-        if not pts:
-            continue
-        mats = []
-        for p in pts:
-            node, i = at_group[(g, p.node)]
-            sa, sb = taps[node].moments(i)
-            mats.append(correlation(taps[node].cov(i), sa.var, sb.var))
-        c = torch.stack(mats).mean(0)
-        if not torch.isfinite(c).all():
-            raise NumericError(f"correlations of group {g!r} are not finite (NaN/Inf activations?)")
-        corr[g] = c
-        node, i = at_group[(g, pts[0].node)]
-        dead[g] = int((taps[node].moments(i)[0].var <= 1e-12).sum())
-        nodes = [p.node for p in pts if p.node in at_joint]
-        if nodes:
-            plain = [m for p, m in zip(pts, mats) if p.node not in at_joint]
-            coupled[g] = Coupled(torch.stack(plain).sum(0) if plain else None, len(plain), nodes)
     joint = {}
     for node, (view_node, i) in at_joint.items():
         sa, sb = taps[view_node].moments(i)
         jc = correlation(taps[view_node].cov(i), sa.var, sb.var)
         if not torch.isfinite(jc).all():
             raise NumericError(f"correlations at node {node!r} are not finite (NaN/Inf activations?)")
-        joint[node] = JointPoint(joint_exprs[node][1], jc)
+        joint[node] = JointPoint(joint_exprs[node][1], jc, sa.var)
+    corr: dict[str, torch.Tensor] = {}
+    dead: dict[str, int] = {}
+    coupled: dict[str, Coupled] = {}
+    for g, pts in observe.items():
+        if not pts:
+            continue
+        mats, var_a = [], None
+        for p in pts:
+            if p.node in joint:  # replicas paired as they are (alignment re-pairs them)
+                jp = joint[p.node]
+                pos = ax.positions(jp.expr, spec.var_of_group[g]).to(jp.corr.device)
+                mats.append(jp.corr[pos[:, None, :], pos[None, :, :]].mean(-1))
+                va = jp.var_a[pos].max(1).values  # a channel is dead when all its replicas are
+            else:
+                node, i = at_group[(g, p.node)]
+                sa, sb = taps[node].moments(i)
+                mats.append(correlation(taps[node].cov(i), sa.var, sb.var))
+                va = sa.var
+            var_a = va if var_a is None else var_a
+        c = torch.stack(mats).mean(0)
+        if not torch.isfinite(c).all():
+            raise NumericError(f"correlations of group {g!r} are not finite (NaN/Inf activations?)")
+        corr[g] = c
+        dead[g] = int((var_a <= 1e-12).sum())
+        nodes = [p.node for p in pts if p.node in joint]
+        if nodes:
+            plain = [m for p, m in zip(pts, mats) if p.node not in joint]
+            coupled[g] = Coupled(torch.stack(plain).sum(0) if plain else None, len(plain), nodes)
     stats = {}
     for r in resets:
         node, i = at_reset[r.node]
