@@ -58,3 +58,28 @@ def test_copy_casts_to_the_model_dtype_and_names_a_missing_or_misshapen_key():
         copy_with_state(model, {"weight": model.weight})
     with pytest.raises(MismatchError, match="'weight' has shape"):
         copy_with_state(model, {"weight": torch.zeros(3, 3), "bias": model.bias})
+
+
+class Small(nn.Module):
+    def __init__(self, p: float = 0.1) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.drop = nn.Dropout(p)
+
+    def forward(self, x):
+        return self.drop(self.fc(x)).relu()
+
+
+def test_pair_reads_the_models_themselves_only_when_b_is_configured_like_a():
+    from graphrepair.discover import discover
+    from graphrepair.stats import pair_roots
+
+    a, b = Small().eval(), Small().eval()
+    spec = discover(a, (torch.randn(2, 4),))
+    ra, rb = pair_roots(spec, a, b, torch.device("cpu"))
+    assert ra is a and rb is b  # no copies
+    other = Small(p=0.5).eval()  # same weights' shapes, another module configuration
+    ra, rb = pair_roots(spec, a, other, torch.device("cpu"))
+    assert ra is not a and rb is not other
+    torch.testing.assert_close(rb.fc.weight, other.fc.weight)  # B's weights in A's graph
+    assert rb.fc.weight.data_ptr() != other.fc.weight.data_ptr()
