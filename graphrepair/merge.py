@@ -204,7 +204,13 @@ def prepare(models: list[nn.Module], data, *, method: str = "activation", statis
         perms_all.append(perms)
         stats_all.append(stats)
         corr = corr or mean_corr
-    aligned = [spec.permute_state_dict(m.state_dict(), p) for m, p in zip(models[1:], perms_all)]
+    aligned = []
+    for m, p in zip(models[1:], perms_all):
+        sd = m.state_dict()
+        permuted = spec.permute_state_dict(sd, p)
+        # entries with no permuted axis come back as the model's own tensors: copy them, so that
+        # changing the model later cannot change what this preparation merges
+        aligned.append({k: v.clone() if v is sd[k] else v for k, v in permuted.items()})
     return Prepared(models, spec, fit, method, rpoints, perms_all, stats_all, corr, aligned)
 
 

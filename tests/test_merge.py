@@ -328,3 +328,16 @@ def test_a_joint_space_too_large_is_reported_not_skipped_silently(monkeypatch):
     monkeypatch.setattr(stats_module, "JOINT_MAX", 2048)
     res = gr.merge_models([a, b], x, num_examples=16, batch_size=16, repair=None)
     assert not any("joint space" in n for n in res.notes)
+
+
+def test_prepared_alignment_does_not_follow_later_changes_of_b(digits_pair):
+    (a, b), x, _ = digits_pair
+    b = copy.deepcopy(b)  # changed below; the fixture is shared
+    prep = prepare([a, b], x, num_examples=200, statistics=False)
+    before = {k: v.clone() for k, v in prep.aligned[0].items()}
+    with torch.no_grad():
+        for t in b.state_dict().values():
+            if t.is_floating_point():
+                t.add_(1.0)
+    for k, v in prep.aligned[0].items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0, msg=k)
