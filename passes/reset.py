@@ -36,16 +36,10 @@ from torch.fx import GraphModule
 from passes.base import PassResult, finish, start
 from passes.errors import PassError
 from passes.modules import insert_module_after, inserted_modules, module_device, named_nodes
-from passes.track import _SMALL, ChannelSums
+from passes.track import _SMALL, ChannelSums, broadcast_shape
 
 RESET_PREFIX = "_gr_reset"
 MODES = ("collect", "apply")
-
-
-def _broadcast_shape(ndim: int, dim: int) -> list[int]:
-    shape = [1] * ndim
-    shape[dim] = -1
-    return shape
 
 
 def _check_channels(x: torch.Tensor, dim: int, channels: int, who: str) -> int:
@@ -77,7 +71,7 @@ class ChannelAffine(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dim = _check_channels(x, self.dim, self.scale.shape[0], f"ChannelAffine at {self.source!r}")
-        shape = _broadcast_shape(x.ndim, dim)
+        shape = broadcast_shape(x.ndim, dim)
         return x * self.scale.to(x.dtype).view(shape) + self.shift.to(x.dtype).view(shape)
 
     def as_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,7 +157,7 @@ class Reset(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dim = _check_channels(x, self.dim, self.num_channels, f"reset at {self.source!r}")
-        shape = _broadcast_shape(x.ndim, dim)
+        shape = broadcast_shape(x.ndim, dim)
         if self.mode == "apply":
             # in the buffers' dtype (float64 only for folding, see as_affine)
             scale = self.goal_std * torch.rsqrt(self.running_var + self.eps)

@@ -137,8 +137,15 @@ class _Layout:
         return s, sq
 
 
+def broadcast_shape(ndim: int, dim: int) -> list[int]:
+    """The shape that broadcasts a (C,) vector along axis ``dim`` of an ``ndim``-axis tensor."""
+    shape = [1] * ndim
+    shape[dim % ndim] = -1
+    return shape
+
+
 def _layout(x: torch.Tensor, dim, index: torch.Tensor | None, shift: torch.Tensor | None) -> _Layout:
-    if x.dtype not in (torch.float32, torch.float64):
+    if x.dtype not in _EXACT:
         x = x.float()
     if isinstance(dim, tuple):  # joint channels: the product of several axes, as (N, C) rows
         dims = [d % x.ndim for d in dim]
@@ -149,9 +156,7 @@ def _layout(x: torch.Tensor, dim, index: torch.Tensor | None, shift: torch.Tenso
         m = channel_matrix(x, dim, index)
         return _Layout("cols", m if shift is None else m - shift[:, None])
     if shift is not None:
-        shape = [1] * x.ndim
-        shape[dim % x.ndim] = -1
-        x = x - shift.view(shape)
+        x = x - shift.view(broadcast_shape(x.ndim, dim))
     split = _split(x, dim)
     if split is None:
         return _Layout("cols", channel_matrix(x, dim))
@@ -185,23 +190,6 @@ class ChannelSums:
         self.s2: torch.Tensor | None = None
         # latest (n, S1, S2) of one batch, shifted, in the reduction's dtype
         self.batch: tuple[int, torch.Tensor, torch.Tensor] | None = None
-        self._view: tuple | None = None  # (shape, kind, view shape) of the last plain layout
-
-    def _layout(self, x: torch.Tensor) -> _Layout:
-        cached = self._view
-        if cached is not None and cached[0] == x.shape and x.dtype in _EXACT and x.is_contiguous():
-            # same shape as the last batch: no analysis, at most the subtraction of the shift
-            t = x if cached[3] is None else x - cached[3]
-            return _Layout(cached[1], t.view(cached[2]))
-        lay = _layout(x, self.dim, self.index, self.shift)
-        if self.index is None and not isinstance(self.dim, tuple) and x.dtype in _EXACT and x.is_contiguous():
-            shift = None
-            if self.shift is not None:
-                shape = [1] * x.ndim
-                shape[self.dim % x.ndim] = -1
-                shift = self.shift.view(shape)
-            self._view = (x.shape, lay.kind, lay.t.shape, shift)
-        return lay
 
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> _Layout:
@@ -209,15 +197,14 @@ class ChannelSums:
         x = x.detach()
         if self.index is not None and self.index.device != x.device:
             self.index = self.index.to(x.device)
-        lay = self._layout(x)
+        lay = _layout(x, self.dim, self.index, self.shift)
         s, sq = lay.sums()
         n = lay.samples
         if self.s1 is None:
             mean = s.double() / max(n, 1)
             if bool((mean * mean > _SHIFT_RATIO * (sq.double() / max(n, 1) - mean * mean)).any()):
                 self.shift = mean.to(lay.t.dtype)
-                self._view = None
-                lay = self._layout(x)
+                lay = _layout(x, self.dim, self.index, self.shift)
                 s, sq = lay.sums()
             self.n, self.s1, self.s2 = n, s.double(), sq.double()
             if self.s1 is s:
