@@ -59,14 +59,12 @@ def activation_perms(spec: PermutationSpec, stats, max_rounds: int = 50) -> dict
     perms = {g: lap(c) for g, c in stats.corr.items() if g not in stats.coupled}
     if not stats.coupled:
         return perms
-    for g, c in stats.coupled.items():  # start: each position's best match among the replicas
-        total = c.plain_sum.clone() if c.plain_sum is not None else 0.0
-        for node in c.nodes:
-            jp = stats.joint[node]
-            pos = ax.positions(jp.expr, spec.var_of_group[g]).to(jp.corr.device)
-            block = jp.corr[pos[:, None, :, None], pos[None, :, None, :]]  # (|g|, |g|, R, R)
-            total = total + block.max(-1).values.mean(-1)
-        perms[g] = lap(total / (c.plain_count + len(c.nodes)))
+
+    def best(jp, pos):  # each A replica's best match among B's: (|g|, |g|, R, R) -> (|g|, |g|)
+        return jp.corr[pos[:, None, :, None], pos[None, :, None, :]].max(-1).values.mean(-1)
+
+    for g in stats.coupled:  # start from the pairing-free estimate
+        perms[g] = lap(_coupled_mean(spec, stats, g, best))
     for _ in range(max_rounds):
         changed = False
         for g in stats.coupled:
@@ -78,18 +76,26 @@ def activation_perms(spec: PermutationSpec, stats, max_rounds: int = 50) -> dict
     return perms
 
 
-def coupled_corr(spec: PermutationSpec, stats, g: str, perms: dict[str, torch.Tensor]) -> torch.Tensor:
-    """corr_g given the other groups' permutations ``perms`` (see ``activation_perms``)."""
+def _coupled_mean(spec: PermutationSpec, stats, g: str, score) -> torch.Tensor:
+    """Group ``g``'s correlation averaged over its points: the ordinary ones as gathered, each
+    joint one as ``score(joint point, positions of g's channels there)``."""
     c = stats.coupled[g]
     total = c.plain_sum.clone() if c.plain_sum is not None else 0.0
-    others = {spec.var_of_group[h]: p for h, p in perms.items() if h != g}
     for node in c.nodes:
         jp = stats.joint[node]
-        dev = jp.corr.device
-        pos = ax.positions(jp.expr, spec.var_of_group[g]).to(dev)
-        q = ax.index(jp.expr, others).to(dev)
-        total = total + jp.corr[pos[:, None, :], q[pos][None, :, :]].mean(-1)
+        total = total + score(jp, ax.positions(jp.expr, spec.var_of_group[g]).to(jp.corr.device))
     return total / (c.plain_count + len(c.nodes))
+
+
+def coupled_corr(spec: PermutationSpec, stats, g: str, perms: dict[str, torch.Tensor]) -> torch.Tensor:
+    """corr_g given the other groups' permutations ``perms`` (see ``activation_perms``)."""
+    others = {spec.var_of_group[h]: p for h, p in perms.items() if h != g}
+
+    def paired(jp, pos):
+        q = ax.index(jp.expr, others).to(pos.device)
+        return jp.corr[pos[:, None, :], q[pos][None, :, :]].mean(-1)
+
+    return _coupled_mean(spec, stats, g, paired)
 
 
 def check_same_architecture(model_a: nn.Module, model_b: nn.Module) -> None:
