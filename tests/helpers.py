@@ -24,6 +24,16 @@ def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
+def random_bn(c: int, cls: type = nn.BatchNorm2d) -> nn.Module:
+    """A BatchNorm with random running statistics and affine parameters (not the identity)."""
+    bn = cls(c)
+    bn.running_mean.normal_()
+    bn.running_var.uniform_(0.5, 2.0)
+    bn.weight.data.uniform_(0.5, 1.5)
+    bn.bias.data.normal_()
+    return bn
+
+
 def graph_of(model: nn.Module, x: torch.Tensor, how: str) -> torch.fx.GraphModule:
     """``model`` as a GraphModule of the kind ``how`` names: "fx" (symbolic_trace, module calls),
     "aten" (torch.export) or "aten_decomposed" (torch.export after core decompositions)."""

@@ -23,7 +23,7 @@ from passes import (
     resets,
     set_mode,
 )
-from tests.helpers import Head, graph_of
+from tests.helpers import Head, graph_of, random_bn
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec:FutureWarning")
 
@@ -49,15 +49,6 @@ def affine_modules(gm):
     return [m for m in gm.modules() if isinstance(m, (Reset, ChannelAffine))]
 
 
-def _bn(c):
-    bn = nn.BatchNorm2d(c)
-    bn.running_mean.normal_()
-    bn.running_var.uniform_(0.5, 2.0)
-    bn.weight.data.uniform_(0.5, 1.5)
-    bn.bias.data.normal_()
-    return bn
-
-
 # (id, model factory(bias, groups), input shape, reset dim, channels)
 CASES = [
     ("linear", lambda bias, g: Head(nn.Linear(6, 8, bias=bias)), (4, 6), -1, 8),
@@ -71,7 +62,7 @@ CASES = [
         1,
         6,
     ),
-    ("batchnorm2d", lambda bias, g: Head(nn.Conv2d(4, 6, 3, groups=g, bias=bias), _bn(6)), (3, 4, 7, 7), 1, 6),
+    ("batchnorm2d", lambda bias, g: Head(nn.Conv2d(4, 6, 3, groups=g, bias=bias), random_bn(6)), (3, 4, 7, 7), 1, 6),
 ]
 
 
@@ -248,8 +239,8 @@ class Residual(nn.Module):
     def __init__(self, project: bool) -> None:
         super().__init__()
         self.conv = nn.Conv2d(4, 4, 3, padding=1)
-        self.bn = _bn(4)
-        self.short = nn.Sequential(nn.Conv2d(4, 4, 1, bias=False), _bn(4)) if project else nn.Identity()
+        self.bn = random_bn(4)
+        self.short = nn.Sequential(nn.Conv2d(4, 4, 1, bias=False), random_bn(4)) if project else nn.Identity()
 
     def forward(self, x):
         return torch.relu(self.bn(self.conv(x)) + self.short(x))

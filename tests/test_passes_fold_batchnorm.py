@@ -7,27 +7,18 @@ import torch
 import torch.nn as nn
 
 from passes import fold_batchnorms, producer_kind
-from tests.helpers import Head, graph_of
+from tests.helpers import Head, graph_of, random_bn
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec:FutureWarning")
 
 
-def _bn(cls, c):
-    bn = cls(c)
-    bn.running_mean.normal_()
-    bn.running_var.uniform_(0.5, 2.0)
-    bn.weight.data.uniform_(0.5, 1.5)
-    bn.bias.data.normal_()
-    return bn
-
-
 CASES = [
-    ("linear", lambda b, g: Head(nn.Linear(6, 8, bias=b), _bn(nn.BatchNorm1d, 8)), (4, 6)),
-    ("conv2d", lambda b, g: Head(nn.Conv2d(4, 6, 3, groups=g, bias=b), _bn(nn.BatchNorm2d, 6)), (3, 4, 7, 7)),
-    ("conv1d", lambda b, g: Head(nn.Conv1d(4, 6, 3, groups=g, bias=b), _bn(nn.BatchNorm1d, 6)), (3, 4, 9)),
+    ("linear", lambda b, g: Head(nn.Linear(6, 8, bias=b), random_bn(8, nn.BatchNorm1d)), (4, 6)),
+    ("conv2d", lambda b, g: Head(nn.Conv2d(4, 6, 3, groups=g, bias=b), random_bn(6, nn.BatchNorm2d)), (3, 4, 7, 7)),
+    ("conv1d", lambda b, g: Head(nn.Conv1d(4, 6, 3, groups=g, bias=b), random_bn(6, nn.BatchNorm1d)), (3, 4, 9)),
     (
         "conv_transpose2d",
-        lambda b, g: Head(nn.ConvTranspose2d(4, 6, 3, stride=2, groups=g, bias=b), _bn(nn.BatchNorm2d, 6)),
+        lambda b, g: Head(nn.ConvTranspose2d(4, 6, 3, stride=2, groups=g, bias=b), random_bn(6, nn.BatchNorm2d)),
         (3, 4, 5, 5),
     ),
 ]
@@ -64,7 +55,7 @@ class Residual(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.conv = nn.Conv2d(3, 3, 3, padding=1)
-        self.bn = _bn(nn.BatchNorm2d, 3)
+        self.bn = random_bn(3, nn.BatchNorm2d)
 
     def forward(self, x):
         y = self.conv(x)
@@ -74,7 +65,7 @@ class Residual(nn.Module):
 class InputNorm(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.bn = _bn(nn.BatchNorm2d, 3)
+        self.bn = random_bn(3, nn.BatchNorm2d)
         self.conv = nn.Conv2d(3, 3, 1)
 
     def forward(self, x):
