@@ -12,25 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from fixtures import datasets
 from fixtures.datasets import MNIST_MEAN, MNIST_STD, digits, mnist, mnist_path
+from fixtures.train import _mlp as mlp  # the MLP the fixture pairs are trained as
 from fixtures.train import evaluate, train, train_pair
 from graphrepair.errors import DataError, NumericError
-
-
-def mlp(depth: int, width: int, inputs: int, classes: int = 10) -> nn.Sequential:
-    """Flatten + depth x (Linear, ReLU) + Linear, He init (a local copy; the zoo has its own)."""
-    layers: list[nn.Module] = [nn.Flatten()]
-    for i in range(depth):
-        layers += [nn.Linear(inputs if i == 0 else width, width), nn.ReLU()]
-    layers.append(nn.Linear(width, classes))
-    for layer in layers:
-        if isinstance(layer, nn.Linear):
-            nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
-            nn.init.zeros_(layer.bias)
-    return nn.Sequential(*layers)
 
 
 # --------------------------------------------------------------------------------------------------
