@@ -56,20 +56,25 @@ def test_alignment_raises_correlation(digits_pair):
         assert c > 0.3, (g, c)
 
 
+def _permuted_copy(name: str, model_seed: int = 1, perm_seed: int = 4):
+    """(zoo entry, randomised model A, its spec, a random permutation, A permuted by it)."""
+    entry = ZOO[name]
+    torch.manual_seed(0)
+    a = randomize_(entry.factory().eval(), seed=model_seed)
+    spec = gr.discover(a, entry.example_inputs())
+    truth = spec.random_permutations(seed=perm_seed)
+    return entry, a, spec, truth, gr.permute(a, spec, truth)
+
+
 # gpt2_tiny, bert_tiny, vit_tiny: heads x head dims after the split to heads (groups replicated
 # over each other), solved from a pairing-free start
 @pytest.mark.parametrize("name", ["mlp3", "resnet20_bn", "transformer_tiny", "densenet_tiny",
                                   "mobilenetv2_tiny", "grouped_conv_net", "flatten_cnn",
                                   "gpt2_tiny", "bert_tiny", "vit_tiny"])
 def test_weight_matching_recovers_a_random_permutation(name):
-    entry = ZOO[name]
     if name in ("gpt2_tiny", "bert_tiny", "vit_tiny"):
         pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    a = randomize_(entry.factory().eval(), seed=3)
-    x = entry.example_inputs()
-    spec = gr.discover(a, x)
-    b = gr.permute(a, spec, spec.random_permutations(seed=7))
+    _, a, spec, _, b = _permuted_copy(name, model_seed=3, perm_seed=7)
     perms = weight_matching(spec, a.state_dict(), b.state_dict())
     back = gr.permute(b, spec, perms)
     for k, v in a.state_dict().items():
@@ -259,13 +264,8 @@ def test_export_traced_models_merge_at_any_batch_size():
     exactly, heads and the dims inside a head included (groups coupled at split-head nodes are
     solved jointly)."""
     pytest.importorskip("transformers")
-    entry = ZOO["gpt2_tiny"]
-    torch.manual_seed(0)
-    a = randomize_(entry.factory().eval(), seed=1)
-    spec = gr.discover(a, entry.example_inputs())  # traced on a batch of 2
+    entry, a, spec, truth, b = _permuted_copy("gpt2_tiny")  # traced on a batch of 2
     assert spec.traced.kind == "export"
-    truth = spec.random_permutations(seed=4)
-    b = gr.permute(a, spec, truth)
     x = torch.randint(0, entry.vocab, (48, 16))
     prep = prepare([a, b], x, num_examples=48, batch_size=32, statistics=False, spec=spec)
     coupled = {g for g in truth if "attn" in g}  # heads and the dims inside a head
@@ -299,13 +299,8 @@ def test_activation_matching_recovers_split_heads_of_exported_models(name):
     """Heads and head dims meet in one tensor after the split to heads: their correlations depend
     on each other's permutation and are solved jointly; a permuted copy is recovered exactly."""
     pytest.importorskip("transformers")
-    entry = ZOO[name]
-    torch.manual_seed(0)
-    a = randomize_(entry.factory().eval(), seed=1)
+    entry, a, spec, truth, b = _permuted_copy(name)
     ex = entry.example_inputs()
-    spec = gr.discover(a, ex)
-    truth = spec.random_permutations(seed=4)
-    b = gr.permute(a, spec, truth)
     shape = (64,) + tuple(ex[0].shape[1:])
     x = torch.randint(0, entry.vocab, shape) if ex[0].dtype == torch.long else torch.randn(shape)
     prep = prepare([a, b], x, num_examples=64, batch_size=32, statistics=False, spec=spec)
