@@ -12,7 +12,7 @@ goal_mean = (1-a) mu_A + a mu_B, goal_std = (1-a) sigma_A + a sigma_B):
   the exact mean and population variance of x over every batch seen (``passes.track.ChannelSums``:
   float64 sums, about a per-channel shift where means are large; a cumulative average, not
   BatchNorm's per-batch momentum=None average). ``running_mean`` / ``running_var`` hold them after
-  each batch.
+  each batch (written from the sums when next read: attribute, ``state_dict``, apply mode).
 - "apply" mode: m, v = running_mean, running_var (BatchNorm in eval mode); the stats can also be
   set directly with ``set_running`` (closed-form REPAIR, no pass through the merged net).
 
@@ -115,6 +115,7 @@ class Reset(nn.Module):
         self.register_buffer("running_var", torch.ones(num_channels))
         self.count = 0  # samples per channel accumulated in collect mode
         self.stats_set = False  # running stats given by set_running
+        self._stale = False  # the sums hold batches the running stats do not show yet
         self.sums = ChannelSums(dim)
 
     @property
@@ -130,6 +131,7 @@ class Reset(nn.Module):
         """Forget the accumulated statistics (running stats back to mean 0, variance 1)."""
         self.count = 0
         self.stats_set = False
+        self._stale = False
         self.sums = ChannelSums(self.dim)
         self.running_mean.zero_()
         self.running_var.fill_(1.0)
@@ -147,7 +149,7 @@ class Reset(nn.Module):
         with torch.no_grad():
             self.running_mean.copy_(mean)
             self.running_var.copy_(var)
-        self.stats_set = True
+        self.stats_set, self._stale = True, False
 
     def as_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale, shift) in float64 such that apply mode computes y = scale * x + shift."""
@@ -164,17 +166,22 @@ class Reset(nn.Module):
             shift = self.goal_mean - self.running_mean * scale
             return x * scale.to(x.dtype).view(shape) + shift.to(x.dtype).view(shape)
         self.last_ndim = x.ndim
+        c = x.shape[dim]
+        if x.numel() > c and x.is_contiguous() and (x.is_cuda or x.numel() <= _SMALL):
+            # BatchNorm's own kernel on x seen as (pre, C, post): the batch's mean and variance
+            # and the output in one fused op (on CPU the fewest calls for small tensors; for large
+            # ones two reductions and one multiply-add are faster)
+            pre = x.shape[:dim].numel()
+            post = x.numel() // (pre * c)
+            out, mean, invstd = torch.native_batch_norm(
+                x.view(pre, c, post), self.goal_std.to(x.dtype), self.goal_mean.to(x.dtype), None, None,
+                True, 0.0, self.eps)
+            with torch.no_grad():
+                var = (invstd.double().pow(-2) - self.eps).clamp_min(0.0)
+                self._collected(lambda: self.sums.add_moments(pre * post, mean, var))
+            return out.view(x.shape)
         with torch.no_grad():
-            self.sums.update(x)
-            self.count = self.sums.n
-            self.stats_set = False
-            self.running_mean.copy_(self.sums.mean)
-            self.running_var.copy_(self.sums.var)
-        if dim == 1 and x.numel() > x.shape[1] and (x.is_cuda or x.numel() <= _SMALL):
-            # BatchNorm's own kernel: batch statistics in one fused op (on CPU the fewest calls for
-            # small tensors; for large ones two reductions and one multiply-add are faster)
-            return F.batch_norm(x, None, None, self.goal_std.to(x.dtype), self.goal_mean.to(x.dtype),
-                                training=True, eps=self.eps)
+            self._collected(lambda: self.sums.update(x))
         n, s1, s2 = self.sums.batch
         mean = s1.double() / n
         var = (s2.double() / n - mean * mean).clamp_min(0.0)
@@ -183,6 +190,31 @@ class Reset(nn.Module):
         scale = self.goal_std.double() * torch.rsqrt(var + self.eps)
         shift = self.goal_mean.double() - mean * scale
         return torch.addcmul(shift.to(x.dtype).view(shape), x, scale.to(x.dtype).view(shape))
+
+    def _collected(self, add) -> None:
+        add()
+        self.count = self.sums.n
+        self.stats_set = False
+        self._stale = True
+
+    def _sync(self) -> None:
+        """Write the accumulated statistics into the running buffers (read through ``_buffers``:
+        attribute access comes back here)."""
+        if self.__dict__.get("_stale"):
+            self._stale = False
+            with torch.no_grad():
+                self._buffers["running_mean"].copy_(self.sums.mean)
+                self._buffers["running_var"].copy_(self.sums.var)
+
+    def __getattr__(self, name: str):
+        # running_mean / running_var are written lazily: once per read, not once per batch
+        if name in ("running_mean", "running_var"):
+            self._sync()
+        return super().__getattr__(name)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        self._sync()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def extra_repr(self) -> str:
         return f"{self.num_channels}, dim={self.dim}, eps={self.eps}, mode={self.mode}, source={self.source!r}"

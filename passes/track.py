@@ -30,6 +30,7 @@ cross-moment table.
 
 from __future__ import annotations
 
+import functools
 import operator
 from dataclasses import dataclass
 
@@ -96,6 +97,11 @@ _SHIFT_RATIO = 10.0
 _EXACT = (torch.float32, torch.float64)  # dtypes reduced as they are (others in float32)
 
 
+@functools.lru_cache(maxsize=32)
+def _ones(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.ones(n, dtype=dtype, device=device)
+
+
 class _Layout:
     """A tensor seen as channels x samples without a copy where possible: ``kind`` "rows" is an
     (N, C) matrix, "cols" a (C, N) matrix, "batched" a contiguous (pre, C, post) view."""
@@ -126,8 +132,11 @@ class _Layout:
         axis where there is one, then in float64 over a leading axis; no copy of the tensor)."""
         t = self.t
         if self.kind == "rows":
-            s = t.sum(0)
-            sq = torch.mul(t, t).sum(0) if t.numel() <= _SMALL else torch.linalg.vector_norm(t, 2, dim=0).square()
+            # across rows a matrix-vector product with ones beats sum(0) (measured ~2x on CPU
+            # inside a forward pass: one BLAS call instead of a strided reduction)
+            ones = _ones(t.shape[0], t.dtype, t.device)
+            s = ones @ t
+            sq = ones @ torch.mul(t, t) if t.numel() <= _SMALL else torch.linalg.vector_norm(t, 2, dim=0).square()
         elif self.kind == "cols":
             s = t.sum(1)
             sq = torch.linalg.vector_norm(t, 2, dim=1).square()
@@ -219,6 +228,24 @@ class ChannelSums:
         self.s2.add_(sq)
         self.batch = (n, s, sq)
         return lay
+
+    @torch.no_grad()
+    def add_moments(self, n: int, mean: torch.Tensor, var: torch.Tensor) -> None:
+        """Add a batch given by its sample count and per-channel mean and population variance (as
+        a fused batch-norm kernel computes them, centred, in one read of the batch): about the
+        shift K (the first such batch's mean), S1 += n (mean - K) and S2 += n (var + (mean - K)^2)."""
+        if self.s1 is None:
+            self.shift = mean.detach().clone()
+            d = torch.zeros_like(mean, dtype=torch.float64)
+            self.n, self.s1, self.s2 = n, d, var.double() * n
+            return
+        if mean.shape != self.s1.shape:
+            raise PassError(f"a batch with {mean.shape[0]} channels cannot be merged with earlier batches "
+                            f"of {self.s1.shape[0]} channels")
+        d = mean.double() if self.shift is None else mean.double() - self.shift.double()
+        self.n += n
+        self.s1.add_(d, alpha=n)
+        self.s2.add_(torch.addcmul(var.double(), d, d), alpha=n)
 
     def _need_data(self) -> None:
         if self.n == 0:

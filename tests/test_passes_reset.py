@@ -25,6 +25,39 @@ def test_collect_accumulates_exact_mean_and_var():
     assert reset.count == data.numel() // 5
 
 
+@pytest.mark.parametrize("small", [None, 0, 200])
+def test_collect_paths_agree_and_running_stats_are_current(small, monkeypatch):
+    """Small (or CUDA) tensors go through BatchNorm's fused kernel, large ones through sums and a
+    multiply-add; with ``small`` = 200 the (6, 5, 4, 4) batches take the second path and the last
+    (2, 5, 4, 4) one the first. Every batch comes out with the goal statistics, and the running
+    statistics are current whichever way they are read."""
+    import passes.reset as reset_mod
+
+    if small is not None:
+        monkeypatch.setattr(reset_mod, "_SMALL", small)
+    torch.manual_seed(0)
+    goal_mean, goal_std = torch.randn(5), torch.rand(5) + 0.5
+    batches = [torch.randn(6, 5, 4, 4) * 2 + 50.0 for _ in range(3)] + [torch.randn(2, 5, 4, 4) + 49.0]
+    reset = Reset(5, dim=1, goal_mean=goal_mean, goal_std=goal_std, eps=0.0)
+    seen = []
+    for b in batches:
+        y = reset(b)
+        seen.append(b)
+        torch.testing.assert_close(y.mean((0, 2, 3)), goal_mean, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(y.std((0, 2, 3), correction=0), goal_std, rtol=1e-4, atol=1e-4)
+        data = torch.cat(seen).double()
+        torch.testing.assert_close(reset.state_dict()["running_mean"], data.mean((0, 2, 3)).float(),
+                                   rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(reset.running_var, data.var((0, 2, 3), correction=0).float(),
+                                   rtol=1e-5, atol=1e-6)
+    reset.mode = "apply"
+    x = batches[0]
+    mean, var = data.mean((0, 2, 3)), data.var((0, 2, 3), correction=0)
+    expected = (x.double() - mean[:, None, None]) / var[:, None, None].sqrt() * goal_std[:, None, None] \
+        + goal_mean[:, None, None]
+    torch.testing.assert_close(reset(x), expected.float(), rtol=1e-4, atol=1e-4)
+
+
 def test_collect_output_has_the_goal_statistics_of_the_batch():
     torch.manual_seed(0)
     goal_mean, goal_std = torch.randn(4), torch.rand(4) + 0.5

@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from passes import (
     ChannelObserver,
+    ChannelSums,
     CrossMoments,
     ObserverSpec,
     PassError,
@@ -146,3 +147,24 @@ def test_insert_observers_unknown_node_names_it():
     gm = torch.fx.symbolic_trace(Small())
     with pytest.raises(PassError, match="'nonexistent'"):
         insert_observers(gm, {"nonexistent": ObserverSpec(1)})
+
+
+def test_add_moments_merges_batches_like_update():
+    """A batch given by its (count, mean, population variance) adds to the sums exactly as the
+    batch itself does, about a shift (mean 100, std 3 does not cancel), and the two may mix."""
+    torch.manual_seed(0)
+    batches = [torch.randn(n, 5, dtype=torch.float64) * 3 + 100.0 for n in (7, 9, 4)]
+    data = torch.cat(batches)
+    by_moments, mixed = ChannelSums(1), ChannelSums(1)
+    for i, b in enumerate(batches):
+        by_moments.add_moments(b.shape[0], b.mean(0).float(), b.var(0, correction=0).float())
+        if i == 1:
+            mixed.update(b.float())
+        else:
+            mixed.add_moments(b.shape[0], b.mean(0).float(), b.var(0, correction=0).float())
+    for sums in (by_moments, mixed):
+        assert sums.n == data.shape[0]
+        torch.testing.assert_close(sums.mean, data.mean(0), rtol=1e-7, atol=0)
+        torch.testing.assert_close(sums.var, data.var(0, correction=0), rtol=1e-5, atol=0)
+    with pytest.raises(PassError, match="channels"):
+        by_moments.add_moments(3, torch.zeros(4), torch.ones(4))
