@@ -177,11 +177,12 @@ class Reset(nn.Module):
                 x.view(pre, c, post), self.goal_std.to(x.dtype), self.goal_mean.to(x.dtype), None, None,
                 True, 0.0, self.eps)
             with torch.no_grad():
-                var = (invstd.double().pow(-2) - self.eps).clamp_min(0.0)
-                self._collected(lambda: self.sums.add_moments(pre * post, mean, var))
+                self.sums.add_moments(pre * post, mean, invstd=invstd, eps=self.eps)
+            self._collected()
             return out.view(x.shape)
         with torch.no_grad():
-            self._collected(lambda: self.sums.update(x))
+            self.sums.update(x)
+        self._collected()
         n, s1, s2 = self.sums.batch
         mean = s1.double() / n
         var = (s2.double() / n - mean * mean).clamp_min(0.0)
@@ -191,8 +192,7 @@ class Reset(nn.Module):
         shift = self.goal_mean.double() - mean * scale
         return torch.addcmul(shift.to(x.dtype).view(shape), x, scale.to(x.dtype).view(shape))
 
-    def _collected(self, add) -> None:
-        add()
+    def _collected(self) -> None:
         self.count = self.sums.n
         self.stats_set = False
         self._stale = True

@@ -177,6 +177,11 @@ def _layout(x: torch.Tensor, dim, index: torch.Tensor | None, shift: torch.Tenso
     return _Layout("batched", x.view(pre, c, post))
 
 
+# Per-batch sums wait in a list and reach the float64 totals this many batches at a time: one
+# stack and one reduction per flush instead of small float64 additions on every batch.
+_PENDING = 64
+
+
 class ChannelSums:
     """Streaming per-channel count, mean and variance of tensors with channels along ``dim``
     (``index`` (C, R): channel c is made of the positions index[c, :], see ``channel_matrix``;
@@ -188,6 +193,10 @@ class ChannelSums:
     its spread (``_SHIFT_RATIO``), so that var = E[(x-K)^2] - E[x-K]^2 does not cancel:
 
         mean = S1 / n + K,      var = S2 / n - (S1 / n)^2.
+
+    A batch may also be given by its moments (``add_moments``: count, mean and variance or
+    BatchNorm's inverse std, as a fused batch-norm kernel returns them). Batches wait in a short
+    list (``_PENDING``) and are added to the totals together when it fills or a result is read.
     """
 
     def __init__(self, dim, index: torch.Tensor | None = None) -> None:
@@ -195,10 +204,30 @@ class ChannelSums:
         self.index = None if index is None else index.long()
         self.n = 0
         self.shift: torch.Tensor | None = None
-        self.s1: torch.Tensor | None = None
-        self.s2: torch.Tensor | None = None
+        self._s1: torch.Tensor | None = None
+        self._s2: torch.Tensor | None = None
+        self._sums: list[tuple[torch.Tensor, torch.Tensor]] = []  # (S1, S2) of waiting batches
+        # (n, mean, var or inverse std, eps: None for a variance) of waiting batches
+        self._moments: list[tuple[int, torch.Tensor, torch.Tensor, float | None]] = []
         # latest (n, S1, S2) of one batch, shifted, in the reduction's dtype
         self.batch: tuple[int, torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def s1(self) -> torch.Tensor | None:
+        """Float64 total of x - shift per channel."""
+        self._flush()
+        return self._s1
+
+    @property
+    def s2(self) -> torch.Tensor | None:
+        """Float64 total of (x - shift)^2 per channel."""
+        self._flush()
+        return self._s2
+
+    def _check(self, c: int) -> None:
+        if c != self._s1.shape[0]:
+            raise PassError(f"a batch with {c} channels cannot be merged with earlier batches "
+                            f"of {self._s1.shape[0]} channels")
 
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> _Layout:
@@ -209,43 +238,67 @@ class ChannelSums:
         lay = _layout(x, self.dim, self.index, self.shift)
         s, sq = lay.sums()
         n = lay.samples
-        if self.s1 is None:
+        if self._s1 is None:
             mean = s.double() / max(n, 1)
             if bool((mean * mean > _SHIFT_RATIO * (sq.double() / max(n, 1) - mean * mean)).any()):
                 self.shift = mean.to(lay.t.dtype)
                 lay = _layout(x, self.dim, self.index, self.shift)
                 s, sq = lay.sums()
-            self.n, self.s1, self.s2 = n, s.double(), sq.double()
-            if self.s1 is s:
-                self.s1, self.s2 = s.clone(), sq.clone()
+            self.n, self._s1, self._s2 = n, s.double(), sq.double()
+            if self._s1 is s:
+                self._s1, self._s2 = s.clone(), sq.clone()
             self.batch = (n, s, sq)
             return lay
-        if s.shape != self.s1.shape:
-            raise PassError(f"a batch with {s.shape[0]} channels cannot be merged with earlier batches "
-                            f"of {self.s1.shape[0]} channels")
+        self._check(s.shape[0])
         self.n += n
-        self.s1.add_(s)
-        self.s2.add_(sq)
+        self._sums.append((s, sq))
+        if len(self._sums) >= _PENDING:
+            self._flush()
         self.batch = (n, s, sq)
         return lay
 
     @torch.no_grad()
-    def add_moments(self, n: int, mean: torch.Tensor, var: torch.Tensor) -> None:
-        """Add a batch given by its sample count and per-channel mean and population variance (as
-        a fused batch-norm kernel computes them, centred, in one read of the batch): about the
-        shift K (the first such batch's mean), S1 += n (mean - K) and S2 += n (var + (mean - K)^2)."""
-        if self.s1 is None:
+    def add_moments(self, n: int, mean: torch.Tensor, var: torch.Tensor | None = None, *,
+                    invstd: torch.Tensor | None = None, eps: float = 0.0) -> None:
+        """Add a batch of ``n`` samples given by its per-channel mean and population variance, or
+        BatchNorm's inverse std 1 / sqrt(var + eps) instead of the variance (as a fused
+        batch-norm kernel computes them, centred, in one read of the batch). About the shift K
+        (the first batch's mean): S1 += n (mean - K), S2 += n (var + (mean - K)^2)."""
+        if (var is None) == (invstd is None):
+            raise PassError("add_moments needs the variance or the inverse std (one of them)")
+        v, e = (var, None) if invstd is None else (invstd, float(eps))
+        if self._s1 is None:
             self.shift = mean.detach().clone()
-            d = torch.zeros_like(mean, dtype=torch.float64)
-            self.n, self.s1, self.s2 = n, d, var.double() * n
+            self.n, self._s1 = n, torch.zeros_like(mean, dtype=torch.float64)
+            self._s2 = self._variance(v[None], e)[0] * n
             return
-        if mean.shape != self.s1.shape:
-            raise PassError(f"a batch with {mean.shape[0]} channels cannot be merged with earlier batches "
-                            f"of {self.s1.shape[0]} channels")
-        d = mean.double() if self.shift is None else mean.double() - self.shift.double()
+        self._check(mean.shape[0])
         self.n += n
-        self.s1.add_(d, alpha=n)
-        self.s2.add_(torch.addcmul(var.double(), d, d), alpha=n)
+        self._moments.append((n, mean, v, e))
+        if len(self._moments) >= _PENDING:
+            self._flush()
+
+    @staticmethod
+    def _variance(v: torch.Tensor, eps: float | None) -> torch.Tensor:
+        v = v.double()
+        return v if eps is None else (v.pow(-2) - eps).clamp_min(0.0)
+
+    def _flush(self) -> None:
+        if self._sums:
+            s, sq = (torch.stack(t).sum(0, dtype=torch.float64) for t in zip(*self._sums))
+            self._sums.clear()
+            self._s1.add_(s)
+            self._s2.add_(sq)
+        for eps in {m[3] for m in self._moments}:
+            batch = [m for m in self._moments if m[3] == eps]
+            ns = torch.tensor([m[0] for m in batch], dtype=torch.float64, device=self._s1.device)[:, None]
+            d = torch.stack([m[1] for m in batch]).double()
+            if self.shift is not None:
+                d = d - self.shift.double()
+            var = self._variance(torch.stack([m[2] for m in batch]), eps)
+            self._s1.add_((ns * d).sum(0))
+            self._s2.add_((ns * torch.addcmul(var, d, d)).sum(0))
+        self._moments.clear()
 
     def _need_data(self) -> None:
         if self.n == 0:

@@ -149,22 +149,35 @@ def test_insert_observers_unknown_node_names_it():
         insert_observers(gm, {"nonexistent": ObserverSpec(1)})
 
 
-def test_add_moments_merges_batches_like_update():
-    """A batch given by its (count, mean, population variance) adds to the sums exactly as the
-    batch itself does, about a shift (mean 100, std 3 does not cancel), and the two may mix."""
+@pytest.mark.parametrize("pending", [1, 2, 64])
+def test_add_moments_merges_batches_like_update(pending, monkeypatch):
+    """A batch given by its (count, mean, population variance), or BatchNorm's inverse std, adds
+    to the sums exactly as the batch itself does, about a shift (mean 100, std 3 does not cancel),
+    and the kinds may mix; however many batches wait before reaching the totals (``pending``)."""
+    import passes.track as track
+
+    monkeypatch.setattr(track, "_PENDING", pending)
     torch.manual_seed(0)
-    batches = [torch.randn(n, 5, dtype=torch.float64) * 3 + 100.0 for n in (7, 9, 4)]
-    data = torch.cat(batches)
+    batches = [torch.randn(n, 5, dtype=torch.float64) * 3 + 100.0 for n in (7, 9, 4, 6, 5)]
+    eps = 1e-3
     by_moments, mixed = ChannelSums(1), ChannelSums(1)
     for i, b in enumerate(batches):
-        by_moments.add_moments(b.shape[0], b.mean(0).float(), b.var(0, correction=0).float())
-        if i == 1:
+        mean, var = b.mean(0).float(), b.var(0, correction=0).float()
+        by_moments.add_moments(b.shape[0], mean, var)
+        if i in (1, 3):
             mixed.update(b.float())
+        elif i == 2:
+            mixed.add_moments(b.shape[0], mean, invstd=torch.rsqrt(b.var(0, correction=0) + eps).float(), eps=eps)
         else:
-            mixed.add_moments(b.shape[0], b.mean(0).float(), b.var(0, correction=0).float())
-    for sums in (by_moments, mixed):
-        assert sums.n == data.shape[0]
-        torch.testing.assert_close(sums.mean, data.mean(0), rtol=1e-7, atol=0)
-        torch.testing.assert_close(sums.var, data.var(0, correction=0), rtol=1e-5, atol=0)
+            mixed.add_moments(b.shape[0], mean, var)
+        if i not in (2, 4):  # let batches wait, then read
+            continue
+        data = torch.cat(batches[:i + 1])
+        for sums in (by_moments, mixed):
+            assert sums.n == data.shape[0]
+            torch.testing.assert_close(sums.mean, data.mean(0), rtol=1e-7, atol=0)
+            torch.testing.assert_close(sums.var, data.var(0, correction=0), rtol=1e-5, atol=0)
     with pytest.raises(PassError, match="channels"):
         by_moments.add_moments(3, torch.zeros(4), torch.ones(4))
+    with pytest.raises(PassError, match="one of them"):
+        by_moments.add_moments(3, torch.zeros(5))
