@@ -228,8 +228,8 @@ def merge_prepared(prep: Prepared, weights: list[float], repair: str | None,
         raise GraphRepairError(f"repair={repair!r} needs the endpoint statistics: prepare(..., statistics=True)")
     if repair == "approx" and prep.stats[0].points and next(iter(prep.stats[0].points.values())).cov_ab is None:
         raise GraphRepairError("repair='approx' needs A-B cross-covariances: prepare(..., cross=True)")
+    # a convex combination of finite weights (every model was checked in prepare) is finite
     merged_state = interpolate_states([models[0].state_dict()] + prep.aligned, weights)
-    check_finite(merged_state, "the merged model")
     result = MergeResult(model=None, spec=prep.spec, perms=prep.perms, weights=weights,
                          method=prep.method, repair=repair, mean_corr=prep.mean_corr)
     if prep.stats and prep.stats[0] is not None:
