@@ -23,8 +23,6 @@ head dims) start from a pairing-free estimate instead of the identity (see ``wei
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
@@ -44,16 +42,6 @@ def lap(score: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(cols, dtype=torch.long)
 
 
-def lap_all(scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``lap`` of every score matrix, on as many threads as torch uses (scipy's solver releases
-    the GIL, so independent groups are solved side by side)."""
-    threads = min(torch.get_num_threads(), len(scores))
-    if threads <= 1:
-        return {g: lap(c) for g, c in scores.items()}
-    with ThreadPoolExecutor(threads) as pool:
-        return dict(zip(scores, pool.map(lap, scores.values())))
-
-
 def activation_perms(spec: PermutationSpec, stats, max_rounds: int = 50) -> dict[str, torch.Tensor]:
     """One linear assignment per group on its correlation (``stats``: a ``stats.PairStats``).
 
@@ -68,7 +56,7 @@ def activation_perms(spec: PermutationSpec, stats, max_rounds: int = 50) -> dict
     Started from a pairing-free estimate (each A position's best match among B's replicas),
     coordinate ascent solves one group at a time until no group changes; every step can only
     raise the summed correlation."""
-    perms = lap_all({g: c for g, c in stats.corr.items() if g not in stats.coupled})
+    perms = {g: lap(c) for g, c in stats.corr.items() if g not in stats.coupled}
     if not stats.coupled:
         return perms
 

@@ -8,8 +8,10 @@ goal_mean = (1-a) mu_A + a mu_B, goal_std = (1-a) sigma_A + a sigma_B):
     y_c = (x_c - m_c) / sqrt(v_c + eps) * goal_std_c + goal_mean_c
 
 - "collect" mode: m, v are the statistics of the current batch over every axis but ``dim``
-  (BatchNorm in train mode: ``F.batch_norm`` when ``dim`` is axis 1), and the reset accumulates
-  the exact mean and population variance of x over every batch seen (``passes.track.ChannelSums``:
+  (BatchNorm in train mode: for small tensors and on CUDA its fused kernel on x seen as
+  (pre, C, post), which returns the batch's mean and inverse std with the output), and the reset
+  accumulates the exact mean and population variance of x over every batch seen
+  (``passes.track.ChannelSums``:
   float64 sums, about a per-channel shift where means are large; a cumulative average, not
   BatchNorm's per-batch momentum=None average). ``running_mean`` / ``running_var`` hold them after
   each batch (written from the sums when next read: attribute, ``state_dict``, apply mode).

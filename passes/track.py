@@ -8,7 +8,10 @@ and flattens every other axis into samples: X (C, N) with N = x.numel() / C. Wit
 
 Streaming moments (``ChannelSums``). Each batch adds its per-channel sum and sum of squares,
 reduced in the activation's dtype (float32 for half types) along the tensor's contiguous axis
-where it has one (no copy of the activation), to float64 totals S1, S2 and the count n. When the
+where it has one (no copy of the activation; across the rows of an (N, C) matrix as one
+matrix-vector product with ones), to float64 totals S1, S2 and the count n (the per-batch sums
+wait in a short list and are added together). A batch may instead be given by its mean and
+variance (or inverse std) from a fused batch-norm kernel (``add_moments``, used by resets). When the
 first batch shows a channel whose mean is large against its spread (mean^2 > 10 var), every batch
 is summed about a fixed per-channel shift K (that batch's mean; one subtraction per batch), so that
 
@@ -24,8 +27,8 @@ channel matrix) added to a float64 total S_ab, about the same shifts, and
     cov = S_ab / n - (S1_a / n)(S1_b / n)^T,
     corr_ij = cov_ij / (std_a_i std_b_j), and 0 where either std is <= eps (never NaN)
 
-Nothing is stored across batches except these sums: memory O(C) per observer, O(Ca*Cb) per
-cross-moment table.
+Nothing is stored across batches except these sums (and up to ``_PENDING`` per-batch sums of C
+numbers each): memory O(C) per observer, O(Ca*Cb) per cross-moment table.
 """
 
 from __future__ import annotations
