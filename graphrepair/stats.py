@@ -315,11 +315,14 @@ def collect(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module, batch
     for r in resets:
         node, i = at_reset[r.node]
         a, b = taps[node].moments(i)
-        for who, o in (("A", a), ("B", b)):
-            if not (torch.isfinite(o.mean).all() and torch.isfinite(o.var).all()):
-                raise NumericError(f"statistics of model {who} at node {r.node!r} are not finite "
-                                   f"(NaN/Inf activations)")
         stats[r.node] = PointStats(a.mean, a.var, b.mean, b.var,
                                    taps[node].cov(i) if cross_at_resets else None)
+    if stats and not bool(torch.isfinite(torch.cat([torch.cat([p.mean_a, p.var_a, p.mean_b, p.var_b])
+                                                    for p in stats.values()])).all()):
+        for node, p in stats.items():  # one check for all; find the first culprit only on failure
+            for who, m, v in (("A", p.mean_a, p.var_a), ("B", p.mean_b, p.var_b)):
+                if not (torch.isfinite(m).all() and torch.isfinite(v).all()):
+                    raise NumericError(f"statistics of model {who} at node {node!r} are not finite "
+                                       f"(NaN/Inf activations)")
     return PairStats(corr, stats, examples, {g: n for g, n in dead.items() if n}, coupled, joint,
                      list(notes.values()))

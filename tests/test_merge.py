@@ -223,6 +223,15 @@ def test_nan_weights_name_the_layer(digits_pair):
         gr.merge(a, bad, x)
 
 
+def test_inf_in_the_data_names_the_first_node_whose_statistics_it_spoils(digits_pair):
+    (a, b), x, _ = digits_pair
+    bad = x[:200].clone()
+    bad[3].view(-1)[5] = math.inf
+    first = gr.discover(a, x[:2]).traced.gm.graph.find_nodes(op="call_module", target="1")[0].name
+    with pytest.raises(gr.NumericError, match=rf"model A at node '{first}' are not finite"):
+        gr.merge_models([a, b], bad, num_examples=200, repair="exact")
+
+
 def test_dead_channels_are_handled_and_reported(digits_pair):
     (a, b), x, _ = digits_pair
     dead_a, dead_b = copy.deepcopy(a), copy.deepcopy(b)
