@@ -273,3 +273,4 @@ def set_mode(gm: GraphModule, mode: str) -> None:
             )
     for r in found.values():
         r.mode = mode
+        r._sync()  # apply mode reads the running buffers: write them now, not inside a trace

@@ -131,6 +131,11 @@ def test_insert_resets_structure_and_numbers(how):
     normed = (h - h.mean(0)) / torch.sqrt(h.var(0, correction=0) + 1e-5) * goal_std + goal_mean
     torch.testing.assert_close(out(x), model.fc2(normed.relu()))
     set_mode(out, "apply")
+    # the running buffers are written when apply mode is set (not at the first read, which could
+    # be inside an export trace); read them raw, past the attribute access that would write them
+    raw = found[name]._buffers
+    torch.testing.assert_close(raw["running_mean"], h.mean(0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(raw["running_var"], h.var(0, correction=0), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out(x), model.fc2(normed.relu()), rtol=1e-5, atol=1e-5)
 
 
