@@ -38,7 +38,7 @@ from torch.fx import GraphModule
 from passes.base import PassResult, finish, start
 from passes.errors import PassError
 from passes.modules import insert_module_after, inserted_modules, module_device, named_nodes
-from passes.track import _SMALL, ChannelSums, broadcast_shape
+from passes.track import _EXACT, _SMALL, ChannelSums, broadcast_shape
 
 RESET_PREFIX = "_gr_reset"
 MODES = ("collect", "apply")
@@ -169,10 +169,12 @@ class Reset(nn.Module):
             return x * scale.to(x.dtype).view(shape) + shift.to(x.dtype).view(shape)
         self.last_ndim = x.ndim
         c = x.shape[dim]
-        if x.numel() > c and x.is_contiguous() and (x.is_cuda or x.numel() <= _SMALL):
+        if (x.numel() > c and x.is_contiguous() and x.dtype in _EXACT
+                and (x.is_cuda or x.numel() <= _SMALL)):
             # BatchNorm's own kernel on x seen as (pre, C, post): the batch's mean and variance
             # and the output in one fused op (on CPU the fewest calls for small tensors; for large
-            # ones two reductions and one multiply-add are faster)
+            # ones two reductions and one multiply-add are faster). Half types take the sums
+            # below, reduced in float32 (the kernel may return their statistics in half).
             pre = x.shape[:dim].numel()
             post = x.numel() // (pre * c)
             out, mean, invstd = torch.native_batch_norm(

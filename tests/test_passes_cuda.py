@@ -97,3 +97,27 @@ def test_pair_taps_on_cuda_match_the_cpu(offset, monkeypatch):
         for cpu, cuda in zip(results["cpu"][k], results["cuda"][k]):
             assert cuda.device.type == "cuda" and cuda.dtype == torch.float64
             torch.testing.assert_close(cuda.cpu(), cpu, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_reset_collect_on_cuda_matches_the_data(dtype):
+    """On CUDA a reset takes each batch's statistics from BatchNorm's fused kernel (mean and
+    inverse std): the accumulated running statistics are the data's, and every batch comes out
+    with the goal statistics, in float32 and float16."""
+    from passes import Reset
+
+    torch.manual_seed(0)
+    goal_mean, goal_std = torch.randn(5), torch.rand(5) + 0.5
+    reset = Reset(5, dim=1, goal_mean=goal_mean, goal_std=goal_std).cuda()
+    batches = [(torch.randn(6, 5, 4, 4) * 2 + 50.0).to(dtype) for _ in range(3)] + [torch.randn(2, 5, 4, 4).to(dtype)]
+    for b in batches:
+        y = reset(b.cuda())
+        assert y.dtype == dtype and y.device.type == "cuda"
+        tol = 1e-3 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(y.float().mean((0, 2, 3)).cpu(), goal_mean, rtol=tol, atol=tol)
+        torch.testing.assert_close(y.float().std((0, 2, 3), correction=0).cpu(), goal_std, rtol=tol, atol=tol)
+    data = torch.cat(batches).double()
+    assert reset.running_mean.device.type == "cuda"
+    torch.testing.assert_close(reset.running_mean.double().cpu(), data.mean((0, 2, 3)), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(reset.running_var.double().cpu(), data.var((0, 2, 3), correction=0),
+                               rtol=1e-4, atol=1e-4)

@@ -58,6 +58,20 @@ def test_collect_paths_agree_and_running_stats_are_current(small, monkeypatch):
     torch.testing.assert_close(reset(x), expected.float(), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_collect_in_half_precision_accumulates_float32_statistics(dtype):
+    """Half-type activations are summed in float32 (BatchNorm's CPU kernel would return their
+    mean in half: 50 +- 0.03), and the output keeps the activation's dtype."""
+    torch.manual_seed(0)
+    batches = [(torch.randn(6, 5, 4, 4) * 2 + 50.0).to(dtype) for _ in range(3)]
+    reset = Reset(5, dim=1, goal_mean=torch.zeros(5), goal_std=torch.ones(5))
+    for b in batches:
+        assert reset(b).dtype == dtype
+    data = torch.cat(batches).double()
+    torch.testing.assert_close(reset.running_mean.double(), data.mean((0, 2, 3)), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(reset.running_var.double(), data.var((0, 2, 3), correction=0), rtol=1e-4, atol=1e-5)
+
+
 def test_collect_output_has_the_goal_statistics_of_the_batch():
     torch.manual_seed(0)
     goal_mean, goal_std = torch.randn(4), torch.rand(4) + 0.5
