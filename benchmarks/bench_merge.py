@@ -12,6 +12,10 @@ floor is therefore three plain eval passes over the same examples. Printed, meas
 Everything a merge does is in the numerator: tracing and discovery, the joint statistics pass,
 linear assignment, permutation, interpolation, the REPAIR pass, folding.
 
+After the ratio a line gives the stages (discovery, ``prepare``, ``merge_prepared``) and the
+fixed costs: a whole merge of 8 examples, which is tracing, graph building, assignment and
+folding with next to no data, against the same plain passes.
+
 Both sides are timed in the same process, alternately, best of ``--repeats``; the minor page
 faults of each are printed too. On CPU with glibc's default malloc every activation above the
 mmap threshold (32 MB at most) is a fresh mapping whose pages fault on first touch; how many do
@@ -92,9 +96,18 @@ def bench(name, factory, shape, n, batch_size, device, repeats=2):
     sync(device)
     t_repair = time.perf_counter() - t
     plain = best_plain / 3
+    # the fixed costs: a whole merge of one small batch (tracing, graphs, assignments, folding)
+    small = x[:min(8, n)]
+    sync(device)
+    t = time.perf_counter()
+    gr.merge_models([a, b], small, num_examples=len(small), batch_size=batch_size,
+                    method="activation", repair="exact")
+    sync(device)
+    t_fixed = time.perf_counter() - t
     print(f"{'':30s} stages: discover {t_discover:.3f}s | prepare {t_prepare:.3f}s = "
           f"{t_prepare / (2 * plain):.2f} x the plain passes of A and B | merge_prepared {t_repair:.3f}s = "
-          f"{t_repair / plain:.2f} x a plain pass")
+          f"{t_repair / plain:.2f} x a plain pass | fixed costs (a merge of {len(small)} examples) "
+          f"{t_fixed:.3f}s = {t_fixed / best_plain:.2f} x the 3 plain passes")
     return best_merge / best_plain
 
 
