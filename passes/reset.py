@@ -8,13 +8,13 @@ goal_mean = (1-a) mu_A + a mu_B, goal_std = (1-a) sigma_A + a sigma_B):
     y_c = (x_c - m_c) / sqrt(v_c + eps) * goal_std_c + goal_mean_c
 
 - "collect" mode: m, v are the statistics of the current batch over every axis but ``dim``
-  (BatchNorm in train mode: for small tensors and on CUDA its fused kernel on x seen as
-  (pre, C, post), which returns the batch's mean and inverse std with the output), and the reset
-  accumulates the exact mean and population variance of x over every batch seen
-  (``passes.track.ChannelSums``:
-  float64 sums, about a per-channel shift where means are large; a cumulative average, not
-  BatchNorm's per-batch momentum=None average). ``running_mean`` / ``running_var`` hold them after
-  each batch (written from the sums when next read: attribute, ``state_dict``, apply mode).
+  (BatchNorm in train mode: for small float32/float64 tensors and on CUDA its fused kernel on x
+  seen as (pre, C, post), which returns the batch's mean and inverse std with the output), and
+  the reset accumulates the exact mean and population variance of x over every batch seen
+  (``passes.track.ChannelSums``: float64 sums, about a per-channel shift where means are large;
+  a cumulative average, not BatchNorm's per-batch momentum=None average). ``running_mean`` /
+  ``running_var`` hold them after each batch (written from the sums when next read: attribute,
+  ``state_dict``, apply mode).
 - "apply" mode: m, v = running_mean, running_var (BatchNorm in eval mode); the stats can also be
   set directly with ``set_running`` (closed-form REPAIR, no pass through the merged net).
 
@@ -32,7 +32,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.fx import GraphModule
 
 from passes.base import PassResult, finish, start

@@ -277,7 +277,7 @@ class ChannelSums:
             return
         self._check(mean.shape[0])
         self.n += n
-        self._moments.append((n, mean, v, e))
+        self._moments.append((n, mean.detach(), v.detach(), e))
         if len(self._moments) >= _PENDING:
             self._flush()
 
