@@ -341,7 +341,7 @@ class ChannelObserver(nn.Module):
         self.source = source
         self.register_buffer("index", None if index is None else index.long(), persistent=False)
         self.last: torch.Tensor | None = None
-        self.sums = ChannelSums(dim, self.index)
+        self.sums = self._new_sums()
 
     @property
     def count(self) -> int:
@@ -349,7 +349,7 @@ class ChannelObserver(nn.Module):
 
     def reset_stats(self) -> None:
         """Forget every batch seen so far."""
-        self.sums = ChannelSums(self.dim, self.index)
+        self.sums = self._new_sums()
         self.last = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -366,10 +366,16 @@ class ChannelObserver(nn.Module):
                 "observe a node whose value is a single tensor"
             )
         x = x.detach()
-        self.sums.update(x)
-        if self.keep:
-            m = channel_matrix(x, self.dim, self.index)
-            self.last = m.clone() if m.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() else m
+        if not self.keep:
+            self.sums.update(x)
+            return
+        # the kept channel matrix is gathered once and the sums are taken over it (its rows)
+        m = channel_matrix(x, self.dim, self.index)
+        self.last = m.clone() if m.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() else m
+        self.sums.update(self.last)
+
+    def _new_sums(self) -> ChannelSums:
+        return ChannelSums(0) if self.keep else ChannelSums(self.dim, self.index)
 
     def _need_data(self) -> None:
         if self.count == 0:

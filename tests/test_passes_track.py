@@ -181,3 +181,19 @@ def test_add_moments_merges_batches_like_update(pending, monkeypatch):
         by_moments.add_moments(3, torch.zeros(4), torch.ones(4))
     with pytest.raises(PassError, match="one of them"):
         by_moments.add_moments(3, torch.zeros(5))
+
+
+@pytest.mark.parametrize("index", [None, torch.tensor([[0, 3], [1, 4], [2, 5]])])
+def test_observer_keep_gives_the_same_statistics_and_the_gathered_matrix(index):
+    """With ``keep`` the channel matrix is gathered once and the sums are taken over it: the same
+    mean and variance as without, and ``.last`` is that matrix (replicas as extra samples)."""
+    torch.manual_seed(0)
+    batches = [torch.randn(4, 6, 3, 3) * 2 + 7 for _ in range(3)]
+    kept, plain = ChannelObserver(1, index=index, keep=True), ChannelObserver(1, index=index)
+    for b in batches:
+        kept(b), plain(b)
+    torch.testing.assert_close(kept.mean, plain.mean, rtol=1e-6, atol=0)
+    torch.testing.assert_close(kept.var, plain.var, rtol=1e-5, atol=0)
+    assert kept.count == plain.count
+    torch.testing.assert_close(kept.last, channel_matrix(batches[-1], 1, index))
+    assert kept.last.untyped_storage().data_ptr() != batches[-1].untyped_storage().data_ptr()
