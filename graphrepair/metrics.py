@@ -77,6 +77,8 @@ class Curve:
     accuracy: list[float]
     loss: list[float]
     notes: list[str] = field(default_factory=list)
+    # merges kept from the evaluation ({alpha: MergeResult}, see ``curve``'s ``keep_at``)
+    merged: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def accuracy_barrier(self) -> float:
@@ -108,12 +110,13 @@ def alpha_grid(alphas) -> list[float]:
 
 
 def curve(prep: Prepared, eval_data, alphas, repair: str | None, label: str, quiet: bool = True,
-          batch_size: int = 512, endpoints: tuple | None = None) -> Curve:
+          batch_size: int = 512, endpoints: tuple | None = None, keep_at: float | None = None) -> Curve:
     """Accuracy and loss of the interpolation (and repair) at every alpha, from one alignment.
     ``endpoints`` ((acc, loss) of A, (acc, loss) of B), when known from another curve of the same
-    pair, spare the two endpoint evaluations (B and every permuted B' compute the same function)."""
+    pair, spare the two endpoint evaluations (B and every permuted B' compute the same function).
+    ``keep_at``: an inner alpha whose merge is kept in ``Curve.merged`` for later use."""
     grid = alpha_grid(alphas)
-    acc, loss, notes = [], [], set()
+    acc, loss, notes, kept = [], [], set(), {}
     for a in grid:
         if endpoints is not None and a in (0.0, 1.0):
             ac, lo = endpoints[0] if a == 0.0 else endpoints[1]
@@ -124,10 +127,12 @@ def curve(prep: Prepared, eval_data, alphas, repair: str | None, label: str, qui
                 res = merge_prepared(prep, [1 - a, a], repair if 0 < a < 1 else None, quiet=quiet)
                 model = res.model
                 notes.update(res.notes)
+                if keep_at is not None and a == keep_at:
+                    kept[a] = res
             ac, lo = evaluate(model, eval_data, batch_size, quiet=quiet)
         acc.append(ac)
         loss.append(lo)
-    return Curve(label, grid, acc, loss, sorted(notes))
+    return Curve(label, grid, acc, loss, sorted(notes), kept)
 
 
 def barrier(model_a: nn.Module, model_b: nn.Module, eval_data, fit_data, alphas=11,

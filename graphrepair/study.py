@@ -161,17 +161,19 @@ def run_study(model_a: nn.Module, model_b: nn.Module, fit_data, eval_data, *, al
     curves = [curve(naive, eval_data, grid, None, "naive", quiet=quiet)]
     ends = (((curves[0].accuracy[0], curves[0].loss[0]), (curves[0].accuracy[-1], curves[0].loss[-1]))
             if grid[0] == 0.0 and grid[-1] == 1.0 else None)
-    curves.append(curve(prep, eval_data, grid, None, "aligned", quiet=quiet, endpoints=ends))
+    keep = layer_alpha if layers else None  # the layer measurement reuses these merges
+    curves.append(curve(prep, eval_data, grid, None, "aligned", quiet=quiet, endpoints=ends, keep_at=keep))
     if repair:
         curves.append(curve(prep, eval_data, grid, repair, repair_label(repair), quiet=quiet,
-                            endpoints=ends))
+                            endpoints=ends, keep_at=keep))
     notes = sorted({n for c in curves for n in c.notes})
     examples = prep.stats[0].examples if prep.stats and prep.stats[0] is not None else (prep.fit.count or 0)
     study = Study(curves=curves, method=method, repair=repair, examples=examples,
                   groups=len(prep.spec.groups), free_channels=prep.spec.num_free,
                   mean_corr=dict(prep.mean_corr), layer_alpha=layer_alpha, notes=notes, prep=prep)
     if layers:
-        _add_layers(study, prep, repair, layer_alpha, quiet)
+        kept = {c.label: c.merged[layer_alpha] for c in curves if layer_alpha in c.merged}
+        _add_layers(study, prep, repair, layer_alpha, quiet, kept)
     return study
 
 
@@ -181,11 +183,13 @@ def _layer_name(nodes: dict, name: str) -> str:
     return str(n.target) if n is not None and n.op == "call_module" else name
 
 
-def _add_layers(study: Study, prep: Prepared, repair: str | None, alpha: float, quiet: bool) -> None:
+def _add_layers(study: Study, prep: Prepared, repair: str | None, alpha: float, quiet: bool,
+                kept: dict | None = None) -> None:
+    """``kept``: {curve label: MergeResult at ``alpha``} already made by the curves."""
     variants = [("aligned", None)] + ([(repair_label(repair), repair)] if repair else [])
     reports: dict[str, list[dict]] = {}
     for label, mode in variants:
-        merged = merge_prepared(prep, [1 - alpha, alpha], mode, quiet=quiet)
+        merged = (kept or {}).get(label) or merge_prepared(prep, [1 - alpha, alpha], mode, quiet=quiet)
         try:
             reports[label] = layer_report(prep, merged.model, alpha, quiet=quiet)
         except GraphRepairError:

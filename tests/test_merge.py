@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 import warnings
 
 import pytest
@@ -266,6 +267,34 @@ def test_layer_report_on_a_model_and_its_permuted_copy(digits_pair):
     rows = gr.layer_report(naive, merge_prepared(naive, [0.5, 0.5], None).model, 0.5)
     assert all(r["commutativity"] > 0.1 for r in rows[1:])
     assert rows[-1]["variance_ratio"] < 0.9
+
+
+def test_study_layers_reuse_the_curves_merges(digits_pair, monkeypatch):
+    """With --layers the per-layer measurement at alpha 0.5 uses the merges the curves made there
+    (no second REPAIR pass), and its figures equal a measurement of a fresh merge."""
+    import graphrepair.study as study_mod
+
+    (a, b), x, y = digits_pair
+    calls = []
+    real = merge_prepared
+
+    def counted(prep, weights, repair, *args, **kwargs):
+        calls.append((tuple(weights), repair))
+        return real(prep, weights, repair, *args, **kwargs)
+
+    monkeypatch.setattr(study_mod, "merge_prepared", counted)
+    monkeypatch.setattr(sys.modules["graphrepair.metrics"], "merge_prepared", counted)
+    st = study_mod.run_study(a, b, x[:300], TensorDataset(x[300:500], y[300:500]), alphas=3,
+                             num_examples=300, layers=True)
+    # the naive curve merges at 0.5 and 1; the aligned and REPAIR curves at 0.5 only (their
+    # endpoints come from the naive curve); the layer measurement adds none
+    assert sorted(calls, key=str) == sorted([((0.5, 0.5), None), ((0.0, 1.0), None),
+                                             ((0.5, 0.5), None), ((0.5, 0.5), "exact")], key=str)
+    fresh = gr.layer_report(st.prep, real(st.prep, [0.5, 0.5], "exact").model, 0.5)
+    label = study_mod.repair_label("exact")
+    for row, want in zip(st.layers, fresh):
+        assert row["variance_ratio"][label] == pytest.approx(want["variance_ratio"], rel=1e-6)
+        assert row["llfc_cosine"][label] == pytest.approx(want["llfc_cosine"], rel=1e-6)
 
 
 def test_export_traced_models_merge_at_any_batch_size():
