@@ -161,40 +161,36 @@ def check_finite(state: dict[str, torch.Tensor], who: str) -> None:
                 raise NumericError(f"{who}: parameter {k!r} contains NaN or Inf; the model cannot be merged")
 
 
+def _reads_own(gm: torch.fx.GraphModule, model_a: nn.Module, model_b: nn.Module) -> bool:
+    """Whether every module and attribute ``gm``'s graph reads is ``model_a``'s own (the same
+    objects) and ``model_b`` has modules configured alike and tensors of the same shapes there."""
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            try:
+                ref, ma, mb = (m.get_submodule(n.target) for m in (gm, model_a, model_b))
+            except AttributeError:
+                return False
+            if not (ref is ma and type(mb) is type(ma) and mb.extra_repr() == ma.extra_repr()):
+                return False
+        elif n.op == "get_attr":
+            prefix, _, attr = n.target.rpartition(".")
+            try:
+                parents = [m.get_submodule(prefix) if prefix else m for m in (gm, model_a, model_b)]
+            except AttributeError:
+                return False
+            ref, va, vb = (getattr(p, attr, None) for p in parents)
+            if not (isinstance(ref, torch.Tensor) and va is ref
+                    and isinstance(vb, torch.Tensor) and vb.shape == ref.shape):
+                return False
+    return True
+
+
 def pair_roots(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module,
                device: torch.device) -> tuple[nn.Module, nn.Module]:
     """The modules the two copies of the traced graph read from: the models themselves when every
     module and attribute the graph reads is theirs and B's modules are configured like A's (no
     copy), else copies of the traced graph carrying each model's weights."""
-    gm = spec.traced.gm
-    own = True
-    for n in gm.graph.nodes:
-        if n.op not in ("call_module", "get_attr"):
-            continue
-        try:
-            ref = gm.get_submodule(n.target) if n.op == "call_module" else None
-            ma = model_a.get_submodule(n.target) if n.op == "call_module" else None
-            mb = model_b.get_submodule(n.target) if n.op == "call_module" else None
-        except AttributeError:
-            own = False
-            break
-        if n.op == "call_module":
-            if not (ref is ma and type(mb) is type(ma) and mb.extra_repr() == ma.extra_repr()):
-                own = False
-                break
-        else:
-            prefix, _, attr = n.target.rpartition(".")
-            try:
-                parents = [m.get_submodule(prefix) if prefix else m for m in (gm, model_a, model_b)]
-            except AttributeError:
-                own = False
-                break
-            vals = [getattr(p, attr, None) for p in parents]
-            if not (isinstance(vals[0], torch.Tensor) and vals[1] is vals[0]
-                    and isinstance(vals[2], torch.Tensor) and vals[2].shape == vals[0].shape):
-                own = False
-                break
-    if own:
+    if _reads_own(spec.traced.gm, model_a, model_b):
         return model_a, model_b
     return graph_for(spec, model_a, device), graph_for(spec, model_b, device)
 
@@ -299,8 +295,8 @@ def collect(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module, batch
             else:
                 node, i = at_group[(g, p.node)]
                 sa, sb = taps[node].moments(i)
-                mats.append(correlation(taps[node].cov(i), sa.var, sb.var))
                 va = sa.var
+                mats.append(correlation(taps[node].cov(i), va, sb.var))
             var_a = va if var_a is None else var_a
         c = torch.stack(mats).mean(0)
         if not torch.isfinite(c).all():

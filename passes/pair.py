@@ -26,7 +26,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from passes.errors import PassError
-from passes.modules import get_attr_value
+from passes.modules import get_attr_value, named_nodes
 from passes.track import writes_in_place
 
 TAP_PREFIX = "_gr_tap"
@@ -55,10 +55,7 @@ def pair_graph(gm: fx.GraphModule, root_a: nn.Module, root_b: nn.Module,
     (nothing after it can change what a tap sees)."""
     graph = gm.graph
     clone_inputs = writes_in_place(gm)
-    nodes = {n.name: n for n in graph.nodes}
-    missing = [t for t in taps if t not in nodes]
-    if missing:
-        raise PassError(f"pair_graph: no node named {', '.join(map(repr, missing))} in the graph")
+    named_nodes(gm, taps, "pair_graph")
     for n in graph.nodes:
         if n.op in ("call_module", "get_attr"):
             for side, root in (("A", root_a), ("B", root_b)):

@@ -37,7 +37,7 @@ from torch.fx import GraphModule
 from passes.base import PassResult, finish, start
 from passes.errors import PassError
 from passes.modules import insert_module_after, inserted_modules, module_device, named_nodes
-from passes.track import _EXACT, _SMALL, ChannelSums, broadcast_shape
+from passes.track import _EXACT, _SMALL, ChannelSums, _split, broadcast_shape
 
 RESET_PREFIX = "_gr_reset"
 MODES = ("collect", "apply")
@@ -167,15 +167,14 @@ class Reset(nn.Module):
             shift = self.goal_mean - self.running_mean * scale
             return x * scale.to(x.dtype).view(shape) + shift.to(x.dtype).view(shape)
         self.last_ndim = x.ndim
-        c = x.shape[dim]
-        if (x.numel() > c and x.is_contiguous() and x.dtype in _EXACT
-                and (x.is_cuda or x.numel() <= _SMALL)):
+        split = (_split(x, dim) if x.numel() > x.shape[dim] and x.dtype in _EXACT
+                 and (x.is_cuda or x.numel() <= _SMALL) else None)
+        if split is not None:
             # BatchNorm's own kernel on x seen as (pre, C, post): the batch's mean and variance
             # and the output in one fused op (on CPU the fewest calls for small tensors; for large
             # ones two reductions and one multiply-add are faster). Half types take the sums
             # below, reduced in float32 (the kernel may return their statistics in half).
-            pre = x.shape[:dim].numel()
-            post = x.numel() // (pre * c)
+            pre, c, post = split
             out, mean, invstd = torch.native_batch_norm(
                 x.view(pre, c, post), self.goal_std.to(x.dtype), self.goal_mean.to(x.dtype), None, None,
                 True, 0.0, self.eps)
