@@ -180,8 +180,11 @@ def _layout(x: torch.Tensor, dim, index: torch.Tensor | None, shift: torch.Tenso
     return _Layout("batched", x.view(pre, c, post))
 
 
-# Per-batch sums wait in a list and reach the float64 totals this many batches at a time: one
-# stack and one reduction per flush instead of small float64 additions on every batch.
+# Per-batch sums wait in a buffer allocated once, (_PENDING, 2, C) float64, and reach the totals
+# this many batches at a time: one reduction per flush instead of small float64 additions on every
+# batch, and no small tensors kept alive between the activations (on CPU those would fragment the
+# heap that the activations are allocated from, and each batch's activations would land on fresh
+# memory: page faults and cold caches).
 _PENDING = 64
 
 
@@ -198,8 +201,8 @@ class ChannelSums:
         mean = S1 / n + K,      var = S2 / n - (S1 / n)^2.
 
     A batch may also be given by its moments (``add_moments``: count, mean and variance or
-    BatchNorm's inverse std, as a fused batch-norm kernel returns them). Batches wait in a short
-    list (``_PENDING``) and are added to the totals together when it fills or a result is read.
+    BatchNorm's inverse std, as a fused batch-norm kernel returns them). Batches wait in a buffer
+    (``_PENDING``) and are added to the totals together when it fills or a result is read.
     """
 
     def __init__(self, dim, index: torch.Tensor | None = None) -> None:
@@ -207,11 +210,14 @@ class ChannelSums:
         self.index = None if index is None else index.long()
         self.n = 0
         self.shift: torch.Tensor | None = None
-        self._s1: torch.Tensor | None = None
-        self._s2: torch.Tensor | None = None
-        self._sums: list[tuple[torch.Tensor, torch.Tensor]] = []  # (S1, S2) of waiting batches
-        # (n, mean, var or inverse std, eps: None for a variance) of waiting batches
-        self._moments: list[tuple[int, torch.Tensor, torch.Tensor, float | None]] = []
+        self._tot: torch.Tensor | None = None  # (2, C) float64: S1, S2
+        self._wait: torch.Tensor | None = None  # (_PENDING, 2, C) float64: S1, S2 of waiting batches
+        self._waiting = 0
+        # waiting batches given by moments: (_PENDING, 2, C) float64 mean and variance or inverse
+        # std, with their counts and eps (None for a variance)
+        self._mwait: torch.Tensor | None = None
+        self._mn: list[int] = []
+        self._meps: list[float | None] = []
         # latest (n, S1, S2) of one batch, shifted, in the reduction's dtype
         self.batch: tuple[int, torch.Tensor, torch.Tensor] | None = None
 
@@ -219,18 +225,18 @@ class ChannelSums:
     def s1(self) -> torch.Tensor | None:
         """Float64 total of x - shift per channel."""
         self._flush()
-        return self._s1
+        return None if self._tot is None else self._tot[0]
 
     @property
     def s2(self) -> torch.Tensor | None:
         """Float64 total of (x - shift)^2 per channel."""
         self._flush()
-        return self._s2
+        return None if self._tot is None else self._tot[1]
 
     def _check(self, c: int) -> None:
-        if c != self._s1.shape[0]:
+        if c != self._tot.shape[1]:
             raise PassError(f"a batch with {c} channels cannot be merged with earlier batches "
-                            f"of {self._s1.shape[0]} channels")
+                            f"of {self._tot.shape[1]} channels")
 
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> _Layout:
@@ -241,21 +247,22 @@ class ChannelSums:
         lay = _layout(x, self.dim, self.index, self.shift)
         s, sq = lay.sums()
         n = lay.samples
-        if self._s1 is None:
+        if self._tot is None:
             mean = s.double() / max(n, 1)
             if bool((mean * mean > _SHIFT_RATIO * (sq.double() / max(n, 1) - mean * mean)).any()):
                 self.shift = mean.to(lay.t.dtype)
                 lay = _layout(x, self.dim, self.index, self.shift)
                 s, sq = lay.sums()
-            self.n, self._s1, self._s2 = n, s.double(), sq.double()
-            if self._s1 is s:
-                self._s1, self._s2 = s.clone(), sq.clone()
+            self.n, self._tot = n, torch.stack([s, sq]).double()
             self.batch = (n, s, sq)
             return lay
         self._check(s.shape[0])
         self.n += n
-        self._sums.append((s, sq))
-        if len(self._sums) >= _PENDING:
+        if self._wait is None:
+            self._wait = self._tot.new_empty((_PENDING, *self._tot.shape))
+        torch.stack([s, sq], out=self._wait[self._waiting])
+        self._waiting += 1
+        if self._waiting >= _PENDING:
             self._flush()
         self.batch = (n, s, sq)
         return lay
@@ -270,15 +277,20 @@ class ChannelSums:
         if (var is None) == (invstd is None):
             raise PassError("add_moments needs the variance or the inverse std (one of them)")
         v, e = (var, None) if invstd is None else (invstd, float(eps))
-        if self._s1 is None:
+        if self._tot is None:
             self.shift = mean.detach().clone()
-            self.n, self._s1 = n, torch.zeros_like(mean, dtype=torch.float64)
-            self._s2 = self._variance(v[None], e)[0] * n
+            self.n = n
+            self._tot = torch.stack([torch.zeros_like(mean, dtype=torch.float64),
+                                     self._variance(v[None], e)[0] * n])
             return
         self._check(mean.shape[0])
         self.n += n
-        self._moments.append((n, mean.detach(), v.detach(), e))
-        if len(self._moments) >= _PENDING:
+        if self._mwait is None:
+            self._mwait = self._tot.new_empty((_PENDING, *self._tot.shape))
+        torch.stack([mean.detach(), v.detach()], out=self._mwait[len(self._mn)])
+        self._mn.append(n)
+        self._meps.append(e)
+        if len(self._mn) >= _PENDING:
             self._flush()
 
     @staticmethod
@@ -287,21 +299,26 @@ class ChannelSums:
         return v if eps is None else (v.pow(-2) - eps).clamp_min(0.0)
 
     def _flush(self) -> None:
-        if self._sums:
-            s, sq = (torch.stack(t).sum(0, dtype=torch.float64) for t in zip(*self._sums))
-            self._sums.clear()
-            self._s1.add_(s)
-            self._s2.add_(sq)
-        for eps in {m[3] for m in self._moments}:
-            batch = [m for m in self._moments if m[3] == eps]
-            ns = torch.tensor([m[0] for m in batch], dtype=torch.float64, device=self._s1.device)[:, None]
-            d = torch.stack([m[1] for m in batch]).double()
-            if self.shift is not None:
-                d = d - self.shift.double()
-            var = self._variance(torch.stack([m[2] for m in batch]), eps)
-            self._s1.add_((ns * d).sum(0))
-            self._s2.add_((ns * torch.addcmul(var, d, d)).sum(0))
-        self._moments.clear()
+        if self._waiting:
+            self._tot.add_(self._wait[:self._waiting].sum(0))
+            self._waiting = 0
+        if not self._mn:
+            return
+        waiting = self._mwait[:len(self._mn)]
+        ns = torch.tensor(self._mn, dtype=torch.float64, device=self._tot.device)[:, None]
+        d = waiting[:, 0] if self.shift is None else waiting[:, 0] - self.shift.double()
+        for eps in set(self._meps):
+            rows = [i for i, e in enumerate(self._meps) if e == eps]
+            if len(rows) < len(self._meps):
+                rows = torch.tensor(rows, device=self._tot.device)
+                ni, di, vi = ns[rows], d[rows], waiting[rows, 1]
+            else:
+                ni, di, vi = ns, d, waiting[:, 1]
+            var = self._variance(vi, eps)
+            self._tot[0].add_((ni * di).sum(0))
+            self._tot[1].add_((ni * torch.addcmul(var, di, di)).sum(0))
+        self._mn.clear()
+        self._meps.clear()
 
     def _need_data(self) -> None:
         if self.n == 0:
@@ -409,17 +426,63 @@ class ChannelObserver(nn.Module):
         return f"dim={self.dim}, source={self.source!r}, keep={self.keep}, count={self.count}"
 
 
-def cross_product(la: _Layout, lb: _Layout) -> torch.Tensor:
-    """X_a X_b^T (Ca, Cb) of two layouts of one batch's samples, in their dtype, one (batched) matmul."""
+def cross_product(la: _Layout, lb: _Layout, out: torch.Tensor | None = None, add: bool = False) -> torch.Tensor:
+    """X_a X_b^T (Ca, Cb) of two layouts of one batch's samples, in their dtype, one (batched)
+    matmul. With ``out`` the product is written into it, or with ``add`` added to what it holds
+    (the matmul accumulates into it), and ``out`` is returned."""
     if la.kind == lb.kind == "rows":
-        return la.t.T @ lb.t
-    if la.kind == lb.kind == "batched" and la.t.shape[0] == lb.t.shape[0] and la.t.shape[2] >= _BATCHED_MIN:
-        return torch.bmm(la.t, lb.t.transpose(1, 2)).sum(0)
-    a, b = la.cols(), lb.cols()
-    if a.shape[1] != b.shape[1]:
-        raise PassError(f"the two tensors have {a.shape[1]} and {b.shape[1]} samples per channel; "
-                        "both must come from the same batch")
-    return a @ b.T
+        a, b = la.t.T, lb.t
+    elif la.kind == lb.kind == "batched" and la.t.shape[0] == lb.t.shape[0] and la.t.shape[2] >= _BATCHED_MIN:
+        prod = torch.bmm(la.t, lb.t.transpose(1, 2)).sum(0)
+        return prod if out is None else out.add_(prod) if add else out.copy_(prod)
+    else:
+        a, b = la.cols(), lb.cols()
+        if a.shape[1] != b.shape[1]:
+            raise PassError(f"the two tensors have {a.shape[1]} and {b.shape[1]} samples per channel; "
+                            "both must come from the same batch")
+        b = b.T
+    # beta 0: what ``out`` held is not read (nor NaN in it propagated)
+    return a @ b if out is None else out.addmm_(a, b, beta=1.0 if add else 0.0)
+
+
+# Per-batch cross products are summed in the activation's dtype (float32 for half types) this many
+# batches at a time, the matmul accumulating into the waiting total, before they reach the float64
+# total: one conversion and addition per flush instead of per batch.
+_CROSS_PENDING = 16
+
+
+class CrossSum:
+    """Float64 total of X_a X_b^T over batches (see ``_CROSS_PENDING``)."""
+
+    __slots__ = ("_total", "_wait", "_waiting")
+
+    def __init__(self) -> None:
+        self._total: torch.Tensor | None = None
+        self._wait: torch.Tensor | None = None
+        self._waiting = 0
+
+    def add(self, la: _Layout, lb: _Layout) -> None:
+        if self._wait is None:
+            self._wait = cross_product(la, lb)
+        else:
+            cross_product(la, lb, self._wait, add=self._waiting > 0)
+        self._waiting += 1
+        if self._waiting >= _CROSS_PENDING:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._waiting:
+            if self._total is None:
+                self._total = self._wait.to(torch.float64, copy=True)
+            else:
+                self._total.add_(self._wait)
+            self._waiting = 0
+
+    @property
+    def total(self) -> torch.Tensor | None:
+        """The float64 total (None before the first batch)."""
+        self._flush()
+        return self._total
 
 
 def covariance(sa: ChannelSums, sb: ChannelSums, sab: torch.Tensor) -> torch.Tensor:
@@ -449,7 +512,7 @@ class CrossMoments:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.a: ChannelSums | None = None
         self.b: ChannelSums | None = None
-        self.sab = torch.zeros(ca, cb, dtype=torch.float64, device=self.device)
+        self._sab = CrossSum()
 
     @property
     def n(self) -> int:
@@ -476,7 +539,13 @@ class CrossMoments:
             self.a, self.b = ChannelSums(dim), ChannelSums(dim)
         la = self.a.update(xa.to(self.device))
         lb = self.b.update(xb.to(self.device))
-        self.sab.add_(cross_product(la, lb))
+        self._sab.add(la, lb)
+
+    @property
+    def sab(self) -> torch.Tensor:
+        """Float64 total of X_a X_b^T (about the shifts), (Ca, Cb)."""
+        total = self._sab.total
+        return torch.zeros(self.ca, self.cb, dtype=torch.float64, device=self.device) if total is None else total
 
     def _need_data(self) -> None:
         if self.n == 0:
@@ -533,7 +602,7 @@ class PairTap(nn.Module):
         self.views = list(views)
         self.source = source
         self.sums = [(ChannelSums(v.dim, v.index), ChannelSums(v.dim, v.index)) for v in self.views]
-        self.cross: list[torch.Tensor | None] = [None] * len(self.views)
+        self.cross = [CrossSum() if v.cross else None for v in self.views]
 
     @torch.no_grad()
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -543,20 +612,17 @@ class PairTap(nn.Module):
         for i, (v, (sa, sb)) in enumerate(zip(self.views, self.sums)):
             la, lb = sa.update(a), sb.update(b)
             if v.cross:
-                prod = cross_product(la, lb)
-                if self.cross[i] is None:
-                    self.cross[i] = prod.to(torch.float64, copy=True)
-                else:
-                    self.cross[i].add_(prod)
+                self.cross[i].add(la, lb)
 
     def moments(self, i: int) -> tuple[ChannelSums, ChannelSums]:
         return self.sums[i]
 
     def cov(self, i: int) -> torch.Tensor:
         """A-B cross-covariance of view ``i`` (float64)."""
-        if self.cross[i] is None:
+        total = None if self.cross[i] is None else self.cross[i].total
+        if total is None:
             raise PassError(f"the tap at node {self.source!r} has no cross products for view {i}")
-        return covariance(*self.sums[i], self.cross[i])
+        return covariance(*self.sums[i], total)
 
 
 @dataclass(frozen=True)

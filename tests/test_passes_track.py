@@ -197,3 +197,24 @@ def test_observer_keep_gives_the_same_statistics_and_the_gathered_matrix(index):
     assert kept.count == plain.count
     torch.testing.assert_close(kept.last, channel_matrix(batches[-1], 1, index))
     assert kept.last.untyped_storage().data_ptr() != batches[-1].untyped_storage().data_ptr()
+
+
+def test_channel_sums_keep_no_tensor_per_batch(monkeypatch):
+    """Waiting batches are written into one buffer allocated on the second batch and reused after
+    every flush (no small tensors accumulate between a pass's activations), and the totals still
+    match the data after several flushes."""
+    import passes.track as track
+
+    monkeypatch.setattr(track, "_PENDING", 3)
+    torch.manual_seed(0)
+    batches = [torch.randn(6, 4) * 2 + 5 for _ in range(10)]
+    sums = ChannelSums(1)
+    sums.update(batches[0])
+    sums.update(batches[1])
+    buffer = sums._wait.data_ptr()
+    for b in batches[2:]:
+        sums.update(b)
+        assert sums._wait.data_ptr() == buffer and sums._waiting < 3
+    data = torch.cat(batches).double()
+    torch.testing.assert_close(sums.mean, data.mean(0), rtol=1e-6, atol=0)
+    torch.testing.assert_close(sums.var, data.var(0, correction=0), rtol=1e-5, atol=0)
