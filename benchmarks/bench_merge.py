@@ -14,7 +14,14 @@ linear assignment, permutation, interpolation, the REPAIR pass, folding.
 
 After the ratio a line gives the stages (discovery, ``prepare``, ``merge_prepared``) and the
 fixed costs: a whole merge of 8 examples, which is tracing, graph building, assignment and
-folding with next to no data, against the same plain passes.
+folding with next to no data, against the same plain passes. A last line gives the floor of this
+design: the compute no activation-matching merge can skip, timed alone in the same run:
+
+    floor = discovery + one pass of A and B side by side whose taps only multiply X_A^T X_B at
+            the observation points + the linear assignments + a plain pass of the merged model
+
+against the same plain passes; the per-channel sums, REPAIR's normalisation, graph building and
+folding come on top of it.
 
 Both sides are timed in the same process, alternately, best of ``--repeats``; the minor page
 faults of each are printed too. On CPU with glibc's default malloc every activation above the
@@ -36,7 +43,11 @@ import time
 import torch
 
 import graphrepair as gr
+from graphrepair.align import lap
 from graphrepair.merge import merge_prepared
+from graphrepair.points import observation_points
+from passes.pair import pair_graph
+from passes.track import _layout, cross_product
 from fixtures.zoo import mlp, resnet20
 
 
@@ -50,6 +61,42 @@ def plain_pass(model, x, batch_size, device):
     for i in range(0, len(x), batch_size):
         model(x[i:i + batch_size])
     sync(device)
+
+
+class CrossOnly(torch.nn.Module):
+    """A tap that only multiplies A's and B's channel matrices, as the joint pass must."""
+
+    def __init__(self, axis: int) -> None:
+        super().__init__()
+        self.axis = axis
+
+    def forward(self, a, b):
+        cross_product(_layout(a, self.axis, None, None), _layout(b, self.axis, None, None))
+
+
+@torch.no_grad()
+def floor(a, b, merged, x, batch_size, device, corr) -> float:
+    """Seconds of the compute an activation-matching merge with exact REPAIR cannot skip (see the
+    module doc)."""
+    sync(device)
+    t = time.perf_counter()
+    spec = gr.discover(a, (x[:2],))
+    axes = {p.node: p.axis for pts in observation_points(spec).values() for p in pts}
+    t_discover = time.perf_counter() - t
+    pair = pair_graph(spec.traced.gm, a, b, {n: CrossOnly(ax) for n, ax in axes.items()}, outputs=False)
+    sync(device)
+    t = time.perf_counter()
+    for i in range(0, len(x), batch_size):
+        pair(x[i:i + batch_size])
+    sync(device)
+    t_pair = time.perf_counter() - t
+    t = time.perf_counter()
+    for c in corr:
+        lap(c)
+    t_lap = time.perf_counter() - t
+    t = time.perf_counter()
+    plain_pass(merged, x, batch_size, device)
+    return t_discover + t_pair + t_lap + (time.perf_counter() - t)
 
 
 def faults() -> int:
@@ -108,6 +155,9 @@ def bench(name, factory, shape, n, batch_size, device, repeats=2):
           f"{t_prepare / (2 * plain):.2f} x the plain passes of A and B | merge_prepared {t_repair:.3f}s = "
           f"{t_repair / plain:.2f} x a plain pass | fixed costs (a merge of {len(small)} examples) "
           f"{t_fixed:.3f}s = {t_fixed / best_plain:.2f} x the 3 plain passes")
+    t_floor = floor(a, b, result.model, x, batch_size, device, list(prep.stats[0].corr.values()))
+    print(f"{'':30s} floor (discovery, A and B side by side with only the X_A^T X_B products, "
+          f"assignments, merged pass) {t_floor:.3f}s = {t_floor / best_plain:.2f} x the 3 plain passes")
     return best_merge / best_plain
 
 

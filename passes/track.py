@@ -211,6 +211,7 @@ class ChannelSums:
         self.n = 0
         self.shift: torch.Tensor | None = None
         self._tot: torch.Tensor | None = None  # (2, C) float64: S1, S2
+        self._s1 = self._s2 = None  # its rows (views, made once)
         self._wait: torch.Tensor | None = None  # (_PENDING, 2, C) float64: S1, S2 of waiting batches
         self._waiting = 0
         # waiting batches given by moments: (_PENDING, 2, C) float64 mean and variance or inverse
@@ -225,13 +226,13 @@ class ChannelSums:
     def s1(self) -> torch.Tensor | None:
         """Float64 total of x - shift per channel."""
         self._flush()
-        return None if self._tot is None else self._tot[0]
+        return self._s1
 
     @property
     def s2(self) -> torch.Tensor | None:
         """Float64 total of (x - shift)^2 per channel."""
         self._flush()
-        return None if self._tot is None else self._tot[1]
+        return self._s2
 
     def _check(self, c: int) -> None:
         if c != self._tot.shape[1]:
@@ -253,7 +254,8 @@ class ChannelSums:
                 self.shift = mean.to(lay.t.dtype)
                 lay = _layout(x, self.dim, self.index, self.shift)
                 s, sq = lay.sums()
-            self.n, self._tot = n, torch.stack([s, sq]).double()
+            self.n = n
+            self._set_totals(torch.stack([s, sq]).double())
             self.batch = (n, s, sq)
             return lay
         self._check(s.shape[0])
@@ -280,8 +282,8 @@ class ChannelSums:
         if self._tot is None:
             self.shift = mean.detach().clone()
             self.n = n
-            self._tot = torch.stack([torch.zeros_like(mean, dtype=torch.float64),
-                                     self._variance(v[None], e)[0] * n])
+            self._set_totals(torch.stack([torch.zeros_like(mean, dtype=torch.float64),
+                                          self._variance(v[None], e)[0] * n]))
             return
         self._check(mean.shape[0])
         self.n += n
@@ -292,6 +294,10 @@ class ChannelSums:
         self._meps.append(e)
         if len(self._mn) >= _PENDING:
             self._flush()
+
+    def _set_totals(self, tot: torch.Tensor) -> None:
+        self._tot = tot
+        self._s1, self._s2 = tot.unbind(0)
 
     @staticmethod
     def _variance(v: torch.Tensor, eps: float | None) -> torch.Tensor:
@@ -315,8 +321,8 @@ class ChannelSums:
             else:
                 ni, di, vi = ns, d, waiting[:, 1]
             var = self._variance(vi, eps)
-            self._tot[0].add_((ni * di).sum(0))
-            self._tot[1].add_((ni * torch.addcmul(var, di, di)).sum(0))
+            self._s1.add_((ni * di).sum(0))
+            self._s2.add_((ni * torch.addcmul(var, di, di)).sum(0))
         self._mn.clear()
         self._meps.clear()
 

@@ -224,6 +224,21 @@ def test_nan_weights_name_the_layer(digits_pair):
         gr.merge(a, bad, x)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_check_finite_names_the_tensor_and_lets_large_finite_weights_pass(dtype):
+    """The weights are checked through their sums: a sum that overflows (finite weights near the
+    dtype's largest value) must not be taken for an Inf, and +Inf with -Inf (a NaN sum) must be."""
+    from graphrepair.stats import check_finite
+
+    big = torch.finfo(dtype).max
+    state = {"a.weight": torch.full((4, 4), big, dtype=dtype), "b.bias": torch.zeros(3, dtype=dtype),
+             "steps": torch.tensor(3)}
+    check_finite(state, "model A")
+    state["b.bias"][1], state["b.bias"][2] = math.inf, -math.inf
+    with pytest.raises(gr.NumericError, match=r"model A: parameter 'b\.bias'"):
+        check_finite(state, "model A")
+
+
 def test_inf_in_the_data_names_the_first_node_whose_statistics_it_spoils(digits_pair):
     (a, b), x, _ = digits_pair
     bad = x[:200].clone()
