@@ -108,7 +108,8 @@ def bench(name, factory, shape, n, batch_size, device, repeats=2):
     a, b = factory().to(device).eval(), factory().to(device).eval()
     x = torch.randn(n, *shape, device=device)
     # warm-up (allocator, kernels, first trace)
-    gr.merge_models([a, b], x[:512], num_examples=512, batch_size=batch_size)
+    warm = min(512, n)
+    gr.merge_models([a, b], x[:warm], num_examples=warm, batch_size=batch_size)
     best_merge, best_plain, result = float("inf"), float("inf"), None
     faults_merge = faults_plain = 0
     for _ in range(repeats):
