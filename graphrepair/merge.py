@@ -167,16 +167,18 @@ class Prepared:
     perms: list[dict[str, torch.Tensor]]
     stats: list[PairStats | None]
     mean_corr: dict[str, float]
-    aligned: list[dict[str, torch.Tensor]]  # state dicts, models 1.. permuted onto model 0
+    aligned: list[dict[str, torch.Tensor]]  # state dicts, models 1.. permuted onto model 0 (or [])
 
 
 def prepare(models: list[nn.Module], data, *, method: str = "activation", statistics: bool = True,
             cross: bool = False, num_examples: int = 5000, batch_size: int = 256, points: str = "all",
             spec: PermutationSpec | None = None, quiet: bool = True, seed: int = 0,
-            align: bool = True) -> Prepared:
+            align: bool = True, states: bool = True) -> Prepared:
     """Check, trace, discover, run the joint pass(es) and align. ``statistics``: gather REPAIR's
     endpoint statistics at the reset points (``cross``: also A-B cross-covariances, for 'approx').
-    ``align=False`` keeps B as it is (the naive baseline)."""
+    ``align=False`` keeps B as it is (the naive baseline). ``states=False``: only the
+    permutations are wanted; the permuted copies of the models' weights (``Prepared.aligned``,
+    what ``merge_prepared`` interpolates) are not made."""
     if len(models) < 2:
         raise GraphRepairError("merging needs at least two models")
     if method not in METHODS:
@@ -205,7 +207,7 @@ def prepare(models: list[nn.Module], data, *, method: str = "activation", statis
         stats_all.append(stats)
         corr = corr or mean_corr
     aligned = []
-    for m, p in zip(models[1:], perms_all):
+    for m, p in zip(models[1:] if states else [], perms_all):
         sd = m.state_dict()
         permuted = spec.permute_state_dict(sd, p)
         # entries with no permuted axis come back as the model's own tensors: copy them, so that
@@ -222,6 +224,8 @@ def merge_prepared(prep: Prepared, weights: list[float], repair: str | None,
         raise GraphRepairError(f"weights must be {len(models)} non-negative numbers summing to 1, got {weights}")
     if repair not in REPAIR_MODES:
         raise GraphRepairError(f"repair must be one of {REPAIR_MODES}, got {repair!r}")
+    if len(prep.aligned) != len(models) - 1:
+        raise GraphRepairError("this preparation has no permuted weights to merge: prepare(..., states=True)")
     if repair == "approx" and len(models) > 2:
         raise GraphRepairError("the closed-form REPAIR ('approx') merges two models; use 'exact' for more")
     if repair in ("exact", "approx") and (not prep.points or prep.stats[0] is None):
@@ -384,5 +388,5 @@ def align(model_a: nn.Module, model_b: nn.Module, data=None, spec: PermutationSp
         return weight_matching(spec, model_a.state_dict(), model_b.state_dict())
     if data is None:
         raise GraphRepairError("activation matching needs data; pass data or use method='weight'")
-    return prepare([model_a, model_b], data, method="activation", statistics=False,
+    return prepare([model_a, model_b], data, method="activation", statistics=False, states=False,
                    num_examples=num_examples, batch_size=batch_size, spec=spec, quiet=quiet).perms[0]

@@ -51,10 +51,21 @@ def test_alignment_permutations_keep_b_function(digits_pair):
 def test_alignment_raises_correlation(digits_pair):
     (a, b), x, _ = digits_pair
     prep = prepare([a, b], x, num_examples=800, statistics=False)
-    ident = prepare([a, b], x, num_examples=800, statistics=False, align=False)
-    del ident
     for g, c in prep.mean_corr.items():
         assert c > 0.3, (g, c)
+        assert c > float(prep.stats[0].corr[g].diagonal().mean()) + 0.1, g  # the units as they are
+
+
+def test_align_makes_the_permutations_and_no_permuted_weights(digits_pair):
+    (a, b), x, _ = digits_pair
+    prep = prepare([a, b], x, num_examples=800, statistics=False, states=False)
+    assert prep.aligned == []
+    with pytest.raises(gr.GraphRepairError, match=r"states=True"):
+        merge_prepared(prep, [0.5, 0.5], None)
+    perms = gr.align(a, b, x, num_examples=800)
+    assert perms.keys() == prep.perms[0].keys()
+    for g, p in perms.items():
+        assert torch.equal(p, prep.perms[0][g]), g
 
 
 def _permuted_copy(name: str, model_seed: int = 1, perm_seed: int = 4):
