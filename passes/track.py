@@ -22,13 +22,15 @@ does not cancel (float32 sums of x and x^2 would lose the variance of, say, mean
 Cross moments of two tensors (``CrossMoments``, ``PairTap``), e.g. the same point in models A
 and B fed the same batch, X_a (Ca, N), X_b (Cb, N): per batch one matmul X_a X_b^T in the
 activation's dtype (as batched matmuls over a leading axis for conv maps, without forming the
-channel matrix) added to a float64 total S_ab, about the same shifts, and
+channel matrix), accumulated by the matmul itself into a waiting total in that dtype that reaches
+the float64 total S_ab every ``_CROSS_PENDING`` batches, about the same shifts, and
 
     cov = S_ab / n - (S1_a / n)(S1_b / n)^T,
     corr_ij = cov_ij / (std_a_i std_b_j), and 0 where either std is <= eps (never NaN)
 
-Nothing is stored across batches except these sums (and up to ``_PENDING`` per-batch sums of C
-numbers each): memory O(C) per observer, O(Ca*Cb) per cross-moment table.
+Nothing is stored across batches except these sums (and one buffer of ``_PENDING`` per-batch sums
+of C numbers each, one waiting Ca x Cb product): memory O(C) per observer, O(Ca*Cb) per
+cross-moment table.
 """
 
 from __future__ import annotations
