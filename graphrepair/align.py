@@ -114,10 +114,21 @@ def check_same_architecture(model_a: nn.Module, model_b: nn.Module) -> None:
         raise MismatchError(f"models A and B differ: only {name} has parameter {extra!r}")
 
 
-def _view(t: torch.Tensor, axis: int, pos: torch.Tensor) -> torch.Tensor:
-    """(|g|, everything else): channel c's positions pos[c] along ``axis`` and all other axes."""
+def _replicas(t: torch.Tensor, axis: int, pos: torch.Tensor) -> torch.Tensor:
+    """(|g|, R, everything else): channel c's R positions pos[c] along ``axis``, each with all
+    other axes flattened."""
     m = t.movedim(axis, 0)
-    return m[pos.to(t.device)].reshape(pos.shape[0], -1)
+    return m[pos.to(t.device)].reshape(pos.shape[0], pos.shape[1], -1)
+
+
+def _inner(wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
+    """<A's channel i, B's channel j> over all their replicas: (|g|, |g|)."""
+    return wa.flatten(1) @ wb.flatten(1).T
+
+
+def _best_replicas(wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
+    """Each replica of A's channel i against its best match among B's channel j's: (|g|, |g|)."""
+    return torch.einsum("irk,jsk->ijrs", wa, wb).max(-1).values.sum(-1)
 
 
 def weight_matching(spec: PermutationSpec, state_a: dict, state_b: dict, *, groups=None,
@@ -156,16 +167,23 @@ def weight_matching(spec: PermutationSpec, state_a: dict, state_b: dict, *, grou
                 wb = wb.index_select(d, ax.index(e, vp).to(wb.device))
         return wb
 
+    def group_score(name: str, held: dict, pairing) -> torch.Tensor:
+        """(|g|, |g|) summed ``pairing`` of A's and B's weights that group ``name`` touches, with
+        the groups in ``held`` permuted as given there."""
+        vp = spec._var_perms(held)
+        size = spec.group(name).size
+        total = torch.zeros(size, size, dtype=torch.float64)
+        for key, axis, pos in touches[name]:
+            total += pairing(_replicas(a64[key], axis, pos), _replicas(b_permuted(key, vp), axis, pos)).cpu()
+        return total
+
     def descend(active: list[str]) -> None:
         for _ in range(max_iter):
             changed = False
             for gi in rng.permutation(len(active)):
                 name = active[gi]
-                vp = spec._var_perms({k: v for k, v in perms.items() if k != name})
-                size = spec.group(name).size
-                score = torch.zeros(size, size, dtype=torch.float64)
-                for key, axis, pos in touches[name]:
-                    score += (_view(a64[key], axis, pos) @ _view(b_permuted(key, vp), axis, pos).T).cpu()
+                score = group_score(name, {k: v for k, v in perms.items() if k != name}, _inner)
+                size = score.shape[0]
                 new = lap(score)
                 old = perms[name]
                 if (score[torch.arange(size), new].sum() > score[torch.arange(size), old].sum() + 1e-12
@@ -182,16 +200,8 @@ def weight_matching(spec: PermutationSpec, state_a: dict, state_b: dict, *, grou
                and any(ax.mixes(spec.param_axes[key][axis]) for key, axis, _ in touches[n])]
     if coupled:
         descend([n for n in names if n not in coupled])
+        held = {k: v for k, v in perms.items() if k not in coupled}
         for name in coupled:
-            vp = spec._var_perms({k: v for k, v in perms.items() if k not in coupled})
-            size = spec.group(name).size
-            score = torch.zeros(size, size, dtype=torch.float64)
-            for key, axis, pos in touches[name]:
-                wa = a64[key].movedim(axis, 0)[pos.to(a64[key].device)]  # (|g|, R, ...)
-                wb = b_permuted(key, vp).movedim(axis, 0)[pos.to(a64[key].device)]
-                wa, wb = wa.reshape(size, pos.shape[1], -1), wb.reshape(size, pos.shape[1], -1)
-                pair = torch.einsum("irk,jsk->ijrs", wa, wb)  # replica r of A against s of B
-                score += pair.max(-1).values.sum(-1).cpu()
-            perms[name] = lap(score)
+            perms[name] = lap(group_score(name, held, _best_replicas))
     descend(names)
     return perms
