@@ -86,9 +86,7 @@ def floor(a, b, merged, x, batch_size, device, corr) -> float:
     pair = pair_graph(spec.traced.gm, a, b, {n: CrossOnly(ax) for n, ax in axes.items()}, outputs=False)
     sync(device)
     t = time.perf_counter()
-    for i in range(0, len(x), batch_size):
-        pair(x[i:i + batch_size])
-    sync(device)
+    plain_pass(pair, x, batch_size, device)
     t_pair = time.perf_counter() - t
     t = time.perf_counter()
     for c in corr:

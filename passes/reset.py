@@ -185,11 +185,7 @@ class Reset(nn.Module):
         with torch.no_grad():
             self.sums.update(x)
         self._collected()
-        n, s1, s2 = self.sums.batch
-        mean = s1.double() / n
-        var = (s2.double() / n - mean * mean).clamp_min(0.0)
-        if self.sums.shift is not None:
-            mean = mean + self.sums.shift.double()
+        mean, var = self.sums.batch_moments()
         scale = self.goal_std.double() * torch.rsqrt(var + self.eps)
         shift = self.goal_mean.double() - mean * scale
         return torch.addcmul(shift.to(x.dtype).view(shape), x, scale.to(x.dtype).view(shape))

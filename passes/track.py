@@ -337,15 +337,27 @@ class ChannelSums:
         self._need_data()
         return self.s1 / self.n
 
+    def _moments(self, n: int, s1: torch.Tensor, s2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Float64 (mean, population variance) from sums of x - shift and (x - shift)^2."""
+        m = s1.double() / n
+        var = (s2.double() / n - m * m).clamp_min(0.0)
+        return (m if self.shift is None else m + self.shift.double()), var
+
+    def batch_moments(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Float64 mean and population variance of the latest batch given to ``update``."""
+        if self.batch is None:
+            raise PassError("no batch seen yet; call update(x) first")
+        return self._moments(*self.batch)
+
     @property
     def mean(self) -> torch.Tensor:
-        m = self.shifted_mean
-        return m if self.shift is None else m + self.shift.double()
+        self._need_data()
+        return self._moments(self.n, self.s1, self.s2)[0]
 
     @property
     def var(self) -> torch.Tensor:
-        m = self.shifted_mean
-        return (self.s2 / self.n - m * m).clamp_min(0.0)
+        self._need_data()
+        return self._moments(self.n, self.s1, self.s2)[1]
 
 
 class ChannelObserver(nn.Module):

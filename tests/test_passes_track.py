@@ -218,3 +218,22 @@ def test_channel_sums_keep_no_tensor_per_batch(monkeypatch):
     data = torch.cat(batches).double()
     torch.testing.assert_close(sums.mean, data.mean(0), rtol=1e-6, atol=0)
     torch.testing.assert_close(sums.var, data.var(0, correction=0), rtol=1e-5, atol=0)
+
+
+def test_channel_sums_batch_moments_are_the_latest_batch_about_the_shift():
+    """The latest batch's own mean and variance (what a reset normalises with on its sums path),
+    at mean 100 / std 3 where a shift is taken: equal to the batch's, not to the running totals."""
+    torch.manual_seed(0)
+    sums = ChannelSums(1)
+    with pytest.raises(PassError, match="no batch"):
+        sums.batch_moments()
+    first, second = torch.randn(50, 4) * 3 + 100, torch.randn(40, 4) * 2 + 90
+    sums.update(first)
+    assert sums.shift is not None
+    sums.update(second)
+    mean, var = sums.batch_moments()
+    torch.testing.assert_close(mean, second.double().mean(0), rtol=1e-6, atol=0)
+    torch.testing.assert_close(var, second.double().var(0, correction=0), rtol=1e-4, atol=0)
+    both = torch.cat([first, second]).double()
+    torch.testing.assert_close(sums.mean, both.mean(0), rtol=1e-6, atol=0)
+    torch.testing.assert_close(sums.var, both.var(0, correction=0), rtol=1e-5, atol=0)
