@@ -55,3 +55,17 @@ class Head(nn.Module):
 
     def forward(self, x):
         return torch.tanh(self.body(x))
+
+
+class ConvBNNet(nn.Module):
+    """conv -> BatchNorm -> ReLU -> global mean -> linear: the smallest net with a conv map, a
+    norm and a classifier head."""
+
+    def __init__(self, channels: int = 6) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, channels, 3, padding=1)
+        self.bn = nn.BatchNorm2d(channels)
+        self.fc = nn.Linear(channels, 4)
+
+    def forward(self, x):
+        return self.fc(self.bn(self.conv(x)).relu().mean((2, 3)))

@@ -6,7 +6,6 @@ import os
 
 import pytest
 import torch
-import torch.nn as nn
 
 from passes import (
     CrossMoments,
@@ -19,6 +18,7 @@ from passes import (
     observers,
     set_mode,
 )
+from tests.helpers import ConvBNNet
 
 pytestmark = [
     pytest.mark.gpu,
@@ -27,20 +27,9 @@ pytestmark = [
 ]
 
 
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn = nn.BatchNorm2d(8)
-        self.fc = nn.Linear(8, 4)
-
-    def forward(self, x):
-        return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
-
-
 def test_statistics_resets_and_fold_on_cuda():
     torch.manual_seed(0)
-    model = Net().cuda().eval()
+    model = ConvBNNet(8).cuda().eval()
     x = torch.randn(4, 3, 8, 8, device="cuda")
     gm = torch.fx.symbolic_trace(model)
     watched = insert_observers(gm, {"conv": ObserverSpec(1, keep=True), "fc": ObserverSpec(-1, keep=True)}).graph_module
@@ -67,7 +56,7 @@ def test_export_checks_the_cuda_provider_when_onnxruntime_has_it(tmp_path):
     import onnxruntime as ort
 
     torch.manual_seed(0)
-    model = Net().cuda().eval()
+    model = ConvBNNet(8).cuda().eval()
     report = export_onnx(model, (torch.randn(2, 3, 8, 8, device="cuda"),), tmp_path / "net.onnx", atol=1e-3, rtol=1e-3)
     assert os.path.exists(report.path)
     if "CUDAExecutionProvider" in ort.get_available_providers():
@@ -81,7 +70,7 @@ def test_pair_taps_on_cuda_match_the_cpu(offset, monkeypatch):
 
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # compare like with like
     torch.manual_seed(0)
-    a, b = Net().eval(), Net().eval()
+    a, b = ConvBNNet(8).eval(), ConvBNNet(8).eval()
     x = torch.randn(16, 3, 16, 16) + offset
     results = {}
     for device in ("cpu", "cuda"):

@@ -10,21 +10,9 @@ import torch
 import torch.nn as nn
 
 from passes import ChannelSums, PairTap, PassError, TapView, pair_graph
-from tests.helpers import graph_of, randomize_
+from tests.helpers import ConvBNNet, graph_of, randomize_
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec:FutureWarning")
-
-
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 6, 3, padding=1)
-        self.bn = nn.BatchNorm2d(6)
-        self.fc = nn.Linear(6, 4)
-
-    def forward(self, x):
-        h = self.bn(self.conv(x)).relu()
-        return self.fc(h.mean((2, 3)))
 
 
 class Recorder(nn.Module):
@@ -38,7 +26,7 @@ class Recorder(nn.Module):
 
 def _pair(how):
     torch.manual_seed(0)
-    a, b = randomize_(Net().eval(), 1), randomize_(Net().eval(), 2)
+    a, b = randomize_(ConvBNNet().eval(), 1), randomize_(ConvBNNet().eval(), 2)
     x = torch.randn(4, 3, 8, 8)
     gm = graph_of(a, x, how)
     if how == "fx":
