@@ -43,9 +43,9 @@ import time
 import torch
 
 import graphrepair as gr
-from graphrepair.align import lap
-from graphrepair.merge import merge_prepared
-from graphrepair.points import observation_points
+from graphrepair.merging.align import lap
+from graphrepair.merging.merge import merge_prepared
+from graphrepair.merging.points import observation_points
 from passes.pair import pair_graph
 from passes.track import _layout, cross_product
 from fixtures.zoo import mlp, resnet20

@@ -1,16 +1,16 @@
 """graphrepair: discover permutation symmetries of any PyTorch model, align and merge models with
 REPAIR through graph passes, and export verified ONNX."""
 
-from .discover import discover
-from .errors import (CheckError, CheckpointError, DataError, ExportError, GraphRepairError,
+from graphrepair.discovery.discover import discover
+from graphrepair.errors import (CheckError, CheckpointError, DataError, ExportError, GraphRepairError,
                      LoadError, MismatchError, NumericError, OutputError, ShapeError, TraceError,
                      UnsupportedOpError)
-from .export import export_onnx
-from .merge import MergeResult, align, merge, merge_models, prepare
-from .metrics import Curve, barrier, evaluate, layer_report
-from .permute import permute
-from .spec import FixedAxis, Group, PermutationSpec
-from .trace import trace
+from graphrepair.io.export import export_onnx
+from graphrepair.merging.merge import MergeResult, align, merge, merge_models, prepare
+from graphrepair.study.metrics import Curve, barrier, evaluate, layer_report
+from graphrepair.discovery.permute import permute
+from graphrepair.discovery.spec import FixedAxis, Group, PermutationSpec
+from graphrepair.discovery.trace import trace
 
 __all__ = [
     "discover", "permute", "export_onnx", "trace", "align", "merge", "merge_models", "prepare", "barrier",

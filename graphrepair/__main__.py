@@ -1,3 +1,3 @@
-from .cli import main
+from graphrepair.cli import main
 
 main(prog_name="graphrepair")

@@ -40,8 +40,8 @@ from torch.utils.data import TensorDataset
 
 from fixtures.pairs import PAIRS, load_pair
 from scripts.train_fixtures import resolve_device
-from graphrepair.merge import merge_prepared, prepare
-from graphrepair.metrics import Curve, alpha_grid, barrier_of, evaluate
+from graphrepair.merging.merge import merge_prepared, prepare
+from graphrepair.study.metrics import Curve, alpha_grid, barrier_of, evaluate
 
 MODES = ("naive", "aligned", "reset", "approx", "exact")
 MODE_TITLES = {"naive": "naive", "aligned": "aligned", "reset": "aligned + reset",
@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     per_pair = ", ".join(f"{r.pair} {r.seconds['total']:.0f} s" for r in results)
     print(f"Wall time: {wall:.0f} s ({per_pair}).")
     if args.json:
-        from graphrepair.fileio import atomic_write
+        from graphrepair.io.fileio import atomic_write
         payload = {"command": " ".join(["python -m scripts.quality"] + (argv if argv is not None else sys.argv[1:])),
                    "wall_seconds": wall, "pairs": [asdict(r) | {"cut": {"accuracy": r.cut("accuracy"),
                                                                          "loss": r.cut("loss")}}

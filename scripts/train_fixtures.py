@@ -9,7 +9,7 @@ On CPU with the same torch build and thread count the weights are bit-for-bit re
 Floating-point tensors are stored as float16 (half the size; the accuracies of the stored weights
 are printed next to the float32 ones), with the recipe in the safetensors metadata (one JSON string under
 ``fixture``, so a retrain on the same torch build and thread count gives the same bytes). Files are
-written atomically (``graphrepair.fileio.save_safetensors``).
+written atomically (``graphrepair.io.fileio.save_safetensors``).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 
 from fixtures.pairs import PAIRS, Pair, load_pair
 from fixtures.train import evaluate, train_pair
-from graphrepair.fileio import save_safetensors
+from graphrepair.io.fileio import save_safetensors
 
 STORED_DTYPE = torch.float16
 

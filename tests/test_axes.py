@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from graphrepair import axes as ax
+from graphrepair.discovery import axes as ax
 
 
 def test_index_of_layouts():

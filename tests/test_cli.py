@@ -64,7 +64,7 @@ def work(tmp_path_factory) -> Path:
     from fixtures.datasets import digits
     from fixtures.train import train_pair
     from fixtures.zoo import mlp, mlp3
-    from graphrepair.fileio import save_safetensors
+    from graphrepair.io.fileio import save_safetensors
 
     d = tmp_path_factory.mktemp("cli")
     x, y = digits("train", flatten=True)
@@ -462,7 +462,7 @@ def test_run_demo_returns_figures_without_writing(work, tmp_path, monkeypatch):
 
     from fixtures.datasets import digits
     from fixtures.zoo import mlp3
-    from graphrepair.data import ArrayDataset
+    from graphrepair.io.data import ArrayDataset
     from graphrepair.demo import DemoPair, run_demo
 
     models = []

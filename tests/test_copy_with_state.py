@@ -1,4 +1,4 @@
-"""graphrepair.stats.copy_with_state: copies that carry new weights without copying the old ones."""
+"""graphrepair.merging.stats.copy_with_state: copies that carry new weights without copying the old ones."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from graphrepair.errors import MismatchError
-from graphrepair.stats import copy_with_state
+from graphrepair.merging.stats import copy_with_state
 
 
 class Tied(nn.Module):
@@ -71,8 +71,8 @@ class Small(nn.Module):
 
 
 def test_pair_reads_the_models_themselves_only_when_b_is_configured_like_a():
-    from graphrepair.discover import discover
-    from graphrepair.stats import pair_roots
+    from graphrepair.discovery.discover import discover
+    from graphrepair.merging.stats import pair_roots
 
     a, b = Small().eval(), Small().eval()
     spec = discover(a, (torch.randn(2, 4),))

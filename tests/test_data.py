@@ -1,4 +1,4 @@
-"""graphrepair.data: batches from every accepted kind of data, example budgets, data files."""
+"""graphrepair.io.data: batches from every accepted kind of data, example budgets, data files."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from graphrepair.data import (
+from graphrepair.io.data import (
     ArrayDataset,
     FewerExamplesWarning,
     check_batch_shape,
@@ -24,7 +24,7 @@ from graphrepair.data import (
     take_examples,
 )
 from graphrepair.errors import DataError, LoadError
-from graphrepair.fileio import save_safetensors
+from graphrepair.io.fileio import save_safetensors
 
 X = torch.arange(10 * 3, dtype=torch.float32).reshape(10, 3)
 Y = torch.arange(10) % 4
@@ -142,8 +142,8 @@ def test_exhausted_generator_explains() -> None:
     "data,message",
     [
         (None, "no data given"),
-        ("fit.npz", r"use graphrepair.data.load_data"),
-        (Path("fit.npz"), r"use graphrepair.data.load_data"),
+        ("fit.npz", r"use graphrepair.io.data.load_data"),
+        (Path("fit.npz"), r"use graphrepair.io.data.load_data"),
         (torch.tensor(3.0), "scalar tensor"),
         (42, "int is not a tensor, a dataset or an iterable of batches"),
         ([3, 4], "batch 0 is a int"),

@@ -96,7 +96,7 @@ def test_wrong_permutation_is_caught():
     spec = gr.discover(model, x)
     broken = dict(spec.param_axes)
     key = next(k for k in broken if k.endswith("bias"))
-    from graphrepair.axes import Fixed
+    from graphrepair.discovery.axes import Fixed
     broken[key] = (Fixed(broken[key][0].size),)
     import dataclasses
     bad = dataclasses.replace(spec, param_axes=broken)

@@ -1,4 +1,4 @@
-"""graphrepair.loading (MODULE:FACTORY, checkpoints) and graphrepair.fileio (atomic outputs)."""
+"""graphrepair.io.loading (MODULE:FACTORY, checkpoints) and graphrepair.io.fileio (atomic outputs)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from graphrepair.errors import CheckpointError, LoadError, OutputError
-from graphrepair.fileio import atomic_output, atomic_write, save_safetensors
-from graphrepair.loading import (
+from graphrepair.io.fileio import atomic_output, atomic_write, save_safetensors
+from graphrepair.io.loading import (
     call_reference,
     load_checkpoint,
     load_factory,
@@ -517,7 +517,7 @@ def test_written_files_get_ordinary_permissions(tmp_path):
 
     import torch
 
-    from graphrepair.fileio import save_safetensors
+    from graphrepair.io.fileio import save_safetensors
 
     path = tmp_path / "w.safetensors"
     save_safetensors({"a": torch.ones(2)}, path)

@@ -16,8 +16,8 @@ import graphrepair as gr
 from fixtures.datasets import digits
 from fixtures.train import train
 from fixtures.zoo import ZOO, mlp
-from graphrepair.align import weight_matching
-from graphrepair.merge import merge_prepared, prepare
+from graphrepair.merging.align import weight_matching
+from graphrepair.merging.merge import merge_prepared, prepare
 from passes.track import ObserverSpec, insert_observers, observers
 from tests.helpers import randomize_
 
@@ -108,7 +108,7 @@ def test_exact_repair_folded_equals_unfolded_and_meets_goals(digits_pair):
         node: ObserverSpec(dim=-1) for node in res.goals}).graph_module
     # observe the reset outputs: observers sit after the original node, before the reset, so
     # observe the merged (folded) model through the spec graph instead
-    from graphrepair.stats import graph_for
+    from graphrepair.merging.stats import graph_for
     g2 = graph_for(res.spec, res.model)
     g2 = insert_observers(g2, {node: ObserverSpec(dim=-1) for node in res.goals}).graph_module
     g2(xs)
@@ -239,7 +239,7 @@ def test_nan_weights_name_the_layer(digits_pair):
 def test_check_finite_names_the_tensor_and_lets_large_finite_weights_pass(dtype):
     """The weights are checked through their sums: a sum that overflows (finite weights near the
     dtype's largest value) must not be taken for an Inf, and +Inf with -Inf (a NaN sum) must be."""
-    from graphrepair.stats import check_finite
+    from graphrepair.merging.stats import check_finite
 
     big = torch.finfo(dtype).max
     state = {"a.weight": torch.full((4, 4), big, dtype=dtype), "b.bias": torch.zeros(3, dtype=dtype),
@@ -298,7 +298,7 @@ def test_layer_report_on_a_model_and_its_permuted_copy(digits_pair):
 def test_study_layers_reuse_the_curves_merges(digits_pair, monkeypatch):
     """With --layers the per-layer measurement at alpha 0.5 uses the merges the curves made there
     (no second REPAIR pass), and its figures equal a measurement of a fresh merge."""
-    import graphrepair.study as study_mod
+    import graphrepair.study.runner as study_mod
 
     (a, b), x, y = digits_pair
     calls = []
@@ -309,7 +309,7 @@ def test_study_layers_reuse_the_curves_merges(digits_pair, monkeypatch):
         return real(prep, weights, repair, *args, **kwargs)
 
     monkeypatch.setattr(study_mod, "merge_prepared", counted)
-    monkeypatch.setattr(sys.modules["graphrepair.metrics"], "merge_prepared", counted)
+    monkeypatch.setattr(sys.modules["graphrepair.study.metrics"], "merge_prepared", counted)
     st = study_mod.run_study(a, b, x[:300], TensorDataset(x[300:500], y[300:500]), alphas=3,
                              num_examples=300, layers=True)
     # the naive curve merges at 0.5 and 1; the aligned and REPAIR curves at 0.5 only (their
@@ -344,7 +344,7 @@ def test_export_traced_models_merge_at_any_batch_size():
 def test_curve_reuses_known_endpoints_exactly(digits_pair):
     """B and the aligned B' compute the same function, so a curve given another curve's endpoint
     figures equals one that evaluates them again."""
-    from graphrepair.metrics import curve
+    from graphrepair.study.metrics import curve
 
     (a, b), x, _ = digits_pair
     xt, yt = digits("test")
@@ -375,7 +375,7 @@ def test_activation_matching_recovers_split_heads_of_exported_models(name):
 
 def test_a_joint_space_too_large_is_reported_not_skipped_silently(monkeypatch):
     pytest.importorskip("transformers")
-    import graphrepair.stats as stats_module
+    import graphrepair.merging.stats as stats_module
 
     monkeypatch.setattr(stats_module, "JOINT_MAX", 8)  # the tiny GPT-2's heads x dims is 32
     entry = ZOO["gpt2_tiny"]

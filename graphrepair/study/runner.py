@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .errors import GraphRepairError
-from .merge import Prepared, merge_prepared, prepare
-from .metrics import Curve, alpha_grid, curve, layer_report
-from .tables import number, percent, text_table
+from graphrepair.errors import GraphRepairError
+from graphrepair.merging.merge import Prepared, merge_prepared, prepare
+from graphrepair.study.metrics import Curve, alpha_grid, curve, layer_report
+from graphrepair.cli.tables import number, percent, text_table
 
 REPAIR_LABELS = {"exact": "REPAIR", "approx": "REPAIR-approx", "reset": "BN-reset"}
 
@@ -44,7 +44,7 @@ def known_length(data) -> int | None:
     import torch
     from torch.utils.data import DataLoader, Dataset
 
-    from .data import ArrayDataset
+    from graphrepair.io.data import ArrayDataset
 
     if isinstance(data, torch.Tensor):
         return data.shape[0] if data.dim() else None
@@ -199,7 +199,7 @@ def _add_layers(study: Study, prep: Prepared, repair: str | None, alpha: float, 
             study.notes.append(f"no per-layer statistics for {label}: {len(merged.kept)} of "
                                f"{merged.resets} resets could not be folded ({unfolded}), and the layer "
                                f"measurement needs the model's own class; --points conv measures it")
-    from .points import reset_points
+    from graphrepair.merging.points import reset_points
     points = {r.node: r for r in (prep.points or reset_points(prep.spec, "all"))}
     nodes = {n.name: n for n in prep.spec.traced.gm.graph.nodes}
     first = reports["aligned"]

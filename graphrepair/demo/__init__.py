@@ -29,11 +29,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .data import ArrayDataset
-from .errors import GraphRepairError, OutputError
-from .merge import MergeResult, merge_prepared
-from .study import Study, known_length, run_study
-from .tables import plural
+from graphrepair.io.data import ArrayDataset
+from graphrepair.errors import GraphRepairError, OutputError
+from graphrepair.merging.merge import MergeResult, merge_prepared
+from graphrepair.study.runner import Study, known_length, run_study
+from graphrepair.cli.tables import plural
 
 DEMO_ALPHA = 0.5
 OUTPUT_NAMES = {"onnx": "merged.onnx", "barrier": "barrier.png", "layers": "layers.png"}
@@ -177,7 +177,7 @@ def _source(data) -> str:
 
 def prepare_out_dir(out_dir: str | Path) -> Path:
     """Create ``out_dir`` (and parents) if needed; OutputError if that fails or it is not writable."""
-    from .outputs import check_output_path
+    from graphrepair.io.outputs import check_output_path
 
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -197,7 +197,7 @@ def run_demo(out_dir: str | Path | None = "graphrepair-demo", *, pair: str | Dem
     """Build (train) the pair, run the naive / aligned / REPAIR study, write the files to
     ``out_dir`` (nothing is written when it is None), and return everything, figures included.
     ``pair_options`` go to the pair's builder (e.g. ``epochs=10`` for a quicker run)."""
-    from .plots import barrier_figure, layers_figure
+    from graphrepair.cli.plots import barrier_figure, layers_figure
 
     start = time.perf_counter()
     out = prepare_out_dir(out_dir) if out_dir is not None else None
@@ -226,9 +226,9 @@ def run_demo(out_dir: str | Path | None = "graphrepair-demo", *, pair: str | Dem
 
 def write_outputs(result: DemoResult, out: Path) -> None:
     """merged.onnx (verified), barrier.png and layers.png, all or none."""
-    from .export import export_onnx
-    from .outputs import atomic_outputs
-    from .plots import save_figure
+    from graphrepair.io.export import export_onnx
+    from graphrepair.io.outputs import atomic_outputs
+    from graphrepair.cli.plots import save_figure
 
     t = time.perf_counter()
     targets = {k: out / name for k, name in OUTPUT_NAMES.items()}
@@ -244,7 +244,7 @@ def write_outputs(result: DemoResult, out: Path) -> None:
 
 def first_examples(data, n: int = 2) -> torch.Tensor:
     """The first ``n`` inputs of ``data`` (the example input of an ONNX export)."""
-    from .data import iter_batches
+    from graphrepair.io.data import iter_batches
 
     return next(iter_batches(data, n))[:n]
 

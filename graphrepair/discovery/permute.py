@@ -7,7 +7,7 @@ import copy
 import torch
 from torch import nn
 
-from .spec import PermutationSpec
+from graphrepair.discovery.spec import PermutationSpec
 
 
 def permute(model: nn.Module, spec: PermutationSpec, perms: dict[str, torch.Tensor]) -> nn.Module:

@@ -15,10 +15,10 @@ import torch
 import torch.fx
 from torch import nn
 
-from . import axes as ax
-from .axes import AxisSolver, Expr, Fixed
-from .spec import FixedAxis, Group, Member, PermutationSpec
-from .trace import TensorInfo, Traced, trace
+from graphrepair.discovery import axes as ax
+from graphrepair.discovery.axes import AxisSolver, Expr, Fixed
+from graphrepair.discovery.spec import FixedAxis, Group, Member, PermutationSpec
+from graphrepair.discovery.trace import TensorInfo, Traced, trace
 
 STRUCTURAL = "structural: "  # prefix of reasons for axes that are never channel axes
 
@@ -137,7 +137,7 @@ def _aliases(model: nn.Module) -> dict[str, str]:
 
 def discover(model: nn.Module, example_inputs, *, traced: Traced | None = None) -> PermutationSpec:
     """Discover the permutation groups of ``model`` (see module docstring)."""
-    from .rules import apply_rule
+    from graphrepair.discovery.rules import apply_rule
 
     traced = traced or trace(model, example_inputs)
     ctx = Context(traced, _aliases(model))

@@ -19,9 +19,9 @@ import re
 import torch
 from torch import nn
 
-from .axes import Fixed, cat, kron
-from .discover import Context, _tensor_args, is_aten, op_name
-from .trace import TensorInfo
+from graphrepair.discovery.axes import Fixed, cat, kron
+from graphrepair.discovery.discover import Context, _tensor_args, is_aten, op_name
+from graphrepair.discovery.trace import TensorInfo
 
 # --------------------------------------------------------------------------------------------
 # helpers

@@ -8,8 +8,8 @@ from collections import Counter
 from rich.console import Console
 from rich.table import Table
 
-from . import axes as ax
-from .spec import PermutationSpec
+from graphrepair.discovery import axes as ax
+from graphrepair.discovery.spec import PermutationSpec
 
 
 def spec_to_dict(spec: PermutationSpec) -> dict:

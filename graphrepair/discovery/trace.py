@@ -19,7 +19,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from .errors import ShapeError, TraceError
+from graphrepair.errors import ShapeError, TraceError
 
 
 @dataclass(frozen=True)

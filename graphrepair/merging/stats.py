@@ -43,11 +43,11 @@ from torch import nn
 from passes.pair import pair_graph
 from passes.track import PairTap, TapView, correlation
 
-from . import axes as ax
-from .errors import DataError, MismatchError, NumericError
-from .points import ObservePoint, ResetPoint
-from .progress import progress
-from .spec import PermutationSpec
+from graphrepair.discovery import axes as ax
+from graphrepair.errors import DataError, MismatchError, NumericError
+from graphrepair.merging.points import ObservePoint, ResetPoint
+from graphrepair.progress import progress
+from graphrepair.discovery.spec import PermutationSpec
 
 
 @dataclass

@@ -14,8 +14,8 @@ import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from .errors import OutputError
-from .fileio import atomic_output, check_target
+from graphrepair.errors import OutputError
+from graphrepair.io.fileio import atomic_output, check_target
 
 
 def check_output_path(path: str | os.PathLike, option: str) -> Path:

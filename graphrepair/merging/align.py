@@ -28,9 +28,9 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
-from . import axes as ax
-from .errors import MismatchError
-from .spec import PermutationSpec
+from graphrepair.discovery import axes as ax
+from graphrepair.errors import MismatchError
+from graphrepair.discovery.spec import PermutationSpec
 
 
 def lap(score: torch.Tensor) -> torch.Tensor:

@@ -14,8 +14,8 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .errors import OutputError
-from .fileio import atomic_write
+from graphrepair.errors import OutputError
+from graphrepair.io.fileio import atomic_write
 
 _STYLE = {"naive": dict(color="tab:red", linestyle="--", marker="o"),
           "aligned": dict(color="tab:orange", linestyle="-", marker="s")}

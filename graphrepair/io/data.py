@@ -31,7 +31,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
 from graphrepair.errors import DataError
-from graphrepair.loading import call_reference
+from graphrepair.io.loading import call_reference
 
 __all__ = [
     "DATA_SUFFIXES",
@@ -162,7 +162,7 @@ def _raw_pairs(data: Any, batch_size: int) -> Iterator[tuple[torch.Tensor, Any]]
     if isinstance(data, (str, bytes, os.PathLike)):
         raise DataError(
             f"data is a {type(data).__name__} ({data!r}), not loaded data; "
-            "use graphrepair.data.load_data(path_or_reference) first"
+            "use graphrepair.io.data.load_data(path_or_reference) first"
         )
     tensor = _as_tensor(data)
     if tensor is not None:

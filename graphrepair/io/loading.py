@@ -3,7 +3,7 @@
 A reference names a zero-argument callable: ``fixtures.zoo:resnet18`` (an importable module) or
 ``path/to/models.py:build`` (a file, imported under a private module name). The part after the
 last colon may be dotted (``pkg.mod:Builder.small``). ``resolve_reference`` and ``call_reference``
-are shared with :mod:`graphrepair.data` (``MODULE:FUNCTION`` data sources).
+are shared with :mod:`graphrepair.io.data` (``MODULE:FUNCTION`` data sources).
 
 Checkpoints are state dicts: ``.safetensors``, or ``.pt``/``.pth``/``.bin`` read with
 ``torch.load(weights_only=True)`` (a dict holding the state dict under ``"state_dict"`` or

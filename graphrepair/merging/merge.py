@@ -38,14 +38,14 @@ from torch import nn
 from passes.fold_affine import fold_affines
 from passes.reset import ChannelAffine, Reset, ResetSpec, insert_resets, set_mode
 
-from .align import activation_perms, check_same_architecture, coupled_corr, weight_matching
-from .data import take_examples
-from .discover import discover
-from .errors import GraphRepairError
-from .points import ResetPoint, observation_points, reset_points
-from .progress import progress
-from .spec import PermutationSpec
-from .stats import PairStats, check_finite, collect, copy_with_state, graph_for, model_device
+from graphrepair.merging.align import activation_perms, check_same_architecture, coupled_corr, weight_matching
+from graphrepair.io.data import take_examples
+from graphrepair.discovery.discover import discover
+from graphrepair.errors import GraphRepairError
+from graphrepair.merging.points import ResetPoint, observation_points, reset_points
+from graphrepair.progress import progress
+from graphrepair.discovery.spec import PermutationSpec
+from graphrepair.merging.stats import PairStats, check_finite, collect, copy_with_state, graph_for, model_device
 
 REPAIR_MODES = ("exact", "approx", "reset", None)
 METHODS = ("activation", "weight")

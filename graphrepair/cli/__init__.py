@@ -21,7 +21,7 @@ from pathlib import Path
 import click
 import torch
 
-from .errors import DataError, GraphRepairError, OutputError, ShapeError
+from graphrepair.errors import DataError, GraphRepairError, OutputError, ShapeError
 
 EXIT_BAD_INPUT = 2
 
@@ -141,10 +141,10 @@ _vocab_option = click.option("--vocab", type=int, default=2, show_default=True,
 @handle_errors
 def inspect(model_ref, checkpoint, input_shape, input_dtype, vocab, as_json, dot_path, check):
     """Show a model's permutation groups and the axes kept fixed, with reasons."""
-    from .discover import discover
-    from .fileio import atomic_write
-    from .loading import load_model
-    from .report import print_spec, spec_to_dict, spec_to_dot
+    from graphrepair.discovery.discover import discover
+    from graphrepair.io.fileio import atomic_write
+    from graphrepair.io.loading import load_model
+    from graphrepair.cli.report import print_spec, spec_to_dict, spec_to_dot
 
     model = load_model(model_ref, checkpoint)
     x = example_input(parse_shape(input_shape), input_dtype, vocab)
@@ -182,7 +182,7 @@ def _warnings_as_notes(notes: list[str]) -> Iterator[None]:
     if STATE.debug:
         yield
         return
-    from .data import FewerExamplesWarning
+    from graphrepair.io.data import FewerExamplesWarning
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -201,7 +201,7 @@ def _with_option(option: str, ref: str, error: GraphRepairError) -> GraphRepairE
 
 
 def _load(ref: str, option: str):
-    from .data import load_data
+    from graphrepair.io.data import load_data
 
     try:
         return load_data(ref)
@@ -232,7 +232,7 @@ def _run_probe(model: torch.nn.Module, x: torch.Tensor, option: str, ref: str):
 def _to_device(data, device: torch.device, limit: int | None = None):
     """In-memory data moves to the device once (at most ``limit`` examples); other data is moved
     batch by batch by the passes."""
-    from .data import ArrayDataset
+    from graphrepair.io.data import ArrayDataset
 
     if isinstance(data, ArrayDataset):
         x = data.x if limit is None else data.x[:limit]
@@ -246,8 +246,8 @@ def _to_device(data, device: torch.device, limit: int | None = None):
 def _fit_data(ref: str, model: torch.nn.Module, num_examples: int, device: torch.device,
               notes: list[str]) -> tuple[object, int, torch.Tensor]:
     """(data, examples to use, two example inputs on ``device``) for --data, checked on the model."""
-    from .data import iter_batches, take_examples
-    from .study import known_length
+    from graphrepair.io.data import iter_batches, take_examples
+    from graphrepair.study.runner import known_length
 
     data = _load(ref, "--data")
     if isinstance(data, Iterator):  # one-shot: keep the examples the passes will need
@@ -267,7 +267,7 @@ def _fit_data(ref: str, model: torch.nn.Module, num_examples: int, device: torch
 def _eval_data(ref: str, model: torch.nn.Module, example: torch.Tensor, device: torch.device):
     """--eval data with labels that fit the model: same example shape as --data, integer class
     indices within the model's number of outputs."""
-    from .data import ArrayDataset, check_batch_shape, iter_labeled
+    from graphrepair.io.data import ArrayDataset, check_batch_shape, iter_labeled
 
     data = _load(ref, "--eval")
     if isinstance(data, Iterator):  # evaluated once per model and alpha: keep it
@@ -299,7 +299,7 @@ def _eval_data(ref: str, model: torch.nn.Module, example: torch.Tensor, device: 
 def _load_models(model_ref: str, checkpoints: list[tuple[str, str]], device: torch.device):
     """One instance of MODULE:FACTORY per (option, checkpoint), weights loaded, in eval mode on
     ``device``; a failure names the option at fault (--model, --a, --b, --checkpoint)."""
-    from .loading import load_checkpoint, load_factory
+    from graphrepair.io.loading import load_checkpoint, load_factory
 
     models = []
     for option, ckpt in checkpoints:
@@ -386,9 +386,9 @@ def _with(options):
 def merge(model_ref, ckpt_a, ckpt_b, fit_ref, method, num_examples, points, alpha, repair, out,
           no_onnx, weights, eval_ref, as_json):
     """Align B to A, interpolate, REPAIR and export the merged model."""
-    from .merge import merge_models
-    from .metrics import evaluate
-    from .outputs import atomic_outputs, check_distinct, check_output_path
+    from graphrepair.merging.merge import merge_models
+    from graphrepair.study.metrics import evaluate
+    from graphrepair.io.outputs import atomic_outputs, check_distinct, check_output_path
 
     if not 0.0 <= alpha <= 1.0:  # NaN fails too
         raise DataError(f"--alpha {alpha}: must be in [0, 1] (0 = model A, 1 = model B)")
@@ -423,10 +423,10 @@ def merge(model_ref, ckpt_a, ckpt_b, fit_ref, method, num_examples, points, alph
         export = None
         with atomic_outputs([onnx_path, weights_path]) as (tmp_onnx, tmp_weights):
             if tmp_onnx is not None:
-                from .export import export_onnx
+                from graphrepair.io.export import export_onnx
                 export = export_onnx(res.model, (example,), tmp_onnx)
             if tmp_weights is not None:
-                from .fileio import save_safetensors
+                from graphrepair.io.fileio import save_safetensors
                 save_safetensors(res.model.state_dict(), tmp_weights, metadata={
                     "graphrepair": "merge", "model": model_ref, "a": str(ckpt_a), "b": str(ckpt_b),
                     "alpha": repr(alpha), "method": method, "repair": repair, "points": points})
@@ -453,7 +453,7 @@ def merge(model_ref, ckpt_a, ckpt_b, fit_ref, method, num_examples, points, alph
 
 
 def _merge_text(r: dict, eval_ref: str | None) -> str:
-    from .tables import number, percent, plural, text_table, wrapped_table
+    from graphrepair.cli.tables import number, percent, plural, text_table, wrapped_table
 
     lines = [f"merged {r['model']}: A {r['a']}, B {r['b']}, alpha {r['alpha']:g}",
              f"spec: {plural(r['groups'], 'permutation group')}, "
@@ -515,11 +515,11 @@ def _merge_text(r: dict, eval_ref: str | None) -> str:
 def barrier(model_ref, ckpt_a, ckpt_b, fit_ref, method, num_examples, points, eval_ref, alphas,
             repair, plot_path, layers, as_json):
     """Accuracy and loss along the path A -> B: naive, aligned, aligned + REPAIR."""
-    from .metrics import alpha_grid
-    from .outputs import atomic_outputs, check_distinct, check_output_path
-    from .plots import check_plot_path, layers_path
-    from .study import run_study
-    from .tables import plural
+    from graphrepair.study.metrics import alpha_grid
+    from graphrepair.io.outputs import atomic_outputs, check_distinct, check_output_path
+    from graphrepair.cli.plots import check_plot_path, layers_path
+    from graphrepair.study.runner import run_study
+    from graphrepair.cli.tables import plural
 
     grid = alpha_grid(alphas)
     num_examples = _positive(num_examples, "--num-examples")
@@ -539,7 +539,7 @@ def barrier(model_ref, ckpt_a, ckpt_b, fit_ref, method, num_examples, points, ev
                           repair=_repair_mode(repair), num_examples=num_examples, points=points,
                           layers=layers, quiet=STATE.quiet)
         if plots:
-            from .plots import barrier_figure, layers_figure, save_figure
+            from graphrepair.cli.plots import barrier_figure, layers_figure, save_figure
             title = f"{model_ref}: {Path(ckpt_a).name} -> {Path(ckpt_b).name}"
             figs = [barrier_figure(study.curves, title)]
             if layers:
@@ -588,8 +588,8 @@ def barrier(model_ref, ckpt_a, ckpt_b, fit_ref, method, num_examples, points, ev
 @handle_errors
 def export(model_ref, checkpoint, input_shape, input_dtype, vocab, out, as_json):
     """Export a model to ONNX, verified with onnxruntime against torch before the file is kept."""
-    from .export import export_onnx
-    from .outputs import check_output_path
+    from graphrepair.io.export import export_onnx
+    from graphrepair.io.outputs import check_output_path
 
     path = check_output_path(out, "--out")
     shape = parse_shape(input_shape)
@@ -629,12 +629,12 @@ def export(model_ref, checkpoint, input_shape, input_dtype, vocab, out, as_json)
 @handle_errors
 def demo(out_dir, pair, alphas, as_json):
     """Train two small MLPs on offline digits, merge them naive / aligned / REPAIR, show the barriers."""
-    from .demo import available_pairs, run_demo
+    from graphrepair.demo import available_pairs, run_demo
 
     pairs = available_pairs()
     if pair not in pairs:
         raise GraphRepairError(f"--pair {pair!r} is not a demo pair; choose one of {', '.join(pairs)}")
-    from .metrics import alpha_grid
+    from graphrepair.study.metrics import alpha_grid
     alpha_grid(alphas)
     notes: list[str] = []
     with _warnings_as_notes(notes):

@@ -30,11 +30,11 @@ from torch import nn
 
 from passes.track import ObserverSpec, insert_observers, observers
 
-from .data import iter_labeled
-from .errors import DataError
-from .merge import Prepared, check_alpha, merge_prepared, prepare
-from .progress import progress
-from .stats import graph_for, model_device
+from graphrepair.io.data import iter_labeled
+from graphrepair.errors import DataError
+from graphrepair.merging.merge import Prepared, check_alpha, merge_prepared, prepare
+from graphrepair.progress import progress
+from graphrepair.merging.stats import graph_for, model_device
 
 
 @torch.no_grad()
@@ -247,5 +247,5 @@ def _per_example_cos(a: torch.Tensor, b: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def _default_points(spec):
-    from .points import reset_points
+    from graphrepair.merging.points import reset_points
     return reset_points(spec, "all")

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import axes as ax
-from .errors import CheckError, MismatchError
-from .trace import Traced, as_tuple, eval_mode, flatten_outputs
+from graphrepair.discovery import axes as ax
+from graphrepair.errors import CheckError, MismatchError
+from graphrepair.discovery.trace import Traced, as_tuple, eval_mode, flatten_outputs
 
 
 @dataclass(frozen=True)
@@ -148,7 +148,7 @@ class PermutationSpec:
               atol: float = 1e-5) -> float:
         """Apply random permutations to every group and compare outputs; returns the largest
         absolute difference. Raises CheckError naming the group that breaks the function."""
-        from .permute import permute
+        from graphrepair.discovery.permute import permute
 
         args = as_tuple(example_inputs)
         perms = self.random_permutations(seed)

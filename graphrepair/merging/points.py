@@ -21,9 +21,9 @@ import torch.fx
 
 from passes.modules import producer_kind
 
-from . import axes as ax
-from .discover import op_name
-from .spec import PermutationSpec
+from graphrepair.discovery import axes as ax
+from graphrepair.discovery.discover import op_name
+from graphrepair.discovery.spec import PermutationSpec
 
 MIXING_OPS = {"linear", "conv1d", "conv2d", "conv3d", "convolution", "_convolution", "conv_transpose1d",
               "conv_transpose2d", "conv_transpose3d", "matmul", "mm", "bmm", "addmm", "baddbmm",

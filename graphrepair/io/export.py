@@ -16,8 +16,8 @@ from passes.errors import ExportFailedError, ExportVerificationError
 from passes.export_onnx import ExportReport
 from passes.export_onnx import export_onnx as _export
 
-from .errors import ExportError, OutputError
-from .trace import as_tuple
+from graphrepair.errors import ExportError, OutputError
+from graphrepair.discovery.trace import as_tuple
 
 
 def export_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, *, rtol: float = 1e-4,
