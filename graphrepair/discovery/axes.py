@@ -182,6 +182,11 @@ def describe(e: Expr, names: dict[int, str] | None = None) -> str:
     return f"kron({describe(e.outer, names)}, {describe(e.inner, names)})"
 
 
+class AxisError(Exception):
+    """Two axes that a rule asked to carry one permutation cannot (their sizes differ). Discovery
+    turns it into fixed axes with this message as the reason; it never reaches the caller."""
+
+
 class AxisSolver:
     """Union-find over permutation variables, with variables bound to structured expressions.
 
@@ -236,7 +241,7 @@ class AxisSolver:
     # -- unification ---------------------------------------------------------------------------
     def unify(self, a: Expr, b: Expr, why: str) -> None:
         if a.size != b.size:
-            raise AssertionError(f"axis sizes differ ({a.size} vs {b.size}) at {why}")
+            raise AxisError(f"axis sizes differ ({a.size} vs {b.size}) at {why}")
         a, b = self.head(a), self.head(b)
         if a == b:
             return

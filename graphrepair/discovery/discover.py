@@ -16,114 +16,11 @@ import torch.fx
 from torch import nn
 
 from graphrepair.discovery import axes as ax
-from graphrepair.discovery.axes import AxisSolver, Expr, Fixed
+from graphrepair.discovery.axes import Expr, Fixed
+from graphrepair.discovery.context import STRUCTURAL, Context, tensor_args
 from graphrepair.discovery.spec import FixedAxis, Group, Member, PermutationSpec
+from graphrepair.discovery.rules import apply_rule
 from graphrepair.discovery.trace import TensorInfo, Traced, trace
-
-STRUCTURAL = "structural: "  # prefix of reasons for axes that are never channel axes
-
-
-class Context:
-    """What a rule sees: the solver, shapes, the axes of values and parameters, and notes."""
-
-    def __init__(self, traced: Traced, aliases: dict[str, str]):
-        self.traced = traced
-        self.gm = traced.gm
-        self.solver = AxisSolver()
-        self.values: dict[str, Any] = {}  # node name -> list[Expr] | tuple of those | None
-        self.params: dict[str, list[Expr]] = {}  # canonical state_dict key -> axes
-        self.aliases = aliases  # state_dict key -> canonical key (tied weights share one)
-        self.origins: list[FixedAxis] = []  # where non-structural fixing started
-        self.joins: dict[str, str] = {}  # node name -> "residual" | "concat" | "gate"
-        self.node: torch.fx.Node | None = None
-
-    # -- shapes --------------------------------------------------------------------------------
-    def info(self, arg) -> Any:
-        return self.traced.info.get(arg.name) if isinstance(arg, torch.fx.Node) else None
-
-    def shape(self, arg) -> tuple[int, ...] | None:
-        i = self.info(arg)
-        return i.shape if isinstance(i, TensorInfo) else None
-
-    def out_shape(self) -> tuple[int, ...]:
-        return self.shape(self.node)
-
-    # -- axes of values --------------------------------------------------------------------------
-    def axes(self, arg) -> list[Expr] | None:
-        """Axis expressions of a tensor-valued argument, or None for anything else."""
-        if isinstance(arg, torch.fx.Node):
-            v = self.values.get(arg.name)
-            return v if isinstance(v, list) else None
-        return None
-
-    def param(self, key: str, shape: tuple[int, ...]) -> list[Expr]:
-        key = self.aliases.get(key, key)
-        if key not in self.params:
-            self.params[key] = [self.solver.fresh(s) for s in shape]
-        return self.params[key]
-
-    def fresh(self, size: int) -> Expr:
-        return self.solver.fresh(size)
-
-    def fresh_axes(self, shape) -> list[Expr]:
-        return [self.solver.fresh(s) for s in shape]
-
-    def fixed_axes(self, shape, reason: str) -> list[Expr]:
-        return [Fixed(s, reason) for s in shape]
-
-    def unify(self, a: Expr, b: Expr, why: str | None = None) -> None:
-        self.solver.unify(a, b, why or f"node {self.node.name}")
-
-    def fix(self, e: Expr, reason: str, axis: int | None = None, where: str | None = None,
-            structural: bool = False, record: bool = True) -> None:
-        """Fix ``e``; non-structural fixings are recorded as origins for ``spec.fixed``."""
-        if record and not structural and e.size > 1 and not ax.is_fixed(self.solver.resolve(e)):
-            self.origins.append(FixedAxis(where or self.node.name, -1 if axis is None else axis,
-                                          e.size, reason, "node"))
-        self.solver.fix(e, (STRUCTURAL if structural else "") + reason)
-
-    def fix_all(self, reason: str) -> None:
-        """The conservative fallback: every axis of every tensor input and of the output is fixed."""
-        for a in _tensor_args(self.node):
-            for d, e in enumerate(self.axes(a) or []):
-                self.fix(e, reason, d, a.name)
-
-    def arg(self, i: int, name: str, default=None):
-        n = self.node
-        if len(n.args) > i:
-            return n.args[i]
-        return n.kwargs.get(name, default)
-
-    def module(self) -> nn.Module:
-        return self.gm.get_submodule(self.node.target)
-
-    def join(self, kind: str) -> None:
-        self.joins[self.node.name] = kind
-
-
-def _tensor_args(node: torch.fx.Node) -> list[torch.fx.Node]:
-    found: list[torch.fx.Node] = []
-    torch.fx.node.map_arg((node.args, node.kwargs), lambda n: found.append(n) or n)
-    return found
-
-
-def op_name(node: torch.fx.Node) -> str:
-    """A canonical op name shared by the module-call, functional and ATen forms of an op."""
-    t = node.target
-    if node.op == "call_method":
-        return t
-    if isinstance(t, torch._ops.OpOverload):
-        return t._opname
-    if isinstance(t, torch._ops.OpOverloadPacket):
-        return t._qualified_op_name.split("::")[-1]
-    name = getattr(t, "__name__", str(t))
-    return {"iadd": "add", "isub": "sub", "imul": "mul", "truediv": "div", "itruediv": "div",
-            "floordiv": "floor_divide", "matmul": "matmul"}.get(name, name)
-
-
-def is_aten(node: torch.fx.Node) -> bool:
-    return isinstance(node.target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket))
-
 
 def _aliases(model: nn.Module) -> dict[str, str]:
     """state_dict key -> canonical key: tied parameters (one tensor, several names) share one."""
@@ -137,8 +34,6 @@ def _aliases(model: nn.Module) -> dict[str, str]:
 
 def discover(model: nn.Module, example_inputs, *, traced: Traced | None = None) -> PermutationSpec:
     """Discover the permutation groups of ``model`` (see module docstring)."""
-    from graphrepair.discovery.rules import apply_rule
-
     traced = traced or trace(model, example_inputs)
     ctx = Context(traced, _aliases(model))
     gm = traced.gm
@@ -154,7 +49,7 @@ def discover(model: nn.Module, example_inputs, *, traced: Traced | None = None) 
                 ctx.values[node.name] = ctx.param(node.target, info.shape)
             continue
         if node.op == "output":
-            for a in _tensor_args(node):
+            for a in tensor_args(node):
                 for d, e in enumerate(ctx.axes(a) or []):
                     ctx.fix(e, "model output", d, a.name, record=False)
             continue

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import copy
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from graphrepair.discovery.spec import PermutationSpec
+if TYPE_CHECKING:  # the spec calls permute() in its check; permute only reads the spec
+    from graphrepair.discovery.spec import PermutationSpec
 
 
 def permute(model: nn.Module, spec: PermutationSpec, perms: dict[str, torch.Tensor]) -> nn.Module:

@@ -17,8 +17,9 @@ import torch
 from torch import nn
 
 from graphrepair.discovery import axes as ax
-from graphrepair.errors import CheckError, MismatchError
+from graphrepair.discovery.permute import permute
 from graphrepair.discovery.trace import Traced, as_tuple, eval_mode, flatten_outputs
+from graphrepair.errors import CheckError, MismatchError
 
 
 @dataclass(frozen=True)
@@ -148,8 +149,6 @@ class PermutationSpec:
               atol: float = 1e-5) -> float:
         """Apply random permutations to every group and compare outputs; returns the largest
         absolute difference. Raises CheckError naming the group that breaks the function."""
-        from graphrepair.discovery.permute import permute
-
         args = as_tuple(example_inputs)
         perms = self.random_permutations(seed)
         ref = _outputs(model, args)

@@ -22,7 +22,7 @@ import torch.fx
 from passes.modules import producer_kind
 
 from graphrepair.discovery import axes as ax
-from graphrepair.discovery.discover import op_name
+from graphrepair.discovery.context import op_name
 from graphrepair.discovery.spec import PermutationSpec
 
 MIXING_OPS = {"linear", "conv1d", "conv2d", "conv3d", "convolution", "_convolution", "conv_transpose1d",

@@ -1,0 +1,179 @@
+"""Layers with weights and matrix products: linear, convolution, embedding, PReLU, matmul.
+
+Axis conventions: Linear weight (out, in) acting on the last axis; ConvNd weight
+(out, in/groups, *kernel) with channels on axis 1 (or 0 for unbatched input); ConvTransposeNd
+weight (in, out/groups, *kernel); Embedding weight (num, dim). The module forms hand the module's
+parameters to the same rule as the functional and ATen forms.
+"""
+
+from __future__ import annotations
+
+from graphrepair.discovery.axes import Fixed, cat, kron
+from graphrepair.discovery.context import Context, is_aten, op_name
+from graphrepair.discovery.rules.registry import module, nn, op, param_axes, spatial, unknown
+
+
+def _linear(ctx: Context, x, w_axes, b_axes):
+    """y = x W^T + b on the last axis: W rows are the output channels, W columns read x."""
+    xa = ctx.axes(x)
+    if xa is None or w_axes is None or len(w_axes) != 2:
+        return unknown(ctx)
+    ctx.unify(xa[-1], w_axes[1])
+    if b_axes is not None:
+        ctx.unify(b_axes[0], w_axes[0])
+    return xa[:-1] + [w_axes[0]]
+
+
+@op("linear")
+def linear(ctx: Context):
+    return _linear(ctx, ctx.input(), ctx.axes(ctx.arg("weight")), ctx.axes(ctx.arg("bias")))
+
+
+@module(nn.Linear)
+def linear_module(ctx: Context):
+    return _linear(ctx, ctx.input(), param_axes(ctx, "weight"), param_axes(ctx, "bias"))
+
+
+def _conv(ctx: Context, x, w, b, groups: int, transposed: bool):
+    """Conv weight (out, in/g, *k); transposed conv weight (in, out/g, *k).
+
+    groups == 1: the weight's input axis reads the input channels.
+    depthwise (one input channel per group): output channel j*m + t comes from input channel j,
+      so the output is kron(input layout, m) and input channels may move freely.
+    other groups: the same permutation inside every input group (kron(fixed[g], v)) and an
+      independent permutation inside each output group (cat of g variables).
+    """
+    xa, xs = ctx.axes(x), ctx.shape(x)
+    if xa is None or w is None or not isinstance(groups, int):
+        return unknown(ctx)
+    k = len(w) - 2
+    c = len(xs) - k - 1
+    out_shape = ctx.out_shape()
+    for d in range(2, len(w)):
+        ctx.fix(w[d], "convolution kernel axis", structural=True)
+    for d in range(c + 1, len(xs)):
+        ctx.fix(xa[d], "convolution spatial axis", structural=True)
+    w_in, w_out = (w[0], w[1]) if transposed else (w[1], w[0])
+    cin = xs[c]
+    if groups == 1:
+        ctx.unify(xa[c], w_in)
+        out_c = w_out
+    elif cin == groups:  # depthwise: each group reads one input channel
+        m = w_out.size if transposed else w_out.size // groups
+        if transposed:
+            ctx.unify(xa[c], w_in)
+            out_c = kron(xa[c], w_out)
+        else:
+            ctx.unify(w_out, kron(xa[c], ctx.fresh(m)))
+            out_c = w_out
+    else:
+        if transposed:
+            ctx.unify(xa[c], cat([ctx.fresh(cin // groups) for _ in range(groups)]))
+            ctx.unify(w_in, xa[c])
+            out_c = kron(Fixed(groups, "channels stay inside their conv group"), w_out)
+        else:
+            ctx.unify(xa[c], kron(Fixed(groups, "channels stay inside their conv group"), w_in))
+            ctx.unify(w_out, cat([ctx.fresh(w_out.size // groups) for _ in range(groups)]))
+            out_c = w_out
+    if b is not None:
+        ctx.unify(b[0], out_c)
+    return xa[:c] + [out_c] + [spatial(s) for s in out_shape[c + 1:]]
+
+
+@module(nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+def conv_module(ctx: Context):
+    m = ctx.module()
+    return _conv(ctx, ctx.input(), param_axes(ctx, "weight"), param_axes(ctx, "bias"), m.groups,
+                 isinstance(m, nn.modules.conv._ConvTransposeNd))
+
+
+@op("conv1d conv2d conv3d convolution _convolution conv_transpose1d conv_transpose2d conv_transpose3d")
+def conv(ctx: Context):
+    transposed = op_name(ctx.node).startswith("conv_transpose") or bool(ctx.arg("transposed", False))
+    return _conv(ctx, ctx.input(), ctx.axes(ctx.arg("weight")), ctx.axes(ctx.arg("bias")),
+                 ctx.arg("groups", 1), transposed)
+
+
+def _embedding(ctx: Context, idx, w):
+    """Rows are addressed by token ids (data): the row axis is fixed, the dim axis is free."""
+    ia = ctx.axes(idx)
+    if ia is None or w is None:
+        return unknown(ctx)
+    ctx.fix(w[0], "embedding rows are addressed by token ids", record=False)
+    return list(ia) + [w[1]]
+
+
+@op("embedding")
+def embedding(ctx: Context):
+    if is_aten(ctx.node):  # aten.embedding(weight, indices, ...)
+        return _embedding(ctx, ctx.arg("indices"), ctx.axes(ctx.arg("weight")))
+    return _embedding(ctx, ctx.input(), ctx.axes(ctx.arg("weight")))
+
+
+@module(nn.Embedding)
+def embedding_module(ctx: Context):
+    return _embedding(ctx, ctx.input(), param_axes(ctx, "weight"))
+
+
+def _prelu(ctx: Context, x, wa):
+    """One slope per channel (axis 1, or 0 unbatched) follows the channel; a shared slope is free."""
+    xa = ctx.axes(x)
+    if xa is None or wa is None:
+        return unknown(ctx)
+    if wa[0].size > 1:
+        ctx.unify(wa[0], xa[1 if len(xa) > 1 else 0])
+    return list(xa)
+
+
+@op("prelu _prelu_kernel")
+def prelu(ctx: Context):
+    return _prelu(ctx, ctx.input(), ctx.axes(ctx.arg("weight")))
+
+
+@module(nn.PReLU)
+def prelu_module(ctx: Context):
+    return _prelu(ctx, ctx.input(), param_axes(ctx, "weight"))
+
+
+def _matmul(ctx: Context, a, b):
+    aa, ba = ctx.axes(a), ctx.axes(b)
+    out_shape = ctx.out_shape()
+    if aa is None or ba is None or out_shape is None:
+        return None
+    a1, b1 = len(aa) == 1, len(ba) == 1
+    ctx.unify(aa[-1], ba[0] if b1 else ba[-2])
+    rows = [] if a1 else [aa[-2]]
+    cols = [] if b1 else [ba[-1]]
+    batch_a, batch_b = aa[:-2], ba[:-2]
+    nb = len(out_shape) - len(rows) - len(cols)
+    batch = ctx.fresh_axes(out_shape[:nb])
+    for src in (batch_a, batch_b):
+        for i in range(1, len(src) + 1):
+            if src[-i].size == batch[-i].size and src[-i].size > 1:
+                ctx.unify(src[-i], batch[-i])
+    return batch + rows + cols
+
+
+@op("matmul mm bmm")
+def matmul(ctx: Context):
+    """a @ b contracts a's last axis with b's second-to-last (batch axes broadcast)."""
+    a, b = ctx.node.args[:2] if len(ctx.node.args) >= 2 else (ctx.input(), ctx.arg("other"))
+    out = _matmul(ctx, a, b)
+    return unknown(ctx) if out is None else out
+
+
+@op("addmm baddbmm")
+def addmm(ctx: Context):
+    """beta*bias + a @ b (GPT-2's Conv1D stores its weight (in, out) and calls this)."""
+    bias = ctx.input()
+    a, b = (ctx.arg("mat1"), ctx.arg("mat2")) if op_name(ctx.node) == "addmm" else \
+        (ctx.arg("batch1"), ctx.arg("batch2"))
+    out = _matmul(ctx, a, b)
+    if out is None:
+        return unknown(ctx)
+    ba, bs = ctx.axes(bias), ctx.shape(bias)
+    if ba is not None:
+        for i in range(1, len(bs) + 1):
+            if bs[-i] == out[-i].size and bs[-i] > 1:
+                ctx.unify(ba[-i], out[-i])
+    return out

@@ -1,0 +1,98 @@
+"""Reductions, order-dependent ops, pooling and resampling.
+
+A reduction over some axes is invariant under any permutation of them; the other axes pass
+through. cumsum/argmax/sort... depend on the order along their axis, which is fixed. Pooling and
+resampling act on the trailing spatial axes: the channel axis passes through.
+"""
+
+from __future__ import annotations
+
+import re
+
+from graphrepair.discovery.axes import Fixed
+from graphrepair.discovery.context import Context, op_name
+from graphrepair.discovery.rules.registry import module, nn, norm_dim, op, spatial, unknown
+
+
+@op("mean sum amax amin std var logsumexp prod nansum nanmean norm linalg_vector_norm var_mean std_mean")
+def reduction(ctx: Context):
+    """Sum/mean/max/norm... over some axes: invariant under any permutation of the reduced axes;
+    the other axes pass through. ``dim`` is read by name (argument 1 of ``norm`` is ``p``)."""
+    x = ctx.input()
+    xa, os_ = ctx.axes(x), ctx.out_shape()
+    if xa is None or os_ is None:
+        return unknown(ctx)
+    named = ctx.named_args()
+    if named is None and len(ctx.node.args) > 1:  # no schema names argument 1: do not guess
+        return unknown(ctx, f"cannot read the reduced axes of {op_name(ctx.node)} at node "
+                            f"'{ctx.node.name}'")
+    dims = ctx.arg("dim")
+    if isinstance(ctx.info(ctx.node), tuple):  # max/min with dim: (values, indices)
+        return unknown(ctx)
+    if dims is None or dims == [] or dims == ():
+        reduced = set(range(len(xa)))
+    else:
+        dims = dims if isinstance(dims, (list, tuple)) else [dims]
+        if not all(isinstance(d, int) for d in dims):
+            return unknown(ctx)
+        reduced = {norm_dim(d, len(xa)) for d in dims}
+    keep = [e for k, e in enumerate(xa) if k not in reduced]
+    if len(os_) == len(xa):  # keepdim
+        return [Fixed(1) if k in reduced else e for k, e in enumerate(xa)]
+    if len(os_) != len(keep):
+        return unknown(ctx)
+    return keep
+
+
+@op("cumsum cumprod argmax argmin sort argsort topk cummax cummin flip roll")
+def position_dependent(ctx: Context):
+    """cumsum/argmax/sort...: the result depends on the order along ``dim``: that axis is fixed."""
+    x = ctx.input()
+    xa = ctx.axes(x)
+    if xa is None:
+        return unknown(ctx)
+    dim = ctx.arg("dim")
+    if not isinstance(dim, int):
+        return unknown(ctx)
+    dim = norm_dim(dim, len(xa))
+    ctx.fix(xa[dim], f"{op_name(ctx.node)} depends on the order of axis {dim}", dim, x.name)
+    os_ = ctx.out_shape()
+    if os_ is not None and len(os_) == len(xa):
+        return list(xa)
+    return unknown(ctx)
+
+
+def _pool(ctx: Context, name: str):
+    """Pooling/resampling over the trailing spatial axes (k of them, from the op's name: ``2d``;
+    else all but the batch and channel axes): the channel axis passes through."""
+    x = ctx.input()
+    xa, xs, info = ctx.axes(x), ctx.shape(x), ctx.info(ctx.node)
+    if xa is None or info is None:
+        return unknown(ctx)
+    m = re.search(r"([123])d", name)
+    k = int(m.group(1)) if m else max(len(xs) - 2, 1)
+    c = len(xs) - k - 1
+    if c < 0:
+        return unknown(ctx)
+    for d in range(c + 1, len(xs)):
+        ctx.fix(xa[d], "pooled spatial axis", structural=True)
+    shapes = [i.shape for i in info] if isinstance(info, tuple) else [info.shape]
+    outs = [xa[:c + 1] + [spatial(s) for s in sh[c + 1:]] for sh in shapes]
+    return tuple(outs) if isinstance(info, tuple) else outs[0]
+
+
+@op("""max_pool1d max_pool2d max_pool3d avg_pool1d avg_pool2d avg_pool3d adaptive_avg_pool1d
+    adaptive_avg_pool2d adaptive_avg_pool3d adaptive_max_pool1d adaptive_max_pool2d adaptive_max_pool3d
+    _adaptive_avg_pool2d _adaptive_avg_pool3d max_pool2d_with_indices max_pool3d_with_indices
+    max_pool1d_with_indices interpolate upsample_nearest1d upsample_nearest2d upsample_nearest3d
+    upsample_bilinear2d upsample_bicubic2d upsample_linear1d upsample_trilinear3d lp_pool2d""")
+def pool(ctx: Context):
+    return _pool(ctx, op_name(ctx.node))
+
+
+@module(nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+        nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+        nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Upsample, nn.UpsamplingNearest2d,
+        nn.UpsamplingBilinear2d)
+def pool_module(ctx: Context):
+    return _pool(ctx, type(ctx.module()).__name__)
