@@ -269,3 +269,149 @@ def test_unknown_module_fixes_everything_it_touches():
     spec = gr.discover(m, x)
     assert spec.num_free == 0
     assert any("LSTM" in f.reason for f in spec.fixed)
+
+
+# -- arguments by name, failing rules, grouped-query attention, stochastic depth ---------------------
+
+
+class NormOver(nn.Module):
+    """h / ||h|| over axis ``dim`` with ``p`` as argument 1: ``norm(h, 2, 1)`` reduces axis 1."""
+
+    def __init__(self, call):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 6), nn.Linear(6, 2)
+        self.call = call
+
+    def forward(self, x):
+        h = self.a(x).view(2, 3, 6)  # (batch, tokens, channels)
+        if self.call == "positional":
+            n = torch.norm(h, 2, 1, True)
+        elif self.call == "keywords":
+            n = torch.norm(h, p=2, dim=1, keepdim=True)
+        elif self.call == "vector_norm":
+            n = torch.linalg.vector_norm(h, 2, 1, True)
+        else:
+            n = h.norm(2, 1, keepdim=True)
+        return self.b(h / n).sum(1)
+
+
+@pytest.mark.parametrize("call", ["positional", "keywords", "vector_norm", "method"])
+def test_reduction_reads_dim_by_name_not_position(call):
+    """Argument 1 of norm is p (2): read as a dim it would say the channel axis 2 is reduced, a
+    wrong spec. By name, the token axis 1 is reduced and the channels pass through."""
+    spec = discover_checked(NormOver(call), torch.randn(6, 3))
+    assert spec.num_free == 6
+    assert group_of(spec, "a.weight").size == 6
+
+
+def test_a_failing_rule_fixes_what_it_touches(monkeypatch):
+    """A rule that raises (here a broken layer-norm rule) does not crash discovery: the node's
+    inputs, output and the module's parameters are fixed with the rule's failure as reason."""
+    from graphrepair.discovery.rules import registry
+
+    def broken(ctx):
+        raise IndexError("tuple index out of range")
+
+    patched = [(types, broken if nn.LayerNorm in types else rule) for types, rule in registry.MODULE_RULES]
+    monkeypatch.setattr(registry, "MODULE_RULES", patched)
+    import graphrepair.discovery.rules as rules
+    monkeypatch.setattr(rules, "MODULE_RULES", patched)
+    m = nn.Sequential(nn.Linear(3, 6), nn.LayerNorm(6), nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 2))
+    spec = discover_checked(m, torch.randn(2, 3))
+    assert spec.num_free == 4  # only the group after the broken node
+    reasons = [f.reason for f in spec.fixed if not f.structural]
+    assert any("cannot handle node" in r and "tuple index out of range" in r for r in reasons)
+    norm_w = [f for f in spec.fixed if f.name == "1.weight"]
+    assert norm_w and "cannot handle" in norm_w[0].reason
+
+
+def test_axes_of_different_sizes_are_a_rejection_not_a_crash():
+    """A functional call whose weight does not match the rule's reading (a weight stored
+    transposed for F.linear with a square input) makes the solver meet axes of different sizes:
+    the node is fixed with the reason."""
+    from graphrepair.discovery.axes import AxisError, AxisSolver
+
+    solver = AxisSolver()
+    with pytest.raises(AxisError, match="sizes differ"):
+        solver.unify(solver.fresh(3), solver.fresh(4), "test")
+
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(3, 4)
+            self.w = nn.Parameter(torch.randn(4, 5))
+
+        def forward(self, x):
+            return torch.mm(self.a(x), self.w)
+
+    from graphrepair.discovery.rules import layers
+    original = layers._matmul
+
+    def mismatched(ctx, a, b):  # a rule that unifies the wrong axes
+        ctx.unify(ctx.axes(a)[-1], ctx.axes(b)[-1])
+        return original(ctx, a, b)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(layers, "_matmul", mismatched)
+        spec = discover_checked(Odd(), torch.randn(2, 3))
+    assert spec.num_free == 0
+    assert any("sizes differ" in f.reason for f in spec.fixed)
+
+
+def test_grouped_query_attention_moves_query_heads_with_their_key_value_head():
+    class GQA(nn.Module):
+        def __init__(self, heads=4, kv_heads=2, dim=3):
+            super().__init__()
+            self.h, self.kv, self.d = heads, kv_heads, dim
+            self.q = nn.Linear(12, heads * dim)
+            self.k = nn.Linear(12, kv_heads * dim)
+            self.v = nn.Linear(12, kv_heads * dim)
+            self.o = nn.Linear(heads * dim, 12)
+
+        def forward(self, x):
+            b, t, _ = x.shape
+            q = self.q(x).view(b, t, self.h, self.d).transpose(1, 2)
+            k = self.k(x).view(b, t, self.kv, self.d).transpose(1, 2)
+            v = self.v(x).view(b, t, self.kv, self.d).transpose(1, 2)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            return self.o(y.transpose(1, 2).reshape(b, t, self.h * self.d)) + x
+
+    spec = discover_checked(GQA(), torch.randn(2, 5, 12))
+    sizes = sorted(g.size for g in spec.groups)
+    # key/value heads (2), the query heads inside each group (2), q/k dims (3), v dims (3)
+    assert sizes == [2, 2, 3, 3]
+
+
+def stochastic_depth(x, p: float, mode: str, training: bool = True):
+    """A stand-in with torchvision's signature and semantics (torchvision is optional here)."""
+    if not training or p == 0.0:
+        return x
+    keep = torch.empty([x.shape[0]] + [1] * (x.ndim - 1)).bernoulli_(1 - p)
+    return x * keep / (1 - p)
+
+
+torch.fx.wrap("stochastic_depth")  # as torchvision does: a call_function node in the trace
+
+
+class DropPathBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp, self.f, self.out = nn.Linear(3, 6), nn.Linear(6, 6), nn.Linear(6, 2)
+
+    def forward(self, x):
+        h = self.inp(x)
+        h = h + stochastic_depth(torch.relu(self.f(h)), 0.1, "row", self.training)
+        return self.out(h)
+
+
+@pytest.mark.parametrize("where, free", [("torchvision.ops.stochastic_depth", 6),  # the stream
+                                         ("my_project.layers", 0)])
+def test_stochastic_depth_lets_the_residual_stream_move(monkeypatch, where, free):
+    """torchvision's ``stochastic_depth`` (fx-wrapped, so a call_function node) is the identity in
+    eval and a per-sample scale in training: channels follow it. A function of the same name from
+    another module is not trusted: it fixes what it touches."""
+    monkeypatch.setattr(stochastic_depth, "__module__", where)
+    spec = discover_checked(DropPathBlock(), torch.randn(4, 3))
+    assert spec.num_free == free
+    if free == 0:
+        assert any("my_project.layers.stochastic_depth" in f.reason for f in spec.fixed)

@@ -99,6 +99,10 @@ class Context:
             for exprs in (v if isinstance(v, tuple) else (v,)):
                 for d, e in enumerate(exprs if isinstance(exprs, list) else []):
                     self.fix(e, reason, d, a.name)
+        if self.node.op == "call_module":  # the module's own weights, read or not by the rule
+            m = self.module()
+            for name, t in list(m.named_parameters()) + list(m.named_buffers()):
+                self.param(f"{self.node.target}.{name}", tuple(t.shape))
         for key in dict.fromkeys(self._touched):
             for d, e in enumerate(self.params[key]):
                 self.fix(e, reason, d, key)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from graphrepair.discovery.axes import Fixed
-from graphrepair.discovery.context import STRUCTURAL, Context
+from graphrepair.discovery.context import STRUCTURAL, Context, op_name
 from graphrepair.discovery.trace import TensorInfo
 
 Rule = Callable[[Context], Any]
@@ -76,7 +76,7 @@ def describe(ctx: Context) -> str:
     n = ctx.node
     if n.op == "call_module":
         return f"module {type(ctx.module()).__name__}"
-    return n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target))
+    return op_name(n)
 
 
 def reject(ctx: Context, why: str | None = None):
