@@ -6,7 +6,9 @@ permutations {group: P_g} to a model replaces every parameter and buffer W by
 
     W' = W.index_select(d, index(expr_d, P)) for every axis d,
 
-which, by construction of the expressions, leaves the function unchanged.
+then, for a grouped conv's per-group axis d (a PerBlock over row axis a), W' = W'.gather(d, idx)
+with idx[r, p] = index(expr_d's block of row r, P)[p] (``axes.permute_tensor``); which, by
+construction of the expressions, leaves the function unchanged.
 """
 
 from __future__ import annotations
@@ -134,14 +136,11 @@ class PermutationSpec:
                     f"the model does not match the architecture the spec was discovered on"
                 )
             for d, e in enumerate(exprs):
-                if ax.is_fixed(e):
-                    continue
-                if e.size != t.shape[d]:
+                if not ax.is_fixed(e) and e.size != t.shape[d]:
                     raise MismatchError(
                         f"parameter {key!r} axis {d} has size {t.shape[d]} but the spec expects {e.size}"
                     )
-                t = t.index_select(d, ax.index(e, vp).to(t.device))
-            out[key] = t
+            out[key] = ax.permute_tensor(t, exprs, vp)
         return out
 
     # -- the proof -----------------------------------------------------------------------------
