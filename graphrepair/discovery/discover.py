@@ -55,7 +55,51 @@ def discover(model: nn.Module, example_inputs, *, traced: Traced | None = None) 
             continue
         out = apply_rule(ctx, node)
         ctx.values[node.name] = out
+    _confine_per_block(ctx)
     return _build_spec(model, ctx)
+
+
+def _confine_per_block(ctx: Context) -> None:
+    """A PerBlock (a grouped conv weight's per-group axis, ``axes.py``) stands only at the top of
+    a parameter axis whose row axis keeps its rows inside their blocks. Anywhere else (an
+    activation: the weight computed by ops, reshaped, read by another op; nested in a layout; a
+    row axis that may move whole blocks) its blocks are made equal: one permutation shared by
+    every group, which is what every other rule assumes of an axis."""
+    solver = ctx.solver
+    params = {id(v) for v in ctx.params.values()}  # a get_attr node's axes are its parameter's
+
+    def nested(e: Expr):
+        if isinstance(e, ax.PerBlock):
+            yield e
+        children = e.parts if isinstance(e, (ax.Cat, ax.PerBlock)) else \
+            (e.outer, e.inner) if isinstance(e, ax.Kron) else ()
+        for p in children:
+            yield from nested(p)
+
+    def share(e: Expr) -> bool:
+        found = list(nested(e))
+        for pb in found:
+            solver.shared(pb, "a grouped conv's weight is not read by that conv alone")
+        return bool(found)
+
+    changed = True
+    while changed:
+        changed = False
+        for exprs in ctx.params.values():
+            resolved = [solver.resolve(e) for e in exprs]
+            for d, e in enumerate(resolved):
+                if isinstance(e, ax.PerBlock):
+                    rows = resolved[e.axis] if 0 <= e.axis < len(resolved) and e.axis != d else None
+                    ok = (rows is not None and rows.size % len(e.parts) == 0 and not any(nested(rows))
+                          and ax.keeps_blocks(rows, rows.size // len(e.parts)))
+                    if ok:
+                        changed |= any([share(p) for p in e.parts])
+                        continue
+                changed |= share(e)
+        for v in ctx.values.values():
+            for exprs in (v if isinstance(v, tuple) else (v,)):
+                if isinstance(exprs, list) and id(exprs) not in params:
+                    changed |= any([share(solver.resolve(e)) for e in exprs])
 
 
 # -- turning the solved variables into a frozen spec ---------------------------------------------
@@ -128,7 +172,7 @@ def _fixed_parts(e: Expr) -> list[Fixed]:
     if isinstance(e, ax.Kron):
         # a fixed factor pins positions only if the whole product is fixed
         return [Fixed(e.size, _fixed_parts(e.outer)[0].reason)] if ax.is_fixed(e) else []
-    return []
+    return []  # a PerBlock with some blocks fixed still moves in the others
 
 
 def _group_names(param_axes, node_axes, var_ids) -> dict[int, str]:
@@ -166,7 +210,7 @@ def _group_names(param_axes, node_axes, var_ids) -> dict[int, str]:
 def _path_to(e: Expr, vid: int) -> str | None:
     if isinstance(e, ax.Var):
         return "" if e.id == vid else None
-    if isinstance(e, ax.Cat):
+    if isinstance(e, (ax.Cat, ax.PerBlock)):
         for i, p in enumerate(e.parts):
             q = _path_to(p, vid)
             if q is not None:
