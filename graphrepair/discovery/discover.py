@@ -131,8 +131,14 @@ def _build_spec(model: nn.Module, ctx: Context) -> PermutationSpec:
     for slot, table in ((0, param_axes), (1, node_axes)):
         for k, es in table.items():
             for d, e in enumerate(es):
+                desc = None  # one description per axis, shared by the groups in it
                 for vid in dict.fromkeys(v.id for v in ax.variables(e)):
-                    members[vid][slot].append(Member(k, d, _layout(e, vid)))
+                    if isinstance(e, ax.Var):
+                        layout = "full"
+                    else:
+                        desc = desc or ax.describe(e)
+                        layout = desc
+                    members[vid][slot].append(Member(k, d, layout))
     groups = []
     var_of_group = {}
     for vid in list(order):
@@ -160,10 +166,6 @@ def _build_spec(model: nn.Module, ctx: Context) -> PermutationSpec:
                            ctx.traced, ctx.traced.model_name, dict(ctx.joins))
 
 
-def _layout(e: Expr, vid: int) -> str:
-    return "full" if isinstance(e, ax.Var) and e.id == vid else ax.describe(e)
-
-
 def _fixed_parts(e: Expr) -> list[Fixed]:
     if isinstance(e, Fixed):
         return [e] if e.size > 0 else []
@@ -183,18 +185,16 @@ def _group_names(param_axes, node_axes, var_ids) -> dict[int, str]:
     for key, es in param_axes.items():
         if es and isinstance(es[0], ax.Var) and es[0].id not in names and key.endswith("weight"):
             names[es[0].id] = key[: -len(".weight")] if key.endswith(".weight") else key
-    for vid in var_ids:
-        if vid in names:
-            continue
-        for key, es in list(param_axes.items()) + list(node_axes.items()):
-            for d, e in enumerate(es):
-                path = _path_to(e, vid)
-                if path is not None:
+    wanted = set(var_ids) - set(names)
+    for key, es in list(param_axes.items()) + list(node_axes.items()):  # one walk names them all
+        if not wanted:
+            break
+        for d, e in enumerate(es):
+            for vid, path in _paths(e):
+                if vid in wanted:
+                    wanted.discard(vid)
                     base = key[: -len(".weight")] if key.endswith(".weight") else key
-                    names[vid] = f"{base}[{d}]{path}" if path else f"{base}[{d}]"
-                    break
-            if vid in names:
-                break
+                    names[vid] = f"{base}[{d}]{path}"
     used: dict[str, int] = {}
     for vid in var_ids:
         n = names.get(vid, f"group{vid}")
@@ -207,19 +207,15 @@ def _group_names(param_axes, node_axes, var_ids) -> dict[int, str]:
     return names
 
 
-def _path_to(e: Expr, vid: int) -> str | None:
+def _paths(e: Expr, prefix: str = ""):
+    """(variable id, path) of every variable in ``e``, in order (a variable may recur)."""
     if isinstance(e, ax.Var):
-        return "" if e.id == vid else None
-    if isinstance(e, (ax.Cat, ax.PerBlock)):
+        yield e.id, prefix
+    elif isinstance(e, (ax.Cat, ax.PerBlock)):
         for i, p in enumerate(e.parts):
-            q = _path_to(p, vid)
-            if q is not None:
-                return f".{i}{q}"
-    if isinstance(e, ax.Kron):
-        for tag, p in (("o", e.outer), ("i", e.inner)):
-            q = _path_to(p, vid)
-            if q is not None:
-                return f".{tag}{q}"
-    return None
+            yield from _paths(p, f"{prefix}.{i}")
+    elif isinstance(e, ax.Kron):
+        yield from _paths(e.outer, prefix + ".o")
+        yield from _paths(e.inner, prefix + ".i")
 
 
