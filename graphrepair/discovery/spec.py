@@ -14,6 +14,7 @@ construction of the expressions, leaves the function unchanged.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 from torch import nn
@@ -82,10 +83,13 @@ class PermutationSpec:
         """Number of hidden channels that may move (sum of group sizes)."""
         return sum(g.size for g in self.groups)
 
+    @cached_property
+    def _by_name(self) -> dict[str, Group]:
+        return {g.name: g for g in self.groups}
+
     def group(self, name: str) -> Group:
-        for g in self.groups:
-            if g.name == name:
-                return g
+        if name in self._by_name:
+            return self._by_name[name]
         raise KeyError(f"no permutation group named {name!r}; groups: {[g.name for g in self.groups][:10]}")
 
     # -- permutations --------------------------------------------------------------------------

@@ -148,7 +148,8 @@ def weight_matching(spec: PermutationSpec, state_a: dict, state_b: dict, *, grou
     names = [g.name for g in spec.groups] if groups is None else list(groups)
     perms = {g.name: torch.arange(g.size) for g in spec.groups}
     if init:
-        perms.update({k: v.clone() for k, v in init.items()})
+        spec.checked(init)  # validated once; the descent only makes permutations
+        perms.update({k: torch.as_tensor(v, dtype=torch.long).cpu().clone() for k, v in init.items()})
     # the (param, axis) pairs each group touches, with the positions of its channels there (and,
     # on a grouped conv's per-group axis, the row block they are read in)
     touches: dict[str, list[tuple[str, int, torch.Tensor, tuple | None]]] = {}
@@ -183,7 +184,7 @@ def weight_matching(spec: PermutationSpec, state_a: dict, state_b: dict, *, grou
     def group_score(name: str, held: dict, pairing) -> torch.Tensor:
         """(|g|, |g|) summed ``pairing`` of A's and B's weights that group ``name`` touches, with
         the groups in ``held`` permuted as given there."""
-        vp = spec._var_perms(held)
+        vp = {spec.var_of_group[k]: v for k, v in held.items()}
         size = spec.group(name).size
         total = torch.zeros(size, size, dtype=torch.float64)
         for key, axis, pos, rows in touches[name]:
