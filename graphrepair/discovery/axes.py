@@ -35,8 +35,9 @@ Discovery states every rule as "these two expressions are the same permutation" 
 :class:`AxisSolver` *unifies* them, like type inference. Unification only ever *restricts* freedom:
 it binds a variable to a more specific expression (a Cat of fresh variables, a Kron of fresh
 variables, a PerBlock of fresh variables, or Fixed), and when two layouts cannot be reconciled it
-fixes every variable in both and records why. Unifying a PerBlock with anything but a PerBlock of
-the same shape makes all its blocks equal. Restricting a set of allowed permutations can never make
+fixes every variable in both and records why. A variable unified with a PerBlock takes it; a
+PerBlock of the same axis and block count unifies block by block; anything else makes all its
+blocks equal. Restricting a set of allowed permutations can never make
 a permutation wrong, so the solver is conservative by construction.
 """
 
