@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from graphrepair.discovery import axes as ax
@@ -90,3 +91,59 @@ def test_occurs_check_fixes():
     s.unify(w, ax.cat([u, s.fresh(2)]), "t")
     s.unify(u, ax.Fixed(2, "x"), "t")
     assert s.resolve(w).parts[0] == ax.Fixed(2)
+
+
+# -- PerBlock: a grouped conv weight's per-group axis --------------------------------------------
+
+
+def test_permute_tensor_gathers_a_per_block_axis_per_row_block():
+    """W'[o, i] = W[tau(o), P_(o // m)(i)]: rows keep their block, each block its own index."""
+    w = torch.randn(6, 4, 3)  # 3 row blocks of 2 rows, axis 1 permuted per block
+    perms = {0: torch.tensor([1, 0]), 2: torch.tensor([3, 0, 2, 1]), 3: torch.tensor([2, 3, 1, 0]),
+             4: torch.tensor([1, 2, 3, 0])}
+    rows = ax.cat([ax.Var(0, 2), ax.Fixed(2), ax.Var(1, 2)])
+    exprs = (rows, ax.per_block(0, (ax.Var(2, 4), ax.Var(3, 4), ax.Var(4, 4))), ax.Fixed(3))
+    got = ax.permute_tensor(w, exprs, perms)
+    tau = ax.index(rows, perms)
+    want = torch.stack([w[tau[o], perms[2 + o // 2]] for o in range(6)])
+    assert torch.equal(got, want)
+    assert ax.block_index(exprs[1], 6, perms).shape == (6, 4)
+    with pytest.raises(ValueError, match="PerBlock"):
+        ax.index(exprs[1], perms)
+
+
+def test_per_block_with_one_permutation_in_every_block_is_that_permutation():
+    v = ax.Var(0, 3)
+    assert ax.per_block(0, (v, v, v)) == v
+    assert ax.per_block(1, (ax.Fixed(3, "a"), ax.Fixed(3, "b"))) == ax.Fixed(3)
+
+
+def test_keeps_blocks():
+    assert ax.keeps_blocks(ax.cat([ax.Var(0, 4), ax.Var(1, 4)]), 4)
+    assert not ax.keeps_blocks(ax.Var(0, 8), 4)
+    assert not ax.keeps_blocks(ax.cat([ax.Var(0, 2), ax.Var(1, 4), ax.Var(2, 2)]), 4)  # straddles
+    assert ax.keeps_blocks(ax.kron(ax.Fixed(2), ax.Var(0, 4)), 4)  # the same permutation per block
+    assert not ax.keeps_blocks(ax.kron(ax.Var(0, 4), ax.Var(1, 2)), 4)  # pairs move across blocks
+    assert ax.keeps_blocks(ax.kron(ax.cat([ax.Var(0, 2), ax.Var(2, 2)]), ax.Var(1, 2)), 4)  # pairs stay
+    assert ax.keeps_blocks(ax.cat([ax.kron(ax.Var(0, 2), ax.Var(1, 2)), ax.Fixed(4)]), 4)  # inside block 0
+
+
+def test_unify_per_block_partwise_or_shared():
+    s = ax.AxisSolver()
+    ps, qs = [s.fresh(3) for _ in range(2)], [s.fresh(3) for _ in range(2)]
+    w = s.fresh(3)
+    s.unify(w, ax.per_block(0, ps), "conv")  # a weight's axis variable takes the PerBlock
+    s.unify(w, ax.per_block(0, qs), "the same weight read again")  # partwise
+    assert s.resolve(ps[0]) == s.resolve(qs[0]) and s.resolve(ps[1]) == s.resolve(qs[1])
+    assert s.resolve(ps[0]) != s.resolve(ps[1])
+    v = s.fresh(3)
+    s.unify(v, w, "a variable")  # takes the PerBlock (discovery confines it to parameters)
+    assert s.resolve(v) == s.resolve(w)
+    s.unify(w, ax.Fixed(3, "pinned"), "fixed")  # anything else: the same in every block
+    assert all(isinstance(s.resolve(p), ax.Fixed) for p in ps + qs) and s.resolve(w) == ax.Fixed(3)
+    t = ax.AxisSolver()
+    rs = [t.fresh(4) for _ in range(2)]
+    u = t.fresh(4)
+    t.unify(u, ax.per_block(0, rs), "conv")
+    t.unify(ax.cat([t.fresh(2), t.fresh(2)]), u, "split")
+    assert not isinstance(t.resolve(u), ax.PerBlock) and t.resolve(rs[0]) == t.resolve(rs[1])

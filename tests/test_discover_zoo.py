@@ -12,8 +12,8 @@ from tests.helpers import randomize_
 
 # Freed channels (sum of group sizes) by hand. Conventions of a complete discovery:
 # - every hidden conv/linear output is a group; a residual stream is one group per stage;
-# - depthwise convs follow their input; a grouped conv (g groups) reads the same permutation in
-#   every input group (its producer keeps C/g free) and permutes inside each output group;
+# - depthwise convs follow their input; a grouped conv (g groups) permutes inside each input group
+#   and inside each output group, every group on its own (whole groups stay in place);
 # - attention: heads may be permuted and, inside a head, q/k dims share one permutation and v dims
 #   another. nn.MultiheadAttention (module form): per-head q/k and v permutations, E + E channels.
 #   ATen form (reshape to heads): H heads + D (q/k) + D (v).
@@ -36,11 +36,13 @@ HAND_COUNTS = {
     "densenet_tiny": 16 + 3 * 8 + 20 + 3 * 8,
     "unet_tiny": 8 + 8 + 16 + 16 + 32 + 32 + 16 + 16 + 16 + 8 + 8 + 8,
     "mobilenetv2_tiny": 16 + 8 + 32 + 12 + 48 + 48 + 16 + 64 + 64,
-    # streams 32, 64; block 1: reduce 32 keeps 32/4 free, grouped conv 32; block 2: 64/4 and 64
-    "grouped_conv_net": (32 + 64) + (32 // 4 + 32) + (64 // 4 + 64),
-    # the stream feeds a grouped 1x1 (g=4): 32/4 = 8 free; the shuffle transposes (4, 8) -> (8, 4)
-    # and the second grouped conv needs the same permutation inside every block of 8: 2 free
-    "shufflenet_block": 8 + 2,
+    # streams 32, 64; block 1: reduce 32 (4 groups of 8), grouped conv 32; block 2: 64 and 64
+    "grouped_conv_net": (32 + 64) + (32 + 32) + (64 + 64),
+    # the stream feeds a grouped 1x1 (g=4) and takes the second grouped 1x1's output: 4 groups of 8;
+    # the shuffle views the first grouped conv's output as (4, 8), which asks one permutation of 8
+    # in every group, and transposes it to (8, 4): the second grouped conv cuts that permutation
+    # into its 4 input groups of 2 pairs of positions each (4 groups of 2)
+    "shufflenet_block": 32 + 4 * 2,
     "se_net": 16 + 16 + 4 + 32 + 32 + 8,
     "convnext_tiny": 16 + 2 * 64 + 32 + 2 * 128,
     # stream 32; per block: per-head q/k 32, v 32, MLP 128

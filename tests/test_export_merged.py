@@ -13,7 +13,7 @@ import graphrepair as gr
 from fixtures.zoo import ZOO
 from tests.helpers import randomize_
 
-MODELS = ["resnet20_bn", "mobilenetv2_tiny", "convnext_tiny", "transformer_tiny"]
+MODELS = ["resnet20_bn", "mobilenetv2_tiny", "convnext_tiny", "transformer_tiny", "grouped_conv_net"]
 
 
 def fit_data(entry, n=64):

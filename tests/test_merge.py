@@ -81,7 +81,7 @@ def _permuted_copy(name: str, model_seed: int = 1, perm_seed: int = 4):
 # gpt2_tiny, bert_tiny, vit_tiny: heads x head dims after the split to heads (groups replicated
 # over each other), solved from a pairing-free start
 @pytest.mark.parametrize("name", ["mlp3", "resnet20_bn", "transformer_tiny", "densenet_tiny",
-                                  "mobilenetv2_tiny", "grouped_conv_net", "flatten_cnn",
+                                  "mobilenetv2_tiny", "grouped_conv_net", "shufflenet_block", "flatten_cnn",
                                   "gpt2_tiny", "bert_tiny", "vit_tiny"])
 def test_weight_matching_recovers_a_random_permutation(name):
     if name in ("gpt2_tiny", "bert_tiny", "vit_tiny"):
@@ -89,6 +89,29 @@ def test_weight_matching_recovers_a_random_permutation(name):
     _, a, spec, _, b = _permuted_copy(name, model_seed=3, perm_seed=7)
     perms = weight_matching(spec, a.state_dict(), b.state_dict())
     back = gr.permute(b, spec, perms)
+    for k, v in a.state_dict().items():
+        torch.testing.assert_close(back.state_dict()[k], v, rtol=0, atol=0, msg=k)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_weight_matching_reads_a_grouped_weight_block_by_block(transposed):
+    """The producer's rows are all alike, so only the grouped conv's weight tells its input groups
+    apart, each through the rows of its own block (a PerBlock axis): the descent must score every
+    group on its block alone to recover the permuted copy."""
+    from tests.test_rules import grouped
+
+    torch.manual_seed(0)
+    a = randomize_(grouped(4, transposed, c=16).eval(), seed=5)
+    with torch.no_grad():
+        a[0].weight.copy_(a[0].weight[:1].expand_as(a[0].weight))
+        a[0].bias.fill_(0.1)
+    x = torch.randn(2, 3, 4, 4)
+    spec = gr.discover(a, x)
+    spec.check(a, x)
+    truth = spec.random_permutations(seed=2)
+    b = gr.permute(a, spec, truth)
+    assert not torch.equal(b.state_dict()["2.weight"], a.state_dict()["2.weight"])
+    back = gr.permute(b, spec, weight_matching(spec, a.state_dict(), b.state_dict()))
     for k, v in a.state_dict().items():
         torch.testing.assert_close(back.state_dict()[k], v, rtol=0, atol=0, msg=k)
 
@@ -371,6 +394,37 @@ def test_activation_matching_recovers_split_heads_of_exported_models(name):
     assert len(prep.stats[0].coupled) >= 2
     for g in truth:
         assert torch.equal(prep.perms[0][g], torch.argsort(truth[g])), g
+
+
+@pytest.mark.parametrize("name", ["grouped_conv_net", "shufflenet_block"])
+def test_activation_matching_recovers_grouped_convs(name):
+    """Each input group of a grouped conv is a group of its own, matched on its block of the
+    input's channels; a permuted copy of a ResNeXt (and of a ShuffleNet unit) is recovered exactly.
+    The BatchNorm statistics are measured on the data first, so that no ReLU unit is dead (a dead
+    unit has no correlation to be matched by)."""
+    entry = ZOO[name]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, *entry.input_shape[1:], generator=gen)
+    torch.manual_seed(0)
+    a = randomize_(entry.factory(), seed=1)
+    for m in a.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None
+    with torch.no_grad():
+        a.train()(x)
+    a.eval()
+    spec = gr.discover(a, entry.example_inputs())
+    assert any("per_block" in m.layout for g in spec.groups for m in g.params)
+    truth = spec.random_permutations(seed=4)
+    b = gr.permute(a, spec, truth)
+    prep = prepare([a, b], x, num_examples=64, batch_size=32, statistics=False, spec=spec)
+    assert not prep.stats[0].dead
+    for g in truth:
+        assert torch.equal(prep.perms[0][g], torch.argsort(truth[g])), g
+    back = gr.permute(b, spec, prep.perms[0])
+    for k, v in a.state_dict().items():
+        torch.testing.assert_close(back.state_dict()[k], v, rtol=0, atol=0, msg=k)
 
 
 def test_a_joint_space_too_large_is_reported_not_skipped_silently(monkeypatch):

@@ -54,34 +54,180 @@ def test_functional_linear_conv_addmm(transposed):
     assert {(m.name, m.axis) for m in g.params} >= {("b2", 0), ("w3", 1)}
 
 
-@pytest.mark.parametrize("groups", [1, 2, 4])
+# -- grouped convolutions: each input group and each output group permuted on its own --------------
+
+
+def grouped(groups: int, transposed: bool = False, bias: bool = True, c: int = 64) -> nn.Sequential:
+    """1x1 producer of c channels, a grouped conv (or transposed conv) c -> c, a 1x1 reader."""
+    conv = (nn.ConvTranspose2d(c, c, 2, stride=2, groups=groups, bias=bias) if transposed
+            else nn.Conv2d(c, c, 3, padding=1, groups=groups, bias=bias))
+    return nn.Sequential(nn.Conv2d(3, c, 1), nn.ReLU(), conv, nn.ReLU(), nn.Conv2d(c, 4, 1))
+
+
+class FunctionalGrouped(nn.Module):
+    """``grouped``'s layers, the grouped conv called as F.conv2d / F.conv_transpose2d (its
+    weight a get_attr node)."""
+
+    def __init__(self, seq: nn.Sequential):
+        super().__init__()
+        self.seq = seq
+
+    def forward(self, x):
+        conv = self.seq[2]
+        if isinstance(conv, nn.ConvTranspose2d):
+            y = F.conv_transpose2d(torch.relu(self.seq[0](x)), conv.weight, conv.bias, stride=2, groups=conv.groups)
+        else:
+            y = F.conv2d(torch.relu(self.seq[0](x)), conv.weight, conv.bias, padding=1, groups=conv.groups)
+        return self.seq[4](torch.relu(y))
+
+
+def members(g) -> set:
+    return {(m.name, m.axis) for m in g.params}
+
+
+@pytest.mark.parametrize("form", ["module", "functional"])
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("groups", [1, 2, 4, 32])
 @pytest.mark.parametrize("bias", [True, False])
-def test_grouped_conv(groups, bias):
-    m = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=groups, bias=bias),
-                      nn.ReLU(), nn.Conv2d(8, 4, 1))
-    spec = discover_checked(m, torch.randn(2, 3, 6, 6))
-    # the producer keeps the same permutation inside each of the groups: 8/groups free; the grouped
-    # conv permutes inside each output group: 8 free in all
-    assert spec.num_free == 8 // groups + 8
-    if groups > 1:
-        assert any("." in g.name and g.size == 8 // groups for g in spec.groups)
+def test_grouped_conv_frees_every_group(groups, transposed, bias, form):
+    """Input group j (producer channels j*n ..) and output group j each take their own permutation;
+    the weight's per-group axis follows the one of its row block (a PerBlock over axis 0)."""
+    c = 64
+    x = torch.randn(2, 3, 4, 4)
+    model = grouped(groups, transposed, bias, c)
+    prefix = ""
+    if form == "functional":
+        model, prefix = FunctionalGrouped(model), "seq."
+    spec = discover_checked(model, x)
+    assert spec.num_free == 2 * c  # before: c/groups (one permutation in every input group) + c
+    key = next(k for k, t in model.state_dict().items() if t.ndim == 4 and t.shape[2] > 1)  # the grouped conv
+    if groups == 1:
+        assert sorted(g.size for g in spec.groups) == [c, c]
+        return
+    assert sorted(g.size for g in spec.groups) == [c // groups] * (2 * groups)
+    per_group_axis = [g for g in spec.groups if (key, 1) in members(g)]
+    rows = [g for g in spec.groups if (key, 0) in members(g)]
+    assert len(per_group_axis) == len(rows) == groups
+    assert all(m.layout.startswith("per_block(axis 0:") for g in per_group_axis for m in g.params
+               if (m.name, m.axis) == (key, 1))
+    producer = [g for g in spec.groups if any(m.name.startswith(prefix + "0.") for m in g.params)]
+    assert len(producer) == groups
+    # a conv's per-group axis reads the input groups; a transposed conv's permutes the output groups
+    assert (producer == per_group_axis) != transposed and (producer == rows) == transposed
 
 
-def test_depthwise_follows_its_input():
-    m = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1, groups=8), nn.ReLU(),
-                      nn.Conv2d(16, 4, 1))
+def test_grouped_weight_is_gathered_per_row_block():
+    """Permuting one input group changes only the weight rows of the output group that reads it,
+    and only along axis 1."""
+    model = grouped(4)
+    spec = discover_checked(model, torch.randn(2, 3, 4, 4))
+    g = next(g for g in spec.groups if ("0.weight", 0) in members(g) and g.name.endswith(".2"))
+    p = torch.randperm(16)
+    w = model.state_dict()["2.weight"]
+    got = spec.permute_state_dict(model.state_dict(), {g.name: p})["2.weight"]
+    torch.testing.assert_close(got[32:48], w[32:48, p], rtol=0, atol=0)
+    torch.testing.assert_close(torch.cat([got[:32], got[48:]]), torch.cat([w[:32], w[48:]]), rtol=0, atol=0)
+
+
+class TwoReaders(nn.Module):
+    """One input read by a grouped conv and by ``other``: a plain conv, or the residual stream."""
+
+    def __init__(self, other: str, groups: int = 4, c: int = 32):
+        super().__init__()
+        self.other = other
+        self.stem = nn.Conv2d(3, c, 1)
+        self.gconv = nn.Conv2d(c, c, 3, padding=1, groups=groups)
+        self.plain = nn.Conv2d(c, c, 1)
+        self.head = nn.Conv2d(c, 2, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        y = torch.relu(self.gconv(h))
+        y = y + (self.plain(h) if self.other == "plain conv" else h)
+        return self.head(torch.relu(y))
+
+
+@pytest.mark.parametrize("other", ["plain conv", "residual"])
+def test_grouped_conv_input_read_elsewhere_keeps_its_groups(other):
+    """A plain conv or a residual add reading the grouped conv's input reads it through an
+    ordinary index_select (the plain conv's input axis is cat(p_1..p_g)): nothing there asks for
+    one permutation in every group, and the check proves that the groups may differ."""
+    spec = discover_checked(TwoReaders(other), torch.randn(2, 3, 6, 6))
+    stem = [g for g in spec.groups if ("stem.weight", 0) in members(g)]
+    assert [g.size for g in stem] == [8] * 4
+    assert all(("gconv.weight", 1) in members(g) for g in stem)
+    if other == "plain conv":  # stem 4 x 8; gconv's output groups, joined with plain's output
+        assert all(("plain.weight", 1) in members(g) for g in stem)
+        assert spec.num_free == 32 + 32
+    else:  # one stream: the stem's, gconv's and the add's channels, in 4 groups of 8
+        assert all(("gconv.weight", 0) in members(g) for g in stem)
+        assert spec.num_free == 32
+
+
+class SharedPermutation(nn.Module):
+    """A grouped conv whose input groups must carry one permutation: its input is ``h`` repeated
+    per group, or the same tensor concatenated per group; or its weight is computed (``w * s``),
+    so along axis 1 the conv reads an activation, not its parameter."""
+
+    def __init__(self, how: str, groups: int = 4, n: int = 8):
+        super().__init__()
+        self.how, self.groups = how, groups
+        self.stem = nn.Conv2d(3, n if how in ("repeat", "cat") else groups * n, 1)
+        self.gconv = nn.Conv2d(groups * n, groups * n, 3, padding=1, groups=groups)
+        self.scale = nn.Parameter(torch.ones(()))
+        self.head = nn.Conv2d(groups * n, 2, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        if self.how == "repeat":
+            y = self.gconv(h.repeat(1, self.groups, 1, 1))
+        elif self.how == "cat":
+            y = self.gconv(torch.cat([h] * self.groups, 1))
+        else:
+            y = F.conv2d(h, self.gconv.weight * self.scale, self.gconv.bias, padding=1, groups=self.groups)
+        return self.head(torch.relu(y))
+
+
+@pytest.mark.parametrize("how", ["repeat", "cat", "computed weight"])
+def test_grouped_conv_gets_no_freedom_where_groups_share_a_permutation(how):
+    spec = discover_checked(SharedPermutation(how), torch.randn(2, 3, 6, 6))
+    stem = [g for g in spec.groups if ("stem.weight", 0) in members(g)]
+    assert [g.size for g in stem] == [8]  # one permutation of 8, the same in every input group
+    layouts = [m.layout for g in spec.groups for m in g.params if (m.name, m.axis) == ("gconv.weight", 1)]
+    assert layouts and not any("per_block" in lay for lay in layouts)
+    assert spec.num_free == 8 + 32
+
+
+def test_grouped_conv_applied_twice_ties_input_and_output_groups():
+    """The same grouped conv applied twice (its output is its input): input group j and output
+    group j take one permutation, still a different one per group."""
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.head = nn.Conv2d(3, 16, 1), nn.Conv2d(16, 2, 1)
+            self.g = nn.Conv2d(16, 16, 3, padding=1, groups=4)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.g(torch.relu(self.g(torch.relu(self.stem(x)))))))
+
+    spec = discover_checked(Twice(), torch.randn(2, 3, 6, 6))
+    assert sorted(g.size for g in spec.groups) == [4] * 4
+    assert all({("stem.weight", 0), ("g.weight", 0), ("g.weight", 1)} <= members(g) for g in spec.groups)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_depthwise_follows_its_input(transposed):
+    """Depthwise (one input channel per group): the input moves freely and whole groups with it;
+    the multiplier permutation inside each output group is shared by all groups (unchanged)."""
+    conv = (nn.ConvTranspose2d(8, 16, 2, stride=2, groups=8) if transposed
+            else nn.Conv2d(8, 16, 3, padding=1, groups=8))
+    m = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), conv, nn.ReLU(), nn.Conv2d(16, 4, 1))
     spec = discover_checked(m, torch.randn(2, 3, 6, 6))
     g = group_of(spec, "0.weight")
     assert any(p.name == "2.weight" for p in g.params)  # the depthwise conv moves with its input
-    assert spec.num_free == 8 + 2  # + the within-group multiplier permutation (16 = 8 x 2)
-
-
-@pytest.mark.parametrize("groups", [1, 4])
-def test_conv_transpose(groups):
-    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
-                      nn.ConvTranspose2d(8, 8, 2, stride=2, groups=groups), nn.ReLU(), nn.Conv2d(8, 2, 1))
-    spec = discover_checked(m, torch.randn(2, 3, 4, 4))
-    assert spec.num_free == 8 + (8 if groups == 1 else 8 // groups)
+    assert sorted(g.size for g in spec.groups) == [2, 8]  # + the multiplier permutation (16 = 8 x 2)
+    assert not any("per_block" in m.layout for g in spec.groups for m in g.params)
 
 
 @pytest.mark.parametrize("num_groups,free", [(1, 8), (2, 8), (8, 8)])

@@ -7,22 +7,38 @@ Every axis of every tensor in the graph (activations, parameters, buffers) is de
     Fixed(n)      the identity on n positions (the axis must not move)     idx = arange(n)
     Cat(e1..ek)   block-diagonal: e1 on the first |e1| positions, ...      idx = [idx1, |e1| + idx2, ...]
     Kron(o, i)    position a*|i| + b goes to o(a)*|i| + i(b)                idx = (idx_o[:, None]*|i| + idx_i).ravel()
+    PerBlock(a, (e0..ek-1))  parameters only: the permutation of this axis depends on the row's
+                  block along axis a (R rows cut into k blocks of R/k)     idx[r, p] = idx_{e_j}[p], j = r // (R/k)
 
 A permutation is applied to a tensor axis by ``x.index_select(axis, idx)``: position p of the new
-tensor holds position idx[p] of the old one. Examples of where each form arises:
+tensor holds position idx[p] of the old one. A PerBlock axis d is applied after the other axes, as
+``W.gather(d, idx[r, p] broadcast over the remaining axes)``; this is valid because the expression
+of axis a keeps every row inside its block (``keeps_blocks``), so the new row r and the old row it
+holds lie in the same block. Examples of where each form arises:
 
     conv output channels                      Var(v)
     torch.cat([a, b], dim=1)                  Cat(e_a, e_b)
     (N, C, H, W).flatten(1)                   Kron(e_C, Fixed(H*W))     channel permutation in blocks of H*W
-    grouped conv input, g groups              Kron(Fixed(g), v)         the same permutation inside every group
     (N, T, H*D).view(N, T, H, D)              Kron(h, d)                heads and the dims inside a head
+    grouped conv (g groups), input channels   Cat(p1..pg)               each input group permuted on its own
+      its weight (out, in/g, *k), axis 0      Cat(q1..qg)               each output group on its own
+      its weight, axis 1                      PerBlock(0, (p1..pg))     output group j's rows read group j
+    transposed grouped conv weight (in, out/g, *k): axis 0 Cat(p1..pg), axis 1 PerBlock(0, (q1..qg))
+
+PerBlock is the grouped conv's weight only: W'[o, i] = W[tau(o), P_(o // (out/g))(i)], where tau
+keeps every output channel inside its group. It never describes an activation (a per-row
+permutation of an activation axis would not commute with the ops that read it): where it would
+reach one (a weight computed by ops, reshaped or shared with another op) discovery sets all its
+blocks equal, the single permutation shared by every group, and ``PerBlock(a, (e, .., e)) == e``.
 
 Discovery states every rule as "these two expressions are the same permutation" and
 :class:`AxisSolver` *unifies* them, like type inference. Unification only ever *restricts* freedom:
 it binds a variable to a more specific expression (a Cat of fresh variables, a Kron of fresh
-variables, or Fixed), and when two layouts cannot be reconciled it fixes every variable in both and
-records why. Restricting a set of allowed permutations can never make a permutation wrong, so the
-solver is conservative by construction.
+variables, a PerBlock of fresh variables, or Fixed), and when two layouts cannot be reconciled it
+fixes every variable in both and records why. A variable unified with a PerBlock takes it; a
+PerBlock of the same axis and block count unifies block by block; anything else makes all its
+blocks equal. Restricting a set of allowed permutations can never make
+a permutation wrong, so the solver is conservative by construction.
 """
 
 from __future__ import annotations
@@ -64,7 +80,20 @@ class Kron:
         return self.outer.size * self.inner.size
 
 
-Expr = Union[Var, Fixed, Cat, Kron]
+@dataclass(frozen=True)
+class PerBlock:
+    """A parameter axis whose permutation depends on the block of another axis of the same tensor
+    (``axis``, cut into ``len(parts)`` equal blocks): rows in block j are permuted by ``parts[j]``."""
+
+    axis: int
+    parts: tuple
+
+    @property
+    def size(self) -> int:
+        return self.parts[0].size
+
+
+Expr = Union[Var, Fixed, Cat, Kron, PerBlock]
 
 
 def cat(parts) -> Expr:
@@ -99,10 +128,16 @@ def kron(outer: Expr, inner: Expr) -> Expr:
     return Kron(outer, inner)
 
 
+def per_block(axis: int, parts) -> Expr:
+    """Normalised PerBlock: one permutation shared by every block is that permutation."""
+    parts = tuple(parts)
+    return parts[0] if all(p == parts[0] for p in parts[1:]) else PerBlock(axis, parts)
+
+
 def variables(e: Expr) -> Iterator[Var]:
     if isinstance(e, Var):
         yield e
-    elif isinstance(e, Cat):
+    elif isinstance(e, (Cat, PerBlock)):
         for p in e.parts:
             yield from variables(p)
     elif isinstance(e, Kron):
@@ -115,7 +150,7 @@ def mixes(e: Expr) -> bool:
     positions of one variable are then replicated over another's."""
     if isinstance(e, Kron):
         return (not is_fixed(e.outer) and not is_fixed(e.inner)) or mixes(e.outer) or mixes(e.inner)
-    if isinstance(e, Cat):
+    if isinstance(e, (Cat, PerBlock)):
         return any(mixes(p) for p in e.parts)
     return False
 
@@ -126,7 +161,9 @@ def is_fixed(e: Expr) -> bool:
 
 def index(e: Expr, perms: dict[int, torch.Tensor]) -> torch.Tensor:
     """The gather index of ``e`` when each variable id takes its permutation from ``perms``
-    (missing ids stay the identity)."""
+    (missing ids stay the identity). A PerBlock has one index per block: ``block_index``."""
+    if isinstance(e, PerBlock):
+        raise ValueError("a PerBlock axis has one index per row block: use block_index / permute_tensor")
     if isinstance(e, Var):
         p = perms.get(e.id)
         return torch.arange(e.size) if p is None else p
@@ -142,11 +179,57 @@ def index(e: Expr, perms: dict[int, torch.Tensor]) -> torch.Tensor:
     return (o[:, None] * e.inner.size + i[None, :]).reshape(-1)
 
 
+def block_index(e: PerBlock, rows: int, perms: dict[int, torch.Tensor]) -> torch.Tensor:
+    """(rows, |e|): row r's gather index along a PerBlock axis (``rows`` = size of axis e.axis)."""
+    k = len(e.parts)
+    return torch.stack([index(p, perms) for p in e.parts]).repeat_interleave(rows // k, dim=0)
+
+
+def permute_tensor(t: torch.Tensor, exprs, perms: dict[int, torch.Tensor]) -> torch.Tensor:
+    """``t`` with every axis d reordered by ``exprs[d]``: ``index_select`` for the ordinary axes,
+    then a gather for each PerBlock axis (its row axis already reordered; rows stay in their
+    block, see the module docstring)."""
+    blocked = []
+    for d, e in enumerate(exprs):
+        if is_fixed(e):
+            continue
+        if isinstance(e, PerBlock):
+            blocked.append((d, e))
+            continue
+        t = t.index_select(d, index(e, perms).to(t.device))
+    for d, e in blocked:
+        idx = block_index(e, t.shape[e.axis], perms).to(t.device)  # (rows, |e|)
+        moved = t.movedim((e.axis, d), (0, 1))
+        idx = idx.reshape(idx.shape + (1,) * (moved.ndim - 2)).expand(moved.shape)
+        t = moved.gather(1, idx).movedim((0, 1), (e.axis, d))
+    return t
+
+
+def keeps_blocks(e: Expr, block: int, offset: int = 0) -> bool:
+    """Whether every permutation ``e`` allows keeps each position inside its block of ``block``
+    positions (``e`` lying at ``offset``). Conservative: False when it cannot tell."""
+    if e.size <= 1 or is_fixed(e) or offset // block == (offset + e.size - 1) // block:
+        return True
+    if isinstance(e, Cat):
+        starts = [offset + sum(p.size for p in e.parts[:i]) for i in range(len(e.parts))]
+        return all(keeps_blocks(p, block, s) for p, s in zip(e.parts, starts))
+    if isinstance(e, Kron):
+        s = e.inner.size
+        if is_fixed(e.outer):  # chunks stay: each must keep its own positions in their blocks
+            return all(keeps_blocks(e.inner, block, offset + a * s) for a in range(e.outer.size))
+        if block % s == 0 and offset % s == 0:  # whole chunks move, inside one block each
+            return keeps_blocks(e.outer, block // s, offset // s)
+    return False
+
+
 def positions(e: Expr, var_id: int) -> torch.Tensor | None:
     """Where variable ``var_id`` lives along an axis laid out as ``e`` (all variables at identity):
     a LongTensor (|v|, R) whose row j lists the R positions that hold channel j of the variable, or
     None if the variable does not occur. R > 1 when the layout repeats the variable (a flattened
-    feature map repeats each channel over the spatial positions; grouped convs repeat per group)."""
+    feature map repeats each channel over the spatial positions). For a PerBlock axis, take the
+    positions in each of its parts (the rows of that block): ``PerBlock.parts``."""
+    if isinstance(e, PerBlock):
+        raise ValueError("positions along a PerBlock axis depend on the row block: use its parts")
     if isinstance(e, Var):
         return torch.arange(e.size)[:, None] if e.id == var_id else None
     if isinstance(e, Fixed):
@@ -179,6 +262,8 @@ def describe(e: Expr, names: dict[int, str] | None = None) -> str:
         return f"fixed[{e.size}]"
     if isinstance(e, Cat):
         return "cat(" + ", ".join(describe(p, names) for p in e.parts) + ")"
+    if isinstance(e, PerBlock):
+        return f"per_block(axis {e.axis}: " + ", ".join(describe(p, names) for p in e.parts) + ")"
     return f"kron({describe(e.outer, names)}, {describe(e.inner, names)})"
 
 
@@ -225,6 +310,8 @@ class AxisSolver:
             return cat(self.resolve(p) for p in e.parts)
         if isinstance(e, Kron):
             return kron(self.resolve(e.outer), self.resolve(e.inner))
+        if isinstance(e, PerBlock):
+            return per_block(e.axis, (self.resolve(p) for p in e.parts))
         return e
 
     def _bind(self, v: Var, e: Expr) -> None:
@@ -255,6 +342,15 @@ class AxisSolver:
             else:
                 self._bind(v, e)
             return
+        if isinstance(a, PerBlock) or isinstance(b, PerBlock):
+            if (isinstance(a, PerBlock) and isinstance(b, PerBlock) and a.axis == b.axis
+                    and len(a.parts) == len(b.parts)):
+                for x, y in zip(a.parts, b.parts):
+                    self.unify(x, y, why)
+                return
+            # anything else reads this axis the same way in every block: one shared permutation
+            self.unify(self.shared(a, why), self.shared(b, why), why)
+            return
         if isinstance(a, Fixed) or isinstance(b, Fixed):
             f, e = (a, b) if isinstance(a, Fixed) else (b, a)
             self.fix(e, f.reason or why)
@@ -274,6 +370,15 @@ class AxisSolver:
         pa, pb = self.split(a, bounds, why), self.split(b, bounds, why)
         for x, y in zip(pa, pb):
             self.unify(x, y, why)
+
+    def shared(self, e: Expr, why: str) -> Expr:
+        """``e`` with one permutation in every block if it is a PerBlock (its parts unified)."""
+        e = self.head(e)
+        if not isinstance(e, PerBlock):
+            return e
+        for p in e.parts[1:]:
+            self.unify(e.parts[0], p, why)
+        return self.resolve(e.parts[0])
 
     def boundaries(self, e: Expr) -> list[int]:
         e = self.resolve(e)
@@ -296,7 +401,7 @@ class AxisSolver:
         return out
 
     def split_at(self, e: Expr, k: int, why: str) -> tuple[Expr, Expr]:
-        e = self.head(e)
+        e = self.shared(e, why)
         n = e.size
         if k == n:
             return e, Fixed(0)
@@ -327,7 +432,7 @@ class AxisSolver:
 
     def factor(self, e: Expr, s: int, why: str) -> tuple[Expr, Expr]:
         """Write ``e`` as kron(outer, inner) with |inner| == s (restricting variables if needed)."""
-        e = self.head(e)
+        e = self.shared(e, why)
         n = e.size
         assert n % s == 0, (e, s)
         if isinstance(e, Var):

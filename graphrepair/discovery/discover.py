@@ -55,7 +55,51 @@ def discover(model: nn.Module, example_inputs, *, traced: Traced | None = None) 
             continue
         out = apply_rule(ctx, node)
         ctx.values[node.name] = out
+    _confine_per_block(ctx)
     return _build_spec(model, ctx)
+
+
+def _confine_per_block(ctx: Context) -> None:
+    """A PerBlock (a grouped conv weight's per-group axis, ``axes.py``) stands only at the top of
+    a parameter axis whose row axis keeps its rows inside their blocks. Anywhere else (an
+    activation: the weight computed by ops, reshaped, read by another op; nested in a layout; a
+    row axis that may move whole blocks) its blocks are made equal: one permutation shared by
+    every group, which is what every other rule assumes of an axis."""
+    solver = ctx.solver
+    params = {id(v) for v in ctx.params.values()}  # a get_attr node's axes are its parameter's
+
+    def nested(e: Expr):
+        if isinstance(e, ax.PerBlock):
+            yield e
+        children = e.parts if isinstance(e, (ax.Cat, ax.PerBlock)) else \
+            (e.outer, e.inner) if isinstance(e, ax.Kron) else ()
+        for p in children:
+            yield from nested(p)
+
+    def share(e: Expr) -> bool:
+        found = list(nested(e))
+        for pb in found:
+            solver.shared(pb, "a grouped conv's weight is not read by that conv alone")
+        return bool(found)
+
+    changed = True
+    while changed:
+        changed = False
+        for exprs in ctx.params.values():
+            resolved = [solver.resolve(e) for e in exprs]
+            for d, e in enumerate(resolved):
+                if isinstance(e, ax.PerBlock):
+                    rows = resolved[e.axis] if 0 <= e.axis < len(resolved) and e.axis != d else None
+                    ok = (rows is not None and rows.size % len(e.parts) == 0 and not any(nested(rows))
+                          and ax.keeps_blocks(rows, rows.size // len(e.parts)))
+                    if ok:
+                        changed |= any([share(p) for p in e.parts])
+                        continue
+                changed |= share(e)
+        for v in ctx.values.values():
+            for exprs in (v if isinstance(v, tuple) else (v,)):
+                if isinstance(exprs, list) and id(exprs) not in params:
+                    changed |= any([share(solver.resolve(e)) for e in exprs])
 
 
 # -- turning the solved variables into a frozen spec ---------------------------------------------
@@ -87,8 +131,14 @@ def _build_spec(model: nn.Module, ctx: Context) -> PermutationSpec:
     for slot, table in ((0, param_axes), (1, node_axes)):
         for k, es in table.items():
             for d, e in enumerate(es):
+                desc = None  # one description per axis, shared by the groups in it
                 for vid in dict.fromkeys(v.id for v in ax.variables(e)):
-                    members[vid][slot].append(Member(k, d, _layout(e, vid)))
+                    if isinstance(e, ax.Var):
+                        layout = "full"
+                    else:
+                        desc = desc or ax.describe(e)
+                        layout = desc
+                    members[vid][slot].append(Member(k, d, layout))
     groups = []
     var_of_group = {}
     for vid in list(order):
@@ -116,10 +166,6 @@ def _build_spec(model: nn.Module, ctx: Context) -> PermutationSpec:
                            ctx.traced, ctx.traced.model_name, dict(ctx.joins))
 
 
-def _layout(e: Expr, vid: int) -> str:
-    return "full" if isinstance(e, ax.Var) and e.id == vid else ax.describe(e)
-
-
 def _fixed_parts(e: Expr) -> list[Fixed]:
     if isinstance(e, Fixed):
         return [e] if e.size > 0 else []
@@ -128,7 +174,7 @@ def _fixed_parts(e: Expr) -> list[Fixed]:
     if isinstance(e, ax.Kron):
         # a fixed factor pins positions only if the whole product is fixed
         return [Fixed(e.size, _fixed_parts(e.outer)[0].reason)] if ax.is_fixed(e) else []
-    return []
+    return []  # a PerBlock with some blocks fixed still moves in the others
 
 
 def _group_names(param_axes, node_axes, var_ids) -> dict[int, str]:
@@ -139,18 +185,16 @@ def _group_names(param_axes, node_axes, var_ids) -> dict[int, str]:
     for key, es in param_axes.items():
         if es and isinstance(es[0], ax.Var) and es[0].id not in names and key.endswith("weight"):
             names[es[0].id] = key[: -len(".weight")] if key.endswith(".weight") else key
-    for vid in var_ids:
-        if vid in names:
-            continue
-        for key, es in list(param_axes.items()) + list(node_axes.items()):
-            for d, e in enumerate(es):
-                path = _path_to(e, vid)
-                if path is not None:
+    wanted = set(var_ids) - set(names)
+    for key, es in list(param_axes.items()) + list(node_axes.items()):  # one walk names them all
+        if not wanted:
+            break
+        for d, e in enumerate(es):
+            for vid, path in _paths(e):
+                if vid in wanted:
+                    wanted.discard(vid)
                     base = key[: -len(".weight")] if key.endswith(".weight") else key
-                    names[vid] = f"{base}[{d}]{path}" if path else f"{base}[{d}]"
-                    break
-            if vid in names:
-                break
+                    names[vid] = f"{base}[{d}]{path}"
     used: dict[str, int] = {}
     for vid in var_ids:
         n = names.get(vid, f"group{vid}")
@@ -163,19 +207,15 @@ def _group_names(param_axes, node_axes, var_ids) -> dict[int, str]:
     return names
 
 
-def _path_to(e: Expr, vid: int) -> str | None:
+def _paths(e: Expr, prefix: str = ""):
+    """(variable id, path) of every variable in ``e``, in order (a variable may recur)."""
     if isinstance(e, ax.Var):
-        return "" if e.id == vid else None
-    if isinstance(e, ax.Cat):
+        yield e.id, prefix
+    elif isinstance(e, (ax.Cat, ax.PerBlock)):
         for i, p in enumerate(e.parts):
-            q = _path_to(p, vid)
-            if q is not None:
-                return f".{i}{q}"
-    if isinstance(e, ax.Kron):
-        for tag, p in (("o", e.outer), ("i", e.inner)):
-            q = _path_to(p, vid)
-            if q is not None:
-                return f".{tag}{q}"
-    return None
+            yield from _paths(p, f"{prefix}.{i}")
+    elif isinstance(e, ax.Kron):
+        yield from _paths(e.outer, prefix + ".o")
+        yield from _paths(e.inner, prefix + ".i")
 
 

@@ -6,12 +6,15 @@ permutations {group: P_g} to a model replaces every parameter and buffer W by
 
     W' = W.index_select(d, index(expr_d, P)) for every axis d,
 
-which, by construction of the expressions, leaves the function unchanged.
+then, for a grouped conv's per-group axis d (a PerBlock over row axis a), W' = W'.gather(d, idx)
+with idx[r, p] = index(expr_d's block of row r, P)[p] (``axes.permute_tensor``); which, by
+construction of the expressions, leaves the function unchanged.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 from torch import nn
@@ -80,10 +83,13 @@ class PermutationSpec:
         """Number of hidden channels that may move (sum of group sizes)."""
         return sum(g.size for g in self.groups)
 
+    @cached_property
+    def _by_name(self) -> dict[str, Group]:
+        return {g.name: g for g in self.groups}
+
     def group(self, name: str) -> Group:
-        for g in self.groups:
-            if g.name == name:
-                return g
+        if name in self._by_name:
+            return self._by_name[name]
         raise KeyError(f"no permutation group named {name!r}; groups: {[g.name for g in self.groups][:10]}")
 
     # -- permutations --------------------------------------------------------------------------
@@ -134,14 +140,11 @@ class PermutationSpec:
                     f"the model does not match the architecture the spec was discovered on"
                 )
             for d, e in enumerate(exprs):
-                if ax.is_fixed(e):
-                    continue
-                if e.size != t.shape[d]:
+                if not ax.is_fixed(e) and e.size != t.shape[d]:
                     raise MismatchError(
                         f"parameter {key!r} axis {d} has size {t.shape[d]} but the spec expects {e.size}"
                     )
-                t = t.index_select(d, ax.index(e, vp).to(t.device))
-            out[key] = t
+            out[key] = ax.permute_tensor(t, exprs, vp)
         return out
 
     # -- the proof -----------------------------------------------------------------------------

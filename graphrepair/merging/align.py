@@ -16,8 +16,14 @@ weights that g touches,
 
 where the g-view gathers, along axis d, the R positions of each of g's channels (a flattened
 feature map repeats a channel over spatial positions; a Kronecker layout repeats it per block) and
-flattens everything else, with the other groups' current permutations already applied to B. The
-descent repeats until no group changes. Groups replicated over other groups on one axis (heads x
+flattens everything else, with the other groups' current permutations already applied to B. Where
+axis d is a grouped conv's per-group axis (a PerBlock: row block j of axis a is permuted by its
+own expression e_j), g's term is the sum over the blocks whose e_j contains g, each g-view taken
+from that block's rows only:
+
+    sum_{j: g in e_j}  < W_A[rows of block j][g-view of e_j],  W_B'[rows of block j][P, g-view of e_j] >_F.
+
+The descent repeats until no group changes. Groups replicated over other groups on one axis (heads x
 head dims) start from a pairing-free estimate instead of the identity (see ``weight_matching``).
 """
 
@@ -114,9 +120,11 @@ def check_same_architecture(model_a: nn.Module, model_b: nn.Module) -> None:
         raise MismatchError(f"models A and B differ: only {name} has parameter {extra!r}")
 
 
-def _replicas(t: torch.Tensor, axis: int, pos: torch.Tensor) -> torch.Tensor:
+def _replicas(t: torch.Tensor, axis: int, pos: torch.Tensor, rows: tuple | None = None) -> torch.Tensor:
     """(|g|, R, everything else): channel c's R positions pos[c] along ``axis``, each with all
-    other axes flattened."""
+    other axes flattened; ``rows`` = (row axis, start, length) first narrows to one row block."""
+    if rows is not None:
+        t = t.narrow(*rows)
     m = t.movedim(axis, 0)
     return m[pos.to(t.device)].reshape(pos.shape[0], pos.shape[1], -1)
 
@@ -140,9 +148,11 @@ def weight_matching(spec: PermutationSpec, state_a: dict, state_b: dict, *, grou
     names = [g.name for g in spec.groups] if groups is None else list(groups)
     perms = {g.name: torch.arange(g.size) for g in spec.groups}
     if init:
-        perms.update({k: v.clone() for k, v in init.items()})
-    # the (param, axis) pairs each group touches, with the positions of its channels there
-    touches: dict[str, list[tuple[str, int, torch.Tensor]]] = {}
+        spec.checked(init)  # validated once; the descent only makes permutations
+        perms.update({k: torch.as_tensor(v, dtype=torch.long).cpu().clone() for k, v in init.items()})
+    # the (param, axis) pairs each group touches, with the positions of its channels there (and,
+    # on a grouped conv's per-group axis, the row block they are read in)
+    touches: dict[str, list[tuple[str, int, torch.Tensor, tuple | None]]] = {}
     for g in spec.groups:
         if g.name not in names:
             continue
@@ -152,29 +162,34 @@ def weight_matching(spec: PermutationSpec, state_a: dict, state_b: dict, *, grou
             t = state_a.get(m.name)
             if t is None or not t.is_floating_point():
                 continue
-            pos = ax.positions(spec.param_axes[m.name][m.axis], vid)
+            e = spec.param_axes[m.name][m.axis]
+            if isinstance(e, ax.PerBlock):
+                size = t.shape[e.axis] // len(e.parts)
+                for j, part in enumerate(e.parts):
+                    pos = ax.positions(part, vid)
+                    if pos is not None:
+                        items.append((m.name, m.axis, pos, (e.axis, j * size, size)))
+                continue
+            pos = ax.positions(e, vid)
             if pos is not None:
-                items.append((m.name, m.axis, pos))
+                items.append((m.name, m.axis, pos, None))
         touches[g.name] = items
     a64 = {k: v.detach().double() for k, v in state_a.items() if v.is_floating_point()}
     b64 = {k: v.detach().double() for k, v in state_b.items() if v.is_floating_point()}
     rng = np.random.default_rng(seed)
 
     def b_permuted(key: str, vp: dict) -> torch.Tensor:
-        wb = b64[key]
-        for d, e in enumerate(spec.param_axes[key]):
-            if not ax.is_fixed(e):
-                wb = wb.index_select(d, ax.index(e, vp).to(wb.device))
-        return wb
+        return ax.permute_tensor(b64[key], spec.param_axes[key], vp)
 
     def group_score(name: str, held: dict, pairing) -> torch.Tensor:
         """(|g|, |g|) summed ``pairing`` of A's and B's weights that group ``name`` touches, with
         the groups in ``held`` permuted as given there."""
-        vp = spec._var_perms(held)
+        vp = {spec.var_of_group[k]: v for k, v in held.items()}
         size = spec.group(name).size
         total = torch.zeros(size, size, dtype=torch.float64)
-        for key, axis, pos in touches[name]:
-            total += pairing(_replicas(a64[key], axis, pos), _replicas(b_permuted(key, vp), axis, pos)).cpu()
+        for key, axis, pos, rows in touches[name]:
+            total += pairing(_replicas(a64[key], axis, pos, rows),
+                             _replicas(b_permuted(key, vp), axis, pos, rows)).cpu()
         return total
 
     def descend(active: list[str]) -> None:
@@ -197,7 +212,7 @@ def weight_matching(spec: PermutationSpec, state_a: dict, state_b: dict, *, grou
     # from the identity pairs their replicas wrongly and stalls. First the other groups, then
     # these from a pairing-free start (each A replica's best match among B's), then all together.
     coupled = [n for n in names if not (init and n in init)
-               and any(ax.mixes(spec.param_axes[key][axis]) for key, axis, _ in touches[n])]
+               and any(ax.mixes(spec.param_axes[key][axis]) for key, axis, _, _ in touches[n])]
     if coupled:
         descend([n for n in names if n not in coupled])
         held = {k: v for k, v in perms.items() if k not in coupled}
