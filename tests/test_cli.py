@@ -451,7 +451,7 @@ def test_demo_command(tmp_path):
     assert r["onnx"]["max_abs_diff"] < 1e-4
     assert r["seconds"]["total"] < 120
     # the ONNX file is the REPAIRed midpoint: its accuracy is the REPAIR curve's at alpha 0.5
-    from fixtures.datasets import digits
+    from graphrepair.demo.data import digits
     x, y = digits("test", flatten=True)
     got = onnx_outputs(out / "merged.onnx", x.numpy())
     assert abs(float((got.argmax(1) == y.numpy()).mean()) - acc["REPAIR"]) < 1e-9
