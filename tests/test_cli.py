@@ -4,7 +4,8 @@ input ending in one line on stderr, exit status 2 and no output file.
 Fixtures are built once per module: two ``fixtures.zoo:mlp3`` networks (3 hidden layers of width 32)
 trained for a few epochs on scikit-learn's 8x8 digits from different seeds, saved as safetensors,
 the digits as .npz files, and a residual MLP (in a user file, ``models.py:resmlp``) whose REPAIR
-resets after the residual adds cannot be folded into the weights.
+resets after the residual adds cannot be folded into the weights. The demo's default pair is checked
+on the one run of ``graphrepair demo`` per session (``wheel_demo`` in tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -436,34 +437,33 @@ def test_export_bad_input(work, tmp_path, case):
 # demo
 
 
-def test_demo_command(tmp_path):
-    """The embedded default, through the CLI (5 alphas instead of 11 to keep the suite quick)."""
-    out = tmp_path / "demo"
-    result = cli("-q", "demo", "--out", out, "--alphas", "5", "--json")
-    assert result.exit_code == 0, result.stderr
-    r = json.loads(result.stdout)
-    assert sorted(p.name for p in out.iterdir()) == ["barrier.png", "layers.png", "merged.onnx"]
+def test_demo_default_pair(wheel_demo):
+    """The embedded default pair, trained and merged by the README's ``graphrepair demo``: the one
+    run of it per session, from the built wheel (tests/conftest.py), which records its results."""
+    assert wheel_demo.result.returncode == 0, wheel_demo.result.stderr
+    r = wheel_demo.probe["demo"]
     curves = {c["label"]: c for c in r["curves"]}
-    acc = {k: c["accuracy"][2] for k, c in curves.items()}  # alpha 0.5
+    at = curves["REPAIR"]["alphas"].index(0.5)
+    acc = {k: c["accuracy"][at] for k, c in curves.items()}
     assert acc["REPAIR"] >= acc["aligned"] > acc["naive"]
     assert acc["REPAIR"] > 0.85 and curves["REPAIR"]["accuracy_barrier"] < curves["aligned"]["accuracy_barrier"]
     assert r["merged"]["folded"] == r["merged"]["resets"] == 8
+    assert "REPAIR: 8 of 8 resets folded into the weights" in wheel_demo.result.stdout
     assert r["onnx"]["max_abs_diff"] < 1e-4
     assert r["seconds"]["total"] < 120
     # the ONNX file is the REPAIRed midpoint: its accuracy is the REPAIR curve's at alpha 0.5
-    from fixtures.datasets import digits
+    from graphrepair.demo.data import digits
     x, y = digits("test", flatten=True)
-    got = onnx_outputs(out / "merged.onnx", x.numpy())
+    got = onnx_outputs(wheel_demo.cwd / "graphrepair-demo" / "merged.onnx", x.numpy())
     assert abs(float((got.argmax(1) == y.numpy()).mean()) - acc["REPAIR"]) < 1e-9
 
 
-def test_run_demo_returns_figures_without_writing(work, tmp_path, monkeypatch):
-    from matplotlib.figure import Figure
-
-    from fixtures.datasets import digits
+def mlp3_pair(work: Path):
+    """The two mlp3 networks the module trained, as a DemoPair on the digits (no training)."""
     from fixtures.zoo import mlp3
+    from graphrepair.demo import DemoPair
+    from graphrepair.demo.data import digits
     from graphrepair.io.data import ArrayDataset
-    from graphrepair.demo import DemoPair, run_demo
 
     models = []
     for name in ("a", "b"):
@@ -472,7 +472,37 @@ def test_run_demo_returns_figures_without_writing(work, tmp_path, monkeypatch):
         models.append(m.eval())
     x, y = digits("train", flatten=True)
     xt, yt = digits("test", flatten=True)
-    pair = DemoPair("mlp3", "mlp3 on digits", models[0], models[1], ArrayDataset(x), ArrayDataset(xt, yt))
+    return DemoPair("mlp3", "mlp3 on digits", models[0], models[1], ArrayDataset(x), ArrayDataset(xt, yt))
+
+
+def test_demo_command_json(work, tmp_path, monkeypatch):
+    """``demo --json`` through the CLI: files, report and ONNX agree (on the module's mlp3 pair; the
+    default pair's run is test_demo_default_pair's)."""
+    from graphrepair import demo
+
+    pair = mlp3_pair(work)
+    monkeypatch.setattr(demo, "available_pairs", lambda: {"mlp3": lambda **options: pair})
+    out = tmp_path / "demo"
+    result = cli("-q", "demo", "--pair", "mlp3", "--out", out, "--alphas", "3", "--json")
+    assert result.exit_code == 0, result.stderr
+    r = json.loads(result.stdout)
+    assert r["pair"] == "mlp3" and r["paths"] == {k: str(out / n) for k, n in demo.OUTPUT_NAMES.items()}
+    assert sorted(p.name for p in out.iterdir()) == ["barrier.png", "layers.png", "merged.onnx"]
+    curves = {c["label"]: c for c in r["curves"]}
+    assert list(curves) == ["naive", "aligned", "REPAIR"] and curves["REPAIR"]["alphas"] == [0, 0.5, 1]
+    assert r["merged"]["folded"] == r["merged"]["resets"] == 3 and r["onnx"]["max_abs_diff"] < 1e-4
+    assert len(r["layers"]) == 3 and r["layer_alpha"] == 0.5
+    x, y = pair.eval.x.numpy(), pair.eval.y.numpy()
+    got = onnx_outputs(out / "merged.onnx", x)
+    assert abs(float((got.argmax(1) == y).mean()) - curves["REPAIR"]["accuracy"][1]) < 1e-9
+
+
+def test_run_demo_returns_figures_without_writing(work, tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from graphrepair.demo import run_demo
+
+    pair = mlp3_pair(work)
     monkeypatch.chdir(tmp_path)
     result = run_demo(None, pair=pair, alphas=3)
     assert set(result.figures) == {"barrier", "layers"}

@@ -1,4 +1,5 @@
-"""fixtures.datasets (offline MNIST and digits) and fixtures.train (the quick training loop)."""
+"""Offline data (fixtures.datasets: MNIST; graphrepair.demo.data: digits) and the quick training loop
+(graphrepair.demo.train, re-exported by fixtures.train)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ import pytest
 import torch
 
 from fixtures import datasets
-from fixtures.datasets import MNIST_MEAN, MNIST_STD, digits, mnist, mnist_path
-from fixtures.train import _mlp as mlp  # the MLP the fixture pairs are trained as
-from fixtures.train import evaluate, train, train_pair
+from fixtures.datasets import MNIST_MEAN, MNIST_STD, mnist, mnist_path
+from graphrepair.demo.data import digits
+from graphrepair.demo.model import mlp  # the MLP the fixture pairs and the demo are trained as
+from graphrepair.demo.train import evaluate, train, train_pair
 from graphrepair.errors import DataError, NumericError
 
 

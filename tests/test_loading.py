@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import sys
 import textwrap
 import uuid
 from pathlib import Path
@@ -109,6 +110,19 @@ def test_factory_from_file_can_import_its_neighbours(tmp_path: Path) -> None:
     path = tmp_path / "factory_file.py"
     path.write_text("from torch import nn\nimport grtest_helper_layers as h\ndef f():\n    return nn.Linear(h.WIDTH, 1)\n")
     assert load_factory(f"{path}:f").in_features == 5
+
+
+def test_module_in_the_working_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As with ``python -m``: a MODULE:FACTORY module may sit in the working directory (the console
+    script does not put it on the path), also one the factory imports only when called; the import
+    path is as it was afterwards. (tests/test_packaging.py runs the console script itself.)"""
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".")])
+    monkeypatch.chdir(tmp_path)
+    name = write_module(tmp_path, MODELS)
+    lazy = write_module(tmp_path, f"def build():\n    import {name}\n    return {name}.build()\n")
+    before = list(sys.path)
+    assert isinstance(load_factory(f"{lazy}:build"), nn.Sequential)
+    assert sys.path == before
 
 
 def test_factory_dotted_attribute(models_module: str) -> None:

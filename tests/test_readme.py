@@ -1,19 +1,25 @@
 """The README is tested: its set-up commands match CI, and every command and Python example it
-shows runs as written (from a scratch directory that sees the repository's fixtures)."""
+shows runs as written (from a scratch directory that sees the repository's fixtures), leaving only
+files that .gitignore lists when run from the repository root.
+
+The CLI commands run in this process through click's CliRunner (each subprocess would import torch
+again); the console script itself runs as a subprocess in tests/test_packaging.py, and the set-up's
+``graphrepair demo`` is the one run from the built wheel that tests/conftest.py makes per session.
+"""
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
-import subprocess
-import sys
 from pathlib import Path
 
 import onnx
 import pytest
 import safetensors.torch
+from click.testing import CliRunner
+
+from graphrepair.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -38,13 +44,25 @@ def scratch(tmp_path, monkeypatch):
     return tmp_path
 
 
-def run(command: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    bin_dir = str(Path(sys.executable).parent)
-    env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
-    if ">" in command:  # a redirection: let the shell do it
-        return subprocess.run(command, shell=True, cwd=cwd, env=env, capture_output=True, text=True)
-    return subprocess.run(shlex.split(command), cwd=cwd, env=env, capture_output=True, text=True)
+def run(command: str, cwd: Path):
+    """``graphrepair ARGS [> FILE]`` in this process, from ``cwd`` (the caller's working directory)."""
+    argv = shlex.split(command)
+    redirect = None
+    if ">" in argv:  # a redirection of stdout into a file, as the shell would do it
+        at = argv.index(">")
+        argv, redirect = argv[:at], argv[at + 1]
+    assert argv[0] == "graphrepair", command
+    result = CliRunner().invoke(main, argv[1:], catch_exceptions=False)
+    if redirect is not None:
+        (cwd / redirect).write_text(result.stdout)
+    return result
+
+
+def assert_ignored_by_git(names: set[str]) -> None:
+    """Each file or folder the README's commands write into the repository root is in .gitignore."""
+    ignored = {line.strip().strip("/") for line in (ROOT / ".gitignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")}
+    assert names and names <= ignored, f"add to .gitignore: {sorted(names - ignored)}"
 
 
 def test_setup_is_two_commands_and_ci_runs_the_test_command():
@@ -55,21 +73,24 @@ def test_setup_is_two_commands_and_ci_runs_the_test_command():
     assert "torch==" in (ROOT / "constraints.txt").read_text()
 
 
-def test_setup_main_job_runs(scratch):
+def test_setup_main_job_runs(wheel_demo):
+    """The set-up's ``graphrepair demo``, run from an empty folder with the wheel installed."""
     main_job = setup_commands()[0].split("&&", 1)[1].strip()
-    res = run(main_job, scratch)
+    assert shlex.split(main_job) == ["graphrepair", *wheel_demo.args]
+    res = wheel_demo.result
     assert res.returncode == 0, res.stderr
-    out = scratch / "graphrepair-demo"
+    out = wheel_demo.cwd / "graphrepair-demo"
     onnx.checker.check_model(onnx.load(str(out / "merged.onnx")))
     assert (out / "barrier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "REPAIR" in res.stdout
+    assert_ignored_by_git({p.name for p in wheel_demo.cwd.iterdir()})
 
 
 def test_cli_quickstart_runs_as_written(scratch):
     pytest.importorskip("mnist")
     for command in cli_commands():
         res = run(command, scratch)
-        assert res.returncode == 0, f"{command}\n{res.stderr}"
+        assert res.exit_code == 0, f"{command}\n{res.stderr}"
     assert "digraph" in (scratch / "resnet20.dot").read_text()
     spec = json.loads((scratch / "gpt2_spec.json").read_text())
     assert spec["totals"]["free_channels"] > 0
@@ -78,6 +99,7 @@ def test_cli_quickstart_runs_as_written(scratch):
     state = safetensors.torch.load_file(str(scratch / "merged.safetensors"))
     assert "1.weight" in state
     assert (scratch / "barrier.png").read_bytes()[:4] == b"\x89PNG"
+    assert_ignored_by_git({p.name for p in scratch.iterdir()} - {"fixtures"})
 
 
 def test_python_quickstart_runs_as_written(scratch):
@@ -88,3 +110,4 @@ def test_python_quickstart_runs_as_written(scratch):
     assert namespace["accuracy"] > 0.9
     assert namespace["report"].max_abs_diff < 1e-4
     assert (scratch / "merged_python.onnx").exists()
+    assert_ignored_by_git({p.name for p in scratch.iterdir()} - {"fixtures"})

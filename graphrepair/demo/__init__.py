@@ -2,7 +2,9 @@
 
 Default pair ("digits-mlp"): two MLPs (8 hidden layers of width 64, the REPAIR paper's MLP at
 digits scale) trained from seeds 0 and 1 on scikit-learn's bundled 8x8 digits (1,437 training
-images, 360 test images; ``fixtures.datasets.digits``). Nothing is downloaded.
+images, 360 test images). Nothing is downloaded. The data (``demo/data.py``), the MLP
+(``demo/model.py``) and the training loop (``demo/train.py``) live here, so the demo runs wherever
+graphrepair is installed; the test fixtures reuse them.
 
 The demo merges them at alpha = 0.5 naively, after alignment and after alignment + exact REPAIR,
 measures each path over a grid of alphas (``study.run_study``), the per-layer variance collapse and
@@ -13,14 +15,17 @@ LLFC (``layers=True``), and writes into ``out_dir``:
     layers.png     variance ratio and LLFC cosine per layer, aligned without and with REPAIR
 
 Other pairs (``graphrepair demo --pair NAME``): ``PAIRS`` maps a name to a builder returning a
-:class:`DemoPair`; the checkpoint pairs of ``fixtures.pairs`` (MNIST MLPs and ResNet) join them
-automatically when their files are present in ``fixtures/checkpoints/`` (``shipped_pairs``). The
-default never depends on them.
+:class:`DemoPair`. When graphrepair runs from a source checkout (an editable install or PYTHONPATH),
+the checkpoint pairs of the repository's ``fixtures.pairs`` (MNIST MLPs and ResNet) join them when
+their files are present in ``fixtures/checkpoints/`` (``shipped_pairs``). An installed wheel has no
+``fixtures`` and never imports one; the default never depends on them.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -56,10 +61,11 @@ def digits_mlp_pair(depth: int = 8, width: int = 64, epochs: int = 30, lr: float
                     batch_size: int = 64, seeds: tuple[int, int] = (0, 1),
                     device: torch.device | str | None = None) -> DemoPair:
     """Train the default pair (a few seconds on one CPU core)."""
+    from graphrepair.demo.data import digits
+    from graphrepair.demo.model import mlp
+    from graphrepair.demo.train import train_pair
+
     try:
-        from fixtures.datasets import digits
-        from fixtures.train import train_pair
-        from fixtures.zoo import mlp
         x, y = digits("train", flatten=True)
         x_test, y_test = digits("test", flatten=True)
     except ImportError as e:
@@ -82,16 +88,46 @@ def digits_mlp_pair(depth: int = 8, width: int = 64, epochs: int = 30, lr: float
 PAIRS: dict[str, Callable[..., DemoPair]] = {"digits-mlp": digits_mlp_pair}
 
 
-def shipped_pairs() -> dict[str, Callable[..., DemoPair]]:
-    """Builders for the checkpoint pairs of ``fixtures.pairs`` whose files are present in
-    ``fixtures/checkpoints/`` (none when that module or the files are absent: the demo never
-    depends on them)."""
+# The source checkout graphrepair is imported from, if any: the folder above the package.
+_CHECKOUT = Path(__file__).resolve().parents[2]
+
+
+def _checkout_pairs():
+    """The module ``fixtures.pairs`` of the source checkout graphrepair runs from, or None.
+
+    None for an installed wheel (no ``fixtures/pairs.py`` next to the package) and when another
+    package named ``fixtures`` is the importable one (PyPI has one): ``fixtures`` is imported only
+    if it is this checkout's. The checkout is put on the import path for that import when it is
+    not there (a console script from an editable install does not see the repository root).
+    """
+    package = _CHECKOUT / "fixtures"
+    if not (package / "pairs.py").is_file():
+        return None
+    if "fixtures.pairs" in sys.modules:
+        module = sys.modules["fixtures.pairs"]
+        return module if Path(module.__file__).resolve().parent == package else None
+    spec = importlib.util.find_spec("fixtures")
+    if spec is not None:
+        if spec.origin is None or Path(spec.origin).resolve() != package / "__init__.py":
+            return None
+        from fixtures import pairs
+        return pairs
+    sys.path.insert(0, str(_CHECKOUT))
     try:
-        from fixtures import pairs as shipped
-        found = {name: all(path.is_file() for path in pair.paths()) for name, pair in shipped.PAIRS.items()}
-    except Exception:  # an older or newer fixtures package: no shipped pairs, the default still runs
+        from fixtures import pairs
+    finally:
+        sys.path.remove(str(_CHECKOUT))
+    return pairs
+
+
+def shipped_pairs() -> dict[str, Callable[..., DemoPair]]:
+    """Builders for the checkpoint pairs of the checkout's ``fixtures.pairs`` whose files are present
+    in ``fixtures/checkpoints/`` (none from an installed wheel: the demo never depends on them)."""
+    shipped = _checkout_pairs()
+    if shipped is None:
         return {}
-    return {name: functools.partial(_shipped_pair, name) for name, ok in found.items() if ok}
+    found = {name: all(path.is_file() for path in pair.paths()) for name, pair in shipped.PAIRS.items()}
+    return {name: functools.partial(_shipped_pair, shipped, name) for name, ok in found.items() if ok}
 
 
 def available_pairs() -> dict[str, Callable[..., DemoPair]]:
@@ -99,11 +135,11 @@ def available_pairs() -> dict[str, Callable[..., DemoPair]]:
     return {**shipped_pairs(), **PAIRS}
 
 
-def _shipped_pair(name: str, device: torch.device | str | None = None, fit_examples: int = 5000) -> DemoPair:
-    """A pair from fixtures/checkpoints: the first ``fit_examples`` training inputs for alignment and
-    REPAIR statistics, the test split for evaluation."""
-    from fixtures import pairs as shipped
-
+def _shipped_pair(shipped, name: str, device: torch.device | str | None = None,
+                  fit_examples: int = 5000) -> DemoPair:
+    """A pair from fixtures/checkpoints (``shipped``: the module ``fixtures.pairs``): the first
+    ``fit_examples`` training inputs for alignment and REPAIR statistics, the test split for
+    evaluation."""
     start = time.perf_counter()
     device = torch.device(device) if device is not None else torch.device("cpu")
     pair = shipped.PAIRS[name]

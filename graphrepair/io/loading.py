@@ -3,7 +3,10 @@
 A reference names a zero-argument callable: ``fixtures.zoo:resnet18`` (an importable module) or
 ``path/to/models.py:build`` (a file, imported under a private module name). The part after the
 last colon may be dotted (``pkg.mod:Builder.small``). ``resolve_reference`` and ``call_reference``
-are shared with :mod:`graphrepair.io.data` (``MODULE:FUNCTION`` data sources).
+are shared with :mod:`graphrepair.io.data` (``MODULE:FUNCTION`` data sources). As with
+``python -m``, modules in the working directory are importable: it is first on the import path
+while a reference is imported and called (the ``graphrepair`` console script does not put it
+there itself).
 
 Checkpoints are state dicts: ``.safetensors``, or ``.pt``/``.pth``/``.bin`` read with
 ``torch.load(weights_only=True)`` (a dict holding the state dict under ``"state_dict"`` or
@@ -22,7 +25,8 @@ import os
 import pickle
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -94,6 +98,24 @@ def _import_file(file_part: str, ref: str, kind: str) -> object:
     return module
 
 
+@contextmanager
+def _working_directory_importable() -> Iterator[None]:
+    """The working directory first on ``sys.path`` for the block, unless it is there already ('' or
+    its path, as ``python -m`` and the interactive interpreter put it); removed again afterwards."""
+    cwd = os.getcwd()
+    if any(os.path.abspath(entry or os.curdir) == cwd for entry in sys.path if isinstance(entry, str)):
+        yield
+        return
+    sys.path.insert(0, cwd)
+    try:
+        yield
+    finally:
+        try:
+            sys.path.remove(cwd)
+        except ValueError:
+            pass
+
+
 def _import_module(module_part: str, ref: str) -> object:
     try:
         return importlib.import_module(module_part)
@@ -141,7 +163,8 @@ def resolve_reference(ref: str, *, kind: str = "FACTORY") -> object:
     if _looks_like_file(module_part):
         module = _import_file(module_part, ref, kind)
     else:
-        module = _import_module(module_part, ref)
+        with _working_directory_importable():
+            module = _import_module(module_part, ref)
 
     obj: object = module
     walked: list[str] = []
@@ -176,7 +199,13 @@ def _required_parameters(fn: object) -> list[str]:
 
 
 def call_reference(ref: str, *, kind: str = "FACTORY") -> object:
-    """Resolve ``ref`` and call it with no arguments; LoadError if it is not callable or raises."""
+    """Resolve ``ref`` and call it with no arguments; LoadError if it is not callable or raises.
+    The working directory stays importable during the call (a factory may import lazily)."""
+    with _working_directory_importable():
+        return _call_reference(ref, kind)
+
+
+def _call_reference(ref: str, kind: str) -> object:
     fn = resolve_reference(ref, kind=kind)
     if not callable(fn):
         raise LoadError(
