@@ -1,8 +1,9 @@
 """Export a model to ONNX and keep the file only if onnxruntime agrees with torch.
 
 Steps: ``torch.onnx.export(..., dynamo=True)`` with a dynamic batch axis (axis 0 of every tensor
-input, one shared symbol "batch") and the weights embedded, into a temporary file in the target
-directory; ``onnx.checker.check_model``; onnxruntime sessions (CPUExecutionProvider, plus
+input, one shared symbol "batch"; traced from the example, repeated to a batch of 2 when its batch
+is 1, since torch.export specialises size-1 dimensions) and the weights embedded, into a temporary
+file in the target directory; ``onnx.checker.check_model``; onnxruntime sessions (CPUExecutionProvider, plus
 CUDAExecutionProvider when torch sees a GPU and onnxruntime offers it) run on the example inputs,
 on a batch of another size (2B + 1 rows built from the example: x, x reversed, x[:1]) to prove the
 batch axis is dynamic, and on any ``check_inputs``. Every output is compared with torch's:
@@ -85,6 +86,27 @@ def _bigger_batch(args: tuple) -> tuple:
     return pytree.tree_map(grow, args)
 
 
+def _export_batch(args: tuple) -> tuple:
+    """The inputs the exporter traces with a dynamic batch axis: the example itself, or, when its
+    batch is 1, the example repeated to a batch of 2. torch.export specialises every dimension of
+    size 0 or 1 to that constant, so a batch-1 example either contradicts the dynamic "batch"
+    symbol (``Invalid ranges [2:1]`` where a later op guards on it, e.g. ConvNeXt's and Swin's
+    channels-last permutes) or bakes batch 1 into the graph (a ViT's class token expanded to
+    ``x.size(0)``), which onnxruntime then refuses for any other batch size. The values do not
+    matter to the trace; the verification still runs on the example itself (another batch size
+    than the traced one) and on a bigger batch."""
+    tensors = [a for a in _input_tensors(args) if a.ndim > 0]
+    if not tensors or any(a.shape[0] != 1 for a in tensors):
+        return args
+
+    def grow(a: Any) -> Any:
+        if isinstance(a, torch.Tensor) and a.ndim > 0:
+            return torch.cat([a, a], dim=0)
+        return a
+
+    return pytree.tree_map(grow, args)
+
+
 # ---------------------------------------------------------------------------------------------
 # Helpers
 
@@ -93,7 +115,8 @@ def _bigger_batch(args: tuple) -> tuple:
 def _quiet() -> Iterator[None]:
     """Silence the exporter's progress logs, graph dumps and deprecation chatter (errors still
     raise, and their message carries the summary)."""
-    names = ("torch.onnx", "torch.export", "torch._export", "torch._dynamo", "torch.fx.experimental", "onnxscript")
+    names = ("torch.onnx", "torch.export", "torch._export", "torch._dynamo", "torch._guards",
+             "torch.fx.experimental", "onnxscript")
     loggers = [logging.getLogger(n) for n in names]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
@@ -323,7 +346,7 @@ def export_onnx(
                 with _quiet():
                     torch.onnx.export(
                         model,
-                        example_inputs,
+                        _export_batch(example_inputs) if dynamic_batch else example_inputs,
                         tmp,
                         dynamo=True,
                         external_data=False,

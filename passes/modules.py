@@ -351,10 +351,12 @@ _TRANSPOSES = _overloads((aten.t, ("default",)), (aten.permute, ("default",)), (
 
 def _is_transpose(node: Node) -> bool:
     if node.op == "call_function" and node.target in _TRANSPOSES:
-        if node.target == aten.permute.default:
-            return list(node.args[1]) == [1, 0]
-        if node.target == aten.transpose.int:
-            return sorted(int(a) % 2 for a in node.args[1:3]) == [0, 1]
+        if node.target == aten.permute.default:  # permute(self, dims), positional or keyword
+            dims = call_arg(node, Arg(1, "dims"))
+            return isinstance(dims, (list, tuple)) and list(dims) == [1, 0]
+        if node.target == aten.transpose.int:  # transpose(self, dim0, dim1)
+            dims = [call_arg(node, Arg(1, "dim0")), call_arg(node, Arg(2, "dim1"))]
+            return all(isinstance(d, int) for d in dims) and sorted(d % 2 for d in dims) == [0, 1]
         return True
     if node.op == "call_method" and node.target == "t":
         return True

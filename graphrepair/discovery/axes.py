@@ -434,7 +434,8 @@ class AxisSolver:
         """Write ``e`` as kron(outer, inner) with |inner| == s (restricting variables if needed)."""
         e = self.shared(e, why)
         n = e.size
-        assert n % s == 0, (e, s)
+        if n % s:
+            raise AxisError(f"an axis of {n} cannot be split into blocks of {s} ({why})")
         if isinstance(e, Var):
             o, i = self.fresh(n // s), self.fresh(s)
             self._bind(e, kron(o, i))

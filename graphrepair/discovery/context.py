@@ -8,6 +8,8 @@ op's schema (``arg``), so that a positional and a keyword call mean the same.
 
 from __future__ import annotations
 
+import typing
+import warnings
 from typing import Any
 
 import torch
@@ -141,12 +143,16 @@ class Context:
         self.joins[self.node.name] = kind
 
 
-def _arg_type(value, info) -> type:
+def _arg_type(value, info) -> Any:
+    """The Python type of an argument, as ``normalize_function`` matches it against overloads."""
     if isinstance(value, torch.fx.Node):
         i = info(value)
-        return torch.Tensor if isinstance(i, TensorInfo) else tuple if isinstance(i, tuple) else int
+        if isinstance(i, TensorInfo):
+            return torch.Tensor
+        return typing.List[torch.Tensor] if isinstance(i, tuple) else int  # noqa: UP006 (fx matches typing forms)
     if isinstance(value, (list, tuple)):
-        return list if any(isinstance(v, torch.fx.Node) for v in value) else type(value)
+        kinds = {_arg_type(v, info) for v in value}
+        return typing.List[kinds.pop()] if len(kinds) == 1 else type(value)  # noqa: UP006
     return type(value)
 
 
@@ -165,13 +171,15 @@ def _normalize(gm: torch.fx.GraphModule, node: torch.fx.Node, info) -> dict[str,
                 return None
         elif node.op != "call_function":
             return None
-        try:
-            found = normalize_function(target, args, kwargs, normalize_to_only_use_kwargs=True)
-        except RuntimeError:  # ambiguous: name the types
-            found = normalize_function(
-                target, args, kwargs, arg_types=tuple(_arg_type(a, info) for a in args),
-                kwarg_types={k: _arg_type(v, info) for k, v in kwargs.items()},
-                normalize_to_only_use_kwargs=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                found = normalize_function(target, args, kwargs, normalize_to_only_use_kwargs=True)
+            except RuntimeError:  # ambiguous: name the types
+                found = normalize_function(
+                    target, args, kwargs, arg_types=tuple(_arg_type(a, info) for a in args),
+                    kwarg_types={k: _arg_type(v, info) for k, v in kwargs.items()},
+                    normalize_to_only_use_kwargs=True)
     except Exception:  # no schema, or none that matches: the rule reads keywords and positions
         return None
     return dict(found.kwargs) if found is not None else None

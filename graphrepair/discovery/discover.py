@@ -36,6 +36,8 @@ def discover(model: nn.Module, example_inputs, *, traced: Traced | None = None) 
     """Discover the permutation groups of ``model`` (see module docstring)."""
     traced = traced or trace(model, example_inputs)
     ctx = Context(traced, _aliases(model))
+    # what a permutation or a merge can carry: the state dict (canonical keys of tied tensors)
+    persistent = {ctx.aliases.get(k, k) for k in model.state_dict(keep_vars=True)}
     gm = traced.gm
     for node in gm.graph.nodes:
         ctx.node = node
@@ -46,7 +48,7 @@ def discover(model: nn.Module, example_inputs, *, traced: Traced | None = None) 
             continue
         if node.op == "get_attr":
             if isinstance(info, TensorInfo):
-                ctx.values[node.name] = ctx.param(node.target, info.shape)
+                ctx.values[node.name] = _get_attr_axes(ctx, node, info, persistent)
             continue
         if node.op == "output":
             for a in tensor_args(node):
@@ -100,6 +102,23 @@ def _confine_per_block(ctx: Context) -> None:
             for exprs in (v if isinstance(v, tuple) else (v,)):
                 if isinstance(exprs, list) and id(exprs) not in params:
                     changed |= any([share(solver.resolve(e)) for e in exprs])
+
+
+def _get_attr_axes(ctx: Context, node: torch.fx.Node, info: TensorInfo, persistent: set[str]) -> list:
+    """Axes of a tensor the graph reads from the model. A parameter or persistent buffer gets its
+    variables (shared by every read). A tensor that is not in the state dict (a buffer registered
+    with ``persistent=False``, a plain tensor attribute, a constant the tracer lifted) cannot carry
+    a permutation: permutations and merges are applied to state dicts, and the merged model keeps
+    model A's copy of such a tensor. Its axes are fixed, like a model input's."""
+    key = ctx.aliases.get(node.target, node.target)
+    if key in persistent:
+        return ctx.param(node.target, info.shape)
+    reason = (f"'{node.target}' is not in the state dict (a non-persistent buffer or a tensor "
+              f"attribute): permutations and merges cannot carry it")
+    for d, s in enumerate(info.shape):
+        if s > 1:
+            ctx.origins.append(FixedAxis(node.name, d, s, reason, "node"))
+    return [Fixed(s, reason) for s in info.shape]
 
 
 # -- turning the solved variables into a frozen spec ---------------------------------------------

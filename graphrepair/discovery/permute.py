@@ -17,6 +17,8 @@ def permute(model: nn.Module, spec: PermutationSpec, perms: dict[str, torch.Tens
     included) are reordered by ``perms`` ({group name: permutation}). ``model`` is untouched."""
     new = copy.deepcopy(model)
     with torch.no_grad():
+        # permute_state_dict keeps the state dict's _metadata (module versions), which
+        # _load_from_state_dict may read
         state = spec.permute_state_dict(new.state_dict(), perms)
         new.load_state_dict(state)
     return new

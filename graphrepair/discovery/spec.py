@@ -126,9 +126,10 @@ class PermutationSpec:
         return ax.index(self.node_axes[node][axis], self._vp(perms))
 
     def permute_state_dict(self, state: dict[str, torch.Tensor], perms: dict[str, torch.Tensor]) -> dict:
-        """A new state dict with every parameter and buffer reordered by ``perms``."""
+        """A new state dict with every parameter and buffer reordered by ``perms``. The input's
+        ``_metadata`` (module versions that ``_load_from_state_dict`` may read) is kept."""
         vp = self._vp(perms)
-        out = {}
+        out = with_metadata({}, state)
         for key, t in state.items():
             exprs = self.param_axes.get(key)
             if exprs is None or t.ndim == 0:
@@ -155,6 +156,20 @@ class PermutationSpec:
         args = as_tuple(example_inputs)
         perms = self.random_permutations(seed)
         ref = _outputs(model, args)
+        if self.groups and _uninformative(ref, args):
+            # outputs that do not vary (all zero, constant, or the same for every example) cannot
+            # show a wrong permutation: check on a copy whose parameters are perturbed (the spec is
+            # structural, so it holds for any parameter values); refuse if every output is still
+            # one constant (a model whose output ignores its input, e.g. through a LayerNorm of
+            # one channel, may still be checked: permutations can move its constant)
+            model = _perturbed(model, seed)
+            ref = _outputs(model, args)
+            if not any(_varies(t) for t in ref):
+                raise CheckError(
+                    f"every output of {self.model_name} on the example is one constant (e.g. all "
+                    f"zero), even with its parameters perturbed: permutations cannot change it, so "
+                    f"the check would prove nothing; give an example input the outputs depend on"
+                )
         got = _outputs(permute(model, self, perms), args)
         worst = _compare(ref, got, rtol, atol)
         if worst is None:
@@ -172,6 +187,69 @@ class PermutationSpec:
             f"random permutations of all groups together change the output of {self.model_name} "
             f"(max abs diff {worst:.3g}), although each group alone does not"
         )
+
+
+def with_metadata(state: dict, like: dict) -> dict:
+    """``state`` as an OrderedDict carrying ``like``'s ``_metadata`` (the per-module versions a
+    state dict records and ``_load_from_state_dict`` reads, e.g. torchvision's MNASNet refuses a
+    state dict without one). A state dict rebuilt as a plain dict loses them."""
+    from collections import OrderedDict
+
+    out = OrderedDict(state)
+    metadata = getattr(like, "_metadata", None)
+    if metadata is not None:
+        out._metadata = OrderedDict((k, dict(v)) for k, v in metadata.items())
+    return out
+
+
+def _varies(t: torch.Tensor) -> bool:
+    if t.numel() <= 1:
+        return False
+    if t.dtype == torch.bool:
+        return bool(t.any()) and not bool(t.all())
+    flat = t.reshape(-1)
+    return not bool((flat == flat[0]).all())
+
+
+def _rows_differ(t: torch.Tensor) -> bool:
+    return t.ndim > 0 and t.shape[0] > 1 and _varies_along_batch(t)
+
+
+def _varies_along_batch(t: torch.Tensor) -> bool:
+    return not bool((t == t[:1]).all())
+
+
+def _uninformative(ref: list[torch.Tensor], args: tuple) -> bool:
+    """Whether outputs ``ref`` cannot show a wrong permutation: no output varies at all (all zero
+    or constant), or the example holds different examples and every output is the same for each
+    of them (it does not depend on the input)."""
+    if not ref or not any(_varies(t) for t in ref):
+        return True
+    inputs = [a for a in args if isinstance(a, torch.Tensor)]
+    batch = {a.shape[0] for a in inputs if a.ndim > 0}
+    if len(batch) == 1 and any(_rows_differ(a) for a in inputs):
+        n = batch.pop()
+        with_batch = [t for t in ref if t.ndim > 0 and t.shape[0] == n]
+        return bool(with_batch) and len(with_batch) == len(ref) and not any(
+            _varies_along_batch(t) for t in with_batch)
+    return False
+
+
+def _perturbed(model: nn.Module, seed: int) -> nn.Module:
+    """A copy of ``model`` with noise added to every floating parameter (tied ones stay tied):
+    zero-initialised layers (heads, layer scales) then pass their inputs on."""
+    import copy
+
+    new = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in new.parameters():  # each tensor once
+            if not p.is_floating_point() or p.numel() == 0:
+                continue
+            std = float(p.detach().float().std()) if p.numel() > 1 else 0.0
+            scale = 0.1 * std if std > 0 and std == std and std != float("inf") else 0.1
+            p.add_((scale * torch.randn(p.shape, generator=gen)).to(device=p.device, dtype=p.dtype))
+    return new
 
 
 def _outputs(model: nn.Module, args: tuple) -> list[torch.Tensor]:

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from graphrepair.errors import CheckpointError, LoadError
+from graphrepair.discovery.spec import with_metadata
 
 __all__ = [
     "CHECKPOINT_SUFFIXES",
@@ -326,7 +327,7 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     bad_keys = [repr(k) for k in state if not isinstance(k, str)]
     if bad_keys:
         raise CheckpointError(f"checkpoint '{path}' has keys that are not strings: {', '.join(bad_keys[:_SHOWN])}")
-    return dict(state)
+    return with_metadata(dict(state), state)  # a pickled state dict's module versions are kept
 
 
 def _aliases(model_state: Mapping[str, torch.Tensor]) -> dict[str, set[str]]:
@@ -397,7 +398,10 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, *, strict: bool =
     if misshaped or (strict and (missing or unexpected)):
         raise CheckpointError(_mismatch_message(path, model, missing, unexpected, misshaped, strict))
 
-    to_load = {k: v for k, v in state.items() if k in model_state}
+    # module versions (_metadata) from the checkpoint when it kept them (a pickled state dict),
+    # else the model's own: _load_from_state_dict may read them (torchvision's MNASNet refuses none)
+    to_load = with_metadata({k: v for k, v in state.items() if k in model_state},
+                            state if getattr(state, "_metadata", None) is not None else model_state)
     try:
         model.load_state_dict(to_load, strict=False)
     except RuntimeError as exc:  # e.g. a dtype that cannot be copied

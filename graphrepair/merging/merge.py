@@ -11,7 +11,9 @@ stream), from the one joint pass of A and B (``stats.py``), B's statistics permu
 - "exact" (paper 4.2): reset nodes normalise the interpolated network's channel c to
   (goal_mean_c, goal_std_c); one pass of the merged net in "collect" mode (batch statistics,
   BatchNorm-style) estimates each reset's mean and variance; the resets then become per-channel
-  affines folded into the producing conv/linear/BatchNorm.
+  affines folded into the producing conv/linear/BatchNorm. A reset divides by sqrt(var + eps) and
+  multiplies by sqrt(goal_std^2 + eps), the same eps on both sides, so that a channel already at
+  its goal (merging a model with a permuted copy of itself) is left exactly as it is.
 - "approx" (paper 4.1, closed form; no pass through the merged net): the merged channel is
   predicted as X_a = (1 - a) X_A + a X_B', so
 
@@ -273,6 +275,21 @@ def merge_models(models: list[nn.Module], data, *, weights: list[float] | None =
     return merge_prepared(prep, weights, repair, quiet)
 
 
+RESET_EPS = 1e-5  # the resets' variance epsilon, as BatchNorm's
+
+
+def _normaliser_std(goal_std: torch.Tensor, eps: float = RESET_EPS) -> torch.Tensor:
+    """The std a reset multiplies by, sqrt(goal_std^2 + eps): a reset divides by
+    sqrt(var + eps), so multiplying by the goal std itself would scale every channel by
+    sqrt(var / (var + eps)) on top of REPAIR's correction: 0.3 for a channel of variance 1e-6, so
+    that merging a model with a permuted copy of itself changed its output. With the same eps
+    on both sides, a merged channel whose statistics already are the goal's (identical endpoints)
+    is left exactly as it is, large channels are rescaled to the goal as before (the output
+    variance misses goal_std^2 by less than eps), and channels of variance far below eps keep
+    their variance instead of being shrunk further."""
+    return (goal_std.double().square() + eps).sqrt()
+
+
 def _goal(rpoints, stats_all, perms_all, weights, spec):
     """Goal mean/std per reset point: weighted average of the aligned endpoints' statistics."""
     goals = {}
@@ -294,7 +311,8 @@ def _repair(spec, model_a, merged_state, rpoints, stats_all, perms_all, weights,
     device = model_device(model_a)
     gm = graph_for(spec, merged_state, device, own=True)
     goals = _goal(rpoints, stats_all, perms_all, weights, spec)
-    insert_resets(gm, {r.node: ResetSpec(r.axis, goals[r.node][0].float(), goals[r.node][1].float())
+    insert_resets(gm, {r.node: ResetSpec(r.axis, goals[r.node][0].float(),
+                                         _normaliser_std(goals[r.node][1]).float(), RESET_EPS)
                        for r in rpoints}, inplace=True)
     result.resets = len(rpoints)
     if mode == "exact":

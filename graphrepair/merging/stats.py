@@ -47,7 +47,7 @@ from graphrepair.discovery import axes as ax
 from graphrepair.errors import DataError, MismatchError, NumericError
 from graphrepair.merging.points import ObservePoint, ResetPoint
 from graphrepair.progress import progress
-from graphrepair.discovery.spec import PermutationSpec
+from graphrepair.discovery.spec import PermutationSpec, with_metadata
 
 
 @dataclass
@@ -123,7 +123,9 @@ def copy_with_state(module: nn.Module, state: dict[str, torch.Tensor], *, own: b
             raise MismatchError(f"parameter {k!r} has shape {tuple(v.shape)}, but the model's is {tuple(t.shape)}")
         v = v.to(device=device if device is not None else t.device, dtype=t.dtype, copy=not own)
         new[k] = nn.Parameter(v, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else v
-    clone.load_state_dict(new, strict=True, assign=True)
+    # with the module's own metadata: modules whose _load_from_state_dict reads their version
+    # from it (torchvision's MNASNet) refuse a state dict without one
+    clone.load_state_dict(with_metadata(new, current), strict=True, assign=True)
     if device is not None:
         clone.to(device)
     return clone

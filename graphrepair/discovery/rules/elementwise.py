@@ -7,6 +7,8 @@ equivariant under a permutation of that axis. Ops that only read metadata add no
 
 from __future__ import annotations
 
+import torch.fx
+
 from graphrepair.discovery.context import Context, op_name, tensor_args
 from graphrepair.discovery.rules.registry import fixed_out, module, nn, op, same_as, unknown
 from graphrepair.discovery.trace import TensorInfo
@@ -69,10 +71,12 @@ def first_arg(ctx: Context):
     return same_as(ctx, x)
 
 
-@op("""torchvision.ops.stochastic_depth.stochastic_depth""")
+@op("torchvision.ops.stochastic_depth.stochastic_depth timm.layers.drop.drop_path")
 def per_sample_scale(ctx: Context):
-    """Stochastic depth (drop path): the identity in eval mode, in training a random scale per
-    sample (rows of the batch axis), never per channel: every axis follows the input."""
+    """Stochastic depth (torchvision's fx-wrapped ``stochastic_depth``, timm's ``drop_path`` when
+    it is a leaf of the trace): the identity in eval mode, in training a random scale per sample
+    (rows of the batch axis), never per channel: every axis follows the input. Matched by the
+    function's module and name: a user's function that happens to share the name is not trusted."""
     return first_arg(ctx)
 
 
@@ -98,13 +102,22 @@ def uniform_constant(ctx: Context):
     return ctx.fresh_axes(info.shape) if isinstance(info, TensorInfo) else None
 
 
+RESULT_FIELDS = {"values": 0, "indices": 1}  # torch.return_types of topk, sort, max, cummax...
+
+
 @op("getattr")
 def getattr_rule(ctx: Context):
-    """``x.T``/``x.mT`` are transposes; ``x.shape``/``x.dtype`` are not tensors."""
-    attr = ctx.node.args[1]
-    xa = ctx.axes(ctx.node.args[0])
+    """``x.T``/``x.mT`` are transposes; ``x.shape``/``x.dtype`` are not tensors; ``.values`` /
+    ``.indices`` of a (values, indices) result (topk, sort, max with dim) are its elements."""
+    src, attr = ctx.node.args[0], ctx.node.args[1]
+    xa = ctx.axes(src)
     if not isinstance(ctx.info(ctx.node), TensorInfo):
         return None
+    v = ctx.values.get(src.name) if isinstance(src, torch.fx.Node) else None
+    if isinstance(v, tuple) and attr in RESULT_FIELDS and RESULT_FIELDS[attr] < len(v):
+        out = v[RESULT_FIELDS[attr]]
+        if isinstance(out, list) and len(out) == len(ctx.out_shape()):
+            return out
     if xa is not None and attr == "T":
         return list(reversed(xa))
     if xa is not None and attr == "mT":

@@ -12,6 +12,7 @@ import re
 from graphrepair.discovery.axes import Fixed
 from graphrepair.discovery.context import Context, op_name
 from graphrepair.discovery.rules.registry import module, nn, norm_dim, op, spatial, unknown
+from graphrepair.discovery.trace import TensorInfo
 
 
 @op("mean sum amax amin std var logsumexp prod nansum nanmean norm linalg_vector_norm var_mean std_mean")
@@ -46,20 +47,29 @@ def reduction(ctx: Context):
 
 @op("cumsum cumprod argmax argmin sort argsort topk cummax cummin flip roll")
 def position_dependent(ctx: Context):
-    """cumsum/argmax/sort...: the result depends on the order along ``dim``: that axis is fixed."""
+    """cumsum/argmax/sort/topk/flip/roll...: the result depends on the order along the op's axes,
+    which are fixed (``dim``, or ``dims`` for flip and roll; sort and topk default to the last)."""
     x = ctx.input()
     xa = ctx.axes(x)
-    if xa is None:
+    if xa is None or ctx.named_args() is None:
         return unknown(ctx)
-    dim = ctx.arg("dim")
-    if not isinstance(dim, int):
+    name = op_name(ctx.node)
+    dims = ctx.arg("dims") if name in ("flip", "roll") else ctx.arg("dim")
+    if dims is None and name in ("sort", "argsort", "topk"):
+        dims = -1
+    dims = list(dims) if isinstance(dims, (list, tuple)) else [dims]
+    if not dims or not all(isinstance(d, int) for d in dims):
+        return unknown(ctx)  # argmax without dim, roll without dims: the flat order
+    dims = {norm_dim(d, len(xa)) for d in dims}
+    for d in sorted(dims):
+        ctx.fix(xa[d], f"{name} depends on the order of axis {d}", d, x.name)
+    info = ctx.info(ctx.node)
+    outs = list(info) if isinstance(info, tuple) else [info]  # sort/topk/cummax: (values, indices)
+    if not all(isinstance(i, TensorInfo) and len(i.shape) == len(xa) for i in outs):
         return unknown(ctx)
-    dim = norm_dim(dim, len(xa))
-    ctx.fix(xa[dim], f"{op_name(ctx.node)} depends on the order of axis {dim}", dim, x.name)
-    os_ = ctx.out_shape()
-    if os_ is not None and len(os_) == len(xa):
-        return list(xa)
-    return unknown(ctx)
+    laid = [[Fixed(i.shape[d], f"{name} output") if d in dims else e for d, e in enumerate(xa)]
+            for i in outs]
+    return tuple(laid) if isinstance(info, tuple) else laid[0]
 
 
 def _pool(ctx: Context, name: str):

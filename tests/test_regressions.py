@@ -1,0 +1,452 @@
+"""Regressions: non-persistent buffers, constant outputs in the check, stochastic depth, op
+arguments by name, rules that fail, exact REPAIR on identical endpoints, state-dict metadata and
+ONNX export from a batch of one."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import os
+
+import onnxruntime as ort
+import pytest
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+
+import graphrepair as gr
+from fixtures.zoo import ZOO
+from graphrepair.discovery import rules
+from graphrepair.discovery.axes import AxisError as LayoutError, AxisSolver, Fixed
+from graphrepair.merging.merge import merge_prepared, prepare
+from passes import export_onnx
+from tests.helpers import randomize_
+
+
+def discover_checked(model, *inputs):
+    torch.manual_seed(0)
+    randomize_(model.eval(), seed=2)
+    spec = gr.discover(model, inputs)
+    spec.check(model, inputs)
+    return spec
+
+
+def group_of(spec, param, axis=0):
+    for g in spec.groups:
+        if any(m.name == param and m.axis == axis for m in g.params):
+            return g
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# 1. tensors outside the state dict; outputs that cannot show a wrong permutation
+
+
+class RelativePositionBias(nn.Module):
+    """maxvit-style: a non-persistent buffer of coordinates read by an MLP whose output is added to
+    the attention-like logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("coords", torch.randn(49, 5), persistent=False)
+        self.fc1 = nn.Linear(5, 16)
+        self.fc2 = nn.Linear(16, 4)
+        self.proj = nn.Linear(8, 4)
+
+    def forward(self, x):  # (B, 49, 8)
+        return self.proj(x) + self.fc2(F.relu(self.fc1(self.coords)))
+
+
+def test_non_persistent_buffer_axes_are_fixed_and_the_spec_holds():
+    m = RelativePositionBias()
+    spec = discover_checked(m, torch.randn(2, 49, 8))
+    assert group_of(spec, "fc1.weight", 1) is None  # the buffer's columns cannot move
+    assert group_of(spec, "fc1.weight", 0).size == 16  # the hidden units still can
+    assert any(f.name == "coords" and "not in the state dict" in f.reason for f in spec.fixed)
+    for seed in range(4):
+        spec.check(m, torch.randn(2, 49, 8), seed=seed)
+
+
+class ZeroHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(6, 8)
+        self.fc2 = nn.Linear(8, 3)
+        nn.init.zeros_(self.fc2.weight)
+        nn.init.zeros_(self.fc2.bias)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+def test_check_sees_through_a_zero_output():
+    """A spec that is wrong (fc2's columns left out of fc1's group) passes on a model whose output
+    is exactly zero unless the check perturbs the parameters."""
+    m = ZeroHead().eval()
+    x = torch.randn(4, 6)
+    spec = gr.discover(m, x)
+    assert spec.check(m, x) < 1e-5  # checked on a perturbed copy: the output is no longer zero
+    broken = dataclasses.replace(spec, param_axes={**spec.param_axes, "fc2.weight": (
+        spec.param_axes["fc2.weight"][0], Fixed(8, "broken on purpose"))})
+    with pytest.raises(gr.CheckError, match="fc1"):
+        broken.check(m, x)
+
+
+def test_check_refuses_an_output_that_is_one_constant():
+    class Constant(ZeroHead):
+        def forward(self, x):
+            return super().forward(x) * 0.0
+
+    m = Constant().eval()
+    x = torch.randn(4, 6)
+    spec = gr.discover(m, x)
+    assert spec.groups
+    with pytest.raises(gr.CheckError, match="constant"):
+        spec.check(m, x)
+
+
+# --------------------------------------------------------------------------------------------
+# 2. stochastic depth / drop path: identity in eval, a per-sample scale in training
+
+
+def stochastic_depth(input, p: float, mode: str, training: bool = True):  # noqa: A002
+    """Stand-in for torchvision.ops.stochastic_depth (same name and signature, fx-wrapped)."""
+    if not training or p == 0.0:
+        return input
+    size = [input.shape[0]] + [1] * (input.ndim - 1) if mode == "row" else [1] * input.ndim
+    noise = torch.empty(size, dtype=input.dtype, device=input.device).bernoulli_(1 - p)
+    return input * noise.div_(1 - p) if p < 1 else input * noise
+
+
+def drop_path(x, drop_prob: float = 0.0, training: bool = False, scale_by_keep: bool = True):
+    """Stand-in for timm's drop_path (first parameter named ``x``), fx-wrapped."""
+    if drop_prob == 0.0 or not training:
+        return x
+    keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - drop_prob)
+    return x * keep.div_(1 - drop_prob) if scale_by_keep else x * keep
+
+
+torch.fx.wrap("stochastic_depth")
+torch.fx.wrap("drop_path")
+
+
+class StochasticDepth(nn.Module):
+    def __init__(self, p: float, mode: str = "row"):
+        super().__init__()
+        self.p, self.mode = p, mode
+
+    def forward(self, x):
+        return stochastic_depth(x, self.p, self.mode, self.training)
+
+
+class DropPath(nn.Module):
+    """timm's DropPath (called as a module when a tracer keeps it a leaf)."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        return drop_path(x, self.p, self.training)
+
+
+class ResidualMLP(nn.Module):
+    def __init__(self, drop: type[nn.Module] = StochasticDepth):
+        super().__init__()
+        self.stem = nn.Linear(6, 8)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8))
+                                    for _ in range(2))
+        self.drops = nn.ModuleList(drop(0.1) for _ in range(2))
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for block, drop in zip(self.blocks, self.drops):
+            x = x + drop(block(x))
+        return self.head(x)
+
+
+def _residual_stream(spec):
+    g = group_of(spec, "stem.weight")
+    assert g is not None and "residual" in g.joins
+    assert {("head.weight", 1), ("blocks.1.3.weight", 0)} <= {(m.name, m.axis) for m in g.params}
+    return g
+
+
+def test_torchvision_stochastic_depth_if_installed():
+    try:
+        from torchvision.ops import StochasticDepth as TVStochasticDepth
+    except Exception:  # noqa: BLE001 - not installed, or its operators do not load with this torch
+        pytest.skip("torchvision is not importable")
+    spec = discover_checked(ResidualMLP(lambda p: TVStochasticDepth(p, "row")), torch.randn(3, 6))
+    _residual_stream(spec)
+
+
+# --------------------------------------------------------------------------------------------
+# 3. op arguments by name: positional and keyword calls mean the same
+
+
+class Reduce(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.fc1 = nn.Linear(4, 8)
+        self.fc2 = nn.Linear(8, 3)
+
+    def forward(self, x):  # x (B, 5, 4): reduce the 5 positions, keep the 8 channels
+        h = torch.tanh(self.fc1(x))
+        return self.fc2(self.how(h))
+
+
+@pytest.mark.parametrize("how", [
+    lambda h: h.norm(2, 1),  # argument 1 is p, not dim
+    lambda h: torch.norm(h, 2, 1),
+    lambda h: h.norm(p=2, dim=1),
+    lambda h: torch.linalg.vector_norm(h, 2, 1),  # argument 1 is ord
+    lambda h: torch.linalg.vector_norm(h, ord=2, dim=1),
+    lambda h: h.sum(1),
+    lambda h: torch.sum(h, dim=1),
+    lambda h: h.std(1),
+    lambda h: torch.transpose(h, dim0=1, dim1=2).mean(-1),  # keyword dims
+    lambda h: torch.roll(h, 2, 1).mean(1),  # argument 1 is the shift
+    lambda h: torch.topk(h, 2, 1).values.mean(1),  # argument 1 is k
+], ids=["method_norm", "torch_norm", "norm_kw", "vector_norm", "vector_norm_kw", "sum", "sum_kw", "std",
+        "transpose_kw", "roll", "topk"])
+def test_reductions_read_dim_by_name(how):
+    spec = discover_checked(Reduce(how), torch.randn(3, 5, 4))
+    g = group_of(spec, "fc1.weight")
+    assert g is not None and g.size == 8 and ("fc2.weight", 1) in {(m.name, m.axis) for m in g.params}
+
+
+def test_roll_over_channels_fixes_them():
+    spec = discover_checked(Reduce(lambda h: torch.roll(h, 1, 2).mean(1)), torch.randn(3, 5, 4))
+    assert group_of(spec, "fc1.weight") is None
+
+
+def test_std_with_a_bool_reduces_everything():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 8)
+            self.out = nn.Linear(8, 2)
+
+        def forward(self, x):
+            h = self.fc(x)
+            return self.out(h / h.std(True))  # std(unbiased: bool) has no dim
+
+    spec = discover_checked(M(), torch.randn(3, 4))
+    assert group_of(spec, "fc.weight").size == 8
+
+
+def _schema_names(target) -> list[list[str]]:
+    """Parameter names, by position, of every signature ``target`` may be called with."""
+    from torch.fx.operator_schemas import get_signature_for_torch_op
+
+    if isinstance(target, torch._ops.OpOverload):
+        return [[a.name for a in target._schema.arguments]]
+    sigs = get_signature_for_torch_op(target) if not inspect.isfunction(target) else None
+    if sigs:
+        return [list(s.parameters) for s in sigs]
+    return [list(inspect.signature(target).parameters)]
+
+
+def test_positional_tables_of_the_passes_match_the_op_schemas():
+    """passes.modules and passes.fold_batchnorm find arguments by (position, name) per op: the
+    position must be where the op's schema puts that name."""
+    from passes import fold_batchnorm, modules
+
+    rows = [(t, r) for targets, r in modules._FUNCTION_TABLE for t in targets]
+    rows += [(modules._CONVOLUTION, r) for r in modules._CONVOLUTION_RULES.values()]
+    checked = 0
+    for target, rule in rows:
+        slots = [s for s in (rule.weight, rule.bias, rule.groups) if s is not None]
+        for slot in slots:
+            assert any(len(n) > slot.index and n[slot.index] == slot.name for n in _schema_names(target)), \
+                (target, slot)
+            checked += 1
+    for target, slots in fold_batchnorm._BN_SLOTS.items():
+        for slot in (s for s in slots if s is not None):
+            assert any(len(n) > slot.index and n[slot.index] == slot.name for n in _schema_names(target)), \
+                (target, slot)
+            checked += 1
+    assert checked > 30
+
+
+def test_weight_transposes_are_recognised_with_keyword_arguments():
+    from passes.modules import _is_transpose
+
+    aten = torch.ops.aten
+    g = torch.fx.Graph()
+    w = g.get_attr("w")
+    forms = [g.call_function(aten.permute.default, (w, [1, 0])),
+             g.call_function(aten.permute.default, (w,), {"dims": [1, 0]}),
+             g.call_function(aten.transpose.int, (w, 0, 1)),
+             g.call_function(aten.transpose.int, (w,), {"dim0": 1, "dim1": 0})]
+    assert all(_is_transpose(n) for n in forms)
+    assert not _is_transpose(g.call_function(aten.permute.default, (w,), {"dims": [0, 1]}))
+
+
+# --------------------------------------------------------------------------------------------
+# 4. an op its rule cannot handle fixes its axes with the reason; discovery goes on
+
+
+class SharedMemoryAttention(nn.Module):
+    """Attention over one memory shared by the batch: key and value broadcast over the batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.kv, self.o = nn.Linear(8, 8), nn.Linear(8, 16), nn.Linear(8, 8)
+        self.fc = nn.Linear(8, 6)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x, mem):  # x (B, T, 8), mem (1, S, 8)
+        q = self.q(x).unflatten(-1, (2, 4)).transpose(1, 2)
+        k, v = self.kv(mem).unflatten(-1, (2, 8)).transpose(1, 2).chunk(2, -1)
+        h = self.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
+        return self.head(torch.relu(self.fc(h)))
+
+
+def test_a_rule_that_cannot_handle_an_op_fixes_its_axes():
+    m = SharedMemoryAttention()
+    spec = discover_checked(m, torch.randn(3, 5, 8), torch.randn(1, 6, 8))
+    reasons = [f.reason for f in spec.fixed if f.name == "o.weight" and f.axis == 1]
+    assert reasons and "cannot handle" in reasons[0] and "scaled_dot_product_attention" in reasons[0]
+    assert group_of(spec, "fc.weight").size == 6  # the rest of the graph is still understood
+
+
+def test_a_failing_rule_is_recorded_not_raised(monkeypatch):
+    def broken(ctx):
+        raise ValueError("boom")
+
+    monkeypatch.setitem(rules.RULES, "tanh", broken)
+    spec = discover_checked(ZeroHead(), torch.randn(4, 6))
+    assert not spec.groups
+    assert any("boom" in f.reason and "tanh" in f.reason for f in spec.fixed)
+
+
+def test_solver_mismatches_raise_layout_errors():
+    s = AxisSolver()
+    with pytest.raises(LayoutError):
+        s.unify(s.fresh(3), s.fresh(4), "test")
+    with pytest.raises(LayoutError):
+        s.factor(s.fresh(6), 4, "test")
+
+
+# --------------------------------------------------------------------------------------------
+# 5. exact REPAIR of a model with a permuted copy of itself gives the model back
+
+
+def _shrink_rows_(model: nn.Module, factor: float = 0.01, share: float = 0.3, seed: int = 7) -> nn.Module:
+    """Scale a share of every weight matrix's output rows down: channels of variance far below
+    the resets' eps (1e-5), as trained networks have."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim >= 2:
+                p[torch.rand(p.shape[0], generator=g) < share] *= factor
+    return model
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_custom", "convnext_tiny", "resnet20_bn"])
+def test_exact_repair_of_identical_endpoints_is_the_identity(name):
+    entry = ZOO[name]
+    torch.manual_seed(0)
+    a = _shrink_rows_(randomize_(entry.factory().eval(), seed=1))
+    x = entry.example_inputs(batch=48, seed=3)[0]
+    spec = gr.discover(a, (x[:2],))
+    b = gr.permute(a, spec, spec.random_permutations(seed=5))
+    prep = prepare([a, b], x, num_examples=48, batch_size=48, spec=spec)
+    with torch.no_grad():
+        ref = a(x)
+        for repair in (None, "exact"):
+            y = merge_prepared(prep, [0.5, 0.5], repair).model(x)
+            rel = float((y - ref).norm() / ref.norm())
+            # exact was 4e-4 (ViT), 1.6e-4 (ConvNeXt), 2e-5 (ResNet20): scaled by sqrt(v / (v + eps))
+            assert rel < 1e-5, (repair, rel)
+
+
+# --------------------------------------------------------------------------------------------
+# 6. state dicts rebuilt by permute / merge keep their module versions (_metadata)
+
+
+class Versioned(nn.Module):
+    """Like torchvision's MNASNet: refuses a state dict without its version in the metadata."""
+
+    _version = 2
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(4, 8)
+        self.fc2 = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):
+        version = local_metadata.get("version", None)
+        if version not in (1, 2):
+            raise ValueError(f"version should be set to 1 or 2 instead of {version}")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
+
+
+def test_permute_check_and_merge_keep_the_state_dict_metadata(tmp_path):
+    torch.manual_seed(0)
+    a = Versioned().eval()
+    x = torch.randn(16, 4)
+    spec = gr.discover(a, x)
+    spec.check(a, x)
+    b = gr.permute(a, spec, spec.random_permutations(seed=1))
+    for repair in (None, "exact"):
+        merged = gr.merge(a, b, x, repair=repair, num_examples=16)
+        assert type(merged) is Versioned
+        torch.testing.assert_close(merged(x), a(x), rtol=1e-4, atol=1e-5)
+    from safetensors.torch import save_file
+
+    from graphrepair.io.loading import load_checkpoint
+
+    torch.save(b.state_dict(), tmp_path / "b.pt")  # a pickled state dict keeps its _metadata
+    save_file(b.state_dict(), tmp_path / "b.safetensors")  # none: the model's own versions are used
+    for name in ("b.pt", "b.safetensors"):
+        loaded = load_checkpoint(Versioned(), tmp_path / name).eval()
+        torch.testing.assert_close(loaded(x), b(x))
+
+
+# --------------------------------------------------------------------------------------------
+# 7. ONNX export from a batch of one with a dynamic batch axis
+
+
+class ChannelsLastNorm(nn.Module):
+    """ConvNeXt-style: permute to channels-last, LayerNorm, permute back, then a (depthwise) conv
+    reads the permuted tensor: exported from batch 1, the strides guard on the batch size."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.norm = nn.LayerNorm(8)
+        self.dwconv = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = self.norm(self.conv(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.fc(self.dwconv(h).mean((2, 3)))
+
+
+@pytest.mark.parametrize("name", ["channels_last", "convnext_tiny", "vit_tiny_custom"])
+def test_onnx_export_from_a_batch_of_one_runs_any_batch(tmp_path, name):
+    torch.manual_seed(0)
+    if name == "channels_last":
+        model, shape = ChannelsLastNorm(), (1, 3, 8, 8)
+    else:
+        model, shape = ZOO[name].factory(), (1, *ZOO[name].input_shape[1:])
+    model.eval()
+    x = torch.randn(shape)
+    path = tmp_path / f"{name}.onnx"
+    export_onnx(model, (x,), path)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for batch in (1, 2, 5):
+        xb = torch.randn(batch, *shape[1:])
+        (got,) = session.run(None, {session.get_inputs()[0].name: xb.numpy()})
+        with torch.no_grad():
+            torch.testing.assert_close(torch.from_numpy(got), model(xb), rtol=1e-4, atol=1e-4)
+    assert os.listdir(tmp_path) == [f"{name}.onnx"]
