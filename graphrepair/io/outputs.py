@@ -28,7 +28,7 @@ import threading
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
-from graphrepair.errors import OutputError
+from graphrepair.errors import GraphRepairError, OutputError
 from graphrepair.io.fileio import Staged, check_target, disk_full, fsync_directory, same_file
 
 __all__ = ["atomic_outputs", "check_distinct", "check_not_inputs", "check_output_path", "deferred_signals"]
@@ -121,11 +121,18 @@ def atomic_outputs(paths: Sequence[Path | None], written: list[Path] | None = No
         for s in staged:
             if s is not None:
                 s.discard()
-        reason = None if isinstance(exc, OutputError) else disk_full(exc)
+        reason = None if isinstance(exc, GraphRepairError) else disk_full(exc)
         if reason is not None:
             names = ", ".join(f"'{s.path}'" for s in staged if s is not None)
             raise OutputError(f"cannot write {names}: {reason}; free space or choose another location; "
                               f"no output was changed") from exc
+        if isinstance(exc, GraphRepairError):  # writers name the temporary file: name the output
+            text = str(exc)
+            for s in staged:
+                if s is not None:
+                    text = text.replace(str(s.tmp), str(s.path))
+            if text != str(exc):
+                raise type(exc)(text) from exc
         raise
 
 
