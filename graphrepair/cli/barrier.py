@@ -47,7 +47,8 @@ def command(session: Session, model_ref, ckpt_a, ckpt_b, fit_ref, method, num_ex
                                            "--model": model_file(model_ref)})
     plots = [p for p in paths.values() if p is not None]
 
-    from graphrepair.cli.inputs import eval_data, fit_data, load_models, pick_device, require_groups
+    from graphrepair.cli.inputs import (check_statistics, eval_data, fit_data, load_models, pick_device,
+                                        require_groups)
     from graphrepair.cli.tables import plural
     from graphrepair.study.metrics import alpha_grid
     from graphrepair.study.runner import run_study
@@ -61,6 +62,7 @@ def command(session: Session, model_ref, ckpt_a, ckpt_b, fit_ref, method, num_ex
     spec = require_groups(model_a, fit.example, model_ref)
     study = run_study(model_a, model_b, fit.data, eval_set, alphas=grid, method=method, repair=mode,
                       num_examples=fit.examples, points=points, layers=layers, quiet=session.quiet, spec=spec)
+    warnings = check_statistics(0, spec, f"--data {fit_ref}", study.examples) if study.examples else []
     if plots:
         from graphrepair.cli.plots import barrier_figure, layers_figure, save_figure
         from graphrepair.io.outputs import atomic_outputs
@@ -75,7 +77,7 @@ def command(session: Session, model_ref, ckpt_a, ckpt_b, fit_ref, method, num_ex
     study.notes = list(dict.fromkeys(fit.notes + session.notes() + study.notes))
     if as_json:
         echo_json({"model": model_ref, "a": str(ckpt_a), "b": str(ckpt_b), "eval": eval_ref,
-                   "points": points, **study.as_dict(), "plots": [str(p) for p in plots]})
+                   "points": points, **study.as_dict(), "plots": [str(p) for p in plots], "warnings": warnings})
         return
     from graphrepair.cli.merge import corr_summary
 
@@ -96,5 +98,7 @@ def command(session: Session, model_ref, ckpt_a, ckpt_b, fit_ref, method, num_ex
         echo(study.layer_table())
     for p in plots:
         echo(f"wrote {p}")
+    for w in warnings:
+        echo(f"warning: {w}")
     for n in study.notes:
         echo(f"note: {n}")

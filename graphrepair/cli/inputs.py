@@ -280,11 +280,12 @@ def _to_device(data, device, limit: int | None = None):
     return data
 
 
-def check_statistics(result, spec, where: str, examples: int) -> list[str]:
-    """After the statistics pass: an error when no unit of model A varies at all (nothing was
-    matched or repaired), a warning when the examples are fewer than the widest group's channels
-    (the correlations are then rank-deficient and the matching partly arbitrary)."""
-    if result.dead_channels and result.dead_channels >= spec.num_free:
+def check_statistics(dead: int, spec, where: str, examples: int) -> list[str]:
+    """After the statistics pass: an error when no unit of model A varies at all (``dead``
+    channels of the spec's: nothing was matched or repaired), a warning when the examples are
+    fewer than the widest group's channels (the correlations are then rank-deficient and the
+    matching partly arbitrary)."""
+    if dead and dead >= spec.num_free:
         raise DataError(f"{where}: no unit of model A varies over the {examples} examples (all "
                         f"{spec.num_free} channels are constant), so nothing can be matched or repaired; "
                         "give real, varied data")

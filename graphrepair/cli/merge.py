@@ -55,7 +55,7 @@ def command(session: Session, model_ref, ckpt_a, ckpt_b, fit_ref, method, num_ex
     spec = require_groups(model_a, fit.example, model_ref)
     res = merge_models([model_a, model_b], fit.data, weights=[1 - alpha, alpha], method=method, repair=mode,
                        num_examples=fit.examples, points=points, spec=spec, quiet=session.quiet)
-    warnings = check_statistics(res, spec, f"--data {fit_ref}", res.examples) if res.examples else []
+    warnings = check_statistics(res.dead_channels, spec, f"--data {fit_ref}", res.examples) if res.examples else []
     own_class = type(res.model) is type(model_a)
     if weights_path is not None and not own_class:
         raise OutputError(_unfoldable(weights_path, res, type(model_a).__name__, points))
