@@ -72,19 +72,28 @@ def _limits(directory: Path) -> tuple[int, int]:
         return 255, 4096
 
 
-def _check_name(p: Path, head: str, error: type[GraphRepairError]) -> None:
-    """Length and encoding of a path, before the OS is asked anything about it."""
+def _bytes(text: str) -> bytes:
     try:
-        raw = os.fsencode(p)
+        return os.fsencode(text)
+    except UnicodeEncodeError:  # lone surrogates that are not escaped bytes (refused by _check_name)
+        return text.encode("utf-8", "surrogatepass")
+
+
+def _check_name(p: Path, head: str, error: type[GraphRepairError]) -> None:
+    """Length and characters of a path, before the OS is asked anything about it."""
+    if "\x00" in str(p):
+        raise error(f"{head}: a file name cannot contain a NUL character")
+    try:
+        os.fsencode(p)
     except UnicodeEncodeError:
-        raw = str(p).encode("utf-8", "surrogatepass")
+        raise error(f"{head}: the name holds characters no file name can (lone surrogates)") from None
     existing = next((d for d in (p.parent, *p.parent.parents) if _exists(d)), Path("."))
     name_max, path_max = _limits(existing)
-    name = os.fsencode(p.name) if p.name else b""
+    name = _bytes(p.name)
     if len(name) > name_max:
         raise error(f"{head}: the file name is {len(name)} bytes long; this file system allows at most "
                     f"{name_max}; choose a shorter name")
-    absolute = os.fsencode(os.path.abspath(p)) if raw else raw
+    absolute = _bytes(os.path.abspath(p))
     if len(absolute) >= path_max:
         raise error(f"{head}: the path is {len(absolute)} bytes long; this system allows at most "
                     f"{path_max - 1}; choose a shorter path")
@@ -114,6 +123,8 @@ def _stat(p: Path, head: str, error: type[GraphRepairError]) -> os.stat_result |
         return None
     except NotADirectoryError:
         raise error(f"{head}: '{p.parent}' is not a directory") from None
+    except (ValueError, UnicodeError) as exc:
+        raise error(f"{head}: not a valid file name ({exc})") from None
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise error(f"{head}: too many levels of symbolic links") from None
@@ -134,11 +145,11 @@ def check_target(path: str | os.PathLike, who: str | None = None) -> Path:
     head = f"{who} '{p}'" if who else f"cannot write '{p}'"
     if str(path) == "" or p.name in ("", ".", ".."):
         raise OutputError(f"{head}: not a file name")
+    _check_name(p, head, OutputError)
     try:
         str(p).encode("utf-8")
     except UnicodeEncodeError:
         raise OutputError(f"{head}: the name is not valid UTF-8; choose a UTF-8 file name") from None
-    _check_name(p, head, OutputError)
     real = real_target(p)
     if real != p:
         _check_name(real, f"{head} (a link to '{real}')", OutputError)
@@ -200,10 +211,10 @@ def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
 def _temp_path(target: Path) -> Path:
     """A fresh name next to ``target``: ``.<name, shortened>.<random>.tmp<suffix>`` (ASCII random
     part, at most ``_TEMP_NAME_BYTES`` bytes)."""
-    suffix = target.suffix if len(os.fsencode(target.suffix)) <= _SUFFIX_BYTES else ""
+    suffix = target.suffix if len(_bytes(target.suffix)) <= _SUFFIX_BYTES else ""
     token = secrets.token_hex(4)
-    room = _TEMP_NAME_BYTES - len(os.fsencode(f"..{token}.tmp{suffix}"))
-    stem = os.fsencode(target.name)[:room].decode("utf-8", "ignore")
+    room = _TEMP_NAME_BYTES - len(_bytes(f"..{token}.tmp{suffix}"))
+    stem = _bytes(target.name)[:room].decode("utf-8", "ignore")
     return target.parent / f".{stem}.{token}.tmp{suffix}"
 
 
