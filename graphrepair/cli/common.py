@@ -116,7 +116,6 @@ class Session:
     planned: list[Path] = field(default_factory=list)  # outputs the command will write
     written: list[Path] = field(default_factory=list)  # outputs in place (all of them, or none)
     warnings: list = field(default_factory=list)  # captured warnings.WarningMessage
-    captured: _Captured | None = None
 
     def notes(self) -> list[str]:
         """graphrepair's own warnings so far, once each."""
@@ -137,7 +136,7 @@ class Session:
         try:
             with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stderr(captured):
                 warnings.simplefilter("always")
-                self.warnings, self.captured = caught, captured
+                self.warnings = caught
                 yield
         finally:
             logging.disable(level)

@@ -33,18 +33,12 @@ def command(session: Session, model_ref, checkpoint, input_shape, input_dtype, v
     device = pick_device(session.device)
     (model,) = load_models(model_ref, [("--checkpoint", checkpoint)], device)
     x = example_input(shape, input_dtype, vocab, device)
-    try:
-        run_model(model, x, "")
-    except Exception as e:
-        raise ShapeError(f"--input-shape {input_shape}: the model cannot run on a {input_dtype} input of "
-                         f"shape {shape}{str(e)}") from e
+    run_model(model, x, f"--input-shape {input_shape}: the model cannot run on a {input_dtype} input of shape "
+                        f"{shape}", ShapeError)
     other = example_input((2 * shape[0] + 1,) + shape[1:], input_dtype, vocab, device)
-    try:
-        run_model(model, other, "")
-    except Exception as e:
-        raise ShapeError(f"--input-shape {input_shape}: the model runs on a batch of {shape[0]} but not on one of "
-                         f"{other.shape[0]}{str(e)}; it seems to fix its batch size, and the ONNX file has a "
-                         f"dynamic batch axis") from e
+    run_model(model, other, f"--input-shape {input_shape}: the model runs on a batch of {shape[0]} but not on one "
+                            f"of {other.shape[0]} (it seems to fix its batch size; the ONNX file has a dynamic "
+                            f"batch axis)", ShapeError)
     with atomic_outputs([path], written=session.written) as (tmp,):
         rep = export_onnx(model, (x,), tmp)
     data = {"path": str(path), "node_count": rep.node_count, "op_counts": rep.op_counts,

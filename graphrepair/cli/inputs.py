@@ -115,7 +115,7 @@ def load_models(model_ref: str, checkpoints: list[tuple[str, str]], device) -> l
     return models
 
 
-def run_model(model, x, what: str):
+def run_model(model, x, what: str, error: type[GraphRepairError] = DataError):
     """``model(x)`` without gradients; a failure is bad input, said in one line led by ``what``."""
     import torch
 
@@ -125,7 +125,7 @@ def run_model(model, x, what: str):
     except GraphRepairError:
         raise
     except Exception as e:
-        raise DataError(f"{what}: {type(e).__name__}: {one_line(e, 200)}") from e
+        raise error(f"{what}: {type(e).__name__}: {one_line(e, 200)}") from e
 
 
 def _describe(x) -> str:

@@ -36,7 +36,7 @@ def command(session: Session, model_ref, checkpoint, input_shape, input_dtype, v
     from graphrepair.io.outputs import atomic_outputs
     from graphrepair.cli.inputs import with_option
     from graphrepair.cli.report import print_spec, spec_to_dict, spec_to_dot
-    from graphrepair.errors import GraphRepairError
+    from graphrepair.errors import GraphRepairError, ShapeError
 
     if checkpoint is not None:
         (model,) = load_models(model_ref, [("--checkpoint", checkpoint)], device)
@@ -46,7 +46,8 @@ def command(session: Session, model_ref, checkpoint, input_shape, input_dtype, v
         except GraphRepairError as e:
             raise with_option("--model", model_ref, e) from e
     x = example_input(shape, input_dtype, vocab, device)
-    run_model(model, x, f"--input-shape {input_shape}: the model cannot run on a {input_dtype} input of shape {shape}")
+    run_model(model, x, f"--input-shape {input_shape}: the model cannot run on a {input_dtype} input of shape "
+                        f"{shape}", ShapeError)
     spec = discover(model, (x,))
     max_diff = spec.check(model, (x,)) if check else None
     if paths["--dot"] is not None:
