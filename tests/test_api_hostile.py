@@ -137,3 +137,17 @@ def test_data_function_raising_base_exception(monkeypatch):
 
     with pytest.raises(DataError, match="raised Stop: no data today"):
         load_data("tests.hostile_models:base_exception")
+
+
+def test_paths_the_os_cannot_take(tmp_path):
+    from graphrepair.errors import OutputError
+    from graphrepair.io.data import load_data_file
+    from graphrepair.io.fileio import atomic_write
+
+    for name in ("a\x00b.onnx", "\ud800.onnx", "n" * 300 + ".onnx"):
+        with pytest.raises(OutputError):
+            atomic_write(tmp_path / name, lambda p: p.write_bytes(b"x"))
+    for name in ("a\x00b.npz", "\ud800.npz", "n" * 300 + ".npz"):
+        with pytest.raises(DataError):
+            load_data_file(tmp_path / name)
+    assert list(tmp_path.iterdir()) == []
