@@ -51,5 +51,13 @@ class NumericError(GraphRepairError):
     """NaN or Inf in weights or statistics."""
 
 
+class NoGroupsError(GraphRepairError):
+    """The model has no permutation group: no hidden channel may move, nothing can be aligned."""
+
+
 class OutputError(GraphRepairError):
     """An output file cannot be written (missing or read-only directory, path is a directory)."""
+
+
+class GraphRepairWarning(UserWarning):
+    """A warning of graphrepair's own (too few examples, ...); the command line reports it as a note."""

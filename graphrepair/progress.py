@@ -14,8 +14,13 @@ def progress(items: Iterable, description: str, *, total: int | None = None,
         yield from items
         return
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    import sys
+
     from rich.console import Console
-    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+    # the command line captures what libraries print on stderr while it runs; the bars go to the
+    # stream it names (the terminal), and are not redirected into the capture
+    stream = getattr(sys.stderr, "progress_stream", None) or sys.stderr
+    with Progress(*columns, console=Console(file=stream), transient=True, redirect_stderr=False) as bar:
         task = bar.add_task(description, total=total)
         for item in items:
             yield item

@@ -217,22 +217,23 @@ def prepare_out_dir(out_dir: str | Path) -> Path:
 
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
-        raise OutputError(f"--out '{out}' is a file, not a directory; give a directory for the demo's outputs")
+        raise OutputError(f"output directory '{out}' is a file, not a directory; give a directory for the demo's outputs")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise OutputError(f"--out '{out}': cannot create the directory ({e.strerror})") from e
+        raise OutputError(f"output directory '{out}': cannot create the directory ({e.strerror})") from e
     for name in OUTPUT_NAMES.values():
-        check_output_path(out / name, "--out")
+        check_output_path(out / name, "output")
     return out
 
 
 def run_demo(out_dir: str | Path | None = "graphrepair-demo", *, pair: str | DemoPair = "digits-mlp",
              alphas: int = 11, device: torch.device | str | None = None, quiet: bool = True,
-             **pair_options) -> DemoResult:
+             written: list[Path] | None = None, **pair_options) -> DemoResult:
     """Build (train) the pair, run the naive / aligned / REPAIR study, write the files to
     ``out_dir`` (nothing is written when it is None), and return everything, figures included.
-    ``pair_options`` go to the pair's builder (e.g. ``epochs=10`` for a quicker run)."""
+    ``pair_options`` go to the pair's builder (e.g. ``epochs=10`` for a quicker run); ``written``
+    receives the paths once all three files are in place."""
     from graphrepair.cli.plots import barrier_figure, layers_figure
 
     start = time.perf_counter()
@@ -255,12 +256,12 @@ def run_demo(out_dir: str | Path | None = "graphrepair-demo", *, pair: str | Dem
     seconds["study"] = time.perf_counter() - t
     result = DemoResult(pair, study, merged, figures, seconds=seconds)
     if out is not None:
-        write_outputs(result, out)
+        write_outputs(result, out, written)
     seconds["total"] = time.perf_counter() - start
     return result
 
 
-def write_outputs(result: DemoResult, out: Path) -> None:
+def write_outputs(result: DemoResult, out: Path, written: list[Path] | None = None) -> None:
     """merged.onnx (verified), barrier.png and layers.png, all or none."""
     from graphrepair.io.export import export_onnx
     from graphrepair.io.outputs import atomic_outputs
@@ -269,7 +270,7 @@ def write_outputs(result: DemoResult, out: Path) -> None:
     t = time.perf_counter()
     targets = {k: out / name for k, name in OUTPUT_NAMES.items()}
     example = first_examples(result.pair.fit)
-    with atomic_outputs(list(targets.values())) as tmps:
+    with atomic_outputs(list(targets.values()), written=written) as tmps:
         tmp = dict(zip(targets, tmps))
         result.export = export_onnx(result.merged.model, (example,), tmp["onnx"])
         save_figure(result.figures["barrier"], tmp["barrier"])

@@ -148,11 +148,29 @@ class PermutationSpec:
             out[key] = ax.permute_tensor(t, exprs, vp)
         return out
 
+    def check_model(self, model: nn.Module) -> None:
+        """MismatchError unless every parameter and buffer of the spec exists in ``model`` with the
+        sizes the spec expects (a spec proves nothing about a model of another architecture)."""
+        state = model.state_dict()
+        missing = [k for k in self.param_axes if k not in state]
+        if missing:
+            raise MismatchError(
+                f"the model ({type(model).__name__}) has no {missing[0]!r}"
+                + (f" (and {len(missing) - 1} more of the spec's parameters)" if len(missing) > 1 else "")
+                + f": the spec was discovered on another architecture ({self.model_name})")
+        for key, exprs in self.param_axes.items():
+            t = state[key]
+            if t.ndim != len(exprs) or any(not ax.is_fixed(e) and e.size != t.shape[d] for d, e in enumerate(exprs)):
+                raise MismatchError(
+                    f"parameter {key!r} of the model has shape {tuple(t.shape)}, which the spec does not "
+                    f"fit: the spec was discovered on another architecture ({self.model_name})")
+
     # -- the proof -----------------------------------------------------------------------------
     def check(self, model: nn.Module, example_inputs, *, seed: int = 0, rtol: float = 1e-4,
               atol: float = 1e-5) -> float:
         """Apply random permutations to every group and compare outputs; returns the largest
         absolute difference. Raises CheckError naming the group that breaks the function."""
+        self.check_model(model)
         args = as_tuple(example_inputs)
         perms = self.random_permutations(seed)
         ref = _outputs(model, args)

@@ -30,15 +30,22 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
-from graphrepair.errors import DataError
+from graphrepair.errors import DataError, GraphRepairError, GraphRepairWarning
+from graphrepair.io.fileio import check_source
 from graphrepair.io.loading import call_reference
 
 __all__ = [
     "DATA_SUFFIXES",
     "ArrayDataset",
+    "CheckedData",
     "ExampleStream",
     "FewerExamplesWarning",
+    "LabelRule",
     "check_batch_shape",
+    "check_examples_vary",
+    "check_inputs",
+    "check_labels",
+    "in_memory",
     "iter_batches",
     "iter_labeled",
     "load_data",
@@ -51,7 +58,7 @@ _INPUT_KEYS = ("x", "input_ids")
 _LABEL_KEYS = ("y", "labels", "label")
 
 
-class FewerExamplesWarning(UserWarning):
+class FewerExamplesWarning(GraphRepairWarning):
     """The data held fewer examples than were asked for; the message gives the number used."""
 
 
@@ -148,11 +155,20 @@ def _describe(data: Any) -> str:
 
 
 def _is_xy_pair(data: Any) -> bool:
-    """A tuple (x, y) of inputs and labels, as opposed to an iterable of two batches."""
+    """A tuple (x, y) of inputs and labels, as opposed to an iterable of two batches. Two tensors
+    of one kind (same trailing shape and dtype) with different lengths are two batches; of
+    different kinds they are inputs and labels, and then their lengths must agree."""
     if not (isinstance(data, tuple) and len(data) == 2):
         return False
     x, y = (_as_tensor(item) for item in data)
-    return x is not None and y is not None and x.dim() >= 1 and y.dim() >= 1 and x.shape[0] == y.shape[0]
+    if x is None or y is None or x.dim() < 1 or y.dim() < 1:
+        return False
+    if x.shape[0] == y.shape[0]:
+        return True
+    if x.shape[1:] == y.shape[1:] and x.dtype == y.dtype:
+        return False
+    raise DataError(f"inputs and labels differ in length: x has {x.shape[0]} examples, y has {y.shape[0]}; "
+                    "give one label per example")
 
 
 def _raw_pairs(data: Any, batch_size: int) -> Iterator[tuple[torch.Tensor, Any]]:
@@ -313,24 +329,170 @@ def check_batch_shape(x: torch.Tensor, expected: Sequence[int | None], where: st
 
 
 # --------------------------------------------------------------------------------------------------
+# Checking data as it streams
+
+
+def _dtype(t: torch.Tensor) -> str:
+    return str(t.dtype).replace("torch.", "")
+
+
+def check_inputs(x: torch.Tensor, like: torch.Tensor, where: str, index: int | None = None) -> None:
+    """DataError unless the inputs ``x`` of a batch are of the kind of ``like`` (the first batch,
+    which the model was tried on): the same dtype, the same number of axes and, for floating
+    inputs, the same example shape (integer token ids may vary in length); floats must be finite.
+    ``where`` names the data (e.g. ``"--data fit.npz"``), ``index`` the batch."""
+    at = f"{where}: batch {index}" if index is not None else where
+    if x.dtype != like.dtype:
+        raise DataError(f"{at} has inputs of dtype {_dtype(x)} where the first batch has {_dtype(like)}; "
+                        "give every batch the same dtype")
+    if x.is_complex() or x.dtype == torch.bool:
+        raise DataError(f"{at} has inputs of dtype {_dtype(x)}; expected integers or floats")
+    if x.is_floating_point():
+        check_batch_shape(x, tuple(like.shape[1:]), at)
+        bad = int((~torch.isfinite(x)).sum())
+        if bad:
+            raise DataError(f"{at} has {bad} NaN or infinite input values; clean the data")
+    elif x.dim() != like.dim():
+        check_batch_shape(x, (None,) * (like.dim() - 1), at)
+
+
+class LabelRule:
+    """What labels must look like for a classifier whose outputs (logits) were seen on the first
+    batch: integer class indices in ``[0, classes)``, one per output row (``ndim`` axes: 1 for
+    logits ``(N, C)``, 2 for per-token logits ``(N, T, C)``)."""
+
+    def __init__(self, classes: int, ndim: int = 1):
+        self.classes, self.ndim = classes, ndim
+
+
+def check_labels(y: Any, x: torch.Tensor, rule: LabelRule, where: str, index: int | None = None) -> None:
+    """DataError unless ``y`` holds valid labels for the inputs ``x`` under ``rule``."""
+    at = f"{where}: batch {index}" if index is not None else where
+    if y is None:
+        raise DataError(f"{at} has inputs but no labels; evaluation needs (x, y) batches, a dict with "
+                        "'y'/'labels', or a data file with a 'y' array")
+    if not isinstance(y, torch.Tensor):
+        raise DataError(f"{at}: the labels are a {type(y).__name__}, not a tensor")
+    one_hot = (y.dim() == rule.ndim + 1 and y.shape[-1] == rule.classes)
+    hint = "; one-hot labels: store y.argmax(-1)" if one_hot else ""
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise DataError(f"{at}: labels have dtype {_dtype(y)}; give integer class indices{hint}")
+    if y.dim() == 0 or y.shape[0] != x.shape[0]:
+        raise DataError(f"{at} has {x.shape[0]} inputs but labels of shape {tuple(y.shape)}; "
+                        f"give one label per example{hint}")
+    if y.dim() != rule.ndim:
+        want = "(N,)" if rule.ndim == 1 else f"{rule.ndim} axes"
+        raise DataError(f"{at}: labels have shape {tuple(y.shape)}, expected {want}: one class index per "
+                        f"row of the model's outputs{hint}")
+    if y.numel():
+        lo, hi = int(y.min()), int(y.max())
+        if lo < 0 or hi >= rule.classes:
+            raise DataError(f"{at}: labels range over [{lo}, {hi}] but the model has {rule.classes} outputs; "
+                            f"give class indices in [0, {rule.classes})")
+
+
+def check_examples_vary(x: torch.Tensor, where: str) -> None:
+    """DataError when all examples of ``x`` are identical (all-zero data, one example repeated):
+    every activation is then constant, so there is nothing to correlate or normalise."""
+    if x.shape[0] >= 2 and bool((x == x[:1]).all()):
+        raise DataError(f"{where}: all {x.shape[0]} examples are identical, so no activation varies and "
+                        "nothing can be matched or repaired; give real data")
+
+
+def _guarded_pairs(data: Any, batch_size: int, where: str) -> Iterator[tuple[torch.Tensor, Any]]:
+    """``_raw_pairs`` with the user's own failures (a generator raising midway, a Dataset's
+    ``__getitem__``) turned into a DataError naming the batch. Interrupts pass through."""
+    pairs = _raw_pairs(data, batch_size)
+    index = 0
+    while True:
+        try:
+            item = next(pairs)
+        except StopIteration:
+            return
+        except (DataError, KeyboardInterrupt, SystemExit, GeneratorExit):
+            raise
+        except BaseException as exc:
+            text = " ".join(str(exc).split())[:300]
+            raise DataError(f"{where}: reading batch {index} raised {type(exc).__name__}: {text}") from exc
+        yield item
+        index += 1
+
+
+class CheckedData:
+    """``data`` (anything :func:`iter_batches` accepts) with every batch checked as it streams:
+    inputs by :func:`check_inputs` against ``like`` (None: against the first batch of each pass),
+    labels by :func:`check_labels` when ``labels`` is given, and a failure of the user's iterable
+    reported as a DataError naming the batch. Re-iterable when ``data`` is. Yields ``x`` or
+    ``(x, y)`` per batch."""
+
+    def __init__(self, data: Any, *, where: str, like: torch.Tensor | None = None,
+                 labels: LabelRule | None = None, batch_size: int = 256):
+        self.data, self.where, self.like, self.labels, self.batch_size = data, where, like, labels, batch_size
+
+    def __iter__(self) -> Iterator[Any]:
+        like = self.like
+        for i, (x, y) in enumerate(_guarded_pairs(self.data, self.batch_size, self.where)):
+            if x.shape[0] == 0:
+                continue
+            check_inputs(x, x if like is None else like, self.where, i)
+            like = x if like is None else like
+            if self.labels is not None:
+                check_labels(y, x, self.labels, self.where, i)
+            yield x if y is None else (x, y)
+
+    def __repr__(self) -> str:
+        return f"CheckedData({self.where})"
+
+
+def in_memory(data: Any, source: str) -> ArrayDataset | None:
+    """``data`` as a checked ArrayDataset when it is held in memory as arrays (a tensor, a numpy
+    array, a TensorDataset, an ``(x, y)`` tuple or a dict with ``"x"``), so that it can be checked
+    once, whole, like a data file; None for iterables of batches and other datasets."""
+    if isinstance(data, ArrayDataset):
+        return data
+    x: Any = None
+    y: Any = None
+    if _as_tensor(data) is not None:
+        x = data
+    elif isinstance(data, TensorDataset):
+        x, y = data.tensors[0], (data.tensors[1] if len(data.tensors) > 1 else None)
+    elif _is_xy_pair(data):
+        x, y = data
+    elif isinstance(data, Mapping) and "x" in data and _as_tensor(data["x"]) is not None:
+        x, y = data["x"], data.get("y")
+    else:
+        return None
+    keys = ["x"] + (["y"] if y is not None else [])
+    x_t = _check_array(x, "x", source, keys)
+    y_t = _check_array(y, "y", source, keys) if y is not None else None
+    if y_t is not None and y_t.shape[0] != x_t.shape[0]:
+        raise DataError(f"{source}: 'x' has {x_t.shape[0]} examples but 'y' has {y_t.shape[0]}")
+    if x_t.shape[0] == 0:
+        raise DataError(f"{source} has no examples ('x' has shape {tuple(x_t.shape)})")
+    return ArrayDataset(x_t, y_t, source=source)
+
+
+# --------------------------------------------------------------------------------------------------
 # Files and references
 
 
-def _check_array(value: Any, key: str, path: Path, keys: list[str]) -> torch.Tensor:
+def _check_array(value: Any, key: str, path: Path | str, keys: list[str]) -> torch.Tensor:
+    """``value`` as a tensor of examples; ``path`` is a file (or, as a string, names the source)."""
+    where = f"data file '{path}'" if isinstance(path, Path) else str(path)
     tensor = _as_tensor(value)
     if tensor is None:
         raise DataError(
-            f"data file '{path}': '{key}' is a {type(value).__name__}, not an array; "
+            f"{where}: '{key}' is a {type(value).__name__}, not an array; "
             f"it must hold tensors or arrays (keys: {', '.join(keys) or 'none'})"
         )
     if tensor.is_complex() or tensor.dtype == torch.bool:
-        raise DataError(f"data file '{path}': '{key}' has dtype {tensor.dtype}; expected integers or floats")
+        raise DataError(f"{where}: '{key}' has dtype {tensor.dtype}; expected integers or floats")
     if tensor.dim() == 0:
-        raise DataError(f"data file '{path}': '{key}' is a scalar; it needs a first (example) axis")
+        raise DataError(f"{where}: '{key}' is a scalar; it needs a first (example) axis")
     if tensor.is_floating_point():
         bad = (~torch.isfinite(tensor)).sum().item()
         if bad:
-            raise DataError(f"data file '{path}': '{key}' has {bad} NaN or infinite values; clean the data")
+            raise DataError(f"{where}: '{key}' has {bad} NaN or infinite values; clean the data")
     return tensor
 
 
@@ -372,10 +534,9 @@ def load_data_file(path: str | os.PathLike) -> ArrayDataset:
     Dtypes are kept (integer ids stay integers); floats must be finite.
     """
     path = Path(path)
-    if not path.exists():
-        raise DataError(f"data file '{path}' does not exist")
-    if path.is_dir():
+    if os.path.isdir(path):
         raise DataError(f"data path '{path}' is a directory; give a {'/'.join(DATA_SUFFIXES)} file")
+    check_source(path, "data file")
     try:
         x, y, keys = _read_file(path)
     except DataError:
@@ -408,14 +569,19 @@ def load_data(ref: str | os.PathLike) -> Any:
     """
     text = os.fspath(ref)
     path = Path(text)
-    if path.suffix.lower() in DATA_SUFFIXES or path.exists():
+    if path.suffix.lower() in DATA_SUFFIXES or _lexists(path):
         return load_data_file(path)
     if ":" not in text:
         raise DataError(
             f"data '{text}' is neither an existing file nor a MODULE:FUNCTION reference; "
             f"give a {', '.join(DATA_SUFFIXES)} file or MODULE:FUNCTION"
         )
-    data = call_reference(text, kind="FUNCTION")
+    try:
+        data = call_reference(text, kind="FUNCTION")
+    except (GraphRepairError, KeyboardInterrupt, GeneratorExit):
+        raise
+    except BaseException as exc:  # the user's function raised something that is not an Exception
+        raise DataError(f"calling '{text}' raised {type(exc).__name__}: {exc}") from exc
     if data is None or isinstance(data, (str, bytes)) or not (
         _as_tensor(data) is not None or isinstance(data, (Iterable, Dataset, Mapping))
     ):
@@ -424,3 +590,10 @@ def load_data(ref: str | os.PathLike) -> Any:
             "batches, a DataLoader, a tensor or a dataset"
         )
     return data
+
+
+def _lexists(path: Path) -> bool:
+    try:
+        return os.path.lexists(path)
+    except (OSError, ValueError):
+        return False

@@ -2,7 +2,13 @@
 
 The pass (``passes.export_onnx``) exports with ``torch.onnx.export(dynamo=True)``, runs the file in
 onnxruntime on the example inputs and on a batch of another size, compares every output with
-torch's and only then moves the file into place; here its errors become ExportError.
+torch's and only then moves the file into place; here its errors become ExportError (OutputError
+when the disk is full or the directory cannot be written).
+
+The comparison counts NaN as equal to NaN, so a model that computes NaN would "verify": weights and
+buffers must be finite, and so must torch's outputs on the example inputs, before anything is
+exported. An interrupt (Ctrl-C, SIGTERM) that the exporter turned into an error of its own is
+raised again as what it was.
 """
 
 from __future__ import annotations
@@ -13,26 +19,69 @@ import torch
 from torch import nn
 
 from passes.errors import ExportFailedError, ExportVerificationError
-from passes.export_onnx import ExportReport
+from passes.export_onnx import ExportReport, flatten_outputs
 from passes.export_onnx import export_onnx as _export
 
-from graphrepair.errors import ExportError, OutputError
-from graphrepair.discovery.trace import as_tuple
+from graphrepair.discovery.trace import as_tuple, eval_mode
+from graphrepair.errors import ExportError, NumericError, OutputError
+from graphrepair.io.fileio import disk_full
 
 
 def export_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, *, rtol: float = 1e-4,
                 atol: float = 1e-4, dynamic_batch: bool = True) -> ExportReport:
     """Write ``model`` to ``path`` as ONNX, verified with onnxruntime; nothing is written on failure."""
     args = tuple(t.to(_device(model)) for t in as_tuple(example_inputs))
+    name = type(model).__name__
+    check_finite_model(model)
+    check_finite_outputs(model, args)
     try:
         return _export(model, args, path, rtol=rtol, atol=atol, dynamic_batch=dynamic_batch)
-    except ExportVerificationError as e:
-        raise ExportError(f"onnxruntime disagrees with torch for {path}: {e}; no file was written") from e
-    except ExportFailedError as e:
+    except (ExportVerificationError, ExportFailedError) as e:
+        interrupt = _interrupt_in(e)
+        if interrupt is not None:
+            raise interrupt from None
+        full = disk_full(e)
+        if full is not None:
+            raise OutputError(f"cannot write '{path}': {full}; free space or choose another location") from e
+        if isinstance(e, ExportVerificationError):
+            raise ExportError(f"onnxruntime disagrees with torch for {path}: {e}; no file was written") from e
         text = str(e)
         if "cannot write" in text or "directory" in text:
             raise OutputError(text) from e
-        raise ExportError(f"cannot export {type(model).__name__} to ONNX: {text}") from e
+        raise ExportError(f"cannot export {name} to ONNX: {text}") from e
+
+
+def check_finite_model(model: nn.Module) -> None:
+    """NumericError naming the first parameter or buffer holding NaN or Inf."""
+    for kind, items in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for key, t in items:
+            if (t.is_floating_point() or t.is_complex()) and t.numel() and not bool(torch.isfinite(t).all()):
+                raise NumericError(f"{type(model).__name__}: {kind} {key!r} contains NaN or Inf; the exported "
+                                   f"model could not be verified (NaN compares equal to NaN); fix the weights")
+
+
+def check_finite_outputs(model: nn.Module, args: tuple) -> None:
+    """NumericError when torch's outputs on ``args`` hold NaN or Inf (nothing to verify against)."""
+    try:
+        with eval_mode(model), torch.no_grad():
+            outputs = flatten_outputs(model(*args))
+    except Exception:
+        return  # the export reports why the model cannot run
+    for label, t in outputs:
+        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+            raise NumericError(f"{type(model).__name__}: output {label or '0'} is NaN or infinite on the example "
+                               f"input, so the ONNX file cannot be verified against it; check the weights and "
+                               f"the example input")
+
+
+def _interrupt_in(exc: BaseException) -> KeyboardInterrupt | None:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, KeyboardInterrupt):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _device(model: nn.Module) -> torch.device:

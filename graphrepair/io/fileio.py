@@ -1,13 +1,23 @@
-"""Atomic output files.
+"""Atomic output files, and the checks that let a command refuse a bad path before any work.
 
 Every file graphrepair writes appears whole or not at all: the writer fills a temporary file in the
 target's own directory (same file system, so the final ``os.replace`` is atomic), the data is
 fsync'ed, the temporary file is renamed over the target, and the directory entry is fsync'ed.
 If anything fails -- the writer raises, verification fails, the process is interrupted with
-Ctrl-C -- the temporary file is removed and the target is left as it was (absent, or the old file).
+Ctrl-C or SIGTERM -- the temporary file is removed and the target is left as it was (absent, or
+the old file).
 
-The temporary name keeps the target's suffix (``.merged.onnx.<random>.tmp.onnx``) because some
-writers look at it: ``numpy.savez`` appends ``.npz`` to a name that does not end with it.
+- A target that is a symbolic link is not replaced by a regular file: the file the link points to
+  is (the link stays a link). An existing target keeps its permission bits; a new one gets
+  0666 minus the umask.
+- The temporary name keeps the target's suffix (``.merged.onnx.<random>.tmp.onnx``) because some
+  writers look at it (``numpy.savez`` appends ``.npz`` to a name that does not end with it), and is
+  shortened so that it stays well below the file system's name limit even for a 255-byte target
+  name (writers such as the ONNX export make temporary files of their own next to it).
+- ``check_target`` and ``check_source`` refuse, in one line, what cannot work: names longer than
+  the file system allows, names that are not UTF-8 (the ONNX tools need UTF-8 paths), missing or
+  read-only directories, directories, devices and FIFOs (reading a FIFO would wait forever, and
+  replacing ``/dev/null`` would replace the device).
 """
 
 from __future__ import annotations
@@ -15,24 +25,203 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import secrets
+import stat
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import torch
 
-from graphrepair.errors import OutputError
+from graphrepair.errors import DataError, GraphRepairError, OutputError
 
-__all__ = ["atomic_output", "atomic_write", "save_safetensors"]
+__all__ = ["atomic_output", "atomic_write", "check_source", "check_target", "disk_full", "real_target",
+           "save_safetensors", "same_file"]
 
 # A writer failing with these says nothing about the writer: the disk is full.
 _FULL = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
+_OS_ERROR_TEXT = re.compile(r"os error (\d+)|No space left on device|File too large|Disk quota exceeded")
+_TEMP_NAME_BYTES = 160  # room for the writers' own temporary names next to ours (255 in all)
+_SUFFIX_BYTES = 24
+
+
+def disk_full(exc: BaseException) -> str | None:
+    """The reason (``"No space left on device"``) when ``exc`` or an exception it was raised from is
+    a full disk, a quota or a file size limit; None otherwise. Writers written in other languages
+    (safetensors) report the OS error in their message only."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in _FULL:
+            return exc.strerror or os.strerror(exc.errno)
+        match = _OS_ERROR_TEXT.search(str(exc))
+        if match:
+            if match.group(1) is None:
+                return match.group(0)
+            if int(match.group(1)) in _FULL:
+                return os.strerror(int(match.group(1)))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _limits(directory: Path) -> tuple[int, int]:
+    """(longest file name, longest path) in bytes for files in ``directory``."""
+    try:
+        return os.pathconf(directory, "PC_NAME_MAX"), os.pathconf(directory, "PC_PATH_MAX")
+    except (OSError, ValueError, AttributeError):
+        return 255, 4096
+
+
+def _bytes(text: str) -> bytes:
+    try:
+        return os.fsencode(text)
+    except UnicodeEncodeError:  # lone surrogates that are not escaped bytes (refused by _check_name)
+        return text.encode("utf-8", "surrogatepass")
+
+
+def _check_name(p: Path, head: str, error: type[GraphRepairError]) -> None:
+    """Length and characters of a path, before the OS is asked anything about it."""
+    if "\x00" in str(p):
+        raise error(f"{head}: a file name cannot contain a NUL character")
+    try:
+        os.fsencode(p)
+    except UnicodeEncodeError:
+        raise error(f"{head}: the name holds characters no file name can (lone surrogates)") from None
+    existing = next((d for d in (p.parent, *p.parent.parents) if _exists(d)), Path("."))
+    name_max, path_max = _limits(existing)
+    name = _bytes(p.name)
+    if len(name) > name_max:
+        raise error(f"{head}: the file name is {len(name)} bytes long; this file system allows at most "
+                    f"{name_max}; choose a shorter name")
+    absolute = _bytes(os.path.abspath(p))
+    if len(absolute) >= path_max:
+        raise error(f"{head}: the path is {len(absolute)} bytes long; this system allows at most "
+                    f"{path_max - 1}; choose a shorter path")
+
+
+def _exists(p: Path) -> bool:
+    try:
+        return os.path.lexists(p)
+    except (OSError, ValueError):
+        return False
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _stat(p: Path, head: str, error: type[GraphRepairError]) -> os.stat_result | None:
+    """``os.stat(p)`` (following links), None when nothing is there; OS refusals become ``error``."""
+    try:
+        return os.stat(p)
+    except FileNotFoundError:
+        return None
+    except NotADirectoryError:
+        raise error(f"{head}: '{p.parent}' is not a directory") from None
+    except (ValueError, UnicodeError) as exc:
+        raise error(f"{head}: not a valid file name ({exc})") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise error(f"{head}: too many levels of symbolic links") from None
+        raise error(f"{head}: {exc.strerror}") from None
+
+
+def real_target(path: str | os.PathLike) -> Path:
+    """The file a write to ``path`` must replace: ``path`` itself, or, when it is a symbolic link
+    (possibly dangling), the file the link chain ends at."""
+    p = Path(path)
+    return Path(os.path.realpath(p)) if p.is_symlink() else p
+
+
+def check_target(path: str | os.PathLike, who: str | None = None) -> Path:
+    """OutputError (one line, naming ``who`` -- e.g. a command-line option -- when given) unless
+    ``path`` names a file that can be created or replaced. Returns ``Path(path)``."""
+    p = Path(path)
+    head = f"{who} '{p}'" if who else f"cannot write '{p}'"
+    if str(path) == "" or p.name in ("", ".", ".."):
+        raise OutputError(f"{head}: not a file name")
+    _check_name(p, head, OutputError)
+    try:
+        str(p).encode("utf-8")
+    except UnicodeEncodeError:
+        raise OutputError(f"{head}: the name is not valid UTF-8; choose a UTF-8 file name") from None
+    real = real_target(p)
+    if real != p:
+        _check_name(real, f"{head} (a link to '{real}')", OutputError)
+    st = _stat(real, head, OutputError)
+    if st is not None and stat.S_ISDIR(st.st_mode):
+        raise OutputError(f"{head}: it is a directory; give a file name, e.g. '{p / 'out'}'")
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        raise OutputError(f"{head}: it is {_kind(st.st_mode)}, not a regular file; give a file name")
+    parent = real.parent
+    pst = _stat(parent, head, OutputError)
+    if pst is None:
+        raise OutputError(f"{head}: directory '{parent}' does not exist; create it first")
+    if not stat.S_ISDIR(pst.st_mode):
+        raise OutputError(f"{head}: '{parent}' is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"{head}: directory '{parent}' is not writable; choose a writable location")
+    return p
+
+
+def check_source(path: str | os.PathLike, who: str | None = None,
+                 error: type[GraphRepairError] = DataError) -> Path:
+    """``error`` (one line, naming ``who`` when given) unless ``path`` is an existing regular file
+    that can be read: refused are missing files, directories, FIFOs and devices (which could block
+    forever or never end), names too long for the file system, and unreadable files."""
+    p = Path(path)
+    head = f"{who} '{p}'" if who else f"'{p}'"
+    if str(path) == "":
+        raise error(f"{head}: not a file name")
+    _check_name(p, head, error)
+    st = _stat(p, head, error)
+    if st is None:
+        raise error(f"{head}: file does not exist")
+    if stat.S_ISDIR(st.st_mode):
+        raise error(f"{head}: it is a directory; give the file inside it")
+    if not stat.S_ISREG(st.st_mode):
+        raise error(f"{head}: it is {_kind(st.st_mode)}, not a regular file; graphrepair reads whole "
+                    f"files: save the data to a file first")
+    if not os.access(p, os.R_OK):
+        raise error(f"{head}: permission denied; make the file readable")
+    return p
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether ``a`` and ``b`` name one file: the same inode (through links, hard links and any
+    spelling of the path), or, where one does not exist yet, the same resolved path."""
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, ValueError):
+        try:
+            return os.path.realpath(a) == os.path.realpath(b)
+        except (OSError, ValueError):
+            return False
+
+
+# --------------------------------------------------------------------------------------------------
+# Staging: a temporary file next to the target, committed by rename
+
+
+def _temp_path(target: Path) -> Path:
+    """A fresh name next to ``target``: ``.<name, shortened>.<random>.tmp<suffix>`` (ASCII random
+    part, at most ``_TEMP_NAME_BYTES`` bytes)."""
+    suffix = target.suffix if len(_bytes(target.suffix)) <= _SUFFIX_BYTES else ""
+    token = secrets.token_hex(4)
+    room = _TEMP_NAME_BYTES - len(_bytes(f"..{token}.tmp{suffix}"))
+    stem = _bytes(target.name)[:room].decode("utf-8", "ignore")
+    return target.parent / f".{stem}.{token}.tmp{suffix}"
 
 
 def _create_temp(target: Path) -> Path:
     """Create an empty file next to ``target`` with a fresh name (mode 0666 minus the umask)."""
     for _ in range(100):
-        tmp = target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp{target.suffix}"
+        tmp = _temp_path(target)
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         except FileExistsError:
@@ -42,23 +231,69 @@ def _create_temp(target: Path) -> Path:
     raise FileExistsError(errno.EEXIST, "no free temporary name", str(target.parent))
 
 
-def check_target(path: str | os.PathLike, who: str | None = None) -> Path:
-    """OutputError (one line, naming ``who`` -- e.g. a command-line option -- when given) unless
-    ``path`` names a file that can be created or replaced."""
-    p = Path(path)
-    head = f"{who} '{p}'" if who else f"cannot write '{p}'"
-    if str(path) == "" or p.name in ("", ".", ".."):
-        raise OutputError(f"{head}: not a file name")
-    if p.is_dir():
-        raise OutputError(f"{head}: it is a directory; give a file name, e.g. '{p / 'out'}'")
-    parent = p.parent
-    if not parent.exists():
-        raise OutputError(f"{head}: directory '{parent}' does not exist; create it first")
-    if not parent.is_dir():
-        raise OutputError(f"{head}: '{parent}' is not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(f"{head}: directory '{parent}' is not writable; choose a writable location")
-    return p
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+class Staged:
+    """One output in the making: ``tmp`` (written by the caller) will replace ``target`` (the file a
+    symbolic link at ``path`` points to, if it is one). ``path`` is what the user named."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = check_target(path)
+        self.target = real_target(self.path)
+        try:
+            self.tmp = _create_temp(self.target)
+        except OSError as exc:
+            reason = "permission denied" if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else exc.strerror
+            raise OutputError(
+                f"cannot write '{self.path}': {reason} in directory '{self.target.parent}'; "
+                "choose a writable location for the output"
+            ) from exc
+
+    def seal(self) -> None:
+        """Make the written temporary file durable, with the mode the target will keep."""
+        if not self.tmp.exists():
+            raise OutputError(f"writing '{self.path}' produced no file (the writer did not create '{self.tmp}')")
+        with open(self.tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        try:
+            mode = stat.S_IMODE(os.stat(self.target).st_mode)
+        except OSError:
+            mode = 0o666 & ~_umask()  # writers that replace the temporary file (safetensors) leave 0600
+        os.chmod(self.tmp, mode)
+
+    def commit(self) -> None:
+        try:
+            os.replace(self.tmp, self.target)
+        except OSError as exc:
+            raise OutputError(f"cannot replace '{self.path}': {exc.strerror}") from exc
+
+    def discard(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.tmp.unlink()
+
+    def failed(self, exc: BaseException) -> BaseException:
+        """What to raise for ``exc``, raised while writing: a full disk becomes an OutputError."""
+        reason = disk_full(exc)
+        if reason is not None and not isinstance(exc, OutputError):
+            return OutputError(f"cannot write '{self.path}': {reason} in '{self.target.parent}'; "
+                               f"free space or choose another location")
+        return exc
+
+
+def fsync_directory(directory: Path) -> None:
+    # Makes the rename durable on POSIX; not possible (nor needed) on Windows.
+    if os.name != "posix":
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        with contextlib.suppress(OSError):
+            os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -71,38 +306,17 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     Raises OutputError when the directory is missing or not writable, or the disk is full; any other
     exception raised inside the block propagates unchanged after the temporary file has been removed.
     """
-    target = Path(path)
-    check_target(target)
+    staged = Staged(path)
     try:
-        tmp = _create_temp(target)
-    except OSError as exc:
-        reason = "permission denied" if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else exc.strerror
-        raise OutputError(
-            f"cannot write '{target}': {reason} in directory '{target.parent}'; "
-            "choose a writable location for the output"
-        ) from exc
-    try:
-        yield tmp
-        if not tmp.exists():
-            raise OutputError(f"writing '{target}' produced no file (the writer did not create '{tmp}')")
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        # writers that replace the temporary file themselves (safetensors) leave it 0600
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        try:
-            os.replace(tmp, target)
-        except OSError as exc:
-            raise OutputError(f"cannot replace '{target}': {exc.strerror}") from exc
-        _fsync_directory(target.parent)
+        yield staged.tmp
+        staged.seal()
+        staged.commit()
+        fsync_directory(staged.target.parent)
     except BaseException as exc:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        if isinstance(exc, OSError) and exc.errno in _FULL:
-            raise OutputError(
-                f"cannot write '{target}': {exc.strerror} in '{target.parent}'; free space or choose another location"
-            ) from exc
+        staged.discard()
+        replacement = staged.failed(exc)
+        if replacement is not exc:
+            raise replacement from exc
         raise
 
 
@@ -116,18 +330,6 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[Path], object]) ->
     with atomic_output(path) as tmp:
         write_fn(tmp)
     return Path(path)
-
-
-def _fsync_directory(directory: Path) -> None:
-    # Makes the rename durable on POSIX; not possible (nor needed) on Windows.
-    if os.name != "posix":
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        with contextlib.suppress(OSError):
-            os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _detached_cpu_tensors(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

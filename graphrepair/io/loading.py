@@ -376,6 +376,13 @@ def _mismatch_message(path: Path, model: nn.Module, missing: list[str], unexpect
     return f"checkpoint '{path}' does not fit the model ({name}): " + "; ".join(parts) + "; " + "; ".join(advice)
 
 
+def _optional_keys(model: nn.Module) -> set[str]:
+    """Keys torch's own strict load accepts as missing: a BatchNorm's ``num_batches_tracked``
+    (absent from checkpoints of older torch versions; it starts again at 0)."""
+    return {f"{name}.num_batches_tracked" if name else "num_batches_tracked"
+            for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+
+
 def load_checkpoint(model: nn.Module, path: str | os.PathLike, *, strict: bool = True) -> nn.Module:
     """Load the weights in ``path`` into ``model`` (in place, on the model's devices) and return it.
 
@@ -388,7 +395,9 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, *, strict: bool =
     model_state = model.state_dict()
     aliases = _aliases(model_state)
 
-    missing = [k for k in model_state if k not in state and not (state.keys() & aliases.get(k, {k}))]
+    optional = _optional_keys(model)
+    missing = [k for k in model_state
+               if k not in state and k not in optional and not (state.keys() & aliases.get(k, {k}))]
     unexpected = sorted((k for k in state if k not in model_state), key=_natural)
     misshaped = [
         f"{k}: checkpoint {_shape(state[k].shape)} vs model {_shape(model_state[k].shape)}"
@@ -398,6 +407,12 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, *, strict: bool =
     if misshaped or (strict and (missing or unexpected)):
         raise CheckpointError(_mismatch_message(path, model, missing, unexpected, misshaped, strict))
 
+    complex_into_real = [f"{k} ({str(state[k].dtype).replace('torch.', '')})" for k in model_state
+                         if k in state and state[k].is_complex() and not model_state[k].is_complex()]
+    if complex_into_real:
+        raise CheckpointError(f"checkpoint '{path}' holds complex values for real parameters of "
+                              f"{type(model).__name__}: {_names(complex_into_real)}; loading would drop "
+                              "their imaginary parts; save real tensors")
     # module versions (_metadata) from the checkpoint when it kept them (a pickled state dict),
     # else the model's own: _load_from_state_dict may read them (torchvision's MNASNet refuses none)
     to_load = with_metadata({k: v for k, v in state.items() if k in model_state},

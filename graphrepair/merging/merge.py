@@ -104,9 +104,38 @@ class FitData:
 
 
 def check_alpha(alpha: float) -> float:
-    if not isinstance(alpha, (int, float)) or not 0.0 <= float(alpha) <= 1.0:
-        raise GraphRepairError(f"alpha must be in [0, 1] (0 = model A, 1 = model B), got {alpha!r}")
-    return float(alpha)
+    """``alpha`` as a float in [0, 1]: any real number (numpy scalars, 0-d tensors and arrays too)."""
+    value = real_number(alpha, "alpha")
+    if not 0.0 <= value <= 1.0:  # NaN fails too
+        raise GraphRepairError(f"alpha must be in [0, 1] (0 = model A, 1 = model B), got {value!r}")
+    return value
+
+
+def real_number(value, what: str) -> float:
+    """``value`` as a float: a Python, numpy or 0-d tensor/array real number (not a bool)."""
+    import numbers
+
+    import numpy as np
+
+    if isinstance(value, (torch.Tensor, np.ndarray)) and value.ndim == 0:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        shape = f" of shape {tuple(value.shape)}" if hasattr(value, "shape") else ""
+        raise GraphRepairError(f"{what} must be a real number, got a {type(value).__name__}{shape}: {value!r}")
+    return float(value)
+
+
+def check_weights(weights, n: int) -> list[float]:
+    """``n`` finite, non-negative merge weights summing to 1."""
+    import math
+
+    if isinstance(weights, (str, bytes)) or not hasattr(weights, "__len__"):
+        raise GraphRepairError(f"weights must be a list of {n} numbers, got {weights!r}")
+    values = [real_number(w, "each weight") for w in weights]
+    if (len(values) != n or not all(math.isfinite(w) and w >= 0 for w in values)
+            or abs(sum(values) - 1.0) > 1e-6):
+        raise GraphRepairError(f"weights must be {n} finite, non-negative numbers summing to 1, got {values}")
+    return values
 
 
 def interpolate_states(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict:
@@ -222,14 +251,17 @@ def merge_prepared(prep: Prepared, weights: list[float], repair: str | None,
                    quiet: bool = True, keep_unfolded: bool = False) -> MergeResult:
     """Interpolate the aligned models with ``weights`` and apply ``repair``."""
     models = prep.models
-    if len(weights) != len(models) or abs(sum(weights) - 1.0) > 1e-6 or min(weights) < 0:
-        raise GraphRepairError(f"weights must be {len(models)} non-negative numbers summing to 1, got {weights}")
+    weights = check_weights(weights, len(models))
     if repair not in REPAIR_MODES:
         raise GraphRepairError(f"repair must be one of {REPAIR_MODES}, got {repair!r}")
     if len(prep.aligned) != len(models) - 1:
         raise GraphRepairError("this preparation has no permuted weights to merge: prepare(..., states=True)")
     if repair == "approx" and len(models) > 2:
         raise GraphRepairError("the closed-form REPAIR ('approx') merges two models; use 'exact' for more")
+    if repair in ("exact", "approx") and not prep.spec.groups:
+        raise GraphRepairError(f"no permutation groups in {prep.spec.model_name}: no hidden channel may move, so "
+                               f"there is nothing to repair; spec.fixed (discover(model, x).fixed) says why each "
+                               f"axis is kept fixed")
     if repair in ("exact", "approx") and (not prep.points or prep.stats[0] is None):
         raise GraphRepairError(f"repair={repair!r} needs the endpoint statistics: prepare(..., statistics=True)")
     if repair == "approx" and prep.stats[0].points and next(iter(prep.stats[0].points.values())).cov_ab is None:
@@ -266,7 +298,7 @@ def merge_models(models: list[nn.Module], data, *, weights: list[float] | None =
                  batch_size: int = 256, points: str = "all", spec: PermutationSpec | None = None,
                  quiet: bool = True, seed: int = 0) -> MergeResult:
     """Align every model to ``models[0]``, average with ``weights``, REPAIR, fold."""
-    weights = [1.0 / len(models)] * len(models) if weights is None else [float(w) for w in weights]
+    weights = [1.0 / len(models)] * len(models) if weights is None else check_weights(weights, len(models))
     if repair not in REPAIR_MODES:
         raise GraphRepairError(f"repair must be one of {REPAIR_MODES}, got {repair!r}")
     prep = prepare(models, data, method=method, statistics=repair in ("exact", "approx"),

@@ -101,7 +101,7 @@ class Curve:
 def alpha_grid(alphas) -> list[float]:
     if isinstance(alphas, int):
         if alphas < 2:
-            raise DataError(f"--alphas needs at least 2 points (the two endpoints), got {alphas}")
+            raise DataError(f"a barrier needs at least 2 alphas (the two endpoints), got {alphas}")
         return [i / (alphas - 1) for i in range(alphas)]
     grid = [check_alpha(a) for a in alphas]
     if len(grid) < 2:

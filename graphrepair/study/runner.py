@@ -149,11 +149,13 @@ def _describe(label: str, repair: str | None) -> str:
 def run_study(model_a: nn.Module, model_b: nn.Module, fit_data, eval_data, *, alphas=11,
               method: str = "activation", repair: str | None = "exact", num_examples: int = 5000,
               points: str = "all", layers: bool = False, layer_alpha: float = 0.5,
-              batch_size: int = 256, quiet: bool = True) -> Study:
-    """The naive, aligned and (unless ``repair`` is None) REPAIRed curves; see the module text."""
+              batch_size: int = 256, quiet: bool = True, spec=None) -> Study:
+    """The naive, aligned and (unless ``repair`` is None) REPAIRed curves; see the module text.
+    ``spec``: the models' PermutationSpec when already discovered."""
     grid = alpha_grid(alphas)
     naive = prepare([model_a, model_b], fit_data, method=method, statistics=False, align=False,
-                    num_examples=num_examples, batch_size=batch_size, points=points, quiet=quiet)
+                    num_examples=num_examples, batch_size=batch_size, points=points, spec=spec,
+                    quiet=quiet)
     prep = prepare([model_a, model_b], fit_data, method=method,
                    statistics=repair in ("exact", "approx"), cross=repair == "approx",
                    num_examples=num_examples, batch_size=batch_size, points=points,
@@ -198,7 +200,8 @@ def _add_layers(study: Study, prep: Prepared, repair: str | None, alpha: float, 
             unfolded = "; ".join(merged.kept[:3]) or "resets left as separate affines"
             study.notes.append(f"no per-layer statistics for {label}: {len(merged.kept)} of "
                                f"{merged.resets} resets could not be folded ({unfolded}), and the layer "
-                               f"measurement needs the model's own class; --points conv measures it")
+                               f"measurement needs the model's own class; reset points at conv/linear outputs only "
+                               f"(points='conv') measure it")
     from graphrepair.merging.points import reset_points
     points = {r.node: r for r in (prep.points or reset_points(prep.spec, "all"))}
     nodes = {n.name: n for n in prep.spec.traced.gm.graph.nodes}

@@ -1,0 +1,156 @@
+"""``graphrepair merge``: align B to A, interpolate, REPAIR and export the merged model."""
+
+from __future__ import annotations
+
+import click
+
+from graphrepair.cli.common import Session, echo, echo_json, run
+from graphrepair.cli.options import (check_alpha, model_option, pair_options, positive, repair_mode,
+                                     with_options)
+
+
+@click.command("merge")
+@model_option
+@with_options(pair_options)
+@click.option("--alpha", type=float, default=0.5, show_default=True,
+              help="Interpolation weight of B: the merge is (1 - alpha) A + alpha B'.")
+@click.option("--repair", type=click.Choice(["exact", "approx", "reset", "none"]), default="exact",
+              show_default=True, help="exact: reset statistics from a pass of the merged model; approx: "
+                                      "closed form; reset: BatchNorm statistics; none: plain interpolation.")
+@click.option("--out", default="merged.onnx", show_default=True, metavar="FILE",
+              help="The merged model as ONNX, verified with onnxruntime.")
+@click.option("--no-onnx", is_flag=True, help="Do not write the ONNX file.")
+@click.option("--weights", default=None, metavar="FILE",
+              help="Also the merged state dict as safetensors (only when every reset folded).")
+@click.option("--eval", "eval_ref", default=None, metavar="EVAL",
+              help="Labeled data ('x' and 'y'): accuracy and loss of A, B and the merge.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@run
+def command(session: Session, model_ref, ckpt_a, ckpt_b, fit_ref, method, num_examples, points, alpha, repair,
+            out, no_onnx, weights, eval_ref, as_json):
+    """Align B to A, interpolate, REPAIR and export the merged model."""
+    from graphrepair.cli.inputs import check_files, model_file
+    from graphrepair.errors import OutputError
+
+    check_alpha(alpha)
+    positive(num_examples, "--num-examples")
+    if no_onnx and not weights:
+        raise OutputError("--no-onnx without --weights would write nothing; give --weights FILE or drop --no-onnx")
+    paths = check_files(session, {"--out": None if no_onnx else out, "--weights": weights},
+                        {"--a": ckpt_a, "--b": ckpt_b, "--data": fit_ref, "--eval": eval_ref,
+                         "--model": model_file(model_ref)})
+    onnx_path, weights_path = paths["--out"], paths["--weights"]
+
+    from graphrepair.cli.inputs import (check_statistics, eval_data, fit_data, load_models, pick_device,
+                                        require_groups)
+    from graphrepair.merging.merge import merge_models
+    from graphrepair.study.metrics import evaluate
+
+    device = pick_device(session.device)
+    mode = repair_mode(repair)
+    statistics = method == "activation" or mode is not None
+    model_a, model_b = load_models(model_ref, [("--a", ckpt_a), ("--b", ckpt_b)], device)
+    fit = fit_data(fit_ref, model_a, num_examples, device, needs_statistics=statistics)
+    eval_set = eval_data(eval_ref, model_a, fit.example, device) if eval_ref else None
+    spec = require_groups(model_a, fit.example, model_ref)
+    res = merge_models([model_a, model_b], fit.data, weights=[1 - alpha, alpha], method=method, repair=mode,
+                       num_examples=fit.examples, points=points, spec=spec, quiet=session.quiet)
+    warnings = check_statistics(res.dead_channels, spec, f"--data {fit_ref}", res.examples) if res.examples else []
+    own_class = type(res.model) is type(model_a)
+    if weights_path is not None and not own_class:
+        raise OutputError(_unfoldable(weights_path, res, type(model_a).__name__, points))
+    scores = {}
+    if eval_set is not None:
+        for name, m in (("A", model_a), ("B", model_b), ("merged", res.model)):
+            scores[name] = evaluate(m, eval_set, quiet=session.quiet)
+    export = None
+    from graphrepair.io.outputs import atomic_outputs
+
+    with atomic_outputs([onnx_path, weights_path], written=session.written) as (tmp_onnx, tmp_weights):
+        if tmp_onnx is not None:
+            from graphrepair.io.export import export_onnx
+            export = export_onnx(res.model, (fit.example,), tmp_onnx)
+        if tmp_weights is not None:
+            from graphrepair.io.fileio import save_safetensors
+            save_safetensors(res.model.state_dict(), tmp_weights, metadata={
+                "graphrepair": "merge", "model": model_ref, "a": str(ckpt_a), "b": str(ckpt_b),
+                "alpha": repr(alpha), "method": method, "repair": repair, "points": points})
+    notes = list(dict.fromkeys(fit.notes + session.notes() + res.notes))
+    report = {
+        "model": model_ref, "a": str(ckpt_a), "b": str(ckpt_b), "alpha": alpha, "method": res.method,
+        "repair": res.repair, "points": points, "examples": res.examples,
+        "groups": len(res.spec.groups), "free_channels": res.spec.num_free,
+        "group_sizes": {g.name: g.size for g in res.spec.groups},
+        "mean_corr": res.mean_corr, "mean_corr_summary": corr_summary(res.mean_corr),
+        "resets": res.resets, "folded": res.folded, "kept": res.kept, "dead_channels": res.dead_channels,
+        "merged_class": type(res.model).__name__,
+        "onnx": None if export is None else {
+            "path": str(onnx_path), "node_count": export.node_count, "op_counts": export.op_counts,
+            "max_abs_diff": export.max_abs_diff, "providers": list(export.providers_checked)},
+        "weights": None if weights_path is None else str(weights_path),
+        "eval": {k: {"accuracy": a, "loss": lo} for k, (a, lo) in scores.items()} or None,
+        "warnings": warnings,
+        "notes": notes,
+    }
+    if as_json:
+        echo_json(report)
+    else:
+        echo(merge_text(report, eval_ref))
+
+
+def _unfoldable(weights_path, res, class_name: str, points: str) -> str:
+    kept = "; ".join(res.kept[:3]) + (f"; ... and {len(res.kept) - 3} more" if len(res.kept) > 3 else "")
+    remedy = ("use --points conv or --repair reset/none" if points != "conv" else
+              "use --repair reset or none (with --points conv these resets still could not be folded)")
+    return (f"--weights {weights_path}: {len(res.kept) or 'some'} of the {res.resets} REPAIR resets could "
+            f"not be folded into the weights ({kept or 'resets left as separate affines'}), so the merged "
+            f"model is not a {class_name} and has no state dict of that class; the ONNX file "
+            f"(--out) is the deliverable. For a safetensors state dict {remedy}. Nothing was written")
+
+
+def corr_summary(mean_corr: dict[str, float]) -> dict | None:
+    vals = list(mean_corr.values())
+    return {"min": min(vals), "mean": sum(vals) / len(vals)} if vals else None
+
+
+def merge_text(r: dict, eval_ref: str | None) -> str:
+    from graphrepair.cli.tables import number, percent, plural, text_table, wrapped_table
+
+    lines = [f"merged {r['model']}: A {r['a']}, B {r['b']}, alpha {r['alpha']:g}",
+             f"spec: {plural(r['groups'], 'permutation group')}, "
+             f"{plural(r['free_channels'], 'channel')} may move"]
+    how = "activation matching" if r["method"] == "activation" else "weight matching"
+    lines.append(f"alignment: {how}" + (f", statistics from {r['examples']} examples" if r["examples"] else ""))
+    if r["mean_corr"]:
+        rows = [[g, r["group_sizes"].get(g, ""), number(c, 3)] for g, c in r["mean_corr"].items()]
+        lines.append("mean correlation of matched units per group:")
+        lines.append(wrapped_table(["group", "size", "corr"], rows, indent="  "))
+        s = r["mean_corr_summary"]
+        lines.append(f"  min {s['min']:.3f}, mean {s['mean']:.3f}")
+    if r["repair"] in ("exact", "approx"):
+        lines.append(f"REPAIR ({r['repair']}, points {r['points']}): {r['resets']} resets, {r['folded']} "
+                     f"folded into the weights, {len(r['kept'])} kept as per-channel affines")
+        for k in r["kept"][:10]:
+            lines.append(f"  kept {k}")
+        if len(r["kept"]) > 10:
+            lines.append(f"  ... and {len(r['kept']) - 10} more")
+    elif r["repair"] == "reset":
+        lines.append("repair: BatchNorm statistics re-estimated on the merged model")
+    else:
+        lines.append("repair: none (plain interpolation of the aligned models)")
+    lines.append(f"dead channels: {r['dead_channels']}")
+    if r["eval"]:
+        rows = [[k, percent(v["accuracy"]), number(v["loss"])] for k, v in r["eval"].items()]
+        lines.append(f"evaluation on {eval_ref}:")
+        lines.append(text_table(["model", "accuracy %", "loss"], rows, indent="  "))
+    if r["onnx"]:
+        o = r["onnx"]
+        ops = ", ".join(f"{k} {v}" for k, v in sorted(o["op_counts"].items(), key=lambda kv: -kv[1])[:8])
+        lines.append(f"wrote {o['path']}: {o['node_count']} nodes ({ops}); max |diff| vs onnxruntime "
+                     f"{o['max_abs_diff']:.2e} ({', '.join(o['providers'])})")
+    if r["weights"]:
+        lines.append(f"wrote {r['weights']}: state dict of {r['merged_class']}")
+    lines.extend(f"warning: {w}" for w in r["warnings"])
+    for n in r["notes"]:
+        lines.append(f"note: {n}")
+    return "\n".join(lines)

@@ -1,0 +1,153 @@
+"""Hostile input against the Python API: every error it raises for bad input is a GraphRepairError
+subclass with a message that says what is wrong, and nothing is accepted that only pretends to work
+(a "proof" over a model of another architecture, NaN weights that "verify", complex weights that
+lose their imaginary part)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import graphrepair as gr
+from graphrepair.errors import CheckpointError, DataError, GraphRepairError, MismatchError, NumericError
+from tests import hostile_models
+
+
+@pytest.fixture(scope="module")
+def pair():
+    torch.manual_seed(0)
+    a = hostile_models.MLP().eval()
+    torch.manual_seed(1)
+    b = hostile_models.MLP().eval()
+    x = torch.randn(120, 64, generator=torch.Generator().manual_seed(0))
+    return a, b, x
+
+
+class Other(nn.Module):
+    """Another architecture with the same input and output sizes and no parameter in common."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def test_spec_check_refuses_another_architecture(pair):
+    a, _, x = pair
+    spec = gr.discover(a, x[:2])
+    assert spec.check(a, x[:2]) < 1e-4
+    with pytest.raises(MismatchError, match="has no 'a.weight'.*another architecture"):
+        spec.check(Other(), x[:2])
+    wider = nn.Module()
+    wider.a, wider.b, wider.head = nn.Linear(64, 48), nn.Linear(48, 32), nn.Linear(32, 10)
+    with pytest.raises(MismatchError, match="'a.weight' .* shape \\(48, 64\\)"):
+        spec.check(wider, x[:2])
+
+
+@pytest.mark.parametrize("alpha", [np.float32(0.25), torch.tensor(0.25), np.array(0.25), 0.25, 1])
+def test_merge_takes_any_real_alpha(pair, alpha):
+    a, b, x = pair
+    merged = gr.merge(a, b, x, alpha=alpha, method="weight", repair=None, num_examples=len(x))
+    w = float(alpha)
+    expected = (1 - w) * a.head.bias + w * b.head.bias  # the head's outputs are fixed: no permutation
+    torch.testing.assert_close(merged.head.bias, expected)
+
+
+@pytest.mark.parametrize("alpha,message", [
+    (torch.tensor([0.5, 0.5]), "alpha must be a real number, got a Tensor of shape \\(2,\\)"),
+    (True, "alpha must be a real number, got a bool"),
+    ("0.5", "alpha must be a real number, got a str"),
+    (float("nan"), "alpha must be in \\[0, 1\\].*got nan"),
+    (np.float64(1.5), "alpha must be in \\[0, 1\\].*got 1.5"),
+])
+def test_merge_refuses_bad_alpha(pair, alpha, message):
+    a, b, x = pair
+    with pytest.raises(GraphRepairError, match=message):
+        gr.merge(a, b, x, alpha=alpha)
+
+
+@pytest.mark.parametrize("weights", [[float("nan")] * 2, [float("inf"), -float("inf")], [0.5], [2.0, -1.0],
+                                     "ab", [torch.tensor([0.5]), 0.5]])
+def test_merge_models_refuses_bad_weights(pair, weights):
+    a, b, x = pair
+    with pytest.raises(GraphRepairError, match="weight"):
+        gr.merge_models([a, b], x, weights=weights)
+
+
+def test_exact_repair_without_groups_says_so():
+    torch.manual_seed(0)
+    a, b = hostile_models.InPlace(), hostile_models.InPlace()
+    with pytest.raises(GraphRepairError, match="no permutation groups"):
+        gr.merge(a, b, torch.randn(50, 64), repair="exact", num_examples=50)
+
+
+def test_export_refuses_nan_weights_and_outputs(tmp_path, pair):
+    a, _, x = pair
+    broken = hostile_models.MLP()
+    broken.load_state_dict(a.state_dict())
+    with torch.no_grad():
+        broken.b.weight[0, 0] = float("nan")
+    with pytest.raises(NumericError, match="'b.weight' contains NaN"):
+        gr.export_onnx(broken, x[:2], tmp_path / "m.onnx")
+    with pytest.raises(NumericError, match="output .* NaN or infinite on the example"):
+        gr.export_onnx(a, torch.full((2, 64), float("inf")), tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_checkpoints_complex_refused_batchnorm_counter_optional(tmp_path):
+    from graphrepair.io.fileio import save_safetensors
+    from graphrepair.io.loading import load_checkpoint
+
+    model = hostile_models.ConvBN()
+    torch.save({k: v.to(torch.complex64) if v.is_floating_point() else v for k, v in model.state_dict().items()},
+               tmp_path / "c.pt")
+    with pytest.raises(CheckpointError, match="complex values for real parameters.*imaginary"):
+        load_checkpoint(hostile_models.ConvBN(), tmp_path / "c.pt")
+    old = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    save_safetensors(old, tmp_path / "old.safetensors")
+    loaded = load_checkpoint(hostile_models.ConvBN(), tmp_path / "old.safetensors")
+    torch.testing.assert_close(loaded.bn.running_var, model.bn.running_var)
+
+
+def test_checked_data_names_the_batch():
+    from graphrepair.io.data import CheckedData, LabelRule, iter_batches, iter_labeled
+
+    x = torch.randn(10, 4)
+
+    def failing():
+        yield x
+        raise hostile_models.Stop("gone")
+
+    with pytest.raises(DataError, match="src: reading batch 1 raised Stop: gone"):
+        list(iter_batches(CheckedData(failing(), where="src")))
+    with pytest.raises(DataError, match="src: batch 1 has inputs of dtype float64"):
+        list(iter_batches(CheckedData([x, x.double()], where="src")))
+    labeled = [(x, torch.zeros(10, dtype=torch.long)), (x, torch.full((10,), 7))]
+    with pytest.raises(DataError, match="src: batch 1: labels range over \\[7, 7\\].*5 outputs"):
+        list(iter_labeled(CheckedData(labeled, where="src", labels=LabelRule(5))))
+    assert len(list(iter_batches(CheckedData([x, x], where="src")))) == 2
+
+
+def test_data_function_raising_base_exception(monkeypatch):
+    from graphrepair.io.data import load_data
+
+    with pytest.raises(DataError, match="raised Stop: no data today"):
+        load_data("tests.hostile_models:base_exception")
+
+
+def test_paths_the_os_cannot_take(tmp_path):
+    from graphrepair.errors import OutputError
+    from graphrepair.io.data import load_data_file
+    from graphrepair.io.fileio import atomic_write
+
+    for name in ("a\x00b.onnx", "\ud800.onnx", "n" * 300 + ".onnx"):
+        with pytest.raises(OutputError):
+            atomic_write(tmp_path / name, lambda p: p.write_bytes(b"x"))
+    for name in ("a\x00b.npz", "\ud800.npz", "n" * 300 + ".npz"):
+        with pytest.raises(DataError):
+            load_data_file(tmp_path / name)
+    assert list(tmp_path.iterdir()) == []
