@@ -29,7 +29,7 @@ def command(session: Session, model_ref, ckpt_a, ckpt_b, fit_ref, method, num_ex
             alphas, repair, plot_path, layers, as_json):
     """Accuracy and loss along the path A -> B: naive, aligned, aligned + REPAIR."""
     from graphrepair.cli.inputs import check_files, model_file, with_option
-    from graphrepair.cli.plots import check_plot_path, layers_path
+    from graphrepair.study.plots import check_plot_path, layers_path
     from graphrepair.errors import GraphRepairError
 
     alpha_count(alphas)
@@ -49,7 +49,7 @@ def command(session: Session, model_ref, ckpt_a, ckpt_b, fit_ref, method, num_ex
 
     from graphrepair.cli.inputs import (check_statistics, eval_data, fit_data, load_models, pick_device,
                                         require_groups)
-    from graphrepair.cli.tables import plural
+    from graphrepair.study.tables import plural
     from graphrepair.study.metrics import alpha_grid
     from graphrepair.study.runner import run_study
 
@@ -64,7 +64,7 @@ def command(session: Session, model_ref, ckpt_a, ckpt_b, fit_ref, method, num_ex
                       num_examples=fit.examples, points=points, layers=layers, quiet=session.quiet, spec=spec)
     warnings = check_statistics(0, spec, f"--data {fit_ref}", study.examples) if study.examples else []
     if plots:
-        from graphrepair.cli.plots import barrier_figure, layers_figure, save_figure
+        from graphrepair.study.plots import barrier_figure, layers_figure, save_figure
         from graphrepair.io.outputs import atomic_outputs
 
         title = f"{model_ref}: {Path(ckpt_a).name} -> {Path(ckpt_b).name}"

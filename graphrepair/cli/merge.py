@@ -114,7 +114,7 @@ def corr_summary(mean_corr: dict[str, float]) -> dict | None:
 
 
 def merge_text(r: dict, eval_ref: str | None) -> str:
-    from graphrepair.cli.tables import number, percent, plural, text_table, wrapped_table
+    from graphrepair.study.tables import number, percent, plural, text_table, wrapped_table
 
     lines = [f"merged {r['model']}: A {r['a']}, B {r['b']}, alpha {r['alpha']:g}",
              f"spec: {plural(r['groups'], 'permutation group')}, "

@@ -38,7 +38,7 @@ from graphrepair.io.data import ArrayDataset
 from graphrepair.errors import GraphRepairError, OutputError
 from graphrepair.merging.merge import MergeResult, merge_prepared
 from graphrepair.study.runner import Study, known_length, run_study
-from graphrepair.cli.tables import plural
+from graphrepair.study.tables import plural
 
 DEMO_ALPHA = 0.5
 OUTPUT_NAMES = {"onnx": "merged.onnx", "barrier": "barrier.png", "layers": "layers.png"}
@@ -234,7 +234,7 @@ def run_demo(out_dir: str | Path | None = "graphrepair-demo", *, pair: str | Dem
     ``out_dir`` (nothing is written when it is None), and return everything, figures included.
     ``pair_options`` go to the pair's builder (e.g. ``epochs=10`` for a quicker run); ``written``
     receives the paths once all three files are in place."""
-    from graphrepair.cli.plots import barrier_figure, layers_figure
+    from graphrepair.study.plots import barrier_figure, layers_figure
 
     start = time.perf_counter()
     out = prepare_out_dir(out_dir) if out_dir is not None else None
@@ -265,7 +265,7 @@ def write_outputs(result: DemoResult, out: Path, written: list[Path] | None = No
     """merged.onnx (verified), barrier.png and layers.png, all or none."""
     from graphrepair.io.export import export_onnx
     from graphrepair.io.outputs import atomic_outputs
-    from graphrepair.cli.plots import save_figure
+    from graphrepair.study.plots import save_figure
 
     t = time.perf_counter()
     targets = {k: out / name for k, name in OUTPUT_NAMES.items()}

@@ -29,7 +29,7 @@ from torch import nn
 from graphrepair.errors import GraphRepairError
 from graphrepair.merging.merge import Prepared, merge_prepared, prepare
 from graphrepair.study.metrics import Curve, alpha_grid, curve, layer_report
-from graphrepair.cli.tables import number, percent, text_table
+from graphrepair.study.tables import number, percent, text_table
 
 REPAIR_LABELS = {"exact": "REPAIR", "approx": "REPAIR-approx", "reset": "BN-reset"}
 
