@@ -69,3 +69,22 @@ class ConvBNNet(nn.Module):
 
     def forward(self, x):
         return self.fc(self.bn(self.conv(x)).relu().mean((2, 3)))
+
+
+def discover_checked(model, *inputs):
+    """Discover ``model`` (in eval mode, with random weights from ``randomize_``) and prove the spec."""
+    import graphrepair as gr
+
+    torch.manual_seed(0)
+    randomize_(model.eval(), seed=2)
+    spec = gr.discover(model, inputs)
+    spec.check(model, inputs)
+    return spec
+
+
+def group_of(spec, param, axis=0):
+    """The group that moves axis ``axis`` of parameter ``param`` (None when it is fixed)."""
+    for g in spec.groups:
+        if any(m.name == param and m.axis == axis for m in g.params):
+            return g
+    return None

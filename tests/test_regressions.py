@@ -21,22 +21,8 @@ from graphrepair.discovery import rules
 from graphrepair.discovery.axes import AxisError as LayoutError, AxisSolver, Fixed
 from graphrepair.merging.merge import merge_prepared, prepare
 from passes import export_onnx
-from tests.helpers import randomize_
+from tests.helpers import discover_checked, group_of, randomize_
 
-
-def discover_checked(model, *inputs):
-    torch.manual_seed(0)
-    randomize_(model.eval(), seed=2)
-    spec = gr.discover(model, inputs)
-    spec.check(model, inputs)
-    return spec
-
-
-def group_of(spec, param, axis=0):
-    for g in spec.groups:
-        if any(m.name == param and m.axis == axis for m in g.params):
-            return g
-    return None
 
 
 # --------------------------------------------------------------------------------------------
