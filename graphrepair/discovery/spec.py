@@ -188,12 +188,26 @@ class PermutationSpec:
                     f"zero), even with its parameters perturbed: permutations cannot change it, so "
                     f"the check would prove nothing; give an example input the outputs depend on"
                 )
-        got = _outputs(permute(model, self, perms), args)
+        return self._prove(model, args, ref, perms, _outputs(permute(model, self, perms), args), rtol, atol,
+                           "random permutations")
+
+    def prove(self, model: nn.Module, permuted: nn.Module, example_inputs, perms: dict[str, torch.Tensor],
+              *, rtol: float = 1e-4, atol: float = 1e-5) -> float:
+        """Prove that ``permuted`` (``model`` with ``perms`` applied, e.g. the permutations an
+        alignment found) computes what ``model`` computes on the example; returns the largest
+        absolute difference, raises CheckError naming the group that changes the function."""
+        args = as_tuple(example_inputs)
+        return self._prove(model, args, _outputs(model, args), perms, _outputs(permuted, args), rtol, atol,
+                           "the permutations found")
+
+    def _prove(self, model, args, ref, perms, got, rtol, atol, what: str) -> float:
         worst = _compare(ref, got, rtol, atol)
         if worst is None:
             return max((float((a - b).abs().max()) for a, b in zip(ref, got) if a.numel()), default=0.0)
         # find the first group that breaks the function on its own, to name it
         for g in self.groups:
+            if g.name not in perms:
+                continue
             single = {g.name: perms[g.name]}
             if _compare(ref, _outputs(permute(model, self, single), args), rtol, atol) is not None:
                 raise CheckError(
@@ -202,7 +216,7 @@ class PermutationSpec:
                     f"This is a discovery bug: please report it with the model."
                 )
         raise CheckError(
-            f"random permutations of all groups together change the output of {self.model_name} "
+            f"{what} of all groups together change the output of {self.model_name} "
             f"(max abs diff {worst:.3g}), although each group alone does not"
         )
 

@@ -1,0 +1,1 @@
+"""Input and output: models and checkpoints, data, atomic output files, verified ONNX export."""
