@@ -47,7 +47,7 @@ from graphrepair.merging.align import lap
 from graphrepair.merging.merge import merge_prepared
 from graphrepair.merging.points import observation_points
 from passes.pair import pair_graph
-from passes.track import _layout, cross_product
+from passes.moments import _layout, cross_product
 from fixtures.zoo import mlp, resnet20
 
 

@@ -12,8 +12,8 @@ only while the tap runs, and each is freed at its last use as in a plain forward
 needs about twice the activation memory of one model's forward instead of holding every tapped
 activation of A until B has run.
 
-When the graph may write in place (``passes.track.writes_in_place``), copy B reads clones of the
-inputs, so that an in-place op of copy A on an input cannot change what copy B sees.
+When the graph may write in place (``passes.in_place_ops.writes_in_place``), copy B reads clones
+of the inputs, so that an in-place op of copy A on an input cannot change what copy B sees.
 
 A graph whose placeholders take a pytree (``torch.export`` modules) is paired in its flat form:
 the paired module takes the flat inputs (one tensor for a one-tensor model) and returns the two
@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from passes.errors import PassError
 from passes.modules import get_attr_value, named_nodes
-from passes.track import writes_in_place
+from passes.in_place_ops import writes_in_place
 
 TAP_PREFIX = "_gr_tap"
 

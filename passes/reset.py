@@ -11,7 +11,7 @@ goal_mean = (1-a) mu_A + a mu_B, goal_std = (1-a) sigma_A + a sigma_B):
   (BatchNorm in train mode: for small float32/float64 tensors and on CUDA its fused kernel on x
   seen as (pre, C, post), which returns the batch's mean and inverse std with the output), and
   the reset accumulates the exact mean and population variance of x over every batch seen
-  (``passes.track.ChannelSums``: float64 sums, about a per-channel shift where means are large;
+  (``passes.moments.ChannelSums``: float64 sums, about a per-channel shift where means are large;
   a cumulative average, not BatchNorm's per-batch momentum=None average). ``running_mean`` /
   ``running_var`` hold them after each batch (written from the sums when next read: attribute,
   ``state_dict``, apply mode).
@@ -37,7 +37,7 @@ from torch.fx import GraphModule
 from passes.base import PassResult, finish, start
 from passes.errors import PassError
 from passes.modules import insert_module_after, inserted_modules, module_device, named_nodes
-from passes.track import _EXACT, _SMALL, ChannelSums, _split, broadcast_shape
+from passes.moments import _EXACT, _SMALL, ChannelSums, _split, broadcast_shape
 
 RESET_PREFIX = "_gr_reset"
 MODES = ("collect", "apply")

@@ -18,7 +18,7 @@ from fixtures.train import train
 from fixtures.zoo import ZOO, mlp
 from graphrepair.merging.align import weight_matching
 from graphrepair.merging.merge import merge_prepared, prepare
-from passes.track import ObserverSpec, insert_observers, observers
+from passes.observe import ObserverSpec, insert_observers, observers
 from tests.helpers import randomize_
 
 

@@ -104,11 +104,11 @@ def test_pair_tap_moments_and_covariance_equal_numpy(shape, dim, offset, pending
     means 1000x the spread, where unshifted float32 sums would lose the variance entirely; read
     half way and at the end, with the defaults or with batches reaching the float64 totals two at
     a time (the waiting buffers are flushed, then reused)."""
-    import passes.track as track
+    import passes.moments as moments
 
     if pending is not None:
-        monkeypatch.setattr(track, "_PENDING", pending)
-        monkeypatch.setattr(track, "_CROSS_PENDING", pending)
+        monkeypatch.setattr(moments, "_PENDING", pending)
+        monkeypatch.setattr(moments, "_CROSS_PENDING", pending)
     torch.manual_seed(0)
     tap = PairTap([TapView(dim, None, True)], source="x")
     batches_a, batches_b = [], []

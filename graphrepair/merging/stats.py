@@ -1,7 +1,7 @@
 """One streaming pass of A and B, on the same batches, gives every statistic a merge needs.
 
 A and B run as the two halves of one paired graph (``passes.pair``): node by node, A's copy and
-B's copy of the traced graph, with a tap (``passes.track.PairTap``) after every node a statistic
+B's copy of the traced graph, with a tap (``passes.pair_tap.PairTap``) after every node a statistic
 is taken at. Per group g and per observation point p of g, on every batch,
 
     X_A = A's activation at p as a (|g|, samples) matrix, X_B likewise,
@@ -41,7 +41,8 @@ import torch.fx
 from torch import nn
 
 from passes.pair import pair_graph
-from passes.track import PairTap, TapView, correlation
+from passes.moments import correlation
+from passes.pair_tap import PairTap, TapView
 
 from graphrepair.discovery import axes as ax
 from graphrepair.errors import DataError, MismatchError, NumericError

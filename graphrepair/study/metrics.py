@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from passes.track import ObserverSpec, insert_observers, observers
+from passes.observe import ObserverSpec, insert_observers, observers
 
 from graphrepair.io.data import iter_labeled
 from graphrepair.errors import DataError

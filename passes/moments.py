@@ -1,4 +1,4 @@
-"""Per-channel statistics of intermediate tensors, streamed on the tensor's device.
+"""Streaming per-channel moments of tensors, on the tensor's device: the sums every statistic is made of.
 
 Channel matrix. For a tensor x and a channel axis ``dim`` (1 for NCHW conv outputs, -1 for
 linear outputs and channels-last layouts), ``channel_matrix(x, dim)`` moves ``dim`` to the front
@@ -36,18 +36,10 @@ cross-moment table.
 from __future__ import annotations
 
 import functools
-import operator
-from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
-from torch.fx import GraphModule
 
-from passes.base import PassResult, finish, start
 from passes.errors import PassError
-from passes.modules import get_module, insert_module_after, inserted_modules, module_device, named_nodes
-
-OBSERVER_PREFIX = "_gr_obs"
 
 
 def channel_matrix(
@@ -360,90 +352,6 @@ class ChannelSums:
         return self._moments(self.n, self.s1, self.s2)[1]
 
 
-class ChannelObserver(nn.Module):
-    """Identity module that accumulates per-channel count, mean and variance of its input
-    (``ChannelSums``; see the module doc).
-
-    ``dim`` is the channel axis; ``index`` (C, R) groups positions along it (see ``channel_matrix``).
-    With ``keep=True`` the channel matrix of the latest batch (activation dtype, never a view of
-    the activation, so later in-place ops cannot change it) is kept in ``.last``, overwritten each
-    batch. ``source`` names the graph node observed (set by ``insert_observers``).
-    """
-
-    def __init__(self, dim: int, index: torch.Tensor | None = None, keep: bool = False, source: str = "") -> None:
-        super().__init__()
-        self.dim = dim
-        self.keep = keep
-        self.enabled = True
-        self.source = source
-        self.register_buffer("index", None if index is None else index.long(), persistent=False)
-        self.last: torch.Tensor | None = None
-        self.sums = self._new_sums()
-
-    @property
-    def count(self) -> int:
-        return self.sums.n
-
-    def reset_stats(self) -> None:
-        """Forget every batch seen so far."""
-        self.sums = self._new_sums()
-        self.last = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.enabled:
-            self.update(x)
-        return x
-
-    @torch.no_grad()
-    def update(self, x: torch.Tensor) -> None:
-        """Add one batch to the statistics (what ``forward`` does when enabled)."""
-        if not isinstance(x, torch.Tensor):
-            raise PassError(
-                f"observer at node {self.source!r} received a {type(x).__name__}, not a tensor; "
-                "observe a node whose value is a single tensor"
-            )
-        x = x.detach()
-        if not self.keep:
-            self.sums.update(x)
-            return
-        # the kept channel matrix is gathered once and the sums are taken over it (its rows)
-        m = channel_matrix(x, self.dim, self.index)
-        self.last = m.clone() if m.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() else m
-        self.sums.update(self.last)
-
-    def _new_sums(self) -> ChannelSums:
-        return ChannelSums(0) if self.keep else ChannelSums(self.dim, self.index)
-
-    def _need_data(self) -> None:
-        if self.count == 0:
-            raise PassError(
-                f"observer at node {self.source!r} has seen no data; run the model on some batches "
-                "with the observer enabled first"
-            )
-
-    @property
-    def num_channels(self) -> int:
-        self._need_data()
-        return int(self.sums.s1.shape[0])
-
-    @property
-    def mean(self) -> torch.Tensor:
-        """Per-channel mean (float64, (C,))."""
-        self._need_data()
-        return self.sums.mean
-
-    @property
-    def var(self) -> torch.Tensor:
-        """Per-channel population variance (float64, (C,))."""
-        self._need_data()
-        return self.sums.var
-
-    @property
-    def std(self) -> torch.Tensor:
-        return self.var.sqrt()
-
-    def extra_repr(self) -> str:
-        return f"dim={self.dim}, source={self.source!r}, keep={self.keep}, count={self.count}"
 
 
 def cross_product(la: _Layout, lb: _Layout, out: torch.Tensor | None = None, add: bool = False) -> torch.Tensor:
@@ -599,105 +507,4 @@ class CrossMoments:
     def corr(self, eps: float = 1e-12) -> torch.Tensor:
         """Pearson correlation (Ca, Cb); rows/columns of channels with std <= eps are 0."""
         return correlation(self.cov(), self.var_a, self.var_b, eps)
-
-
-@dataclass(frozen=True)
-class TapView:
-    """What a ``PairTap`` measures on its node: channel axis ``dim`` (a tuple of axes: their
-    product, flattened in order, is the channel axis), optional (C, R) ``index``, and whether to
-    keep the A-B cross products (``cross``)."""
-
-    dim: int | tuple
-    index: torch.Tensor | None = None
-    cross: bool = False
-
-
-class PairTap(nn.Module):
-    """Called with the same node's value in models A and B (``passes.pair``): per view, the
-    per-channel sums of A and of B, and with ``cross`` the float64 sum of X_a X_b^T.
-    Read the results with ``moments(i)`` -> (ChannelSums A, ChannelSums B) and ``cov(i)``."""
-
-    def __init__(self, views: list[TapView], source: str = "") -> None:
-        super().__init__()
-        self.views = list(views)
-        self.source = source
-        self.sums = [(ChannelSums(v.dim, v.index), ChannelSums(v.dim, v.index)) for v in self.views]
-        self.cross = [CrossSum() if v.cross else None for v in self.views]
-
-    @torch.no_grad()
-    def forward(self, a: torch.Tensor, b: torch.Tensor) -> None:
-        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
-            raise PassError(f"the tap at node {self.source!r} received a {type(a).__name__}, not a "
-                            "tensor; tap a node whose value is a single tensor")
-        for i, (v, (sa, sb)) in enumerate(zip(self.views, self.sums)):
-            la, lb = sa.update(a), sb.update(b)
-            if v.cross:
-                self.cross[i].add(la, lb)
-
-    def moments(self, i: int) -> tuple[ChannelSums, ChannelSums]:
-        return self.sums[i]
-
-    def cov(self, i: int) -> torch.Tensor:
-        """A-B cross-covariance of view ``i`` (float64)."""
-        total = None if self.cross[i] is None else self.cross[i].total
-        if total is None:
-            raise PassError(f"the tap at node {self.source!r} has no cross products for view {i}")
-        return covariance(*self.sums[i], total)
-
-
-@dataclass(frozen=True)
-class ObserverSpec:
-    """Where to observe: channel axis ``dim``, optional (C, R) ``index``, keep the last batch."""
-
-    dim: int
-    index: torch.Tensor | None = None
-    keep: bool = False
-
-
-_IN_PLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv,
-                       operator.ifloordiv, operator.imod, operator.ipow, operator.iand, operator.ior,
-                       operator.ixor, operator.ilshift, operator.irshift, operator.imatmul, operator.setitem}
-
-
-def writes_in_place(gm: GraphModule) -> bool:
-    """Conservatively, whether any op of ``gm`` may write into an existing tensor (a module or
-    function with ``inplace`` set, a trailing-underscore method or function, augmented assignment,
-    item assignment, an ``out=`` argument)."""
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            if getattr(get_module(gm, node), "inplace", False) is not False:
-                return True
-        elif node.op in ("call_function", "call_method"):
-            target = node.target
-            name = target if isinstance(target, str) else getattr(target, "__name__", "")
-            if target in _IN_PLACE_FUNCTIONS or (name.endswith("_") and not name.endswith("__")):
-                return True
-            if "out" in node.kwargs or node.kwargs.get("inplace", False) is not False:
-                return True
-            if node.op == "call_function" and any(a is True for a in node.args[1:]):
-                return True  # e.g. F.relu(x, True); conservative
-    return False
-
-
-def insert_observers(
-    gm: GraphModule, points: dict[str, ObserverSpec], inplace: bool = False
-) -> PassResult:
-    """Insert a ChannelObserver after each node named in ``points``.
-
-    counts: {"observers": number inserted}. Look the observers up with ``observers(gm)``.
-    """
-    gm = start(gm, inplace, "insert_observers")
-    nodes = named_nodes(gm, points, "insert_observers")
-    device = module_device(gm)
-    for name, spec in points.items():
-        index = None if spec.index is None else spec.index.to(device)
-        observer = ChannelObserver(spec.dim, index=index, keep=spec.keep, source=name)
-        insert_module_after(gm, nodes[name], observer, OBSERVER_PREFIX)
-    finish(gm)
-    return PassResult(gm, bool(points), {"observers": len(points)}, [])
-
-
-def observers(gm: GraphModule) -> dict[str, ChannelObserver]:
-    """The observers in ``gm``'s graph, keyed by the name of the node each observes."""
-    return inserted_modules(gm, ChannelObserver)
 
