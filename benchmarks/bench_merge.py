@@ -83,7 +83,8 @@ def floor(a, b, merged, x, batch_size, device, corr) -> float:
     spec = gr.discover(a, (x[:2],))
     axes = {p.node: p.axis for pts in observation_points(spec).values() for p in pts}
     t_discover = time.perf_counter() - t
-    pair = pair_graph(spec.traced.gm, a, b, {n: CrossOnly(ax) for n, ax in axes.items()}, outputs=False)
+    pair = pair_graph(spec.traced.gm, a, b, {n: CrossOnly(ax) for n, ax in axes.items()},
+                      outputs=False).graph_module
     sync(device)
     t = time.perf_counter()
     plain_pass(pair, x, batch_size, device)

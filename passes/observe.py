@@ -2,7 +2,8 @@
 variance (``passes.moments.ChannelSums``), and the pass that inserts them.
 
 ``insert_observers(gm, {node: ObserverSpec(dim, index, keep)})`` puts a ``ChannelObserver`` after
-each node; ``observers(gm)`` finds them again. With ``keep`` an observer also holds the latest batch's
+each node; ``observers(gm)`` finds them again by the metadata the pass leaves on the nodes it
+inserted (``node.meta["graphrepair"]``). With ``keep`` an observer also holds the latest batch's
 channel matrix (``.last``), e.g. to compare two models' features batch by batch.
 """
 
@@ -14,7 +15,7 @@ import torch
 import torch.nn as nn
 from torch.fx import GraphModule
 
-from passes.base import PassResult, finish, start
+from passes.base import PassResult, finish, graph_pass, start
 from passes.errors import PassError
 from passes.moments import ChannelSums, channel_matrix
 from passes.modules import insert_module_after, inserted_modules, module_device, named_nodes
@@ -118,6 +119,7 @@ class ObserverSpec:
 
 
 
+@graph_pass(in_place=False)
 def insert_observers(
     gm: GraphModule, points: dict[str, ObserverSpec], inplace: bool = False
 ) -> PassResult:
@@ -131,7 +133,7 @@ def insert_observers(
     for name, spec in points.items():
         index = None if spec.index is None else spec.index.to(device)
         observer = ChannelObserver(spec.dim, index=index, keep=spec.keep, source=name)
-        insert_module_after(gm, nodes[name], observer, OBSERVER_PREFIX)
+        insert_module_after(gm, nodes[name], observer, OBSERVER_PREFIX, "insert_observers")
     finish(gm)
     return PassResult(gm, bool(points), {"observers": len(points)}, [])
 

@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 from torch.fx import GraphModule
 
-from passes.base import PassResult, finish, start
+from passes.base import PassResult, finish, graph_pass, start
 from passes.errors import PassError
 from passes.modules import insert_module_after, inserted_modules, module_device, named_nodes
 from passes.moments import _EXACT, _SMALL, ChannelSums, _split, broadcast_shape
@@ -228,6 +228,7 @@ class ResetSpec:
     eps: float = 1e-5
 
 
+@graph_pass(in_place=False)
 def insert_resets(gm: GraphModule, points: dict[str, ResetSpec], inplace: bool = False) -> PassResult:
     """Insert a Reset (collect mode) after each node named in ``points``.
 
@@ -245,7 +246,7 @@ def insert_resets(gm: GraphModule, points: dict[str, ResetSpec], inplace: bool =
             goal_std=spec.goal_std,
             source=name,
         ).to(device)
-        insert_module_after(gm, nodes[name], reset, RESET_PREFIX)
+        insert_module_after(gm, nodes[name], reset, RESET_PREFIX, "insert_resets")
     finish(gm)
     return PassResult(gm, bool(points), {"resets": len(points)}, [])
 
@@ -255,8 +256,10 @@ def resets(gm: GraphModule) -> dict[str, Reset]:
     return inserted_modules(gm, Reset)
 
 
-def set_mode(gm: GraphModule, mode: str) -> None:
-    """Switch every reset in ``gm`` to "collect" or "apply" (in place; no graph change)."""
+@graph_pass(in_place=True)
+def set_mode(gm: GraphModule, mode: str) -> PassResult:
+    """Switch every reset in ``gm`` to "collect" or "apply", in place (the graph is unchanged; the
+    resets' mode is). counts: {"resets": resets switched to ``mode`` from the other one}."""
     if mode not in MODES:
         raise PassError(f"reset mode must be one of {MODES}, got {mode!r}")
     found = resets(gm)
@@ -267,6 +270,9 @@ def set_mode(gm: GraphModule, mode: str) -> None:
                 f"resets after {', '.join(map(repr, empty))} have no statistics; run the model on "
                 "data in collect mode, or call set_running, before switching to apply"
             )
+    switched = 0
     for r in found.values():
+        switched += r.mode != mode
         r.mode = mode
         r._sync()  # apply mode reads the running buffers: write them now, not inside a trace
+    return PassResult(gm, switched > 0, {"resets": switched}, [])

@@ -43,7 +43,7 @@ def test_pair_runs_both_models_and_taps_see_both_values(how):
     a, b, x, gm, roots = _pair(how)
     relu = next(n.name for n in gm.graph.nodes if "relu" in n.name)
     rec = Recorder()
-    pair = pair_graph(gm, *roots, {relu: rec})
+    pair = pair_graph(gm, *roots, {relu: rec}).graph_module
     with torch.no_grad():
         out_a, out_b = pair(x)
         if how == "aten":  # the flat form: outputs as the graph's output list
@@ -83,7 +83,7 @@ def test_in_place_op_on_the_input_does_not_leak_into_the_other_copy():
     gm = torch.fx.symbolic_trace(a)
     x = torch.randn(4, 5)
     with torch.no_grad():
-        out_a, out_b = pair_graph(gm, a, b, {})(x.clone())
+        out_a, out_b = pair_graph(gm, a, b, {}).graph_module(x.clone())
         torch.testing.assert_close(out_a, a(x.clone()))
         torch.testing.assert_close(out_b, b(x.clone()))
 
@@ -155,7 +155,7 @@ def test_pair_without_outputs_stops_after_the_last_tap():
     a, b, x, gm, roots = _pair("fx")
     relu = next(n.name for n in gm.graph.nodes if "relu" in n.name)
     rec = Recorder()
-    pair = pair_graph(gm, *roots, {relu: rec}, outputs=False)
+    pair = pair_graph(gm, *roots, {relu: rec}, outputs=False).graph_module
     with torch.no_grad():
         assert pair(x) is None
     assert len(rec.seen) == 1

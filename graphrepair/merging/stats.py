@@ -266,7 +266,7 @@ def collect(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module, batch
                 for r in resets}
     taps = {node: PairTap(vs, source=node) for node, vs in views.items()}
     root_a, root_b = pair_roots(spec, model_a, model_b, device)
-    pair = pair_graph(spec.traced.gm, root_a, root_b, taps, outputs=False)
+    pair = pair_graph(spec.traced.gm, root_a, root_b, taps, outputs=False).graph_module
 
     examples = 0
     for x in progress(batches, "statistics of A and B", total=total, quiet=quiet):
