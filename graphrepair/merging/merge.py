@@ -45,7 +45,8 @@ from graphrepair.errors import GraphRepairError
 from graphrepair.merging.points import ResetPoint, observation_points, reset_points
 from graphrepair.progress import progress
 from graphrepair.discovery.spec import PermutationSpec
-from graphrepair.merging.stats import PairStats, check_finite, collect, copy_with_state, graph_for, model_device
+from graphrepair.merging.stats import PairStats, check_finite, collect, copy_with_state, graph_for
+from graphrepair.runtime import model_device
 
 REPAIR_MODES = ("exact", "approx", "reset", None)
 METHODS = ("activation", "weight")

@@ -48,6 +48,7 @@ from graphrepair.discovery import axes as ax
 from graphrepair.errors import DataError, MismatchError, NumericError
 from graphrepair.merging.points import ObservePoint, ResetPoint
 from graphrepair.progress import progress
+from graphrepair.runtime import model_device
 from graphrepair.discovery.spec import PermutationSpec
 
 
@@ -137,12 +138,6 @@ def graph_for(spec: PermutationSpec, state: dict[str, torch.Tensor] | nn.Module,
     sd = state.state_dict() if isinstance(state, nn.Module) else state
     return copy_with_state(spec.traced.gm, sd, own=own and not isinstance(state, nn.Module),
                            device=device).eval()
-
-
-def model_device(model: nn.Module) -> torch.device:
-    for t in list(model.parameters()) + list(model.buffers()):
-        return t.device
-    return torch.device("cpu")
 
 
 def check_finite(state: dict[str, torch.Tensor], who: str) -> None:

@@ -34,7 +34,8 @@ from graphrepair.io.data import iter_labeled
 from graphrepair.errors import DataError
 from graphrepair.merging.merge import Prepared, check_alpha, merge_prepared, prepare
 from graphrepair.progress import progress
-from graphrepair.merging.stats import graph_for, model_device
+from graphrepair.merging.stats import graph_for
+from graphrepair.runtime import model_device
 
 
 @torch.no_grad()
