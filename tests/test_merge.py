@@ -19,7 +19,7 @@ from fixtures.zoo import ZOO, mlp
 from graphrepair.merging.align import weight_matching
 from graphrepair.merging.merge import merge_prepared, prepare
 from passes.observe import ObserverSpec, insert_observers, observers
-from tests.helpers import randomize_
+from tests.helpers import ConvBNNet, randomize_
 
 
 @pytest.fixture(scope="module")
@@ -400,3 +400,23 @@ def test_prepared_alignment_does_not_follow_later_changes_of_b(digits_pair):
                 t.add_(1.0)
     for k, v in prep.aligned[0].items():
         torch.testing.assert_close(v, before[k], rtol=0, atol=0, msg=k)
+
+
+def test_the_api_leaves_the_callers_models_as_they_were():
+    """merge, prepare, evaluate and barrier run the models in eval mode and give them back in the
+    mode they were in, module by module, with their weights and BatchNorm statistics untouched
+    (a forward in training mode would have moved the running statistics)."""
+    torch.manual_seed(0)
+    a, b = randomize_(ConvBNNet().train(), 1), randomize_(ConvBNNet().train(), 2)
+    b.fc.eval()  # a mix of modes comes back as it was
+    x, y = torch.randn(48, 3, 8, 8), torch.randint(0, 4, (48,))
+    modes = [{n: m.training for n, m in model.named_modules()} for model in (a, b)]
+    states = [copy.deepcopy(model.state_dict()) for model in (a, b)]
+    gr.merge(a, b, x, num_examples=48, batch_size=16)
+    gr.prepare([a, b], x, num_examples=48, batch_size=16)
+    gr.evaluate(a, TensorDataset(x, y))
+    gr.barrier(a, b, TensorDataset(x, y), x, alphas=3, num_examples=48, batch_size=16)
+    for model, mode, state in zip((a, b), modes, states):
+        assert {n: m.training for n, m in model.named_modules()} == mode
+        now = model.state_dict()
+        assert all(torch.equal(now[k], v) for k, v in state.items())

@@ -189,7 +189,10 @@ def prepare(models: list[nn.Module], data, *, method: str = "activation", statis
     for i, m in enumerate(models):
         check_finite(m.state_dict(), f"model {'AB'[i] if len(models) == 2 else i}")
     device = model_device(models[0])
-    models = [m.to(device).eval() for m in models]
+    # the caller's models are read, never changed: one on another device is copied to model 0's,
+    # and each pass puts them in eval mode only while it runs (``runtime.eval_mode``)
+    models = [m if model_device(m) == device else copy_with_state(m, m.state_dict(), device=device)
+              for m in models]
     fit = FitData(data, num_examples, batch_size, device)
     if spec is None:
         spec = discover(models[0], (fit.example(),))

@@ -48,7 +48,7 @@ from graphrepair.discovery import axes as ax
 from graphrepair.errors import DataError, MismatchError, NumericError
 from graphrepair.merging.points import ObservePoint, ResetPoint
 from graphrepair.progress import progress
-from graphrepair.runtime import model_device
+from graphrepair.runtime import eval_mode, model_device
 from graphrepair.discovery.spec import PermutationSpec
 
 
@@ -264,9 +264,10 @@ def collect(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module, batch
     pair = pair_graph(spec.traced.gm, root_a, root_b, taps, outputs=False).graph_module
 
     examples = 0
-    for x in progress(batches, "statistics of A and B", total=total, quiet=quiet):
-        pair(x)
-        examples += x.shape[0]
+    with eval_mode(model_a, model_b):  # the pair may run the models' own modules
+        for x in progress(batches, "statistics of A and B", total=total, quiet=quiet):
+            pair(x)
+            examples += x.shape[0]
     if examples == 0:
         raise DataError("the fitting data has no examples")
 

@@ -35,26 +35,27 @@ from graphrepair.errors import DataError
 from graphrepair.merging.merge import Prepared, check_alpha, merge_prepared, prepare
 from graphrepair.progress import progress
 from graphrepair.merging.stats import graph_for
-from graphrepair.runtime import model_device
+from graphrepair.runtime import eval_mode, model_device
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data, batch_size: int = 512, quiet: bool = True) -> tuple[float, float]:
     """(accuracy, mean cross-entropy) of a classifier on labeled data; outputs may be logits of
-    shape (N, classes) or a ModelOutput/dict with ``logits``."""
+    shape (N, classes) or a ModelOutput/dict with ``logits``. The model runs in eval mode and is
+    given back in the mode it was in."""
     device = model_device(model)
-    model.eval()
     correct, loss, n = 0, 0.0, 0
-    for x, y in progress(iter_labeled(data, batch_size, device), "evaluating", quiet=quiet):
-        out = model(x)
-        logits = out["logits"] if isinstance(out, dict) or hasattr(out, "logits") else out
-        if isinstance(logits, (tuple, list)):
-            logits = logits[0]
-        logits = logits.reshape(-1, logits.shape[-1]).float()
-        y = y.reshape(-1).to(logits.device)
-        correct += int((logits.argmax(-1) == y).sum())
-        loss += float(F.cross_entropy(logits, y, reduction="sum"))
-        n += y.numel()
+    with eval_mode(model):
+        for x, y in progress(iter_labeled(data, batch_size, device), "evaluating", quiet=quiet):
+            out = model(x)
+            logits = out["logits"] if isinstance(out, dict) or hasattr(out, "logits") else out
+            if isinstance(logits, (tuple, list)):
+                logits = logits[0]
+            logits = logits.reshape(-1, logits.shape[-1]).float()
+            y = y.reshape(-1).to(logits.device)
+            correct += int((logits.argmax(-1) == y).sum())
+            loss += float(F.cross_entropy(logits, y, reduction="sum"))
+            n += y.numel()
     if n == 0:
         raise DataError("the evaluation data has no examples")
     return correct / n, loss / n
