@@ -535,7 +535,7 @@ def barrier(model_ref, ckpt_a, ckpt_b, fit_ref, method, num_examples, points, ev
         model_a, model_b = _load_pair(model_ref, ckpt_a, ckpt_b, device)
         fit, num_examples, example = _fit_data(fit_ref, model_a, num_examples, device, notes)
         eval_data = _eval_data(eval_ref, model_a, example, device)
-        study = run_study(model_a, model_b, fit, eval_data, alphas=grid, method=method,
+        study = run_study(model_a, model_b, fit_data=fit, eval_data=eval_data, alphas=grid, method=method,
                           repair=_repair_mode(repair), num_examples=num_examples, points=points,
                           layers=layers, quiet=STATE.quiet)
         if plots:

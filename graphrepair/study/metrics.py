@@ -137,10 +137,12 @@ def curve(prep: Prepared, eval_data, alphas, repair: str | None, label: str, qui
     return Curve(label, grid, acc, loss, sorted(notes), kept)
 
 
-def barrier(model_a: nn.Module, model_b: nn.Module, eval_data, fit_data, alphas=11,
+def barrier(model_a: nn.Module, model_b: nn.Module, *, eval_data, fit_data, alphas=11,
             repair: str | None = "exact", method: str = "activation", num_examples: int = 5000,
             batch_size: int = 256, quiet: bool = True) -> Curve:
-    """The path A -> B' (B aligned to A, REPAIRed at every inner alpha): accuracy, loss, barriers."""
+    """The path A -> B' (B aligned to A, REPAIRed at every inner alpha): accuracy, loss, barriers.
+    ``eval_data`` (labeled) is what the path is measured on, ``fit_data`` what the alignment and
+    REPAIR statistics come from; both by name, so that the two cannot be swapped silently."""
     prep = prepare([model_a, model_b], fit_data, method=method,
                    statistics=repair in ("exact", "approx"), cross=repair == "approx",
                    num_examples=num_examples, batch_size=batch_size, quiet=quiet)

@@ -146,11 +146,12 @@ def _describe(label: str, repair: str | None) -> str:
     return f"aligned + {label}" + (f" ({repair})" if repair in ("exact", "approx") else "")
 
 
-def run_study(model_a: nn.Module, model_b: nn.Module, fit_data, eval_data, *, alphas=11,
+def run_study(model_a: nn.Module, model_b: nn.Module, *, fit_data, eval_data, alphas=11,
               method: str = "activation", repair: str | None = "exact", num_examples: int = 5000,
               points: str = "all", layers: bool = False, layer_alpha: float = 0.5,
               batch_size: int = 256, quiet: bool = True) -> Study:
-    """The naive, aligned and (unless ``repair`` is None) REPAIRed curves; see the module text."""
+    """The naive, aligned and (unless ``repair`` is None) REPAIRed curves; see the module text.
+    ``fit_data`` and ``eval_data`` are given by name (see ``metrics.barrier``)."""
     grid = alpha_grid(alphas)
     naive = prepare([model_a, model_b], fit_data, method=method, statistics=False, align=False,
                     num_examples=num_examples, batch_size=batch_size, points=points, quiet=quiet)
