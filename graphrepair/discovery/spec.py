@@ -18,7 +18,7 @@ from torch import nn
 
 from graphrepair.discovery import axes as ax
 from graphrepair.errors import CheckError, MismatchError
-from graphrepair.discovery.trace import Traced, as_tuple, eval_mode, flatten_outputs
+from graphrepair.discovery.trace import Traced, as_tuple, eval_mode, output_tensors
 
 
 @dataclass(frozen=True)
@@ -174,7 +174,7 @@ class PermutationSpec:
 
 def _outputs(model: nn.Module, args: tuple) -> list[torch.Tensor]:
     with eval_mode(model), torch.no_grad():
-        return [t.detach().float() if t.is_floating_point() else t for t in flatten_outputs(model(*args))]
+        return [t.detach().float() if t.is_floating_point() else t for t in output_tensors(model(*args))]
 
 
 def _compare(ref, got, rtol, atol) -> float | None:
