@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from passes.fold_affine import fold_affines
-from passes.reset import ChannelAffine, Reset, ResetSpec, insert_resets, set_mode
+from passes.reset import ChannelAffine, Reset, ResetSpec, insert_resets, resets, set_mode
 
 from graphrepair.merging.align import activation_perms, check_same_architecture, coupled_corr, weight_matching
 from graphrepair.io.data import take_examples
@@ -251,8 +251,15 @@ def merge_prepared(prep: Prepared, weights: list[float], repair: str | None,
     if fit.count is not None and fit.count < fit.n:
         result.notes.append(f"used {fit.count} examples (fewer than the {fit.n} requested)")
     if repair in ("exact", "approx"):
-        result.model = _repair(prep.spec, models[0], merged_state, prep.points, prep.stats, prep.perms,
-                               weights, repair, fit, quiet, result, keep_unfolded)
+        goals = goal_statistics(prep.spec, prep.points, prep.stats, prep.perms, weights)
+        running = (closed_form_statistics(prep.spec, prep.points, prep.stats[0], prep.perms[0], weights[1])
+                   if repair == "approx" else None)
+        done = repair_merged(prep.spec, models[0], merged_state, goals, prep.points, fit=fit, running=running,
+                             quiet=quiet, keep_unfolded=keep_unfolded)
+        result.model, result.resets, result.folded, result.kept = done.model, done.resets, done.folded, done.kept
+        if keep_unfolded:  # the resets as nodes, for checking the fold
+            result.unfolded = done.unfolded
+            result.goals = {k: (m.detach(), sd.detach()) for k, (m, sd) in goals.items()}
     else:
         model = copy_with_state(models[0], merged_state, own=True)
         if repair == "reset":
@@ -277,11 +284,13 @@ def merge_models(models: list[nn.Module], data, *, weights: list[float] | None =
     return merge_prepared(prep, weights, repair, quiet)
 
 
-def _goal(rpoints, stats_all, perms_all, weights, spec):
-    """Goal mean/std per reset point: weighted average of the aligned endpoints' statistics."""
+def goal_statistics(spec: PermutationSpec, points: list[ResetPoint], stats_all: list[PairStats],
+                    perms_all: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, tuple]:
+    """Goal (mean, std) per reset point: the weighted average of the aligned endpoints' statistics
+    (``stats_all[i]``: model 0 and model i + 1; ``perms_all[i]``: model i + 1 onto model 0)."""
     goals = {}
     perms_all = [spec.checked(p) for p in perms_all]  # validated once, not per point
-    for r in rpoints:
+    for r in points:
         s0 = stats_all[0].points[r.node]
         mean = weights[0] * s0.mean_a
         std = weights[0] * s0.var_a.sqrt()
@@ -293,42 +302,62 @@ def _goal(rpoints, stats_all, perms_all, weights, spec):
     return goals
 
 
-def _repair(spec, model_a, merged_state, rpoints, stats_all, perms_all, weights, mode, fit, quiet,
-            result: MergeResult, keep_unfolded: bool = False) -> nn.Module:
-    device = model_device(model_a)
-    gm = graph_for(spec, merged_state, device, own=True)
-    goals = _goal(rpoints, stats_all, perms_all, weights, spec)
+def closed_form_statistics(spec: PermutationSpec, points: list[ResetPoint], stats: PairStats,
+                           perms: dict[str, torch.Tensor], alpha: float) -> dict[str, tuple]:
+    """(mean, var) per reset point of the interpolated channel X_a = (1 - a) X_A + a X_B' as the
+    closed form predicts it from the A-B statistics alone (see the module doc)."""
+    out = {}
+    for r in points:
+        s = stats.points[r.node]
+        idx = spec.node_index(r.node, r.axis, perms).to(s.mean_a.device)
+        mean_b, var_b = s.mean_b[idx], s.var_b[idx]
+        cov = s.cov_ab[torch.arange(len(idx), device=idx.device), idx]
+        mean = (1 - alpha) * s.mean_a + alpha * mean_b
+        var = ((1 - alpha) ** 2 * s.var_a + alpha ** 2 * var_b
+               + 2 * alpha * (1 - alpha) * cov).clamp_min(0.0)
+        out[r.node] = (mean, var)
+    return out
+
+
+@dataclass
+class Repaired:
+    """What the REPAIR step made: the merged model (the user's class when every reset folded),
+    how many resets there were, how many folded, why the others could not be."""
+
+    model: nn.Module
+    resets: int
+    folded: int
+    kept: list[str]
+    unfolded: nn.Module | None = None  # with keep_unfolded: the graph with its reset nodes
+
+
+def repair_merged(spec: PermutationSpec, model_a: nn.Module, merged_state: dict[str, torch.Tensor],
+                  goals: dict[str, tuple], points: list[ResetPoint], *, fit: FitData,
+                  running: dict[str, tuple] | None = None, quiet: bool = True,
+                  keep_unfolded: bool = False) -> Repaired:
+    """REPAIR the interpolated weights ``merged_state``: a reset after every point, normalising it
+    to its ``goals`` (mean, std); the resets' statistics are ``running`` (mean, var) per point
+    when given (the closed form), else estimated in one pass of the merged graph over ``fit``
+    (exact REPAIR); then every reset is folded into its producer where it can be."""
+    gm = graph_for(spec, merged_state, model_device(model_a), own=True)
     insert_resets(gm, {r.node: ResetSpec(r.axis, goals[r.node][0].float(), goals[r.node][1].float())
-                       for r in rpoints}, inplace=True)
-    result.resets = len(rpoints)
-    if mode == "exact":
+                       for r in points}, inplace=True)
+    if running is None:
         set_mode(gm, "collect")
         with torch.no_grad():
             for x in progress(iter(fit), "REPAIR statistics of the merged model", total=fit.batches(),
                               quiet=quiet):
                 gm(x)
-    else:  # closed form from the A-B statistics alone
-        from passes.reset import resets as find_resets
-        a = weights[1]
-        found = find_resets(gm)
-        for r in rpoints:
-            s, p = stats_all[0].points[r.node], perms_all[0]
-            idx = spec.node_index(r.node, r.axis, p).to(s.mean_a.device)
-            mean_b, var_b = s.mean_b[idx], s.var_b[idx]
-            cov = s.cov_ab[torch.arange(len(idx), device=idx.device), idx]
-            mean = (1 - a) * s.mean_a + a * mean_b
-            var = ((1 - a) ** 2 * s.var_a + a ** 2 * var_b + 2 * a * (1 - a) * cov).clamp_min(0.0)
-            found[r.node].set_running(mean.float(), var.float())
+    else:
+        found = resets(gm)
+        for node, (mean, var) in running.items():
+            found[node].set_running(mean.float(), var.float())
     set_mode(gm, "apply")
-    if keep_unfolded:  # the resets as nodes, for checking the fold
-        result.unfolded = copy.deepcopy(gm)
-        result.goals = {k: (m.detach(), s.detach()) for k, (m, s) in _goal(
-            rpoints, stats_all, perms_all, weights, spec).items()}
-    # exact: every reset saw data and knows its input's rank; approx: shapes from one small example
-    folded = fold_affines(gm, inplace=True, example_inputs=(fit.example(),) if mode == "approx" else None)
-    result.folded = folded.counts.get("folded", 0)
-    result.kept = list(folded.notes)
-    return finalize(gm, model_a, merged_state)
+    unfolded = copy.deepcopy(gm) if keep_unfolded else None
+    # exact: every reset saw data and knows its input's rank; closed form: shapes from one example
+    folded = fold_affines(gm, inplace=True, example_inputs=(fit.example(),) if running is not None else None)
+    return Repaired(finalize(gm, model_a, merged_state), len(points), folded.counts.get("folded", 0),
+                    list(folded.notes), unfolded)
 
 
 def finalize(gm, model_a: nn.Module, merged_state: dict) -> nn.Module:
