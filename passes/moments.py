@@ -12,8 +12,9 @@ where it has one (no copy of the activation; across the rows of an (N, C) matrix
 matrix-vector product with ones), to float64 totals S1, S2 and the count n (the per-batch sums
 wait in a short list and are added together). A batch may instead be given by its mean and
 variance (or inverse std) from a fused batch-norm kernel (``add_moments``, used by resets). When the
-first batch shows a channel whose mean is large against its spread (mean^2 > 10 var), every batch
-is summed about a fixed per-channel shift K (that batch's mean; one subtraction per batch), so that
+first batch (or the examples given to ``calibrate`` before it) shows a channel whose mean is large
+against its spread (mean^2 > 10 var), every batch is summed about a fixed per-channel shift K (that
+batch's mean; one subtraction per batch), so that
 
     mean = S1 / n + K,     population variance = S2 / n - (S1 / n)^2
 
@@ -31,6 +32,18 @@ the float64 total S_ab every ``_CROSS_PENDING`` batches, about the same shifts, 
 Nothing is stored across batches except these sums (and one buffer of ``_PENDING`` per-batch sums
 of C numbers each, one waiting Ca x Cb product): memory O(C) per observer, O(Ca*Cb) per
 cross-moment table.
+
+Totals about zero, for adding the sums of several streams (e.g. one per process of a distributed
+run, each about its own shift): ``raw_totals()`` gives float64 (n, R1, R2) with, about K,
+
+    R1 = S1 + n K,      R2 = S2 + 2 K S1 + n K^2         (sums of x and x^2)
+    R_ab = S_ab + K_a S1_b^T + S1_a K_b^T + n K_a K_b^T   (sum of x_a x_b^T, ``cross_raw_total``)
+
+which add exactly across streams (sums of the same quantity), and ``load_raw_totals`` takes such
+sums back (shift zero). A stream that has seen no batch gives zeros of its ``channels``. Read about
+zero, the variance R2 / n - (R1 / n)^2 cancels only to float64's precision: a relative error of
+about 1e-16 mean^2 / var (1e-12 at mean / std = 100); the float32 per-batch sums, where a shift
+matters, keep theirs.
 """
 
 from __future__ import annotations
@@ -199,11 +212,15 @@ class ChannelSums:
     (``_PENDING``) and are added to the totals together when it fills or a result is read.
     """
 
-    def __init__(self, dim, index: torch.Tensor | None = None) -> None:
+    def __init__(self, dim, index: torch.Tensor | None = None, channels: int | None = None) -> None:
         self.dim = dim
         self.index = None if index is None else index.long()
+        # the number of channels, when known before any batch (a stream that sees none still
+        # gives totals of the right size: ``raw_totals``)
+        self.channels = channels if index is None else int(index.shape[0])
         self.n = 0
         self.shift: torch.Tensor | None = None
+        self.decided = False  # the shift (or none) is chosen: by ``calibrate`` or the first batch
         self._tot: torch.Tensor | None = None  # (2, C) float64: S1, S2
         self._s1 = self._s2 = None  # its rows (views, made once)
         self._wait: torch.Tensor | None = None  # (_PENDING, 2, C) float64: S1, S2 of waiting batches
@@ -243,9 +260,7 @@ class ChannelSums:
         s, sq = lay.sums()
         n = lay.samples
         if self._tot is None:
-            mean = s.double() / max(n, 1)
-            if bool((mean * mean > _SHIFT_RATIO * (sq.double() / max(n, 1) - mean * mean)).any()):
-                self.shift = mean.to(lay.t.dtype)
+            if not self.decided and self._decide(s, sq, n, lay.t.dtype) is not None:
                 lay = _layout(x, self.dim, self.index, self.shift)
                 s, sq = lay.sums()
             self.n = n
@@ -263,6 +278,29 @@ class ChannelSums:
         self.batch = (n, s, sq)
         return lay
 
+    def _decide(self, s: torch.Tensor, sq: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor | None:
+        """Choose the shift from one batch's unshifted sums (see ``_SHIFT_RATIO``)."""
+        mean = s.double() / max(n, 1)
+        self.decided = True
+        if bool((mean * mean > _SHIFT_RATIO * (sq.double() / max(n, 1) - mean * mean)).any()):
+            self.shift = mean.to(dtype)
+        return self.shift
+
+    @torch.no_grad()
+    def calibrate(self, x: torch.Tensor) -> None:
+        """Choose the shift from ``x`` (e.g. two examples every process of a distributed run
+        shares) instead of from the first batch, without counting ``x``: streams that see
+        different first batches then sum every batch about the same shift, and their float32
+        per-batch sums are the ones a single stream would make. Only before the first batch."""
+        if self._tot is not None:
+            raise PassError("calibrate comes before the first batch")
+        x = x.detach()
+        if self.index is not None and self.index.device != x.device:
+            self.index = self.index.to(x.device)
+        self.shift, self.decided = None, False
+        lay = _layout(x, self.dim, self.index, None)
+        self._decide(*lay.sums(), lay.samples, lay.t.dtype)
+
     @torch.no_grad()
     def add_moments(self, n: int, mean: torch.Tensor, var: torch.Tensor | None = None, *,
                     invstd: torch.Tensor | None = None, eps: float = 0.0) -> None:
@@ -274,10 +312,11 @@ class ChannelSums:
             raise PassError("add_moments needs the variance or the inverse std (one of them)")
         v, e = (var, None) if invstd is None else (invstd, float(eps))
         if self._tot is None:
-            self.shift = mean.detach().clone()
+            if not self.decided:
+                self.shift, self.decided = mean.detach().clone(), True
+            d = mean.double() if self.shift is None else mean.double() - self.shift.double()
             self.n = n
-            self._set_totals(torch.stack([torch.zeros_like(mean, dtype=torch.float64),
-                                          self._variance(v[None], e)[0] * n]))
+            self._set_totals(torch.stack([n * d, (self._variance(v[None], e)[0] + d * d) * n]))
             return
         self._check(mean.shape[0])
         self.n += n
@@ -323,6 +362,35 @@ class ChannelSums:
     def _need_data(self) -> None:
         if self.n == 0:
             raise PassError("no samples seen yet; call update(x) first")
+
+    def raw_totals(self) -> list[torch.Tensor]:
+        """[n (1,), R1 (C,), R2 (C,)]: float64 count and sums of x and x^2 about zero (see the
+        module doc); zeros of ``channels`` before any batch."""
+        if self._tot is None:
+            if self.channels is None:
+                raise PassError("these sums have seen no batch and do not know their channel count; "
+                                "give channels= when making them")
+            zeros = torch.zeros(self.channels, dtype=torch.float64)
+            return [zeros.new_zeros(1), zeros, zeros.clone()]
+        self._flush()
+        n = float(self.n)
+        s1, s2 = self._s1, self._s2
+        if self.shift is not None:
+            k = self.shift.double()
+            s2 = s2 + 2 * k * s1 + n * k * k
+            s1 = s1 + n * k
+        return [s1.new_full((1,), n), s1.clone(), s2.clone()]
+
+    def load_raw_totals(self, parts: list[torch.Tensor]) -> None:
+        """Replace the totals by [n, R1, R2] about zero (``raw_totals``' form, e.g. their sum over
+        several streams); later batches add to them, unshifted."""
+        n, s1, s2 = parts
+        self._flush()
+        self.n = int(round(float(n.reshape(-1)[0])))
+        self.shift, self.decided = None, True
+        self._wait, self._waiting = None, 0
+        self.batch = None
+        self._set_totals(torch.stack([s1.double(), s2.double()]))
 
     @property
     def shifted_mean(self) -> torch.Tensor:
@@ -411,6 +479,32 @@ class CrossSum:
         """The float64 total (None before the first batch)."""
         self._flush()
         return self._total
+
+    def load_total(self, total: torch.Tensor) -> None:
+        """Replace the total (e.g. by ``cross_raw_total``s summed over streams)."""
+        self._wait, self._waiting = None, 0
+        self._total = total.double()
+
+
+def cross_raw_total(sa: ChannelSums, sb: ChannelSums, sab: CrossSum) -> torch.Tensor:
+    """The float64 sum of x_a x_b^T about zero (see the module doc) from sums about the shifts of
+    ``sa`` and ``sb``; zeros (Ca, Cb) before any batch."""
+    total = sab.total
+    if total is None:
+        ca, cb = (s.raw_totals()[1].shape[0] for s in (sa, sb))
+        return torch.zeros(ca, cb, dtype=torch.float64)
+    n = float(sa.n)
+    s1a, s1b = sa.s1.double(), sb.s1.double()
+    out = total.clone()
+    ka = None if sa.shift is None else sa.shift.double()
+    kb = None if sb.shift is None else sb.shift.double()
+    if ka is not None:
+        out += torch.outer(ka, s1b)
+    if kb is not None:
+        out += torch.outer(s1a, kb)
+    if ka is not None and kb is not None:
+        out += n * torch.outer(ka, kb)
+    return out
 
 
 def covariance(sa: ChannelSums, sb: ChannelSums, sab: torch.Tensor) -> torch.Tensor:

@@ -33,10 +33,12 @@ class ChannelObserver(nn.Module):
     batch. ``source`` names the graph node observed (set by ``insert_observers``).
     """
 
-    def __init__(self, dim: int, index: torch.Tensor | None = None, keep: bool = False, source: str = "") -> None:
+    def __init__(self, dim: int, index: torch.Tensor | None = None, keep: bool = False, source: str = "",
+                 channels: int | None = None) -> None:
         super().__init__()
         self.dim = dim
         self.keep = keep
+        self.channels = channels  # known before any batch: see ``raw_totals``
         self.enabled = True
         self.source = source
         self.register_buffer("index", None if index is None else index.long(), persistent=False)
@@ -75,7 +77,15 @@ class ChannelObserver(nn.Module):
         self.sums.update(self.last)
 
     def _new_sums(self) -> ChannelSums:
-        return ChannelSums(0) if self.keep else ChannelSums(self.dim, self.index)
+        channels = self.channels if self.index is None else int(self.index.shape[0])
+        return ChannelSums(0, channels=channels) if self.keep else ChannelSums(self.dim, self.index, channels)
+
+    def raw_totals(self) -> list[torch.Tensor]:
+        """The sums about zero (``ChannelSums.raw_totals``); ``load_raw_totals`` takes them back."""
+        return self.sums.raw_totals()
+
+    def load_raw_totals(self, parts: list[torch.Tensor]) -> None:
+        self.sums.load_raw_totals(parts)
 
     def _need_data(self) -> None:
         if self.count == 0:
@@ -111,11 +121,13 @@ class ChannelObserver(nn.Module):
 
 @dataclass(frozen=True)
 class ObserverSpec:
-    """Where to observe: channel axis ``dim``, optional (C, R) ``index``, keep the last batch."""
+    """Where to observe: channel axis ``dim``, optional (C, R) ``index``, keep the last batch;
+    ``channels``, when known, lets an observer that sees no batch give totals of the right size."""
 
     dim: int
     index: torch.Tensor | None = None
     keep: bool = False
+    channels: int | None = None
 
 
 
@@ -132,7 +144,7 @@ def insert_observers(
     device = module_device(gm)
     for name, spec in points.items():
         index = None if spec.index is None else spec.index.to(device)
-        observer = ChannelObserver(spec.dim, index=index, keep=spec.keep, source=name)
+        observer = ChannelObserver(spec.dim, index=index, keep=spec.keep, source=name, channels=spec.channels)
         insert_module_after(gm, nodes[name], observer, OBSERVER_PREFIX, "insert_observers")
     finish(gm)
     return PassResult(gm, bool(points), {"observers": len(points)}, [])

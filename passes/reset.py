@@ -115,9 +115,10 @@ class Reset(nn.Module):
         self.register_buffer("running_mean", torch.zeros(num_channels))
         self.register_buffer("running_var", torch.ones(num_channels))
         self.count = 0  # samples per channel accumulated in collect mode
+        self.calibrating = False  # collect mode chooses the sums' shift instead of adding a batch
         self.stats_set = False  # running stats given by set_running
         self._stale = False  # the sums hold batches the running stats do not show yet
-        self.sums = ChannelSums(dim)
+        self.sums = ChannelSums(dim, channels=num_channels)
 
     @property
     def num_channels(self) -> int:
@@ -133,7 +134,7 @@ class Reset(nn.Module):
         self.count = 0
         self.stats_set = False
         self._stale = False
-        self.sums = ChannelSums(self.dim)
+        self.sums = ChannelSums(self.dim, channels=self.num_channels)
         self.running_mean.zero_()
         self.running_var.fill_(1.0)
 
@@ -167,6 +168,13 @@ class Reset(nn.Module):
             shift = self.goal_mean - self.running_mean * scale
             return x * scale.to(x.dtype).view(shape) + shift.to(x.dtype).view(shape)
         self.last_ndim = x.ndim
+        if self.calibrating:  # ``ChannelSums.calibrate``: the shift, nothing counted
+            self.sums.calibrate(x)
+            mean = x.detach().movedim(dim, -1).reshape(-1, x.shape[dim]).double().mean(0)
+            var = x.detach().movedim(dim, -1).reshape(-1, x.shape[dim]).double().var(0, correction=0)
+            scale = self.goal_std.double() * torch.rsqrt(var + self.eps)
+            shift = self.goal_mean.double() - mean * scale
+            return torch.addcmul(shift.to(x.dtype).view(shape), x, scale.to(x.dtype).view(shape))
         split = (_split(x, dim) if x.numel() > x.shape[dim] and x.dtype in _EXACT
                  and (x.is_cuda or x.numel() <= _SMALL) else None)
         if split is not None:
@@ -189,6 +197,15 @@ class Reset(nn.Module):
         scale = self.goal_std.double() * torch.rsqrt(var + self.eps)
         shift = self.goal_mean.double() - mean * scale
         return torch.addcmul(shift.to(x.dtype).view(shape), x, scale.to(x.dtype).view(shape))
+
+    def raw_totals(self) -> list[torch.Tensor]:
+        """The collected sums about zero (``ChannelSums.raw_totals``), e.g. to add those of
+        several processes; ``load_raw_totals`` takes such sums back as the collected statistics."""
+        return self.sums.raw_totals()
+
+    def load_raw_totals(self, parts: list[torch.Tensor]) -> None:
+        self.sums.load_raw_totals(parts)
+        self._collected()
 
     def _collected(self) -> None:
         self.count = self.sums.n

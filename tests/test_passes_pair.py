@@ -162,3 +162,27 @@ def test_pair_without_outputs_stops_after_the_last_tap():
     called = [n.target for n in pair.graph.nodes if n.op == "call_module"]
     assert "a.fc" not in called and "b.fc" not in called  # nothing after the tap runs
     assert called[-1].startswith("_gr_tap")
+
+
+def test_sums_about_zero_add_across_streams_with_other_shifts_and_empty_ones():
+    """Two streams summed about their own shifts (mean 100, spread 3: shifted), converted to sums
+    about zero and added, give the one stream's mean, variance and A-B covariance; a stream that
+    saw nothing adds zeros of its known channel count. (float64 batches: the algebra alone; in
+    float32 the per-batch sums about other shifts round differently, see the next test.)"""
+    torch.manual_seed(0)
+    batches = [(torch.randn(40, 5, dtype=torch.float64) * 3 + 100, torch.randn(40, 5, dtype=torch.float64) * 2 - 50)
+               for _ in range(6)]
+    one, first, second, none = (PairTap([TapView(1, None, True)], shape=(2, 5)) for _ in range(4))
+    for i, (a, b) in enumerate(batches):
+        one(a, b)
+        (first if i < 2 else second)(a, b)
+    assert first.sums[0][0].shift is not None
+    assert not torch.equal(first.sums[0][0].shift, second.sums[0][0].shift)
+    total = [u + v + w for u, v, w in zip(first.raw_totals(), second.raw_totals(), none.raw_totals())]
+    joined = PairTap([TapView(1, None, True)], shape=(2, 5))
+    joined.load_raw_totals(total)
+    for got, ref in zip(joined.moments(0), one.moments(0)):
+        assert got.n == ref.n
+        torch.testing.assert_close(got.mean, ref.mean, rtol=1e-12, atol=0)
+        torch.testing.assert_close(got.var, ref.var, rtol=1e-9, atol=0)
+    torch.testing.assert_close(joined.cov(0), one.cov(0), rtol=1e-9, atol=1e-12)
