@@ -53,3 +53,12 @@ class NumericError(GraphRepairError):
 
 class OutputError(GraphRepairError):
     """An output file cannot be written (missing or read-only directory, path is a directory)."""
+
+
+class RankLostError(GraphRepairError):
+    """A distributed run lost a process: a collective could not complete because another rank
+    died or did not arrive within the process group's timeout."""
+
+
+class TerminatedError(GraphRepairError):
+    """The process was asked to stop (SIGTERM), e.g. by torchrun because another rank failed."""

@@ -44,6 +44,7 @@ from passes.pair import pair_graph
 from passes.moments import correlation
 from passes.pair_tap import PairTap, TapView
 
+from graphrepair import distributed
 from graphrepair.discovery import axes as ax
 from graphrepair.errors import DataError, MismatchError, NumericError
 from graphrepair.merging.points import ObservePoint, ResetPoint
@@ -93,6 +94,7 @@ class PairStats:
     coupled: dict[str, Coupled] = field(default_factory=dict)
     joint: dict[str, JointPoint] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    requested: int = 0  # examples asked for (by all ranks together in a distributed run)
 
 
 def copy_with_state(module: nn.Module, state: dict[str, torch.Tensor], *, own: bool = False,
@@ -270,23 +272,40 @@ def plan_taps(spec: PermutationSpec, observe: dict[str, list[ObservePoint]], res
             at_group[(g, p.node)] = view(p.node, TapView(p.axis % ndim, index, True))
     at_reset = {r.node: view(r.node, TapView(r.axis % len(info[r.node].shape), None, cross_at_resets))
                 for r in resets}
-    taps = {node: PairTap(vs, source=node) for node, vs in views.items()}
+    taps = {node: PairTap(vs, source=node, shape=info[node].shape) for node, vs in views.items()}
     return TapPlan(taps, at_group, at_joint, joint_exprs, at_reset, cross_at_resets, list(notes.values()))
 
 
 @torch.no_grad()
 def run_pair(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module, plan: TapPlan, batches, *,
-             quiet: bool = True, total: int | None = None) -> int:
+             quiet: bool = True, total: int | None = None, example: torch.Tensor | None = None) -> int:
     """Run A and B side by side over ``batches`` (input tensors on the models' device) with the
-    plan's taps; returns the number of examples seen."""
+    plan's taps; returns the number of examples seen. ``example``: the taps' sums choose their
+    shifts from it first (``ChannelSums.calibrate``), so that the sums of every batch do not
+    depend on which batch came first (one process or several give the same per-batch sums)."""
     root_a, root_b = pair_roots(spec, model_a, model_b, model_device(model_a))
     pair = pair_graph(spec.traced.gm, root_a, root_b, plan.taps, outputs=False).graph_module
     examples = 0
     with eval_mode(model_a, model_b):  # the pair may run the models' own modules
+        if example is not None:
+            calibrate(pair, plan.taps.values(), example)
         for x in progress(batches, "statistics of A and B", total=total, quiet=quiet):
             pair(x)
             examples += x.shape[0]
     return examples
+
+
+def calibrate(module: nn.Module, holders, example: torch.Tensor) -> None:
+    """Run ``module`` once on ``example`` with ``holders`` (taps, resets) choosing their sums'
+    shifts from it, counting nothing."""
+    holders = list(holders)
+    for h in holders:
+        h.calibrating = True
+    try:
+        module(example)
+    finally:
+        for h in holders:
+            h.calibrating = False
 
 
 def summarise(spec: PermutationSpec, plan: TapPlan, observe: dict[str, list[ObservePoint]],
@@ -350,9 +369,21 @@ def summarise(spec: PermutationSpec, plan: TapPlan, observe: dict[str, list[Obse
 
 def collect(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module, batches,
             observe: dict[str, list[ObservePoint]], resets: list[ResetPoint], *,
-            cross_at_resets: bool = False, quiet: bool = True, total: int | None = None) -> PairStats:
+            cross_at_resets: bool = False, quiet: bool = True, total: int | None = None,
+            requested: int = 0, example: torch.Tensor | None = None) -> PairStats:
     """The single joint pass (see the module docstring): plan the taps, run the pair over
-    ``batches`` (input tensors already on the models' device), summarise."""
-    plan = plan_taps(spec, observe, resets, cross_at_resets=cross_at_resets, device=model_device(model_a))
-    examples = run_pair(spec, model_a, model_b, plan, batches, quiet=quiet, total=total)
-    return summarise(spec, plan, observe, resets, examples)
+    ``batches`` (input tensors already on the models' device), summarise. In a distributed run
+    every rank runs its own batches and the taps' sums (with the examples seen and ``requested``)
+    are added across ranks in one collective before the summary (``graphrepair.distributed``);
+    ``example`` (the same on every rank) fixes the sums' shifts (``run_pair``)."""
+    device = model_device(model_a)
+    plan = plan_taps(spec, observe, resets, cross_at_resets=cross_at_resets, device=device)
+    with distributed.step("the joint pass of A and B"):
+        examples = run_pair(spec, model_a, model_b, plan, batches, quiet=quiet, total=total, example=example)
+    if distributed.current() is not None:
+        counts = distributed.reduce_holders(list(plan.taps.values()), device,
+                                            [torch.tensor([float(examples), float(requested)])])[0]
+        examples, requested = (int(round(float(c))) for c in counts.cpu())
+    stats = summarise(spec, plan, observe, resets, examples)
+    stats.requested = requested
+    return stats
