@@ -1,14 +1,15 @@
 """Statistics on torch.distributed: two processes (gloo on the CPU, started here with the rendezvous
-environment torchrun sets) give the answer of one process over the same examples, and a failure on
-one rank ends both.
+environment torchrun sets, or by torchrun itself) give the answer of one process over the same
+examples, and a failure on one rank ends both.
 
-The two-process runs are ``tests/dist_worker.py`` (the Python API, each rank passing its own share);
-every run is bounded by a timeout. One-process answers are computed here with one
+The two-process runs are ``tests/dist_worker.py`` (the Python API, each rank passing its own share)
+and the CLI; every run is bounded by a timeout. One-process answers are computed here with one
 thread, as the workers use.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from graphrepair import distributed
 from graphrepair.merging.align import lap, tie_safe
@@ -162,3 +164,83 @@ def test_two_ranks_give_the_one_process_answer_and_a_bad_rank_ends_both(tmp_path
     t = time.perf_counter()
     answer("fail", x[:n // 2], num_examples=n // 2)
     assert failed[0]["seconds"] < time.perf_counter() - t
+
+
+@pytest.fixture(scope="module")
+def cli_work(tmp_path_factory) -> Path:
+    from fixtures.zoo import mlp3
+    from graphrepair.io.fileio import save_safetensors
+
+    d = tmp_path_factory.mktemp("dist_cli")
+    for seed, name in ((0, "a"), (1, "b")):
+        torch.manual_seed(seed)
+        save_safetensors(mlp3().state_dict(), d / f"{name}.safetensors")
+    g = torch.Generator().manual_seed(0)
+    np.savez(d / "fit.npz", x=torch.randn(300, 64, generator=g).numpy())
+    np.savez(d / "test.npz", x=torch.randn(100, 64, generator=g).numpy(),
+             y=torch.randint(0, 10, (100,), generator=g).numpy())
+    (d / "dist_data.py").write_text(
+        "import os, signal\nimport numpy as np\nimport torch\n\n"
+        "def _x():\n    return torch.from_numpy(np.load(os.path.join(os.path.dirname(__file__), 'fit.npz'))['x'])\n\n"
+        "def bad_on_rank1():\n    x = _x()\n    return x[:, :60] if os.environ.get('RANK') == '1' else x\n\n"
+        "def dies_on_rank1():\n    if os.environ.get('RANK') == '1':\n        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return _x()\n")
+    return d
+
+
+def _merge_args(d: Path, data: str, out: str) -> list[str]:
+    return ["merge", "--model", "fixtures.zoo:mlp3", "--a", str(d / "a.safetensors"), "--b", str(d / "b.safetensors"),
+            "--data", data, "--num-examples", "250", "--out", str(d / f"{out}.onnx"),
+            "--weights", str(d / f"{out}.safetensors")]
+
+
+def test_cli_under_torchrun_gives_the_one_process_answer(cli_work, one_thread):
+    from click.testing import CliRunner
+
+    from graphrepair.cli import main
+
+    d = cli_work
+    args = _merge_args(d, str(d / "fit.npz"), "two") + ["--no-onnx", "--eval", str(d / "test.npz"), "--json"]
+    torchrun = Path(sys.executable).with_name("torchrun")
+    run = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "graphrepair", *args],
+                         cwd=d, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert run.returncode == 0, run.stderr[-3000:]
+    two = json.loads(run.stdout)  # one report: rank 0's
+    one_run = CliRunner().invoke(main, [a.replace("two.", "one.") for a in args], catch_exceptions=False)
+    assert one_run.exit_code == 0, one_run.output
+    one = json.loads(one_run.stdout)
+    assert two["examples"] == one["examples"] == 250
+    assert two["eval"] == one["eval"]
+    for g, c in one["mean_corr"].items():
+        assert two["mean_corr"][g] == pytest.approx(c, rel=1e-9)
+    w1, w2 = load_file(d / "one.safetensors"), load_file(d / "two.safetensors")
+    assert w1.keys() == w2.keys() and all(_rel(w2[k], w1[k]) <= 1e-6 for k in w1)
+    assert not [p for p in d.iterdir() if p.name.startswith("graphrepair-rank-")]
+
+
+def _one_line(stderr: str) -> str:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("graphrepair: error: ") and "Traceback" not in stderr, stderr
+    return lines[0]
+
+
+def test_cli_bad_data_on_one_rank_ends_both_with_exit_2_and_one_line(cli_work):
+    d = cli_work
+    t = time.monotonic()
+    (rc0, out0, err0), (rc1, out1, err1) = launch(
+        ["-m", "graphrepair", *_merge_args(d, "dist_data:bad_on_rank1", "bad")], d, {"PYTHONPATH": f"{ROOT}{os.pathsep}{d}"})
+    assert (rc0, rc1) == (2, 2)
+    line = _one_line(err0)
+    assert "on rank 1: --data dist_data:bad_on_rank1" in line and "cannot run on its examples" in line
+    assert err1.strip() == "" and out0 == out1 == ""  # one rank reports
+    assert not list(d.glob("bad.*"))
+    assert time.monotonic() - t < TIMEOUT
+
+
+def test_cli_killed_rank_ends_the_other_with_a_clear_error_and_no_file(cli_work):
+    d = cli_work
+    (rc0, _, err0), (rc1, _, _) = launch(
+        ["-m", "graphrepair", *_merge_args(d, "dist_data:dies_on_rank1", "dies")], d, {"PYTHONPATH": f"{ROOT}{os.pathsep}{d}"})
+    assert rc1 == -9 and rc0 == 2
+    assert "lost contact with the other processes of the run" in _one_line(err0)
+    assert not list(d.glob("dies.*"))

@@ -21,7 +21,9 @@ from pathlib import Path
 import click
 import torch
 
+from graphrepair import distributed
 from graphrepair.errors import DataError, GraphRepairError, OutputError, ShapeError
+from graphrepair.runtime import pick_device
 
 EXIT_BAD_INPUT = 2
 
@@ -36,7 +38,8 @@ STATE = _State()
 
 
 def _fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
-    click.echo(f"graphrepair: error: {message}", err=True)
+    if distributed.is_reporting():  # under torchrun: one line, from rank 0
+        click.echo(f"graphrepair: error: {message}", err=True)
     sys.exit(code)
 
 
@@ -46,7 +49,8 @@ def handle_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            with distributed.step("the command"):  # a failure on any rank ends every rank
+                return fn(*args, **kwargs)
         except GraphRepairError as e:
             if STATE.debug:
                 raise
@@ -86,15 +90,6 @@ def example_input(shape: tuple[int, ...], dtype: str, vocab: int) -> torch.Tenso
     return torch.randn(shape, generator=gen)
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise GraphRepairError("--device cuda was requested but torch sees no CUDA device; "
-                               "use --device cpu or auto")
-    return torch.device(name)
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 @click.option("--quiet", "-q", is_flag=True,
@@ -106,6 +101,10 @@ def main(debug: bool, quiet: bool, device: str) -> None:
     """Discover permutation symmetries of PyTorch models, merge models with REPAIR, export ONNX."""
     # Progress bars only on a terminal: piped or captured stderr keeps just the messages.
     STATE.debug, STATE.quiet, STATE.device = debug, quiet or not _is_terminal(sys.stderr), device
+    try:
+        distributed.launch(device)  # under torchrun: join the run; ranks but 0 print nothing
+    except GraphRepairError as e:
+        _fail(" ".join(str(e).split()))
 
 
 def _is_terminal(stream) -> bool:
@@ -261,6 +260,7 @@ def _fit_data(ref: str, model: torch.nn.Module, num_examples: int, device: torch
     except GraphRepairError as e:
         raise _with_option("--data", ref, e) from e
     _run_probe(model, x, "--data", ref)
+    data, num_examples = distributed.shard(data, num_examples, 256)  # this rank's batches
     return _to_device(data, device, num_examples), num_examples, x
 
 
@@ -293,7 +293,7 @@ def _eval_data(ref: str, model: torch.nn.Module, example: torch.Tensor, device: 
     if lo < 0 or (classes is not None and hi >= classes):
         raise DataError(f"--eval {ref}: labels range over [{lo}, {hi}] but the model has {classes} outputs; "
                         f"give class indices in [0, {classes})" if classes else f"--eval {ref}: negative labels")
-    return _to_device(data, device)
+    return _to_device(distributed.shard(data, None, 512, labeled=True)[0], device)
 
 
 def _load_models(model_ref: str, checkpoints: list[tuple[str, str]], device: torch.device):

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from graphrepair.distributed import is_reporting
 from graphrepair.errors import OutputError
 from graphrepair.io.fileio import atomic_output, check_target
 
@@ -39,6 +41,11 @@ def check_distinct(paths: dict[str, Path | None]) -> None:
 def atomic_outputs(paths: Sequence[Path | None]) -> Iterator[list[Path | None]]:
     """Temporary paths for ``paths`` (None stays None); all are renamed into place when the block
     succeeds, none when it raises. (Only a failing rename itself -- after every file was written
-    and verified -- can leave the files renamed before it in place.)"""
+    and verified -- can leave the files renamed before it in place.) In a distributed run only
+    rank 0 writes: the other ranks get paths in a temporary directory that is removed after."""
+    if not is_reporting():
+        with tempfile.TemporaryDirectory(prefix="graphrepair-rank-") as d:
+            yield [None if p is None else Path(d) / f"{i}_{Path(p).name}" for i, p in enumerate(paths)]
+        return
     with contextlib.ExitStack() as stack:
         yield [None if p is None else stack.enter_context(atomic_output(p)) for p in paths]
