@@ -47,7 +47,7 @@ from graphrepair.merging.align import lap
 from graphrepair.merging.merge import merge_prepared
 from graphrepair.merging.points import observation_points
 from passes.pair import pair_graph
-from passes.track import _layout, cross_product
+from passes.moments import _layout, cross_product
 from fixtures.zoo import mlp, resnet20
 
 
@@ -83,7 +83,8 @@ def floor(a, b, merged, x, batch_size, device, corr) -> float:
     spec = gr.discover(a, (x[:2],))
     axes = {p.node: p.axis for pts in observation_points(spec).values() for p in pts}
     t_discover = time.perf_counter() - t
-    pair = pair_graph(spec.traced.gm, a, b, {n: CrossOnly(ax) for n, ax in axes.items()}, outputs=False)
+    pair = pair_graph(spec.traced.gm, a, b, {n: CrossOnly(ax) for n, ax in axes.items()},
+                      outputs=False).graph_module
     sync(device)
     t = time.perf_counter()
     plain_pass(pair, x, batch_size, device)

@@ -61,3 +61,12 @@ class OutputError(GraphRepairError):
 
 class GraphRepairWarning(UserWarning):
     """A warning of graphrepair's own (too few examples, ...); the command line reports it as a note."""
+
+
+class RankLostError(GraphRepairError):
+    """A distributed run lost a process: a collective could not complete because another rank
+    died or did not arrive within the process group's timeout."""
+
+
+class TerminatedError(GraphRepairError):
+    """The process was asked to stop (SIGTERM), e.g. by torchrun because another rank failed."""

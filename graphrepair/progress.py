@@ -1,4 +1,5 @@
-"""Progress bars for every pass over data (rich); silent with ``quiet``."""
+"""Progress bars for every pass over data (rich); silent with ``quiet`` and on every rank of a
+distributed run but rank 0 (``graphrepair.distributed.is_reporting``)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 def progress(items: Iterable, description: str, *, total: int | None = None,
              quiet: bool = True) -> Iterator:
     """Iterate ``items`` under a progress bar on stderr (counting batches)."""
-    if quiet:
+    from graphrepair.distributed import is_reporting
+
+    if quiet or not is_reporting():
         yield from items
         return
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]

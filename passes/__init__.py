@@ -2,10 +2,11 @@
 
 Nothing here knows about permutations or model merging; ``graphrepair`` builds on it.
 
-- ``insert_observers`` / ``observers`` / ``CrossMoments`` / ``ChannelSums``: streaming per-channel
-  statistics.
-- ``pair_graph`` / ``PairTap``: two models of one graph run side by side, node by node, with taps
-  that see both values of a node (joint statistics without holding activations).
+- ``moments``: ``ChannelSums`` / ``CrossMoments``, streaming per-channel sums and cross products.
+- ``observe``: ``insert_observers`` / ``observers``, identity modules that stream a node's moments.
+- ``pair`` / ``pair_tap``: ``pair_graph`` runs two models of one graph side by side, node by node,
+  with taps (``PairTap``) that see both values of a node (joint statistics without holding
+  activations); ``in_place_ops`` says whether a graph may write into its inputs.
 - ``insert_resets`` / ``resets`` / ``set_mode``: REPAIR's reset nodes.
 - ``fold_affines``: fold resets and per-channel affines into the producing op.
 - ``fold_batchnorms``: fold eval-mode BatchNorm into the preceding conv / linear.
@@ -28,17 +29,9 @@ from passes.modules import (
 )
 from passes.pair import pair_graph
 from passes.reset import ChannelAffine, Reset, ResetSpec, insert_resets, resets, set_mode
-from passes.track import (
-    ChannelObserver,
-    ChannelSums,
-    CrossMoments,
-    ObserverSpec,
-    PairTap,
-    TapView,
-    channel_matrix,
-    insert_observers,
-    observers,
-)
+from passes.moments import ChannelSums, CrossMoments, channel_matrix
+from passes.observe import ChannelObserver, ObserverSpec, insert_observers, observers
+from passes.pair_tap import PairTap, TapView
 
 __all__ = [
     "ChannelAffine",

@@ -1,19 +1,56 @@
-"""What every pass returns, and the two steps every pass shares.
+"""What every pass returns, how a pass says whether it edits its input, and the steps passes share.
 
-A pass is a function ``f(gm, ..., inplace=False) -> PassResult``. By default it works on a deep
-copy of its input (like ``torch.fx.experimental.optimization.fuse``); ``inplace=True`` edits the
-given GraphModule. After editing, the graph is linted and the module recompiled.
+A pass is a function ``f(gm, ...) -> PassResult`` declared with ``@graph_pass(in_place=...)``:
+
+- ``in_place=False``: the GraphModule given is left as it was; the result carries a new one. Passes
+  that rewrite a graph (insert, fold) work on a deep copy of their input by default (like
+  ``torch.fx.experimental.optimization.fuse``) and edit the given module only with ``inplace=True``.
+- ``in_place=True``: the pass edits the module it is given and returns it (``set_mode``).
+
+Every declared pass is listed in ``PASSES`` (a test checks each against its declaration). What a
+pass inserts is recorded on the inserted node, under one key: ``node.meta[META_KEY]`` (a dict,
+e.g. ``{"inserted_by": "insert_resets", "after": "conv1"}``), never in a side table keyed by node
+name. After editing, the graph is linted and the module recompiled (``finish``).
 """
 
 from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch.fx as fx
 
 from passes.errors import PassError
+
+# The one key of ``node.meta`` under which passes annotate nodes (STYLE.md: one key per project).
+META_KEY = "graphrepair"
+
+PASSES: list[Callable[..., "PassResult"]] = []
+
+
+def graph_pass(*, in_place: bool) -> Callable[[Callable], Callable]:
+    """Declare ``fn`` a graph pass: ``fn.in_place`` says whether it edits the module it is given
+    (see the module doc), and ``fn`` joins ``PASSES``."""
+
+    def declare(fn: Callable) -> Callable:
+        fn.in_place = in_place
+        PASSES.append(fn)
+        return fn
+
+    return declare
+
+
+def annotate(node: fx.Node, **facts: Any) -> None:
+    """Record ``facts`` about ``node`` under ``node.meta[META_KEY]`` (other facts are kept)."""
+    node.meta[META_KEY] = {**node.meta.get(META_KEY, {}), **facts}
+
+
+def annotation(node: fx.Node) -> dict:
+    """What passes recorded about ``node`` (empty when nothing)."""
+    return node.meta.get(META_KEY, {})
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ import torch.nn as nn
 from torch.fx import GraphModule, Node
 from torch.fx.passes.shape_prop import ShapeProp
 
-from passes.base import PassResult, finish, start
+from passes.base import PassResult, finish, graph_pass, start
 from passes.errors import PassError
 from passes.modules import (
     Arg,
@@ -370,6 +370,7 @@ def _plan(gm: GraphModule, node: Node, dim: int, rank: int | None, channels: int
     return f"its input {what} is not produced by a linear, conv, conv_transpose, batchnorm or an add of them"
 
 
+@graph_pass(in_place=False)
 def fold_affines(gm: GraphModule, inplace: bool = False, example_inputs: tuple | None = None) -> PassResult:
     """Fold every apply-mode Reset and every ChannelAffine into its producer where possible.
 

@@ -25,7 +25,7 @@ from torch.fx import GraphModule, Node
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
-from passes.base import PassResult, finish, start
+from passes.base import PassResult, finish, graph_pass, start
 from passes.fold_affine import check_producer, scale_producer
 from passes.modules import (
     Arg,
@@ -169,6 +169,7 @@ def _fold_one(gm: GraphModule, bn: Producer) -> str | list[str]:
     return notes
 
 
+@graph_pass(in_place=False)
 def fold_batchnorms(gm: GraphModule, inplace: bool = False, example_inputs: tuple | None = None) -> PassResult:
     """Fold every eval-mode batch norm whose input is a conv / linear output into that op.
 

@@ -41,6 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
+from passes.base import annotate, annotation
 from passes.errors import PassError
 
 aten = torch.ops.aten
@@ -120,22 +121,26 @@ def named_nodes(gm: GraphModule, names, pass_name: str) -> dict[str, Node]:
 
 
 def inserted_modules(gm: GraphModule, cls: type) -> dict[str, nn.Module]:
-    """The ``cls`` modules called in ``gm``'s graph, keyed by the node each follows (``.source``)."""
+    """The ``cls`` modules that a pass inserted into ``gm``'s graph (``insert_module_after``),
+    keyed by the node each follows, as recorded on the inserted node (``annotation(n)["after"]``)."""
     out: dict[str, nn.Module] = {}
     for node in gm.graph.nodes:
-        if node.op == "call_module":
+        after = annotation(node).get("after")
+        if node.op == "call_module" and after is not None:
             module = get_module(gm, node)
             if isinstance(module, cls):
-                out[module.source] = module
+                out[after] = module
     return out
 
 
-def insert_module_after(gm: GraphModule, node: Node, module: nn.Module, prefix: str) -> Node:
+def insert_module_after(gm: GraphModule, node: Node, module: nn.Module, prefix: str,
+                        inserted_by: str = "") -> Node:
     """Call ``module`` on ``node``'s value and make every user of ``node`` read the result.
 
-    The module is registered on ``gm`` under a fresh name ``{prefix}_{i}``. The caller lints and
-    recompiles. Shape metadata (``val``, ``tensor_meta``) is copied to the new node, so the
-    module must not change its input's shape.
+    The module is registered on ``gm`` under a fresh name ``{prefix}_{i}``; the new node records
+    ``{"inserted_by": inserted_by, "after": node.name}`` (``passes.base.annotate``). The caller
+    lints and recompiles. Shape metadata (``val``, ``tensor_meta``) is copied to the new node, so
+    the module must not change its input's shape.
     """
     if node.op == "output":
         raise PassError(f"cannot insert a module after the output node {node.format_node()}")
@@ -155,6 +160,7 @@ def insert_module_after(gm: GraphModule, node: Node, module: nn.Module, prefix: 
     for key in ("val", "tensor_meta"):
         if key in node.meta:
             new.meta[key] = node.meta[key]
+    annotate(new, inserted_by=inserted_by or prefix, after=node.name)
     return new
 
 

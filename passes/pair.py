@@ -1,19 +1,22 @@
 """Two models of one graph, run side by side in one GraphModule, with taps that see both.
 
-``pair_graph(graph, root_a, root_b, taps)`` builds a GraphModule whose forward feeds the same
-inputs to two copies of ``graph``: copy A reads its modules and attributes from ``root_a``, copy B
-from ``root_b`` (the modules are shared, not copied: no weights are duplicated). The copies are
+``pair_graph(gm, root_a, root_b, taps).graph_module`` is a new GraphModule whose forward feeds
+the same inputs to two copies of ``gm``'s graph: copy A reads its modules and attributes from
+``root_a``, copy B from ``root_b`` (the modules are shared, not copied: no weights are
+duplicated). The copies are
 interleaved node by node (A's node n, then B's node n), and after the pair of nodes named in
 ``taps`` the tap module is called as ``tap(value_a, value_b)`` for its side effects (its result is
-ignored). The forward returns ``(output_a, output_b)``.
+ignored). The forward returns ``(output_a, output_b)``. Every node of the pair records what it is
+under ``node.meta["graphrepair"]``: ``{"side": "a" | "b", "of": <node of gm>}`` for the copies,
+``{"inserted_by": "pair_graph", "after": <node of gm>}`` for the taps. ``gm`` is left as it was.
 
 Interleaving is what makes joint statistics cheap: the two values a tap compares exist together
 only while the tap runs, and each is freed at its last use as in a plain forward, so the pass
 needs about twice the activation memory of one model's forward instead of holding every tapped
 activation of A until B has run.
 
-When the graph may write in place (``passes.track.writes_in_place``), copy B reads clones of the
-inputs, so that an in-place op of copy A on an input cannot change what copy B sees.
+When the graph may write in place (``passes.in_place_ops.writes_in_place``), copy B reads clones
+of the inputs, so that an in-place op of copy A on an input cannot change what copy B sees.
 
 A graph whose placeholders take a pytree (``torch.export`` modules) is paired in its flat form:
 the paired module takes the flat inputs (one tensor for a one-tensor model) and returns the two
@@ -25,9 +28,10 @@ from __future__ import annotations
 import torch.fx as fx
 import torch.nn as nn
 
+from passes.base import PassResult, annotate, graph_pass
 from passes.errors import PassError
 from passes.modules import get_attr_value, named_nodes
-from passes.track import writes_in_place
+from passes.in_place_ops import writes_in_place
 
 TAP_PREFIX = "_gr_tap"
 
@@ -47,12 +51,14 @@ def _clone(x):
     return x.clone() if hasattr(x, "clone") else x
 
 
+@graph_pass(in_place=False)
 def pair_graph(gm: fx.GraphModule, root_a: nn.Module, root_b: nn.Module,
-               taps: dict[str, nn.Module], outputs: bool = True) -> fx.GraphModule:
-    """The paired GraphModule of ``gm``'s graph (see the module doc). ``taps``: node name -> module
-    called as ``module(value_a, value_b)`` right after both copies of that node have run.
-    ``outputs=False``: only the taps matter; the pair stops after the last tap and returns None
-    (nothing after it can change what a tap sees)."""
+               taps: dict[str, nn.Module], outputs: bool = True) -> PassResult:
+    """The paired GraphModule of ``gm``'s graph (see the module doc), as the result's
+    ``graph_module``. ``taps``: node name -> module called as ``module(value_a, value_b)`` right
+    after both copies of that node have run. ``outputs=False``: only the taps matter; the pair stops
+    after the last tap and returns None (nothing after it can change what a tap sees).
+    counts: {"taps": taps inserted, "nodes": nodes of ``gm`` run in each copy}."""
     graph = gm.graph
     clone_inputs = writes_in_place(gm)
     named_nodes(gm, taps, "pair_graph")
@@ -64,15 +70,13 @@ def pair_graph(gm: fx.GraphModule, root_a: nn.Module, root_b: nn.Module,
                                     f"does not have")
     root = nn.Module()
     root.a, root.b = root_a, root_b
-    for i, name in enumerate(taps):
-        setattr(root, f"{TAP_PREFIX}_{i}", taps[name])
-    tap_names = {name: f"{TAP_PREFIX}_{i}" for i, name in enumerate(taps)}
 
     out = fx.Graph()
     env_a: dict[fx.Node, fx.Node] = {}
     env_b: dict[fx.Node, fx.Node] = {}
     result = _MISSING
     left = len(taps)
+    copied = 0
     for n in graph.nodes:
         if n.op == "placeholder":
             p = out.node_copy(n)
@@ -91,9 +95,14 @@ def pair_graph(gm: fx.GraphModule, root_a: nn.Module, root_b: nn.Module,
                                   fx.map_arg(n.kwargs, env.__getitem__), name=f"{side}_{n.name}",
                                   type_expr=n.type)
             new.meta = dict(n.meta)
+            annotate(new, side=side, of=n.name)
             env[n] = new
+        copied += 1
         if n.name in taps:
-            out.call_module(tap_names[n.name], (env_a[n], env_b[n]))
+            target = f"{TAP_PREFIX}_{len(taps) - left}"
+            setattr(root, target, taps[n.name])
+            tap = out.call_module(target, (env_a[n], env_b[n]))
+            annotate(tap, inserted_by="pair_graph", after=n.name)
             left -= 1
             if not outputs and left == 0:
                 result = None
@@ -101,6 +110,6 @@ def pair_graph(gm: fx.GraphModule, root_a: nn.Module, root_b: nn.Module,
     if result is _MISSING:
         raise PassError("pair_graph: the graph has no output node")
     out.output(result)
-    gm = fx.GraphModule(root, out)
-    gm.graph.lint()
-    return gm
+    paired = fx.GraphModule(root, out)
+    paired.graph.lint()
+    return PassResult(paired, True, {"taps": len(taps), "nodes": copied}, [])

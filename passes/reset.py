@@ -11,7 +11,7 @@ goal_mean = (1-a) mu_A + a mu_B, goal_std = (1-a) sigma_A + a sigma_B):
   (BatchNorm in train mode: for small float32/float64 tensors and on CUDA its fused kernel on x
   seen as (pre, C, post), which returns the batch's mean and inverse std with the output), and
   the reset accumulates the exact mean and population variance of x over every batch seen
-  (``passes.track.ChannelSums``: float64 sums, about a per-channel shift where means are large;
+  (``passes.moments.ChannelSums``: float64 sums, about a per-channel shift where means are large;
   a cumulative average, not BatchNorm's per-batch momentum=None average). ``running_mean`` /
   ``running_var`` hold them after each batch (written from the sums when next read: attribute,
   ``state_dict``, apply mode).
@@ -34,10 +34,10 @@ import torch
 import torch.nn as nn
 from torch.fx import GraphModule
 
-from passes.base import PassResult, finish, start
+from passes.base import PassResult, finish, graph_pass, start
 from passes.errors import PassError
 from passes.modules import insert_module_after, inserted_modules, module_device, named_nodes
-from passes.track import _EXACT, _SMALL, ChannelSums, _split, broadcast_shape
+from passes.moments import _EXACT, _SMALL, ChannelSums, _split, broadcast_shape
 
 RESET_PREFIX = "_gr_reset"
 MODES = ("collect", "apply")
@@ -115,9 +115,10 @@ class Reset(nn.Module):
         self.register_buffer("running_mean", torch.zeros(num_channels))
         self.register_buffer("running_var", torch.ones(num_channels))
         self.count = 0  # samples per channel accumulated in collect mode
+        self.calibrating = False  # collect mode chooses the sums' shift instead of adding a batch
         self.stats_set = False  # running stats given by set_running
         self._stale = False  # the sums hold batches the running stats do not show yet
-        self.sums = ChannelSums(dim)
+        self.sums = ChannelSums(dim, channels=num_channels)
 
     @property
     def num_channels(self) -> int:
@@ -133,7 +134,7 @@ class Reset(nn.Module):
         self.count = 0
         self.stats_set = False
         self._stale = False
-        self.sums = ChannelSums(self.dim)
+        self.sums = ChannelSums(self.dim, channels=self.num_channels)
         self.running_mean.zero_()
         self.running_var.fill_(1.0)
 
@@ -167,6 +168,13 @@ class Reset(nn.Module):
             shift = self.goal_mean - self.running_mean * scale
             return x * scale.to(x.dtype).view(shape) + shift.to(x.dtype).view(shape)
         self.last_ndim = x.ndim
+        if self.calibrating:  # ``ChannelSums.calibrate``: the shift, nothing counted
+            self.sums.calibrate(x)
+            mean = x.detach().movedim(dim, -1).reshape(-1, x.shape[dim]).double().mean(0)
+            var = x.detach().movedim(dim, -1).reshape(-1, x.shape[dim]).double().var(0, correction=0)
+            scale = self.goal_std.double() * torch.rsqrt(var + self.eps)
+            shift = self.goal_mean.double() - mean * scale
+            return torch.addcmul(shift.to(x.dtype).view(shape), x, scale.to(x.dtype).view(shape))
         split = (_split(x, dim) if x.numel() > x.shape[dim] and x.dtype in _EXACT
                  and (x.is_cuda or x.numel() <= _SMALL) else None)
         if split is not None:
@@ -189,6 +197,15 @@ class Reset(nn.Module):
         scale = self.goal_std.double() * torch.rsqrt(var + self.eps)
         shift = self.goal_mean.double() - mean * scale
         return torch.addcmul(shift.to(x.dtype).view(shape), x, scale.to(x.dtype).view(shape))
+
+    def raw_totals(self) -> list[torch.Tensor]:
+        """The collected sums about zero (``ChannelSums.raw_totals``), e.g. to add those of
+        several processes; ``load_raw_totals`` takes such sums back as the collected statistics."""
+        return self.sums.raw_totals()
+
+    def load_raw_totals(self, parts: list[torch.Tensor]) -> None:
+        self.sums.load_raw_totals(parts)
+        self._collected()
 
     def _collected(self) -> None:
         self.count = self.sums.n
@@ -228,6 +245,7 @@ class ResetSpec:
     eps: float = 1e-5
 
 
+@graph_pass(in_place=False)
 def insert_resets(gm: GraphModule, points: dict[str, ResetSpec], inplace: bool = False) -> PassResult:
     """Insert a Reset (collect mode) after each node named in ``points``.
 
@@ -245,7 +263,7 @@ def insert_resets(gm: GraphModule, points: dict[str, ResetSpec], inplace: bool =
             goal_std=spec.goal_std,
             source=name,
         ).to(device)
-        insert_module_after(gm, nodes[name], reset, RESET_PREFIX)
+        insert_module_after(gm, nodes[name], reset, RESET_PREFIX, "insert_resets")
     finish(gm)
     return PassResult(gm, bool(points), {"resets": len(points)}, [])
 
@@ -255,8 +273,10 @@ def resets(gm: GraphModule) -> dict[str, Reset]:
     return inserted_modules(gm, Reset)
 
 
-def set_mode(gm: GraphModule, mode: str) -> None:
-    """Switch every reset in ``gm`` to "collect" or "apply" (in place; no graph change)."""
+@graph_pass(in_place=True)
+def set_mode(gm: GraphModule, mode: str) -> PassResult:
+    """Switch every reset in ``gm`` to "collect" or "apply", in place (the graph is unchanged; the
+    resets' mode is). counts: {"resets": resets switched to ``mode`` from the other one}."""
     if mode not in MODES:
         raise PassError(f"reset mode must be one of {MODES}, got {mode!r}")
     found = resets(gm)
@@ -267,6 +287,9 @@ def set_mode(gm: GraphModule, mode: str) -> None:
                 f"resets after {', '.join(map(repr, empty))} have no statistics; run the model on "
                 "data in collect mode, or call set_running, before switching to apply"
             )
+    switched = 0
     for r in found.values():
+        switched += r.mode != mode
         r.mode = mode
         r._sync()  # apply mode reads the running buffers: write them now, not inside a trace
+    return PassResult(gm, switched > 0, {"resets": switched}, [])

@@ -18,8 +18,8 @@ from fixtures.train import train
 from fixtures.zoo import ZOO, mlp
 from graphrepair.merging.align import weight_matching
 from graphrepair.merging.merge import merge_prepared, prepare
-from passes.track import ObserverSpec, insert_observers, observers
-from tests.helpers import randomize_
+from passes.observe import ObserverSpec, insert_observers, observers
+from tests.helpers import ConvBNNet, randomize_
 
 
 @pytest.fixture(scope="module")
@@ -333,7 +333,7 @@ def test_study_layers_reuse_the_curves_merges(digits_pair, monkeypatch):
 
     monkeypatch.setattr(study_mod, "merge_prepared", counted)
     monkeypatch.setattr(sys.modules["graphrepair.study.metrics"], "merge_prepared", counted)
-    st = study_mod.run_study(a, b, x[:300], TensorDataset(x[300:500], y[300:500]), alphas=3,
+    st = study_mod.run_study(a, b, fit_data=x[:300], eval_data=TensorDataset(x[300:500], y[300:500]), alphas=3,
                              num_examples=300, layers=True)
     # the naive curve merges at 0.5 and 1; the aligned and REPAIR curves at 0.5 only (their
     # endpoints come from the naive curve); the layer measurement adds none
@@ -454,3 +454,35 @@ def test_prepared_alignment_does_not_follow_later_changes_of_b(digits_pair):
                 t.add_(1.0)
     for k, v in prep.aligned[0].items():
         torch.testing.assert_close(v, before[k], rtol=0, atol=0, msg=k)
+
+
+def test_the_api_leaves_the_callers_models_as_they_were():
+    """merge, prepare, evaluate and barrier run the models in eval mode and give them back in the
+    mode they were in, module by module, with their weights and BatchNorm statistics untouched
+    (a forward in training mode would have moved the running statistics)."""
+    torch.manual_seed(0)
+    a, b = randomize_(ConvBNNet().train(), 1), randomize_(ConvBNNet().train(), 2)
+    b.fc.eval()  # a mix of modes comes back as it was
+    x, y = torch.randn(48, 3, 8, 8), torch.randint(0, 4, (48,))
+    modes = [{n: m.training for n, m in model.named_modules()} for model in (a, b)]
+    states = [copy.deepcopy(model.state_dict()) for model in (a, b)]
+    gr.merge(a, b, x, num_examples=48, batch_size=16)
+    gr.prepare([a, b], x, num_examples=48, batch_size=16)
+    gr.evaluate(a, TensorDataset(x, y))
+    gr.barrier(a, b, eval_data=TensorDataset(x, y), fit_data=x, alphas=3, num_examples=48, batch_size=16)
+    for model, mode, state in zip((a, b), modes, states):
+        assert {n: m.training for n, m in model.named_modules()} == mode
+        now = model.state_dict()
+        assert all(torch.equal(now[k], v) for k, v in state.items())
+
+
+def test_data_arguments_that_can_be_swapped_are_keyword_only():
+    from graphrepair.study.runner import run_study
+
+    x = torch.randn(8, 3, 8, 8)
+    ev = TensorDataset(x, torch.zeros(8, dtype=torch.long))
+    a, b = ConvBNNet(), ConvBNNet()
+    with pytest.raises(TypeError, match="positional"):
+        gr.barrier(a, b, ev, x)
+    with pytest.raises(TypeError, match="positional"):
+        run_study(a, b, x, ev)

@@ -77,7 +77,7 @@ def test_pair_taps_on_cuda_match_the_cpu(offset, monkeypatch):
         a.to(device), b.to(device)
         gm = torch.fx.symbolic_trace(a)
         taps = {"conv": PairTap([TapView(1, None, True)], "conv"), "fc": PairTap([TapView(-1, None, True)], "fc")}
-        pair = pair_graph(gm, a, b, taps, outputs=False)
+        pair = pair_graph(gm, a, b, taps, outputs=False).graph_module
         with torch.no_grad():
             for chunk in x.to(device).split(4):
                 pair(chunk)

@@ -43,7 +43,7 @@ def test_pair_runs_both_models_and_taps_see_both_values(how):
     a, b, x, gm, roots = _pair(how)
     relu = next(n.name for n in gm.graph.nodes if "relu" in n.name)
     rec = Recorder()
-    pair = pair_graph(gm, *roots, {relu: rec})
+    pair = pair_graph(gm, *roots, {relu: rec}).graph_module
     with torch.no_grad():
         out_a, out_b = pair(x)
         if how == "aten":  # the flat form: outputs as the graph's output list
@@ -83,7 +83,7 @@ def test_in_place_op_on_the_input_does_not_leak_into_the_other_copy():
     gm = torch.fx.symbolic_trace(a)
     x = torch.randn(4, 5)
     with torch.no_grad():
-        out_a, out_b = pair_graph(gm, a, b, {})(x.clone())
+        out_a, out_b = pair_graph(gm, a, b, {}).graph_module(x.clone())
         torch.testing.assert_close(out_a, a(x.clone()))
         torch.testing.assert_close(out_b, b(x.clone()))
 
@@ -104,11 +104,11 @@ def test_pair_tap_moments_and_covariance_equal_numpy(shape, dim, offset, pending
     means 1000x the spread, where unshifted float32 sums would lose the variance entirely; read
     half way and at the end, with the defaults or with batches reaching the float64 totals two at
     a time (the waiting buffers are flushed, then reused)."""
-    import passes.track as track
+    import passes.moments as moments
 
     if pending is not None:
-        monkeypatch.setattr(track, "_PENDING", pending)
-        monkeypatch.setattr(track, "_CROSS_PENDING", pending)
+        monkeypatch.setattr(moments, "_PENDING", pending)
+        monkeypatch.setattr(moments, "_CROSS_PENDING", pending)
     torch.manual_seed(0)
     tap = PairTap([TapView(dim, None, True)], source="x")
     batches_a, batches_b = [], []
@@ -155,10 +155,34 @@ def test_pair_without_outputs_stops_after_the_last_tap():
     a, b, x, gm, roots = _pair("fx")
     relu = next(n.name for n in gm.graph.nodes if "relu" in n.name)
     rec = Recorder()
-    pair = pair_graph(gm, *roots, {relu: rec}, outputs=False)
+    pair = pair_graph(gm, *roots, {relu: rec}, outputs=False).graph_module
     with torch.no_grad():
         assert pair(x) is None
     assert len(rec.seen) == 1
     called = [n.target for n in pair.graph.nodes if n.op == "call_module"]
     assert "a.fc" not in called and "b.fc" not in called  # nothing after the tap runs
     assert called[-1].startswith("_gr_tap")
+
+
+def test_sums_about_zero_add_across_streams_with_other_shifts_and_empty_ones():
+    """Two streams summed about their own shifts (mean 100, spread 3: shifted), converted to sums
+    about zero and added, give the one stream's mean, variance and A-B covariance; a stream that
+    saw nothing adds zeros of its known channel count. (float64 batches: the algebra alone; in
+    float32 the per-batch sums about other shifts round differently, see the next test.)"""
+    torch.manual_seed(0)
+    batches = [(torch.randn(40, 5, dtype=torch.float64) * 3 + 100, torch.randn(40, 5, dtype=torch.float64) * 2 - 50)
+               for _ in range(6)]
+    one, first, second, none = (PairTap([TapView(1, None, True)], shape=(2, 5)) for _ in range(4))
+    for i, (a, b) in enumerate(batches):
+        one(a, b)
+        (first if i < 2 else second)(a, b)
+    assert first.sums[0][0].shift is not None
+    assert not torch.equal(first.sums[0][0].shift, second.sums[0][0].shift)
+    total = [u + v + w for u, v, w in zip(first.raw_totals(), second.raw_totals(), none.raw_totals())]
+    joined = PairTap([TapView(1, None, True)], shape=(2, 5))
+    joined.load_raw_totals(total)
+    for got, ref in zip(joined.moments(0), one.moments(0)):
+        assert got.n == ref.n
+        torch.testing.assert_close(got.mean, ref.mean, rtol=1e-12, atol=0)
+        torch.testing.assert_close(got.var, ref.var, rtol=1e-9, atol=0)
+    torch.testing.assert_close(joined.cov(0), one.cov(0), rtol=1e-9, atol=1e-12)

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from passes import ChannelAffine, PassError, Reset, ResetSpec, insert_resets, resets, set_mode
+from passes import ChannelAffine, ChannelSums, PassError, Reset, ResetSpec, insert_resets, resets, set_mode
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec:FutureWarning")
 
@@ -165,3 +165,34 @@ def test_set_mode_apply_without_statistics_is_refused():
     assert resets(out)["fc1"].mode == "apply"
     with pytest.raises(PassError, match="'fc9'"):
         insert_resets(gm, {"fc9": ResetSpec(-1, torch.zeros(8), torch.ones(8))})
+
+
+def test_reset_sums_add_across_streams_and_calibration_fixes_the_shift():
+    """Resets (their fused batch-norm path) add across streams too; with the shift chosen by
+    ``calibrate`` from one shared example, streams that start on different batches make exactly the
+    per-batch sums one stream makes."""
+    torch.manual_seed(0)
+    xs = [torch.randn(16, 4) * 0.5 - 40 for _ in range(5)]
+    example = xs[0][:2]
+
+    def run(batches):
+        r = Reset(4, dim=1)
+        r.calibrating = True
+        r(example)
+        r.calibrating = False
+        for x in batches:
+            r(x)
+        return r
+
+    one, a, b = run(xs), run(xs[:3]), run(xs[3:])
+    assert torch.equal(a.sums.shift, b.sums.shift)
+    joined = Reset(4, dim=1)
+    joined.load_raw_totals([u + v for u, v in zip(a.raw_totals(), b.raw_totals())])
+    assert joined.count == one.count == 80
+    torch.testing.assert_close(joined.running_mean, one.running_mean, rtol=1e-12, atol=0)
+    torch.testing.assert_close(joined.running_var, one.running_var, rtol=1e-9, atol=0)
+    sums = ChannelSums(1)
+    sums.calibrate(example)
+    with pytest.raises(PassError, match="before the first batch"):
+        sums.update(xs[1])
+        sums.calibrate(example)

@@ -14,13 +14,14 @@ the signal handlers are installed, so that Ctrl-C in the first second is an ordi
 
 from __future__ import annotations
 
+import os
 import sys
 
 try:
     import click
 
     from graphrepair.cli import barrier, demo, export, inspect, merge
-    from graphrepair.cli.common import Main, Session
+    from graphrepair.cli.common import Main, Session, fail
 except KeyboardInterrupt:  # Ctrl-C before the command line has its handlers: still one line
     sys.stderr.write("graphrepair: error: interrupted\n")
     raise SystemExit(130) from None
@@ -45,6 +46,14 @@ def main(session: Session, debug: bool, quiet: bool, device: str) -> None:
     """Discover permutation symmetries of PyTorch models, merge models with REPAIR, export ONNX."""
     # Progress bars only on a terminal: piped or captured stderr keeps just the messages.
     session.debug, session.quiet, session.device = debug, quiet or not _is_terminal(sys.stderr), device
+    if "WORLD_SIZE" in os.environ or "RANK" in os.environ:  # under torchrun: join the run
+        from graphrepair import distributed
+        from graphrepair.errors import GraphRepairError
+
+        try:
+            distributed.launch(device)  # ranks but 0 print nothing
+        except GraphRepairError as e:
+            fail(str(e))
 
 
 for _module in (inspect, merge, barrier, export, demo):

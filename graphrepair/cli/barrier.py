@@ -60,7 +60,7 @@ def command(session: Session, model_ref, ckpt_a, ckpt_b, fit_ref, method, num_ex
     fit = fit_data(fit_ref, model_a, num_examples, device, needs_statistics=True)
     eval_set = eval_data(eval_ref, model_a, fit.example, device)
     spec = require_groups(model_a, fit.example, model_ref)
-    study = run_study(model_a, model_b, fit.data, eval_set, alphas=grid, method=method, repair=mode,
+    study = run_study(model_a, model_b, fit_data=fit.data, eval_data=eval_set, alphas=grid, method=method, repair=mode,
                       num_examples=fit.examples, points=points, layers=layers, quiet=session.quiet, spec=spec)
     warnings = check_statistics(0, spec, f"--data {fit_ref}", study.examples) if study.examples else []
     if plots:

@@ -194,10 +194,18 @@ def _broken_pipe_in(exc: BaseException) -> bool:
 def fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
     """The one line on stderr, and the exit."""
     text = f"graphrepair: error: {one_line(message)}\n"
-    with contextlib.suppress(OSError, ValueError):
-        sys.stderr.write(text)
-        sys.stderr.flush()
+    if _reporting():  # under torchrun: one line, from rank 0
+        with contextlib.suppress(OSError, ValueError):
+            sys.stderr.write(text)
+            sys.stderr.flush()
     sys.exit(code)
+
+
+def _reporting() -> bool:
+    """Whether this process reports (rank 0 of a distributed run, or the only process); the
+    distributed module is only imported once a run has begun (it imports torch)."""
+    mod = sys.modules.get("graphrepair.distributed")
+    return mod is None or mod.is_reporting()
 
 
 def quiet_stdout_exit() -> None:
@@ -218,7 +226,10 @@ def run(fn):
         session = click.get_current_context().find_object(Session)
         try:
             with session.capture():
-                fn(session, *args, **kwargs)
+                from graphrepair import distributed
+
+                with distributed.step("the command"):  # a failure on any rank ends every rank
+                    fn(session, *args, **kwargs)
                 sys.stdout.flush()
         except BaseException as exc:  # noqa: B036 -- every ending is classified in Session.end
             session.end(exc)

@@ -65,14 +65,10 @@ def check_checkpoint(path: str, option: str) -> Path:
 
 
 def pick_device(name: str):
-    import torch
+    """--device: CUDA when torch sees a GPU (``auto``), each torchrun process on its LOCAL_RANK's."""
+    from graphrepair.runtime import pick_device as pick
 
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise GraphRepairError("--device cuda was requested but torch sees no CUDA device; "
-                               "use --device cpu or auto")
-    return torch.device(name)
+    return pick(name)
 
 
 def example_input(shape: tuple[int, ...], dtype: str, vocab: int, device):
@@ -210,6 +206,9 @@ def fit_data(ref: str, model, num_examples: int, device, needs_statistics: bool)
         check_examples_vary(data.x[:num_examples], where)
     first = next(iter_batches(data, BATCH))[:BATCH].to(device)
     probe(model, first, "--data", ref)
+    from graphrepair import distributed
+
+    data, num_examples = distributed.shard(data, num_examples, BATCH)  # this rank's batches under torchrun
     return Fit(_to_device(data, device, num_examples), num_examples, first[:2], notes)
 
 
@@ -261,11 +260,13 @@ def eval_data(ref: str, model, example, device):
     out = run_model(model, x[:2].to(device), f"{where}: the model cannot run on its examples of {_describe(x)}")
     logits = classifier_logits(out, where)
     rule = LabelRule(int(logits.shape[-1]), logits.dim() - 1)
+    from graphrepair import distributed
+
     if isinstance(data, ArrayDataset):
         check_labels(data.y, data.x, rule, where)
-        return _to_device(data, device)
+        return _to_device(distributed.shard(data, None, 512, labeled=True)[0], device)
     check_labels(y, x, rule, where, 0)
-    return CheckedData(data, where=where, like=x, labels=rule)
+    return distributed.shard(CheckedData(data, where=where, like=x, labels=rule), None, 512, labeled=True)[0]
 
 
 def _to_device(data, device, limit: int | None = None):

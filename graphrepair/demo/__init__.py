@@ -246,7 +246,7 @@ def run_demo(out_dir: str | Path | None = "graphrepair-demo", *, pair: str | Dem
     seconds = {"pair": pair.seconds}
     t = time.perf_counter()
     n = known_length(pair.fit) or 5000
-    study = run_study(pair.model_a, pair.model_b, pair.fit, pair.eval, alphas=alphas,
+    study = run_study(pair.model_a, pair.model_b, fit_data=pair.fit, eval_data=pair.eval, alphas=alphas,
                       method="activation", repair="exact", num_examples=n, layers=True,
                       layer_alpha=DEMO_ALPHA, quiet=quiet)
     merged = merge_prepared(study.prep, [1 - DEMO_ALPHA, DEMO_ALPHA], "exact", quiet=quiet)

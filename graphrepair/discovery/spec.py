@@ -21,7 +21,7 @@ from torch import nn
 
 from graphrepair.discovery import axes as ax
 from graphrepair.discovery.permute import permute
-from graphrepair.discovery.trace import Traced, as_tuple, eval_mode, flatten_outputs
+from graphrepair.discovery.trace import Traced, as_tuple, eval_mode, output_tensors
 from graphrepair.errors import CheckError, MismatchError
 
 
@@ -286,7 +286,7 @@ def _perturbed(model: nn.Module, seed: int) -> nn.Module:
 
 def _outputs(model: nn.Module, args: tuple) -> list[torch.Tensor]:
     with eval_mode(model), torch.no_grad():
-        return [t.detach().float() if t.is_floating_point() else t for t in flatten_outputs(model(*args))]
+        return [t.detach().float() if t.is_floating_point() else t for t in output_tensors(model(*args))]
 
 
 def _compare(ref, got, rtol, atol) -> float | None:

@@ -64,17 +64,17 @@ def value_info(value: Any) -> Any:
     return None
 
 
-def flatten_outputs(value: Any) -> list[torch.Tensor]:
+def output_tensors(value: Any) -> list[torch.Tensor]:
     """Every tensor in a model output, in a fixed order (tuples, lists, dicts, dataclasses and
     Hugging Face ModelOutputs are walked)."""
     if isinstance(value, torch.Tensor):
         return [value]
     if isinstance(value, Mapping):
-        return [t for k in value for t in flatten_outputs(value[k])]
+        return [t for k in value for t in output_tensors(value[k])]
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return [t for f in dataclasses.fields(value) for t in flatten_outputs(getattr(value, f.name))]
+        return [t for f in dataclasses.fields(value) for t in output_tensors(getattr(value, f.name))]
     if isinstance(value, (tuple, list)):
-        return [t for v in value for t in flatten_outputs(v)]
+        return [t for v in value for t in output_tensors(v)]
     return []
 
 

@@ -24,10 +24,12 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import tempfile
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
+from graphrepair.distributed import is_reporting
 from graphrepair.errors import GraphRepairError, OutputError
 from graphrepair.io.fileio import Staged, check_target, disk_full, fsync_directory, same_file
 
@@ -104,7 +106,12 @@ def deferred_signals(signums: Sequence[int] = HELD_SIGNALS) -> Iterator[list[int
 def atomic_outputs(paths: Sequence[Path | None], written: list[Path] | None = None) -> Iterator[list[Path | None]]:
     """Temporary paths for ``paths`` (None stays None); all are committed together when the block
     succeeds (see the module text), none when it raises. ``written``, when given, receives the
-    paths once they are all in place."""
+    paths once they are all in place. In a distributed run only rank 0 writes: the other ranks get
+    paths in a temporary directory that is removed after."""
+    if not is_reporting():
+        with tempfile.TemporaryDirectory(prefix="graphrepair-rank-") as d:
+            yield [None if p is None else Path(d) / f"{i}_{Path(p).name}" for i, p in enumerate(paths)]
+        return
     staged: list[Staged | None] = []
     try:
         for p in paths:

@@ -8,6 +8,12 @@ A's channel i and B's channel j over the fitting data (``stats.py``), solve
 so that B' = B.index_select(axis, P_g) puts B's best match for A's channel i at position i.
 Groups coupled at a shared tensor (heads x head dims) are solved jointly, see ``activation_perms``.
 
+Ties. The correlations are rounded to multiples of TIE_GRID = 2^-17 (about 7.6e-6) before each
+assignment, so that statistics which differ only by the order their sums were added in (one
+process or several, another thread count) give the same matrix; what then ties (dead units, whose
+correlations are exactly 0, and correlations equal to within rounding) is resolved by the
+solver's fixed order on that identical matrix, the same whatever the number of ranks.
+
 Weight matching (Git Re-Basin, permutation coordinate descent; no data): for each group g in a
 random order, holding the other groups' permutations, maximise the summed inner products of the
 weights that g touches,
@@ -39,6 +45,14 @@ from graphrepair.errors import MismatchError
 from graphrepair.discovery.spec import PermutationSpec
 
 
+TIE_GRID = 2.0 ** -17
+
+
+def tie_safe(corr: torch.Tensor) -> torch.Tensor:
+    """``corr`` rounded to multiples of ``TIE_GRID`` (float64; see the module doc)."""
+    return torch.round(corr.double() / TIE_GRID) * TIE_GRID
+
+
 def lap(score: torch.Tensor) -> torch.Tensor:
     """The permutation maximising sum_i score[i, P(i)] (rows: A's channels, columns: B's)."""
     s = score.detach().double().cpu().numpy()
@@ -62,7 +76,7 @@ def activation_perms(spec: PermutationSpec, stats, max_rounds: int = 50) -> dict
     Started from a pairing-free estimate (each A position's best match among B's replicas),
     coordinate ascent solves one group at a time until no group changes; every step can only
     raise the summed correlation."""
-    perms = {g: lap(c) for g, c in stats.corr.items() if g not in stats.coupled}
+    perms = {g: lap(tie_safe(c)) for g, c in stats.corr.items() if g not in stats.coupled}
     if not stats.coupled:
         return perms
 
@@ -70,11 +84,11 @@ def activation_perms(spec: PermutationSpec, stats, max_rounds: int = 50) -> dict
         return jp.corr[pos[:, None, :, None], pos[None, :, None, :]].max(-1).values.mean(-1)
 
     for g in stats.coupled:  # start from the pairing-free estimate
-        perms[g] = lap(_coupled_mean(spec, stats, g, best))
+        perms[g] = lap(tie_safe(_coupled_mean(spec, stats, g, best)))
     for _ in range(max_rounds):
         changed = False
         for g in stats.coupled:
-            p = lap(coupled_corr(spec, stats, g, perms))
+            p = lap(tie_safe(coupled_corr(spec, stats, g, perms)))
             if not torch.equal(p, perms[g]):
                 perms[g], changed = p, True
         if not changed:

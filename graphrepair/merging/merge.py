@@ -38,16 +38,18 @@ import torch
 from torch import nn
 
 from passes.fold_affine import fold_affines
-from passes.reset import ChannelAffine, Reset, ResetSpec, insert_resets, set_mode
+from passes.reset import ChannelAffine, Reset, ResetSpec, insert_resets, resets, set_mode
 
 from graphrepair.merging.align import activation_perms, check_same_architecture, coupled_corr, weight_matching
 from graphrepair.io.data import take_examples
 from graphrepair.discovery.discover import discover
-from graphrepair.errors import GraphRepairError
+from graphrepair import distributed
+from graphrepair.errors import DataError, GraphRepairError
 from graphrepair.merging.points import ResetPoint, observation_points, reset_points
 from graphrepair.progress import progress
 from graphrepair.discovery.spec import PermutationSpec
-from graphrepair.merging.stats import PairStats, check_finite, collect, copy_with_state, graph_for, model_device
+from graphrepair.merging.stats import PairStats, calibrate, check_finite, collect, copy_with_state, graph_for
+from graphrepair.runtime import model_device
 
 REPAIR_MODES = ("exact", "approx", "reset", None)
 METHODS = ("activation", "weight")
@@ -74,15 +76,25 @@ class MergeResult:
 
 class FitData:
     """Fitting data that can be read several times: re-iterable data is re-read, a one-shot
-    iterator is read once and its batches kept (inputs only, on the models' device)."""
+    iterator is read once and its batches kept (inputs only, on the models' device).
+
+    In a distributed run (``graphrepair.distributed``) this is the rank's own share: it may be
+    empty (no batch, ``num_examples`` 0), ``example()`` is the batch every rank traced with
+    (``shared_example``), ``totals`` the examples used and asked for by all ranks together (set by
+    the joint pass), and iterating checks between batches whether another rank has failed."""
 
     def __init__(self, data, num_examples: int, batch_size: int, device: torch.device):
         self.n, self.batch_size, self.device = num_examples, batch_size, device
         self.cached = None
         self.data = data
-        if isinstance(data, Iterator):
-            self.cached = list(self._stream())
         self.count = None
+        self.shared_example: torch.Tensor | None = None
+        self.totals: tuple[int, int] | None = None
+        self.empty = distributed.current() is not None and (num_examples == 0 or distributed.is_empty(data))
+        if self.empty:
+            self.cached, self.n, self.count = [], 0, 0
+        elif isinstance(data, Iterator):
+            self.cached = list(self._stream())
 
     def _stream(self):
         with warnings.catch_warnings(record=True) as caught:
@@ -94,13 +106,27 @@ class FitData:
             warnings.warn(w.message, w.category, stacklevel=4)
 
     def __iter__(self):
-        return iter(self.cached) if self.cached is not None else self._stream()
+        batches = iter(self.cached) if self.cached is not None else self._stream()
+        return batches if distributed.current() is None else self._checked(batches)
+
+    @staticmethod
+    def _checked(batches):
+        for x in batches:
+            distributed.check()
+            yield x
 
     def batches(self) -> int:
         return -(-self.n // self.batch_size)
 
     def example(self) -> torch.Tensor:
+        """Two examples to trace with: the shared example in a distributed run, else the first
+        batch's first two."""
+        if self.shared_example is not None:
+            return self.shared_example
         return next(iter(self))[:2]
+
+    def local_example(self) -> torch.Tensor | None:
+        return None if self.empty else next(iter(self))[:2]
 
 
 def check_alpha(alpha: float) -> float:
@@ -165,15 +191,19 @@ def align_pair(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module, fi
     stats = None
     if method == "activation" or resets:
         observe = observation_points(spec) if method == "activation" else {}
-        stats = collect(spec, model_a, model_b, iter(fit), observe, resets,
-                        cross_at_resets=cross_at_resets, quiet=quiet, total=fit.batches())
-    if method == "activation":
-        perms = activation_perms(spec, stats)
-        rest = [g.name for g in spec.groups if g.name not in perms]
-        if rest:  # groups no activation reaches (fused attention internals): weight matching
-            perms = weight_matching(spec, sa, sb, groups=rest, init=perms, seed=seed)
-    else:
-        perms = weight_matching(spec, sa, sb, seed=seed)
+        stats = collect(spec, model_a, model_b, fit, observe, resets, cross_at_resets=cross_at_resets,
+                        quiet=quiet, total=fit.batches(), requested=fit.n, example=fit.example())
+    perms = None
+    with distributed.step("solving the assignments"):
+        if distributed.is_reporting():  # one solver: rank 0 (see graphrepair.distributed)
+            if method == "activation":
+                perms = activation_perms(spec, stats)
+                rest = [g.name for g in spec.groups if g.name not in perms]
+                if rest:  # groups no activation reaches (fused attention internals): weight matching
+                    perms = weight_matching(spec, sa, sb, groups=rest, init=perms, seed=seed)
+            else:
+                perms = weight_matching(spec, sa, sb, seed=seed)
+    perms = distributed.broadcast_perms(perms, {g.name: g.size for g in spec.groups})
     mean_corr = {}
     if stats is not None:
         for g, c in stats.corr.items():
@@ -214,16 +244,27 @@ def prepare(models: list[nn.Module], data, *, method: str = "activation", statis
         raise GraphRepairError("merging needs at least two models")
     if method not in METHODS:
         raise GraphRepairError(f"method must be one of {METHODS}, got {method!r}")
-    for m in models[1:]:
-        check_same_architecture(models[0], m)
-    for i, m in enumerate(models):
-        check_finite(m.state_dict(), f"model {'AB'[i] if len(models) == 2 else i}")
-    device = model_device(models[0])
-    models = [m.to(device).eval() for m in models]
-    fit = FitData(data, num_examples, batch_size, device)
-    if spec is None:
-        spec = discover(models[0], (fit.example(),))
-    rpoints = reset_points(spec, points) if statistics else []
+    with distributed.step("checking the models and the fitting data"):
+        for m in models[1:]:
+            check_same_architecture(models[0], m)
+        for i, m in enumerate(models):
+            check_finite(m.state_dict(), f"model {'AB'[i] if len(models) == 2 else i}")
+        device = model_device(models[0])
+        # the caller's models are read, never changed: one on another device is copied to model 0's,
+        # and each pass puts them in eval mode only while it runs (``runtime.eval_mode``)
+        models = [m if model_device(m) == device else copy_with_state(m, m.state_dict(), device=device)
+                  for m in models]
+        fit = FitData(data, num_examples, batch_size, device)
+        example = fit.local_example() if distributed.current() is not None else None
+    if distributed.current() is not None:  # the same models everywhere; one example to trace with
+        example = distributed.agree_on_start([m.state_dict() for m in models], example)
+        if example is None:
+            raise DataError("the fitting data has no examples on any rank")
+        fit.shared_example = example.to(device)
+    with distributed.step("tracing the model and discovering its permutation groups"):
+        if spec is None:
+            spec = discover(models[0], (fit.example(),))
+        rpoints = reset_points(spec, points) if statistics else []
     perms_all, stats_all, corr = [], [], {}
     for m in models[1:]:
         if align:
@@ -231,8 +272,8 @@ def prepare(models: list[nn.Module], data, *, method: str = "activation", statis
                                                  cross_at_resets=cross, quiet=quiet, seed=seed)
         else:
             perms = spec.identity_permutations()
-            stats = collect(spec, models[0], m, iter(fit), {}, rpoints, cross_at_resets=cross,
-                            quiet=quiet, total=fit.batches()) if rpoints else None
+            stats = collect(spec, models[0], m, fit, {}, rpoints, cross_at_resets=cross, quiet=quiet,
+                            total=fit.batches(), requested=fit.n, example=fit.example()) if rpoints else None
             mean_corr = {}
         perms_all.append(perms)
         stats_all.append(stats)
@@ -278,11 +319,23 @@ def merge_prepared(prep: Prepared, weights: list[float], repair: str | None,
                                 f"matching points, e.g. ReLUs that never fire): their matching is arbitrary")
         result.notes.extend(prep.stats[0].notes)
     fit = prep.fit
-    if fit.count is not None and fit.count < fit.n:
-        result.notes.append(f"used {fit.count} examples (fewer than the {fit.n} requested)")
+    stats0 = prep.stats[0] if prep.stats else None
+    if distributed.current() is not None:  # every rank's examples together
+        used, asked = (stats0.examples, stats0.requested) if stats0 is not None else (None, None)
+    else:
+        used, asked = fit.count, fit.n
+    if used is not None and used < asked:
+        result.notes.append(f"used {used} examples (fewer than the {asked} requested)")
     if repair in ("exact", "approx"):
-        result.model = _repair(prep.spec, models[0], merged_state, prep.points, prep.stats, prep.perms,
-                               weights, repair, fit, quiet, result, keep_unfolded)
+        goals = goal_statistics(prep.spec, prep.points, prep.stats, prep.perms, weights)
+        running = (closed_form_statistics(prep.spec, prep.points, prep.stats[0], prep.perms[0], weights[1])
+                   if repair == "approx" else None)
+        done = repair_merged(prep.spec, models[0], merged_state, goals, prep.points, fit=fit, running=running,
+                             quiet=quiet, keep_unfolded=keep_unfolded)
+        result.model, result.resets, result.folded, result.kept = done.model, done.resets, done.folded, done.kept
+        if keep_unfolded:  # the resets as nodes, for checking the fold
+            result.unfolded = done.unfolded
+            result.goals = {k: (m.detach(), sd.detach()) for k, (m, sd) in goals.items()}
     else:
         model = copy_with_state(models[0], merged_state, own=True)
         if repair == "reset":
@@ -322,11 +375,13 @@ def _normaliser_std(goal_std: torch.Tensor, eps: float = RESET_EPS) -> torch.Ten
     return (goal_std.double().square() + eps).sqrt()
 
 
-def _goal(rpoints, stats_all, perms_all, weights, spec):
-    """Goal mean/std per reset point: weighted average of the aligned endpoints' statistics."""
+def goal_statistics(spec: PermutationSpec, points: list[ResetPoint], stats_all: list[PairStats],
+                    perms_all: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, tuple]:
+    """Goal (mean, std) per reset point: the weighted average of the aligned endpoints' statistics
+    (``stats_all[i]``: model 0 and model i + 1; ``perms_all[i]``: model i + 1 onto model 0)."""
     goals = {}
     perms_all = [spec.checked(p) for p in perms_all]  # validated once, not per point
-    for r in rpoints:
+    for r in points:
         s0 = stats_all[0].points[r.node]
         mean = weights[0] * s0.mean_a
         std = weights[0] * s0.var_a.sqrt()
@@ -338,43 +393,70 @@ def _goal(rpoints, stats_all, perms_all, weights, spec):
     return goals
 
 
-def _repair(spec, model_a, merged_state, rpoints, stats_all, perms_all, weights, mode, fit, quiet,
-            result: MergeResult, keep_unfolded: bool = False) -> nn.Module:
+def closed_form_statistics(spec: PermutationSpec, points: list[ResetPoint], stats: PairStats,
+                           perms: dict[str, torch.Tensor], alpha: float) -> dict[str, tuple]:
+    """(mean, var) per reset point of the interpolated channel X_a = (1 - a) X_A + a X_B' as the
+    closed form predicts it from the A-B statistics alone (see the module doc)."""
+    out = {}
+    for r in points:
+        s = stats.points[r.node]
+        idx = spec.node_index(r.node, r.axis, perms).to(s.mean_a.device)
+        mean_b, var_b = s.mean_b[idx], s.var_b[idx]
+        cov = s.cov_ab[torch.arange(len(idx), device=idx.device), idx]
+        mean = (1 - alpha) * s.mean_a + alpha * mean_b
+        var = ((1 - alpha) ** 2 * s.var_a + alpha ** 2 * var_b
+               + 2 * alpha * (1 - alpha) * cov).clamp_min(0.0)
+        out[r.node] = (mean, var)
+    return out
+
+
+@dataclass
+class Repaired:
+    """What the REPAIR step made: the merged model (the user's class when every reset folded),
+    how many resets there were, how many folded, why the others could not be."""
+
+    model: nn.Module
+    resets: int
+    folded: int
+    kept: list[str]
+    unfolded: nn.Module | None = None  # with keep_unfolded: the graph with its reset nodes
+
+
+def repair_merged(spec: PermutationSpec, model_a: nn.Module, merged_state: dict[str, torch.Tensor],
+                  goals: dict[str, tuple], points: list[ResetPoint], *, fit: FitData,
+                  running: dict[str, tuple] | None = None, quiet: bool = True,
+                  keep_unfolded: bool = False) -> Repaired:
+    """REPAIR the interpolated weights ``merged_state``: a reset after every point, normalising it
+    to its ``goals`` (mean, std); the resets' statistics are ``running`` (mean, var) per point
+    when given (the closed form), else estimated in one pass of the merged graph over ``fit``
+    (exact REPAIR); then every reset is folded into its producer where it can be."""
     device = model_device(model_a)
     gm = graph_for(spec, merged_state, device, own=True)
-    goals = _goal(rpoints, stats_all, perms_all, weights, spec)
     insert_resets(gm, {r.node: ResetSpec(r.axis, goals[r.node][0].float(),
                                          _normaliser_std(goals[r.node][1]).float(), RESET_EPS)
-                       for r in rpoints}, inplace=True)
-    result.resets = len(rpoints)
-    if mode == "exact":
+                       for r in points}, inplace=True)
+    if running is None:
         set_mode(gm, "collect")
-        with torch.no_grad():
+        with torch.no_grad():  # the resets' shifts from the example every rank shares
+            calibrate(gm, resets(gm).values(), fit.example())
+        with distributed.step("the REPAIR pass of the merged model"), torch.no_grad():
             for x in progress(iter(fit), "REPAIR statistics of the merged model", total=fit.batches(),
                               quiet=quiet):
                 gm(x)
-    else:  # closed form from the A-B statistics alone
-        from passes.reset import resets as find_resets
-        a = weights[1]
-        found = find_resets(gm)
-        for r in rpoints:
-            s, p = stats_all[0].points[r.node], perms_all[0]
-            idx = spec.node_index(r.node, r.axis, p).to(s.mean_a.device)
-            mean_b, var_b = s.mean_b[idx], s.var_b[idx]
-            cov = s.cov_ab[torch.arange(len(idx), device=idx.device), idx]
-            mean = (1 - a) * s.mean_a + a * mean_b
-            var = ((1 - a) ** 2 * s.var_a + a ** 2 * var_b + 2 * a * (1 - a) * cov).clamp_min(0.0)
-            found[r.node].set_running(mean.float(), var.float())
+        # every rank's sums, added: one collective (graph order, the same on every rank)
+        distributed.reduce_holders(list(resets(gm).values()), device)
+    else:
+        found = resets(gm)
+        for node, (mean, var) in running.items():
+            found[node].set_running(mean.float(), var.float())
     set_mode(gm, "apply")
-    if keep_unfolded:  # the resets as nodes, for checking the fold
-        result.unfolded = copy.deepcopy(gm)
-        result.goals = {k: (m.detach(), s.detach()) for k, (m, s) in _goal(
-            rpoints, stats_all, perms_all, weights, spec).items()}
-    # exact: every reset saw data and knows its input's rank; approx: shapes from one small example
-    folded = fold_affines(gm, inplace=True, example_inputs=(fit.example(),) if mode == "approx" else None)
-    result.folded = folded.counts.get("folded", 0)
-    result.kept = list(folded.notes)
-    return finalize(gm, model_a, merged_state)
+    unfolded = copy.deepcopy(gm) if keep_unfolded else None
+    # exact: every reset saw data and knows its input's rank; closed form (and a distributed rank,
+    # which may have seen no batch): shapes from one example
+    example = running is not None or distributed.current() is not None
+    folded = fold_affines(gm, inplace=True, example_inputs=(fit.example(),) if example else None)
+    return Repaired(finalize(gm, model_a, merged_state), len(points), folded.counts.get("folded", 0),
+                    list(folded.notes), unfolded)
 
 
 def finalize(gm, model_a: nn.Module, merged_state: dict) -> nn.Module:
@@ -389,7 +471,9 @@ def finalize(gm, model_a: nn.Module, merged_state: dict) -> nn.Module:
 
 @torch.no_grad()
 def reset_batchnorm_stats(model: nn.Module, fit, quiet: bool = True) -> int:
-    """Re-estimate every BatchNorm's running statistics on ``fit`` (cumulative average, one pass)."""
+    """Re-estimate every BatchNorm's running statistics on ``fit`` (cumulative average over the
+    batches, one pass). Distributed: the average over every rank's batches, from the sums
+    k_r * average_r and the batch counts k_r added across ranks."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns:
         return 0
@@ -399,8 +483,21 @@ def reset_batchnorm_stats(model: nn.Module, fit, quiet: bool = True) -> int:
         bn.reset_running_stats()
         bn.momentum = None
         bn.train()
-    for x in progress(iter(fit), "BatchNorm statistics of the merged model", quiet=quiet):
-        model(x)
+    with distributed.step("re-estimating the BatchNorm statistics"):
+        for x in progress(iter(fit), "BatchNorm statistics of the merged model", quiet=quiet):
+            model(x)
+    if distributed.current() is not None:
+        parts = []
+        for bn in bns:
+            k = bn.num_batches_tracked.double()
+            parts += [k * bn.running_mean.double(), k * bn.running_var.double(), k.reshape(1)]
+        sums = distributed.all_reduce_sum(parts, bns[0].running_mean.device)
+        for i, bn in enumerate(bns):
+            wmean, wvar, k = sums[3 * i:3 * i + 3]
+            if float(k) > 0:
+                bn.running_mean.copy_(wmean / k)
+                bn.running_var.copy_(wvar / k)
+            bn.num_batches_tracked.fill_(int(round(float(k))))
     for bn, mom in zip(bns, momenta):
         bn.momentum = mom
     model.eval()

@@ -1,7 +1,7 @@
 """One streaming pass of A and B, on the same batches, gives every statistic a merge needs.
 
 A and B run as the two halves of one paired graph (``passes.pair``): node by node, A's copy and
-B's copy of the traced graph, with a tap (``passes.track.PairTap``) after every node a statistic
+B's copy of the traced graph, with a tap (``passes.pair_tap.PairTap``) after every node a statistic
 is taken at. Per group g and per observation point p of g, on every batch,
 
     X_A = A's activation at p as a (|g|, samples) matrix, X_B likewise,
@@ -41,12 +41,15 @@ import torch.fx
 from torch import nn
 
 from passes.pair import pair_graph
-from passes.track import PairTap, TapView, correlation
+from passes.moments import correlation
+from passes.pair_tap import PairTap, TapView
 
+from graphrepair import distributed
 from graphrepair.discovery import axes as ax
 from graphrepair.errors import DataError, MismatchError, NumericError
 from graphrepair.merging.points import ObservePoint, ResetPoint
 from graphrepair.progress import progress
+from graphrepair.runtime import eval_mode, model_device
 from graphrepair.discovery.spec import PermutationSpec, with_metadata
 
 
@@ -91,6 +94,7 @@ class PairStats:
     coupled: dict[str, Coupled] = field(default_factory=dict)
     joint: dict[str, JointPoint] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    requested: int = 0  # examples asked for (by all ranks together in a distributed run)
 
 
 def copy_with_state(module: nn.Module, state: dict[str, torch.Tensor], *, own: bool = False,
@@ -138,12 +142,6 @@ def graph_for(spec: PermutationSpec, state: dict[str, torch.Tensor] | nn.Module,
     sd = state.state_dict() if isinstance(state, nn.Module) else state
     return copy_with_state(spec.traced.gm, sd, own=own and not isinstance(state, nn.Module),
                            device=device).eval()
-
-
-def model_device(model: nn.Module) -> torch.device:
-    for t in list(model.parameters()) + list(model.buffers()):
-        return t.device
-    return torch.device("cpu")
 
 
 def check_finite(state: dict[str, torch.Tensor], who: str) -> None:
@@ -223,13 +221,24 @@ def _joint_axes(spec: PermutationSpec, node: str, shape) -> tuple[tuple, object,
     return axes_, expr, size
 
 
-@torch.no_grad()
-def collect(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module, batches,
-            observe: dict[str, list[ObservePoint]], resets: list[ResetPoint], *,
-            cross_at_resets: bool = False, quiet: bool = True, total: int | None = None) -> PairStats:
-    """The single joint pass (see the module docstring). ``batches`` yields input tensors already
-    on the models' device."""
-    device = model_device(model_a)
+@dataclass
+class TapPlan:
+    """Where the joint pass measures what: one ``PairTap`` per node (its views: the channel axes
+    measured there), and where each statistic will be read, as (node, view index)."""
+
+    taps: dict[str, PairTap]
+    at_group: dict[tuple[str, str], tuple[str, int]]  # (group, node) -> its view
+    at_joint: dict[str, tuple[str, int]]  # node -> the view of its joint channel space
+    joint_exprs: dict[str, tuple[tuple, object]]  # node -> (its group-carrying axes, expr)
+    at_reset: dict[str, tuple[str, int]]  # reset node -> its view
+    cross_at_resets: bool
+    notes: list[str] = field(default_factory=list)
+
+
+def plan_taps(spec: PermutationSpec, observe: dict[str, list[ObservePoint]], resets: list[ResetPoint], *,
+              cross_at_resets: bool, device: torch.device) -> TapPlan:
+    """The taps of the joint pass: a view per observation point (a joint view where groups meet in
+    one tensor, see ``JointPoint``) and per reset point, one view per distinct channel axis."""
     info = spec.traced.info
     views: dict[str, list[TapView]] = {}
 
@@ -244,7 +253,7 @@ def collect(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module, batch
         return node, len(vs) - 1
 
     at_group: dict[tuple[str, str], tuple[str, int]] = {}
-    joint_exprs: dict[str, tuple[tuple, object]] = {}  # node -> (its group-carrying axes, expr)
+    joint_exprs: dict[str, tuple[tuple, object]] = {}
     at_joint: dict[str, tuple[str, int]] = {}
     notes: dict[str, str] = {}
     for g, pts in observe.items():
@@ -265,24 +274,56 @@ def collect(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module, batch
             at_group[(g, p.node)] = view(p.node, TapView(p.axis % ndim, index, True))
     at_reset = {r.node: view(r.node, TapView(r.axis % len(info[r.node].shape), None, cross_at_resets))
                 for r in resets}
-    taps = {node: PairTap(vs, source=node) for node, vs in views.items()}
-    root_a, root_b = pair_roots(spec, model_a, model_b, device)
-    pair = pair_graph(spec.traced.gm, root_a, root_b, taps, outputs=False)
+    taps = {node: PairTap(vs, source=node, shape=info[node].shape) for node, vs in views.items()}
+    return TapPlan(taps, at_group, at_joint, joint_exprs, at_reset, cross_at_resets, list(notes.values()))
 
+
+@torch.no_grad()
+def run_pair(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module, plan: TapPlan, batches, *,
+             quiet: bool = True, total: int | None = None, example: torch.Tensor | None = None) -> int:
+    """Run A and B side by side over ``batches`` (input tensors on the models' device) with the
+    plan's taps; returns the number of examples seen. ``example``: the taps' sums choose their
+    shifts from it first (``ChannelSums.calibrate``), so that the sums of every batch do not
+    depend on which batch came first (one process or several give the same per-batch sums)."""
+    root_a, root_b = pair_roots(spec, model_a, model_b, model_device(model_a))
+    pair = pair_graph(spec.traced.gm, root_a, root_b, plan.taps, outputs=False).graph_module
     examples = 0
-    for x in progress(batches, "statistics of A and B", total=total, quiet=quiet):
-        pair(x)
-        examples += x.shape[0]
+    with eval_mode(model_a, model_b):  # the pair may run the models' own modules
+        if example is not None:
+            calibrate(pair, plan.taps.values(), example)
+        for x in progress(batches, "statistics of A and B", total=total, quiet=quiet):
+            pair(x)
+            examples += x.shape[0]
+    return examples
+
+
+def calibrate(module: nn.Module, holders, example: torch.Tensor) -> None:
+    """Run ``module`` once on ``example`` with ``holders`` (taps, resets) choosing their sums'
+    shifts from it, counting nothing."""
+    holders = list(holders)
+    for h in holders:
+        h.calibrating = True
+    try:
+        module(example)
+    finally:
+        for h in holders:
+            h.calibrating = False
+
+
+def summarise(spec: PermutationSpec, plan: TapPlan, observe: dict[str, list[ObservePoint]],
+              resets: list[ResetPoint], examples: int) -> PairStats:
+    """The statistics a merge reads, from the taps' sums: per group its mean correlation over its
+    points (coupled groups: see ``Coupled``), per reset point the endpoint moments."""
     if examples == 0:
         raise DataError("the fitting data has no examples")
-
+    taps = plan.taps
     joint = {}
-    for node, (view_node, i) in at_joint.items():
+    for node, (view_node, i) in plan.at_joint.items():
         sa, sb = taps[view_node].moments(i)
         jc = correlation(taps[view_node].cov(i), sa.var, sb.var)
         if not torch.isfinite(jc).all():
             raise NumericError(f"correlations at node {node!r} are not finite (NaN/Inf activations?)")
-        joint[node] = JointPoint(joint_exprs[node][1], jc, sa.var)
+        joint[node] = JointPoint(plan.joint_exprs[node][1], jc, sa.var)
     corr: dict[str, torch.Tensor] = {}
     dead: dict[str, int] = {}
     coupled: dict[str, Coupled] = {}
@@ -297,7 +338,7 @@ def collect(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module, batch
                 mats.append(jp.corr[pos[:, None, :], pos[None, :, :]].mean(-1))
                 va = jp.var_a[pos].max(1).values  # a channel is dead when all its replicas are
             else:
-                node, i = at_group[(g, p.node)]
+                node, i = plan.at_group[(g, p.node)]
                 sa, sb = taps[node].moments(i)
                 va = sa.var
                 mats.append(correlation(taps[node].cov(i), va, sb.var))
@@ -313,10 +354,10 @@ def collect(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module, batch
             coupled[g] = Coupled(torch.stack(plain).sum(0) if plain else None, len(plain), nodes)
     stats = {}
     for r in resets:
-        node, i = at_reset[r.node]
+        node, i = plan.at_reset[r.node]
         a, b = taps[node].moments(i)
         stats[r.node] = PointStats(a.mean, a.var, b.mean, b.var,
-                                   taps[node].cov(i) if cross_at_resets else None)
+                                   taps[node].cov(i) if plan.cross_at_resets else None)
     if stats and not bool(torch.isfinite(torch.cat([torch.cat([p.mean_a, p.var_a, p.mean_b, p.var_b])
                                                     for p in stats.values()])).all()):
         for node, p in stats.items():  # one check for all; find the first culprit only on failure
@@ -325,4 +366,26 @@ def collect(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module, batch
                     raise NumericError(f"statistics of model {who} at node {node!r} are not finite "
                                        f"(NaN/Inf activations)")
     return PairStats(corr, stats, examples, {g: n for g, n in dead.items() if n}, coupled, joint,
-                     list(notes.values()))
+                     list(plan.notes))
+
+
+def collect(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module, batches,
+            observe: dict[str, list[ObservePoint]], resets: list[ResetPoint], *,
+            cross_at_resets: bool = False, quiet: bool = True, total: int | None = None,
+            requested: int = 0, example: torch.Tensor | None = None) -> PairStats:
+    """The single joint pass (see the module docstring): plan the taps, run the pair over
+    ``batches`` (input tensors already on the models' device), summarise. In a distributed run
+    every rank runs its own batches and the taps' sums (with the examples seen and ``requested``)
+    are added across ranks in one collective before the summary (``graphrepair.distributed``);
+    ``example`` (the same on every rank) fixes the sums' shifts (``run_pair``)."""
+    device = model_device(model_a)
+    plan = plan_taps(spec, observe, resets, cross_at_resets=cross_at_resets, device=device)
+    with distributed.step("the joint pass of A and B"):
+        examples = run_pair(spec, model_a, model_b, plan, batches, quiet=quiet, total=total, example=example)
+    if distributed.current() is not None:
+        counts = distributed.reduce_holders(list(plan.taps.values()), device,
+                                            [torch.tensor([float(examples), float(requested)])])[0]
+        examples, requested = (int(round(float(c))) for c in counts.cpu())
+    stats = summarise(spec, plan, observe, resets, examples)
+    stats.requested = requested
+    return stats

@@ -28,32 +28,44 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from passes.track import ObserverSpec, insert_observers, observers
+from passes.observe import ObserverSpec, insert_observers, observers
 
+from graphrepair import distributed
 from graphrepair.io.data import iter_labeled
 from graphrepair.errors import DataError
 from graphrepair.merging.merge import Prepared, check_alpha, merge_prepared, prepare
 from graphrepair.progress import progress
-from graphrepair.merging.stats import graph_for, model_device
+from graphrepair.merging.stats import graph_for
+from graphrepair.runtime import eval_mode, model_device
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data, batch_size: int = 512, quiet: bool = True) -> tuple[float, float]:
     """(accuracy, mean cross-entropy) of a classifier on labeled data; outputs may be logits of
-    shape (N, classes) or a ModelOutput/dict with ``logits``."""
+    shape (N, classes) or a ModelOutput/dict with ``logits``. The model runs in eval mode and is
+    given back in the mode it was in. In a distributed run ``data`` is this rank's share (it may
+    be empty) and the counts of every rank are added: every rank gets the same answer."""
     device = model_device(model)
-    model.eval()
-    correct, loss, n = 0, 0.0, 0
-    for x, y in progress(iter_labeled(data, batch_size, device), "evaluating", quiet=quiet):
-        out = model(x)
-        logits = out["logits"] if isinstance(out, dict) or hasattr(out, "logits") else out
-        if isinstance(logits, (tuple, list)):
-            logits = logits[0]
-        logits = logits.reshape(-1, logits.shape[-1]).float()
-        y = y.reshape(-1).to(logits.device)
-        correct += int((logits.argmax(-1) == y).sum())
-        loss += float(F.cross_entropy(logits, y, reduction="sum"))
-        n += y.numel()
+    # correct, summed loss (per-example losses added in float64), examples: on the device, read
+    # once at the end (no host copy per batch)
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    local = [] if distributed.current() is not None and distributed.is_empty(data) else \
+        iter_labeled(data, batch_size, device)
+    with distributed.step("evaluating"), eval_mode(model):
+        for x, y in progress(local, "evaluating", quiet=quiet):
+            distributed.check()
+            out = model(x)
+            logits = out["logits"] if isinstance(out, dict) or hasattr(out, "logits") else out
+            if isinstance(logits, (tuple, list)):
+                logits = logits[0]
+            logits = logits.reshape(-1, logits.shape[-1]).float()
+            y = y.reshape(-1).to(logits.device)
+            sums[0] += (logits.argmax(-1) == y).sum()
+            sums[1] += F.cross_entropy(logits, y, reduction="none").sum(dtype=torch.float64)
+            sums[2] += y.numel()
+    (sums,) = distributed.all_reduce_sum([sums], sums.device)
+    correct, loss, n = (float(v) for v in sums.cpu())
+    correct, n = int(round(correct)), int(round(n))
     if n == 0:
         raise DataError("the evaluation data has no examples")
     return correct / n, loss / n
@@ -135,10 +147,12 @@ def curve(prep: Prepared, eval_data, alphas, repair: str | None, label: str, qui
     return Curve(label, grid, acc, loss, sorted(notes), kept)
 
 
-def barrier(model_a: nn.Module, model_b: nn.Module, eval_data, fit_data, alphas=11,
+def barrier(model_a: nn.Module, model_b: nn.Module, *, eval_data, fit_data, alphas=11,
             repair: str | None = "exact", method: str = "activation", num_examples: int = 5000,
             batch_size: int = 256, quiet: bool = True) -> Curve:
-    """The path A -> B' (B aligned to A, REPAIRed at every inner alpha): accuracy, loss, barriers."""
+    """The path A -> B' (B aligned to A, REPAIRed at every inner alpha): accuracy, loss, barriers.
+    ``eval_data`` (labeled) is what the path is measured on, ``fit_data`` what the alignment and
+    REPAIR statistics come from; both by name, so that the two cannot be swapped silently."""
     prep = prepare([model_a, model_b], fit_data, method=method,
                    statistics=repair in ("exact", "approx"), cross=repair == "approx",
                    num_examples=num_examples, batch_size=batch_size, quiet=quiet)
@@ -152,8 +166,9 @@ def barrier(model_a: nn.Module, model_b: nn.Module, eval_data, fit_data, alphas=
 def _features(spec, state, points, keep: bool):
     """Observers at ``points`` ({node: axis}) on a graph carrying ``state``."""
     gm = graph_for(spec, state, None)
-    gm = insert_observers(gm, {n: ObserverSpec(dim=a, keep=keep) for n, a in points.items()},
-                          inplace=True).graph_module
+    info = spec.traced.info
+    gm = insert_observers(gm, {n: ObserverSpec(dim=a, keep=keep, channels=info[n].shape[a])
+                               for n, a in points.items()}, inplace=True).graph_module
     return gm, observers(gm)
 
 
@@ -161,7 +176,8 @@ def _features(spec, state, points, keep: bool):
 def layer_report(prep: Prepared, merged: nn.Module | dict, alpha: float, quiet: bool = True) -> list[dict]:
     """Per reset point: variance-collapse ratio of ``merged``, its LLFC cosine and (for points
     produced by an nn.Linear/nn.Conv) the commutativity distance of A and B', measured in one pass
-    over the fitting data with A, B' and the merged model side by side."""
+    over the fitting data with A, B' and the merged model side by side (distributed: every rank
+    over its share, the sums added across ranks)."""
     spec = prep.spec
     pts = {r.node: r.axis for r in prep.points} or {r.node: r.axis for r in _default_points(spec)}
     device = model_device(prep.models[0])
@@ -177,33 +193,43 @@ def layer_report(prep: Prepared, merged: nn.Module | dict, alpha: float, quiet: 
     gm_m, obs_m = _features(spec, merged_state, pts, keep=True)
     gm_m = gm_m.to(device)
     layers = _commuting_layers(prep, gms[0][0], gms[1][0])
-    cos_sum = {n: 0.0 for n in pts}
-    comm = {n: [0.0, 0.0] for n in layers}  # ||W_A H_B' - W_B' H_A||^2, ||W_A H_A||^2 + ||W_B' H_B'||^2
+    # float64 sums on the device, read once at the end (no host copy per batch)
+    cos_sum = torch.zeros(len(pts), dtype=torch.float64, device=device)
+    # per layer: ||W_A H_B' - W_B' H_A||^2, ||W_A H_A||^2 + ||W_B' H_B'||^2
+    comm = torch.zeros(len(layers), 2, dtype=torch.float64, device=device)
     count = 0
-    for x in progress(iter(prep.fit), "layer statistics", total=prep.fit.batches(), quiet=quiet):
-        for gm, _ in gms:
-            gm(x)
-        gm_m(x)
-        for n in pts:
-            fa, fb, fm = gms[0][1][n].last, gms[1][1][n].last, obs_m[n].last
-            # per-example feature vectors: channel matrices are (C, N*rest); regroup by example
-            lin = (1 - alpha) * fa + alpha * fb
-            cos_sum[n] += float(_per_example_cos(fm, lin, x.shape[0]).sum())
-        for n, (mod_a, mod_b, seen_a, seen_b, _) in layers.items():
-            h_a, h_b = seen_a[0], seen_b[0]
-            cross = _weight_only(mod_a, h_b) - _weight_only(mod_b, h_a)
-            comm[n][0] += float(cross.double().square().sum())
-            comm[n][1] += float(_weight_only(mod_a, h_a).double().square().sum()
-                                + _weight_only(mod_b, h_b).double().square().sum())
-        count += x.shape[0]
+    with distributed.step("the layer statistics"):
+        for x in progress(iter(prep.fit), "layer statistics", total=prep.fit.batches(), quiet=quiet):
+            for gm, _ in gms:
+                gm(x)
+            gm_m(x)
+            for i, n in enumerate(pts):
+                fa, fb, fm = gms[0][1][n].last, gms[1][1][n].last, obs_m[n].last
+                # per-example feature vectors: channel matrices are (C, N*rest); regroup by example
+                lin = (1 - alpha) * fa + alpha * fb
+                cos_sum[i] += _per_example_cos(fm, lin, x.shape[0]).sum(dtype=torch.float64)
+            for i, (mod_a, mod_b, seen_a, seen_b, _) in enumerate(layers.values()):
+                h_a, h_b = seen_a[0], seen_b[0]
+                cross = _weight_only(mod_a, h_b) - _weight_only(mod_b, h_a)
+                comm[i, 0] += cross.double().square().sum()
+                comm[i, 1] += (_weight_only(mod_a, h_a).double().square().sum()
+                               + _weight_only(mod_b, h_b).double().square().sum())
+            count += x.shape[0]
     for *_, hooks in layers.values():
         for h in hooks:
             h.remove()
+    holders = [o[n] for o in (gms[0][1], gms[1][1], obs_m) for n in pts]
+    cos_sum, comm, total = distributed.reduce_holders(
+        holders, device, [cos_sum, comm, torch.tensor([float(count)], device=device)])
+    count = int(round(float(total[0])))
+    if count == 0:
+        raise DataError("the fitting data has no examples")
+    cos_sum, comm = cos_sum.tolist(), dict(zip(layers, comm.tolist()))
     out = []
-    for n in pts:
+    for i, n in enumerate(pts):
         va, vb, vm = gms[0][1][n].var.mean(), gms[1][1][n].var.mean(), obs_m[n].var.mean()
         row = {"node": n, "variance_ratio": float(vm / ((va + vb) / 2).clamp_min(1e-12)),
-               "llfc_cosine": cos_sum[n] / count, "commutativity": None}
+               "llfc_cosine": cos_sum[i] / count, "commutativity": None}
         if n in comm and comm[n][1] > 0:
             # relative to the mean norm of the two endpoints' own products
             row["commutativity"] = (comm[n][0] ** 0.5) / ((comm[n][1] / 2) ** 0.5)

@@ -146,12 +146,13 @@ def _describe(label: str, repair: str | None) -> str:
     return f"aligned + {label}" + (f" ({repair})" if repair in ("exact", "approx") else "")
 
 
-def run_study(model_a: nn.Module, model_b: nn.Module, fit_data, eval_data, *, alphas=11,
+def run_study(model_a: nn.Module, model_b: nn.Module, *, fit_data, eval_data, alphas=11,
               method: str = "activation", repair: str | None = "exact", num_examples: int = 5000,
               points: str = "all", layers: bool = False, layer_alpha: float = 0.5,
               batch_size: int = 256, quiet: bool = True, spec=None) -> Study:
     """The naive, aligned and (unless ``repair`` is None) REPAIRed curves; see the module text.
-    ``spec``: the models' PermutationSpec when already discovered."""
+    ``fit_data`` and ``eval_data`` are given by name (see ``metrics.barrier``); ``spec``: the models'
+    PermutationSpec when already discovered."""
     grid = alpha_grid(alphas)
     naive = prepare([model_a, model_b], fit_data, method=method, statistics=False, align=False,
                     num_examples=num_examples, batch_size=batch_size, points=points, spec=spec,

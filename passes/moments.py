@@ -1,4 +1,4 @@
-"""Per-channel statistics of intermediate tensors, streamed on the tensor's device.
+"""Streaming per-channel moments of tensors, on the tensor's device: the sums every statistic is made of.
 
 Channel matrix. For a tensor x and a channel axis ``dim`` (1 for NCHW conv outputs, -1 for
 linear outputs and channels-last layouts), ``channel_matrix(x, dim)`` moves ``dim`` to the front
@@ -12,8 +12,9 @@ where it has one (no copy of the activation; across the rows of an (N, C) matrix
 matrix-vector product with ones), to float64 totals S1, S2 and the count n (the per-batch sums
 wait in a short list and are added together). A batch may instead be given by its mean and
 variance (or inverse std) from a fused batch-norm kernel (``add_moments``, used by resets). When the
-first batch shows a channel whose mean is large against its spread (mean^2 > 10 var), every batch
-is summed about a fixed per-channel shift K (that batch's mean; one subtraction per batch), so that
+first batch (or the examples given to ``calibrate`` before it) shows a channel whose mean is large
+against its spread (mean^2 > 10 var), every batch is summed about a fixed per-channel shift K (that
+batch's mean; one subtraction per batch), so that
 
     mean = S1 / n + K,     population variance = S2 / n - (S1 / n)^2
 
@@ -31,23 +32,27 @@ the float64 total S_ab every ``_CROSS_PENDING`` batches, about the same shifts, 
 Nothing is stored across batches except these sums (and one buffer of ``_PENDING`` per-batch sums
 of C numbers each, one waiting Ca x Cb product): memory O(C) per observer, O(Ca*Cb) per
 cross-moment table.
+
+Totals about zero, for adding the sums of several streams (e.g. one per process of a distributed
+run, each about its own shift): ``raw_totals()`` gives float64 (n, R1, R2) with, about K,
+
+    R1 = S1 + n K,      R2 = S2 + 2 K S1 + n K^2         (sums of x and x^2)
+    R_ab = S_ab + K_a S1_b^T + S1_a K_b^T + n K_a K_b^T   (sum of x_a x_b^T, ``cross_raw_total``)
+
+which add exactly across streams (sums of the same quantity), and ``load_raw_totals`` takes such
+sums back (shift zero). A stream that has seen no batch gives zeros of its ``channels``. Read about
+zero, the variance R2 / n - (R1 / n)^2 cancels only to float64's precision: a relative error of
+about 1e-16 mean^2 / var (1e-12 at mean / std = 100); the float32 per-batch sums, where a shift
+matters, keep theirs.
 """
 
 from __future__ import annotations
 
 import functools
-import operator
-from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
-from torch.fx import GraphModule
 
-from passes.base import PassResult, finish, start
 from passes.errors import PassError
-from passes.modules import get_module, insert_module_after, inserted_modules, module_device, named_nodes
-
-OBSERVER_PREFIX = "_gr_obs"
 
 
 def channel_matrix(
@@ -207,11 +212,15 @@ class ChannelSums:
     (``_PENDING``) and are added to the totals together when it fills or a result is read.
     """
 
-    def __init__(self, dim, index: torch.Tensor | None = None) -> None:
+    def __init__(self, dim, index: torch.Tensor | None = None, channels: int | None = None) -> None:
         self.dim = dim
         self.index = None if index is None else index.long()
+        # the number of channels, when known before any batch (a stream that sees none still
+        # gives totals of the right size: ``raw_totals``)
+        self.channels = channels if index is None else int(index.shape[0])
         self.n = 0
         self.shift: torch.Tensor | None = None
+        self.decided = False  # the shift (or none) is chosen: by ``calibrate`` or the first batch
         self._tot: torch.Tensor | None = None  # (2, C) float64: S1, S2
         self._s1 = self._s2 = None  # its rows (views, made once)
         self._wait: torch.Tensor | None = None  # (_PENDING, 2, C) float64: S1, S2 of waiting batches
@@ -251,9 +260,7 @@ class ChannelSums:
         s, sq = lay.sums()
         n = lay.samples
         if self._tot is None:
-            mean = s.double() / max(n, 1)
-            if bool((mean * mean > _SHIFT_RATIO * (sq.double() / max(n, 1) - mean * mean)).any()):
-                self.shift = mean.to(lay.t.dtype)
+            if not self.decided and self._decide(s, sq, n, lay.t.dtype) is not None:
                 lay = _layout(x, self.dim, self.index, self.shift)
                 s, sq = lay.sums()
             self.n = n
@@ -271,6 +278,29 @@ class ChannelSums:
         self.batch = (n, s, sq)
         return lay
 
+    def _decide(self, s: torch.Tensor, sq: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor | None:
+        """Choose the shift from one batch's unshifted sums (see ``_SHIFT_RATIO``)."""
+        mean = s.double() / max(n, 1)
+        self.decided = True
+        if bool((mean * mean > _SHIFT_RATIO * (sq.double() / max(n, 1) - mean * mean)).any()):
+            self.shift = mean.to(dtype)
+        return self.shift
+
+    @torch.no_grad()
+    def calibrate(self, x: torch.Tensor) -> None:
+        """Choose the shift from ``x`` (e.g. two examples every process of a distributed run
+        shares) instead of from the first batch, without counting ``x``: streams that see
+        different first batches then sum every batch about the same shift, and their float32
+        per-batch sums are the ones a single stream would make. Only before the first batch."""
+        if self._tot is not None:
+            raise PassError("calibrate comes before the first batch")
+        x = x.detach()
+        if self.index is not None and self.index.device != x.device:
+            self.index = self.index.to(x.device)
+        self.shift, self.decided = None, False
+        lay = _layout(x, self.dim, self.index, None)
+        self._decide(*lay.sums(), lay.samples, lay.t.dtype)
+
     @torch.no_grad()
     def add_moments(self, n: int, mean: torch.Tensor, var: torch.Tensor | None = None, *,
                     invstd: torch.Tensor | None = None, eps: float = 0.0) -> None:
@@ -282,10 +312,11 @@ class ChannelSums:
             raise PassError("add_moments needs the variance or the inverse std (one of them)")
         v, e = (var, None) if invstd is None else (invstd, float(eps))
         if self._tot is None:
-            self.shift = mean.detach().clone()
+            if not self.decided:
+                self.shift, self.decided = mean.detach().clone(), True
+            d = mean.double() if self.shift is None else mean.double() - self.shift.double()
             self.n = n
-            self._set_totals(torch.stack([torch.zeros_like(mean, dtype=torch.float64),
-                                          self._variance(v[None], e)[0] * n]))
+            self._set_totals(torch.stack([n * d, (self._variance(v[None], e)[0] + d * d) * n]))
             return
         self._check(mean.shape[0])
         self.n += n
@@ -332,6 +363,35 @@ class ChannelSums:
         if self.n == 0:
             raise PassError("no samples seen yet; call update(x) first")
 
+    def raw_totals(self) -> list[torch.Tensor]:
+        """[n (1,), R1 (C,), R2 (C,)]: float64 count and sums of x and x^2 about zero (see the
+        module doc); zeros of ``channels`` before any batch."""
+        if self._tot is None:
+            if self.channels is None:
+                raise PassError("these sums have seen no batch and do not know their channel count; "
+                                "give channels= when making them")
+            zeros = torch.zeros(self.channels, dtype=torch.float64)
+            return [zeros.new_zeros(1), zeros, zeros.clone()]
+        self._flush()
+        n = float(self.n)
+        s1, s2 = self._s1, self._s2
+        if self.shift is not None:
+            k = self.shift.double()
+            s2 = s2 + 2 * k * s1 + n * k * k
+            s1 = s1 + n * k
+        return [s1.new_full((1,), n), s1.clone(), s2.clone()]
+
+    def load_raw_totals(self, parts: list[torch.Tensor]) -> None:
+        """Replace the totals by [n, R1, R2] about zero (``raw_totals``' form, e.g. their sum over
+        several streams); later batches add to them, unshifted."""
+        n, s1, s2 = parts
+        self._flush()
+        self.n = int(round(float(n.reshape(-1)[0])))
+        self.shift, self.decided = None, True
+        self._wait, self._waiting = None, 0
+        self.batch = None
+        self._set_totals(torch.stack([s1.double(), s2.double()]))
+
     @property
     def shifted_mean(self) -> torch.Tensor:
         self._need_data()
@@ -360,90 +420,6 @@ class ChannelSums:
         return self._moments(self.n, self.s1, self.s2)[1]
 
 
-class ChannelObserver(nn.Module):
-    """Identity module that accumulates per-channel count, mean and variance of its input
-    (``ChannelSums``; see the module doc).
-
-    ``dim`` is the channel axis; ``index`` (C, R) groups positions along it (see ``channel_matrix``).
-    With ``keep=True`` the channel matrix of the latest batch (activation dtype, never a view of
-    the activation, so later in-place ops cannot change it) is kept in ``.last``, overwritten each
-    batch. ``source`` names the graph node observed (set by ``insert_observers``).
-    """
-
-    def __init__(self, dim: int, index: torch.Tensor | None = None, keep: bool = False, source: str = "") -> None:
-        super().__init__()
-        self.dim = dim
-        self.keep = keep
-        self.enabled = True
-        self.source = source
-        self.register_buffer("index", None if index is None else index.long(), persistent=False)
-        self.last: torch.Tensor | None = None
-        self.sums = self._new_sums()
-
-    @property
-    def count(self) -> int:
-        return self.sums.n
-
-    def reset_stats(self) -> None:
-        """Forget every batch seen so far."""
-        self.sums = self._new_sums()
-        self.last = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.enabled:
-            self.update(x)
-        return x
-
-    @torch.no_grad()
-    def update(self, x: torch.Tensor) -> None:
-        """Add one batch to the statistics (what ``forward`` does when enabled)."""
-        if not isinstance(x, torch.Tensor):
-            raise PassError(
-                f"observer at node {self.source!r} received a {type(x).__name__}, not a tensor; "
-                "observe a node whose value is a single tensor"
-            )
-        x = x.detach()
-        if not self.keep:
-            self.sums.update(x)
-            return
-        # the kept channel matrix is gathered once and the sums are taken over it (its rows)
-        m = channel_matrix(x, self.dim, self.index)
-        self.last = m.clone() if m.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() else m
-        self.sums.update(self.last)
-
-    def _new_sums(self) -> ChannelSums:
-        return ChannelSums(0) if self.keep else ChannelSums(self.dim, self.index)
-
-    def _need_data(self) -> None:
-        if self.count == 0:
-            raise PassError(
-                f"observer at node {self.source!r} has seen no data; run the model on some batches "
-                "with the observer enabled first"
-            )
-
-    @property
-    def num_channels(self) -> int:
-        self._need_data()
-        return int(self.sums.s1.shape[0])
-
-    @property
-    def mean(self) -> torch.Tensor:
-        """Per-channel mean (float64, (C,))."""
-        self._need_data()
-        return self.sums.mean
-
-    @property
-    def var(self) -> torch.Tensor:
-        """Per-channel population variance (float64, (C,))."""
-        self._need_data()
-        return self.sums.var
-
-    @property
-    def std(self) -> torch.Tensor:
-        return self.var.sqrt()
-
-    def extra_repr(self) -> str:
-        return f"dim={self.dim}, source={self.source!r}, keep={self.keep}, count={self.count}"
 
 
 def cross_product(la: _Layout, lb: _Layout, out: torch.Tensor | None = None, add: bool = False) -> torch.Tensor:
@@ -503,6 +479,32 @@ class CrossSum:
         """The float64 total (None before the first batch)."""
         self._flush()
         return self._total
+
+    def load_total(self, total: torch.Tensor) -> None:
+        """Replace the total (e.g. by ``cross_raw_total``s summed over streams)."""
+        self._wait, self._waiting = None, 0
+        self._total = total.double()
+
+
+def cross_raw_total(sa: ChannelSums, sb: ChannelSums, sab: CrossSum) -> torch.Tensor:
+    """The float64 sum of x_a x_b^T about zero (see the module doc) from sums about the shifts of
+    ``sa`` and ``sb``; zeros (Ca, Cb) before any batch."""
+    total = sab.total
+    if total is None:
+        ca, cb = (s.raw_totals()[1].shape[0] for s in (sa, sb))
+        return torch.zeros(ca, cb, dtype=torch.float64)
+    n = float(sa.n)
+    s1a, s1b = sa.s1.double(), sb.s1.double()
+    out = total.clone()
+    ka = None if sa.shift is None else sa.shift.double()
+    kb = None if sb.shift is None else sb.shift.double()
+    if ka is not None:
+        out += torch.outer(ka, s1b)
+    if kb is not None:
+        out += torch.outer(s1a, kb)
+    if ka is not None and kb is not None:
+        out += n * torch.outer(ka, kb)
+    return out
 
 
 def covariance(sa: ChannelSums, sb: ChannelSums, sab: torch.Tensor) -> torch.Tensor:
@@ -599,105 +601,4 @@ class CrossMoments:
     def corr(self, eps: float = 1e-12) -> torch.Tensor:
         """Pearson correlation (Ca, Cb); rows/columns of channels with std <= eps are 0."""
         return correlation(self.cov(), self.var_a, self.var_b, eps)
-
-
-@dataclass(frozen=True)
-class TapView:
-    """What a ``PairTap`` measures on its node: channel axis ``dim`` (a tuple of axes: their
-    product, flattened in order, is the channel axis), optional (C, R) ``index``, and whether to
-    keep the A-B cross products (``cross``)."""
-
-    dim: int | tuple
-    index: torch.Tensor | None = None
-    cross: bool = False
-
-
-class PairTap(nn.Module):
-    """Called with the same node's value in models A and B (``passes.pair``): per view, the
-    per-channel sums of A and of B, and with ``cross`` the float64 sum of X_a X_b^T.
-    Read the results with ``moments(i)`` -> (ChannelSums A, ChannelSums B) and ``cov(i)``."""
-
-    def __init__(self, views: list[TapView], source: str = "") -> None:
-        super().__init__()
-        self.views = list(views)
-        self.source = source
-        self.sums = [(ChannelSums(v.dim, v.index), ChannelSums(v.dim, v.index)) for v in self.views]
-        self.cross = [CrossSum() if v.cross else None for v in self.views]
-
-    @torch.no_grad()
-    def forward(self, a: torch.Tensor, b: torch.Tensor) -> None:
-        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
-            raise PassError(f"the tap at node {self.source!r} received a {type(a).__name__}, not a "
-                            "tensor; tap a node whose value is a single tensor")
-        for i, (v, (sa, sb)) in enumerate(zip(self.views, self.sums)):
-            la, lb = sa.update(a), sb.update(b)
-            if v.cross:
-                self.cross[i].add(la, lb)
-
-    def moments(self, i: int) -> tuple[ChannelSums, ChannelSums]:
-        return self.sums[i]
-
-    def cov(self, i: int) -> torch.Tensor:
-        """A-B cross-covariance of view ``i`` (float64)."""
-        total = None if self.cross[i] is None else self.cross[i].total
-        if total is None:
-            raise PassError(f"the tap at node {self.source!r} has no cross products for view {i}")
-        return covariance(*self.sums[i], total)
-
-
-@dataclass(frozen=True)
-class ObserverSpec:
-    """Where to observe: channel axis ``dim``, optional (C, R) ``index``, keep the last batch."""
-
-    dim: int
-    index: torch.Tensor | None = None
-    keep: bool = False
-
-
-_IN_PLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv,
-                       operator.ifloordiv, operator.imod, operator.ipow, operator.iand, operator.ior,
-                       operator.ixor, operator.ilshift, operator.irshift, operator.imatmul, operator.setitem}
-
-
-def writes_in_place(gm: GraphModule) -> bool:
-    """Conservatively, whether any op of ``gm`` may write into an existing tensor (a module or
-    function with ``inplace`` set, a trailing-underscore method or function, augmented assignment,
-    item assignment, an ``out=`` argument)."""
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            if getattr(get_module(gm, node), "inplace", False) is not False:
-                return True
-        elif node.op in ("call_function", "call_method"):
-            target = node.target
-            name = target if isinstance(target, str) else getattr(target, "__name__", "")
-            if target in _IN_PLACE_FUNCTIONS or (name.endswith("_") and not name.endswith("__")):
-                return True
-            if "out" in node.kwargs or node.kwargs.get("inplace", False) is not False:
-                return True
-            if node.op == "call_function" and any(a is True for a in node.args[1:]):
-                return True  # e.g. F.relu(x, True); conservative
-    return False
-
-
-def insert_observers(
-    gm: GraphModule, points: dict[str, ObserverSpec], inplace: bool = False
-) -> PassResult:
-    """Insert a ChannelObserver after each node named in ``points``.
-
-    counts: {"observers": number inserted}. Look the observers up with ``observers(gm)``.
-    """
-    gm = start(gm, inplace, "insert_observers")
-    nodes = named_nodes(gm, points, "insert_observers")
-    device = module_device(gm)
-    for name, spec in points.items():
-        index = None if spec.index is None else spec.index.to(device)
-        observer = ChannelObserver(spec.dim, index=index, keep=spec.keep, source=name)
-        insert_module_after(gm, nodes[name], observer, OBSERVER_PREFIX)
-    finish(gm)
-    return PassResult(gm, bool(points), {"observers": len(points)}, [])
-
-
-def observers(gm: GraphModule) -> dict[str, ChannelObserver]:
-    """The observers in ``gm``'s graph, keyed by the name of the node each observes."""
-    return inserted_modules(gm, ChannelObserver)
 

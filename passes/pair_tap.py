@@ -1,0 +1,99 @@
+"""The tap of a paired graph (``passes.pair``): called with the same node's value in models A and B,
+it streams per-channel sums of each and, where asked, the A-B cross products X_a X_b^T
+(``passes.moments``), so that covariances and correlations of the two models come from one pass
+with no activation held.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from passes.errors import PassError
+from passes.moments import ChannelSums, CrossSum, covariance, cross_raw_total
+
+
+@dataclass(frozen=True)
+class TapView:
+    """What a ``PairTap`` measures on its node: channel axis ``dim`` (a tuple of axes: their
+    product, flattened in order, is the channel axis), optional (C, R) ``index``, and whether to
+    keep the A-B cross products (``cross``)."""
+
+    dim: int | tuple
+    index: torch.Tensor | None = None
+    cross: bool = False
+
+
+class PairTap(nn.Module):
+    """Called with the same node's value in models A and B (``passes.pair``): per view, the
+    per-channel sums of A and of B, and with ``cross`` the float64 sum of X_a X_b^T.
+    Read the results with ``moments(i)`` -> (ChannelSums A, ChannelSums B) and ``cov(i)``.
+    ``shape``: the shape of the tapped value (any batch size), so that each view knows its channel
+    count before any batch (``raw_totals`` of a tap that saw none)."""
+
+    def __init__(self, views: list[TapView], source: str = "", shape: tuple | None = None) -> None:
+        super().__init__()
+        self.views = list(views)
+        self.source = source
+        self.sums = [tuple(ChannelSums(v.dim, v.index, _channels(v, shape)) for _ in "ab") for v in self.views]
+        self.cross = [CrossSum() if v.cross else None for v in self.views]
+        self.calibrating = False  # forward chooses the sums' shifts instead of adding a batch
+
+    @torch.no_grad()
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+            raise PassError(f"the tap at node {self.source!r} received a {type(a).__name__}, not a "
+                            "tensor; tap a node whose value is a single tensor")
+        if self.calibrating:  # ``ChannelSums.calibrate``: the shifts, nothing counted
+            for sa, sb in self.sums:
+                sa.calibrate(a)
+                sb.calibrate(b)
+            return
+        for i, (v, (sa, sb)) in enumerate(zip(self.views, self.sums)):
+            la, lb = sa.update(a), sb.update(b)
+            if v.cross:
+                self.cross[i].add(la, lb)
+
+    def moments(self, i: int) -> tuple[ChannelSums, ChannelSums]:
+        return self.sums[i]
+
+    def raw_totals(self) -> list[torch.Tensor]:
+        """Every sum of the tap about zero, view by view (A's, B's, the cross products): what
+        adds exactly across streams (``passes.moments``); ``load_raw_totals`` takes them back."""
+        parts = []
+        for (sa, sb), cross in zip(self.sums, self.cross):
+            parts += sa.raw_totals() + sb.raw_totals()
+            if cross is not None:
+                parts.append(cross_raw_total(sa, sb, cross))
+        return parts
+
+    def load_raw_totals(self, parts: list[torch.Tensor]) -> None:
+        parts = list(parts)
+        for (sa, sb), cross in zip(self.sums, self.cross):
+            sa.load_raw_totals(parts[:3])
+            sb.load_raw_totals(parts[3:6])
+            del parts[:6]
+            if cross is not None:
+                cross.load_total(parts.pop(0))
+
+    def cov(self, i: int) -> torch.Tensor:
+        """A-B cross-covariance of view ``i`` (float64)."""
+        total = None if self.cross[i] is None else self.cross[i].total
+        if total is None:
+            raise PassError(f"the tap at node {self.source!r} has no cross products for view {i}")
+        return covariance(*self.sums[i], total)
+
+
+def _channels(view: TapView, shape: tuple | None) -> int | None:
+    if view.index is not None:
+        return int(view.index.shape[0])
+    if shape is None:
+        return None
+    if isinstance(view.dim, tuple):
+        c = 1
+        for d in view.dim:
+            c *= shape[d]
+        return c
+    return shape[view.dim]
