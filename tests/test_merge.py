@@ -486,3 +486,28 @@ def test_data_arguments_that_can_be_swapped_are_keyword_only():
         gr.barrier(a, b, ev, x)
     with pytest.raises(TypeError, match="positional"):
         run_study(a, b, x, ev)
+
+
+def test_a_merge_proves_its_spec_before_interpolating(monkeypatch):
+    """A rule bug (here: a spec whose group also moves a parameter it must not) makes the found
+    permutations change B's function: the merge refuses, naming the group, instead of returning a
+    silently broken model."""
+    import graphrepair.merging.merge as merge_mod
+    from graphrepair.errors import CheckError
+
+    torch.manual_seed(0)
+    a, b = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)), nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    x = torch.randn(64, 4)
+    merged = gr.merge(a, b, x, num_examples=64, batch_size=32)  # a correct spec: the proof passes
+    assert merged(x).shape == (64, 3)
+    spec = gr.discover(a, x[:2])
+    real = spec.permute_state_dict
+
+    def wrong(state, perms):  # the head's input axis forgets to follow the hidden group
+        out = real(state, perms)
+        out["2.weight"] = state["2.weight"]
+        return out
+
+    monkeypatch.setattr(type(spec), "permute_state_dict", lambda self, s, p: wrong(s, p))
+    with pytest.raises(CheckError, match=r"aligning model B break its function: permuting group '0'"):
+        merge_mod.prepare([a, b], x, num_examples=64, batch_size=32, spec=spec)

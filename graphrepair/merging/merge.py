@@ -44,7 +44,7 @@ from graphrepair.merging.align import activation_perms, check_same_architecture,
 from graphrepair.io.data import take_examples
 from graphrepair.discovery.discover import discover
 from graphrepair import distributed
-from graphrepair.errors import DataError, GraphRepairError
+from graphrepair.errors import CheckError, DataError, GraphRepairError
 from graphrepair.merging.points import ResetPoint, observation_points, reset_points
 from graphrepair.progress import progress
 from graphrepair.discovery.spec import PermutationSpec
@@ -279,13 +279,32 @@ def prepare(models: list[nn.Module], data, *, method: str = "activation", statis
         stats_all.append(stats)
         corr = corr or mean_corr
     aligned = []
-    for m, p in zip(models[1:] if states else [], perms_all):
-        sd = m.state_dict()
-        permuted = spec.permute_state_dict(sd, p)
-        # entries with no permuted axis come back as the model's own tensors: copy them, so that
-        # changing the model later cannot change what this preparation merges
-        aligned.append({k: v.clone() if v is sd[k] else v for k, v in permuted.items()})
+    with distributed.step("proving the permutations on a batch of the fitting data"):
+        for i, (m, p) in enumerate(zip(models[1:], perms_all)):
+            sd = m.state_dict()
+            permuted = spec.permute_state_dict(sd, p)
+            if align:
+                prove_permutations(spec, m, permuted, p, fit.example(), f"model {'B' if len(models) == 2 else i + 1}")
+            if states:
+                # entries with no permuted axis come back as the model's own tensors: copy them, so
+                # that changing the model later cannot change what this preparation merges
+                aligned.append({k: v.clone() if v is sd[k] else v for k, v in permuted.items()})
     return Prepared(models, spec, fit, method, rpoints, perms_all, stats_all, corr, aligned)
+
+
+def prove_permutations(spec: PermutationSpec, model: nn.Module, permuted_state: dict, perms: dict,
+                       example: torch.Tensor, who: str) -> float:
+    """Before anything is interpolated: the model with the permutations found must compute what the
+    model computes, on one batch of the fitting data (a rule bug would otherwise become a silently
+    broken merged model). One more forward of the model and of its permuted copy (which shares the
+    unpermuted tensors); CheckError naming the group otherwise."""
+    if all(bool((q == torch.arange(q.numel(), device=q.device)).all()) for q in perms.values()):
+        return 0.0  # nothing moves
+    permuted = copy_with_state(model, permuted_state, own=True)  # shares the tensors, copies none
+    try:
+        return spec.prove(model, permuted, (example,), perms)
+    except CheckError as e:
+        raise CheckError(f"the permutations aligning {who} break its function: {e}") from e
 
 
 def merge_prepared(prep: Prepared, weights: list[float], repair: str | None,
