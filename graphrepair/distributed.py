@@ -508,6 +508,8 @@ def launch(device_name: str) -> None:
 
 
 def _leave() -> None:
+    global _RUN
+    _RUN = None  # its reference to the store goes first
     with contextlib.suppress(Exception):
         if dist.is_initialized():
             dist.destroy_process_group()
