@@ -35,10 +35,16 @@ next batch instead of finishing it. A rank that dies (killed, or silent past the
 timeout, which gloo honours) makes the others' next collective fail: ``RankLostError``. Only rank 0
 reports (progress bars, the CLI's output and error line) and writes files.
 
-Ties: correlations are rounded to multiples of ``align.TIE_GRID`` before the assignment, so that
-statistics that differ only in summation order (one rank or two) give the same matrix, and units
-that tie (dead units, correlations equal within rounding) are resolved by the solver's fixed order
-on that identical matrix.
+The answer of one process. ``shard`` gives each rank whole batches of the one-process run, and
+every rank's sums take their shift from the shared example (``ChannelSums.calibrate``) instead of
+from their own first batch: each batch's float32 sums are then the ones one process makes, and
+only the order in which float64 totals of them are added differs (float32 numbers add in float64
+with next to no rounding; the tests find the same permutations and bitwise-equal weights). Sums
+about zero lose float64 precision only where a mean is huge against its spread (relative 1e-16
+mean^2 / var). Ties: correlations are rounded to multiples of ``align.TIE_GRID`` (2^-17) before the
+assignment, so that statistics that differ only in summation order give the same matrix, and units
+that tie (dead units: exact zeros; correlations equal within rounding) are resolved by the solver's
+fixed order on that identical matrix, whatever the number of ranks.
 
 In a user's own program (each rank passes its shard; ``shard`` cuts one the way the CLI does)::
 
@@ -135,6 +141,7 @@ class Run:
     depth: int = 0  # steps entered and not left
     baseline: int = 0  # the store's failure count when failures were last agreed
     last_check: float = 0.0
+    group: object | None = field(default=None, repr=False)  # the process group this run is in
 
     # -- collectives --------------------------------------------------------------------------
 
@@ -251,7 +258,8 @@ def current() -> Run | None:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         _RUN = None
         return None
-    if _RUN is None or _RUN.rank != dist.get_rank() or _RUN.world != dist.get_world_size():
+    group = dist.group.WORLD
+    if _RUN is None or _RUN.group is not group:  # a new process group: a new run
         backend = dist.get_backend()
         device = (torch.device("cuda", torch.cuda.current_device()) if backend == "nccl"
                   else torch.device("cpu"))
@@ -260,6 +268,7 @@ def current() -> Run | None:
         except Exception:
             store = None
         _RUN = Run(dist.get_rank(), dist.get_world_size(), device, store)
+        _RUN.group = group
         _RUN.baseline = _RUN._failures() or 0
     return _RUN
 
@@ -499,6 +508,8 @@ def launch(device_name: str) -> None:
 
 
 def _leave() -> None:
+    global _RUN
+    _RUN = None  # its reference to the store goes first
     with contextlib.suppress(Exception):
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -63,17 +63,18 @@ def _mlp_pair():
 def build(case: str):
     """(models, inputs, labels or None, examples used, batch size, merge keyword arguments)."""
     g = torch.Generator().manual_seed(7)
-    if case in ("mlp", "mlp_one_batch", "barrier", "fail"):
+    if case in ("mlp", "mlp_one_batch", "barrier", "study", "fail"):
         a, b = _mlp_pair()
-        n = {"mlp": 200, "mlp_one_batch": 20, "barrier": 120, "fail": 20000}[case]
+        n = {"mlp": 200, "mlp_one_batch": 20, "barrier": 120, "study": 120, "fail": 20000}[case]
         x = torch.randn(n, 64, generator=g)
         y = torch.randint(0, 10, (n,), generator=g)
         kwargs = {"repair": "approx"} if case == "mlp_one_batch" else {}
         return [a, b], x, y, n, 32, kwargs
-    if case == "resnet":
+    if case in ("resnet", "resnet_reset"):
         torch.manual_seed(0)
         a, b = (randomize_(resnet20("bn", width=1).eval(), s) for s in (1, 2))
-        return [a, b], torch.randn(40, 3, 16, 16, generator=g), None, 40, 16, {}
+        kwargs = {"repair": "reset"} if case == "resnet_reset" else {}
+        return [a, b], torch.randn(40, 3, 16, 16, generator=g), None, 40, 16, kwargs
     if case == "heads":
         torch.manual_seed(0)
         a, b = SplitHeadLM().eval(), SplitHeadLM().eval()
@@ -91,6 +92,14 @@ def answer(case: str, data, labels=None, num_examples=None):
         curve = gr.barrier(*models, eval_data=TensorDataset(data, labels), fit_data=data, alphas=3,
                            num_examples=n, batch_size=bs)
         return {"accuracy": curve.accuracy, "loss": curve.loss}
+    if case == "study":  # the per-layer measurements (observers summed across ranks)
+        from torch.utils.data import TensorDataset
+
+        from graphrepair.study.runner import run_study
+
+        study = run_study(*models, fit_data=data, eval_data=TensorDataset(data, labels), alphas=3,
+                          num_examples=n, batch_size=bs, layers=True)
+        return {"layers": [(r["variance_ratio"], r["llfc_cosine"]) for r in study.layers]}
     res = gr.merge_models(models, data, num_examples=n, batch_size=bs, **kwargs)
     return {"perms": res.perms[0], "state": res.model.state_dict(), "examples": res.examples,
             "dead": res.dead_channels}
