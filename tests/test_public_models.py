@@ -28,7 +28,7 @@ TORCHVISION_FAMILIES = [
     "regnet_y_400mf", "resnet18", "resnext50_32x4d", "shufflenet_v2_x0_5", "squeezenet1_0", "swin_t",
     "swin_v2_t", "vgg11_bn", "vit_b_32", "wide_resnet50_2",
 ]
-EXPORTED = {"resnet18", "mobilenet_v3_small", "convnext_tiny", "swin_t", "vit_b_16", "mnasnet0_5",
+EXPORTED = {"resnet18", "mobilenet_v3_small", "convnext_tiny", "swin_t", "vit_tiny_patch16_224", "mnasnet0_5",
             "llama_tiny", "convnext_atto", "unet2d_condition_tiny"}
 
 
