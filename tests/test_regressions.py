@@ -96,49 +96,8 @@ def test_check_refuses_an_output_that_is_one_constant():
 # 2. stochastic depth / drop path: identity in eval, a per-sample scale in training
 
 
-def stochastic_depth(input, p: float, mode: str, training: bool = True):  # noqa: A002
-    """Stand-in for torchvision.ops.stochastic_depth (same name and signature, fx-wrapped)."""
-    if not training or p == 0.0:
-        return input
-    size = [input.shape[0]] + [1] * (input.ndim - 1) if mode == "row" else [1] * input.ndim
-    noise = torch.empty(size, dtype=input.dtype, device=input.device).bernoulli_(1 - p)
-    return input * noise.div_(1 - p) if p < 1 else input * noise
-
-
-def drop_path(x, drop_prob: float = 0.0, training: bool = False, scale_by_keep: bool = True):
-    """Stand-in for timm's drop_path (first parameter named ``x``), fx-wrapped."""
-    if drop_prob == 0.0 or not training:
-        return x
-    keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - drop_prob)
-    return x * keep.div_(1 - drop_prob) if scale_by_keep else x * keep
-
-
-torch.fx.wrap("stochastic_depth")
-torch.fx.wrap("drop_path")
-
-
-class StochasticDepth(nn.Module):
-    def __init__(self, p: float, mode: str = "row"):
-        super().__init__()
-        self.p, self.mode = p, mode
-
-    def forward(self, x):
-        return stochastic_depth(x, self.p, self.mode, self.training)
-
-
-class DropPath(nn.Module):
-    """timm's DropPath (called as a module when a tracer keeps it a leaf)."""
-
-    def __init__(self, p: float):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x):
-        return drop_path(x, self.p, self.training)
-
-
 class ResidualMLP(nn.Module):
-    def __init__(self, drop: type[nn.Module] = StochasticDepth):
+    def __init__(self, drop):
         super().__init__()
         self.stem = nn.Linear(6, 8)
         self.blocks = nn.ModuleList(nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8))

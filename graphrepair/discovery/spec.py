@@ -21,8 +21,9 @@ from torch import nn
 
 from graphrepair.discovery import axes as ax
 from graphrepair.discovery.permute import permute
-from graphrepair.discovery.trace import Traced, as_tuple, eval_mode, output_tensors
+from graphrepair.discovery.trace import Traced, as_tuple, output_tensors
 from graphrepair.errors import CheckError, MismatchError
+from graphrepair.runtime import eval_mode
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,6 @@ interpreter that records, for every node, the shape and dtype of what it produce
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ import torch.fx
 from torch import nn
 
 from graphrepair.errors import ShapeError, TraceError
+from graphrepair.runtime import eval_mode
 
 
 @dataclass(frozen=True)
@@ -76,18 +76,6 @@ def output_tensors(value: Any) -> list[torch.Tensor]:
     if isinstance(value, (tuple, list)):
         return [t for v in value for t in output_tensors(v)]
     return []
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module):
-    """Put ``model`` in eval mode for the duration, restoring every module's flag after."""
-    flags = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, t in flags.items():
-            m.training = t
 
 
 class _ShapeRecorder(torch.fx.Interpreter):

@@ -22,7 +22,8 @@ from passes.errors import ExportFailedError, ExportVerificationError
 from passes.export_onnx import ExportReport, flatten_outputs
 from passes.export_onnx import export_onnx as _export
 
-from graphrepair.discovery.trace import as_tuple, eval_mode
+from graphrepair.discovery.trace import as_tuple
+from graphrepair.runtime import eval_mode, model_device
 from graphrepair.errors import ExportError, NumericError, OutputError
 from graphrepair.io.fileio import disk_full
 
@@ -30,7 +31,7 @@ from graphrepair.io.fileio import disk_full
 def export_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, *, rtol: float = 1e-4,
                 atol: float = 1e-4, dynamic_batch: bool = True) -> ExportReport:
     """Write ``model`` to ``path`` as ONNX, verified with onnxruntime; nothing is written on failure."""
-    args = tuple(t.to(_device(model)) for t in as_tuple(example_inputs))
+    args = tuple(t.to(model_device(model)) for t in as_tuple(example_inputs))
     name = type(model).__name__
     check_finite_model(model)
     check_finite_outputs(model, args)
@@ -83,8 +84,3 @@ def _interrupt_in(exc: BaseException) -> KeyboardInterrupt | None:
         exc = exc.__cause__ or exc.__context__
     return None
 
-
-def _device(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    return torch.device("cpu")
