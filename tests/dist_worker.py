@@ -63,9 +63,9 @@ def _mlp_pair():
 def build(case: str):
     """(models, inputs, labels or None, examples used, batch size, merge keyword arguments)."""
     g = torch.Generator().manual_seed(7)
-    if case in ("mlp", "mlp_one_batch", "barrier", "study", "fail"):
+    if case in ("mlp", "mlp_one_batch", "align_weight", "barrier", "study", "fail"):
         a, b = _mlp_pair()
-        n = {"mlp": 200, "mlp_one_batch": 20, "barrier": 120, "study": 120, "fail": 20000}[case]
+        n = {"mlp": 200, "mlp_one_batch": 20, "align_weight": 20, "barrier": 120, "study": 120, "fail": 20000}[case]
         x = torch.randn(n, 64, generator=g)
         y = torch.randint(0, 10, (n,), generator=g)
         kwargs = {"repair": "approx"} if case == "mlp_one_batch" else {}
@@ -92,6 +92,8 @@ def answer(case: str, data, labels=None, num_examples=None):
         curve = gr.barrier(*models, eval_data=TensorDataset(data, labels), fit_data=data, alphas=3,
                            num_examples=n, batch_size=bs)
         return {"accuracy": curve.accuracy, "loss": curve.loss}
+    if case == "align_weight":  # one batch: rank 1 has no data, only the spec's tracing needs it
+        return {"perms": gr.align(*models, data, method="weight", num_examples=n, batch_size=bs)}
     if case == "study":  # the per-layer measurements (observers summed across ranks)
         from torch.utils.data import TensorDataset
 

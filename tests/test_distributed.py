@@ -27,7 +27,7 @@ from graphrepair.merging.align import lap, tie_safe
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 240  # seconds for one two-process run, start-up included (a loaded 2-core machine)
-CASES = ["mlp", "mlp_one_batch", "resnet", "resnet_reset", "heads", "barrier", "study"]
+CASES = ["mlp", "mlp_one_batch", "align_weight", "resnet", "resnet_reset", "heads", "barrier", "study"]
 
 
 def _free_port() -> int:
@@ -126,8 +126,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def test_two_ranks_give_the_one_process_answer_and_a_bad_rank_ends_both(tmp_path, one_thread):
     """Python API, each rank passing its share (uneven: 7 batches as 3 + 4; one batch: rank 0 has
-    none), for an MLP with dead units (exact REPAIR; closed form on the one batch), a BatchNorm
-    ResNet20 (exact REPAIR; BatchNorm reset), a transformer whose heads and head dims are aligned
+    none), for an MLP with dead units (exact REPAIR; closed form on the one batch; weight matching
+    by ``gr.align``, one rank without data), a BatchNorm ResNet20 (exact REPAIR; BatchNorm reset), a transformer whose heads and head dims are aligned
     jointly, a barrier curve and the per-layer measurements:
     the permutations of one process, merged weights within 1e-6 (relative to each tensor's
     largest value), every rank the same. Then rank 1's data turns bad half way through its pass:
@@ -145,6 +145,12 @@ def test_two_ranks_give_the_one_process_answer_and_a_bad_rank_ends_both(tmp_path
             for g in got:
                 assert g["accuracy"] == ref["accuracy"]
                 np.testing.assert_allclose(g["loss"], ref["loss"], rtol=1e-6)
+            continue
+        if case == "align_weight":  # weight matching by gr.align, rank 1 without data
+            for g in got:
+                assert g["perms"].keys() == ref["perms"].keys()
+                assert all(torch.equal(g["perms"][k], p) for k, p in ref["perms"].items())
+            assert any(not torch.equal(p, torch.arange(len(p))) for p in ref["perms"].values())
             continue
         if case == "study":
             for g in got:

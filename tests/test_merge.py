@@ -68,6 +68,23 @@ def test_align_makes_the_permutations_and_no_permuted_weights(digits_pair):
         assert torch.equal(p, prep.perms[0][g]), g
 
 
+def test_align_by_weight_matching_from_data_a_spec_or_example_inputs(digits_pair):
+    """Weight matching needs only a trace: data, example inputs or a spec give the same answer,
+    which keeps B's function; none of them is a clear error, not a failure inside the tracer."""
+    (a, b), x, _ = digits_pair
+    spec = gr.discover(a, x[:2])
+    by_data = gr.align(a, b, x, method="weight", num_examples=64)
+    by_example = gr.align(a, b, method="weight", example_inputs=(x[:2],))
+    by_spec = gr.align(a, b, method="weight", spec=spec)
+    assert by_data.keys() == by_example.keys() == by_spec.keys() == {g.name for g in spec.groups}
+    for g, p in by_spec.items():
+        assert torch.equal(by_data[g], p) and torch.equal(by_example[g], p), g
+    assert any(not torch.equal(p, torch.arange(len(p))) for p in by_spec.values())
+    torch.testing.assert_close(outputs(gr.permute(b, spec, by_spec), x), outputs(b, x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(gr.GraphRepairError, match=r"weight matching needs example_inputs \(or data\)"):
+        gr.align(a, b, method="weight")
+
+
 def _permuted_copy(name: str, model_seed: int = 1, perm_seed: int = 4):
     """(zoo entry, randomised model A, its spec, a random permutation, A permuted by it)."""
     entry = ZOO[name]

@@ -544,15 +544,13 @@ def align(model_a: nn.Module, model_b: nn.Module, data=None, spec: PermutationSp
     if method not in METHODS:
         raise GraphRepairError(f"method must be one of {METHODS}, got {method!r}")
     check_same_architecture(model_a, model_b)
-    if method == "weight":
-        if spec is None:
-            if example_inputs is None:
-                if data is None:
-                    raise GraphRepairError("weight matching needs example_inputs (or data) to trace the model")
-                example_inputs = (FitData(data, 2, 2, model_device(model_a)).example(),)
-            spec = discover(model_a, example_inputs)
-        return weight_matching(spec, model_a.state_dict(), model_b.state_dict())
+    if method == "weight" and (spec is not None or example_inputs is not None):
+        return weight_matching(spec or discover(model_a, example_inputs), model_a.state_dict(),
+                               model_b.state_dict())
     if data is None:
-        raise GraphRepairError("activation matching needs data; pass data or use method='weight'")
-    return prepare([model_a, model_b], data, method="activation", statistics=False, states=False,
+        raise GraphRepairError("weight matching needs example_inputs (or data) to trace the model" if method == "weight"
+                               else "activation matching needs data; pass data or use method='weight'")
+    # with data, ``prepare`` checks it, agrees on one example across the ranks of a process group
+    # (a rank may have no batch), traces, and proves the permutations before returning them
+    return prepare([model_a, model_b], data, method=method, statistics=False, states=False,
                    num_examples=num_examples, batch_size=batch_size, spec=spec, quiet=quiet).perms[0]
