@@ -188,22 +188,31 @@ def weight_matching(spec: PermutationSpec, state_a: dict, state_b: dict, *, grou
             if pos is not None:
                 items.append((m.name, m.axis, pos, None))
         touches[g.name] = items
-    a64 = {k: v.detach().double() for k, v in state_a.items() if v.is_floating_point()}
-    b64 = {k: v.detach().double() for k, v in state_b.items() if v.is_floating_point()}
     rng = np.random.default_rng(seed)
 
-    def b_permuted(key: str, vp: dict) -> torch.Tensor:
-        return ax.permute_tensor(b64[key], spec.param_axes[key], vp)
+    def b_replicas(key: str, axis: int, pos: torch.Tensor, rows, vp: dict) -> torch.Tensor:
+        """``_replicas`` of B's tensor ``key`` permuted by ``vp``: only the rows of the group's
+        positions are gathered (through the axis's own index) before the other axes are permuted,
+        not the whole tensor; the same values as permuting all of it first."""
+        t, exprs = state_b[key].detach(), spec.param_axes[key]
+        if rows is not None or any(isinstance(e, ax.PerBlock) for e in exprs):
+            return _replicas(ax.permute_tensor(t, exprs, vp), axis, pos, rows).double()
+        idx = ax.index(exprs[axis], vp)[pos].to(t.device)  # (|g|, R) positions in B's own order
+        sub = t.index_select(axis, idx.reshape(-1))
+        rest = [ax.Fixed(n) if d == axis else e for d, (e, n) in enumerate(zip(exprs, sub.shape))]
+        sub = ax.permute_tensor(sub, rest, vp)
+        return sub.movedim(axis, 0).reshape(pos.shape[0], pos.shape[1], -1).double()
 
     def group_score(name: str, held: dict, pairing) -> torch.Tensor:
         """(|g|, |g|) summed ``pairing`` of A's and B's weights that group ``name`` touches, with
-        the groups in ``held`` permuted as given there."""
+        the groups in ``held`` permuted as given there. Only the touched channels are gathered and
+        widened to float64 (no float64 copy of either model is kept)."""
         vp = {spec.var_of_group[k]: v for k, v in held.items()}
         size = spec.group(name).size
         total = torch.zeros(size, size, dtype=torch.float64)
         for key, axis, pos, rows in touches[name]:
-            total += pairing(_replicas(a64[key], axis, pos, rows),
-                             _replicas(b_permuted(key, vp), axis, pos, rows)).cpu()
+            total += pairing(_replicas(state_a[key].detach(), axis, pos, rows).double(),
+                             b_replicas(key, axis, pos, rows, vp)).cpu()
         return total
 
     def descend(active: list[str]) -> None:
