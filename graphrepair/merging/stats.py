@@ -88,13 +88,17 @@ class PairStats:
     corr: dict[str, torch.Tensor]  # group name -> (|g|, |g|) mean correlation A_i vs B_j
     points: dict[str, PointStats]  # reset node -> endpoint statistics
     examples: int
-    dead: dict[str, int] = field(default_factory=dict)  # group -> channels with zero variance
+    dead: dict[str, int] = field(default_factory=dict)  # group -> A's channels with zero variance at every point
     # groups whose correlation depends on other groups' permutations (see JointPoint); their
     # ``corr`` entry pairs the other groups' positions as they are
     coupled: dict[str, Coupled] = field(default_factory=dict)
     joint: dict[str, JointPoint] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     requested: int = 0  # examples asked for (by all ranks together in a distributed run)
+    # set by alignment (merge.align_pair): group -> units matched without activation signal, and
+    # those of them the weights did not decide either (align.unsignalled)
+    unsignalled: dict[str, int] = field(default_factory=dict)
+    arbitrary: dict[str, int] = field(default_factory=dict)
 
 
 def copy_with_state(module: nn.Module, state: dict[str, torch.Tensor], *, own: bool = False,
@@ -342,7 +346,7 @@ def summarise(spec: PermutationSpec, plan: TapPlan, observe: dict[str, list[Obse
                 sa, sb = taps[node].moments(i)
                 va = sa.var
                 mats.append(correlation(taps[node].cov(i), va, sb.var))
-            var_a = va if var_a is None else var_a
+            var_a = va if var_a is None else torch.maximum(var_a, va)  # dead: at every point
         c = torch.stack(mats).mean(0)
         if not torch.isfinite(c).all():
             raise NumericError(f"correlations of group {g!r} are not finite (NaN/Inf activations?)")
