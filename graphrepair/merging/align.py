@@ -12,7 +12,10 @@ Ties. The correlations are rounded to multiples of TIE_GRID = 2^-17 (about 7.6e-
 assignment, so that statistics which differ only by the order their sums were added in (one
 process or several, another thread count) give the same matrix; what then ties (dead units, whose
 correlations are exactly 0, and correlations equal to within rounding) is resolved by the
-solver's fixed order on that identical matrix, the same whatever the number of ranks.
+solver's fixed order on that identical matrix, the same whatever the number of ranks. Where
+the weights are given (``merge.align_pair`` always gives them), they break these ties first: a
+term w cos(W_A,i, W_B,j) too small to outweigh one grid step (``activation_perms``); the units
+still tied are counted (``unsignalled``).
 
 Weight matching (Git Re-Basin, permutation coordinate descent; no data): for each group g in a
 random order, holding the other groups' permutations, maximise the summed inner products of the
@@ -29,7 +32,8 @@ from that block's rows only:
 
     sum_{j: g in e_j}  < W_A[rows of block j][g-view of e_j],  W_B'[rows of block j][P, g-view of e_j] >_F.
 
-The descent repeats until no group changes. Groups replicated over other groups on one axis (heads x
+The descent repeats until no group changes; it runs from the identity and from a pairing-free
+start (each unit's weights sorted), and the larger objective is kept (``weight_matching``). Groups replicated over other groups on one axis (heads x
 head dims) start from a pairing-free estimate instead of the identity (see ``weight_matching``).
 """
 
