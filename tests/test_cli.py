@@ -23,6 +23,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from graphrepair.cli import main
+from graphrepair.cli.merge import merge_text
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -148,6 +149,8 @@ def test_merge_json_onnx_and_weights_agree_with_torch(work, tmp_path):
     assert any("1437 examples" in n for n in report["notes"])
     assert report["onnx"]["node_count"] > 0 and report["onnx"]["max_abs_diff"] < 1e-4
     assert report["merged_class"] == "Sequential"
+    # every dead unit of A is matched without activation signal; the weights place all but ``arbitrary``
+    assert report["unsignalled"] >= max(report["dead_channels"], report["arbitrary"]) >= 0
 
     # The safetensors file is a state dict of the user's class; the ONNX file computes the same.
     from fixtures.zoo import mlp3
@@ -176,7 +179,8 @@ def test_merge_text_report(work, tmp_path):
     text = result.stdout
     for phrase in ("alpha 0.3", "spec: 3 permutation groups, 96 channels may move", "activation matching",
                    "mean correlation of matched units per group", "min ", "REPAIR (approx, points all): "
-                   "3 resets, 3 folded", "dead channels:", "evaluation on", "merged", f"wrote {out}",
+                   "3 resets, 3 folded", "dead channels:",
+                   "units matched without activation signal: ", "evaluation on", "merged", f"wrote {out}",
                    "max |diff| vs onnxruntime"):
         assert phrase in text, (phrase, text)
     assert out.exists() and result.stderr == ""
@@ -189,6 +193,7 @@ def test_merge_weight_matching_weights_only(work, tmp_path):
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["method"] == "weight" and report["repair"] is None and report["onnx"] is None
+    assert "units matched without activation signal" not in merge_text(report, None)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w.safetensors"]
     state = load_file(str(weights))
     a = load_file(str(work / "a.safetensors"))

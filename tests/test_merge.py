@@ -528,3 +528,74 @@ def test_a_merge_proves_its_spec_before_interpolating(monkeypatch):
     monkeypatch.setattr(type(spec), "permute_state_dict", lambda self, s, p: wrong(s, p))
     with pytest.raises(CheckError, match=r"aligning model B break its function: permuting group '0'"):
         merge_mod.prepare([a, b], x, num_examples=64, batch_size=32, spec=spec)
+
+
+# -- units without activation signal ----------------------------------------------------------------
+
+def _inverse(perms):
+    return {g: torch.argsort(p) for g, p in perms.items()}
+
+
+def test_weights_break_the_ties_of_activation_matching():
+    """A random-init BatchNorm ResNet20 with dead units (a BatchNorm bias that keeps the ReLU shut:
+    all their correlations are 0) merged with a permuted copy of itself. Activation matching alone
+    pairs the dead units arbitrarily; with the weights as tie-break every unit is recovered, the
+    summed rounded correlation is the same (the tie-break only chooses among the activations'
+    optima), and the dead units are counted as matched without activation signal. Two of them are
+    made identical in every weight as well: nothing can tell them apart (``arbitrary``)."""
+    from fixtures.zoo import resnet20
+    from graphrepair.merging.align import activation_perms, tie_safe
+
+    torch.manual_seed(0)
+    a = resnet20("bn").eval()
+    with torch.no_grad():
+        blk = a.blocks[4]
+        blk.norm1.bias[:5] = -100.0  # 5 units whose ReLU never fires
+        blk.conv1.weight[1] = blk.conv1.weight[0]  # units 0 and 1 identical in every weight
+        blk.conv2.weight[:, 1] = blk.conv2.weight[:, 0]
+        a.blocks[7].norm1.bias[:3] = -100.0  # 3 more (one unit there is dead at random init)
+    x = torch.randn(48, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    spec = gr.discover(a, x[:2])
+    truth = spec.random_permutations(seed=3)
+    b = gr.permute(a, spec, truth)
+    truth = _inverse(truth)  # what aligns B onto A
+    prep = prepare([a, b], x, num_examples=48, batch_size=48, statistics=False, states=False)
+    found, stats = prep.perms[0], prep.stats[0]
+    plain = activation_perms(spec, stats)  # activations alone
+    assert {g: int((plain[g] != truth[g]).sum()) for g in truth if (plain[g] != truth[g]).any()} == {
+        "blocks.4.conv1": 4, "blocks.7.conv1": 2}
+    wrong = {g: (found[g] != truth[g]).nonzero().flatten().tolist() for g in truth}
+    assert {g: w for g, w in wrong.items() if w} in ({}, {"blocks.4.conv1": [0, 1]})  # the twins only
+    for g, c in stats.corr.items():
+        r, rows = tie_safe(c), torch.arange(len(c))
+        assert float(r[rows, found[g]].sum()) == float(r[rows, plain[g]].sum())
+    assert stats.dead == {"blocks.4.conv1": 5, "blocks.7.conv1": 4}
+    assert stats.unsignalled == stats.dead
+    assert stats.arbitrary == {"blocks.4.conv1": 2, "blocks.7.conv1": 0}
+    res = merge_prepared(prepare([a, b], x, num_examples=48, batch_size=48, statistics=False), [0.5, 0.5], None)
+    assert (res.dead_channels, res.unsignalled, res.arbitrary) == (9, 9, 2)
+    assert any("9 units matched without activation signal" in n and "placed 7" in n for n in res.notes)
+
+
+def test_torchvision_mobilenet_v2_permuted_copy_recovered_by_both_methods():
+    """Raw torchvision MobileNetV2 (random init, BatchNorm at its constant start: no signal
+    there) and a permuted copy: weight matching from the identity stalls in a local optimum (20 of
+    its 24 groups wrong before the sorted start); activation matching leaves saturated and dead
+    units tied (without the weights' tie-break). Both now recover every unit."""
+    tv = pytest.importorskip("torchvision")
+    from graphrepair.merging.align import activation_perms
+
+    torch.manual_seed(0)
+    a = tv.models.mobilenet_v2(weights=None, width_mult=0.25).eval()
+    x = torch.randn(16, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    spec = gr.discover(a, x[:2])
+    truth = spec.random_permutations(seed=3)
+    b = gr.permute(a, spec, truth)
+    truth = _inverse(truth)
+    wm = weight_matching(spec, a.state_dict(), b.state_dict())
+    assert all(torch.equal(wm[g], truth[g]) for g in truth)
+    prep = prepare([a, b], x, num_examples=16, batch_size=16, statistics=False, states=False)
+    assert all(torch.equal(prep.perms[0][g], truth[g]) for g in truth)
+    plain = activation_perms(spec, prep.stats[0])
+    assert sum(int((plain[g] != truth[g]).sum()) for g in truth) > 0
+    assert sum(prep.stats[0].unsignalled.values()) > 0 and sum(prep.stats[0].arbitrary.values()) == 0

@@ -83,6 +83,7 @@ def command(session: Session, model_ref, ckpt_a, ckpt_b, fit_ref, method, num_ex
         "group_sizes": {g.name: g.size for g in res.spec.groups},
         "mean_corr": res.mean_corr, "mean_corr_summary": corr_summary(res.mean_corr),
         "resets": res.resets, "folded": res.folded, "kept": res.kept, "dead_channels": res.dead_channels,
+        "unsignalled": res.unsignalled, "arbitrary": res.arbitrary,
         "merged_class": type(res.model).__name__,
         "onnx": None if export is None else {
             "path": str(onnx_path), "node_count": export.node_count, "op_counts": export.op_counts,
@@ -139,6 +140,9 @@ def merge_text(r: dict, eval_ref: str | None) -> str:
     else:
         lines.append("repair: none (plain interpolation of the aligned models)")
     lines.append(f"dead channels: {r['dead_channels']}")
+    if r["method"] == "activation" and r["examples"]:
+        lines.append(f"units matched without activation signal: {r['unsignalled']} (placed by their weights: "
+                     f"{r['unsignalled'] - r['arbitrary']}, arbitrary: {r['arbitrary']})")
     if r["eval"]:
         rows = [[k, percent(v["accuracy"]), number(v["loss"])] for k, v in r["eval"].items()]
         lines.append(f"evaluation on {eval_ref}:")

@@ -40,7 +40,8 @@ from torch import nn
 from passes.fold_affine import fold_affines
 from passes.reset import ChannelAffine, Reset, ResetSpec, insert_resets, resets, set_mode
 
-from graphrepair.merging.align import activation_perms, check_same_architecture, coupled_corr, weight_matching
+from graphrepair.merging.align import (WeightScores, activation_perms, check_same_architecture, coupled_corr,
+                                      tie_safe, unsignalled, weight_matching)
 from graphrepair.io.data import take_examples
 from graphrepair.discovery.discover import discover
 from graphrepair import distributed
@@ -69,6 +70,10 @@ class MergeResult:
     folded: int = 0
     kept: list[str] = field(default_factory=list)  # "<node>: <why it could not be folded>"
     dead_channels: int = 0
+    # activation matching: units matched without activation signal (dead or tied, see
+    # align.unsignalled), and those of them the weights did not decide either (arbitrary)
+    unsignalled: int = 0
+    arbitrary: int = 0
     notes: list[str] = field(default_factory=list)
     unfolded: nn.Module | None = None  # with keep_unfolded: the merged graph with its reset nodes
     goals: dict | None = None  # with keep_unfolded: reset node -> (goal mean, goal std)
@@ -186,9 +191,13 @@ def align_pair(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module, fi
                method: str, resets: list[ResetPoint], cross_at_resets: bool, quiet: bool,
                seed: int = 0) -> tuple[dict[str, torch.Tensor], PairStats | None, dict[str, float]]:
     """Permutations of B's groups onto A, and the pass statistics (None for weight matching
-    without REPAIR statistics)."""
+    without REPAIR statistics). Activation matching breaks its ties with the weights
+    (``activation_perms``) and counts, per group, the units matched without activation signal and
+    those the weights did not decide either (``align.unsignalled``; ``PairStats.unsignalled``,
+    ``PairStats.arbitrary``)."""
     sa, sb = model_a.state_dict(), model_b.state_dict()
     stats = None
+    scores = WeightScores(spec, sa, sb) if method == "activation" else None
     if method == "activation" or resets:
         observe = observation_points(spec) if method == "activation" else {}
         stats = collect(spec, model_a, model_b, fit, observe, resets, cross_at_resets=cross_at_resets,
@@ -197,7 +206,7 @@ def align_pair(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module, fi
     with distributed.step("solving the assignments"):
         if distributed.is_reporting():  # one solver: rank 0 (see graphrepair.distributed)
             if method == "activation":
-                perms = activation_perms(spec, stats)
+                perms = activation_perms(spec, stats, weights=scores)
                 rest = [g.name for g in spec.groups if g.name not in perms]
                 if rest:  # groups no activation reaches (fused attention internals): weight matching
                     perms = weight_matching(spec, sa, sb, groups=rest, init=perms, seed=seed)
@@ -211,6 +220,12 @@ def align_pair(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module, fi
                 c = coupled_corr(spec, stats, g, perms)
             p = perms[g].to(c.device)
             mean_corr[g] = float(c[torch.arange(len(p), device=c.device), p].mean())
+            if scores is not None:
+                rounded, p = tie_safe(c).cpu(), p.cpu()
+                n, arbitrary = unsignalled(rounded, p, None)
+                if n:
+                    n, arbitrary = unsignalled(rounded, p, scores.cosine(g, {h: q for h, q in perms.items() if h != g}))
+                    stats.unsignalled[g], stats.arbitrary[g] = n, arbitrary
     return perms, stats, mean_corr
 
 
@@ -334,8 +349,14 @@ def merge_prepared(prep: Prepared, weights: list[float], repair: str | None,
         result.examples = prep.stats[0].examples
         result.dead_channels = sum(prep.stats[0].dead.values())
         if result.dead_channels:
-            result.notes.append(f"{result.dead_channels} dead units (zero variance in model A at the "
-                                f"matching points, e.g. ReLUs that never fire): their matching is arbitrary")
+            result.notes.append(f"{result.dead_channels} dead units (zero variance in model A at every "
+                                f"matching point, e.g. ReLUs that never fire): their activations cannot place them")
+        result.unsignalled = sum(prep.stats[0].unsignalled.values())
+        result.arbitrary = sum(prep.stats[0].arbitrary.values())
+        if result.unsignalled:
+            result.notes.append(f"{result.unsignalled} units matched without activation signal (dead, or "
+                                f"tied with another unit): the weights placed {result.unsignalled - result.arbitrary}, "
+                                f"{result.arbitrary} had no weight signal either and are matched arbitrarily")
         result.notes.extend(prep.stats[0].notes)
     fit = prep.fit
     stats0 = prep.stats[0] if prep.stats else None

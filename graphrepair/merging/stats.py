@@ -53,6 +53,11 @@ from graphrepair.runtime import eval_mode, model_device
 from graphrepair.discovery.spec import PermutationSpec, with_metadata
 
 
+# A channel whose standard deviation over the fitting data is at most this is dead: its
+# correlations are 0 (what is left is float32 rounding, not signal) and ``PairStats.dead`` counts
+# it, so that dead units are always among those alignment reports as matched without signal.
+DEAD_STD = 1e-6
+
 @dataclass
 class PointStats:
     mean_a: torch.Tensor
@@ -88,13 +93,17 @@ class PairStats:
     corr: dict[str, torch.Tensor]  # group name -> (|g|, |g|) mean correlation A_i vs B_j
     points: dict[str, PointStats]  # reset node -> endpoint statistics
     examples: int
-    dead: dict[str, int] = field(default_factory=dict)  # group -> channels with zero variance
+    dead: dict[str, int] = field(default_factory=dict)  # group -> A's channels with zero variance at every point
     # groups whose correlation depends on other groups' permutations (see JointPoint); their
     # ``corr`` entry pairs the other groups' positions as they are
     coupled: dict[str, Coupled] = field(default_factory=dict)
     joint: dict[str, JointPoint] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     requested: int = 0  # examples asked for (by all ranks together in a distributed run)
+    # set by alignment (merge.align_pair): group -> units matched without activation signal, and
+    # those of them the weights did not decide either (align.unsignalled)
+    unsignalled: dict[str, int] = field(default_factory=dict)
+    arbitrary: dict[str, int] = field(default_factory=dict)
 
 
 def copy_with_state(module: nn.Module, state: dict[str, torch.Tensor], *, own: bool = False,
@@ -320,7 +329,7 @@ def summarise(spec: PermutationSpec, plan: TapPlan, observe: dict[str, list[Obse
     joint = {}
     for node, (view_node, i) in plan.at_joint.items():
         sa, sb = taps[view_node].moments(i)
-        jc = correlation(taps[view_node].cov(i), sa.var, sb.var)
+        jc = correlation(taps[view_node].cov(i), sa.var, sb.var, DEAD_STD)
         if not torch.isfinite(jc).all():
             raise NumericError(f"correlations at node {node!r} are not finite (NaN/Inf activations?)")
         joint[node] = JointPoint(plan.joint_exprs[node][1], jc, sa.var)
@@ -341,13 +350,13 @@ def summarise(spec: PermutationSpec, plan: TapPlan, observe: dict[str, list[Obse
                 node, i = plan.at_group[(g, p.node)]
                 sa, sb = taps[node].moments(i)
                 va = sa.var
-                mats.append(correlation(taps[node].cov(i), va, sb.var))
-            var_a = va if var_a is None else var_a
+                mats.append(correlation(taps[node].cov(i), va, sb.var, DEAD_STD))
+            var_a = va if var_a is None else torch.maximum(var_a, va)  # dead: at every point
         c = torch.stack(mats).mean(0)
         if not torch.isfinite(c).all():
             raise NumericError(f"correlations of group {g!r} are not finite (NaN/Inf activations?)")
         corr[g] = c
-        dead[g] = int((var_a <= 1e-12).sum())
+        dead[g] = int((var_a <= DEAD_STD ** 2).sum())
         nodes = [p.node for p in pts if p.node in joint]
         if nodes:
             plain = [m for p, m in zip(pts, mats) if p.node not in joint]
