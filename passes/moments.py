@@ -513,11 +513,15 @@ def covariance(sa: ChannelSums, sb: ChannelSums, sab: torch.Tensor) -> torch.Ten
 
 
 def correlation(cov: torch.Tensor, var_a: torch.Tensor, var_b: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """Pearson correlation from a covariance; rows/columns of channels with std <= eps are 0."""
+    """Pearson correlation from a covariance; rows/columns of channels with std <= eps are 0.
+    One (Ca, Cb) result and no other temporary of that size (the matrices of a wide layer take
+    tens of megabytes each): cov scaled by 1/std per row and per column, 0 for dead channels."""
     std_a, std_b = var_a.sqrt(), var_b.sqrt()
-    live = torch.outer(std_a > eps, std_b > eps)
-    out = torch.where(live, cov / torch.where(live, torch.outer(std_a, std_b), 1.0), 0.0)
-    return out.clamp(-1.0, 1.0)
+    out = cov / std_a[:, None]
+    out.div_(std_b[None, :])
+    out[~(std_a > eps)] = 0.0  # whatever the covariance holds there (NaN too)
+    out[:, ~(std_b > eps)] = 0.0
+    return out.clamp_(-1.0, 1.0)
 
 
 class CrossMoments:

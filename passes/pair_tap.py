@@ -78,6 +78,13 @@ class PairTap(nn.Module):
             if cross is not None:
                 cross.load_total(parts.pop(0))
 
+    def drop_cross(self, i: int) -> None:
+        """Free view ``i``'s cross products once they have been read (a wide layer's take tens
+        of megabytes: freeing each as soon as its correlation exists keeps the two from adding up
+        over a whole model); ``cov(i)`` raises afterwards."""
+        if self.cross[i] is not None:
+            self.cross[i] = None
+
     def cov(self, i: int) -> torch.Tensor:
         """A-B cross-covariance of view ``i`` (float64)."""
         total = None if self.cross[i] is None else self.cross[i].total

@@ -599,3 +599,44 @@ def test_torchvision_mobilenet_v2_permuted_copy_recovered_by_both_methods():
     plain = activation_perms(spec, prep.stats[0])
     assert sum(int((plain[g] != truth[g]).sum()) for g in truth) > 0
     assert sum(prep.stats[0].unsignalled.values()) > 0 and sum(prep.stats[0].arbitrary.values()) == 0
+
+
+def test_unsignalled_counts_dead_and_identical_units_not_values_that_coincide():
+    """A value equal to another on the rounding grid is no tie (the rest of the row tells the
+    units apart); a dead row or column (all 0) and two identical rows are: activations cannot
+    tell those units apart. The weights decide them unless their cosines tie too."""
+    from graphrepair.merging.align import tie_safe, unsignalled
+
+    g = torch.Generator().manual_seed(0)
+    c = tie_safe(torch.rand(6, 6, generator=g) * 0.5)
+    c[0, 3] = c[0, 0]  # coincides with row 0's match: still told apart by the other entries
+    ident = torch.arange(6)
+    assert unsignalled(c, ident) == (0, 0)
+    c[4] = 0.0  # A's unit 4 dead
+    c[:, 2] = 0.0  # B's unit 2 dead (matched to A's unit 2)
+    c[5] = c[1]  # A's units 1 and 5 alike in every correlation
+    assert unsignalled(c, ident) == (4, 4)  # units 1, 2, 4, 5; no weights given: all arbitrary
+    cos = torch.eye(6, dtype=torch.float64)
+    assert unsignalled(c, ident, cos) == (4, 0)  # the weights tell each apart
+    cos[1, 5] = cos[1, 1]  # unit 1 alike to B's 1 and 5 in its weights too
+    assert unsignalled(c, ident, cos) == (4, 1)
+
+
+def test_a_merge_leaves_no_pass_module_alive(digits_pair):
+    """The pair's taps hold float64 sums of every observed layer (a ViT-B's: 0.9 GB) in a module
+    that sits in reference cycles (GraphModule <-> graph): the merge frees them between passes
+    (``runtime.release``), not whenever Python's collector next runs."""
+    import gc
+
+    from passes.pair_tap import PairTap
+
+    (a, b), x, _ = digits_pair
+    gc.collect()
+    gc.disable()  # only what the merge itself frees counts
+    try:
+        res = gr.merge_models([a, b], x, num_examples=300)
+        alive = [o for o in gc.get_objects() if type(o) is PairTap]
+    finally:
+        gc.enable()
+    assert res.examples == 300
+    assert alive == []

@@ -96,14 +96,21 @@ def activation_perms(spec: PermutationSpec, stats, max_rounds: int = 50,
     Started from a pairing-free estimate (each A position's best match among B's replicas),
     coordinate ascent solves one group at a time until no group changes; every step can only
     raise the summed correlation."""
-    rounded = {g: tie_safe(c) for g, c in stats.corr.items() if g not in stats.coupled}
-    perms = {g: lap(r) for g, r in rounded.items()}
+    # one group's rounded matrix at a time (a model's correlations can take gigabytes); kept
+    # only for the groups with a tie in the assignment found: a row whose match has a rival of
+    # the same rounded correlation (the weight term could otherwise only choose between
+    # assignments of equal summed correlation that differ in no tied row, a degenerate case)
+    perms, rounded = {}, {}
+    for g, c in stats.corr.items():
+        if g in stats.coupled:
+            continue
+        r = tie_safe(c)
+        perms[g] = lap(r)
+        if weights is not None and g in weights.touches and unsignalled(r, perms[g])[0] > 0:
+            rounded[g] = r
+        del r
     if weights is not None:
-        # only groups with a tie in the assignment found: a row whose match has a rival of the
-        # same rounded correlation (the weight term could otherwise only choose between
-        # assignments of equal summed correlation that differ in no tied row, a degenerate case)
-        plain = [g.name for g in spec.groups if g.name in rounded and g.name in weights.touches
-                 and unsignalled(rounded[g.name], perms[g.name])[0] > 0]
+        plain = [g.name for g in spec.groups if g.name in rounded]
         for _ in range(tie_rounds):
             changed = False
             for g in plain:
@@ -132,29 +139,36 @@ def activation_perms(spec: PermutationSpec, stats, max_rounds: int = 50,
     return perms
 
 
+def _blind(k: torch.Tensor) -> torch.Tensor:
+    """Rows of the integer matrix ``k`` that tell nothing apart: all zero (a dead unit: every
+    correlation 0) or equal to another row (units whose activations are the same)."""
+    _, inverse, counts = torch.unique(k, dim=0, return_inverse=True, return_counts=True)
+    return (k == 0).all(1) | (counts[inverse] > 1)
+
+
 def unsignalled(rounded: torch.Tensor, perm: torch.Tensor,
                 cosine: torch.Tensor | None = None) -> tuple[int, int]:
     """(units matched without activation signal, those of them the weights did not decide either)
     for one group: ``rounded`` its rounded correlations (``tie_safe``), ``perm`` its assignment,
     ``cosine`` its weights' ``WeightScores.cosine`` under the final permutations.
 
-    A's unit i is matched without activation signal when another unit of B has the same rounded
-    correlation with it as its match P(i): T_i = {j : rounded[i, j] = rounded[i, P(i)]} has more
-    than one member. That takes in dead units (zero variance at every point: correlations all 0,
-    in A or in B) and units whose activations are equal. The weights decided it when
-    cosine[i, P(i)] is larger than cosine[i, j] for every other j in T_i; otherwise nothing did
-    (tied weights too, or a unit with no weights): the match is arbitrary."""
+    A's unit i is matched without activation signal when its row of rounded correlations, or
+    the column of its match P(i), is all zero (a dead unit, in A or in B: zero variance at every
+    point) or equal to another row (column): activations cannot tell such units apart, so any
+    exchange among them leaves the summed correlation as it is. (A value that merely coincides
+    with another on the rounding grid is no tie: the rest of the row tells the units apart.)
+    The weights decided it when no other column matched to such a unit has the same cosine with
+    i as P(i), on the same grid; otherwise nothing did (tied weights too, or a unit with no
+    weights): the match is arbitrary."""
+    k = torch.round(rounded / TIE_GRID).to(torch.int64)  # exact: ``rounded`` is on the grid
     rows = torch.arange(len(perm))
-    chosen = rounded[rows, perm]
-    tied = rounded == chosen[:, None]
-    without = tied.sum(1) > 1
-    if cosine is None or not bool(without.any()):
-        return int(without.sum()), int(without.sum())
-    c = cosine.to(rounded.dtype)
-    rivals = torch.where(tied, c, torch.full_like(c, -torch.inf))
-    rivals[rows, perm] = -torch.inf
-    decided = c[rows, perm] > rivals.max(1).values
-    return int(without.sum()), int((without & ~decided).sum())
+    without = _blind(k)[rows] | _blind(k.T)[perm]
+    n = int(without.sum())
+    if cosine is None or n == 0:
+        return n, n
+    c = tie_safe(cosine)[without][:, perm[without]]  # rows: those units; columns: their matches
+    arbitrary = (c == c.diagonal()[:, None]).sum(1) > 1
+    return n, int(arbitrary.sum())
 
 
 def _coupled_mean(spec: PermutationSpec, stats, g: str, score) -> torch.Tensor:

@@ -50,7 +50,7 @@ from graphrepair.merging.points import ResetPoint, observation_points, reset_poi
 from graphrepair.progress import progress
 from graphrepair.discovery.spec import PermutationSpec
 from graphrepair.merging.stats import PairStats, calibrate, check_finite, collect, copy_with_state, graph_for
-from graphrepair.runtime import model_device
+from graphrepair.runtime import model_device, release
 
 REPAIR_MODES = ("exact", "approx", "reset", None)
 METHODS = ("activation", "weight")
@@ -304,6 +304,7 @@ def prepare(models: list[nn.Module], data, *, method: str = "activation", statis
                 # entries with no permuted axis come back as the model's own tensors: copy them, so
                 # that changing the model later cannot change what this preparation merges
                 aligned.append({k: v.clone() if v is sd[k] else v for k, v in permuted.items()})
+    release()  # the proofs' permuted copies (see runtime.release)
     return Prepared(models, spec, fit, method, rpoints, perms_all, stats_all, corr, aligned)
 
 
@@ -397,6 +398,11 @@ def merge_models(models: list[nn.Module], data, *, weights: list[float] | None =
     prep = prepare(models, data, method=method, statistics=repair in ("exact", "approx"),
                    cross=repair == "approx", num_examples=num_examples, batch_size=batch_size,
                    points=points, spec=spec, quiet=quiet, seed=seed)
+    for st in prep.stats:  # the correlations served alignment (a ViT-B's take 0.9 GB); not the merge
+        if st is not None:
+            st.corr.clear()
+            st.joint.clear()
+            st.coupled.clear()
     return merge_prepared(prep, weights, repair, quiet)
 
 

@@ -49,7 +49,7 @@ from graphrepair.discovery import axes as ax
 from graphrepair.errors import DataError, MismatchError, NumericError
 from graphrepair.merging.points import ObservePoint, ResetPoint
 from graphrepair.progress import progress
-from graphrepair.runtime import eval_mode, model_device
+from graphrepair.runtime import eval_mode, model_device, release
 from graphrepair.discovery.spec import PermutationSpec, with_metadata
 
 
@@ -330,6 +330,8 @@ def summarise(spec: PermutationSpec, plan: TapPlan, observe: dict[str, list[Obse
     for node, (view_node, i) in plan.at_joint.items():
         sa, sb = taps[view_node].moments(i)
         jc = correlation(taps[view_node].cov(i), sa.var, sb.var, DEAD_STD)
+        if not plan.cross_at_resets:  # read once: free the cross products now (``drop_cross``)
+            taps[view_node].drop_cross(i)
         if not torch.isfinite(jc).all():
             raise NumericError(f"correlations at node {node!r} are not finite (NaN/Inf activations?)")
         joint[node] = JointPoint(plan.joint_exprs[node][1], jc, sa.var)
@@ -339,28 +341,33 @@ def summarise(spec: PermutationSpec, plan: TapPlan, observe: dict[str, list[Obse
     for g, pts in observe.items():
         if not pts:
             continue
-        mats, var_a = [], None
+        # running sums (a stack of every point's matrix would hold them all at once)
+        nodes = [p.node for p in pts if p.node in joint]
+        total, plain, var_a = None, None, None
         for p in pts:
             if p.node in joint:  # replicas paired as they are (alignment re-pairs them)
                 jp = joint[p.node]
                 pos = ax.positions(jp.expr, spec.var_of_group[g]).to(jp.corr.device)
-                mats.append(jp.corr[pos[:, None, :], pos[None, :, :]].mean(-1))
+                m = jp.corr[pos[:, None, :], pos[None, :, :]].mean(-1)
                 va = jp.var_a[pos].max(1).values  # a channel is dead when all its replicas are
             else:
                 node, i = plan.at_group[(g, p.node)]
                 sa, sb = taps[node].moments(i)
                 va = sa.var
-                mats.append(correlation(taps[node].cov(i), va, sb.var, DEAD_STD))
+                m = correlation(taps[node].cov(i), va, sb.var, DEAD_STD)
+                if not plan.cross_at_resets:
+                    taps[node].drop_cross(i)
+                if nodes:
+                    plain = m.clone() if plain is None else plain.add_(m)
+            total = m if total is None else total.add_(m)
             var_a = va if var_a is None else torch.maximum(var_a, va)  # dead: at every point
-        c = torch.stack(mats).mean(0)
+        c = total.div_(len(pts))
         if not torch.isfinite(c).all():
             raise NumericError(f"correlations of group {g!r} are not finite (NaN/Inf activations?)")
         corr[g] = c
         dead[g] = int((var_a <= DEAD_STD ** 2).sum())
-        nodes = [p.node for p in pts if p.node in joint]
         if nodes:
-            plain = [m for p, m in zip(pts, mats) if p.node not in joint]
-            coupled[g] = Coupled(torch.stack(plain).sum(0) if plain else None, len(plain), nodes)
+            coupled[g] = Coupled(plain, len(pts) - len(nodes), nodes)
     stats = {}
     for r in resets:
         node, i = plan.at_reset[r.node]
@@ -397,4 +404,6 @@ def collect(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module, batch
         examples, requested = (int(round(float(c))) for c in counts.cpu())
     stats = summarise(spec, plan, observe, resets, examples)
     stats.requested = requested
+    del plan
+    release()  # the pair module and its taps' sums (see runtime.release)
     return stats
