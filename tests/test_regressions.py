@@ -128,6 +128,34 @@ def test_torchvision_stochastic_depth_if_installed():
     _residual_stream(spec)
 
 
+@pytest.mark.parametrize("version", [1, 2])
+def test_torchvision_swin_attention_and_patch_merging_keep_the_stream_free(version):
+    """torchvision's Swin calls fx-wrapped functions (``shifted_window_attention``,
+    ``_patch_merging_pad``) that the trace keeps whole; their rules free the residual stream
+    (swin_t: 17,664 -> 27,936 free channels), the head dims and the MLPs, and the check holds with
+    random weights, stochastic depth and the v2 cosine attention included."""
+    try:
+        from fixtures.torchvision_compat import import_torchvision
+        import_torchvision()
+    except Exception:  # noqa: BLE001 - not installed, or its operators do not load with this torch
+        pytest.skip("torchvision is not importable")
+    from torchvision.models import swin_transformer as st
+
+    extra = {} if version == 1 else {"block": st.SwinTransformerBlockV2, "downsample_layer": st.PatchMergingV2}
+    torch.manual_seed(0)
+    model = st.SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 1], num_heads=[2, 4],
+                               window_size=[2, 2], stochastic_depth_prob=0.2, num_classes=5, **extra)
+    spec = discover_checked(model, torch.randn(2, 3, 32, 32))
+    stream = group_of(spec, "features.0.0.weight")  # the patch embedding's channels: stage 1's stream
+    assert stream is not None and stream.size == 16
+    assert ("features.1.1.attn.proj.weight", 0) in {(m.name, m.axis) for m in stream.params}
+    assert ("features.2.reduction.weight", 1) in {(m.name, m.axis) for m in stream.params}  # kron(4, C)
+    assert group_of(spec, "features.1.0.mlp.0.weight") is not None  # the MLP's hidden channels
+    qkv = [g for g in spec.groups if any(m.name == "features.1.0.attn.qkv.weight" and m.axis == 0
+                                         for m in g.params)]
+    assert sorted(g.size for g in qkv) == [8] * 4  # per head: q/k dims and v dims, 2 heads
+
+
 # --------------------------------------------------------------------------------------------
 # 3. op arguments by name: positional and keyword calls mean the same
 

@@ -91,3 +91,45 @@ def multihead_attention_module(ctx: Context):
     info = ctx.info(n)
     weights = info[1] if isinstance(info, tuple) and len(info) > 1 else None
     return (out, fixed_out(weights, "attention weights"))
+
+
+@op("torchvision.models.swin_transformer.shifted_window_attention")
+def shifted_window_attention(ctx: Context):
+    """torchvision's fx-wrapped Swin attention (v1 and v2), read from its definition:
+    ``input`` (B, H, W, C) -> pad, cyclic shift and window partition of H and W -> ``F.linear``
+    with ``qkv_weight`` (3C, C) laid out as [q | k | v] x heads x head dims -> per head
+    softmax(q.k + bias) v (v2: cosine attention, q and k normalised over the head dims, a per-head
+    ``logit_scale``; the k part of ``qkv_bias`` is zeroed as a whole) -> ``F.linear`` with
+    ``proj_weight`` (C, C) -> windows and shift undone. As for ``nn.MultiheadAttention``: the
+    embedding axis of ``input`` is the columns of ``qkv_weight``; within each head the q/k dims
+    share one permutation and the v dims another, read back by ``proj_weight``'s columns; the
+    output embedding is ``proj_weight``'s rows. Heads keep their order (the per-head bias and
+    logit scale are fixed), and H and W, which the windows mix, are fixed."""
+    n = ctx.node
+    x = ctx.arg("input", index=0)
+    w_qkv, w_proj = ctx.arg("qkv_weight", index=1), ctx.arg("proj_weight", index=2)
+    heads = ctx.arg("num_heads", index=5)
+    xa, wa, pa = ctx.axes(x), ctx.axes(w_qkv), ctx.axes(w_proj)
+    if (xa is None or wa is None or pa is None or len(xa) != 4 or len(wa) != 2 or len(pa) != 2
+            or not isinstance(heads, int) or heads <= 0 or xa[-1].size % heads
+            or wa[0].size != 3 * xa[-1].size or pa[1].size != xa[-1].size):
+        return unknown(ctx, f"shifted_window_attention at node '{n.name}' with an input, weights or "
+                            f"num_heads not laid out as torchvision's Swin")
+    d = xa[-1].size // heads
+    ctx.unify(xa[-1], wa[1])
+    for dd in (1, 2):  # windows, shifts and padding mix the spatial positions
+        ctx.fix(xa[dd], "shifted-window attention positions", dd, n.name, structural=True)
+    qk = [ctx.fresh(d) for _ in range(heads)]
+    vv = [ctx.fresh(d) for _ in range(heads)]
+    ctx.unify(wa[0], cat(qk + qk + vv))
+    ctx.unify(pa[1], cat(vv))
+    for name, index, target in (("qkv_bias", 9, wa[0]), ("proj_bias", 10, pa[0])):
+        ba = ctx.axes(ctx.arg(name, index=index))
+        if ba is not None:
+            ctx.unify(ba[0], target)
+    for name, index in (("relative_position_bias", 3), ("logit_scale", 11)):
+        a = ctx.arg(name, index=index)
+        for dd, e in enumerate(ctx.axes(a) or []):
+            ctx.fix(e, "per-head term of shifted-window attention: heads keep their order", dd,
+                    getattr(a, "name", n.name), structural=True)
+    return xa[:-1] + [pa[0]]

@@ -277,3 +277,20 @@ def select(ctx: Context):
     dim = norm_dim(ctx.arg("dim", 0, index=1), len(xa))
     ctx.fix(xa[dim], f"indexed by position at node '{ctx.node.name}'", dim, x.name)
     return xa[:dim] + xa[dim + 1:]
+
+
+@op("torchvision.models.swin_transformer._patch_merging_pad")
+def patch_merging_pad(ctx: Context):
+    """torchvision's fx-wrapped Swin patch merging: (..., H, W, C) padded to even H and W, then
+    the four interleaved (H/2, W/2) sub-grids concatenated on the channels, (..., H/2, W/2, 4C):
+    the channel axis is four copies of the input's, kron(4, C); H and W are resampled (fixed)."""
+    x = ctx.input()
+    xa = ctx.axes(x)
+    if xa is None or len(xa) < 3:
+        return unknown(ctx)
+    for dd in (-3, -2):
+        ctx.fix(xa[dd], "patch merging resamples the spatial positions", len(xa) + dd, ctx.node.name,
+                structural=True)
+    out = ctx.out_shape()
+    return xa[:-3] + [Fixed(out[-3], "patch merging"), Fixed(out[-2], "patch merging"),
+                      kron(Fixed(4, "the four sub-grids of patch merging"), xa[-1])]
