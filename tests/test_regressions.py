@@ -156,6 +156,53 @@ def test_torchvision_swin_attention_and_patch_merging_keep_the_stream_free(versi
     assert sorted(g.size for g in qkv) == [8] * 4  # per head: q/k dims and v dims, 2 heads
 
 
+class EinsumAttention(nn.Module):
+    def __init__(self, eq_scores: str, eq_mix: str):
+        super().__init__()
+        self.eqs = eq_scores, eq_mix
+        self.q, self.k, self.v = nn.Linear(6, 8), nn.Linear(6, 8), nn.Linear(6, 10)
+        self.out = nn.Linear(10, 3)
+
+    def forward(self, x):  # (B, T, 6)
+        s = torch.einsum(self.eqs[0], self.q(x), self.k(x)).softmax(-1)
+        return self.out(torch.einsum(self.eqs[1], s, self.v(x)).swapaxes(1, 2).swapaxes(1, 2))
+
+
+@pytest.mark.parametrize("eqs, free", [
+    (("bid,bjd->bij", "bij,bjd->bid"), True),
+    (("B I D, B J D -> B I J", "B I J, B J D -> B I D"), True),  # spaces, capitals (torchvision's MaxViT)
+    (("...id,...jd->...ij", "...ij,...jd->...id"), False),  # ellipsis: not read, fixed
+], ids=["explicit", "spaced", "ellipsis"])
+def test_einsum_attention_and_swapaxes(eqs, free):
+    """einsum: every axis of one letter shares a permutation (q and k's features cancel in the
+    contraction, v's pass to the output); swapaxes reads axis0/axis1 (torchvision's MaxViT
+    lost its stream to both)."""
+    spec = discover_checked(EinsumAttention(*eqs), torch.randn(2, 5, 6))
+    qk, v = group_of(spec, "q.weight"), group_of(spec, "v.weight")
+    if free:
+        assert qk is not None and qk is group_of(spec, "k.weight") and qk.size == 8
+        assert v is not None and ("out.weight", 1) in {(m.name, m.axis) for m in v.params}
+    else:
+        assert qk is None and v is None
+        assert any("einsum" in f.reason for f in spec.fixed)
+
+
+class EinsumLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8, 6))
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):  # implicit output: the letters that occur once, alphabetical: "ik"
+        return self.fc(torch.relu(torch.einsum("ij,kj", x, self.w)))
+
+
+def test_einsum_with_an_implicit_output():
+    spec = discover_checked(EinsumLinear(), torch.randn(4, 6))
+    g = group_of(spec, "w")
+    assert g is not None and g.size == 8 and ("fc.weight", 1) in {(m.name, m.axis) for m in g.params}
+
+
 # --------------------------------------------------------------------------------------------
 # 3. op arguments by name: positional and keyword calls mean the same
 

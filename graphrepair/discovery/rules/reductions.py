@@ -106,3 +106,41 @@ def pool(ctx: Context):
         nn.UpsamplingBilinear2d)
 def pool_module(ctx: Context):
     return _pool(ctx, type(ctx.module()).__name__)
+
+
+@op("einsum")
+def einsum(ctx: Context):
+    """out[o] = sum over the other letters of the product of the operands, each axis named by a
+    letter: when every axis that carries letter L (in any operand, and in the output) is permuted
+    by one permutation of L, the products are those of relabelled indices and the sums run over
+    the same terms, so the output is permuted on its L axes by the same permutation. All axes of
+    one letter are unified (a letter repeated in one operand too: its diagonal). An ellipsis
+    (broadcast axes) or a letter whose axes differ in size (size-1 broadcasting) is not read:
+    the fallback fixes the axes."""
+    n = ctx.node
+    eq = n.args[0] if n.args else n.kwargs.get("equation")
+    operands = list(n.args[1:]) or list(n.kwargs.get("operands", []))
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = list(operands[0])
+    if not isinstance(eq, str) or "..." in eq:
+        return unknown(ctx, f"einsum at node '{n.name}' without an equation of letters only "
+                            f"(an ellipsis broadcasts axes)")
+    lhs, arrow, rhs = eq.replace(" ", "").partition("->")
+    terms = lhs.split(",")
+    if not arrow:  # implicit output: the letters that occur once, in alphabetical order
+        letters = "".join(terms)
+        rhs = "".join(sorted(c for c in set(letters) if letters.count(c) == 1))
+    axes = [ctx.axes(o) for o in operands]
+    if (len(terms) != len(operands) or any(a is None or len(a) != len(t) for a, t in zip(axes, terms))
+            or not all(c.isalpha() for c in "".join(terms) + rhs)):
+        return unknown(ctx)
+    by_letter: dict[str, list] = {}
+    for term, exprs in zip(terms, axes):
+        for letter, e in zip(term, exprs):
+            by_letter.setdefault(letter, []).append(e)
+    if any(c not in by_letter for c in rhs) or any(len({e.size for e in es}) > 1 for es in by_letter.values()):
+        return unknown(ctx, f"einsum at node '{n.name}' broadcasts a letter over axes of different sizes")
+    for es in by_letter.values():
+        for e in es[1:]:
+            ctx.unify(es[0], e)
+    return [by_letter[c][0] for c in rhs]

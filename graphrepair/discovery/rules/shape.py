@@ -96,6 +96,8 @@ def transpose(ctx: Context):
     if op_name(ctx.node) in ("t", "numpy_T"):
         return out[::-1] if len(out) == 2 else out
     d0, d1 = ctx.arg("dim0", index=1), ctx.arg("dim1", index=2)
+    if d0 is None and d1 is None:  # swapaxes names them axis0/axis1
+        d0, d1 = ctx.arg("axis0", index=1), ctx.arg("axis1", index=2)
     if not isinstance(d0, int) or not isinstance(d1, int):
         return unknown(ctx)
     d0, d1 = norm_dim(d0, len(xa)), norm_dim(d1, len(xa))
