@@ -640,3 +640,30 @@ def test_a_merge_leaves_no_pass_module_alive(digits_pair):
         gc.enable()
     assert res.examples == 300
     assert alive == []
+
+
+_ORDER = torch.tensor([2, 0, 1, 3])
+
+
+class _TensorConstant(nn.Module):
+    """Reads a tensor that is none of its attributes: torch.fx makes it a constant of the traced
+    graph (``_tensor_constant0``), in no state dict of the model (timm's Swin has 17)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x[:, _ORDER])))
+
+
+@pytest.mark.parametrize("repair", ["exact", None])
+def test_a_model_whose_trace_has_tensor_constants_merges_into_its_class(repair):
+    torch.manual_seed(0)
+    a, b = _TensorConstant().eval(), _TensorConstant().eval()
+    x = torch.randn(64, 4)
+    spec = gr.discover(a, x[:2])
+    assert any(k.startswith("_tensor_constant") for k in spec.traced.gm.state_dict())
+    res = gr.merge_models([a, b], x, num_examples=64, repair=repair)
+    assert type(res.model) is _TensorConstant and res.model.state_dict().keys() == a.state_dict().keys()
+    assert torch.isfinite(res.model(x)).all()

@@ -117,7 +117,8 @@ def test_torchvision_pair_merges_and_exports(entry, tmp_path):
 
 
 @pytest.mark.parametrize("entry", [e for e in TIMM_SET if e.name in
-                                   ("convnext_atto", "vit_tiny_patch16_224", "regnetx_002", "poolformer_s12")],
+                                   ("convnext_atto", "vit_tiny_patch16_224", "regnetx_002", "poolformer_s12",
+                                    "swin_tiny_patch4_window7_224")],
                          ids=lambda e: e.name)
 def test_timm_pair_merges_and_exports(entry, tmp_path):
     need("timm")

@@ -49,7 +49,8 @@ from graphrepair.errors import CheckError, DataError, GraphRepairError
 from graphrepair.merging.points import ResetPoint, observation_points, reset_points
 from graphrepair.progress import progress
 from graphrepair.discovery.spec import PermutationSpec
-from graphrepair.merging.stats import PairStats, calibrate, check_finite, collect, copy_with_state, graph_for
+from graphrepair.merging.stats import (PairStats, calibrate, check_finite, collect, copy_with_state, graph_for,
+                                      trace_constant)
 from graphrepair.runtime import model_device, release
 
 REPAIR_MODES = ("exact", "approx", "reset", None)
@@ -508,7 +509,7 @@ def repair_merged(spec: PermutationSpec, model_a: nn.Module, merged_state: dict[
 def finalize(gm, model_a: nn.Module, merged_state: dict) -> nn.Module:
     """The user's own model class when every reset was folded into existing parameters, else the
     GraphModule (with one ChannelAffine per unfoldable reset)."""
-    gsd = gm.state_dict()
+    gsd = {k: v for k, v in gm.state_dict().items() if not trace_constant(k)}
     leftovers = any(isinstance(m, (Reset, ChannelAffine)) for m in gm.modules())
     if not leftovers and set(gsd) <= set(merged_state):
         return copy_with_state(model_a, {**merged_state, **gsd}, own=True).eval()
