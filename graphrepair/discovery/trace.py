@@ -41,6 +41,10 @@ class Traced:
     model_name: str
     info: dict[str, Any] = field(default_factory=dict)  # node name -> TensorInfo | tuple | None
     fx_error: str | None = None  # why symbolic_trace was not used, when it was not
+    # state-dict keys of ``gm`` that are in no state dict of the model: tensors the trace made
+    # constants of (torch.fx's ``_tensor_constantN``) and non-persistent buffers, which a
+    # GraphModule keeps as ordinary buffers. They belong to the graph and keep their traced values.
+    graph_own: frozenset = frozenset()
 
 
 def as_tuple(example_inputs) -> tuple:
@@ -132,7 +136,8 @@ def trace(model: nn.Module, example_inputs) -> Traced:
             if recorder.error is not None:  # fx appends its own context to the message: drop it
                 raise ShapeError(recorder.error) from e.__cause__
             raise
-    return Traced(gm=gm, kind=kind, model_name=name, info=recorder.info, fx_error=fx_error)
+    own = frozenset(gm.state_dict()) - frozenset(model.state_dict())
+    return Traced(gm=gm, kind=kind, model_name=name, info=recorder.info, fx_error=fx_error, graph_own=own)
 
 
 def _export(model: nn.Module, args: tuple) -> torch.fx.GraphModule:

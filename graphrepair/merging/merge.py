@@ -49,8 +49,7 @@ from graphrepair.errors import CheckError, DataError, GraphRepairError
 from graphrepair.merging.points import ResetPoint, observation_points, reset_points
 from graphrepair.progress import progress
 from graphrepair.discovery.spec import PermutationSpec
-from graphrepair.merging.stats import (PairStats, calibrate, check_finite, collect, copy_with_state, graph_for,
-                                      trace_constant)
+from graphrepair.merging.stats import PairStats, calibrate, check_finite, collect, copy_with_state, graph_for
 from graphrepair.runtime import model_device, release
 
 REPAIR_MODES = ("exact", "approx", "reset", None)
@@ -502,14 +501,16 @@ def repair_merged(spec: PermutationSpec, model_a: nn.Module, merged_state: dict[
     # which may have seen no batch): shapes from one example
     example = running is not None or distributed.current() is not None
     folded = fold_affines(gm, inplace=True, example_inputs=(fit.example(),) if example else None)
-    return Repaired(finalize(gm, model_a, merged_state), len(points), folded.counts.get("folded", 0),
+    return Repaired(finalize(gm, model_a, merged_state, spec.traced.graph_own), len(points),
+                    folded.counts.get("folded", 0),
                     list(folded.notes), unfolded)
 
 
-def finalize(gm, model_a: nn.Module, merged_state: dict) -> nn.Module:
+def finalize(gm, model_a: nn.Module, merged_state: dict, graph_own=frozenset()) -> nn.Module:
     """The user's own model class when every reset was folded into existing parameters, else the
-    GraphModule (with one ChannelAffine per unfoldable reset)."""
-    gsd = {k: v for k, v in gm.state_dict().items() if not trace_constant(k)}
+    GraphModule (with one ChannelAffine per unfoldable reset). ``graph_own``: the graph's own
+    tensors (``Traced.graph_own``), which the user's model holds elsewhere or not at all."""
+    gsd = {k: v for k, v in gm.state_dict().items() if k not in graph_own}
     leftovers = any(isinstance(m, (Reset, ChannelAffine)) for m in gm.modules())
     if not leftovers and set(gsd) <= set(merged_state):
         return copy_with_state(model_a, {**merged_state, **gsd}, own=True).eval()

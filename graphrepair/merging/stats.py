@@ -144,23 +144,17 @@ def copy_with_state(module: nn.Module, state: dict[str, torch.Tensor], *, own: b
     return clone
 
 
-def trace_constant(key: str) -> bool:
-    """Whether a state-dict key of a traced graph is a constant the trace made (torch.fx names
-    them ``_tensor_constantN``): it belongs to the graph, not to the model."""
-    return key.startswith("_tensor_constant")
-
-
 def graph_for(spec: PermutationSpec, state: dict[str, torch.Tensor] | nn.Module,
               device: torch.device | None = None, own: bool = False) -> torch.fx.GraphModule:
     """A copy of the traced graph carrying the weights of ``state`` (a model or a state dict;
     ``own``: see ``copy_with_state``)."""
     sd = state.state_dict() if isinstance(state, nn.Module) else state
     gm = spec.traced.gm
-    # tensors the trace made constants of (torch.fx's ``_tensor_constantN``: a tensor the model
-    # holds outside its parameters and buffers, e.g. timm Swin's index tensors) are the graph's
-    # own, in no model's state dict: they come along as traced
-    own_constants = {k: v for k, v in gm.state_dict().items() if trace_constant(k) and k not in sd}
-    return copy_with_state(gm, {**own_constants, **sd} if own_constants else sd,
+    # the graph's own tensors (``Traced.graph_own``: trace constants, non-persistent buffers, in
+    # no state dict of the model, e.g. timm Swin's index tensors, MaxViT's log coordinates) come
+    # along as traced
+    mine = {k: v for k, v in gm.state_dict().items() if k in spec.traced.graph_own and k not in sd}
+    return copy_with_state(gm, {**mine, **sd} if mine else sd,
                            own=own and not isinstance(state, nn.Module), device=device).eval()
 
 
