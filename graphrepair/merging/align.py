@@ -71,19 +71,21 @@ def activation_perms(spec: PermutationSpec, stats, max_rounds: int = 50,
     """One linear assignment per group on its correlation (``stats``: a ``stats.PairStats``).
 
     Ties broken by the weights (``weights``, a ``WeightScores``): what the rounded correlations
-    cannot tell apart (dead units, whose correlations are all 0; units with equal activations) is
-    decided by how alike A's and B's units' weights are. Each group's assignment maximises
+    cannot tell apart (``unsignalled``: dead units, whose correlations are all 0; units with equal
+    activations) is decided by how alike A's and B's units' weights are. After the assignment P
+    on the rounded correlations alone, let U be A's units matched without signal and P(U) their
+    matches; the assignment of U onto P(U) is solved again, maximising
 
-        sum_i  tie_safe(corr_g)[i, P(i)] + w S_g[i, P(i)],     w = TIE_GRID / (4 |g|)
+        sum_{i in U}  tie_safe(corr_g)[i, Q(i)] + w S_g[i, Q(i)],     w = TIE_GRID / (4 |U|)
 
-    with S_g the cosine of A's unit i's and B's unit j's weights (``WeightScores.cosine``, the
-    other groups permuted as last found). The weight term of any assignment lies in
-    [-TIE_GRID / 4, TIE_GRID / 4], less than one step of the rounded correlations' sum: an
-    assignment with a larger summed rounded correlation always wins, and among those with the
-    largest the weights decide. The first solve uses the correlations alone; then up to
-    ``tie_rounds`` rounds re-solve every group whose assignment has a tied row (``unsignalled``)
-    with S_g from the others' latest permutations, until none changes. Coupled groups (below)
-    keep the correlations alone.
+    over the bijections Q: U -> P(U), with S_g the cosine of A's unit i's and B's unit j's weights
+    (``WeightScores.cosine``, the other groups permuted as last found). The weight term of any Q
+    lies in [-TIE_GRID / 4, TIE_GRID / 4], less than one step of the rounded correlations' sum: a Q
+    with a larger summed rounded correlation always wins (P restricted to U is one of them, so
+    the group's summed correlation never drops), and among those with the largest the weights
+    decide. Only U x P(U) is scored and solved (a few units of a wide layer, not the whole
+    layer again). Up to ``tie_rounds`` rounds re-solve every such group with S_g from the others'
+    latest permutations, until none changes. Coupled groups (below) keep the correlations alone.
 
     Groups that share a tensor with other groups (split-head attention: heads x head dims,
     ``PairStats.coupled``) are solved jointly: at such a node the correlation of A's channel i with
@@ -96,30 +98,31 @@ def activation_perms(spec: PermutationSpec, stats, max_rounds: int = 50,
     Started from a pairing-free estimate (each A position's best match among B's replicas),
     coordinate ascent solves one group at a time until no group changes; every step can only
     raise the summed correlation."""
-    # one group's rounded matrix at a time (a model's correlations can take gigabytes); kept
-    # only for the groups with a tie in the assignment found: a row whose match has a rival of
-    # the same rounded correlation (the weight term could otherwise only choose between
-    # assignments of equal summed correlation that differ in no tied row, a degenerate case)
-    perms, rounded = {}, {}
+    # one group's rounded matrix at a time (a model's correlations can take gigabytes); kept,
+    # as its U x P(U) block, only for the groups with units matched without signal
+    perms, tied = {}, {}
     for g, c in stats.corr.items():
         if g in stats.coupled:
             continue
         r = tie_safe(c)
         perms[g] = lap(r)
-        if weights is not None and g in weights.touches and unsignalled(r, perms[g])[0] > 0:
-            rounded[g] = r
+        if weights is not None and g in weights.touches:
+            u = _without_signal(r, perms[g]).nonzero().flatten()
+            if len(u) > 1:  # U, P(U) and the rounded block U x P(U)
+                tied[g] = (u, perms[g][u], r[u][:, perms[g][u]])
         del r
-    if weights is not None:
-        plain = [g.name for g in spec.groups if g.name in rounded]
-        for _ in range(tie_rounds):
-            changed = False
-            for g in plain:
-                held = {h: p for h, p in perms.items() if h != g}
-                p = lap(rounded[g] + TIE_GRID / (4 * len(perms[g])) * weights.cosine(g, held))
-                if not torch.equal(p, perms[g]):
-                    perms[g], changed = p, True
-            if not changed:
-                break
+    for _ in range(tie_rounds if tied else 0):
+        changed = False
+        for g in [h.name for h in spec.groups if h.name in tied]:
+            u, cols, block = tied[g]
+            held = {h: p for h, p in perms.items() if h != g}
+            q = lap(block + TIE_GRID / (4 * len(u)) * weights.cosine(g, held, rows=u, cols=cols))
+            new = perms[g].clone()
+            new[u] = cols[q]
+            if not torch.equal(new, perms[g]):
+                perms[g], changed = new, True
+        if not changed:
+            break
     if not stats.coupled:
         return perms
 
@@ -146,11 +149,18 @@ def _blind(k: torch.Tensor) -> torch.Tensor:
     return (k == 0).all(1) | (counts[inverse] > 1)
 
 
+def _without_signal(rounded: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """Mask of A's units matched without activation signal (see ``unsignalled``)."""
+    k = torch.round(rounded / TIE_GRID).to(torch.int64)  # exact: ``rounded`` is on the grid
+    return _blind(k) | _blind(k.T)[perm]
+
+
 def unsignalled(rounded: torch.Tensor, perm: torch.Tensor,
                 cosine: torch.Tensor | None = None) -> tuple[int, int]:
     """(units matched without activation signal, those of them the weights did not decide either)
     for one group: ``rounded`` its rounded correlations (``tie_safe``), ``perm`` its assignment,
-    ``cosine`` its weights' ``WeightScores.cosine`` under the final permutations.
+    ``cosine`` its weights' ``WeightScores.cosine`` under the final permutations (the matrix, or a
+    function of (rows, cols) giving that block).
 
     A's unit i is matched without activation signal when its row of rounded correlations, or
     the column of its match P(i), is all zero (a dead unit, in A or in B: zero variance at every
@@ -160,13 +170,13 @@ def unsignalled(rounded: torch.Tensor, perm: torch.Tensor,
     The weights decided it when no other column matched to such a unit has the same cosine with
     i as P(i), on the same grid; otherwise nothing did (tied weights too, or a unit with no
     weights): the match is arbitrary."""
-    k = torch.round(rounded / TIE_GRID).to(torch.int64)  # exact: ``rounded`` is on the grid
-    rows = torch.arange(len(perm))
-    without = _blind(k)[rows] | _blind(k.T)[perm]
+    without = _without_signal(rounded, perm)
     n = int(without.sum())
     if cosine is None or n == 0:
         return n, n
-    c = tie_safe(cosine)[without][:, perm[without]]  # rows: those units; columns: their matches
+    u = without.nonzero().flatten()
+    # rows: those units; columns: their matches (``cosine`` a matrix, or a function of them)
+    c = tie_safe(cosine(u, perm[u]) if callable(cosine) else cosine[u][:, perm[u]])
     arbitrary = (c == c.diagonal()[:, None]).sum(1) > 1
     return n, int(arbitrary.sum())
 
@@ -287,13 +297,19 @@ class WeightScores:
             sub = ax.permute_tensor(sub, rest, vp)
             yield wa, sub.movedim(axis, 0).reshape(pos.shape[0], pos.shape[1], -1).double()
 
-    def score(self, name: str, held: dict, pairing=None) -> torch.Tensor:
+    def score(self, name: str, held: dict, pairing=None, rows=None, cols=None) -> torch.Tensor:
         """(|g|, |g|) summed ``pairing`` (default: inner products) of A's and B's weights that
-        group ``name`` touches, with the groups in ``held`` permuted as given there."""
+        group ``name`` touches, with the groups in ``held`` permuted as given there; ``rows``,
+        ``cols``: only A's units ``rows`` against B's units ``cols`` (|rows|, |cols|)."""
         pairing = pairing or _inner
         size = self.spec.group(name).size
-        total = torch.zeros(size, size, dtype=torch.float64)
+        total = torch.zeros(size if rows is None else len(rows), size if cols is None else len(cols),
+                            dtype=torch.float64)
         for wa, wb in self.views(name, held):
+            if rows is not None:
+                wa = wa[rows.to(wa.device)]
+            if cols is not None:
+                wb = wb[cols.to(wb.device)]
             total += pairing(wa, wb).cpu()
         return total
 
@@ -306,10 +322,10 @@ class WeightScores:
                           * ax.permute_tensor(self.state_b[k].detach(), self.spec.param_axes[k], vp).double()).sum())
                    for k in sorted(keys))
 
-    def cosine(self, name: str, held: dict) -> torch.Tensor:
+    def cosine(self, name: str, held: dict, rows=None, cols=None) -> torch.Tensor:
         """``score`` divided by the norms of A's unit i and B's unit j (all the weights each
         touches; permuting the other groups does not change them): in [-1, 1], and 0 where a
-        unit has no weights at all."""
+        unit has no weights at all. ``rows``, ``cols``: as for ``score``."""
         if name not in self._norms:
             na = nb = 0.0
             for wa, wb in self.views(name, {}):
@@ -317,8 +333,10 @@ class WeightScores:
                 nb = nb + wb.flatten(1).square().sum(1).cpu()
             self._norms[name] = (torch.as_tensor(na).sqrt(), torch.as_tensor(nb).sqrt())
         na, nb = self._norms[name]
+        na = na if rows is None else na[rows]
+        nb = nb if cols is None else nb[cols]
         denom = na[:, None] * nb[None, :]
-        s = self.score(name, held)
+        s = self.score(name, held, rows=rows, cols=cols)
         return torch.where(denom > 0, s / denom.clamp_min(1e-300), torch.zeros_like(s)).clamp(-1.0, 1.0)
 
 

@@ -221,10 +221,10 @@ def align_pair(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module, fi
             p = perms[g].to(c.device)
             mean_corr[g] = float(c[torch.arange(len(p), device=c.device), p].mean())
             if scores is not None:
-                rounded, p = tie_safe(c).cpu(), p.cpu()
-                n, arbitrary = unsignalled(rounded, p, None)
+                held = {h: q for h, q in perms.items() if h != g}
+                n, arbitrary = unsignalled(tie_safe(c).cpu(), p.cpu(),
+                                           lambda rows, cols: scores.cosine(g, held, rows, cols))
                 if n:
-                    n, arbitrary = unsignalled(rounded, p, scores.cosine(g, {h: q for h, q in perms.items() if h != g}))
                     stats.unsignalled[g], stats.arbitrary[g] = n, arbitrary
     return perms, stats, mean_corr
 
