@@ -71,6 +71,10 @@ def run_one(name: str, merge: bool, out) -> None:
                     row["onnx"] = f"verified ({report.max_abs_diff:.1e})"
                 except gr.GraphRepairError as e:
                     row["onnx"] = "no: " + str(e).splitlines()[0][:160]
+                    try:  # whether the exporter can export the original model at all
+                        gr.export_onnx(a, one, os.path.join(d, "a.onnx"))
+                    except gr.GraphRepairError:
+                        row["onnx"] = "n/a: the original model does not export either (" + row["onnx"][4:] + ")"
     except Exception as e:  # noqa: BLE001 - a sweep records every failure as a row
         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
     out.put(row)

@@ -142,17 +142,28 @@ def activation_perms(spec: PermutationSpec, stats, max_rounds: int = 50,
     return perms
 
 
-def _blind(k: torch.Tensor) -> torch.Tensor:
-    """Rows of the integer matrix ``k`` that tell nothing apart: all zero (a dead unit: every
-    correlation 0) or equal to another row (units whose activations are the same)."""
-    _, inverse, counts = torch.unique(k, dim=0, return_inverse=True, return_counts=True)
-    return (k == 0).all(1) | (counts[inverse] > 1)
+def _blind(rounded: torch.Tensor) -> torch.Tensor:
+    """Rows of ``rounded`` (correlations on the TIE_GRID) that tell nothing apart: all zero (a
+    dead unit: every correlation 0) or equal to another row (units whose activations are the
+    same). Equal rows are found by two exact integer hashes (the rows times random integer
+    vectors: every value is an integer multiple of TIE_GRID, so float64 adds them without
+    rounding below 2^53) and confirmed by comparing the candidate rows themselves: the same
+    answer as comparing every pair of rows, at the cost of one (n, n) x (n, 2) product."""
+    n = rounded.shape[1]
+    g = torch.Generator().manual_seed(0)
+    w = torch.randint(1, 2 ** 18 if n <= 2 ** 16 else 2 ** 10, (n, 2), generator=g).to(rounded)
+    _, inverse, counts = torch.unique(rounded @ w, dim=0, return_inverse=True, return_counts=True)
+    blind = (rounded == 0).all(1)
+    candidates = (counts[inverse] > 1).nonzero().flatten()
+    if len(candidates):
+        _, inv, cnt = torch.unique(rounded[candidates], dim=0, return_inverse=True, return_counts=True)
+        blind[candidates] |= cnt[inv] > 1
+    return blind
 
 
 def _without_signal(rounded: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     """Mask of A's units matched without activation signal (see ``unsignalled``)."""
-    k = torch.round(rounded / TIE_GRID).to(torch.int64)  # exact: ``rounded`` is on the grid
-    return _blind(k) | _blind(k.T)[perm]
+    return _blind(rounded) | _blind(rounded.T)[perm]
 
 
 def unsignalled(rounded: torch.Tensor, perm: torch.Tensor,
