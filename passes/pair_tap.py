@@ -40,6 +40,13 @@ class PairTap(nn.Module):
         self.sums = [tuple(ChannelSums(v.dim, v.index, _channels(v, shape)) for _ in "ab") for v in self.views]
         self.cross = [CrossSum() if v.cross else None for v in self.views]
         self.calibrating = False  # forward chooses the sums' shifts instead of adding a batch
+        # view -> per batch (mean A, var A, mean B, var B), float64, for the views ``keep_batches``
+        # names (REPAIR's reset points: the goal of each batch, see graphrepair.merging.merge)
+        self.per_batch: dict[int, list[tuple[torch.Tensor, ...]]] = {}
+
+    def keep_batches(self, i: int) -> None:
+        """Keep view ``i``'s mean and variance of every batch, of A and of B."""
+        self.per_batch.setdefault(i, [])
 
     @torch.no_grad()
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -53,6 +60,8 @@ class PairTap(nn.Module):
             return
         for i, (v, (sa, sb)) in enumerate(zip(self.views, self.sums)):
             la, lb = sa.update(a), sb.update(b)
+            if i in self.per_batch:
+                self.per_batch[i].append(sa.batch_moments() + sb.batch_moments())
             if v.cross:
                 self.cross[i].add(la, lb)
 

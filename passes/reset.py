@@ -15,6 +15,8 @@ goal_mean = (1-a) mu_A + a mu_B, goal_std = (1-a) sigma_A + a sigma_B):
   a cumulative average, not BatchNorm's per-batch momentum=None average). ``running_mean`` /
   ``running_var`` hold them after each batch (written from the sums when next read: attribute,
   ``state_dict``, apply mode).
+  ``set_batch_goal(mean, std)`` gives the next batches' outputs another (mean, std) than the goal
+  (exact REPAIR's per-batch goals); what is collected does not change.
 - "apply" mode: m, v = running_mean, running_var (BatchNorm in eval mode); the stats can also be
   set directly with ``set_running`` (closed-form REPAIR, no pass through the merged net).
 
@@ -119,6 +121,19 @@ class Reset(nn.Module):
         self.stats_set = False  # running stats given by set_running
         self._stale = False  # the sums hold batches the running stats do not show yet
         self.sums = ChannelSums(dim, channels=num_channels)
+        self.batch_goal: tuple[torch.Tensor, torch.Tensor] | None = None  # see set_batch_goal
+
+    def set_batch_goal(self, mean: torch.Tensor | None, std: torch.Tensor | None = None) -> None:
+        """The (mean, std) that collect mode gives the next batches instead of the goal (None:
+        the goal again). Only what the output of collect mode looks like changes; the statistics
+        collected, apply mode and the fold use the goal as always."""
+        if mean is None:
+            self.batch_goal = None
+            return
+        c = self.num_channels
+        if mean.shape != (c,) or std is None or std.shape != (c,):
+            raise PassError(f"reset at {self.source!r}: a batch goal needs mean and std of shape ({c},)")
+        self.batch_goal = (mean.to(self.goal_mean), std.to(self.goal_std))
 
     @property
     def num_channels(self) -> int:
@@ -175,6 +190,7 @@ class Reset(nn.Module):
             scale = self.goal_std.double() * torch.rsqrt(var + self.eps)
             shift = self.goal_mean.double() - mean * scale
             return torch.addcmul(shift.to(x.dtype).view(shape), x, scale.to(x.dtype).view(shape))
+        goal_mean, goal_std = self.batch_goal or (self.goal_mean, self.goal_std)
         split = (_split(x, dim) if x.numel() > x.shape[dim] and x.dtype in _EXACT
                  and (x.is_cuda or x.numel() <= _SMALL) else None)
         if split is not None:
@@ -184,7 +200,7 @@ class Reset(nn.Module):
             # below, reduced in float32 (the kernel may return their statistics in half).
             pre, c, post = split
             out, mean, invstd = torch.native_batch_norm(
-                x.view(pre, c, post), self.goal_std.to(x.dtype), self.goal_mean.to(x.dtype), None, None,
+                x.view(pre, c, post), goal_std.to(x.dtype), goal_mean.to(x.dtype), None, None,
                 True, 0.0, self.eps)
             with torch.no_grad():
                 self.sums.add_moments(pre * post, mean, invstd=invstd, eps=self.eps)
@@ -194,8 +210,8 @@ class Reset(nn.Module):
             self.sums.update(x)
         self._collected()
         mean, var = self.sums.batch_moments()
-        scale = self.goal_std.double() * torch.rsqrt(var + self.eps)
-        shift = self.goal_mean.double() - mean * scale
+        scale = goal_std.double() * torch.rsqrt(var + self.eps)
+        shift = goal_mean.double() - mean * scale
         return torch.addcmul(shift.to(x.dtype).view(shape), x, scale.to(x.dtype).view(shape))
 
     def raw_totals(self) -> list[torch.Tensor]:

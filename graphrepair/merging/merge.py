@@ -49,7 +49,8 @@ from graphrepair.errors import CheckError, DataError, GraphRepairError
 from graphrepair.merging.points import ResetPoint, observation_points, reset_points
 from graphrepair.progress import progress
 from graphrepair.discovery.spec import PermutationSpec
-from graphrepair.merging.stats import PairStats, calibrate, check_finite, collect, copy_with_state, graph_for
+from graphrepair.merging.stats import (PairStats, batch_key, calibrate, check_finite, collect, copy_with_state,
+                                      graph_for)
 from graphrepair.runtime import model_device, release
 
 REPAIR_MODES = ("exact", "approx", "reset", None)
@@ -371,8 +372,10 @@ def merge_prepared(prep: Prepared, weights: list[float], repair: str | None,
         goals = goal_statistics(prep.spec, prep.points, prep.stats, prep.perms, weights)
         running = (closed_form_statistics(prep.spec, prep.points, prep.stats[0], prep.perms[0], weights[1])
                    if repair == "approx" else None)
+        per_batch = ((batch_goals(prep.spec, prep.points, prep.stats, prep.perms, weights), prep.stats[0].batch_keys)
+                     if running is None else None)
         done = repair_merged(prep.spec, models[0], merged_state, goals, prep.points, fit=fit, running=running,
-                             quiet=quiet, keep_unfolded=keep_unfolded)
+                             quiet=quiet, keep_unfolded=keep_unfolded, per_batch=per_batch)
         result.model, result.resets, result.folded, result.kept = done.model, done.resets, done.folded, done.kept
         if keep_unfolded:  # the resets as nodes, for checking the fold
             result.unfolded = done.unfolded
@@ -439,6 +442,41 @@ def goal_statistics(spec: PermutationSpec, points: list[ResetPoint], stats_all: 
     return goals
 
 
+def batch_goals(spec: PermutationSpec, points: list[ResetPoint], stats_all: list[PairStats],
+                perms_all: list[dict[str, torch.Tensor]], weights: list[float]) -> list[dict[str, tuple]]:
+    """Per batch of this process's joint pass, the goal of that batch at every reset point: the
+    weighted average of the aligned endpoints' mean and standard deviation over that batch alone.
+
+    Why. While exact REPAIR collects the merged model's statistics, every reset normalises each
+    batch by the batch's own statistics (as the paper's BatchNorm does in training mode). Giving
+    every batch the global goal takes away the spread between batches that the finished model
+    will have, so the layers after it measure too little variance and over-correct: a model
+    merged with a permuted copy of itself came back changed by up to 2% over 3 batches of 16. With
+    each batch given the endpoints' own moments of that batch, identical endpoints pass through
+    every reset unchanged (the merged model's batch is the endpoints' batch), and in general each
+    batch keeps its natural deviation from the global goal. The statistics collected, and so the
+    final correction, are the same kind as before: the merged model's over all batches, normalised
+    to the global goal. [] when the statistics hold no per-batch moments (closed form, an older
+    preparation) or the passes disagree in their number of batches."""
+    counts = {len(st.points[r.node].batches) for st in stats_all for r in points}
+    if not points or len(counts) != 1 or 0 in counts:
+        return []
+    perms_all = [spec.checked(p) for p in perms_all]
+    out = []
+    for t in range(counts.pop()):
+        goals = {}
+        for r in points:
+            ma, va = stats_all[0].points[r.node].batches[t][:2]
+            mean, std = weights[0] * ma, weights[0] * va.sqrt()
+            for w, st, p in zip(weights[1:], stats_all, perms_all):
+                mb, vb = st.points[r.node].batches[t][2:]
+                mean = mean + w * _permuted(mb, spec, r.node, r.axis, p)
+                std = std + w * _permuted(vb, spec, r.node, r.axis, p).sqrt()
+            goals[r.node] = (mean.float(), _normaliser_std(std).float())
+        out.append(goals)
+    return out
+
+
 def closed_form_statistics(spec: PermutationSpec, points: list[ResetPoint], stats: PairStats,
                            perms: dict[str, torch.Tensor], alpha: float) -> dict[str, tuple]:
     """(mean, var) per reset point of the interpolated channel X_a = (1 - a) X_A + a X_B' as the
@@ -471,11 +509,14 @@ class Repaired:
 def repair_merged(spec: PermutationSpec, model_a: nn.Module, merged_state: dict[str, torch.Tensor],
                   goals: dict[str, tuple], points: list[ResetPoint], *, fit: FitData,
                   running: dict[str, tuple] | None = None, quiet: bool = True,
-                  keep_unfolded: bool = False) -> Repaired:
+                  keep_unfolded: bool = False, per_batch: tuple[list, list] | None = None) -> Repaired:
     """REPAIR the interpolated weights ``merged_state``: a reset after every point, normalising it
     to its ``goals`` (mean, std); the resets' statistics are ``running`` (mean, var) per point
     when given (the closed form), else estimated in one pass of the merged graph over ``fit``
-    (exact REPAIR); then every reset is folded into its producer where it can be."""
+    (exact REPAIR); then every reset is folded into its producer where it can be. ``per_batch``:
+    (``batch_goals``, the joint pass's ``batch_key`` of each batch): during the pass each batch
+    whose key matches is normalised to its own goal (``Reset.set_batch_goal``), the others to the
+    global goal."""
     device = model_device(model_a)
     gm = graph_for(spec, merged_state, device, own=True)
     insert_resets(gm, {r.node: ResetSpec(r.axis, goals[r.node][0].float(),
@@ -486,9 +527,16 @@ def repair_merged(spec: PermutationSpec, model_a: nn.Module, merged_state: dict[
         with torch.no_grad():  # the resets' shifts from the example every rank shares
             calibrate(gm, resets(gm).values(), fit.example())
         with distributed.step("the REPAIR pass of the merged model"), torch.no_grad():
-            for x in progress(iter(fit), "REPAIR statistics of the merged model", total=fit.batches(),
-                              quiet=quiet):
+            found = resets(gm)
+            goals_t, keys = per_batch if per_batch is not None else ([], [])
+            for t, x in enumerate(progress(iter(fit), "REPAIR statistics of the merged model",
+                                           total=fit.batches(), quiet=quiet)):
+                mine = goals_t[t] if t < len(goals_t) and t < len(keys) and batch_key(x) == keys[t] else None
+                for node, reset in found.items():
+                    reset.set_batch_goal(*(mine[node] if mine is not None else (None,)))
                 gm(x)
+            for reset in found.values():
+                reset.set_batch_goal(None)
         # every rank's sums, added: one collective (graph order, the same on every rank)
         distributed.reduce_holders(list(resets(gm).values()), device)
     else:

@@ -65,6 +65,9 @@ class PointStats:
     mean_b: torch.Tensor
     var_b: torch.Tensor
     cov_ab: torch.Tensor | None = None  # (C, C) A-B cross-covariance, closed-form REPAIR only
+    # per batch of this process, in the order seen: (mean A, var A, mean B, var B) (exact REPAIR's
+    # per-batch goals, see merge.batch_goals)
+    batches: list = field(default_factory=list)
 
 
 @dataclass
@@ -104,6 +107,7 @@ class PairStats:
     # those of them the weights did not decide either (align.unsignalled)
     unsignalled: dict[str, int] = field(default_factory=dict)
     arbitrary: dict[str, int] = field(default_factory=dict)
+    batch_keys: list = field(default_factory=list)  # this process's batches (``batch_key``), in order
 
 
 def copy_with_state(module: nn.Module, state: dict[str, torch.Tensor], *, own: bool = False,
@@ -247,6 +251,7 @@ class TapPlan:
     at_reset: dict[str, tuple[str, int]]  # reset node -> its view
     cross_at_resets: bool
     notes: list[str] = field(default_factory=list)
+    batch_keys: list = field(default_factory=list)  # ``batch_key`` of every batch, in order
 
 
 def plan_taps(spec: PermutationSpec, observe: dict[str, list[ObservePoint]], resets: list[ResetPoint], *,
@@ -289,6 +294,8 @@ def plan_taps(spec: PermutationSpec, observe: dict[str, list[ObservePoint]], res
     at_reset = {r.node: view(r.node, TapView(r.axis % len(info[r.node].shape), None, cross_at_resets))
                 for r in resets}
     taps = {node: PairTap(vs, source=node, shape=info[node].shape) for node, vs in views.items()}
+    for node, i in at_reset.values():
+        taps[node].keep_batches(i)
     return TapPlan(taps, at_group, at_joint, joint_exprs, at_reset, cross_at_resets, list(notes.values()))
 
 
@@ -308,7 +315,16 @@ def run_pair(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module, plan
         for x in progress(batches, "statistics of A and B", total=total, quiet=quiet):
             pair(x)
             examples += x.shape[0]
+            if plan.at_reset:
+                plan.batch_keys.append(batch_key(x))
     return examples
+
+
+def batch_key(x: torch.Tensor) -> tuple[int, float]:
+    """What identifies a batch between two passes over the same data: its size and the float64
+    sum of its values (a data loader that shuffles gives other keys, and exact REPAIR then
+    falls back to the global goal for that batch)."""
+    return int(x.shape[0]), float(x.detach().double().sum())
 
 
 def calibrate(module: nn.Module, holders, example: torch.Tensor) -> None:
@@ -378,7 +394,8 @@ def summarise(spec: PermutationSpec, plan: TapPlan, observe: dict[str, list[Obse
         node, i = plan.at_reset[r.node]
         a, b = taps[node].moments(i)
         stats[r.node] = PointStats(a.mean, a.var, b.mean, b.var,
-                                   taps[node].cov(i) if plan.cross_at_resets else None)
+                                   taps[node].cov(i) if plan.cross_at_resets else None,
+                                   taps[node].per_batch.get(i, []))
     if stats and not bool(torch.isfinite(torch.cat([torch.cat([p.mean_a, p.var_a, p.mean_b, p.var_b])
                                                     for p in stats.values()])).all()):
         for node, p in stats.items():  # one check for all; find the first culprit only on failure
@@ -387,7 +404,7 @@ def summarise(spec: PermutationSpec, plan: TapPlan, observe: dict[str, list[Obse
                     raise NumericError(f"statistics of model {who} at node {node!r} are not finite "
                                        f"(NaN/Inf activations)")
     return PairStats(corr, stats, examples, {g: n for g, n in dead.items() if n}, coupled, joint,
-                     list(plan.notes))
+                     list(plan.notes), batch_keys=list(plan.batch_keys))
 
 
 def collect(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module, batches,
