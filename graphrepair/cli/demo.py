@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import click
 
@@ -22,20 +21,14 @@ from graphrepair.cli.options import alpha_count
 def command(session: Session, out_dir, pair, alphas, as_json):
     """Train two small MLPs on offline digits, merge them naive / aligned / REPAIR, show the barriers."""
     from graphrepair.cli.inputs import check_files, pick_device
-    from graphrepair.demo import OUTPUT_NAMES, available_pairs, run_demo
-    from graphrepair.errors import GraphRepairError, OutputError
+    from graphrepair.demo import OUTPUT_NAMES, available_pairs, make_out_dir, run_demo
+    from graphrepair.errors import GraphRepairError
 
     alpha_count(alphas)
     pairs = available_pairs()
     if pair not in pairs:
         raise GraphRepairError(f"--pair {pair!r} is not a demo pair; choose one of {', '.join(pairs)}")
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"--out '{out}' is a file, not a directory; give a directory for the demo's outputs")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OutputError(f"--out '{out}': cannot create the directory ({e.strerror})") from e
+    out = make_out_dir(out_dir, "--out")
     check_files(session, {f"--out ({name})": out / name for name in OUTPUT_NAMES.values()}, {})
     result = run_demo(out, pair=pair, alphas=alphas, device=pick_device(session.device), quiet=session.quiet,
                       written=session.written)

@@ -211,17 +211,24 @@ def _source(data) -> str:
     return getattr(data, "source", type(data).__name__)
 
 
+def make_out_dir(out_dir: str | Path, label: str = "output directory") -> Path:
+    """Create ``out_dir`` (and parents) if needed; OutputError naming it as ``label`` (the CLI
+    says ``--out``) if it is a file or cannot be created."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{label} '{out}' is a file, not a directory; give a directory for the demo's outputs")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"{label} '{out}': cannot create the directory ({e.strerror})") from e
+    return out
+
+
 def prepare_out_dir(out_dir: str | Path) -> Path:
     """Create ``out_dir`` (and parents) if needed; OutputError if that fails or it is not writable."""
     from graphrepair.io.outputs import check_output_path
 
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"output directory '{out}' is a file, not a directory; give a directory for the demo's outputs")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OutputError(f"output directory '{out}': cannot create the directory ({e.strerror})") from e
+    out = make_out_dir(out_dir)
     for name in OUTPUT_NAMES.values():
         check_output_path(out / name, "output")
     return out
@@ -286,5 +293,5 @@ def first_examples(data, n: int = 2) -> torch.Tensor:
     return next(iter_batches(data, n))[:n]
 
 
-__all__ = ["DemoPair", "DemoResult", "PAIRS", "available_pairs", "digits_mlp_pair", "shipped_pairs", "first_examples", "prepare_out_dir",
-           "run_demo", "write_outputs"]
+__all__ = ["DemoPair", "DemoResult", "PAIRS", "available_pairs", "digits_mlp_pair", "shipped_pairs", "first_examples",
+           "make_out_dir", "prepare_out_dir", "run_demo", "write_outputs"]
