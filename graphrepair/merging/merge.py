@@ -428,18 +428,22 @@ def goal_statistics(spec: PermutationSpec, points: list[ResetPoint], stats_all: 
                     perms_all: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, tuple]:
     """Goal (mean, std) per reset point: the weighted average of the aligned endpoints' statistics
     (``stats_all[i]``: model 0 and model i + 1; ``perms_all[i]``: model i + 1 onto model 0)."""
-    goals = {}
     perms_all = [spec.checked(p) for p in perms_all]  # validated once, not per point
-    for r in points:
-        s0 = stats_all[0].points[r.node]
-        mean = weights[0] * s0.mean_a
-        std = weights[0] * s0.var_a.sqrt()
-        for w, st, p in zip(weights[1:], stats_all, perms_all):
-            s = st.points[r.node]
-            mean = mean + w * _permuted(s.mean_b, spec, r.node, r.axis, p)
-            std = std + w * _permuted(s.var_b, spec, r.node, r.axis, p).sqrt()
-        goals[r.node] = (mean, std)
-    return goals
+    return {r.node: _interpolated(spec, r, (stats_all[0].points[r.node].mean_a, stats_all[0].points[r.node].var_a),
+                                  [(st.points[r.node].mean_b, st.points[r.node].var_b) for st in stats_all],
+                                  perms_all, weights)
+            for r in points}
+
+
+def _interpolated(spec: PermutationSpec, r: ResetPoint, a: tuple, others: list[tuple], perms_all: list,
+                  weights: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) at reset point ``r``: the ``weights``-average of model 0's (mean, var) ``a`` and
+    the other models' ``others``, each permuted onto model 0 (``perms_all``, checked)."""
+    mean, std = weights[0] * a[0], weights[0] * a[1].sqrt()
+    for w, (m, v), p in zip(weights[1:], others, perms_all):
+        mean = mean + w * _permuted(m, spec, r.node, r.axis, p)
+        std = std + w * _permuted(v, spec, r.node, r.axis, p).sqrt()
+    return mean, std
 
 
 def batch_goals(spec: PermutationSpec, points: list[ResetPoint], stats_all: list[PairStats],
@@ -466,12 +470,8 @@ def batch_goals(spec: PermutationSpec, points: list[ResetPoint], stats_all: list
     for t in range(counts.pop()):
         goals = {}
         for r in points:
-            ma, va = stats_all[0].points[r.node].batches[t][:2]
-            mean, std = weights[0] * ma, weights[0] * va.sqrt()
-            for w, st, p in zip(weights[1:], stats_all, perms_all):
-                mb, vb = st.points[r.node].batches[t][2:]
-                mean = mean + w * _permuted(mb, spec, r.node, r.axis, p)
-                std = std + w * _permuted(vb, spec, r.node, r.axis, p).sqrt()
+            mean, std = _interpolated(spec, r, stats_all[0].points[r.node].batches[t][:2],
+                                      [st.points[r.node].batches[t][2:] for st in stats_all], perms_all, weights)
             goals[r.node] = (mean.float(), _normaliser_std(std).float())
         out.append(goals)
     return out

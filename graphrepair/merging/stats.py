@@ -324,7 +324,7 @@ def batch_key(x: torch.Tensor) -> tuple[int, float]:
     """What identifies a batch between two passes over the same data: its size and the float64
     sum of its values (a data loader that shuffles gives other keys, and exact REPAIR then
     falls back to the global goal for that batch)."""
-    return int(x.shape[0]), float(x.detach().double().sum())
+    return int(x.shape[0]), float(x.detach().sum(dtype=torch.float64))  # no float64 copy of the batch
 
 
 def calibrate(module: nn.Module, holders, example: torch.Tensor) -> None:
