@@ -30,6 +30,7 @@ def main() -> None:
 
     import graphrepair as gr
     from fixtures.public import PUBLIC, perturb, torchvision_entry
+    from graphrepair.merging.merge import merge_prepared, prepare
 
     print("model | batches | permutation recovered | relative output change")
     for name in args.only:
@@ -41,10 +42,10 @@ def main() -> None:
         b = gr.permute(a, spec, forward)
         with torch.no_grad():
             ref = a(test)
-        for bs in args.batch:
-            perms = gr.align(a, b, x, spec=spec, num_examples=args.examples, batch_size=bs)
-            recovered = all(torch.equal(perms[g], torch.argsort(p)) for g, p in forward.items())
-            merged = gr.merge(a, b, x, num_examples=args.examples, batch_size=bs, spec=spec)
+        for bs in args.batch:  # one preparation: the permutations found and the merge from them
+            prep = prepare([a, b], x, num_examples=args.examples, batch_size=bs, spec=spec)
+            recovered = all(torch.equal(prep.perms[0][g], torch.argsort(p)) for g, p in forward.items())
+            merged = merge_prepared(prep, [0.5, 0.5], "exact").model
             with torch.no_grad():
                 out = merged(test)
             rel = float((out - ref).norm() / ref.norm())

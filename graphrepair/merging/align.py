@@ -34,7 +34,8 @@ from that block's rows only:
 
 The descent repeats until no group changes; it runs from the identity and from a pairing-free
 start (each unit's weights sorted), and the larger objective is kept (``weight_matching``).
-Groups replicated over other groups on one axis (heads x head dims) start from a pairing-free estimate instead of the identity (see ``weight_matching``).
+Groups replicated over other groups on one axis (heads x head dims) start from a pairing-free
+estimate instead of the identity (see ``weight_matching``).
 """
 
 from __future__ import annotations
