@@ -22,7 +22,7 @@ step "machine" | tee "$OUT/env.txt"
 { nvidia-smi -L; nproc; python3 -c "import torch, onnxruntime as o; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0)); print('onnxruntime', o.__version__, o.get_available_providers())"; } 2>&1 | tee -a "$OUT/env.txt"
 
 step "CUDA tests" | tee "$OUT/cuda_tests.txt"
-timeout "${T_TESTS:-90}" python3 -m pytest -q -rs -p no:cacheprovider tests/test_passes_cuda.py \
+timeout "${T_TESTS:-60}" python3 -m pytest -q -rs -p no:cacheprovider tests/test_passes_cuda.py \
     tests/test_data.py::test_device_move_cuda tests/test_datasets.py::test_train_on_cuda \
     tests/test_merge.py::test_cuda_statistics_and_merge_match_cpu 2>&1 | tee -a "$OUT/cuda_tests.txt"
 
@@ -34,5 +34,7 @@ timeout "${T_REAL:-150}" python3 -m benchmarks.bench_real --device cuda --thread
     --models resnet18 resnet50 convnext_tiny vit_b 2>&1 | grep -v Warn | tee -a "$OUT/bench_real.txt"
 
 step "whole suite, GPU present" | tee "$OUT/suite.txt"
-timeout "${T_SUITE:-170}" python3 -m pytest -q -p no:cacheprovider -n 12 --no-header -rfs tests 2>&1 | tail -60 >> "$OUT/suite.txt"
+timeout "${T_SUITE:-200}" python3 -m pytest -v --tb=line -p no:cacheprovider -p no:benchmark -n 12 --no-header -rf tests \
+    > "$OUT/suite_full.txt" 2>&1
+grep -E "FAILED|ERROR|^/|passed|failed" "$OUT/suite_full.txt" | tail -80 >> "$OUT/suite.txt"
 step "end" | tee -a "$OUT/suite.txt"

@@ -108,9 +108,9 @@ def activation_perms(spec: PermutationSpec, stats, max_rounds: int = 50,
         r = tie_safe(c)
         perms[g] = lap(r)
         if weights is not None and g in weights.touches:
-            u = _without_signal(r, perms[g]).nonzero().flatten()
-            if len(u) > 1:  # U, P(U) and the rounded block U x P(U)
-                tied[g] = (u, perms[g][u], r[u][:, perms[g][u]])
+            u = _without_signal(r, perms[g]).nonzero().flatten().cpu()  # perms are on the CPU
+            if len(u) > 1:  # U, P(U) and the rounded block U x P(U), on the CPU as lap wants it
+                tied[g] = (u, perms[g][u], r[u][:, perms[g][u]].cpu())
         del r
     for _ in range(tie_rounds if tied else 0):
         changed = False
@@ -348,7 +348,7 @@ class WeightScores:
         na = na if rows is None else na[rows]
         nb = nb if cols is None else nb[cols]
         denom = na[:, None] * nb[None, :]
-        s = self.score(name, held, rows=rows, cols=cols)
+        s = self.score(name, held, rows=rows, cols=cols).cpu()  # the norms are kept on the CPU
         return torch.where(denom > 0, s / denom.clamp_min(1e-300), torch.zeros_like(s)).clamp(-1.0, 1.0)
 
 
