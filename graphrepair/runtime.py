@@ -4,10 +4,13 @@
   It is ``passes.modules.module_device`` (``passes`` cannot import ``graphrepair``; this is the
   name the application uses).
 - ``pick_device(name)``: "auto" | "cpu" | "cuda" -> a torch.device. Under a launcher that sets
-  ``LOCAL_RANK`` (torchrun) "cuda" and "auto" pick this process's own GPU, ``cuda:LOCAL_RANK``.
+  ``LOCAL_RANK`` (torchrun) "cuda" and "auto" pick this process's own GPU, ``cuda:LOCAL_RANK``;
+  with fewer GPUs than processes on the node "auto" runs every process on the CPU.
 - ``eval_mode(*models)``: the models in eval mode for the duration of a ``with`` block; every
   module's own training flag is restored after it (the API never leaves a caller's model in
   another mode than it was given in).
+- ``full_precision()``: IEEE float32 products on CUDA for the duration of a block, not TF32 (the
+  proofs of permutations and the ONNX check compare two computations; ``passes.modules``).
 - ``release()``: free what a finished pass left in reference cycles now (see its doc).
 """
 
@@ -21,11 +24,12 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from passes.modules import full_precision
 from passes.modules import module_device as model_device
 
 from graphrepair.errors import GraphRepairError
 
-__all__ = ["eval_mode", "local_rank", "model_device", "pick_device", "release"]
+__all__ = ["eval_mode", "full_precision", "local_rank", "model_device", "pick_device", "release"]
 
 
 def local_rank() -> int:
@@ -38,7 +42,10 @@ def local_rank() -> int:
 
 def pick_device(name: str) -> torch.device:
     """``auto``: CUDA when torch sees a GPU, else CPU; ``cuda``: a GPU or an error. On CUDA the GPU
-    is the ``LOCAL_RANK``-th (each process of a torchrun job on its own)."""
+    is the ``LOCAL_RANK``-th (each process of a torchrun job on its own). Under a launcher with more
+    processes on the node (``LOCAL_WORLD_SIZE``) than GPUs, nccl cannot run (one GPU per process):
+    ``auto`` gives the CPU on every process (each decides alike from the same numbers, so the
+    group agrees on gloo), ``cuda`` is an error on every process, before any of them joins."""
     if name not in ("auto", "cpu", "cuda"):
         raise GraphRepairError(f"device must be auto, cpu or cuda, got {name!r}")
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
@@ -48,10 +55,17 @@ def pick_device(name: str) -> torch.device:
                                "use --device cpu or auto")
     if "LOCAL_RANK" not in os.environ:
         return torch.device("cuda")
-    index = local_rank()
-    if index >= torch.cuda.device_count():
-        raise GraphRepairError(f"LOCAL_RANK is {index} but torch sees {torch.cuda.device_count()} GPU(s); "
-                               f"start at most one process per GPU on each node")
+    index, gpus = local_rank(), torch.cuda.device_count()
+    try:
+        processes = max(index + 1, int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0))
+    except ValueError:
+        raise GraphRepairError(f"LOCAL_WORLD_SIZE={os.environ['LOCAL_WORLD_SIZE']!r} is not an integer") from None
+    if processes > gpus:
+        if name == "auto":
+            return torch.device("cpu")
+        raise GraphRepairError(f"--device cuda with {processes} processes on this node but torch sees {gpus} "
+                               f"GPU(s): each process needs its own GPU; start at most {gpus} per node "
+                               f"(torchrun --nproc-per-node {gpus}) or use --device cpu")
     return torch.device("cuda", index)
 
 

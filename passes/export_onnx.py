@@ -36,6 +36,7 @@ import torch.nn as nn
 from torch.utils import _pytree as pytree
 
 from passes.errors import ExportFailedError, ExportVerificationError
+from passes.modules import full_precision
 
 
 @dataclass(frozen=True)
@@ -222,7 +223,7 @@ def _compare(
 
 
 def _run_torch(model: nn.Module, args: tuple) -> list[tuple[str, torch.Tensor]]:
-    with torch.no_grad():
+    with torch.no_grad(), full_precision():  # the reference, not TF32 (see full_precision)
         return flatten_outputs(model(*args))
 
 

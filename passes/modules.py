@@ -32,7 +32,9 @@ batchnorm      1                  gamma (C,), beta (C,)                     0
 
 from __future__ import annotations
 
+import contextlib
 import operator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,6 +108,31 @@ def module_device(gm: nn.Module) -> torch.device:
     for t in gm.buffers():
         return t.device
     return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def full_precision() -> Iterator[None]:
+    """float32 matrix products and convolutions in IEEE float32 inside the block, not TF32, on
+    CUDA; the settings are restored after it. cuDNN convolutions default to TF32 on Ampere and
+    later (10 mantissa bits): a permuted ResNet-50 then differs from itself by 1e-2 on an H200,
+    which is no evidence about the permutation. For checks that compare two computations
+    (proofs of permutations, ONNX against torch); a no-op for the CPU."""
+    new = hasattr(torch.backends.cuda.matmul, "fp32_precision") and hasattr(torch.backends.cudnn, "conv")
+    if new:  # torch >= 2.9: the new API (mixing it with the legacy flags is an error there)
+        saved = (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision)
+        torch.backends.cuda.matmul.fp32_precision = "ieee"
+        torch.backends.cudnn.conv.fp32_precision = "ieee"
+    else:
+        saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        if new:
+            torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = saved
+        else:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def named_nodes(gm: GraphModule, names, pass_name: str) -> dict[str, Node]:

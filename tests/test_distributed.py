@@ -46,12 +46,12 @@ def _env(extra: dict | None = None) -> dict:
 
 def launch(args: list[str], cwd: Path, extra_env: dict | None = None, timeout: float = TIMEOUT):
     """Start ``python ARGS`` as ranks 0 and 1 of a gloo group (RANK, WORLD_SIZE, MASTER_ADDR,
-    MASTER_PORT, LOCAL_RANK); [(returncode, stdout, stderr)] per rank. Both are killed at the
+    MASTER_PORT, LOCAL_RANK, LOCAL_WORLD_SIZE); [(returncode, stdout, stderr)] per rank. Both are killed at the
     timeout, which fails the test."""
     port = _free_port()
     procs = []
     for rank in (0, 1):
-        env = _env({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+        env = _env({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
                     "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), **(extra_env or {})})
         procs.append(subprocess.Popen([sys.executable, *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))
@@ -258,3 +258,32 @@ def test_cli_killed_rank_ends_the_other_with_a_clear_error_and_no_file(cli_work)
     assert rc1 == -9 and rc0 == 2
     assert "lost contact with the other processes of the run" in _one_line(err0)
     assert not list(d.glob("dies.*"))
+
+
+@pytest.mark.parametrize("processes, gpus, auto, cuda", [
+    ("2", 1, ["cpu", "cpu"], "each process needs its own GPU; start at most 1 per node"),
+    ("2", 2, ["cuda:0", "cuda:1"], None),
+    (None, 1, ["cuda:0", "cpu"], "with 2 processes on this node but torch sees 1 GPU"),
+])
+def test_device_choice_under_a_launcher_agrees_across_the_node(monkeypatch, processes, gpus, auto, cuda):
+    """With fewer GPUs than processes on a node, nccl cannot run: "auto" must pick the CPU on every
+    rank alike (seen: torchrun with 2 processes on a one-GPU machine hung rank 0 in nccl while rank
+    1 failed), "cuda" must fail on every rank before any joins. Without LOCAL_WORLD_SIZE a rank knows
+    only those up to itself."""
+    from graphrepair.errors import GraphRepairError
+    from graphrepair.runtime import pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    if processes is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", processes)
+    for rank in (0, 1):
+        monkeypatch.setenv("LOCAL_RANK", str(rank))
+        assert str(pick_device("auto")) == auto[rank]
+        if cuda is None:
+            assert str(pick_device("cuda")) == f"cuda:{rank}"
+        elif processes is not None or rank == 1:
+            with pytest.raises(GraphRepairError, match=cuda.replace("(", r"\(")):
+                pick_device("cuda")

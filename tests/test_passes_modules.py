@@ -150,3 +150,48 @@ def test_insert_after_placeholder_keeps_placeholders_first():
     assert ops[:2] == ["placeholder", "placeholder"]
     x, y = torch.randn(3), torch.randn(3)
     torch.testing.assert_close(gm(x, y), 2 * x - y)
+
+
+def _precisions() -> tuple[str, str]:
+    return torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
+
+
+def test_full_precision_turns_tf32_off_and_restores_the_settings():
+    from passes.modules import full_precision
+
+    before = _precisions()
+    with full_precision():
+        assert _precisions() == ("ieee", "ieee")
+    assert _precisions() == before
+    with pytest.raises(ZeroDivisionError), full_precision():
+        1 / 0  # noqa: B018
+    assert _precisions() == before
+
+
+def test_proofs_and_the_onnx_reference_run_without_tf32(tmp_path):
+    """cuDNN convolutions run in TF32 by default on recent GPUs: a permuted ResNet-50 then differs
+    from itself by 1e-2 (seen on an H200), failing its proof. The proof's and the ONNX check's
+    forward passes must see IEEE float32 (the setting is read inside forward, on any device)."""
+    import graphrepair as gr
+    from passes.export_onnx import export_onnx
+
+    seen = []
+
+    class Probe(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            seen.append(_precisions())
+            return self.b(torch.relu(self.a(x)))
+
+    model, x, before = Probe(), torch.randn(5, 4), _precisions()
+    spec = gr.discover(model, x[:2])
+    seen.clear()
+    assert spec.check(model, x) < 1e-5
+    assert seen and all(s == ("ieee", "ieee") for s in seen)
+    seen.clear()
+    export_onnx(model, (x,), str(tmp_path / "m.onnx"))
+    assert ("ieee", "ieee") in seen  # the torch reference the ONNX outputs are compared with
+    assert _precisions() == before

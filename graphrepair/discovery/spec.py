@@ -23,7 +23,7 @@ from graphrepair.discovery import axes as ax
 from graphrepair.discovery.permute import permute
 from graphrepair.discovery.trace import Traced, as_tuple, output_tensors
 from graphrepair.errors import CheckError, MismatchError
-from graphrepair.runtime import eval_mode
+from graphrepair.runtime import eval_mode, full_precision
 
 
 @dataclass(frozen=True)
@@ -286,7 +286,7 @@ def _perturbed(model: nn.Module, seed: int) -> nn.Module:
 
 
 def _outputs(model: nn.Module, args: tuple) -> list[torch.Tensor]:
-    with eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad(), full_precision():  # TF32 would hide or fake a change
         return [t.detach().float() if t.is_floating_point() else t for t in output_tensors(model(*args))]
 
 
