@@ -17,6 +17,10 @@ from graphrepair.cli.options import (check_alpha, model_option, pair_options, po
 @click.option("--repair", type=click.Choice(["exact", "approx", "reset", "none"]), default="exact",
               show_default=True, help="exact: reset statistics from a pass of the merged model; approx: "
                                       "closed form; reset: BatchNorm statistics; none: plain interpolation.")
+@click.option("--refit", type=int, default=0, show_default=True, metavar="SWEEPS",
+              help="Then refit every Linear, Conv and BatchNorm of the merge by least squares, layer by layer, "
+                   "to the interpolation of the endpoints' outputs on the fitting data (1 is usually enough; "
+                   "each sweep costs about one pass of A, B and the merge per layer, cut off after the layer).")
 @click.option("--out", default="merged.onnx", show_default=True, metavar="FILE",
               help="The merged model as ONNX, verified with onnxruntime.")
 @click.option("--no-onnx", is_flag=True, help="Do not write the ONNX file.")
@@ -27,13 +31,15 @@ from graphrepair.cli.options import (check_alpha, model_option, pair_options, po
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @run
 def command(session: Session, model_ref, ckpt_a, ckpt_b, fit_ref, method, num_examples, points, alpha, repair,
-            out, no_onnx, weights, eval_ref, as_json):
+            refit, out, no_onnx, weights, eval_ref, as_json):
     """Align B to A, interpolate, REPAIR and export the merged model."""
     from graphrepair.cli.inputs import check_files, model_file
     from graphrepair.errors import OutputError
 
     check_alpha(alpha)
     positive(num_examples, "--num-examples")
+    if refit < 0:
+        raise click.BadParameter(f"must be a whole number of sweeps >= 0, got {refit}", param_hint="'--refit'")
     if no_onnx and not weights:
         raise OutputError("--no-onnx without --weights would write nothing; give --weights FILE or drop --no-onnx")
     paths = check_files(session, {"--out": None if no_onnx else out, "--weights": weights},
@@ -48,13 +54,13 @@ def command(session: Session, model_ref, ckpt_a, ckpt_b, fit_ref, method, num_ex
 
     device = pick_device(session.device)
     mode = repair_mode(repair)
-    statistics = method == "activation" or mode is not None
+    statistics = method == "activation" or mode is not None or refit > 0
     model_a, model_b = load_models(model_ref, [("--a", ckpt_a), ("--b", ckpt_b)], device)
     fit = fit_data(fit_ref, model_a, num_examples, device, needs_statistics=statistics)
     eval_set = eval_data(eval_ref, model_a, fit.example, device) if eval_ref else None
     spec = require_groups(model_a, fit.example, model_ref)
     res = merge_models([model_a, model_b], fit.data, weights=[1 - alpha, alpha], method=method, repair=mode,
-                       num_examples=fit.examples, points=points, spec=spec, quiet=session.quiet)
+                       num_examples=fit.examples, points=points, spec=spec, quiet=session.quiet, refit=refit)
     warnings = check_statistics(res.dead_channels, spec, f"--data {fit_ref}", res.examples) if res.examples else []
     own_class = type(res.model) is type(model_a)
     if weights_path is not None and not own_class:
@@ -74,7 +80,7 @@ def command(session: Session, model_ref, ckpt_a, ckpt_b, fit_ref, method, num_ex
             from graphrepair.io.fileio import save_safetensors
             save_safetensors(res.model.state_dict(), tmp_weights, metadata={
                 "graphrepair": "merge", "model": model_ref, "a": str(ckpt_a), "b": str(ckpt_b),
-                "alpha": repr(alpha), "method": method, "repair": repair, "points": points})
+                "alpha": repr(alpha), "method": method, "repair": repair, "points": points, "refit": str(refit)})
     notes = list(dict.fromkeys(fit.notes + session.notes() + res.notes))
     report = {
         "model": model_ref, "a": str(ckpt_a), "b": str(ckpt_b), "alpha": alpha, "method": res.method,
@@ -84,6 +90,8 @@ def command(session: Session, model_ref, ckpt_a, ckpt_b, fit_ref, method, num_ex
         "mean_corr": res.mean_corr, "mean_corr_summary": corr_summary(res.mean_corr),
         "resets": res.resets, "folded": res.folded, "kept": res.kept, "dead_channels": res.dead_channels,
         "unsignalled": res.unsignalled, "arbitrary": res.arbitrary,
+        "refit": None if res.refit is None else {
+            "sweeps": refit, "layers": len(res.refit.layers), "kept": res.refit.kept},
         "merged_class": type(res.model).__name__,
         "onnx": None if export is None else {
             "path": str(onnx_path), "node_count": export.node_count, "op_counts": export.op_counts,
@@ -139,6 +147,10 @@ def merge_text(r: dict, eval_ref: str | None) -> str:
         lines.append("repair: BatchNorm statistics re-estimated on the merged model")
     else:
         lines.append("repair: none (plain interpolation of the aligned models)")
+    if r["refit"]:
+        f = r["refit"]
+        lines.append(f"refit: {f['layers']} layers refit by least squares ({plural(f['sweeps'], 'sweep')}), "
+                     f"{len(f['kept'])} kept as they were")
     lines.append(f"dead channels: {r['dead_channels']}")
     if r["method"] == "activation" and r["examples"]:
         lines.append(f"units matched without activation signal: {r['unsignalled']} (placed by their weights: "

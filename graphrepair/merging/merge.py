@@ -47,6 +47,8 @@ from graphrepair.discovery.discover import discover
 from graphrepair import distributed
 from graphrepair.errors import CheckError, DataError, GraphRepairError
 from graphrepair.merging.points import ResetPoint, observation_points, reset_points
+from graphrepair.merging.refit import Refit, check_sweeps
+from graphrepair.merging.refit import refit as refit_layers
 from graphrepair.progress import progress
 from graphrepair.discovery.spec import PermutationSpec
 from graphrepair.merging.stats import (PairStats, batch_key, calibrate, check_finite, collect, copy_with_state,
@@ -78,6 +80,7 @@ class MergeResult:
     notes: list[str] = field(default_factory=list)
     unfolded: nn.Module | None = None  # with keep_unfolded: the merged graph with its reset nodes
     goals: dict | None = None  # with keep_unfolded: reset node -> (goal mean, goal std)
+    refit: "Refit | None" = None  # with refit > 0: the layers refit, those kept and the errors
 
 
 class FitData:
@@ -325,10 +328,12 @@ def prove_permutations(spec: PermutationSpec, model: nn.Module, permuted_state: 
 
 
 def merge_prepared(prep: Prepared, weights: list[float], repair: str | None,
-                   quiet: bool = True, keep_unfolded: bool = False) -> MergeResult:
-    """Interpolate the aligned models with ``weights`` and apply ``repair``."""
+                   quiet: bool = True, keep_unfolded: bool = False, refit: int = 0) -> MergeResult:
+    """Interpolate the aligned models with ``weights`` and apply ``repair``, then ``refit``
+    sweeps of the layerwise least-squares refit (``merging.refit``)."""
     models = prep.models
     weights = check_weights(weights, len(models))
+    check_sweeps(refit)
     if repair not in REPAIR_MODES:
         raise GraphRepairError(f"repair must be one of {REPAIR_MODES}, got {repair!r}")
     if len(prep.aligned) != len(models) - 1:
@@ -387,15 +392,23 @@ def merge_prepared(prep: Prepared, weights: list[float], repair: str | None,
             if n == 0:
                 result.notes.append("the model has no BatchNorm: 'reset' changes nothing")
         result.model = model.eval()
+    if refit:
+        endpoints = [models[0]] + [copy_with_state(models[0], st) for st in prep.aligned]
+        result.refit = refit_layers(result.model, endpoints, weights, fit, refit)
+        if result.refit.kept:
+            result.notes.append(f"refit: {len(result.refit.kept)} layers kept as they were, e.g. "
+                                f"{next(iter(result.refit.kept))}: {next(iter(result.refit.kept.values()))}")
     return result
 
 
 def merge_models(models: list[nn.Module], data, *, weights: list[float] | None = None,
                  method: str = "activation", repair: str | None = "exact", num_examples: int = 5000,
                  batch_size: int = 256, points: str = "all", spec: PermutationSpec | None = None,
-                 quiet: bool = True, seed: int = 0) -> MergeResult:
-    """Align every model to ``models[0]``, average with ``weights``, REPAIR, fold."""
+                 quiet: bool = True, seed: int = 0, refit: int = 0) -> MergeResult:
+    """Align every model to ``models[0]``, average with ``weights``, REPAIR, fold, and ``refit``
+    sweeps of the layerwise least-squares refit."""
     weights = [1.0 / len(models)] * len(models) if weights is None else check_weights(weights, len(models))
+    check_sweeps(refit)
     if repair not in REPAIR_MODES:
         raise GraphRepairError(f"repair must be one of {REPAIR_MODES}, got {repair!r}")
     prep = prepare(models, data, method=method, statistics=repair in ("exact", "approx"),
@@ -406,7 +419,7 @@ def merge_models(models: list[nn.Module], data, *, weights: list[float] | None =
             st.corr.clear()
             st.joint.clear()
             st.coupled.clear()
-    return merge_prepared(prep, weights, repair, quiet)
+    return merge_prepared(prep, weights, repair, quiet, refit=refit)
 
 
 RESET_EPS = 1e-5  # the resets' variance epsilon, as BatchNorm's
@@ -604,12 +617,14 @@ def reset_batchnorm_stats(model: nn.Module, fit, quiet: bool = True) -> int:
 
 def merge(model_a: nn.Module, model_b: nn.Module, data, alpha: float = 0.5, method: str = "activation",
           repair: str | None = "exact", num_examples: int = 5000, points: str = "all",
-          batch_size: int = 256, spec: PermutationSpec | None = None, quiet: bool = True) -> nn.Module:
-    """Merge two models of one architecture (see the module docstring); returns the merged model."""
+          batch_size: int = 256, spec: PermutationSpec | None = None, quiet: bool = True,
+          refit: int = 0) -> nn.Module:
+    """Merge two models of one architecture (see the module docstring); returns the merged model.
+    ``refit``: sweeps of the layerwise least-squares refit after ``repair`` (``merging.refit``)."""
     alpha = check_alpha(alpha)
     return merge_models([model_a, model_b], data, weights=[1 - alpha, alpha], method=method,
                         repair=repair, num_examples=num_examples, batch_size=batch_size, points=points,
-                        spec=spec, quiet=quiet).model
+                        spec=spec, quiet=quiet, refit=refit).model
 
 
 def align(model_a: nn.Module, model_b: nn.Module, data=None, spec: PermutationSpec | None = None,
