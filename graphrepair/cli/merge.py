@@ -21,6 +21,8 @@ from graphrepair.cli.options import (check_alpha, model_option, pair_options, po
               help="Then refit every Linear, Conv and BatchNorm of the merge by least squares, layer by layer, "
                    "to the interpolation of the endpoints' outputs on the fitting data (1 is usually enough; "
                    "each sweep costs about one pass of A, B and the merge per layer, cut off after the layer).")
+@click.option("--refit-examples", type=int, default=512, show_default=True, metavar="N",
+              help="How many of the fitting examples (the first) the refit reads.")
 @click.option("--out", default="merged.onnx", show_default=True, metavar="FILE",
               help="The merged model as ONNX, verified with onnxruntime.")
 @click.option("--no-onnx", is_flag=True, help="Do not write the ONNX file.")
@@ -31,15 +33,16 @@ from graphrepair.cli.options import (check_alpha, model_option, pair_options, po
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @run
 def command(session: Session, model_ref, ckpt_a, ckpt_b, fit_ref, method, num_examples, points, alpha, repair,
-            refit, out, no_onnx, weights, eval_ref, as_json):
+            refit, refit_examples, out, no_onnx, weights, eval_ref, as_json):
     """Align B to A, interpolate, REPAIR and export the merged model."""
     from graphrepair.cli.inputs import check_files, model_file
-    from graphrepair.errors import OutputError
+    from graphrepair.errors import DataError, OutputError
 
     check_alpha(alpha)
     positive(num_examples, "--num-examples")
     if refit < 0:
-        raise click.BadParameter(f"must be a whole number of sweeps >= 0, got {refit}", param_hint="'--refit'")
+        raise DataError(f"--refit must be a whole number of sweeps >= 0, got {refit}")
+    positive(refit_examples, "--refit-examples")
     if no_onnx and not weights:
         raise OutputError("--no-onnx without --weights would write nothing; give --weights FILE or drop --no-onnx")
     paths = check_files(session, {"--out": None if no_onnx else out, "--weights": weights},
@@ -60,7 +63,8 @@ def command(session: Session, model_ref, ckpt_a, ckpt_b, fit_ref, method, num_ex
     eval_set = eval_data(eval_ref, model_a, fit.example, device) if eval_ref else None
     spec = require_groups(model_a, fit.example, model_ref)
     res = merge_models([model_a, model_b], fit.data, weights=[1 - alpha, alpha], method=method, repair=mode,
-                       num_examples=fit.examples, points=points, spec=spec, quiet=session.quiet, refit=refit)
+                       num_examples=fit.examples, points=points, spec=spec, quiet=session.quiet, refit=refit,
+                       refit_examples=refit_examples)
     warnings = check_statistics(res.dead_channels, spec, f"--data {fit_ref}", res.examples) if res.examples else []
     own_class = type(res.model) is type(model_a)
     if weights_path is not None and not own_class:
@@ -91,7 +95,8 @@ def command(session: Session, model_ref, ckpt_a, ckpt_b, fit_ref, method, num_ex
         "resets": res.resets, "folded": res.folded, "kept": res.kept, "dead_channels": res.dead_channels,
         "unsignalled": res.unsignalled, "arbitrary": res.arbitrary,
         "refit": None if res.refit is None else {
-            "sweeps": refit, "layers": len(res.refit.layers), "kept": res.refit.kept},
+            "sweeps": refit, "examples": refit_examples, "layers": len(res.refit.layers),
+            "kept": res.refit.kept},
         "merged_class": type(res.model).__name__,
         "onnx": None if export is None else {
             "path": str(onnx_path), "node_count": export.node_count, "op_counts": export.op_counts,
@@ -149,8 +154,8 @@ def merge_text(r: dict, eval_ref: str | None) -> str:
         lines.append("repair: none (plain interpolation of the aligned models)")
     if r["refit"]:
         f = r["refit"]
-        lines.append(f"refit: {f['layers']} layers refit by least squares ({plural(f['sweeps'], 'sweep')}), "
-                     f"{len(f['kept'])} kept as they were")
+        lines.append(f"refit: {f['layers']} layers refit by least squares ({plural(f['sweeps'], 'sweep')} on "
+                     f"{f['examples']} examples), {len(f['kept'])} kept as they were")
     lines.append(f"dead channels: {r['dead_channels']}")
     if r["method"] == "activation" and r["examples"]:
         lines.append(f"units matched without activation signal: {r['unsignalled']} (placed by their weights: "

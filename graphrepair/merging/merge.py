@@ -47,6 +47,7 @@ from graphrepair.discovery.discover import discover
 from graphrepair import distributed
 from graphrepair.errors import CheckError, DataError, GraphRepairError
 from graphrepair.merging.points import ResetPoint, observation_points, reset_points
+from graphrepair.merging.refit import EXAMPLES as REFIT_EXAMPLES
 from graphrepair.merging.refit import Refit, check_sweeps
 from graphrepair.merging.refit import refit as refit_layers
 from graphrepair.progress import progress
@@ -328,9 +329,11 @@ def prove_permutations(spec: PermutationSpec, model: nn.Module, permuted_state: 
 
 
 def merge_prepared(prep: Prepared, weights: list[float], repair: str | None,
-                   quiet: bool = True, keep_unfolded: bool = False, refit: int = 0) -> MergeResult:
+                   quiet: bool = True, keep_unfolded: bool = False, refit: int = 0,
+                   refit_examples: int | None = REFIT_EXAMPLES) -> MergeResult:
     """Interpolate the aligned models with ``weights`` and apply ``repair``, then ``refit``
-    sweeps of the layerwise least-squares refit (``merging.refit``)."""
+    sweeps of the layerwise least-squares refit (``merging.refit``) on the first
+    ``refit_examples`` fitting examples (None: all)."""
     models = prep.models
     weights = check_weights(weights, len(models))
     check_sweeps(refit)
@@ -394,7 +397,7 @@ def merge_prepared(prep: Prepared, weights: list[float], repair: str | None,
         result.model = model.eval()
     if refit:
         endpoints = [models[0]] + [copy_with_state(models[0], st) for st in prep.aligned]
-        result.refit = refit_layers(result.model, endpoints, weights, fit, refit)
+        result.refit = refit_layers(result.model, endpoints, weights, fit, refit, examples=refit_examples)
         if result.refit.kept:
             result.notes.append(f"refit: {len(result.refit.kept)} layers kept as they were, e.g. "
                                 f"{next(iter(result.refit.kept))}: {next(iter(result.refit.kept.values()))}")
@@ -404,7 +407,8 @@ def merge_prepared(prep: Prepared, weights: list[float], repair: str | None,
 def merge_models(models: list[nn.Module], data, *, weights: list[float] | None = None,
                  method: str = "activation", repair: str | None = "exact", num_examples: int = 5000,
                  batch_size: int = 256, points: str = "all", spec: PermutationSpec | None = None,
-                 quiet: bool = True, seed: int = 0, refit: int = 0) -> MergeResult:
+                 quiet: bool = True, seed: int = 0, refit: int = 0,
+                 refit_examples: int | None = REFIT_EXAMPLES) -> MergeResult:
     """Align every model to ``models[0]``, average with ``weights``, REPAIR, fold, and ``refit``
     sweeps of the layerwise least-squares refit."""
     weights = [1.0 / len(models)] * len(models) if weights is None else check_weights(weights, len(models))
@@ -419,7 +423,7 @@ def merge_models(models: list[nn.Module], data, *, weights: list[float] | None =
             st.corr.clear()
             st.joint.clear()
             st.coupled.clear()
-    return merge_prepared(prep, weights, repair, quiet, refit=refit)
+    return merge_prepared(prep, weights, repair, quiet, refit=refit, refit_examples=refit_examples)
 
 
 RESET_EPS = 1e-5  # the resets' variance epsilon, as BatchNorm's
@@ -618,13 +622,14 @@ def reset_batchnorm_stats(model: nn.Module, fit, quiet: bool = True) -> int:
 def merge(model_a: nn.Module, model_b: nn.Module, data, alpha: float = 0.5, method: str = "activation",
           repair: str | None = "exact", num_examples: int = 5000, points: str = "all",
           batch_size: int = 256, spec: PermutationSpec | None = None, quiet: bool = True,
-          refit: int = 0) -> nn.Module:
+          refit: int = 0, refit_examples: int | None = REFIT_EXAMPLES) -> nn.Module:
     """Merge two models of one architecture (see the module docstring); returns the merged model.
-    ``refit``: sweeps of the layerwise least-squares refit after ``repair`` (``merging.refit``)."""
+    ``refit``: sweeps of the layerwise least-squares refit after ``repair`` (``merging.refit``) on
+    the first ``refit_examples`` fitting examples."""
     alpha = check_alpha(alpha)
     return merge_models([model_a, model_b], data, weights=[1 - alpha, alpha], method=method,
                         repair=repair, num_examples=num_examples, batch_size=batch_size, points=points,
-                        spec=spec, quiet=quiet, refit=refit).model
+                        spec=spec, quiet=quiet, refit=refit, refit_examples=refit_examples).model
 
 
 def align(model_a: nn.Module, model_b: nn.Module, data=None, spec: PermutationSpec | None = None,

@@ -20,8 +20,7 @@ Layers (modules called with the same parameters in the merged model and in every
 by name; the spec's groups give the same channel order in all of them):
 
 - ``nn.Linear``: full least squares of its weight and bias;
-- ``nn.Conv1d`` / ``nn.Conv2d`` with zero padding: the same on the unfolded input patches (the rows
-  of an unfolded batch are subsampled to ``MAX_ROWS`` per batch, with a fixed seed); grouped
+- ``nn.Conv1d`` / ``nn.Conv2d`` with zero padding: the same on the unfolded input patches; grouped
   convolutions fit each group's block of the weight on its own input channels;
 - eval-mode ``BatchNorm1d/2d/3d`` with running statistics: each channel's gamma and beta, the
   least-squares affine of its normalised input (its running statistics stay as they are).
@@ -29,10 +28,13 @@ by name; the spec's groups give the same channel order in all of them):
 Anything else keeps its parameters (``Refit.kept`` says which and why).
 
 The layers are refit one after another in the order the merged model calls them (Gauss-Seidel):
-layer L is fit on inputs that the layers already refit before it produce. Each layer costs one pass
-of the endpoints and the merged model over the fitting data, cut off once that layer has run (a
-layer called more than once per forward runs the whole pass), so a sweep costs about half a pass
-of the three models per layer. Refitting every layer from one shared pass (Jacobi) diverges: on
+layer L is fit on inputs that the layers already refit before it produce. The endpoints' targets
+do not change: one pass of the endpoints keeps them all (as the rows that enter the sums, at most
+``MAX_ROWS`` per call of a layer on a batch, picked by a fixed seed) when they take at most
+``CACHE_BYTES``; otherwise every layer's pass recomputes its own. Each layer then costs one pass
+of the merged model over the fitting data, cut off once that layer has run (a layer called more
+than once per forward runs the whole pass): a sweep costs about half a pass of the merged model
+per layer. Refitting every layer from one shared pass (Jacobi) diverges: on
 the MNIST MLP pair of 20 layers of width 128 its relative error to the targets went 0.17 -> 0.9
 -> 3e10 over two sweeps (the test accuracy to 10%), whatever the ridge (1e-2 to 1), while the
 sequential refit brought it to 0.014 in one sweep (96.00% -> 97.16%). ``Refit.before`` and
@@ -56,7 +58,9 @@ from graphrepair.io.data import FewerExamplesWarning
 from graphrepair.runtime import eval_mode
 
 RIDGE = 1e-4  # lam over the mean diagonal of X^T X
-MAX_ROWS = 8192  # rows of one batch's unfolded conv input (N * output positions) used per batch
+EXAMPLES = 512  # the default number of fitting examples the refit reads (the first ones)
+MAX_ROWS = 8192  # rows (examples x positions) of one call of a layer on one batch that enter its sums
+CACHE_BYTES = 2 ** 30  # the endpoints' targets are kept from one pass when they take at most this
 
 _CONV = (nn.Conv1d, nn.Conv2d)
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -68,6 +72,7 @@ class Refit:
     kept: dict[str, str] = field(default_factory=dict)  # module -> why its parameters were kept
     before: dict[str, float] = field(default_factory=dict)  # layer -> relative squared error to its
     after: dict[str, float] = field(default_factory=dict)  # target before its first solve / after the last
+    cached: bool = False  # the targets were kept from one pass of the endpoints
 
 
 def check_sweeps(sweeps) -> int:
@@ -96,7 +101,7 @@ def _why_not(module: nn.Module) -> str | None:
     return None
 
 
-def _rows(module: nn.Module, x: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
+def _rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The layer's input as the rows of a least-squares problem (one row per output position)."""
     if isinstance(module, nn.Linear):
         return x.reshape(-1, x.shape[-1])
@@ -128,11 +133,9 @@ class _Layer:
         self.groups = module.groups if isinstance(module, _CONV) else 1
         self.reset()
 
-    def add(self, x: torch.Tensor, t: torch.Tensor, got: torch.Tensor, gen: torch.Generator) -> None:
+    def add(self, x: torch.Tensor, t: torch.Tensor, got: torch.Tensor) -> None:
+        """Add rows: the merged model's inputs ``x``, the targets ``t``, its outputs ``got``."""
         x, t, got = x.double(), t.double(), got.double()
-        if x.shape[0] > MAX_ROWS and isinstance(self.module, _CONV):
-            keep = torch.randperm(x.shape[0], generator=gen)[:MAX_ROWS].to(x.device)
-            x, t, got = x[keep], t[keep], got[keep]
         self.err += float((got - t).square().sum())
         self.norm += float((t - t.mean(0)).square().sum())
         self.rows += x.shape[0]
@@ -244,12 +247,17 @@ class _Stop(Exception):
 
 @torch.no_grad()
 def refit(merged: nn.Module, endpoints: list[nn.Module], weights: list[float], fit, sweeps: int,
-          seed: int = 0, measure: bool = False) -> Refit:
+          seed: int = 0, measure: bool = False, examples: int | None = EXAMPLES) -> Refit:
     """Refit ``merged``'s layers in place over ``fit`` (a ``FitData``) for ``sweeps`` sweeps, the
     targets the ``weights``-interpolation of the ``endpoints``' layer outputs (the endpoints B, C..
-    already aligned to A); see the module text. ``measure``: one more pass per layer for its error after
-    the last sweep (``Refit.after``)."""
+    already aligned to A); see the module text. ``measure``: one more pass per layer for its error
+    after the last sweep (``Refit.after``). ``examples``: how many of the fitting examples (the first
+    ones; None: all) the refit reads, over all processes of a distributed run."""
     check_sweeps(sweeps)
+    if examples is not None and (isinstance(examples, bool) or not isinstance(examples, int) or examples < 1):
+        raise GraphRepairError(f"refit_examples must be a whole number >= 1 or None, got {examples!r}")
+    if examples is not None and distributed.current() is not None:
+        examples = -(-examples // distributed.world())  # each rank its share
     out = Refit()
     if sweeps == 0:
         return out
@@ -264,14 +272,21 @@ def refit(merged: nn.Module, endpoints: list[nn.Module], weights: list[float], f
         warnings.simplefilter("ignore", FewerExamplesWarning)  # said once, by the statistics pass
         calls = _calls(merged, modules, fit)  # the call order, and how often each layer is called
         out.layers = list(calls)
+        index = {name: i for i, name in enumerate(out.layers)}
+        cache = _Targets(endpoints, ends, weights, out.layers, index, seed, examples).fill(fit)
+        out.cached = cache.filled
+
+        def run(name):
+            layer = layers[name]
+            _pass(merged, layer, index[name], fit, cache if cache.filled else
+                  _Targets(endpoints, ends, weights, [name], index, seed, examples, stop=calls[name] == 1),
+                  stop=calls[name] == 1)
+            return layer, torch.tensor([layer.err, layer.norm], dtype=torch.float64, device=device)
+
         for sweep in range(sweeps):
             for name in out.layers:
-                layer = layers[name]
-                _pass(merged, endpoints, ends, layer, weights, fit, torch.Generator().manual_seed(seed + sweep),
-                      stop=calls[name] == 1)
-                flat = layer.tensors() + [torch.tensor([layer.err, layer.norm], dtype=torch.float64, device=device)]
-                if distributed.current() is not None:  # exact float64 sums over the ranks
-                    flat = distributed.all_reduce_sum(flat, device)
+                layer, errs = run(name)
+                flat = distributed.all_reduce_sum(layer.tensors() + [errs], device)  # exact float64 sums
                 layer.gram, layer.cross = flat[0], flat[1]
                 if sweep == 0:
                     out.before[name] = float(flat[2][0] / flat[2][1].clamp_min(1e-300))
@@ -279,11 +294,8 @@ def refit(merged: nn.Module, endpoints: list[nn.Module], weights: list[float], f
                 layer.reset()
         if measure:
             for name in out.layers:
-                layer = layers[name]
-                _pass(merged, endpoints, ends, layer, weights, fit, torch.Generator().manual_seed(seed),
-                      stop=calls[name] == 1)
-                e = distributed.all_reduce_sum([torch.tensor([layer.err, layer.norm], dtype=torch.float64,
-                                                             device=device)], device)[0]
+                layer, errs = run(name)
+                e = distributed.all_reduce_sum([errs], device)[0]
                 out.after[name] = float(e[0] / e[1].clamp_min(1e-300))
                 layer.reset()
     return out
@@ -301,36 +313,105 @@ def _calls(merged: nn.Module, modules: dict[str, nn.Module], fit) -> dict[str, i
     return counts
 
 
-def _pass(merged, endpoints, ends, layer: _Layer, weights, fit, gen, stop: bool) -> None:
-    """One pass for one layer: the endpoints' outputs of it per batch (their weighted sum, the
-    target), then the merged model's input and output of it, added to the layer's sums. A layer
-    called once per forward ends each forward there (``stop``)."""
-    name = layer.name
+def _batches(fit, examples: int | None):
+    """The fitting batches, up to ``examples`` examples (the last batch cut)."""
+    seen = 0
     for x in fit:
-        target: list = []
-        for w, end, mods in zip(weights, endpoints, ends):
-            seen = [0]
+        if examples is not None and seen + x.shape[0] > examples:
+            x = x[:examples - seen]
+        if x.shape[0] == 0:
+            return
+        seen += x.shape[0]
+        yield x
 
-            def keep(_, inp, y, w=w, seen=seen):
-                t = w * y.detach().float()
-                if seen[0] < len(target):
-                    target[seen[0]] = target[seen[0]] + t
+
+def _pick(rows: int, layer: int, batch: int, call: int, seed: int) -> torch.Tensor | None:
+    """The rows of one call of one layer on one batch that enter the sums (all up to MAX_ROWS),
+    the same in the endpoints' pass and the merged model's."""
+    if rows <= MAX_ROWS:
+        return None
+    g = torch.Generator().manual_seed(seed * 1_000_003 + (layer * 65_537 + batch) * 257 + call)
+    return torch.randperm(rows, generator=g)[:MAX_ROWS]
+
+
+def _take(t: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    return t if keep is None else t[keep.to(t.device)]
+
+
+class _Targets:
+    """The targets of some layers: per batch and call, the ``weights``-sum of the endpoints' outputs
+    of the layer, as the rows that enter the sums. ``fill`` keeps them for every layer from one pass
+    of the endpoints when they take at most CACHE_BYTES (then every layer's pass runs the merged
+    model alone); otherwise each layer's pass computes its own (``batch``), the endpoints stopped
+    after the layer when it is called once."""
+
+    def __init__(self, endpoints, ends, weights, names, index, seed, examples, stop=False):
+        self.endpoints, self.ends, self.weights, self.names = endpoints, ends, weights, names
+        self.index, self.seed, self.examples, self.stop = index, seed, examples, stop
+        self.filled = False
+        self.kept: dict[tuple[str, int], list] = {}
+
+    def batch(self, x: torch.Tensor, b: int) -> dict[str, list]:
+        """{layer: [target rows per call]} of the batch ``x`` (the ``b``-th)."""
+        out: dict[str, list] = {}
+        for w, end, mods in zip(self.weights, self.endpoints, self.ends):
+            seen: dict[str, int] = {}
+
+            def keep(name, inp, y, w=w, seen=seen):
+                c = seen.get(name, 0)
+                seen[name] = c + 1
+                rows = _targets(mods[name], y.detach())
+                t = w * _take(rows, _pick(rows.shape[0], self.index[name], b, c, self.seed)).float()
+                slot = out.setdefault(name, [])
+                if c < len(slot):
+                    slot[c] = slot[c] + t
                 else:
-                    target.append(t)
-                seen[0] += 1
-                if stop:
+                    slot.append(t)
+                if self.stop:
                     raise _Stop
 
-            with _hooks({name: mods[name]}, keep), contextlib.suppress(_Stop):
+            with _hooks({n: mods[n] for n in self.names}, keep), contextlib.suppress(_Stop):
                 end(x)
+        return out
+
+    def fill(self, fit) -> "_Targets":
+        """Keep every layer's targets over the refit's examples, if they fit in CACHE_BYTES."""
+        size = 0
+        for b, x in enumerate(_batches(fit, self.examples)):
+            got = self.batch(x, b)
+            size += sum(t.numel() * t.element_size() for ts in got.values() for t in ts)
+            if b == 0:  # the first batch tells: this much per example
+                total = fit.n if self.examples is None else min(fit.n, self.examples)
+                if size / max(x.shape[0], 1) * total > CACHE_BYTES:
+                    self.kept.clear()
+                    return self
+            for name, ts in got.items():
+                self.kept[(name, b)] = ts
+        self.filled = True
+        return self
+
+    def of(self, x: torch.Tensor, b: int, name: str) -> list:
+        if self.filled:
+            return self.kept.get((name, b), [])
+        return self.batch(x, b).get(name, [])
+
+
+def _pass(merged, layer: _Layer, index: int, fit, targets: _Targets, stop: bool) -> None:
+    """One pass for one layer: the merged model's input and output of it per batch, against the
+    batch's targets, added to the layer's sums. A layer called once per forward ends each forward
+    there (``stop``)."""
+    name = layer.name
+    for b, x in enumerate(_batches(fit, targets.examples)):
+        target = targets.of(x, b, name)
         seen = [0]
 
         def add(_, inp, y):
-            i = seen[0]
+            c = seen[0]
             seen[0] += 1
-            if i < len(target) and target[i].shape == y.shape:  # else no target for this call
-                layer.add(_rows(layer.module, inp[0].detach(), gen), _targets(layer.module, target[i]),
-                          _targets(layer.module, y.detach()), gen)
+            rows = _targets(layer.module, y.detach())
+            keep = _pick(rows.shape[0], index, b, c, targets.seed)
+            if c < len(target) and _take(rows, keep).shape == target[c].shape:  # else no target for this call
+                layer.add(_take(_rows(layer.module, inp[0].detach()), keep), target[c], _take(rows, keep))
             if stop:
                 raise _Stop
 
