@@ -251,6 +251,8 @@ class Run:
 
 _RUN: Run | None = None
 _LAUNCHED = False  # launch() joined this process to a run (the CLI under a launcher)
+_LEFT_KEY = "graphrepair/left"  # + "/<rank>": that rank is leaving after a failure
+_LEAVE_WAIT_S = 5.0
 
 
 def current() -> Run | None:
@@ -521,7 +523,29 @@ def end_failed(code: int) -> None:
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
+    with contextlib.suppress(Exception):  # the line is out; c10d's warnings while leaving are not news
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+    _leave_in_order()
     os._exit(code)
+
+
+def _leave_in_order() -> None:
+    """The other ranks leave before rank 0, which may host the store: a rank still talking to the
+    store when its host is gone prints c10d's 'Connection reset by peer' with a C++ stack. Each rank
+    but 0 marks its leaving in the store; rank 0 waits for the marks (at most ``_LEAVE_WAIT_S``: a
+    rank that died never marks; its c10d warnings go nowhere, see ``end_failed``)."""
+    run = _RUN
+    store = getattr(run, "store", None)
+    if run is None or store is None:
+        return
+    with contextlib.suppress(Exception):
+        if run.rank == 0:
+            store.wait([f"{_LEFT_KEY}/{r}" for r in range(1, run.world)],
+                       datetime.timedelta(seconds=_LEAVE_WAIT_S))
+        else:
+            store.set(f"{_LEFT_KEY}/{run.rank}", "1")
 
 
 def _leave() -> None:

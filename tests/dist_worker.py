@@ -63,12 +63,13 @@ def _mlp_pair():
 def build(case: str):
     """(models, inputs, labels or None, examples used, batch size, merge keyword arguments)."""
     g = torch.Generator().manual_seed(7)
-    if case in ("mlp", "mlp_one_batch", "align_weight", "barrier", "study", "fail"):
+    if case in ("mlp", "mlp_one_batch", "align_weight", "barrier", "study", "fail", "refit"):
         a, b = _mlp_pair()
-        n = {"mlp": 200, "mlp_one_batch": 20, "align_weight": 20, "barrier": 120, "study": 120, "fail": 20000}[case]
+        n = {"mlp": 200, "mlp_one_batch": 20, "align_weight": 20, "barrier": 120, "study": 120, "fail": 20000,
+             "refit": 200}[case]
         x = torch.randn(n, 64, generator=g)
         y = torch.randint(0, 10, (n,), generator=g)
-        kwargs = {"repair": "approx"} if case == "mlp_one_batch" else {}
+        kwargs = {"repair": "approx"} if case == "mlp_one_batch" else {"refit": 1} if case == "refit" else {}
         return [a, b], x, y, n, 32, kwargs
     if case in ("resnet", "resnet_reset"):
         torch.manual_seed(0)
