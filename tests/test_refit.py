@@ -77,16 +77,16 @@ def test_refit_reproduces_a_reachable_target_exactly(monkeypatch, build, shape):
 
 
 def test_refit_writes_the_least_squares_solution_into_the_layer():
-    """The parameters written (weight layout, unfolded patches, groups, bias, BatchNorm's gamma and
-    beta on its normalised input) compute what the least-squares solution computes: the layer's new
-    outputs on its inputs equal [inputs, 1] @ lstsq([inputs, 1], target), to 1e-4."""
+    """The parameters written (weight layout, unfolded patches, groups, bias, a conv fit through
+    its BatchNorm) compute what the least-squares solution computes: the layer's new outputs on its
+    inputs equal [inputs, 1] @ lstsq([inputs, 1], target), to 1e-4."""
     torch.manual_seed(0)
     a, b = randomize_(ConvNet().eval(), 1), randomize_(ConvNet().eval(), 2)
     x = torch.randn(64, 3, 8, 8)
     merged = _perturbed(a)
     R.RIDGE, ridge = 0.0, R.RIDGE
     try:
-        R.refit(merged, [a, b], [0.5, 0.5], _fit(x, batch=64), 1)
+        info = R.refit(merged, [a, b], [0.5, 0.5], _fit(x, batch=64), 1)
     finally:
         R.RIDGE = ridge
     # the last layer, fc: its inputs in the merged model and its target are what the refit saw
@@ -102,6 +102,25 @@ def test_refit_writes_the_least_squares_solution_into_the_layer():
     xa = torch.cat([inputs, torch.ones(len(inputs), 1)], 1).double()
     solution = torch.linalg.lstsq(xa, target.double()).solution
     torch.testing.assert_close(got.double(), xa @ solution, rtol=1e-4, atol=1e-4)
+    # the grouped, bias-free conv c2 fit through b2: b2's outputs are, per group, the least-squares
+    # fit of b2's target on c2's unfolded inputs and a constant
+    assert info.through == {"c1": "b1", "c2": "b2"} and "c3" not in info.through
+    seen.clear()
+    hooks = [merged.c2.register_forward_hook(lambda mod, inp, out: seen.__setitem__("x", inp[0])),
+             merged.b2.register_forward_hook(lambda mod, inp, out: seen.__setitem__("m", out)),
+             a.b2.register_forward_hook(lambda mod, inp, out: seen.__setitem__("a", out)),
+             b.b2.register_forward_hook(lambda mod, inp, out: seen.__setitem__("b", out))]
+    with torch.no_grad():
+        merged(x), a(x), b(x)
+    for h in hooks:
+        h.remove()
+    cols = F.unfold(seen["x"], 3, dilation=2, padding=2).transpose(1, 2).reshape(-1, 8 * 9).double()
+    target = (0.5 * seen["a"] + 0.5 * seen["b"]).movedim(1, -1).reshape(-1, 8).double()
+    got = seen["m"].movedim(1, -1).reshape(-1, 8).double()
+    for g in range(2):
+        xg = torch.cat([cols[:, g * 36:(g + 1) * 36], torch.ones(len(cols), 1, dtype=cols.dtype)], 1)
+        fit = xg @ torch.linalg.lstsq(xg, target[:, g * 4:(g + 1) * 4]).solution
+        torch.testing.assert_close(got[:, g * 4:(g + 1) * 4], fit, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("case", ["mlp", "bn_resnet", "split_heads"])
@@ -132,7 +151,9 @@ def test_refit_merges_and_lowers_every_layers_error(case):
     b_aligned = copy_with_state(a, gr.permute(b, res2.spec, res2.perms[0]).state_dict())
     info = R.refit(res2.model, [a, b_aligned], [0.5, 0.5], _fit(x), 1, measure=True)
     assert info.layers == res.refit.layers
-    for name in info.layers:
+    fitted = [n for n in info.layers if n not in info.through.values()]  # a BatchNorm fit with its conv
+    assert set(info.before) == set(info.after) == set(fitted)
+    for name in fitted:
         assert info.after[name] <= info.before[name] * (1 + 1e-3) + 1e-9, name
     assert sum(info.after.values()) < 0.9 * sum(info.before.values())
     for k, v in res.model.state_dict().items():

@@ -25,7 +25,13 @@ by name; the spec's groups give the same channel order in all of them):
 - eval-mode ``BatchNorm1d/2d/3d`` with running statistics: each channel's gamma and beta, the
   least-squares affine of its normalised input (its running statistics stay as they are).
 
-Anything else keeps its parameters (``Refit.kept`` says which and why).
+Anything else keeps its parameters (``Refit.kept`` says which and why). A conv (or a linear into
+a ``BatchNorm1d``) whose output goes straight into an eval BatchNorm (the BatchNorm called on the
+very tensor the layer returned, each once per forward, no gamma near 0) is fit through it, as one
+affine map: its target is the BatchNorm's target mapped back, BN^-1(T) = (T - beta) / gamma *
+sqrt(var + eps) + mean, with an intercept that goes into the layer's bias or, without one, into
+the BatchNorm's running mean. Least squares fits each output channel on its own, so this is the
+least-squares fit of the pair in the BatchNorm's output space; it costs one pass, not two.
 
 The layers are refit one after another in the order the merged model calls them (Gauss-Seidel):
 layer L is fit on inputs that the layers already refit before it produce. The endpoints' targets
@@ -73,6 +79,7 @@ class Refit:
     before: dict[str, float] = field(default_factory=dict)  # layer -> relative squared error to its
     after: dict[str, float] = field(default_factory=dict)  # target before its first solve / after the last
     cached: bool = False  # the targets were kept from one pass of the endpoints
+    through: dict[str, str] = field(default_factory=dict)  # conv/linear -> the BatchNorm it was fit through
 
 
 def check_sweeps(sweeps) -> int:
@@ -127,9 +134,11 @@ def _targets(module: nn.Module, y: torch.Tensor) -> torch.Tensor:
 class _Layer:
     """The sums of one layer: X^T X and X^T T per weight block (groups), float64."""
 
-    def __init__(self, name: str, module: nn.Module):
+    def __init__(self, name: str, module: nn.Module, through: tuple[str, nn.Module] | None = None):
         self.name, self.module = name, module
-        self.bias = isinstance(module, _BN) or getattr(module, "bias", None) is not None
+        self.target = name if through is None else through[0]  # whose outputs are the targets
+        self.bn = None if through is None else through[1]  # fit through this BatchNorm (see ``pre``)
+        self.bias = isinstance(module, _BN) or self.bn is not None or getattr(module, "bias", None) is not None
         self.groups = module.groups if isinstance(module, _CONV) else 1
         self.reset()
 
@@ -160,8 +169,9 @@ class _Layer:
         w = m.weight.detach().double()
         g, out = self.groups, w.shape[0]
         w = w.reshape(g, out // g, -1)  # (g, out/g, in/g * k)
-        if self.bias:
-            w = torch.cat([w, m.bias.detach().double().view(g, out // g, 1)], -1)
+        if self.bias:  # a layer without a bias fit through its BatchNorm: the intercept starts at 0
+            b = m.bias.detach().double() if m.bias is not None else w.new_zeros(out)
+            w = torch.cat([w, b.view(g, out // g, 1)], -1)
         return w.transpose(1, 2)
 
     @torch.no_grad()
@@ -182,9 +192,22 @@ class _Layer:
         theta = _solve(a, self.cross + lam[:, None, None] * theta0)  # (g, in/g*k [+1], out/g)
         theta = theta.transpose(1, 2)  # (g, out/g, in/g*k [+1])
         if self.bias:
-            m.bias.copy_(theta[..., -1].reshape(-1).to(m.bias))
+            intercept = theta[..., -1].reshape(-1)
+            if m.bias is not None:
+                m.bias.copy_(intercept.to(m.bias))
+            else:  # BN(Wx + c) = BN'(Wx) with BN's mean moved by -c
+                self.bn.running_mean.sub_(intercept.to(self.bn.running_mean))
             theta = theta[..., :-1]
         m.weight.copy_(theta.reshape(m.weight.shape).to(m.weight))
+
+    def pre(self, t: torch.Tensor) -> torch.Tensor:
+        """Target rows (channel last) of the BatchNorm after this layer, mapped back through it: the
+        layer's output that gives them, BN^-1(t) = (t - beta) / gamma * sqrt(var + eps) + mean."""
+        if self.bn is None:
+            return t
+        bn = self.bn
+        scale = torch.sqrt(bn.running_var.double() + bn.eps) / bn.weight.double()
+        return ((t.double() - bn.bias.double()) * scale + bn.running_mean.double()).float()
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.gram, self.cross]
@@ -265,26 +288,31 @@ def refit(merged: nn.Module, endpoints: list[nn.Module], weights: list[float], f
     if not modules:
         raise GraphRepairError(f"refit: {type(merged).__name__} has no Linear, Conv1d/2d or BatchNorm layer that "
                                f"can be refit ({'; '.join(f'{k}: {v}' for k, v in list(out.kept.items())[:3])})")
-    layers = {name: _Layer(name, m) for name, m in modules.items()}
     ends = [dict(e.named_modules()) for e in endpoints]
     device = next(iter(modules.values())).weight.device
     with eval_mode(merged, *endpoints), warnings.catch_warnings():
         warnings.simplefilter("ignore", FewerExamplesWarning)  # said once, by the statistics pass
-        calls = _calls(merged, modules, fit)  # the call order, and how often each layer is called
+        calls, out.through = _calls(merged, modules, fit)  # call order, calls per forward, pairs
         out.layers = list(calls)
+        paired = set(out.through.values())
+        fitted = [n for n in out.layers if n not in paired]  # solved, in call order
+        layers = {n: _Layer(n, modules[n], (out.through[n], modules[out.through[n]]) if n in out.through else None)
+                  for n in fitted}
         index = {name: i for i, name in enumerate(out.layers)}
-        cache = _Targets(endpoints, ends, weights, out.layers, index, seed, examples).fill(fit)
+        targets = [n for n in out.layers if n not in out.through]  # whose outputs are targets
+        cache = _Targets(endpoints, ends, weights, targets, index, seed, examples).fill(fit)
         out.cached = cache.filled
 
         def run(name):
             layer = layers[name]
-            _pass(merged, layer, index[name], fit, cache if cache.filled else
-                  _Targets(endpoints, ends, weights, [name], index, seed, examples, stop=calls[name] == 1),
+            _pass(merged, layer, index[layer.target], fit, cache if cache.filled else
+                  _Targets(endpoints, ends, weights, [layer.target], index, seed, examples,
+                           stop=calls[layer.target] == 1),
                   stop=calls[name] == 1)
             return layer, torch.tensor([layer.err, layer.norm], dtype=torch.float64, device=device)
 
         for sweep in range(sweeps):
-            for name in out.layers:
+            for name in fitted:
                 layer, errs = run(name)
                 flat = distributed.all_reduce_sum(layer.tensors() + [errs], device)  # exact float64 sums
                 layer.gram, layer.cross = flat[0], flat[1]
@@ -293,7 +321,7 @@ def refit(merged: nn.Module, endpoints: list[nn.Module], weights: list[float], f
                 layer.solve()
                 layer.reset()
         if measure:
-            for name in out.layers:
+            for name in fitted:
                 layer, errs = run(name)
                 e = distributed.all_reduce_sum([errs], device)[0]
                 out.after[name] = float(e[0] / e[1].clamp_min(1e-300))
@@ -301,16 +329,33 @@ def refit(merged: nn.Module, endpoints: list[nn.Module], weights: list[float], f
     return out
 
 
-def _calls(merged: nn.Module, modules: dict[str, nn.Module], fit) -> dict[str, int]:
-    """The layers in the order the merged model first calls them, with their calls per example batch."""
+def _calls(merged: nn.Module, modules: dict[str, nn.Module], fit) -> tuple[dict[str, int], dict[str, str]]:
+    """The layers in the order the merged model first calls them, with their calls per example
+    batch; and {conv or linear: BatchNorm} where a BatchNorm (eval, every gamma away from 0) is
+    called once, on the very tensor a conv or linear called once returned: the pair is fit as one
+    affine map (the layer through the BatchNorm), in one pass instead of two."""
     counts: dict[str, int] = {}
+    made: dict[int, str] = {}
+    fed: dict[str, str] = {}
 
     def seen(name, inp, y):
         counts[name] = counts.get(name, 0) + 1
+        if isinstance(modules[name], _BN) and inp and id(inp[0]) in made:
+            fed[name] = made[id(inp[0])]
+        made[id(y)] = name
 
     with _hooks(modules, seen):
-        merged(fit.example())
-    return counts
+        y = merged(fit.example())
+    del y
+    through = {}
+    for bn, producer in fed.items():
+        m, p = modules[bn], modules[producer]
+        gamma = m.weight.detach().abs()
+        if (counts[bn] == counts[producer] == 1 and bool((gamma > 1e-6 * gamma.max().clamp_min(1e-30)).all())
+                and (isinstance(p, _CONV) or (isinstance(m, nn.BatchNorm1d) and isinstance(p, nn.Linear)))
+                and p.weight.shape[0] == m.num_features):
+            through[producer] = bn
+    return counts, through
 
 
 def _batches(fit, examples: int | None):
@@ -402,7 +447,7 @@ def _pass(merged, layer: _Layer, index: int, fit, targets: _Targets, stop: bool)
     there (``stop``)."""
     name = layer.name
     for b, x in enumerate(_batches(fit, targets.examples)):
-        target = targets.of(x, b, name)
+        target = [layer.pre(t) for t in targets.of(x, b, layer.target)]
         seen = [0]
 
         def add(_, inp, y):
