@@ -141,10 +141,13 @@ def test_refit_merges_and_lowers_every_layers_error(case):
         a, b = (randomize_(SplitHeadLM().eval(), s) for s in (1, 2))
         x = torch.randint(0, 40, (64, 12), generator=g)
     before = [copy.deepcopy(m.state_dict()) for m in (a, b)]
+    a.train()  # the caller's modes come back as they were
     kw = dict(batch_size=16, num_examples=len(x), points="all" if case == "mlp" else "conv")
     res = merge_models([a, b], x, refit=1, **kw)
     assert type(res.model) is type(a) and res.refit is not None and res.refit.layers
     assert all(torch.equal(m.state_dict()[k], s[k]) for m, s in zip((a, b), before) for k in s)
+    assert all(m.training for m in a.modules()) and not any(m.training for m in b.modules())
+    a.eval()
     # the same merge measured layer by layer
     res2 = merge_models([a, b], x, refit=0, **kw)
     from graphrepair.merging.stats import copy_with_state
