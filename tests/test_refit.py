@@ -55,15 +55,17 @@ def _perturbed(model, seed=1, scale=0.3):
 def test_refit_reproduces_a_reachable_target_exactly(monkeypatch, build, shape):
     """With the target a model the merged one can become (both endpoints the same model), the
     refit recovers it: every layer's target is a linear map of inputs the refit layers before it
-    reproduce. Without the ridge (singular where a ReLU never fires: the pseudo-inverse) exactly;
-    with it, within its pull."""
+    reproduce. Without the ridge (singular where a ReLU never fires: the pseudo-inverse) exactly,
+    also from a few rows picked per call; with it, within its pull."""
     torch.manual_seed(0)
     target = randomize_(build().eval(), 3)
     x = torch.randn(96, *shape)
     with torch.no_grad():
         want = target(x)
-    for ridge, tol in ((0.0, 1e-5), (R.RIDGE, 1e-2)):
+    for ridge, tol, rows in ((0.0, 1e-5, R.MAX_ROWS), (R.RIDGE, 1e-2, R.MAX_ROWS), (0.0, 1e-5, 60)):
         monkeypatch.setattr(R, "RIDGE", ridge)
+        monkeypatch.setattr(R, "MAX_ROWS", rows)  # 60: a few rows of every conv call, unfolded in pieces
+        monkeypatch.setattr(R, "UNFOLD_BYTES", 4096 if rows == 60 else 2 ** 27)
         merged = _perturbed(target)
         with torch.no_grad():
             assert (merged(x) - want).abs().max() > 0.05 * want.abs().max()
@@ -188,3 +190,15 @@ def test_refit_with_no_layer_it_can_fit_says_so():
     m = Scale()
     with pytest.raises(GraphRepairError, match="no Linear, Conv1d/2d or BatchNorm layer that can be refit"):
         R.refit(m, [m, m], [0.5, 0.5], _fit(torch.randn(8, 4)), 1)
+
+
+@pytest.mark.parametrize("conv", [nn.Conv2d(3, 5, 3, stride=2, padding=1, dilation=1),
+                                  nn.Conv2d(4, 6, (3, 2), padding=(2, 0), dilation=2, groups=2),
+                                  nn.Conv1d(3, 4, 5, stride=3, padding=2)])
+def test_picked_rows_unfold_in_pieces_what_the_whole_batch_gives(monkeypatch, conv):
+    x = torch.randn(7, conv.in_channels, *((9, 8) if isinstance(conv, nn.Conv2d) else (23,)))
+    whole = R._rows(conv, x)
+    keep = torch.randperm(len(whole), generator=torch.Generator().manual_seed(0))[:40].sort().values
+    monkeypatch.setattr(R, "UNFOLD_BYTES", 1)  # one example at a time
+    torch.testing.assert_close(R._picked_rows(conv, x, keep), whole[keep], rtol=0, atol=0)
+    assert torch.equal(R._picked_rows(conv, x, None), whole)

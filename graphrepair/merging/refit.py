@@ -67,6 +67,7 @@ RIDGE = 1e-4  # lam over the mean diagonal of X^T X
 EXAMPLES = 512  # the default number of fitting examples the refit reads (the first ones)
 MAX_ROWS = 8192  # rows (examples x positions) of one call of a layer on one batch that enter its sums
 CACHE_BYTES = 2 ** 30  # the endpoints' targets are kept from one pass when they take at most this
+UNFOLD_BYTES = 2 ** 27  # a conv's input patches are unfolded this much at a time
 
 _CONV = (nn.Conv1d, nn.Conv2d)
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -123,6 +124,25 @@ def _rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         x, k, s, p, d = x.unsqueeze(2), (1, *k), (1, *s), (0, *p), (1, *d)
     cols = F.unfold(x, k, dilation=d, padding=p, stride=s)  # (N, C*kh*kw, L)
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+def _picked_rows(module: nn.Module, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """``_take(_rows(module, x), keep)`` without unfolding the whole batch at once: a conv's patches
+    of a 224x224 batch take gigabytes (64 images x 576 x 50,176 floats: 7.4 GB), so they are
+    unfolded a few examples at a time (``UNFOLD_BYTES``) and only the kept rows are gathered."""
+    if keep is None or not isinstance(module, _CONV):
+        return _take(_rows(module, x), keep)
+    per_example = _rows(module, x[:1])  # (positions, C*k) of one example
+    positions, width = per_example.shape
+    step = max(1, UNFOLD_BYTES // max(1, positions * width * x.element_size()))
+    keep = keep.to(x.device)
+    parts = []
+    for i in range(0, x.shape[0], step):
+        lo, hi = i * positions, min(x.shape[0], i + step) * positions
+        inside = keep[(keep >= lo) & (keep < hi)]
+        if len(inside):
+            parts.append(_rows(module, x[i:i + step])[inside - lo])
+    return torch.cat(parts) if parts else per_example[:0]
 
 
 def _targets(module: nn.Module, y: torch.Tensor) -> torch.Tensor:
@@ -376,7 +396,7 @@ def _pick(rows: int, layer: int, batch: int, call: int, seed: int) -> torch.Tens
     if rows <= MAX_ROWS:
         return None
     g = torch.Generator().manual_seed(seed * 1_000_003 + (layer * 65_537 + batch) * 257 + call)
-    return torch.randperm(rows, generator=g)[:MAX_ROWS]
+    return torch.randperm(rows, generator=g)[:MAX_ROWS].sort().values  # ascending (``_picked_rows``)
 
 
 def _take(t: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
@@ -456,7 +476,7 @@ def _pass(merged, layer: _Layer, index: int, fit, targets: _Targets, stop: bool)
             rows = _targets(layer.module, y.detach())
             keep = _pick(rows.shape[0], index, b, c, targets.seed)
             if c < len(target) and _take(rows, keep).shape == target[c].shape:  # else no target for this call
-                layer.add(_take(_rows(layer.module, inp[0].detach()), keep), target[c], _take(rows, keep))
+                layer.add(_picked_rows(layer.module, inp[0].detach(), keep), target[c], _take(rows, keep))
             if stop:
                 raise _Stop
 
