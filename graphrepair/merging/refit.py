@@ -165,8 +165,8 @@ class _Layer:
     def add(self, x: torch.Tensor, t: torch.Tensor, got: torch.Tensor) -> None:
         """Add rows: the merged model's inputs ``x``, the targets ``t``, its outputs ``got``."""
         x, t, got = x.double(), t.double(), got.double()
-        self.err += float((got - t).square().sum())
-        self.norm += float((t - t.mean(0)).square().sum())
+        self.err += (got - t).square().sum()  # kept on the device: no host sync per batch
+        self.norm += (t - t.mean(0)).square().sum()
         self.rows += x.shape[0]
         if isinstance(self.module, _BN):  # per channel: the 2x2 system of (z, 1)
             gram = torch.stack([x.square().sum(0), x.sum(0), torch.full_like(x[0], x.shape[0])], 1)
@@ -241,7 +241,7 @@ class _Layer:
             g, out = self.groups, m.weight.shape[0]
             d = m.weight[0].numel() + self.bias
             self.gram, self.cross = torch.zeros(g, d, d, **kw), torch.zeros(g, d, out // g, **kw)
-        self.err = self.norm = 0.0
+        self.err, self.norm = torch.zeros((), **kw), torch.zeros((), **kw)
         self.rows = 0
 
 
@@ -329,7 +329,7 @@ def refit(merged: nn.Module, endpoints: list[nn.Module], weights: list[float], f
                   _Targets(endpoints, ends, weights, [layer.target], index, seed, examples,
                            stop=calls[layer.target] == 1),
                   stop=calls[name] == 1)
-            return layer, torch.tensor([layer.err, layer.norm], dtype=torch.float64, device=device)
+            return layer, torch.stack([layer.err, layer.norm])
 
         for sweep in range(sweeps):
             for name in fitted:
