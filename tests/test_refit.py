@@ -202,3 +202,23 @@ def test_picked_rows_unfold_in_pieces_what_the_whole_batch_gives(monkeypatch, co
     monkeypatch.setattr(R, "UNFOLD_BYTES", 1)  # one example at a time
     torch.testing.assert_close(R._picked_rows(conv, x, keep), whole[keep], rtol=0, atol=0)
     assert torch.equal(R._picked_rows(conv, x, None), whole)
+
+
+def test_barrier_with_the_refit_lowers_the_barrier_of_a_narrow_pair():
+    """gr.barrier(..., refit=1) on the shipped narrow MLP pair (1,000 fitting examples, 3 alphas):
+    the same endpoints, a higher midpoint and a lower barrier than exact REPAIR alone."""
+    from torch.utils.data import TensorDataset
+
+    from fixtures.pairs import PAIRS, load_pair
+
+    if not all(p.is_file() for p in PAIRS["mlp10n"].paths()):
+        pytest.skip("checkpoints of mlp10n missing")
+    a, b = load_pair("mlp10n")
+    x, _ = PAIRS["mlp10n"].data("train")
+    test = TensorDataset(*(t[:3000] for t in PAIRS["mlp10n"].data("test")))
+    plain = gr.barrier(a, b, eval_data=test, fit_data=x[:1000], alphas=3, num_examples=1000)
+    fitted = gr.barrier(a, b, eval_data=test, fit_data=x[:1000], alphas=3, num_examples=1000, refit=1)
+    assert fitted.label == "activation + exact + refit"
+    assert fitted.accuracy[0] == plain.accuracy[0] and fitted.accuracy[2] == plain.accuracy[2]
+    assert fitted.accuracy[1] > plain.accuracy[1] + 0.01
+    assert fitted.accuracy_barrier < plain.accuracy_barrier

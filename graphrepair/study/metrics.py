@@ -122,11 +122,13 @@ def alpha_grid(alphas) -> list[float]:
 
 
 def curve(prep: Prepared, eval_data, alphas, repair: str | None, label: str, quiet: bool = True,
-          batch_size: int = 512, endpoints: tuple | None = None, keep_at: float | None = None) -> Curve:
+          batch_size: int = 512, endpoints: tuple | None = None, keep_at: float | None = None,
+          refit: int = 0) -> Curve:
     """Accuracy and loss of the interpolation (and repair) at every alpha, from one alignment.
     ``endpoints`` ((acc, loss) of A, (acc, loss) of B), when known from another curve of the same
     pair, spare the two endpoint evaluations (B and every permuted B' compute the same function).
-    ``keep_at``: an inner alpha whose merge is kept in ``Curve.merged`` for later use."""
+    ``keep_at``: an inner alpha whose merge is kept in ``Curve.merged`` for later use. ``refit``:
+    sweeps of the least-squares refit after the repair at every inner alpha."""
     grid = alpha_grid(alphas)
     acc, loss, notes, kept = [], [], set(), {}
     for a in grid:
@@ -136,7 +138,9 @@ def curve(prep: Prepared, eval_data, alphas, repair: str | None, label: str, qui
             if a == 0.0:
                 model = prep.models[0]
             else:
-                res = merge_prepared(prep, [1 - a, a], repair if 0 < a < 1 else None, quiet=quiet)
+                inner = 0 < a < 1
+                res = merge_prepared(prep, [1 - a, a], repair if inner else None, quiet=quiet,
+                                     refit=refit if inner else 0)
                 model = res.model
                 notes.update(res.notes)
                 if keep_at is not None and a == keep_at:
@@ -149,15 +153,16 @@ def curve(prep: Prepared, eval_data, alphas, repair: str | None, label: str, qui
 
 def barrier(model_a: nn.Module, model_b: nn.Module, *, eval_data, fit_data, alphas=11,
             repair: str | None = "exact", method: str = "activation", num_examples: int = 5000,
-            batch_size: int = 256, quiet: bool = True) -> Curve:
+            batch_size: int = 256, quiet: bool = True, refit: int = 0) -> Curve:
     """The path A -> B' (B aligned to A, REPAIRed at every inner alpha): accuracy, loss, barriers.
     ``eval_data`` (labeled) is what the path is measured on, ``fit_data`` what the alignment and
-    REPAIR statistics come from; both by name, so that the two cannot be swapped silently."""
+    REPAIR statistics come from; both by name, so that the two cannot be swapped silently.
+    ``refit``: sweeps of the least-squares refit after REPAIR at every inner alpha."""
     prep = prepare([model_a, model_b], fit_data, method=method,
                    statistics=repair in ("exact", "approx"), cross=repair == "approx",
                    num_examples=num_examples, batch_size=batch_size, quiet=quiet)
-    label = f"{method} + {repair}" if repair else method
-    return curve(prep, eval_data, alphas, repair, label, quiet)
+    label = (f"{method} + {repair}" if repair else method) + (" + refit" if refit else "")
+    return curve(prep, eval_data, alphas, repair, label, quiet, refit=refit)
 
 
 # -- variance collapse and LLFC -------------------------------------------------------------------
