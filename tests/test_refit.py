@@ -50,8 +50,20 @@ def _perturbed(model, seed=1, scale=0.3):
     return out
 
 
+class NormMLP(nn.Module):
+    """Linear -> LayerNorm -> ReLU on tokens, then a head; a LayerNorm over two axes (kept)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.ln, self.b = nn.Linear(6, 10), nn.LayerNorm(10), nn.Linear(10, 10)
+        self.ln2, self.head = nn.LayerNorm((3, 10)), nn.Linear(10, 4)
+
+    def forward(self, x):
+        return self.head(self.ln2(torch.relu(self.b(torch.relu(self.ln(self.a(x)))))))
+
+
 @pytest.mark.parametrize("build, shape", [(lambda: mlp(depth=3, width=16, in_features=12, classes=5), (12,)),
-                                          (ConvNet, (3, 8, 8))])
+                                          (ConvNet, (3, 8, 8)), (NormMLP, (3, 6))])
 def test_refit_reproduces_a_reachable_target_exactly(monkeypatch, build, shape):
     """With the target a model the merged one can become (both endpoints the same model), the
     refit recovers it: every layer's target is a linear map of inputs the refit layers before it
@@ -67,11 +79,16 @@ def test_refit_reproduces_a_reachable_target_exactly(monkeypatch, build, shape):
         monkeypatch.setattr(R, "MAX_ROWS", rows)  # 60: a few rows of every conv call, unfolded in pieces
         monkeypatch.setattr(R, "UNFOLD_BYTES", 4096 if rows == 60 else 2 ** 27)
         merged = _perturbed(target)
+        if build is NormMLP:  # what the refit keeps must be right already
+            merged.ln2.load_state_dict(target.ln2.state_dict())
         with torch.no_grad():
             assert (merged(x) - want).abs().max() > 0.05 * want.abs().max()
         info = R.refit(merged, [target, target], [0.5, 0.5], _fit(x), 1, measure=True)
         assert set(info.layers) == {n for n, m in target.named_modules()
-                                    if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.BatchNorm2d))}
+                                    if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.BatchNorm2d, nn.LayerNorm))
+                                    and n != "ln2"}
+        kept = {"ln2": "LayerNorm over 2 axes (only the last axis is refit)"} if build is NormMLP else {}
+        assert info.kept == kept
         with torch.no_grad():
             err = float((merged(x) - want).abs().max() / want.abs().max())
         assert err < tol, (ridge, err)
@@ -188,7 +205,7 @@ def test_refit_with_no_layer_it_can_fit_says_so():
             return x * self.w
 
     m = Scale()
-    with pytest.raises(GraphRepairError, match="no Linear, Conv1d/2d or BatchNorm layer that can be refit"):
+    with pytest.raises(GraphRepairError, match="no Linear, Conv1d/2d, BatchNorm or LayerNorm layer that can be refit"):
         R.refit(m, [m, m], [0.5, 0.5], _fit(torch.randn(8, 4)), 1)
 
 

@@ -22,8 +22,9 @@ by name; the spec's groups give the same channel order in all of them):
 - ``nn.Linear``: full least squares of its weight and bias;
 - ``nn.Conv1d`` / ``nn.Conv2d`` with zero padding: the same on the unfolded input patches; grouped
   convolutions fit each group's block of the weight on its own input channels;
-- eval-mode ``BatchNorm1d/2d/3d`` with running statistics: each channel's gamma and beta, the
-  least-squares affine of its normalised input (its running statistics stay as they are).
+- eval-mode ``BatchNorm1d/2d/3d`` with running statistics, and ``LayerNorm`` over the last axis:
+  each channel's gamma and beta, the least-squares affine of its normalised input (a BatchNorm's
+  running statistics stay as they are).
 
 Anything else keeps its parameters (``Refit.kept`` says which and why). A conv (or a linear into
 a ``BatchNorm1d``) whose output goes straight into an eval BatchNorm (the BatchNorm called on the
@@ -71,6 +72,7 @@ UNFOLD_BYTES = 2 ** 27  # a conv's input patches are unfolded this much at a tim
 
 _CONV = (nn.Conv1d, nn.Conv2d)
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_NORM = (*_BN, nn.LayerNorm)  # a per-channel affine of a normalised input: gamma and beta are refit
 
 
 @dataclass
@@ -98,6 +100,12 @@ def _why_not(module: nn.Module) -> str | None:
         if isinstance(module.padding, str) and module.padding != "valid":
             return f"padding {module.padding!r}"
         return None
+    if isinstance(module, nn.LayerNorm):
+        if len(module.normalized_shape) != 1:
+            return f"LayerNorm over {len(module.normalized_shape)} axes (only the last axis is refit)"
+        if not module.elementwise_affine or module.bias is None:
+            return "LayerNorm without a weight and a bias"
+        return None
     if isinstance(module, _BN):
         if module.training:
             return "BatchNorm in training mode (batch statistics)"
@@ -113,6 +121,8 @@ def _rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The layer's input as the rows of a least-squares problem (one row per output position)."""
     if isinstance(module, nn.Linear):
         return x.reshape(-1, x.shape[-1])
+    if isinstance(module, nn.LayerNorm):  # the normalised input (channels last already)
+        return F.layer_norm(x, module.normalized_shape, eps=module.eps).reshape(-1, x.shape[-1])
     if isinstance(module, _BN):  # the normalised input, channel last
         shape = [1, -1] + [1] * (x.dim() - 2)
         z = (x - module.running_mean.view(shape)) / torch.sqrt(module.running_var.view(shape) + module.eps)
@@ -146,7 +156,7 @@ def _picked_rows(module: nn.Module, x: torch.Tensor, keep: torch.Tensor | None) 
 
 
 def _targets(module: nn.Module, y: torch.Tensor) -> torch.Tensor:
-    if isinstance(module, nn.Linear):
+    if isinstance(module, (nn.Linear, nn.LayerNorm)):
         return y.reshape(-1, y.shape[-1])
     return y.movedim(1, -1).reshape(-1, y.shape[1])  # conv and BatchNorm: channel axis 1
 
@@ -158,7 +168,7 @@ class _Layer:
         self.name, self.module = name, module
         self.target = name if through is None else through[0]  # whose outputs are the targets
         self.bn = None if through is None else through[1]  # fit through this BatchNorm (see ``pre``)
-        self.bias = isinstance(module, _BN) or self.bn is not None or getattr(module, "bias", None) is not None
+        self.bias = isinstance(module, _NORM) or self.bn is not None or getattr(module, "bias", None) is not None
         self.groups = module.groups if isinstance(module, _CONV) else 1
         self.reset()
 
@@ -168,7 +178,7 @@ class _Layer:
         self.err += (got - t).square().sum()  # kept on the device: no host sync per batch
         self.norm += (t - t.mean(0)).square().sum()
         self.rows += x.shape[0]
-        if isinstance(self.module, _BN):  # per channel: the 2x2 system of (z, 1)
+        if isinstance(self.module, _NORM):  # per channel: the 2x2 system of (z, 1)
             gram = torch.stack([x.square().sum(0), x.sum(0), torch.full_like(x[0], x.shape[0])], 1)
             cross = torch.stack([(x * t).sum(0), t.sum(0)], 1)
         else:
@@ -184,7 +194,7 @@ class _Layer:
     def current(self) -> torch.Tensor:
         """The parameters as solved for: (g, in/g*k [+1], out/g), or (C, 2) for a BatchNorm."""
         m = self.module
-        if isinstance(m, _BN):
+        if isinstance(m, _NORM):
             return torch.stack([m.weight.detach(), m.bias.detach()], 1).double()
         w = m.weight.detach().double()
         g, out = self.groups, w.shape[0]
@@ -197,7 +207,7 @@ class _Layer:
     @torch.no_grad()
     def solve(self) -> None:
         m, theta0 = self.module, self.current()
-        if isinstance(m, _BN):
+        if isinstance(m, _NORM):
             a = torch.stack([torch.stack([self.gram[:, 0], self.gram[:, 1]], -1),
                              torch.stack([self.gram[:, 1], self.gram[:, 2]], -1)], 1)  # (C, 2, 2)
             lam = RIDGE * a.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-12)
@@ -235,8 +245,9 @@ class _Layer:
     def reset(self) -> None:
         """Zero sums, shaped as ``add`` makes them (a rank without data adds nothing)."""
         m, kw = self.module, dict(dtype=torch.float64, device=self.module.weight.device)
-        if isinstance(m, _BN):
-            self.gram, self.cross = torch.zeros(m.num_features, 3, **kw), torch.zeros(m.num_features, 2, **kw)
+        if isinstance(m, _NORM):
+            c = m.weight.shape[0]
+            self.gram, self.cross = torch.zeros(c, 3, **kw), torch.zeros(c, 2, **kw)
         else:
             g, out = self.groups, m.weight.shape[0]
             d = m.weight[0].numel() + self.bias
@@ -260,7 +271,7 @@ def _find_layers(merged: nn.Module, endpoints: list[nn.Module]) -> tuple[dict[st
     layers, kept = {}, {}
     others = [dict(e.named_modules()) for e in endpoints]
     for name, module in merged.named_modules():
-        if not isinstance(module, (nn.Linear, *_CONV, *_BN)):
+        if not isinstance(module, (nn.Linear, *_CONV, *_NORM)):
             continue
         if any(type(o.get(name)) is not type(module) for o in others):
             kept[name] = "no module of the same kind under this name in every endpoint"
@@ -306,8 +317,8 @@ def refit(merged: nn.Module, endpoints: list[nn.Module], weights: list[float], f
         return out
     modules, out.kept = _find_layers(merged, endpoints)
     if not modules:
-        raise GraphRepairError(f"refit: {type(merged).__name__} has no Linear, Conv1d/2d or BatchNorm layer that "
-                               f"can be refit ({'; '.join(f'{k}: {v}' for k, v in list(out.kept.items())[:3])})")
+        raise GraphRepairError(f"refit: {type(merged).__name__} has no Linear, Conv1d/2d, BatchNorm or LayerNorm "
+                               f"layer that can be refit ({'; '.join(f'{k}: {v}' for k, v in list(out.kept.items())[:3])})")
     ends = [dict(e.named_modules()) for e in endpoints]
     device = next(iter(modules.values())).weight.device
     with eval_mode(merged, *endpoints), warnings.catch_warnings():
