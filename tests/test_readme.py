@@ -104,10 +104,13 @@ def test_cli_quickstart_runs_as_written(scratch):
 
 def test_python_quickstart_runs_as_written(scratch):
     pytest.importorskip("mnist")
-    (code,) = blocks("python")
+    quickstart, refit = blocks("python")  # the second (the refit) runs on the first's names
     namespace: dict = {}
-    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102
+    exec(compile(quickstart, "README.md", "exec"), namespace)  # noqa: S102
     assert namespace["accuracy"] > 0.9
+    exec(compile(refit, "README.md", "exec"), namespace)  # noqa: S102
+    assert namespace["curve"].label == "activation + exact + refit"
+    assert namespace["curve"].accuracy[len(namespace["curve"].alphas) // 2] > 0.9
     assert namespace["report"].max_abs_diff < 1e-4
     assert (scratch / "merged_python.onnx").exists()
     assert_ignored_by_git({p.name for p in scratch.iterdir()} - {"fixtures"})
