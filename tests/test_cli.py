@@ -383,12 +383,24 @@ def test_barrier_text_table(work):
     assert "per layer" not in result.stdout
 
 
+def test_barrier_with_refit_adds_its_curve(work):
+    result = cli("-q", "barrier", *pair_args(work), "--eval", work / "test.npz", "--alphas", "3", "--refit", "1",
+                 "--json")
+    assert result.exit_code == 0, result.stderr
+    curves = {c["label"]: c for c in json.loads(result.stdout)["curves"]}
+    assert list(curves) == ["naive", "aligned", "REPAIR", "REPAIR + refit"]
+    repair, refit = curves["REPAIR"], curves["REPAIR + refit"]
+    assert refit["accuracy"][0] == repair["accuracy"][0] and refit["accuracy"][2] == repair["accuracy"][2]
+    assert refit["accuracy"][1] != repair["accuracy"][1] or refit["loss"][1] != repair["loss"][1]
+
+
 BAD_BARRIER = {
     "no eval labels": (["--eval", "{w}/no_y.npz"], ["--eval", "has no labels"]),
     "one alpha": (["--eval", "{w}/test.npz", "--alphas", "1"], ["--alphas", "at least 2"]),
     "plot format": (["--eval", "{w}/test.npz", "--plot", "{t}/p.xyz"], ["--plot", "'.xyz'", ".png"]),
     "plot dir": (["--eval", "{w}/test.npz", "--plot", "{t}/nodir/p.png"], ["--plot", "does not exist"]),
     "checkpoint": (["--eval", "{w}/test.npz", "--a", "{w}/other_arch.safetensors"], ["--a", "does not fit"]),
+    "refit": (["--eval", "{w}/test.npz", "--refit", "-2"], ["--refit", "sweeps >= 0, got -2"]),
 }
 
 

@@ -19,6 +19,8 @@ from graphrepair.cli.options import (alpha_count, model_option, pair_options, po
 @click.option("--alphas", type=int, default=11, show_default=True, help="Points on the path, ends included.")
 @click.option("--repair", type=click.Choice(["exact", "approx", "reset", "none"]), default="exact",
               show_default=True, help="The REPAIRed curve (none: naive and aligned only).")
+@click.option("--refit", type=int, default=0, show_default=True, metavar="SWEEPS",
+              help="Add the curve of the repair followed by the least-squares refit (see merge --refit).")
 @click.option("--plot", "plot_path", default=None, metavar="F.png",
               help="Write accuracy and loss against alpha (with --layers also F_layers.png).")
 @click.option("--layers", is_flag=True,
@@ -26,14 +28,16 @@ from graphrepair.cli.options import (alpha_count, model_option, pair_options, po
 @click.option("--json", "as_json", is_flag=True, help="Print the curves as JSON.")
 @run
 def command(session: Session, model_ref, ckpt_a, ckpt_b, fit_ref, method, num_examples, points, eval_ref,
-            alphas, repair, plot_path, layers, as_json):
+            alphas, repair, refit, plot_path, layers, as_json):
     """Accuracy and loss along the path A -> B: naive, aligned, aligned + REPAIR."""
     from graphrepair.cli.inputs import check_files, model_file, with_option
     from graphrepair.study.plots import check_plot_path, layers_path
-    from graphrepair.errors import GraphRepairError
+    from graphrepair.errors import DataError, GraphRepairError
 
     alpha_count(alphas)
     positive(num_examples, "--num-examples")
+    if refit < 0:
+        raise DataError(f"--refit must be a whole number of sweeps >= 0, got {refit}")
     outputs = {"--plot": None, "--plot (layers figure)": None}
     if plot_path:
         try:
@@ -61,7 +65,8 @@ def command(session: Session, model_ref, ckpt_a, ckpt_b, fit_ref, method, num_ex
     eval_set = eval_data(eval_ref, model_a, fit.example, device)
     spec = require_groups(model_a, fit.example, model_ref)
     study = run_study(model_a, model_b, fit_data=fit.data, eval_data=eval_set, alphas=grid, method=method, repair=mode,
-                      num_examples=fit.examples, points=points, layers=layers, quiet=session.quiet, spec=spec)
+                      num_examples=fit.examples, points=points, layers=layers, quiet=session.quiet, spec=spec,
+                      refit=refit)
     warnings = check_statistics(0, spec, f"--data {fit_ref}", study.examples) if study.examples else []
     if plots:
         from graphrepair.study.plots import barrier_figure, layers_figure, save_figure

@@ -149,8 +149,9 @@ def _describe(label: str, repair: str | None) -> str:
 def run_study(model_a: nn.Module, model_b: nn.Module, *, fit_data, eval_data, alphas=11,
               method: str = "activation", repair: str | None = "exact", num_examples: int = 5000,
               points: str = "all", layers: bool = False, layer_alpha: float = 0.5,
-              batch_size: int = 256, quiet: bool = True, spec=None) -> Study:
+              batch_size: int = 256, quiet: bool = True, spec=None, refit: int = 0) -> Study:
     """The naive, aligned and (unless ``repair`` is None) REPAIRed curves; see the module text.
+    ``refit`` > 0 adds the curve of that repair followed by the least-squares refit.
     ``fit_data`` and ``eval_data`` are given by name (see ``metrics.barrier``); ``spec``: the models'
     PermutationSpec when already discovered."""
     grid = alpha_grid(alphas)
@@ -169,6 +170,9 @@ def run_study(model_a: nn.Module, model_b: nn.Module, *, fit_data, eval_data, al
     if repair:
         curves.append(curve(prep, eval_data, grid, repair, repair_label(repair), quiet=quiet,
                             endpoints=ends, keep_at=keep))
+    if refit:
+        curves.append(curve(prep, eval_data, grid, repair, f"{repair_label(repair) or 'aligned'} + refit",
+                            quiet=quiet, endpoints=ends, refit=refit))
     notes = sorted({n for c in curves for n in c.notes})
     examples = prep.stats[0].examples if prep.stats and prep.stats[0] is not None else (prep.fit.count or 0)
     study = Study(curves=curves, method=method, repair=repair, examples=examples,
