@@ -27,24 +27,22 @@ import statistics
 import time
 
 import torch
+from torch.utils.data import TensorDataset
 
+from benchmarks.bench_merge import plain_pass
 from fixtures.pairs import PAIRS, load_pair
 from graphrepair.merging.merge import merge_prepared, prepare
-from graphrepair.study.metrics import alpha_grid, barrier_of
+from graphrepair.study.metrics import alpha_grid, barrier_of, evaluate
 
 
-def accuracy(model, x, y, batch=2000) -> float:
-    with torch.no_grad():
-        return sum(int((model(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum())
-                   for i in range(0, len(x), batch)) / len(x)
+def accuracy(model, test) -> float:
+    return evaluate(model, test)[0]
 
 
 def plain_passes(models, x, batch=256) -> float:
     t = time.perf_counter()
-    with torch.no_grad():
-        for m in models:
-            for i in range(0, len(x), batch):
-                m(x[i:i + batch])
+    for m in models:
+        plain_pass(m, x, batch, x.device)
     return time.perf_counter() - t
 
 
@@ -52,8 +50,8 @@ def run_pair(name: str, args) -> dict:
     a, b = load_pair(name)
     pair = PAIRS[name]
     x_train, _ = pair.data("train")
-    x_test, y_test = pair.data("test")
-    acc_a, acc_b = accuracy(a, x_test, y_test), accuracy(b, x_test, y_test)
+    test = TensorDataset(*pair.data("test"))
+    acc_a, acc_b = accuracy(a, test), accuracy(b, test)
     alphas = alpha_grid(args.alphas)
     rows = []
     for subset in range(args.subsets):
@@ -70,7 +68,7 @@ def run_pair(name: str, args) -> dict:
                 res = merge_prepared(prep, [1 - alpha, alpha], "exact", refit=refit,
                                      refit_examples=args.refit_examples)
                 dt = time.perf_counter() - t
-                accs.append(accuracy(res.model, x_test, y_test))
+                accs.append(accuracy(res.model, test))
                 if abs(alpha - 0.5) < 1e-9:
                     t_mid, mid, merged = dt, accs[-1], res.model
             row[method] = {"midpoint": mid, "barrier": barrier_of(alphas, [acc_a, *accs, acc_b], True),

@@ -143,7 +143,7 @@ def test_refit_writes_the_least_squares_solution_into_the_layer():
 
 
 @pytest.mark.parametrize("case", ["mlp", "bn_resnet", "split_heads"])
-def test_refit_merges_and_lowers_every_layers_error(case):
+def test_refit_merges_and_lowers_every_layers_error(case, tmp_path):
     """merge(..., refit=1) on an MLP, a BatchNorm ResNet and a transformer whose heads are aligned
     jointly: the merged model keeps its class (resets at residual sums do not fold: REPAIR at the
     layers' outputs), every layer's error to its target drops (or stays
@@ -182,10 +182,8 @@ def test_refit_merges_and_lowers_every_layers_error(case):
         torch.testing.assert_close(v, res2.model.state_dict()[k], rtol=1e-5, atol=1e-6)
     if case != "split_heads":
         from graphrepair.io.export import export_onnx
-        import tempfile, os
-        with tempfile.TemporaryDirectory() as d:
-            export = export_onnx(res.model, (x[:2],), os.path.join(d, "m.onnx"))
-            assert export.max_abs_diff < 1e-3
+
+        assert export_onnx(res.model, (x[:2],), tmp_path / "m.onnx").max_abs_diff < 1e-3
 
 
 @pytest.mark.parametrize("bad", [-1, True, 1.5, "1"])
@@ -193,6 +191,19 @@ def test_refit_rejects_what_is_not_a_number_of_sweeps(bad):
     a = mlp(depth=2, width=8, in_features=4, classes=3)
     with pytest.raises(GraphRepairError, match="refit must be a whole number of sweeps"):
         merge_models([a, copy.deepcopy(a)], torch.randn(8, 4), refit=bad)
+
+
+@pytest.mark.parametrize("bad", [0, -3, True, 2.5])
+def test_refit_examples_are_checked_before_the_merge_reads_any_data(monkeypatch, bad):
+    import graphrepair.merging.merge as merge_module
+
+    def no_pass(*args, **kwargs):
+        raise AssertionError("the merge began before its arguments were checked")
+
+    monkeypatch.setattr(merge_module, "prepare", no_pass)
+    a = mlp(depth=2, width=8, in_features=4, classes=3)
+    with pytest.raises(GraphRepairError, match=r"refit_examples must be a whole number >= 1 or None, got"):
+        merge_models([a, copy.deepcopy(a)], torch.randn(8, 4), refit=1, refit_examples=bad)
 
 
 def test_refit_with_no_layer_it_can_fit_says_so():

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from graphrepair.cli.common import Session, echo, echo_json, run
-from graphrepair.cli.options import (alpha_count, model_option, pair_options, positive, repair_mode,
+from graphrepair.cli.options import (alpha_count, model_option, pair_options, positive, repair_mode, sweeps,
                                      with_options)
 
 
@@ -32,12 +32,11 @@ def command(session: Session, model_ref, ckpt_a, ckpt_b, fit_ref, method, num_ex
     """Accuracy and loss along the path A -> B: naive, aligned, aligned + REPAIR."""
     from graphrepair.cli.inputs import check_files, model_file, with_option
     from graphrepair.study.plots import check_plot_path, layers_path
-    from graphrepair.errors import DataError, GraphRepairError
+    from graphrepair.errors import GraphRepairError
 
     alpha_count(alphas)
     positive(num_examples, "--num-examples")
-    if refit < 0:
-        raise DataError(f"--refit must be a whole number of sweeps >= 0, got {refit}")
+    sweeps(refit, "--refit")
     outputs = {"--plot": None, "--plot (layers figure)": None}
     if plot_path:
         try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from graphrepair.cli.common import Session, echo, echo_json, run
-from graphrepair.cli.options import (check_alpha, model_option, pair_options, positive, repair_mode,
+from graphrepair.cli.options import (check_alpha, model_option, pair_options, positive, repair_mode, sweeps,
                                      with_options)
 
 
@@ -36,12 +36,11 @@ def command(session: Session, model_ref, ckpt_a, ckpt_b, fit_ref, method, num_ex
             refit, refit_examples, out, no_onnx, weights, eval_ref, as_json):
     """Align B to A, interpolate, REPAIR and export the merged model."""
     from graphrepair.cli.inputs import check_files, model_file
-    from graphrepair.errors import DataError, OutputError
+    from graphrepair.errors import OutputError
 
     check_alpha(alpha)
     positive(num_examples, "--num-examples")
-    if refit < 0:
-        raise DataError(f"--refit must be a whole number of sweeps >= 0, got {refit}")
+    sweeps(refit, "--refit")
     positive(refit_examples, "--refit-examples")
     if no_onnx and not weights:
         raise OutputError("--no-onnx without --weights would write nothing; give --weights FILE or drop --no-onnx")

@@ -82,6 +82,12 @@ def positive(value: int, option: str) -> int:
     return value
 
 
+def sweeps(value: int, option: str) -> int:
+    if value < 0:
+        raise DataError(f"{option} must be a whole number of sweeps >= 0, got {value}")
+    return value
+
+
 def check_alpha(alpha: float) -> float:
     if not 0.0 <= alpha <= 1.0:  # NaN fails too
         raise DataError(f"--alpha {alpha}: must be in [0, 1] (0 = model A, 1 = model B)")

@@ -48,7 +48,7 @@ from graphrepair import distributed
 from graphrepair.errors import CheckError, DataError, GraphRepairError
 from graphrepair.merging.points import ResetPoint, observation_points, reset_points
 from graphrepair.merging.refit import EXAMPLES as REFIT_EXAMPLES
-from graphrepair.merging.refit import Refit, check_sweeps
+from graphrepair.merging.refit import Refit, check_refit
 from graphrepair.merging.refit import refit as refit_layers
 from graphrepair.progress import progress
 from graphrepair.discovery.spec import PermutationSpec
@@ -81,7 +81,7 @@ class MergeResult:
     notes: list[str] = field(default_factory=list)
     unfolded: nn.Module | None = None  # with keep_unfolded: the merged graph with its reset nodes
     goals: dict | None = None  # with keep_unfolded: reset node -> (goal mean, goal std)
-    refit: "Refit | None" = None  # with refit > 0: the layers refit, those kept and the errors
+    refit: Refit | None = None  # with refit > 0: the layers refit, those kept and the errors
 
 
 class FitData:
@@ -336,7 +336,7 @@ def merge_prepared(prep: Prepared, weights: list[float], repair: str | None,
     ``refit_examples`` fitting examples (None: all)."""
     models = prep.models
     weights = check_weights(weights, len(models))
-    check_sweeps(refit)
+    check_refit(refit, refit_examples)
     if repair not in REPAIR_MODES:
         raise GraphRepairError(f"repair must be one of {REPAIR_MODES}, got {repair!r}")
     if len(prep.aligned) != len(models) - 1:
@@ -412,7 +412,7 @@ def merge_models(models: list[nn.Module], data, *, weights: list[float] | None =
     """Align every model to ``models[0]``, average with ``weights``, REPAIR, fold, and ``refit``
     sweeps of the layerwise least-squares refit."""
     weights = [1.0 / len(models)] * len(models) if weights is None else check_weights(weights, len(models))
-    check_sweeps(refit)
+    check_refit(refit, refit_examples)
     if repair not in REPAIR_MODES:
         raise GraphRepairError(f"repair must be one of {REPAIR_MODES}, got {repair!r}")
     prep = prepare(models, data, method=method, statistics=repair in ("exact", "approx"),

@@ -85,11 +85,13 @@ class Refit:
     through: dict[str, str] = field(default_factory=dict)  # conv/linear -> the BatchNorm it was fit through
 
 
-def check_sweeps(sweeps) -> int:
-    """``sweeps`` as the number of refit sweeps, or the error."""
+def check_refit(sweeps, examples=None) -> None:
+    """The error for a number of refit sweeps or of refit examples that is not one (checked
+    before a merge's passes, not after them)."""
     if isinstance(sweeps, bool) or not isinstance(sweeps, int) or sweeps < 0:
         raise GraphRepairError(f"refit must be a whole number of sweeps >= 0, got {sweeps!r}")
-    return sweeps
+    if examples is not None and (isinstance(examples, bool) or not isinstance(examples, int) or examples < 1):
+        raise GraphRepairError(f"refit_examples must be a whole number >= 1 or None, got {examples!r}")
 
 
 def _why_not(module: nn.Module) -> str | None:
@@ -177,7 +179,6 @@ class _Layer:
         x, t, got = x.double(), t.double(), got.double()
         self.err += (got - t).square().sum()  # kept on the device: no host sync per batch
         self.norm += (t - t.mean(0)).square().sum()
-        self.rows += x.shape[0]
         if isinstance(self.module, _NORM):  # per channel: the 2x2 system of (z, 1)
             gram = torch.stack([x.square().sum(0), x.sum(0), torch.full_like(x[0], x.shape[0])], 1)
             cross = torch.stack([(x * t).sum(0), t.sum(0)], 1)
@@ -253,7 +254,6 @@ class _Layer:
             d = m.weight[0].numel() + self.bias
             self.gram, self.cross = torch.zeros(g, d, d, **kw), torch.zeros(g, d, out // g, **kw)
         self.err, self.norm = torch.zeros((), **kw), torch.zeros((), **kw)
-        self.rows = 0
 
 
 def _solve(a: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
@@ -307,9 +307,7 @@ def refit(merged: nn.Module, endpoints: list[nn.Module], weights: list[float], f
     already aligned to A); see the module text. ``measure``: one more pass per layer for its error
     after the last sweep (``Refit.after``). ``examples``: how many of the fitting examples (the first
     ones; None: all) the refit reads, over all processes of a distributed run."""
-    check_sweeps(sweeps)
-    if examples is not None and (isinstance(examples, bool) or not isinstance(examples, int) or examples < 1):
-        raise GraphRepairError(f"refit_examples must be a whole number >= 1 or None, got {examples!r}")
+    check_refit(sweeps, examples)
     if examples is not None and distributed.current() is not None:
         examples = -(-examples // distributed.world())  # each rank its share
     out = Refit()
@@ -486,8 +484,9 @@ def _pass(merged, layer: _Layer, index: int, fit, targets: _Targets, stop: bool)
             seen[0] += 1
             rows = _targets(layer.module, y.detach())
             keep = _pick(rows.shape[0], index, b, c, targets.seed)
-            if c < len(target) and _take(rows, keep).shape == target[c].shape:  # else no target for this call
-                layer.add(_picked_rows(layer.module, inp[0].detach(), keep), target[c], _take(rows, keep))
+            got = _take(rows, keep)
+            if c < len(target) and got.shape == target[c].shape:  # else no target for this call
+                layer.add(_picked_rows(layer.module, inp[0].detach(), keep), target[c], got)
             if stop:
                 raise _Stop
 
