@@ -32,7 +32,7 @@ def run(name: str, methods: list[str]) -> None:
     x = torch.randn(48, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     spec = gr.discover(a, (x[:2],))
     forward = spec.random_permutations(seed=3)
-    truth = {g: torch.argsort(p) for g, p in forward.items()}
+    truth = spec.inverse(forward)  # what undoes it (whole groups moved: see PermutationSpec.inverse)
     b = gr.permute(a, spec, forward)
     total = sum(g.size for g in spec.groups)
 

@@ -44,7 +44,8 @@ def main() -> None:
             ref = a(test)
         for bs in args.batch:  # one preparation: the permutations found and the merge from them
             prep = prepare([a, b], x, num_examples=args.examples, batch_size=bs, spec=spec)
-            recovered = all(torch.equal(prep.perms[0][g], torch.argsort(p)) for g, p in forward.items())
+            undo = spec.inverse(forward)
+            recovered = all(torch.equal(prep.perms[0][g], p) for g, p in undo.items())
             merged = merge_prepared(prep, [0.5, 0.5], "exact").model
             with torch.no_grad():
                 out = merged(test)

@@ -88,3 +88,17 @@ def group_of(spec, param, axis=0):
         if any(m.name == param and m.axis == axis for m in g.params):
             return g
     return None
+
+
+def inverse_perms(spec, perms: dict) -> dict:
+    """``spec.inverse(perms)``, checked: permuting by ``perms`` and then by it is the identity
+    on every parameter axis (``gr.permute(gr.permute(m, spec, perms), spec, inverse)`` is m)."""
+    from graphrepair.discovery import axes as ax
+
+    inv = spec.inverse(perms)
+    vp, vi = spec.checked(perms).var_perms, spec.checked(inv).var_perms
+    for key, exprs in spec.param_axes.items():
+        for e in exprs:
+            if not isinstance(e, ax.PerBlock) and not ax.is_fixed(e):
+                assert torch.equal(ax.index(e, vp)[ax.index(e, vi)], torch.arange(e.size)), key
+    return inv

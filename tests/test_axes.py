@@ -147,3 +147,86 @@ def test_unify_per_block_partwise_or_shared():
     t.unify(u, ax.per_block(0, rs), "conv")
     t.unify(ax.cat([t.fresh(2), t.fresh(2)]), u, "split")
     assert not isinstance(t.resolve(u), ax.PerBlock) and t.resolve(rs[0]) == t.resolve(rs[1])
+
+
+# -- Wreath: whole slots move, each slot reordered by its own part --------------------------------
+
+
+def test_wreath_index_moves_whole_slots_then_reorders_each_new_slot():
+    e = ax.wreath(ax.Var(0, 3), (ax.Var(1, 2), ax.Var(2, 2), ax.Var(3, 2)))
+    assert isinstance(e, ax.Wreath) and e.size == 6 and e.slot == 2
+    perms = {0: torch.tensor([2, 0, 1]), 1: torch.tensor([1, 0]), 3: torch.tensor([1, 0])}
+    # new slot 0 = old slot 2 reordered by part 0; new slot 1 = old slot 0 as is (part 1 missing:
+    # the identity); new slot 2 = old slot 1 reordered by part 2
+    assert ax.index(e, perms).tolist() == [5, 4, 0, 1, 3, 2]
+    x = torch.arange(12.0).reshape(2, 6)
+    assert torch.equal(ax.permute_tensor(x, (ax.Fixed(2), e), perms), x[:, [5, 4, 0, 1, 3, 2]])
+
+
+def test_wreath_normalises_to_kron_or_cat():
+    v, p, q = ax.Var(0, 3), ax.Var(1, 2), ax.Var(2, 2)
+    assert ax.wreath(v, (p, p, p)) == ax.Kron(v, p)  # one permutation in every slot
+    assert ax.wreath(ax.Fixed(3), (p, q, p)) == ax.Cat((p, q, p))  # slots that cannot move
+    assert ax.wreath(ax.Fixed(1), (p,)) == p
+
+
+def test_wreath_positions_and_mixing():
+    e = ax.wreath(ax.Var(0, 2), (ax.Var(1, 3), ax.Var(2, 3)))
+    assert ax.positions(e, 0).tolist() == [[0, 1, 2], [3, 4, 5]]  # the order: every slot's positions
+    assert ax.positions(e, 2).tolist() == [[3], [4], [5]]  # a part: its slot
+    assert ax.mixes(e) and not ax.mixes(ax.cat([ax.Var(1, 3), ax.Var(2, 3)]))
+    assert [v.id for v in ax.variables(e)] == [0, 1, 2]
+    assert ax.describe(e, {0: "G"}) == "wreath(G: v1, v2)"
+    # a PerBlock's row axis may move whole blocks when it is a Wreath of blocks of that size
+    assert ax.moves_whole_blocks(e, 3) and not ax.moves_whole_blocks(e, 2)
+    assert not ax.keeps_blocks(e, 3)
+
+
+def _wreath(s: ax.AxisSolver, k: int, n: int):
+    return ax.wreath(s.fresh(k), [s.fresh(n) for _ in range(k)])
+
+
+def test_unify_wreaths_of_one_shape_slot_by_slot():
+    s = ax.AxisSolver()
+    a, b = _wreath(s, 3, 2), _wreath(s, 3, 2)
+    s.unify(a, b, "residual")
+    assert s.resolve(a) == s.resolve(b) and isinstance(s.resolve(a), ax.Wreath)
+
+
+def test_wreath_against_kron_of_its_slot_size_keeps_the_order():
+    s = ax.AxisSolver()
+    w = _wreath(s, 3, 2)
+    s.unify(w, ax.kron(s.fresh(3), s.fresh(2)), "view as (3, 2)")
+    r = s.resolve(w)
+    assert isinstance(r, ax.Kron) and isinstance(r.outer, ax.Var) and isinstance(r.inner, ax.Var)
+
+
+def test_factor_wreath_by_its_slot_shares_one_part():
+    s = ax.AxisSolver()
+    w = _wreath(s, 4, 2)
+    o, i = s.factor(w, 2, "view as (4, 2)")
+    assert isinstance(o, ax.Var) and o.size == 4 and i.size == 2
+    assert s.resolve(w) == ax.Kron(o, i)
+
+
+@pytest.mark.parametrize("other", ["cat", "split", "other wreath", "kron of another size", "factor"])
+def test_wreath_degrades_to_the_cat_of_its_parts_with_the_reason(other):
+    """Anything else that cannot carry whole slots moving fixes the order (with the reason) and
+    leaves the Cat of the parts: exactly the freedom of each slot permuted in place."""
+    s = ax.AxisSolver()
+    w = _wreath(s, 2, 4)
+    order = w.outer
+    if other == "cat":
+        s.unify(w, ax.cat([s.fresh(4), s.fresh(4)]), "torch.cat")
+    elif other == "split":
+        s.split_at(w, 4, "chunk")
+    elif other == "other wreath":
+        s.unify(w, _wreath(s, 4, 2), "a GroupNorm of 4 groups")
+    elif other == "kron of another size":
+        s.unify(w, ax.kron(s.fresh(4), s.fresh(2)), "view as (4, 2)")
+    else:
+        s.factor(w, 2, "view as (4, 2)")
+    assert isinstance(s.resolve(order), ax.Fixed)
+    assert "whole groups of channels cannot move" in s.reasons[order.id]
+    r = s.resolve(w)
+    assert not isinstance(r, ax.Wreath) and not ax.is_fixed(r)

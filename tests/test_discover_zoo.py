@@ -36,8 +36,9 @@ HAND_COUNTS = {
     "densenet_tiny": 16 + 3 * 8 + 20 + 3 * 8,
     "unet_tiny": 8 + 8 + 16 + 16 + 32 + 32 + 16 + 16 + 16 + 8 + 8 + 8,
     "mobilenetv2_tiny": 16 + 8 + 32 + 12 + 48 + 48 + 16 + 64 + 64,
-    # streams 32, 64; block 1: reduce 32 (4 groups of 8), grouped conv 32; block 2: 64 and 64
-    "grouped_conv_net": (32 + 64) + (32 + 32) + (64 + 64),
+    # streams 32, 64; block 1: reduce 32 (4 groups of 8), grouped conv 32; block 2: 64 and 64;
+    # each grouped conv's 4 groups move as wholes (one order of 4 per block)
+    "grouped_conv_net": (32 + 64) + (32 + 32 + 4) + (64 + 64 + 4),
     # the stream feeds a grouped 1x1 (g=4) and takes the second grouped 1x1's output: 4 groups of 8;
     # the shuffle views the first grouped conv's output as (4, 8), which asks one permutation of 8
     # in every group, and transposes it to (8, 4): the second grouped conv cuts that permutation

@@ -76,8 +76,9 @@ def members(g) -> set:
 @pytest.mark.parametrize("groups", [1, 2, 4, 32])
 @pytest.mark.parametrize("bias", [True, False])
 def test_grouped_conv_frees_every_group(groups, transposed, bias, form):
-    """Input group j (producer channels j*n ..) and output group j each take their own permutation;
-    the weight's per-group axis follows the one of its row block (a PerBlock over axis 0)."""
+    """Input group j (producer channels j*n ..) and output group j each take their own permutation,
+    and whole groups move, input and output group together (one order of the g groups); the
+    weight's per-group axis follows the one of its row block (a PerBlock over axis 0)."""
     c = 64
     x = torch.randn(2, 3, 4, 4)
     model = grouped(groups, transposed, bias, c)
@@ -85,21 +86,50 @@ def test_grouped_conv_frees_every_group(groups, transposed, bias, form):
     if form == "functional":
         model, prefix = FunctionalGrouped(model), "seq."
     spec = discover_checked(model, x)
-    assert spec.num_free == 2 * c  # before: c/groups (one permutation in every input group) + c
     key = next(k for k, t in model.state_dict().items() if t.ndim == 4 and t.shape[2] > 1)  # the grouped conv
     if groups == 1:
+        assert spec.num_free == 2 * c
         assert sorted(g.size for g in spec.groups) == [c, c]
         return
-    assert sorted(g.size for g in spec.groups) == [c // groups] * (2 * groups)
-    per_group_axis = [g for g in spec.groups if (key, 1) in members(g)]
-    rows = [g for g in spec.groups if (key, 0) in members(g)]
+    # before: c/groups (one permutation in every input group) + c; then 2c (groups kept in place)
+    assert spec.num_free == 2 * c + groups
+    order = [g for g in spec.groups if g.name.endswith(".o")]
+    assert [g.size for g in order] == [groups]
+    # the order of the groups moves the producer's rows, the grouped conv's rows and the reader's columns
+    assert {(prefix + "0.weight", 0), (key, 0), (prefix + "4.weight", 1)} <= members(order[0])
+    assert all(m.layout.startswith("wreath(") for m in order[0].params)
+    inside = [g for g in spec.groups if g not in order]
+    assert sorted(g.size for g in inside) == [c // groups] * (2 * groups)
+    per_group_axis = [g for g in inside if (key, 1) in members(g)]
+    rows = [g for g in inside if (key, 0) in members(g)]
     assert len(per_group_axis) == len(rows) == groups
     assert all(m.layout.startswith("per_block(axis 0:") for g in per_group_axis for m in g.params
                if (m.name, m.axis) == (key, 1))
-    producer = [g for g in spec.groups if any(m.name.startswith(prefix + "0.") for m in g.params)]
+    producer = [g for g in inside if any(m.name.startswith(prefix + "0.") for m in g.params)]
     assert len(producer) == groups
     # a conv's per-group axis reads the input groups; a transposed conv's permutes the output groups
     assert (producer == per_group_axis) != transposed and (producer == rows) == transposed
+
+
+def test_moving_whole_groups_moves_weight_blocks_with_their_part():
+    """The order of the groups alone moves whole row blocks of the grouped conv's weight and whole
+    blocks of the producer's rows; a group's own permutation then reorders the columns of the
+    block at its new place."""
+    model = grouped(4, c=16)
+    spec = discover_checked(model, torch.randn(2, 3, 4, 4))
+    order = next(g for g in spec.groups if g.name.endswith(".o"))
+    w, w0 = model.state_dict()["2.weight"], model.state_dict()["0.weight"]
+    swap = torch.tensor([2, 0, 3, 1])
+    got = spec.permute_state_dict(model.state_dict(), {order.name: swap})
+    blocks = torch.cat([torch.arange(4) + 4 * j for j in swap])
+    torch.testing.assert_close(got["2.weight"], w[blocks], rtol=0, atol=0)
+    torch.testing.assert_close(got["0.weight"], w0[blocks], rtol=0, atol=0)
+    first = next(g for g in spec.groups if g.name.endswith("[0].0"))  # the producer's new group 0
+    p = torch.tensor([3, 1, 0, 2])
+    got = spec.permute_state_dict(model.state_dict(), {order.name: swap, first.name: p})
+    torch.testing.assert_close(got["0.weight"][:4], w0[8:12][p], rtol=0, atol=0)
+    torch.testing.assert_close(got["2.weight"][:4], w[8:12][:, p], rtol=0, atol=0)
+    torch.testing.assert_close(got["2.weight"][4:], w[blocks][4:], rtol=0, atol=0)
 
 
 def test_grouped_weight_is_gathered_per_row_block():
@@ -139,15 +169,18 @@ def test_grouped_conv_input_read_elsewhere_keeps_its_groups(other):
     ordinary index_select (the plain conv's input axis is cat(p_1..p_g)): nothing there asks for
     one permutation in every group, and the check proves that the groups may differ."""
     spec = discover_checked(TwoReaders(other), torch.randn(2, 3, 6, 6))
-    stem = [g for g in spec.groups if ("stem.weight", 0) in members(g)]
+    stem = [g for g in spec.groups if ("stem.weight", 0) in members(g) and not g.name.endswith(".o")]
     assert [g.size for g in stem] == [8] * 4
     assert all(("gconv.weight", 1) in members(g) for g in stem)
+    # the order of the 4 groups: one, shared by the stem's and gconv's output groups
+    order = [g for g in spec.groups if g.name.endswith(".o")]
+    assert [g.size for g in order] == [4] and {("stem.weight", 0), ("gconv.weight", 0)} <= members(order[0])
     if other == "plain conv":  # stem 4 x 8; gconv's output groups, joined with plain's output
         assert all(("plain.weight", 1) in members(g) for g in stem)
-        assert spec.num_free == 32 + 32
+        assert spec.num_free == 32 + 32 + 4
     else:  # one stream: the stem's, gconv's and the add's channels, in 4 groups of 8
         assert all(("gconv.weight", 0) in members(g) for g in stem)
-        assert spec.num_free == 32
+        assert spec.num_free == 32 + 4
 
 
 class SharedPermutation(nn.Module):
@@ -177,11 +210,15 @@ class SharedPermutation(nn.Module):
 @pytest.mark.parametrize("how", ["repeat", "cat", "computed weight"])
 def test_grouped_conv_gets_no_freedom_where_groups_share_a_permutation(how):
     spec = discover_checked(SharedPermutation(how), torch.randn(2, 3, 6, 6))
-    stem = [g for g in spec.groups if ("stem.weight", 0) in members(g)]
+    stem = [g for g in spec.groups if ("stem.weight", 0) in members(g) and not g.name.endswith(".o")]
     assert [g.size for g in stem] == [8]  # one permutation of 8, the same in every input group
     layouts = [m.layout for g in spec.groups for m in g.params if (m.name, m.axis) == ("gconv.weight", 1)]
     assert layouts and not any("per_block" in lay for lay in layouts)
-    assert spec.num_free == 8 + 32
+    # a repeated or concatenated input pins the groups in place; a computed weight still lets
+    # whole groups move (its rows and the stem's blocks of 8, one order of 4)
+    order = [g.size for g in spec.groups if g.name.endswith(".o")]
+    assert order == ([4] if how == "computed weight" else [])
+    assert spec.num_free == 8 + 32 + sum(order)
 
 
 def test_grouped_conv_applied_twice_ties_input_and_output_groups():
@@ -198,8 +235,9 @@ def test_grouped_conv_applied_twice_ties_input_and_output_groups():
             return self.head(torch.relu(self.g(torch.relu(self.g(torch.relu(self.stem(x)))))))
 
     spec = discover_checked(Twice(), torch.randn(2, 3, 6, 6))
-    assert sorted(g.size for g in spec.groups) == [4] * 4
-    assert all({("stem.weight", 0), ("g.weight", 0), ("g.weight", 1)} <= members(g) for g in spec.groups)
+    assert sorted(g.size for g in spec.groups) == [4] * 5  # 4 groups of 4 and their order
+    assert all({("stem.weight", 0), ("g.weight", 0)} <= members(g) for g in spec.groups)
+    assert all(("g.weight", 1) in members(g) for g in spec.groups if not g.name.endswith(".o"))
 
 
 @pytest.mark.parametrize("transposed", [False, True])
@@ -216,13 +254,15 @@ def test_depthwise_follows_its_input(transposed):
     assert not any("per_block" in m.layout for g in spec.groups for m in g.params)
 
 
-@pytest.mark.parametrize("num_groups,free", [(1, 8), (2, 8), (8, 8)])
+@pytest.mark.parametrize("num_groups,free", [(1, 8), (2, 8 + 2), (8, 8)])
 def test_group_norm_keeps_channels_in_their_groups(num_groups, free):
     m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(num_groups, 8), nn.ReLU(), nn.Conv2d(8, 2, 1))
     spec = discover_checked(m, torch.randn(2, 3, 6, 6))
     assert spec.num_free == free
-    if 1 < num_groups < 8:  # permutations only inside each block of 8 / G channels
-        assert all(g.size == 8 // num_groups for g in spec.groups)
+    if 1 < num_groups < 8:  # permutations inside each block of 8 / G channels, and of whole blocks
+        assert sorted(g.size for g in spec.groups) == [num_groups] + [8 // num_groups] * num_groups
+        order = next(g for g in spec.groups if g.name.endswith(".o"))
+        assert ("1.weight", 0) in members(order) and ("3.weight", 1) in members(order)
 
 
 def test_layer_norm_channels_last():

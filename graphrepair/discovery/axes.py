@@ -7,6 +7,8 @@ Every axis of every tensor in the graph (activations, parameters, buffers) is de
     Fixed(n)      the identity on n positions (the axis must not move)     idx = arange(n)
     Cat(e1..ek)   block-diagonal: e1 on the first |e1| positions, ...      idx = [idx1, |e1| + idx2, ...]
     Kron(o, i)    position a*|i| + b goes to o(a)*|i| + i(b)                idx = (idx_o[:, None]*|i| + idx_i).ravel()
+    Wreath(o, (e0..ek-1))  k slots of |e_j| positions: slot a of the new axis holds old slot o(a),
+                  reordered inside by e_a                   idx = [o(a)*s + idx_{e_a} for each slot a]
     PerBlock(a, (e0..ek-1))  parameters only: the permutation of this axis depends on the row's
                   block along axis a (R rows cut into k blocks of R/k)     idx[r, p] = idx_{e_j}[p], j = r // (R/k)
 
@@ -20,13 +22,24 @@ holds lie in the same block. Examples of where each form arises:
     torch.cat([a, b], dim=1)                  Cat(e_a, e_b)
     (N, C, H, W).flatten(1)                   Kron(e_C, Fixed(H*W))     channel permutation in blocks of H*W
     (N, T, H*D).view(N, T, H, D)              Kron(h, d)                heads and the dims inside a head
-    grouped conv (g groups), input channels   Cat(p1..pg)               each input group permuted on its own
-      its weight (out, in/g, *k), axis 0      Cat(q1..qg)               each output group on its own
+    grouped conv (g groups), input channels   Wreath(G, (p1..pg))       whole groups move (G), and each
+                                                                        is permuted on its own inside
+      its weight (out, in/g, *k), axis 0      Wreath(G, (q1..qg))       the output groups move with them
       its weight, axis 1                      PerBlock(0, (p1..pg))     output group j's rows read group j
-    transposed grouped conv weight (in, out/g, *k): axis 0 Cat(p1..pg), axis 1 PerBlock(0, (q1..qg))
+    transposed grouped conv weight (in, out/g, *k): axis 0 Wreath(G, (p1..pg)), axis 1 PerBlock(0, (q1..qg))
+    GroupNorm (g groups)                      Wreath(G, (p1..pg))       statistics per group travel with it
+
+A Wreath's parts belong to the *new* slots: slot a of the result is old slot o(a), reordered by
+e_a (so with o the identity it is Cat(e0..ek-1), and with every e_a equal it is Kron(o, e)).
+Its outer permutation stays a plain variable: any layout that cannot carry it whole (a slice, a
+concatenation, a split into blocks of another size) fixes the outer permutation (``degrade``),
+which leaves exactly the Cat of its parts.
 
 PerBlock is the grouped conv's weight only: W'[o, i] = W[tau(o), P_(o // (out/g))(i)], where tau
-keeps every output channel inside its group. It never describes an activation (a per-row
+moves output channels in whole groups (its row axis is the Wreath above, or keeps every row in its
+block). The gather takes the part of the row's *new* block, as a Wreath's parts do: new output
+group a holds old group G(a), and reads new input group a, which is old input group G(a)
+reordered by p_a. It never describes an activation (a per-row
 permutation of an activation axis would not commute with the ops that read it): where it would
 reach one (a weight computed by ops, reshaped or shared with another op) discovery sets all its
 blocks equal, the single permutation shared by every group, and ``PerBlock(a, (e, .., e)) == e``.
@@ -93,7 +106,24 @@ class PerBlock:
         return self.parts[0].size
 
 
-Expr = Union[Var, Fixed, Cat, Kron, PerBlock]
+@dataclass(frozen=True)
+class Wreath:
+    """Whole slots move by ``outer`` and slot a of the result is reordered by ``parts[a]``: position
+    a*s + b holds old position outer(a)*s + parts[a](b), s = |parts[a]| (the same for all)."""
+
+    outer: "Expr"
+    parts: tuple
+
+    @property
+    def slot(self) -> int:
+        return self.parts[0].size
+
+    @property
+    def size(self) -> int:
+        return self.outer.size * self.parts[0].size
+
+
+Expr = Union[Var, Fixed, Cat, Kron, PerBlock, Wreath]
 
 
 def cat(parts) -> Expr:
@@ -134,15 +164,34 @@ def per_block(axis: int, parts) -> Expr:
     return parts[0] if all(p == parts[0] for p in parts[1:]) else PerBlock(axis, parts)
 
 
+def wreath(outer: Expr, parts) -> Expr:
+    """Normalised Wreath: one permutation in every slot is a Kron, slots that cannot move a Cat."""
+    parts = tuple(parts)
+    if outer.size == 1:
+        return parts[0]
+    if all(p == parts[0] for p in parts[1:]):
+        return kron(outer, parts[0])
+    if is_fixed(outer):
+        return cat(parts)
+    return Wreath(outer, parts)
+
+
+def children(e: Expr) -> tuple:
+    """The sub-expressions of ``e`` (a Kron's outer then inner, a Wreath's outer then parts)."""
+    if isinstance(e, (Cat, PerBlock)):
+        return e.parts
+    if isinstance(e, Kron):
+        return (e.outer, e.inner)
+    if isinstance(e, Wreath):
+        return (e.outer,) + e.parts
+    return ()
+
+
 def variables(e: Expr) -> Iterator[Var]:
     if isinstance(e, Var):
         yield e
-    elif isinstance(e, (Cat, PerBlock)):
-        for p in e.parts:
-            yield from variables(p)
-    elif isinstance(e, Kron):
-        yield from variables(e.outer)
-        yield from variables(e.inner)
+    for p in children(e):
+        yield from variables(p)
 
 
 def mixes(e: Expr) -> bool:
@@ -150,6 +199,9 @@ def mixes(e: Expr) -> bool:
     positions of one variable are then replicated over another's."""
     if isinstance(e, Kron):
         return (not is_fixed(e.outer) and not is_fixed(e.inner)) or mixes(e.outer) or mixes(e.inner)
+    if isinstance(e, Wreath):  # the slots' positions move with the outer permutation
+        return (not is_fixed(e.outer) and not all(is_fixed(p) for p in e.parts)) or any(
+            mixes(p) for p in children(e))
     if isinstance(e, (Cat, PerBlock)):
         return any(mixes(p) for p in e.parts)
     return False
@@ -175,6 +227,10 @@ def index(e: Expr, perms: dict[int, torch.Tensor]) -> torch.Tensor:
             out.append(index(p, perms) + offset)
             offset += p.size
         return torch.cat(out)
+    if isinstance(e, Wreath):  # new slot a: old slot o(a), reordered by part a
+        o = index(e.outer, perms)
+        inner = torch.stack([index(p, perms) for p in e.parts])
+        return (o[:, None] * e.slot + inner).reshape(-1)
     o, i = index(e.outer, perms), index(e.inner, perms)
     return (o[:, None] * e.inner.size + i[None, :]).reshape(-1)
 
@@ -219,7 +275,16 @@ def keeps_blocks(e: Expr, block: int, offset: int = 0) -> bool:
             return all(keeps_blocks(e.inner, block, offset + a * s) for a in range(e.outer.size))
         if block % s == 0 and offset % s == 0:  # whole chunks move, inside one block each
             return keeps_blocks(e.outer, block // s, offset // s)
+    if isinstance(e, Wreath) and is_fixed(e.outer):
+        return keeps_blocks(cat(e.parts), block, offset)
     return False
+
+
+def moves_whole_blocks(e: Expr, block: int) -> bool:
+    """Whether every permutation ``e`` allows moves positions in whole blocks of ``block`` (each
+    new block is one old block, reordered inside): a PerBlock's row axis then decides, by its new
+    block, which part a row reads (see the module docstring)."""
+    return keeps_blocks(e, block) or (isinstance(e, Wreath) and e.slot == block)
 
 
 def positions(e: Expr, var_id: int) -> torch.Tensor | None:
@@ -241,6 +306,17 @@ def positions(e: Expr, var_id: int) -> torch.Tensor | None:
             if q is not None:
                 found.append(q + offset)
             offset += p.size
+        return torch.cat(found, dim=1) if found else None
+    if isinstance(e, Wreath):  # the outer like a Kron's, each part like a Cat's block
+        s = e.slot
+        found = []
+        q = positions(e.outer, var_id)
+        if q is not None:
+            found.append((q[:, :, None] * s + torch.arange(s)).reshape(q.shape[0], -1))
+        for a, p in enumerate(e.parts):
+            q = positions(p, var_id)
+            if q is not None:
+                found.append(q + a * s)
         return torch.cat(found, dim=1) if found else None
     q_out, q_in = positions(e.outer, var_id), positions(e.inner, var_id)
     n_in = e.inner.size
@@ -264,6 +340,8 @@ def describe(e: Expr, names: dict[int, str] | None = None) -> str:
         return "cat(" + ", ".join(describe(p, names) for p in e.parts) + ")"
     if isinstance(e, PerBlock):
         return f"per_block(axis {e.axis}: " + ", ".join(describe(p, names) for p in e.parts) + ")"
+    if isinstance(e, Wreath):
+        return f"wreath({describe(e.outer, names)}: " + ", ".join(describe(p, names) for p in e.parts) + ")"
     return f"kron({describe(e.outer, names)}, {describe(e.inner, names)})"
 
 
@@ -312,6 +390,8 @@ class AxisSolver:
             return kron(self.resolve(e.outer), self.resolve(e.inner))
         if isinstance(e, PerBlock):
             return per_block(e.axis, (self.resolve(p) for p in e.parts))
+        if isinstance(e, Wreath):
+            return wreath(self.resolve(e.outer), (self.resolve(p) for p in e.parts))
         return e
 
     def _bind(self, v: Var, e: Expr) -> None:
@@ -355,6 +435,9 @@ class AxisSolver:
             f, e = (a, b) if isinstance(a, Fixed) else (b, a)
             self.fix(e, f.reason or why)
             return
+        if isinstance(a, Wreath) or isinstance(b, Wreath):
+            self._unify_wreath(a, b, why)
+            return
         if isinstance(a, Kron) and isinstance(b, Kron):
             if a.inner.size == b.inner.size:
                 self.unify(a.outer, b.outer, why)
@@ -370,6 +453,35 @@ class AxisSolver:
         pa, pb = self.split(a, bounds, why), self.split(b, bounds, why)
         for x, y in zip(pa, pb):
             self.unify(x, y, why)
+
+    def _unify_wreath(self, a: Expr, b: Expr, why: str) -> None:
+        """A Wreath against another of the same slots (outers and parts unified), against a Kron
+        of the same inner size with a plain outer (the outers unified, every part with the inner),
+        or else with its outer fixed (``degrade``) and compared as the Cat of its parts."""
+        w, e = (a, b) if isinstance(a, Wreath) else (b, a)
+        if isinstance(e, Wreath) and len(e.parts) == len(w.parts) and e.slot == w.slot:
+            self.unify(w.outer, e.outer, why)
+            for x, y in zip(w.parts, e.parts):
+                self.unify(x, y, why)
+            return
+        if (isinstance(e, Kron) and e.inner.size == w.slot
+                and isinstance(self.head(e.outer), (Var, Fixed))):
+            self.unify(w.outer, e.outer, why)
+            for p in w.parts:
+                self.unify(p, e.inner, why)
+            return
+        self.degrade(w, why)
+        if isinstance(e, Wreath):
+            self.degrade(e, why)
+        self.unify(self.resolve(a), self.resolve(b), why)
+
+    def degrade(self, e: Expr, why: str) -> Expr:
+        """``e`` with the outer permutation of a top-level Wreath fixed: the Cat of its parts."""
+        e = self.head(e)
+        if isinstance(e, Wreath):
+            self.fix(e.outer, f"whole groups of channels cannot move here ({why})")
+            return self.resolve(e)
+        return e
 
     def shared(self, e: Expr, why: str) -> Expr:
         """``e`` with one permutation in every block if it is a PerBlock (its parts unified)."""
@@ -401,7 +513,7 @@ class AxisSolver:
         return out
 
     def split_at(self, e: Expr, k: int, why: str) -> tuple[Expr, Expr]:
-        e = self.shared(e, why)
+        e = self.degrade(self.shared(e, why), why)
         n = e.size
         if k == n:
             return e, Fixed(0)
@@ -442,6 +554,12 @@ class AxisSolver:
             return o, i
         if isinstance(e, Fixed):
             return Fixed(n // s, e.reason), Fixed(s, e.reason)
+        if isinstance(e, Wreath):
+            if e.slot == s and isinstance(self.head(e.outer), (Var, Fixed)):  # one permutation in every slot
+                for p in e.parts[1:]:
+                    self.unify(e.parts[0], p, why)
+                return self.resolve(e.outer), self.resolve(e.parts[0])
+            return self.factor(self.degrade(e, why), s, why)
         if isinstance(e, Kron):
             si = e.inner.size
             if si == s:

@@ -63,7 +63,7 @@ def discover(model: nn.Module, example_inputs, *, traced: Traced | None = None) 
 
 def _confine_per_block(ctx: Context) -> None:
     """A PerBlock (a grouped conv weight's per-group axis, ``axes.py``) stands only at the top of
-    a parameter axis whose row axis keeps its rows inside their blocks. Anywhere else (an
+    a parameter axis whose row axis moves its rows in whole blocks. Anywhere else (an
     activation: the weight computed by ops, reshaped, read by another op; nested in a layout; a
     row axis that may move whole blocks) its blocks are made equal: one permutation shared by
     every group, which is what every other rule assumes of an axis."""
@@ -73,9 +73,7 @@ def _confine_per_block(ctx: Context) -> None:
     def nested(e: Expr):
         if isinstance(e, ax.PerBlock):
             yield e
-        children = e.parts if isinstance(e, (ax.Cat, ax.PerBlock)) else \
-            (e.outer, e.inner) if isinstance(e, ax.Kron) else ()
-        for p in children:
+        for p in ax.children(e):
             yield from nested(p)
 
     def share(e: Expr) -> bool:
@@ -93,7 +91,7 @@ def _confine_per_block(ctx: Context) -> None:
                 if isinstance(e, ax.PerBlock):
                     rows = resolved[e.axis] if 0 <= e.axis < len(resolved) and e.axis != d else None
                     ok = (rows is not None and rows.size % len(e.parts) == 0 and not any(nested(rows))
-                          and ax.keeps_blocks(rows, rows.size // len(e.parts)))
+                          and ax.moves_whole_blocks(rows, rows.size // len(e.parts)))
                     if ok:
                         changed |= any([share(p) for p in e.parts])
                         continue
@@ -193,13 +191,13 @@ def _fixed_parts(e: Expr) -> list[Fixed]:
     if isinstance(e, ax.Kron):
         # a fixed factor pins positions only if the whole product is fixed
         return [Fixed(e.size, _fixed_parts(e.outer)[0].reason)] if ax.is_fixed(e) else []
-    return []  # a PerBlock with some blocks fixed still moves in the others
+    return []  # a PerBlock or a Wreath with some blocks fixed still moves in the others
 
 
 def _group_names(param_axes, node_axes, var_ids) -> dict[int, str]:
     """Readable stable names: the module whose output axis *is* the group, else a path into the
-    first layout that contains it (".3" = 4th block of a concatenation, ".o"/".i" = outer/inner
-    factor of a Kronecker layout)."""
+    first layout that contains it (".3" = 4th block of a concatenation or 4th slot of a Wreath,
+    ".o"/".i" = outer/inner factor of a Kronecker layout, ".o" the order of a Wreath's slots)."""
     names: dict[int, str] = {}
     for key, es in param_axes.items():
         if es and isinstance(es[0], ax.Var) and es[0].id not in names and key.endswith("weight"):
@@ -236,5 +234,9 @@ def _paths(e: Expr, prefix: str = ""):
     elif isinstance(e, ax.Kron):
         yield from _paths(e.outer, prefix + ".o")
         yield from _paths(e.inner, prefix + ".i")
+    elif isinstance(e, ax.Wreath):
+        yield from _paths(e.outer, prefix + ".o")
+        for i, p in enumerate(e.parts):
+            yield from _paths(p, f"{prefix}.{i}")
 
 

@@ -68,6 +68,18 @@ class FixedAxis:
 
 
 @dataclass(frozen=True)
+class WreathFamily:
+    """Groups tied by Wreath layouts (``axes.py``: whole groups of channels move, e.g. a grouped
+    conv's input and output groups): ``order`` (a group of k slots) moves whole slots, and each
+    tuple in ``parts`` names the k groups that reorder the slots of one layout, the a-th acting
+    on the a-th slot of the result (``slot`` positions each)."""
+
+    order: str
+    parts: tuple[tuple[str, ...], ...]
+    slots: tuple[int, ...]  # the slot size of each tuple in ``parts``
+
+
+@dataclass(frozen=True)
 class PermutationSpec:
     groups: tuple[Group, ...]
     fixed: tuple[FixedAxis, ...]
@@ -88,6 +100,39 @@ class PermutationSpec:
     def _by_name(self) -> dict[str, Group]:
         return {g.name: g for g in self.groups}
 
+    @cached_property
+    def wreaths(self) -> tuple[dict[str, WreathFamily], frozenset]:
+        """(families by order group, order groups to keep in place). An order group is a family
+        when it occurs only as the outer permutation of Wreaths whose parts are groups occurring
+        nowhere else (except as a grouped conv weight's PerBlock parts): alignment then solves the
+        family as a whole (``align.py``). An order group anywhere else (in a Kronecker layout, or
+        with parts that recur elsewhere) keeps its slots in place in alignment (its parts are then
+        aligned like any group): a permutation of it is still valid, only not searched for."""
+        name_of = {v: k for k, v in self.var_of_group.items()}
+        sets: dict[int, dict[tuple, int]] = {}
+        elsewhere: set[int] = set()
+        for exprs in list(self.param_axes.values()) + list(self.node_axes.values()):
+            for e in exprs:
+                if (isinstance(e, ax.Wreath) and isinstance(e.outer, ax.Var)
+                        and all(isinstance(p, ax.Var) for p in e.parts)):
+                    sets.setdefault(e.outer.id, {})[tuple(p.id for p in e.parts)] = e.slot
+                elif isinstance(e, ax.PerBlock) and all(isinstance(p, ax.Var) for p in e.parts):
+                    continue
+                else:
+                    elsewhere.update(v.id for v in ax.variables(e))
+        families, held = {}, set()
+        for vid, found in sets.items():
+            if vid not in name_of:
+                continue
+            members = [p for key in found for p in key]
+            if (vid in elsewhere or len(members) != len(set(members))
+                    or any(p in elsewhere or p not in name_of for p in members)):
+                held.add(name_of[vid])
+                continue
+            families[name_of[vid]] = WreathFamily(
+                name_of[vid], tuple(tuple(name_of[p] for p in key) for key in found), tuple(found.values()))
+        return families, frozenset(held)
+
     def group(self, name: str) -> Group:
         if name in self._by_name:
             return self._by_name[name]
@@ -100,6 +145,32 @@ class PermutationSpec:
 
     def identity_permutations(self) -> dict[str, torch.Tensor]:
         return {g.name: torch.arange(g.size) for g in self.groups}
+
+    def inverse(self, perms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The permutations that undo ``perms``: permuting by ``perms`` and then by these gives
+        back every parameter. Each group's own inverse, except for the parts of a Wreath (whole
+        slots moving, ``axes.py``): new slot J of the undoing holds the slot that ``perms`` moved
+        away from J, so it takes that slot's part, inverted: q_J = p_{G^-1(J)}^-1."""
+        vp = self._vp(perms)
+        out = {name: torch.argsort(p) for name, p in perms.items()}
+        name_of = {v: k for k, v in self.var_of_group.items()}
+
+        def walk(e):
+            if isinstance(e, ax.Wreath) and isinstance(e.outer, ax.Var) and e.outer.id in vp:
+                back = torch.argsort(vp[e.outer.id])
+                for j, part in enumerate(e.parts):
+                    src = e.parts[int(back[j])]
+                    if isinstance(part, ax.Var) and part.id in name_of:
+                        size = part.size
+                        moved = vp.get(src.id, torch.arange(size)) if isinstance(src, ax.Var) else torch.arange(size)
+                        out[name_of[part.id]] = torch.argsort(moved)
+            for c in ax.children(e):
+                walk(c)
+
+        for exprs in list(self.param_axes.values()) + list(self.node_axes.values()):
+            for e in exprs:
+                walk(e)
+        return out
 
     def _var_perms(self, perms: dict[str, torch.Tensor]) -> dict[int, torch.Tensor]:
         out = {}

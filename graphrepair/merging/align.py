@@ -99,11 +99,15 @@ def activation_perms(spec: PermutationSpec, stats, max_rounds: int = 50,
     Started from a pairing-free estimate (each A position's best match among B's replicas),
     coordinate ascent solves one group at a time until no group changes; every step can only
     raise the summed correlation."""
+    # whole groups of channels (Wreath families, e.g. a grouped conv's groups): solved exactly
+    # from their joint points, or kept in place where they have none (``wreath_perms``)
+    perms = wreath_perms(spec, stats)
+    done = set(perms)
     # one group's rounded matrix at a time (a model's correlations can take gigabytes); kept,
     # as its U x P(U) block, only for the groups with units matched without signal
-    perms, tied = {}, {}
+    tied = {}
     for g, c in stats.corr.items():
-        if g in stats.coupled:
+        if g in stats.coupled or g in done:
             continue
         r = tie_safe(c)
         perms[g] = lap(r)
@@ -124,23 +128,117 @@ def activation_perms(spec: PermutationSpec, stats, max_rounds: int = 50,
                 perms[g], changed = new, True
         if not changed:
             break
-    if not stats.coupled:
+    coupled = [g for g in stats.coupled if g not in done]
+    if not coupled:
         return perms
 
     def best(jp, pos):  # each A replica's best match among B's: (|g|, |g|, R, R) -> (|g|, |g|)
         return jp.corr[pos[:, None, :, None], pos[None, :, None, :]].max(-1).values.mean(-1)
 
-    for g in stats.coupled:  # start from the pairing-free estimate
+    for g in coupled:  # start from the pairing-free estimate
         perms[g] = lap(tie_safe(_coupled_mean(spec, stats, g, best)))
     for _ in range(max_rounds):
         changed = False
-        for g in stats.coupled:
+        for g in coupled:
             p = lap(tie_safe(coupled_corr(spec, stats, g, perms)))
             if not torch.equal(p, perms[g]):
                 perms[g], changed = p, True
         if not changed:
             break
     return perms
+
+
+def _wreath_points(spec: PermutationSpec, stats, fam) -> list[torch.Tensor] | None:
+    """For each layout of a Wreath family (``PermutationSpec.wreaths``), the mean of the A-B
+    correlations at the joint points that carry exactly that layout (k*s, k*s); None when some
+    layout has no such point (its slots' pairing was not measured)."""
+    order = spec.var_of_group[fam.order]
+    out = []
+    for key in fam.parts:
+        ids = tuple(spec.var_of_group[n] for n in key)
+        found = [jp.corr for jp in stats.joint.values()
+                 if isinstance(jp.expr, ax.Wreath) and isinstance(jp.expr.outer, ax.Var)
+                 and jp.expr.outer.id == order and tuple(getattr(p, "id", None) for p in jp.expr.parts) == ids]
+        if not found:
+            return None
+        total = found[0].double().clone()
+        for c in found[1:]:
+            total += c.double()
+        out.append(total / len(found))
+    return out
+
+
+def wreath_perms(spec: PermutationSpec, stats) -> dict[str, torch.Tensor]:
+    """The permutations of every Wreath family's groups (whole slots of channels moving, each
+    slot reordered inside; ``axes.Wreath``), and identities for the order groups kept in place.
+
+    For a family with k slots of s positions in each of its layouts L (a grouped conv's input
+    groups and its output groups share one order), let C_L be L's mean A-B correlation (k*s x
+    k*s, from the joint points) and C_L[a, J] the s x s block of A's slot a against B's slot J.
+    The best permutation inside a pairing of A's slot a with B's slot J is one linear assignment,
+    worth v_L(a, J) = max_p sum_b C_L[a, J][b, p(b)]; the order is the assignment of slots
+
+        G = argmax_G  sum_a sum_L v_L(a, G(a)),
+
+    and slot a of layout L takes the best p for (a, G(a)). This maximises the summed correlation
+    over all orders and all permutations inside the slots together (k^2 small assignments per
+    layout, then one of k x k). A family some layout of which has no joint point (its space was
+    larger than ``stats.JOINT_MAX``, or it is observed nowhere) keeps its slots in place: its
+    parts are then ordinary groups (their correlations as gathered pair slot a with slot a)."""
+    families, held = spec.wreaths
+    perms = {name: torch.arange(spec.group(name).size) for name in held}
+    for fam in families.values():
+        blocks = _wreath_points(spec, stats, fam)
+        k = spec.group(fam.order).size
+        if blocks is None:
+            perms[fam.order] = torch.arange(k)
+            continue
+        value = np.zeros((k, k))
+        best = []
+        for c, s in zip(blocks, fam.slots):
+            r = np.nan_to_num(tie_safe(c).cpu().numpy(), nan=0.0, posinf=0.0, neginf=0.0)
+            r = r.reshape(k, s, k, s).transpose(0, 2, 1, 3)  # [A slot, B slot, A pos, B pos]
+            cols = np.empty((k, k, s), dtype=np.int64)
+            for a in range(k):
+                for j in range(k):
+                    rows, cols[a, j] = linear_sum_assignment(r[a, j], maximize=True)
+                    value[a, j] += r[a, j][rows, cols[a, j]].sum()
+            best.append(cols)
+        order = lap(torch.as_tensor(value))
+        perms[fam.order] = order
+        for key, cols in zip(fam.parts, best):
+            for a, name in enumerate(key):
+                perms[name] = torch.as_tensor(cols[a, int(order[a])], dtype=torch.long)
+    return perms
+
+
+def paired_corr(spec: PermutationSpec, stats, g: str, perms: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Group ``g``'s correlation matrix under the other groups' permutations ``perms``: row i,
+    column perms[g][i] is the correlation of A's unit i and its match. A part of a Wreath family
+    solved from its joint points: its slot's block against B's slot the order gives it; the
+    order itself: per pair of slots, the mean correlation of the positions paired inside them
+    (by A's slot's part); a coupled group: ``coupled_corr``; else as gathered."""
+    families, _ = spec.wreaths
+    for fam in families.values():
+        if g != fam.order and not any(g in key for key in fam.parts):
+            continue
+        blocks = _wreath_points(spec, stats, fam)
+        if blocks is None:
+            break
+        k = spec.group(fam.order).size
+        order = perms[fam.order]
+        total = torch.zeros(k, k, dtype=torch.float64)
+        for key, c, s in zip(fam.parts, blocks, fam.slots):
+            c = c.cpu().reshape(k, s, k, s)
+            if g in key:
+                a = key.index(g)
+                return c[a, :, int(order[a])]
+            for a, name in enumerate(key):  # A's slot a against every B slot, paired by part a
+                total[a] += c[a][torch.arange(s), :, perms[name]].mean(0)
+        return total / len(blocks)
+    if g in stats.coupled:
+        return coupled_corr(spec, stats, g, perms)
+    return stats.corr[g]
 
 
 def _blind(rounded: torch.Tensor) -> torch.Tensor:
@@ -374,7 +472,9 @@ def weight_matching(spec: PermutationSpec, state_a: dict, state_b: dict, *, grou
       descent stalls in a local optimum: on a permuted copy of a random-init torchvision
       MobileNetV2, 22 of its 25 groups end wrong (objective 40583 where the truth has 51600);
       from the sorted start none do."""
-    names = [g.name for g in spec.groups] if groups is None else list(groups)
+    families, held_orders = spec.wreaths
+    names = [g.name for g in spec.groups if g.name not in held_orders] if groups is None else \
+        [n for n in groups if n not in held_orders]
     base = {g.name: torch.arange(g.size) for g in spec.groups}
     if init:
         spec.checked(init)  # validated once; the descent only makes permutations
@@ -382,16 +482,36 @@ def weight_matching(spec: PermutationSpec, state_a: dict, state_b: dict, *, grou
     scores = WeightScores(spec, state_a, state_b, names)
     rng = np.random.default_rng(seed)
     free = [n for n in names if not (init and n in init)]
+    orders = {n: families[n] for n in names if n in families}
     # Groups replicated over other groups on one axis (heads x head dims): coordinate descent
     # from the identity pairs their replicas wrongly and stalls. First the other groups, then
     # these from a pairing-free start (each A replica's best match among B's), then all together.
     coupled = [n for n in free if scores.mixes(n)]
+
+    def move_slots(perms: dict, name: str, pairing=None) -> bool:
+        """One step for a Wreath family's order (``WreathFamily``): B's current slots (each with
+        the permutation inside it) are assigned to A's slots as wholes, H maximising the summed
+        inner products of A's slot a and B's current slot H(a); each part travels with its slot."""
+        score = scores.score(name, perms, pairing)
+        h = lap(score)
+        same = torch.arange(len(h))
+        if torch.equal(h, same) or not score[same, h].sum() > score[same, same].sum() + 1e-12:
+            return False
+        perms[name] = perms[name][h]
+        for key in orders[name].parts:
+            old = [perms[n] for n in key]
+            for a, n in enumerate(key):
+                perms[n] = old[int(h[a])]
+        return True
 
     def descend(perms: dict, active: list[str]) -> None:
         for _ in range(max_iter):
             changed = False
             for gi in rng.permutation(len(active)):
                 name = active[gi]
+                if name in orders:
+                    changed |= move_slots(perms, name)
+                    continue
                 score = scores.score(name, {k: v for k, v in perms.items() if k != name})
                 size = score.shape[0]
                 new = lap(score)
@@ -407,8 +527,16 @@ def weight_matching(spec: PermutationSpec, state_a: dict, state_b: dict, *, grou
         if coupled:
             descend(perms, [n for n in names if n not in coupled])
             held = {k: v for k, v in perms.items() if k not in coupled}
-            for name in coupled:
-                perms[name] = lap(scores.score(name, held, _best_replicas))
+            for name in sorted(coupled, key=lambda n: n not in orders):  # orders first: parts read them
+                if name in orders:
+                    family = [name] + [p for key in orders[name].parts for p in key]
+                    trial = {**held, **{k: perms[k] for k in family}}
+                    move_slots(trial, name, _best_replicas)
+                    perms.update({k: trial[k] for k in family})
+                    held[name] = perms[name]
+                    continue
+                perms[name] = lap(scores.score(name, {k: v for k, v in held.items() if k != name},
+                                               _best_replicas))
         descend(perms, names)
         return perms
 

@@ -40,7 +40,7 @@ from torch import nn
 from passes.fold_affine import fold_affines
 from passes.reset import ChannelAffine, Reset, ResetSpec, insert_resets, resets, set_mode
 
-from graphrepair.merging.align import (WeightScores, activation_perms, check_same_architecture, coupled_corr,
+from graphrepair.merging.align import (WeightScores, activation_perms, check_same_architecture, paired_corr,
                                       tie_safe, unsignalled, weight_matching)
 from graphrepair.io.data import take_examples
 from graphrepair.discovery.discover import discover
@@ -222,7 +222,7 @@ def align_pair(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module, fi
     if stats is not None:
         for g, c in stats.corr.items():
             if g in stats.coupled:
-                c = coupled_corr(spec, stats, g, perms)
+                c = paired_corr(spec, stats, g, perms)
             p = perms[g].to(c.device)
             mean_corr[g] = float(c[torch.arange(len(p), device=c.device), p].mean())
             if scores is not None:

@@ -14,8 +14,9 @@ a group:
     corr_g = mean_p  cov_p(A_i, B_j) / (std_p(A_i) std_p(B_j)).
 
 Where one group's positions are replicated over another group's (heads x head dims after the
-split to heads), the pairing of those replicas depends on the other group's permutation, which is
-not known yet: there the A-B correlation of every pair of positions of the joint channel space is
+split to heads; whole groups of a grouped conv or a GroupNorm and the channels inside them), the
+pairing of those replicas depends on the other group's permutation, which is not known yet:
+there the A-B correlation of every pair of positions of the joint channel space is
 gathered instead (``JointPoint``, at most ``JOINT_MAX`` positions), and alignment solves the
 groups jointly (``align.activation_perms``).
 
@@ -279,7 +280,12 @@ def plan_taps(spec: PermutationSpec, observe: dict[str, list[ObservePoint]], res
         for p in pts:
             ndim = len(info[p.node].shape)
             joint = _joint_axes(spec, p.node, info[p.node].shape)
-            if joint is not None and joint[2] > JOINT_MAX:
+            if joint is not None and joint[2] > JOINT_MAX and isinstance(joint[1], ax.Wreath):
+                notes[p.node] = (f"at node {p.node!r} whole groups of channels (a grouped conv's or a "
+                                 f"GroupNorm's, {joint[2]} positions, more than {JOINT_MAX}) are not "
+                                 f"measured jointly: they keep their places, and the channels inside "
+                                 f"each group are aligned")
+            elif joint is not None and joint[2] > JOINT_MAX:
                 notes[p.node] = (f"at node {p.node!r} groups meet in a joint space of {joint[2]} positions "
                                  f"(more than {JOINT_MAX}): there each group's replicas are paired as "
                                  f"they are, so their alignment is approximate")

@@ -8,7 +8,7 @@ parameters to the same rule as the functional and ATen forms.
 
 from __future__ import annotations
 
-from graphrepair.discovery.axes import cat, kron, per_block
+from graphrepair.discovery.axes import kron, per_block, wreath
 from graphrepair.discovery.context import Context, is_aten, op_name
 from graphrepair.discovery.rules.registry import module, nn, op, param_axes, spatial, unknown
 
@@ -41,15 +41,12 @@ def _conv(ctx: Context, x, w, b, groups: int, transposed: bool):
     depthwise (one input channel per group): output channel j*m + t comes from input channel j,
       so the output is kron(input layout, m) and input channels may move freely.
     other groups: output group j (channels j*m .. j*m+m-1, m = out/g) reads only input group j
-      (channels j*n .. j*n+n-1, n = in/g), through weight rows j*m .. j*m+m-1. Each input group
-      may take its own permutation p_j and each output group its own q_j: the input is
-      cat(p_1..p_g), the output cat(q_1..q_g), and the weight's per-group axis (in/g for a conv,
-      out/g for a transposed conv) is per_block(0, p's or q's): rows of group j read it through
-      p_j (or q_j). Whole groups stay in place (see ``axes.py``: a PerBlock needs its row axis to
-      keep rows inside their block). Moving whole groups too (one permutation of the g groups
-      shared by the input and the output) is not offered: the input would need a layout no rule
-      reads, Kron(G, a different inner permutation per slot), and both matchers a two-level
-      assignment; it adds g channels per grouped conv (512 of resnext50_32x4d's 19,008).
+      (channels j*n .. j*n+n-1, n = in/g), through weight rows j*m .. j*m+m-1. Whole groups may
+      move, input group and output group together (one permutation G of the g groups), and each
+      input group may take its own permutation p_j and each output group its own q_j: the input
+      is wreath(G: p_1..p_g), the output wreath(G: q_1..q_g), and the weight's per-group axis
+      (in/g for a conv, out/g for a transposed conv) is per_block(0, p's or q's): rows of new
+      group j read it through p_j (or q_j). See ``axes.py``.
     """
     xa, xs = ctx.axes(x), ctx.shape(x)
     if xa is None or w is None or not isinstance(groups, int):
@@ -75,15 +72,16 @@ def _conv(ctx: Context, x, w, b, groups: int, transposed: bool):
             ctx.unify(w_out, kron(xa[c], ctx.fresh(m)))
             out_c = w_out
     else:
+        order = ctx.fresh(groups)  # whole groups, input and output together
         ins = [ctx.fresh(cin // groups) for _ in range(groups)]
-        ctx.unify(xa[c], cat(ins))
+        ctx.unify(xa[c], wreath(order, ins))
         if transposed:  # rows are input channels; each row block permutes its output group
             outs = [ctx.fresh(w_out.size) for _ in range(groups)]
             ctx.unify(w_in, xa[c])
             ctx.unify(w_out, per_block(0, outs))
-            out_c = cat(outs)
+            out_c = wreath(order, outs)
         else:  # rows are output channels; each row block permutes the input group it reads
-            ctx.unify(w_out, cat([ctx.fresh(w_out.size // groups) for _ in range(groups)]))
+            ctx.unify(w_out, wreath(order, [ctx.fresh(w_out.size // groups) for _ in range(groups)]))
             ctx.unify(w_in, per_block(0, ins))
             out_c = w_out
     if b is not None:

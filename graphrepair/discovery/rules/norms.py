@@ -8,7 +8,7 @@ channel inside its block. The module forms hand the module's parameters to the f
 
 from __future__ import annotations
 
-from graphrepair.discovery.axes import Fixed, cat
+from graphrepair.discovery.axes import Fixed, wreath
 from graphrepair.discovery.context import Context, op_name, tensor_args
 from graphrepair.discovery.rules.registry import fixed_out, module, nn, op, param_axes, unknown
 from graphrepair.discovery.trace import TensorInfo
@@ -85,13 +85,14 @@ def layer_norm_module(ctx: Context):
 
 
 def _group_norm(ctx: Context, x, groups, vectors):
-    """Statistics per block of C/G channels: a permutation must keep channels in their block."""
+    """Statistics per block of C/G channels: whole blocks may move, and each be permuted inside
+    (a Wreath, ``axes.py``); a channel never leaves the block it is normalised with."""
     xa = ctx.axes(x)
     if xa is None or not isinstance(groups, int) or len(xa) < 2:
         return unknown(ctx)
     c = xa[1]
     if 1 < groups < c.size:
-        ctx.unify(c, cat([ctx.fresh(c.size // groups) for _ in range(groups)]))
+        ctx.unify(c, wreath(ctx.fresh(groups), [ctx.fresh(c.size // groups) for _ in range(groups)]))
     _channel_vectors(ctx, xa, vectors, 1)
     return list(xa)
 
