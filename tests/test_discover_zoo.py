@@ -45,6 +45,8 @@ HAND_COUNTS = {
     # into its 4 input groups of 2 pairs of positions each (4 groups of 2)
     "shufflenet_block": 32 + 4 * 2,
     "se_net": 16 + 16 + 4 + 32 + 32 + 8,
+    # four convs (32, 64, 64, 64), each GroupNorm's 8 groups permuted inside and moving as wholes
+    "groupnorm_cnn": 32 + 3 * 64 + 4 * 8,
     "convnext_tiny": 16 + 2 * 64 + 32 + 2 * 128,
     # stream 32; per block: per-head q/k 32, v 32, MLP 128
     "transformer_tiny": 32 + 2 * (32 + 32 + 128),

@@ -149,3 +149,29 @@ def test_groups_too_large_to_measure_jointly_keep_their_places(monkeypatch):
     back = gr.permute(b, spec, prep.perms[0])
     for k, v in a.state_dict().items():
         torch.testing.assert_close(back.state_dict()[k], v, rtol=0, atol=0, msg=k)
+
+
+@pytest.mark.parametrize("name", ["grouped_conv_net", "shufflenet_block", "groupnorm_cnn", "resnet20_bn",
+                                  "mobilenetv2_tiny"])
+def test_inverse_undoes_random_permutations(name):
+    """``PermutationSpec.inverse``: permuting by random permutations and then by their inverse
+    gives back every parameter (a Wreath's parts are re-indexed by the inverse order)."""
+    from fixtures.zoo import ZOO
+
+    entry = ZOO[name]
+    torch.manual_seed(0)
+    model = randomize_(entry.factory().eval(), seed=1)
+    spec = gr.discover(model, entry.example_inputs())
+    perms = spec.random_permutations(seed=5)
+    moved = gr.permute(model, spec, perms)
+    back = gr.permute(moved, spec, spec.inverse(perms))
+    changed = 0
+    for k, v in model.state_dict().items():
+        changed += not torch.equal(moved.state_dict()[k], v)
+        assert torch.equal(back.state_dict()[k], v), k
+    assert changed > 0
+    families, _ = spec.wreaths
+    # the plain per-group inverse is not the inverse where whole groups moved
+    naive = {g: torch.argsort(p) for g, p in perms.items()}
+    wrong = gr.permute(moved, spec, naive)
+    assert (not families) == all(torch.equal(wrong.state_dict()[k], v) for k, v in model.state_dict().items())
