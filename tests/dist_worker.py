@@ -60,6 +60,12 @@ def _mlp_pair():
     return models
 
 
+def _grouped_net() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.GroupNorm(4, 16), nn.ReLU(),
+                         nn.Conv2d(16, 16, 3, padding=1, groups=4), nn.ReLU(), nn.Conv2d(16, 8, 1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
+
+
 def build(case: str):
     """(models, inputs, labels or None, examples used, batch size, merge keyword arguments)."""
     g = torch.Generator().manual_seed(7)
@@ -76,6 +82,10 @@ def build(case: str):
         a, b = (randomize_(resnet20("bn", width=1).eval(), s) for s in (1, 2))
         kwargs = {"repair": "reset"} if case == "resnet_reset" else {}
         return [a, b], torch.randn(40, 3, 16, 16, generator=g), None, 40, 16, kwargs
+    if case == "groups":  # GroupNorm and a grouped conv: whole groups of channels move (Wreath families)
+        torch.manual_seed(0)
+        a, b = (randomize_(_grouped_net().eval(), s) for s in (1, 2))
+        return [a, b], torch.randn(48, 3, 8, 8, generator=g), None, 48, 16, {}
     if case == "heads":
         torch.manual_seed(0)
         a, b = SplitHeadLM().eval(), SplitHeadLM().eval()

@@ -27,7 +27,8 @@ from graphrepair.merging.align import lap, tie_safe
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 240  # seconds for one two-process run, start-up included (a loaded 2-core machine)
-CASES = ["mlp", "mlp_one_batch", "align_weight", "resnet", "resnet_reset", "heads", "barrier", "study", "refit"]
+CASES = ["mlp", "mlp_one_batch", "align_weight", "resnet", "resnet_reset", "heads", "groups", "barrier", "study",
+         "refit"]
 
 
 def _free_port() -> int:
@@ -128,7 +129,7 @@ def test_two_ranks_give_the_one_process_answer_and_a_bad_rank_ends_both(tmp_path
     """Python API, each rank passing its share (uneven: 7 batches as 3 + 4; one batch: rank 0 has
     none), for an MLP with dead units (exact REPAIR; closed form on the one batch; weight matching
     by ``gr.align``, one rank without data), a BatchNorm ResNet20 (exact REPAIR; BatchNorm reset), a transformer whose heads and head dims are aligned
-    jointly, a barrier curve, the per-layer measurements and a merge with the least-squares refit:
+    jointly, a GroupNorm and grouped-conv net whose whole groups move, a barrier curve, the per-layer measurements and a merge with the least-squares refit:
     the permutations of one process, merged weights within 1e-6 (relative to each tensor's
     largest value), every rank the same. Then rank 1's data turns bad half way through its pass:
     both ranks end with that error, rank 0 long before its own pass would have ended."""
@@ -168,6 +169,8 @@ def test_two_ranks_give_the_one_process_answer_and_a_bad_rank_ends_both(tmp_path
                 if v.is_floating_point():
                     assert _rel(g["state"][k], v) <= 1e-6, (case, k, _rel(g["state"][k], v))
                 assert torch.equal(g["state"][k], got[0]["state"][k]), (case, k)  # every rank the same
+    orders = [p for k, p in torch.load(tmp_path / "groups.rank0.pt")["perms"].items() if k.endswith(".o")]
+    assert orders and any(not torch.equal(p, torch.arange(len(p))) for p in orders)  # groups moved
     if_dead = torch.load(tmp_path / "mlp.rank0.pt")["dead"]
     assert if_dead > 0  # the MLP's ties were there to be broken
     failed = [torch.load(tmp_path / f"fail.rank{r}.pt") for r in (0, 1)]
