@@ -81,26 +81,47 @@ def run_pair(name: str, args) -> dict:
     return {"pair": name, "A": acc_a, "B": acc_b, "rows": rows}
 
 
-def _ms(values, scale=1.0) -> str:
+def mean_sd(values, scale=1.0, digits=2) -> str:
+    """"mean ± standard deviation" of ``values`` times ``scale``."""
     values = [v * scale for v in values]
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.2f} ± {sd:.2f}"
+    return f"{statistics.mean(values):.{digits}f} ± {sd:.{digits}f}"
+
+
+
+def pair_parser(doc: str, pairs: str, subsets: int) -> argparse.ArgumentParser:
+    """The options every pair measurement takes: --pairs, --subsets, --examples, --threads, --json."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--pairs", default=pairs)
+    p.add_argument("--subsets", type=int, default=subsets)
+    p.add_argument("--examples", type=int, default=2000)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", default=None)
+    return p
+
+
+def run_pairs(args, run_pair) -> list[dict]:
+    """``run_pair(name, args)`` for every pair of ``args.pairs``, with ``args.threads`` set."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return [run_pair(name, args) for name in args.pairs.split(",")]
+
+
+def finish(args, results: list[dict], start: float) -> None:
+    """Print the wall time since ``start``; write ``results`` to ``--json`` if given."""
+    print(f"\nwall time {time.perf_counter() - start:.0f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--pairs", default="mlp20n,mlp10n,mlp10,mlp20,resnet20")
-    p.add_argument("--subsets", type=int, default=5)
-    p.add_argument("--examples", type=int, default=2000)
+    p = pair_parser(__doc__, "mlp20n,mlp10n,mlp10,mlp20,resnet20", 5)
     p.add_argument("--refit-examples", type=int, default=512)
     p.add_argument("--alphas", type=int, default=11)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--json", default=None)
     args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    results = [run_pair(name, args) for name in args.pairs.split(",")]
+    results = run_pairs(args, run_pair)
     print(f"\n{args.subsets} fitting subsets of {args.examples} training examples; refit: 1 sweep on "
           f"{args.refit_examples} of them; {args.alphas} alphas; torch threads {torch.get_num_threads()}\n")
     print("| pair | A % | B % | midpoint % exact | midpoint % refit | gain | barrier exact | barrier refit "
@@ -110,16 +131,13 @@ def main() -> None:
         rows = r["rows"]
         ex = [x["exact"]["midpoint"] for x in rows]
         rf = [x["refit"]["midpoint"] for x in rows]
-        print(f"| {r['pair']} | {r['A'] * 100:.2f} | {r['B'] * 100:.2f} | {_ms(ex, 100)} | {_ms(rf, 100)} "
-              f"| {_ms([b - a for a, b in zip(ex, rf)], 100)} "
-              f"| {_ms([x['exact']['barrier'] for x in rows], 100)} | {_ms([x['refit']['barrier'] for x in rows], 100)} "
-              f"| {_ms([x['exact']['seconds'] / x['plain'] for x in rows])} "
-              f"| {_ms([x['refit']['seconds'] / x['plain'] for x in rows])} "
-              f"| {_ms([x['refit']['seconds'] / x['exact']['seconds'] for x in rows])} |")
-    print(f"\nwall time {time.perf_counter() - start:.0f} s")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+        print(f"| {r['pair']} | {r['A'] * 100:.2f} | {r['B'] * 100:.2f} | {mean_sd(ex, 100)} | {mean_sd(rf, 100)} "
+              f"| {mean_sd([b - a for a, b in zip(ex, rf)], 100)} "
+              f"| {mean_sd([x['exact']['barrier'] for x in rows], 100)} | {mean_sd([x['refit']['barrier'] for x in rows], 100)} "
+              f"| {mean_sd([x['exact']['seconds'] / x['plain'] for x in rows])} "
+              f"| {mean_sd([x['refit']['seconds'] / x['plain'] for x in rows])} "
+              f"| {mean_sd([x['refit']['seconds'] / x['exact']['seconds'] for x in rows])} |")
+    finish(args, results, start)
 
 
 if __name__ == "__main__":

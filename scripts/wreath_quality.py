@@ -22,10 +22,7 @@ Endpoint accuracies are printed once per pair. Wall time at the end.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
-import statistics
 import time
 
 import torch
@@ -36,6 +33,7 @@ from graphrepair.discovery import axes as ax
 from graphrepair.discovery.spec import PermutationSpec
 from graphrepair.merging.merge import merge_prepared, prepare
 from graphrepair.study.metrics import evaluate
+from scripts.refit_quality import finish, mean_sd, pair_parser, run_pairs
 import graphrepair as gr
 
 
@@ -88,24 +86,10 @@ def run_pair(name: str, args) -> dict:
     return {"pair": name, "A": acc_a, "B": acc_b, "rows": rows}
 
 
-def _ms(values, scale=1.0, digits=2) -> str:
-    values = [v * scale for v in values]
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.{digits}f} ± {sd:.{digits}f}"
-
-
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--pairs", default="gncnn,resnext23,resnext")
-    p.add_argument("--subsets", type=int, default=3)
-    p.add_argument("--examples", type=int, default=2000)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--json", default=None)
-    args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = pair_parser(__doc__, "gncnn,resnext23,resnext", 3).parse_args()
     start = time.perf_counter()
-    results = [run_pair(name, args) for name in args.pairs.split(",")]
+    results = run_pairs(args, run_pair)
     print(f"\n{args.subsets} fitting subsets of {args.examples} training examples; torch threads "
           f"{torch.get_num_threads()}\n")
     print("| pair | A % | B % | groups | corr moved | corr kept | plain % moved | plain % kept "
@@ -113,16 +97,13 @@ def main() -> None:
     print("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         rows = r["rows"]
-        col = lambda how, key, scale=1.0, digits=2: _ms([x[how][key] for x in rows], scale, digits)  # noqa: E731
+        col = lambda how, key, scale=1.0, digits=2: mean_sd([x[how][key] for x in rows], scale, digits)  # noqa: E731
         print(f"| {r['pair']} | {r['A'] * 100:.2f} | {r['B'] * 100:.2f} | moved / kept "
               f"| {col('moved', 'corr', digits=4)} | {col('kept', 'corr', digits=4)} "
               f"| {col('moved', 'plain', 100)} | {col('kept', 'plain', 100)} "
               f"| {col('moved', 'exact', 100)} | {col('kept', 'exact', 100)} "
               f"| {col('moved', 'seconds')} | {col('kept', 'seconds')} |")
-    print(f"\nwall time {time.perf_counter() - start:.0f} s")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+    finish(args, results, start)
 
 
 if __name__ == "__main__":

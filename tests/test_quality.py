@@ -28,10 +28,25 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def _measure(name: str):
+def _require(name: str) -> None:
+    """Skip unless the pair's checkpoints are there."""
     missing = [str(p) for p in PAIRS[name].paths() if not p.is_file()]
     if missing:
         pytest.skip(f"checkpoint missing: {', '.join(missing)} (python -m scripts.train_fixtures --pairs {name})")
+
+
+def _shipped(name: str):
+    """(model A, model B, training inputs, test set) of a shipped pair."""
+    from fixtures.pairs import load_pair
+    from torch.utils.data import TensorDataset
+
+    _require(name)
+    a, b = load_pair(name)
+    return a, b, PAIRS[name].data("train")[0], TensorDataset(*PAIRS[name].data("test"))
+
+
+def _measure(name: str):
+    _require(name)
     return measure_pair(name, "cpu", num_examples=2000, alphas=None, modes=("naive", "aligned", "exact"))
 
 
@@ -70,17 +85,10 @@ REFIT_GAIN = {"mlp20n": 0.25, "resnet20n": 0.12, "mlp10n": 0.03, "mlp10": 0.0, "
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(REFIT_GAIN))
 def test_refit_closes_the_gap_repair_leaves(name, one_thread):
-    from fixtures.pairs import load_pair
     from graphrepair.merging.merge import merge_prepared, prepare
     from graphrepair.study.metrics import evaluate
-    from torch.utils.data import TensorDataset
 
-    missing = [str(p) for p in PAIRS[name].paths() if not p.is_file()]
-    if missing:
-        pytest.skip(f"checkpoint missing: {', '.join(missing)}")
-    a, b = load_pair(name)
-    x, _ = PAIRS[name].data("train")
-    test = TensorDataset(*PAIRS[name].data("test"))
+    a, b, x, test = _shipped(name)
     prep = prepare([a, b], x[:2000], num_examples=2000)
     exact = evaluate(merge_prepared(prep, [0.5, 0.5], "exact").model, test)[0]
     res = merge_prepared(prep, [0.5, 0.5], "exact", refit=1)
@@ -107,19 +115,12 @@ WREATH_GAIN = {"gncnn": {"corr": 0.05, "plain": 0.08, "exact": 0.015}, "resnext2
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(WREATH_GAIN))
 def test_moving_whole_groups_beats_keeping_them_in_place(name, one_thread):
-    from fixtures.pairs import load_pair
+    import graphrepair as gr
     from graphrepair.merging.merge import merge_prepared, prepare
     from graphrepair.study.metrics import evaluate
     from scripts.wreath_quality import grouped_corr, kept_in_place
-    from torch.utils.data import TensorDataset
-    import graphrepair as gr
 
-    missing = [str(p) for p in PAIRS[name].paths() if not p.is_file()]
-    if missing:
-        pytest.skip(f"checkpoint missing: {', '.join(missing)}")
-    a, b = load_pair(name)
-    x, _ = PAIRS[name].data("train")
-    test = TensorDataset(*PAIRS[name].data("test"))
+    a, b, x, test = _shipped(name)
     spec = gr.discover(a, (x[:2],))
     families, held = spec.wreaths
     assert families and not held
