@@ -24,7 +24,8 @@ step "machine" | tee "$OUT/env.txt"
 step "CUDA tests" | tee "$OUT/cuda_tests.txt"
 timeout "${T_TESTS:-60}" python3 -m pytest -q -rs -p no:cacheprovider tests/test_passes_cuda.py \
     tests/test_data.py::test_device_move_cuda tests/test_datasets.py::test_train_on_cuda \
-    tests/test_merge.py::test_cuda_statistics_and_merge_match_cpu 2>&1 | tee -a "$OUT/cuda_tests.txt"
+    tests/test_merge.py::test_cuda_statistics_and_merge_match_cpu \
+    tests/test_wreath.py::test_cuda_recovers_whole_groups_like_the_cpu 2>&1 | tee -a "$OUT/cuda_tests.txt"
 
 step "bench_merge --device cuda" | tee "$OUT/bench_merge.txt"
 timeout "${T_MERGE:-90}" python3 -m benchmarks.bench_merge --device cuda 2>&1 | grep -v Warn | tee -a "$OUT/bench_merge.txt"

@@ -175,3 +175,23 @@ def test_inverse_undoes_random_permutations(name):
     naive = {g: torch.argsort(p) for g, p in perms.items()}
     wrong = gr.permute(moved, spec, naive)
     assert (not families) == all(torch.equal(wrong.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
+def test_cuda_recovers_whole_groups_like_the_cpu():
+    """The joint points on the GPU, the two-level assignment on the CPU: a permuted copy of the
+    GroupNorm net on CUDA is recovered exactly, with the CPU's permutations."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    import copy
+
+    a = _gn_net()
+    x = torch.randn(64, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    spec = gr.discover(a, x[:2])
+    truth = spec.random_permutations(seed=4)
+    b = gr.permute(a, spec, truth)
+    cpu = prepare([a, b], x, num_examples=64, batch_size=32, statistics=False, spec=spec).perms[0]
+    gpu = prepare([copy.deepcopy(a).cuda(), copy.deepcopy(b).cuda()], x, num_examples=64, batch_size=32,
+                  statistics=False).perms[0]
+    undo = inverse_perms(spec, truth)
+    for g in undo:
+        assert torch.equal(gpu[g].cpu(), undo[g]) and torch.equal(cpu[g], undo[g]), g
