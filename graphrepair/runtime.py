@@ -8,7 +8,7 @@
   with fewer GPUs than processes on the node "auto" runs every process on the CPU.
 - ``eval_mode(*models)``: the models in eval mode for the duration of a ``with`` block; every
   module's own training flag is restored after it (the API never leaves a caller's model in
-  another mode than it was given in).
+  another mode than it was given in). ``passes.modules``, which the ONNX export uses too.
 - ``full_precision()``: IEEE float32 products on CUDA for the duration of a block, not TF32 (the
   proofs of permutations and the ONNX check compare two computations; ``passes.modules``).
 - ``release()``: free what a finished pass left in reference cycles now (see its doc).
@@ -16,15 +16,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import os
-from collections.abc import Iterator
 
 import torch
-from torch import nn
 
-from passes.modules import full_precision
+from passes.modules import eval_mode, full_precision
 from passes.modules import module_device as model_device
 
 from graphrepair.errors import GraphRepairError
@@ -67,19 +64,6 @@ def pick_device(name: str) -> torch.device:
                                f"GPU(s): each process needs its own GPU; start at most {gpus} per node "
                                f"(torchrun --nproc-per-node {gpus}) or use --device cpu")
     return torch.device("cuda", index)
-
-
-@contextlib.contextmanager
-def eval_mode(*models: nn.Module) -> Iterator[None]:
-    """Every module of ``models`` in eval mode inside the block, each flag restored after it."""
-    flags = {m: m.training for model in models for m in model.modules()}
-    for model in models:
-        model.eval()
-    try:
-        yield
-    finally:
-        for m, training in flags.items():
-            m.training = training
 
 
 def release() -> None:

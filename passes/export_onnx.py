@@ -36,7 +36,7 @@ import torch.nn as nn
 from torch.utils import _pytree as pytree
 
 from passes.errors import ExportFailedError, ExportVerificationError
-from passes.modules import full_precision
+from passes.modules import eval_mode, full_precision
 
 
 @dataclass(frozen=True)
@@ -132,19 +132,6 @@ def _quiet() -> Iterator[None]:
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put every submodule in eval mode and restore each one's flag afterwards."""
-    flags = [(m, m.training) for m in model.modules()]
-    try:
-        for m, _ in flags:
-            m.training = False
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -342,7 +329,7 @@ def export_onnx(
         )
     tmp = _temp_file(path)
     try:
-        with _eval_mode(model):
+        with eval_mode(model):
             try:
                 with _quiet():
                     torch.onnx.export(

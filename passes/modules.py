@@ -111,6 +111,19 @@ def module_device(gm: nn.Module) -> torch.device:
 
 
 @contextlib.contextmanager
+def eval_mode(*models: nn.Module) -> Iterator[None]:
+    """Every module of ``models`` in eval mode inside the block, each flag restored after it."""
+    flags = {m: m.training for model in models for m in model.modules()}
+    for model in models:
+        model.eval()
+    try:
+        yield
+    finally:
+        for m, training in flags.items():
+            m.training = training
+
+
+@contextlib.contextmanager
 def full_precision() -> Iterator[None]:
     """float32 matrix products and convolutions in IEEE float32 inside the block, not TF32, on
     CUDA; the settings are restored after it. cuDNN convolutions default to TF32 on Ampere and

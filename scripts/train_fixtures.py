@@ -24,7 +24,9 @@ import torch
 
 from fixtures.pairs import PAIRS, Pair, load_pair
 from fixtures.train import evaluate, train_pair
+from graphrepair.errors import GraphRepairError
 from graphrepair.io.fileio import save_safetensors
+from graphrepair.runtime import pick_device
 
 STORED_DTYPE = torch.float16
 
@@ -34,11 +36,11 @@ def stored(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda but CUDA is not available")
-    return torch.device(name)
+    """``runtime.pick_device``, its error as the script's one line."""
+    try:
+        return pick_device(name)
+    except GraphRepairError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def train_one(pair: Pair, out: Path | None, device: torch.device, threads: int | None,
