@@ -151,7 +151,17 @@ def activation_perms(spec: PermutationSpec, stats, max_rounds: int = 50,
 def _wreath_points(spec: PermutationSpec, stats, fam) -> list[torch.Tensor] | None:
     """For each layout of a Wreath family (``PermutationSpec.wreaths``), the mean of the A-B
     correlations at the joint points that carry exactly that layout (k*s, k*s); None when some
-    layout has no such point (its slots' pairing was not measured)."""
+    layout has no such point (its slots' pairing was not measured). Kept in ``stats.wreath``."""
+    cache = getattr(stats, "wreath", None)
+    if cache is not None and fam.order in cache:
+        return cache[fam.order]
+    out = _mean_wreath_points(spec, stats, fam)
+    if cache is not None:
+        cache[fam.order] = out
+    return out
+
+
+def _mean_wreath_points(spec: PermutationSpec, stats, fam) -> list[torch.Tensor] | None:
     order = spec.var_of_group[fam.order]
     out = []
     for key in fam.parts:

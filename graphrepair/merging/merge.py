@@ -423,6 +423,7 @@ def merge_models(models: list[nn.Module], data, *, weights: list[float] | None =
             st.corr.clear()
             st.joint.clear()
             st.coupled.clear()
+            st.wreath.clear()
     return merge_prepared(prep, weights, repair, quiet, refit=refit, refit_examples=refit_examples)
 
 

@@ -109,6 +109,8 @@ class PairStats:
     unsignalled: dict[str, int] = field(default_factory=dict)
     arbitrary: dict[str, int] = field(default_factory=dict)
     batch_keys: list = field(default_factory=list)  # this process's batches (``batch_key``), in order
+    # Wreath family (order group) -> mean joint correlation per layout, or None (``align._wreath_points``)
+    wreath: dict = field(default_factory=dict)
 
 
 def copy_with_state(module: nn.Module, state: dict[str, torch.Tensor], *, own: bool = False,
