@@ -195,3 +195,31 @@ def test_cuda_recovers_whole_groups_like_the_cpu():
     undo = inverse_perms(spec, truth)
     for g in undo:
         assert torch.equal(gpu[g].cpu(), undo[g]) and torch.equal(cpu[g], undo[g]), g
+
+
+@pytest.mark.parametrize("method", ["activation", "weight"])
+def test_an_order_group_used_elsewhere_is_kept_in_place(method):
+    """A grouped conv whose weight is computed (``w * s``) reads its input groups through one
+    shared permutation: the input is kron(order, p), so the order group is not a family of its own
+    (``PermutationSpec.wreaths`` holds it). Alignment keeps it at the identity and recovers a
+    permuted copy whose groups did not move."""
+    from tests.test_rules import SharedPermutation
+
+    torch.manual_seed(0)
+    a = randomize_(SharedPermutation("computed weight").eval(), seed=3)
+    x = torch.randn(64, 3, 6, 6, generator=torch.Generator().manual_seed(0))
+    spec = gr.discover(a, x[:2])
+    families, held = spec.wreaths
+    assert not families and len(held) == 1
+    (order,) = held
+    truth = spec.random_permutations(seed=4)
+    truth[order] = torch.arange(spec.group(order).size)
+    b = gr.permute(a, spec, truth)
+    if method == "activation":
+        perms = prepare([a, b], x, num_examples=64, batch_size=32, statistics=False, spec=spec).perms[0]
+    else:
+        perms = weight_matching(spec, a.state_dict(), b.state_dict())
+    assert torch.equal(perms[order], torch.arange(len(perms[order])))
+    back = gr.permute(b, spec, perms)
+    for k, v in a.state_dict().items():
+        torch.testing.assert_close(back.state_dict()[k], v, rtol=0, atol=0, msg=k)
