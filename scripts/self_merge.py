@@ -42,9 +42,9 @@ def main() -> None:
         b = gr.permute(a, spec, forward)
         with torch.no_grad():
             ref = a(test)
+        undo = spec.inverse(forward)
         for bs in args.batch:  # one preparation: the permutations found and the merge from them
             prep = prepare([a, b], x, num_examples=args.examples, batch_size=bs, spec=spec)
-            undo = spec.inverse(forward)
             recovered = all(torch.equal(prep.perms[0][g], p) for g, p in undo.items())
             merged = merge_prepared(prep, [0.5, 0.5], "exact").model
             with torch.no_grad():

@@ -65,7 +65,7 @@ def _confine_per_block(ctx: Context) -> None:
     """A PerBlock (a grouped conv weight's per-group axis, ``axes.py``) stands only at the top of
     a parameter axis whose row axis moves its rows in whole blocks. Anywhere else (an
     activation: the weight computed by ops, reshaped, read by another op; nested in a layout; a
-    row axis that may move whole blocks) its blocks are made equal: one permutation shared by
+    row axis that may carry rows into another block piecemeal) its blocks are made equal: one permutation shared by
     every group, which is what every other rule assumes of an axis."""
     solver = ctx.solver
     params = {id(v) for v in ctx.params.values()}  # a get_attr node's axes are its parameter's

@@ -101,6 +101,10 @@ class PermutationSpec:
         return {g.name: g for g in self.groups}
 
     @cached_property
+    def _name_of_var(self) -> dict[int, str]:
+        return {v: k for k, v in self.var_of_group.items()}
+
+    @cached_property
     def wreaths(self) -> tuple[dict[str, WreathFamily], frozenset]:
         """(families by order group, order groups to keep in place). An order group is a family
         when it occurs only as the outer permutation of Wreaths whose parts are groups occurring
@@ -108,7 +112,7 @@ class PermutationSpec:
         family as a whole (``align.py``). An order group anywhere else (in a Kronecker layout, or
         with parts that recur elsewhere) keeps its slots in place in alignment (its parts are then
         aligned like any group): a permutation of it is still valid, only not searched for."""
-        name_of = {v: k for k, v in self.var_of_group.items()}
+        name_of = self._name_of_var
         sets: dict[int, dict[tuple, int]] = {}
         elsewhere: set[int] = set()
         for exprs in list(self.param_axes.values()) + list(self.node_axes.values()):
@@ -153,7 +157,7 @@ class PermutationSpec:
         away from J, so it takes that slot's part, inverted: q_J = p_{G^-1(J)}^-1."""
         vp = self._vp(perms)
         out = {name: torch.argsort(p) for name, p in perms.items()}
-        name_of = {v: k for k, v in self.var_of_group.items()}
+        name_of = self._name_of_var
 
         def walk(e):
             if isinstance(e, ax.Wreath) and isinstance(e.outer, ax.Var) and e.outer.id in vp:

@@ -282,15 +282,15 @@ def plan_taps(spec: PermutationSpec, observe: dict[str, list[ObservePoint]], res
         for p in pts:
             ndim = len(info[p.node].shape)
             joint = _joint_axes(spec, p.node, info[p.node].shape)
-            if joint is not None and joint[2] > JOINT_MAX and isinstance(joint[1], ax.Wreath):
-                notes[p.node] = (f"at node {p.node!r} whole groups of channels (a grouped conv's or a "
-                                 f"GroupNorm's, {joint[2]} positions, more than {JOINT_MAX}) are not "
-                                 f"measured jointly: they keep their places, and the channels inside "
-                                 f"each group are aligned")
-            elif joint is not None and joint[2] > JOINT_MAX:
-                notes[p.node] = (f"at node {p.node!r} groups meet in a joint space of {joint[2]} positions "
-                                 f"(more than {JOINT_MAX}): there each group's replicas are paired as "
-                                 f"they are, so their alignment is approximate")
+            if joint is not None and joint[2] > JOINT_MAX:
+                notes[p.node] = (
+                    f"at node {p.node!r} whole groups of channels (a grouped conv's or a GroupNorm's, "
+                    f"{joint[2]} positions, more than {JOINT_MAX}) are not measured jointly: they keep "
+                    f"their places, and the channels inside each group are aligned"
+                    if isinstance(joint[1], ax.Wreath) else
+                    f"at node {p.node!r} groups meet in a joint space of {joint[2]} positions "
+                    f"(more than {JOINT_MAX}): there each group's replicas are paired as "
+                    f"they are, so their alignment is approximate")
             elif joint is not None:  # the joint view serves every group at this node
                 joint_exprs[p.node] = joint[:2]
                 at_joint[p.node] = view(p.node, TapView(joint[0], None, True))
