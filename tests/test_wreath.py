@@ -90,7 +90,7 @@ def test_matchers_recover_a_permutation_that_moves_whole_groups(model, method):
 
 class _Stats:
     def __init__(self, joint):
-        self.joint = joint
+        self.joint, self.wreath = joint, {}
 
 
 def test_two_level_assignment_is_the_best_over_all_orders_and_parts():
@@ -223,3 +223,29 @@ def test_an_order_group_used_elsewhere_is_kept_in_place(method):
     back = gr.permute(b, spec, perms)
     for k, v in a.state_dict().items():
         torch.testing.assert_close(back.state_dict()[k], v, rtol=0, atol=0, msg=k)
+
+
+def test_dead_units_inside_moved_groups_are_placed_by_their_weights():
+    """Units whose ReLU never fires have no correlation to be matched by; inside a family's slots
+    the weights break those ties as they do for any group, their cosines taken against the B slot
+    the order puts in place (not B's slot of the same index): permuted copies with three dead units
+    in each of two input groups of a grouped conv are recovered exactly, for six random
+    permutations, and the merge reports the dead units as matched without signal and placed by
+    their weights (none arbitrary)."""
+    torch.manual_seed(0)
+    a = randomize_(grouped(4, c=16).eval(), seed=2)
+    with torch.no_grad():
+        a[0].bias[[0, 1, 2, 5, 6, 7]] = -8.0  # dead after the ReLU: slots 0 and 1 of the grouped conv's input
+    x = torch.randn(64, 3, 6, 6, generator=torch.Generator().manual_seed(0))
+    spec = gr.discover(a, x[:2])
+    for seed in range(6):
+        truth = spec.random_permutations(seed=seed)
+        b = gr.permute(a, spec, truth)
+        prep = prepare([a, b], x, num_examples=64, batch_size=32, statistics=False, spec=spec)
+        undo = inverse_perms(spec, truth)
+        for g in undo:
+            assert torch.equal(prep.perms[0][g], undo[g]), (seed, g)
+        st = prep.stats[0]
+        dead = {g: n for g, n in st.unsignalled.items() if g.startswith("0[0].") and not g.endswith(".o")}
+        assert sum(dead.values()) >= 6, (seed, st.unsignalled)
+        assert not any(st.arbitrary.get(g, 0) for g in dead), (seed, st.arbitrary)

@@ -86,7 +86,10 @@ def activation_perms(spec: PermutationSpec, stats, max_rounds: int = 50,
     the group's summed correlation never drops), and among those with the largest the weights
     decide. Only U x P(U) is scored and solved (a few units of a wide layer, not the whole
     layer again). Up to ``tie_rounds`` rounds re-solve every such group with S_g from the others'
-    latest permutations, until none changes. Coupled groups (below) keep the correlations alone.
+    latest permutations, until none changes. The parts of a Wreath family (``wreath_perms``) are
+    such groups too, on their slot's block against the B slot the order gives it (an exchange
+    inside a slot leaves the family's optimum as it is); coupled groups (below) keep the
+    correlations alone.
 
     Groups that share a tensor with other groups (split-head attention: heads x head dims,
     ``PairStats.coupled``) are solved jointly: at such a node the correlation of A's channel i with
@@ -106,16 +109,26 @@ def activation_perms(spec: PermutationSpec, stats, max_rounds: int = 50,
     # one group's rounded matrix at a time (a model's correlations can take gigabytes); kept,
     # as its U x P(U) block, only for the groups with units matched without signal
     tied = {}
+
+    def note_ties(g: str, r: torch.Tensor) -> None:
+        if weights is not None and g in weights.touches:
+            u = _without_signal(r, perms[g]).nonzero().flatten().cpu()  # perms are on the CPU
+            if len(u) > 1:  # U, P(U) and the rounded block U x P(U), on the CPU as lap wants it
+                tied[g] = (u, perms[g][u], r[u][:, perms[g][u]].cpu())
+
     for g, c in stats.corr.items():
         if g in stats.coupled or g in done:
             continue
         r = tie_safe(c)
         perms[g] = lap(r)
-        if weights is not None and g in weights.touches:
-            u = _without_signal(r, perms[g]).nonzero().flatten().cpu()  # perms are on the CPU
-            if len(u) > 1:  # U, P(U) and the rounded block U x P(U), on the CPU as lap wants it
-                tied[g] = (u, perms[g][u], r[u][:, perms[g][u]].cpu())
+        note_ties(g, r)
         del r
+    families, held = spec.wreaths
+    orders = set(families) | held
+    for g in [h.name for h in spec.groups if h.name in done and h.name not in orders]:
+        # a part of a family solved from its joint points: its slot's block against the B slot
+        # the order pairs it with (``paired_corr``); the weights break its ties like any group's
+        note_ties(g, tie_safe(paired_corr(spec, stats, g, perms)))
     for _ in range(tie_rounds if tied else 0):
         changed = False
         for g in [h.name for h in spec.groups if h.name in tied]:
@@ -151,17 +164,10 @@ def activation_perms(spec: PermutationSpec, stats, max_rounds: int = 50,
 def _wreath_points(spec: PermutationSpec, stats, fam) -> list[torch.Tensor] | None:
     """For each layout of a Wreath family (``PermutationSpec.wreaths``), the mean of the A-B
     correlations at the joint points that carry exactly that layout (k*s, k*s); None when some
-    layout has no such point (its slots' pairing was not measured). Kept in ``stats.wreath``."""
-    cache = getattr(stats, "wreath", None)
-    if cache is not None and fam.order in cache:
-        return cache[fam.order]
-    out = _mean_wreath_points(spec, stats, fam)
-    if cache is not None:
-        cache[fam.order] = out
-    return out
-
-
-def _mean_wreath_points(spec: PermutationSpec, stats, fam) -> list[torch.Tensor] | None:
+    layout has no such point (its slots' pairing was not measured). Computed once per pass and
+    kept in ``stats.wreath``."""
+    if fam.order in stats.wreath:
+        return stats.wreath[fam.order]
     order = spec.var_of_group[fam.order]
     out = []
     for key in fam.parts:
@@ -170,11 +176,13 @@ def _mean_wreath_points(spec: PermutationSpec, stats, fam) -> list[torch.Tensor]
                  if isinstance(jp.expr, ax.Wreath) and isinstance(jp.expr.outer, ax.Var)
                  and jp.expr.outer.id == order and tuple(getattr(p, "id", None) for p in jp.expr.parts) == ids]
         if not found:
-            return None
+            out = None
+            break
         total = found[0].double().clone()
         for c in found[1:]:
             total += c.double()
         out.append(total / len(found))
+    stats.wreath[fam.order] = out
     return out
 
 
@@ -229,23 +237,21 @@ def paired_corr(spec: PermutationSpec, stats, g: str, perms: dict[str, torch.Ten
     order itself: per pair of slots, the mean correlation of the positions paired inside them
     (by A's slot's part); a coupled group: ``coupled_corr``; else as gathered."""
     families, _ = spec.wreaths
-    for fam in families.values():
-        if g != fam.order and not any(g in key for key in fam.parts):
-            continue
-        blocks = _wreath_points(spec, stats, fam)
-        if blocks is None:
-            break
+    fam = next((f for f in families.values() if g == f.order or any(g in key for key in f.parts)), None)
+    blocks = None if fam is None else _wreath_points(spec, stats, fam)
+    if blocks is not None:
         k = spec.group(fam.order).size
         order = perms[fam.order]
-        total = torch.zeros(k, k, dtype=torch.float64)
-        for key, c, s in zip(fam.parts, blocks, fam.slots):
-            c = c.cpu().reshape(k, s, k, s)
-            if g in key:
+        layouts = [(key, c.cpu().reshape(k, s, k, s), s) for key, c, s in zip(fam.parts, blocks, fam.slots)]
+        for key, c, _ in layouts:
+            if g in key:  # a part: its slot against the B slot the order pairs it with
                 a = key.index(g)
                 return c[a, :, int(order[a])]
-            for a, name in enumerate(key):  # A's slot a against every B slot, paired by part a
+        total = torch.zeros(k, k, dtype=torch.float64)
+        for key, c, s in layouts:  # the order: A's slot a against every B slot, paired by part a
+            for a, name in enumerate(key):
                 total[a] += c[a][torch.arange(s), :, perms[name]].mean(0)
-        return total / len(blocks)
+        return total / len(layouts)
     if g in stats.coupled:
         return coupled_corr(spec, stats, g, perms)
     return stats.corr[g]
@@ -392,7 +398,7 @@ class WeightScores:
                     items.append((m.name, m.axis, pos, None))
             self.touches[g.name] = items
         self.state_a, self.state_b = state_a, state_b  # read, never copied whole (see ``views``)
-        self._norms: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._norms: dict[str, torch.Tensor] = {}  # A's units' norms, per group
 
     def mixes(self, name: str) -> bool:
         """Whether group ``name`` is replicated over other groups on one of its axes."""
@@ -421,17 +427,23 @@ class WeightScores:
         """(|g|, |g|) summed ``pairing`` (default: inner products) of A's and B's weights that
         group ``name`` touches, with the groups in ``held`` permuted as given there; ``rows``,
         ``cols``: only A's units ``rows`` against B's units ``cols`` (|rows|, |cols|)."""
+        return self._score(name, held, pairing, rows, cols)[0]
+
+    def _score(self, name: str, held: dict, pairing=None, rows=None, cols=None):
+        """(``score``, the squared norms of B's units ``cols`` in the same views)."""
         pairing = pairing or _inner
         size = self.spec.group(name).size
         total = torch.zeros(size if rows is None else len(rows), size if cols is None else len(cols),
                             dtype=torch.float64)
+        norms_b = torch.zeros(total.shape[1], dtype=torch.float64)
         for wa, wb in self.views(name, held):
             if rows is not None:
                 wa = wa[rows.to(wa.device)]
             if cols is not None:
                 wb = wb[cols.to(wb.device)]
             total += pairing(wa, wb).cpu()
-        return total
+            norms_b += wb.flatten(1).square().sum(1).cpu()
+        return total, norms_b
 
     def objective(self, perms: dict) -> float:
         """The summed inner products of A's and B's weights (B permuted by ``perms``) over every
@@ -444,19 +456,19 @@ class WeightScores:
 
     def cosine(self, name: str, held: dict, rows=None, cols=None) -> torch.Tensor:
         """``score`` divided by the norms of A's unit i and B's unit j (all the weights each
-        touches; permuting the other groups does not change them): in [-1, 1], and 0 where a
-        unit has no weights at all. ``rows``, ``cols``: as for ``score``."""
+        touches): in [-1, 1], and 0 where a unit has no weights at all. ``rows``, ``cols``: as for
+        ``score``. A's norms are the same whatever the permutations and are kept; B's are taken
+        from the same views as the score, since they may depend on the other groups: a part of
+        a Wreath family reads B's slot that the order puts in its place (``axes.Wreath``)."""
         if name not in self._norms:
-            na = nb = 0.0
-            for wa, wb in self.views(name, {}):
+            na = 0.0
+            for wa, _ in self.views(name, {}):
                 na = na + wa.flatten(1).square().sum(1).cpu()
-                nb = nb + wb.flatten(1).square().sum(1).cpu()
-            self._norms[name] = (torch.as_tensor(na).sqrt(), torch.as_tensor(nb).sqrt())
-        na, nb = self._norms[name]
+            self._norms[name] = torch.as_tensor(na).sqrt()
+        na = self._norms[name]
         na = na if rows is None else na[rows]
-        nb = nb if cols is None else nb[cols]
-        denom = na[:, None] * nb[None, :]
-        s = self.score(name, held, rows=rows, cols=cols).cpu()  # the norms are kept on the CPU
+        s, nb = self._score(name, held, rows=rows, cols=cols)  # on the CPU, as the norms
+        denom = na[:, None] * nb.sqrt()[None, :]
         return torch.where(denom > 0, s / denom.clamp_min(1e-300), torch.zeros_like(s)).clamp(-1.0, 1.0)
 
 
