@@ -43,7 +43,7 @@ import time
 import torch
 
 import graphrepair as gr
-from graphrepair.merging.align import lap
+from graphrepair.merging.assign import lap
 from graphrepair.merging.merge import merge_prepared
 from graphrepair.merging.points import observation_points
 from passes.pair import pair_graph

@@ -41,7 +41,7 @@ from their own first batch: each batch's float32 sums are then the ones one proc
 only the order in which float64 totals of them are added differs (float32 numbers add in float64
 with next to no rounding; the tests find the same permutations and bitwise-equal weights). Sums
 about zero lose float64 precision only where a mean is huge against its spread (relative 1e-16
-mean^2 / var). Ties: correlations are rounded to multiples of ``align.TIE_GRID`` (2^-17) before the
+mean^2 / var). Ties: correlations are rounded to multiples of ``activation_match.TIE_GRID`` (2^-17) before the
 assignment, so that statistics that differ only in summation order give the same matrix, and units
 that tie (dead units: exact zeros; correlations equal within rounding) are resolved by the solver's
 fixed order on that identical matrix, whatever the number of ranks.

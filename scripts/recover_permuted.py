@@ -23,7 +23,8 @@ def run(name: str, methods: list[str]) -> None:
 
     import graphrepair as gr
     from fixtures.torchvision_compat import import_torchvision
-    from graphrepair.merging.align import activation_perms, weight_matching
+    from graphrepair.merging.activation_match import activation_perms
+    from graphrepair.merging.weight_match import weight_matching
     from graphrepair.merging.merge import prepare
 
     tv = import_torchvision()

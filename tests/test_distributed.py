@@ -23,7 +23,8 @@ import torch
 from safetensors.torch import load_file
 
 from graphrepair import distributed
-from graphrepair.merging.align import lap, tie_safe
+from graphrepair.merging.activation_match import tie_safe
+from graphrepair.merging.assign import lap
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 240  # seconds for one two-process run, start-up included (a loaded 2-core machine)

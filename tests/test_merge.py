@@ -16,7 +16,7 @@ import graphrepair as gr
 from fixtures.datasets import digits
 from fixtures.train import train
 from fixtures.zoo import ZOO, mlp
-from graphrepair.merging.align import weight_matching
+from graphrepair.merging.weight_match import weight_matching
 from graphrepair.merging.merge import merge_prepared, prepare
 from passes.observe import ObserverSpec, insert_observers, observers
 from tests.helpers import ConvBNNet, inverse_perms, randomize_
@@ -547,7 +547,7 @@ def test_weights_break_the_ties_of_activation_matching():
     optima), and the dead units are counted as matched without activation signal. Two of them are
     made identical in every weight as well: nothing can tell them apart (``arbitrary``)."""
     from fixtures.zoo import resnet20
-    from graphrepair.merging.align import activation_perms, tie_safe
+    from graphrepair.merging.activation_match import activation_perms, tie_safe
 
     torch.manual_seed(0)
     a = resnet20("bn").eval()
@@ -586,7 +586,7 @@ def test_torchvision_mobilenet_v2_permuted_copy_recovered_by_both_methods():
     its 24 groups wrong before the sorted start); activation matching leaves saturated and dead
     units tied (without the weights' tie-break). Both now recover every unit."""
     tv = pytest.importorskip("torchvision")
-    from graphrepair.merging.align import activation_perms
+    from graphrepair.merging.activation_match import activation_perms
 
     torch.manual_seed(0)
     a = tv.models.mobilenet_v2(weights=None, width_mult=0.25).eval()
@@ -608,7 +608,7 @@ def test_unsignalled_counts_dead_and_identical_units_not_values_that_coincide():
     """A value equal to another on the rounding grid is no tie (the rest of the row tells the
     units apart); a dead row or column (all 0) and two identical rows are: activations cannot
     tell those units apart. The weights decide them unless their cosines tie too."""
-    from graphrepair.merging.align import tie_safe, unsignalled
+    from graphrepair.merging.activation_match import tie_safe, unsignalled
 
     g = torch.Generator().manual_seed(0)
     c = tie_safe(torch.rand(6, 6, generator=g) * 0.5)

@@ -12,7 +12,8 @@ from torch import nn
 import graphrepair as gr
 from graphrepair.discovery import axes as ax
 from graphrepair.merging import stats as stats_module
-from graphrepair.merging.align import wreath_perms, weight_matching
+from graphrepair.merging.activation_match import wreath_perms
+from graphrepair.merging.weight_match import weight_matching
 from graphrepair.merging.merge import prepare
 from tests.helpers import discover_checked, inverse_perms, randomize_
 from tests.test_rules import grouped

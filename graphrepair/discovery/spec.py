@@ -109,7 +109,7 @@ class PermutationSpec:
         """(families by order group, order groups to keep in place). An order group is a family
         when it occurs only as the outer permutation of Wreaths whose parts are groups occurring
         nowhere else (except as a grouped conv weight's PerBlock parts): alignment then solves the
-        family as a whole (``align.py``). An order group anywhere else (in a Kronecker layout, or
+        family as a whole (``activation_match.py``, ``weight_match.py``). An order group anywhere else (in a Kronecker layout, or
         with parts that recur elsewhere) keeps its slots in place in alignment (its parts are then
         aligned like any group): a permutation of it is still valid, only not searched for."""
         name_of = self._name_of_var

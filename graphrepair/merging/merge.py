@@ -40,8 +40,9 @@ from torch import nn
 from passes.fold_affine import fold_affines
 from passes.reset import ChannelAffine, Reset, ResetSpec, insert_resets, resets, set_mode
 
-from graphrepair.merging.align import (WeightScores, activation_perms, check_same_architecture, paired_corr,
-                                      tie_safe, unsignalled, weight_matching)
+from graphrepair.merging.activation_match import activation_perms, paired_corr, tie_safe, unsignalled
+from graphrepair.merging.checks import check_same_architecture
+from graphrepair.merging.weight_match import WeightScores, weight_matching
 from graphrepair.io.data import take_examples
 from graphrepair.discovery.discover import discover
 from graphrepair import distributed
@@ -75,7 +76,7 @@ class MergeResult:
     kept: list[str] = field(default_factory=list)  # "<node>: <why it could not be folded>"
     dead_channels: int = 0
     # activation matching: units matched without activation signal (dead or tied, see
-    # align.unsignalled), and those of them the weights did not decide either (arbitrary)
+    # activation_match.unsignalled), and those of them the weights did not decide either (arbitrary)
     unsignalled: int = 0
     arbitrary: int = 0
     notes: list[str] = field(default_factory=list)
@@ -198,7 +199,7 @@ def align_pair(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module, fi
     """Permutations of B's groups onto A, and the pass statistics (None for weight matching
     without REPAIR statistics). Activation matching breaks its ties with the weights
     (``activation_perms``) and counts, per group, the units matched without activation signal and
-    those the weights did not decide either (``align.unsignalled``; ``PairStats.unsignalled``,
+    those the weights did not decide either (``activation_match.unsignalled``; ``PairStats.unsignalled``,
     ``PairStats.arbitrary``)."""
     sa, sb = model_a.state_dict(), model_b.state_dict()
     stats = None

@@ -18,7 +18,7 @@ split to heads; whole groups of a grouped conv or a GroupNorm and the channels i
 pairing of those replicas depends on the other group's permutation, which is not known yet:
 there the A-B correlation of every pair of positions of the joint channel space is
 gathered instead (``JointPoint``, at most ``JOINT_MAX`` positions), and alignment solves the
-groups jointly (``align.activation_perms``).
+groups jointly (``activation_match.activation_perms``).
 
 At every reset point the per-channel mean and variance of A and of B are accumulated too (the
 goal statistics of REPAIR); for the closed form the full A-B cross-covariance is kept there, since
@@ -105,11 +105,11 @@ class PairStats:
     notes: list[str] = field(default_factory=list)
     requested: int = 0  # examples asked for (by all ranks together in a distributed run)
     # set by alignment (merge.align_pair): group -> units matched without activation signal, and
-    # those of them the weights did not decide either (align.unsignalled)
+    # those of them the weights did not decide either (activation_match.unsignalled)
     unsignalled: dict[str, int] = field(default_factory=dict)
     arbitrary: dict[str, int] = field(default_factory=dict)
     batch_keys: list = field(default_factory=list)  # this process's batches (``batch_key``), in order
-    # Wreath family (order group) -> mean joint correlation per layout, or None (``align._wreath_points``)
+    # Wreath family (order group) -> mean joint correlation per layout, or None (``activation_match._wreath_points``)
     wreath: dict = field(default_factory=dict)
 
 
