@@ -14,7 +14,7 @@ assignment, so that statistics which differ only by the order their sums were ad
 process or several, another thread count) give the same matrix; what then ties (dead units, whose
 correlations are exactly 0, and correlations equal to within rounding) is resolved by the
 solver's fixed order on that identical matrix, the same whatever the number of ranks. Where
-the weights are given (``merge.align_pair`` always gives them), they break these ties first: a
+the weights are given (``prepare.align_pair`` always gives them), they break these ties first: a
 term w cos(W_A,i, W_B,j) too small to outweigh one grid step (``activation_perms``); the units
 still tied are counted (``unsignalled``).
 """

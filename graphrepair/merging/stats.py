@@ -67,7 +67,7 @@ class PointStats:
     var_b: torch.Tensor
     cov_ab: torch.Tensor | None = None  # (C, C) A-B cross-covariance, closed-form REPAIR only
     # per batch of this process, in the order seen: (mean A, var A, mean B, var B) (exact REPAIR's
-    # per-batch goals, see merge.batch_goals)
+    # per-batch goals, see repair.batch_goals)
     batches: list = field(default_factory=list)
 
 
@@ -104,7 +104,7 @@ class PairStats:
     joint: dict[str, JointPoint] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     requested: int = 0  # examples asked for (by all ranks together in a distributed run)
-    # set by alignment (merge.align_pair): group -> units matched without activation signal, and
+    # set by alignment (prepare.align_pair): group -> units matched without activation signal, and
     # those of them the weights did not decide either (activation_match.unsignalled)
     unsignalled: dict[str, int] = field(default_factory=dict)
     arbitrary: dict[str, int] = field(default_factory=dict)

@@ -1,0 +1,218 @@
+"""Preparing a merge: check the models, hold the fitting data, trace and discover, run the joint pass of
+each model with model 0, align, and prove the permutations found; everything a merge needs that does
+not depend on alpha or the repair mode (``Prepared``), so that a barrier curve aligns once.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from graphrepair import distributed
+from graphrepair.discovery.discover import discover
+from graphrepair.discovery.spec import PermutationSpec
+from graphrepair.errors import CheckError, DataError, GraphRepairError
+from graphrepair.io.data import take_examples
+from graphrepair.merging.activation_match import activation_perms, paired_corr, tie_safe, unsignalled
+from graphrepair.merging.checks import check_same_architecture
+from graphrepair.merging.weight_match import WeightScores, weight_matching
+from graphrepair.merging.points import ResetPoint, observation_points, reset_points
+from graphrepair.merging.stats import PairStats, check_finite, collect, copy_with_state
+from graphrepair.runtime import model_device, release
+
+METHODS = ("activation", "weight")
+
+
+class FitData:
+    """Fitting data that can be read several times: re-iterable data is re-read, a one-shot
+    iterator is read once and its batches kept (inputs only, on the models' device).
+
+    In a distributed run (``graphrepair.distributed``) this is the rank's own share: it may be
+    empty (no batch, ``num_examples`` 0), ``example()`` is the batch every rank traced with
+    (``shared_example``), ``totals`` the examples used and asked for by all ranks together (set by
+    the joint pass), and iterating checks between batches whether another rank has failed."""
+
+    def __init__(self, data, num_examples: int, batch_size: int, device: torch.device):
+        self.n, self.batch_size, self.device = num_examples, batch_size, device
+        self.cached = None
+        self.data = data
+        self.count = None
+        self.shared_example: torch.Tensor | None = None
+        self.totals: tuple[int, int] | None = None
+        self.empty = distributed.current() is not None and (num_examples == 0 or distributed.is_empty(data))
+        if self.empty:
+            self.cached, self.n, self.count = [], 0, 0
+        elif isinstance(data, Iterator):
+            self.cached = list(self._stream())
+
+    def _stream(self):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            stream = take_examples(self.data, self.n, self.batch_size, self.device)
+            yield from stream
+        self.count = stream.count
+        for w in caught:
+            warnings.warn(w.message, w.category, stacklevel=4)
+
+    def __iter__(self):
+        batches = iter(self.cached) if self.cached is not None else self._stream()
+        return batches if distributed.current() is None else self._checked(batches)
+
+    @staticmethod
+    def _checked(batches):
+        for x in batches:
+            distributed.check()
+            yield x
+
+    def batches(self) -> int:
+        return -(-self.n // self.batch_size)
+
+    def example(self) -> torch.Tensor:
+        """Two examples to trace with: the shared example in a distributed run, else the first
+        batch's first two."""
+        if self.shared_example is not None:
+            return self.shared_example
+        return next(iter(self))[:2]
+
+    def local_example(self) -> torch.Tensor | None:
+        return None if self.empty else next(iter(self))[:2]
+
+
+def align_pair(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module, fit: FitData, *,
+               method: str, resets: list[ResetPoint], cross_at_resets: bool, quiet: bool,
+               seed: int = 0) -> tuple[dict[str, torch.Tensor], PairStats | None, dict[str, float]]:
+    """Permutations of B's groups onto A, and the pass statistics (None for weight matching
+    without REPAIR statistics). Activation matching breaks its ties with the weights
+    (``activation_perms``) and counts, per group, the units matched without activation signal and
+    those the weights did not decide either (``activation_match.unsignalled``; ``PairStats.unsignalled``,
+    ``PairStats.arbitrary``)."""
+    sa, sb = model_a.state_dict(), model_b.state_dict()
+    stats = None
+    scores = WeightScores(spec, sa, sb) if method == "activation" else None
+    if method == "activation" or resets:
+        observe = observation_points(spec) if method == "activation" else {}
+        stats = collect(spec, model_a, model_b, fit, observe, resets, cross_at_resets=cross_at_resets,
+                        quiet=quiet, total=fit.batches(), requested=fit.n, example=fit.example())
+    perms = None
+    with distributed.step("solving the assignments"):
+        if distributed.is_reporting():  # one solver: rank 0 (see graphrepair.distributed)
+            if method == "activation":
+                perms = activation_perms(spec, stats, weights=scores)
+                rest = [g.name for g in spec.groups if g.name not in perms]
+                if rest:  # groups no activation reaches (fused attention internals): weight matching
+                    perms = weight_matching(spec, sa, sb, groups=rest, init=perms, seed=seed)
+            else:
+                perms = weight_matching(spec, sa, sb, seed=seed)
+    perms = distributed.broadcast_perms(perms, {g.name: g.size for g in spec.groups})
+    mean_corr = {}
+    if stats is not None:
+        for g, c in stats.corr.items():
+            if g in stats.coupled:
+                c = paired_corr(spec, stats, g, perms)
+            p = perms[g].to(c.device)
+            mean_corr[g] = float(c[torch.arange(len(p), device=c.device), p].mean())
+            if scores is not None:
+                held = {h: q for h, q in perms.items() if h != g}
+                n, arbitrary = unsignalled(tie_safe(c).cpu(), p.cpu(),
+                                           lambda rows, cols: scores.cosine(g, held, rows, cols))
+                if n:
+                    stats.unsignalled[g], stats.arbitrary[g] = n, arbitrary
+    return perms, stats, mean_corr
+
+
+@dataclass
+class Prepared:
+    """Everything a merge needs that does not depend on alpha or the repair mode: the spec, the
+    fitting data, the reset points, each model's permutation onto model 0 and the pass statistics.
+    Computing it once lets a barrier curve reuse one alignment for every alpha."""
+
+    models: list[nn.Module]
+    spec: PermutationSpec
+    fit: FitData
+    method: str
+    points: list[ResetPoint]
+    perms: list[dict[str, torch.Tensor]]
+    stats: list[PairStats | None]
+    mean_corr: dict[str, float]
+    aligned: list[dict[str, torch.Tensor]]  # state dicts, models 1.. permuted onto model 0 (or [])
+
+
+def prepare(models: list[nn.Module], data, *, method: str = "activation", statistics: bool = True,
+            cross: bool = False, num_examples: int = 5000, batch_size: int = 256, points: str = "all",
+            spec: PermutationSpec | None = None, quiet: bool = True, seed: int = 0,
+            align: bool = True, states: bool = True) -> Prepared:
+    """Check, trace, discover, run the joint pass(es) and align. ``statistics``: gather REPAIR's
+    endpoint statistics at the reset points (``cross``: also A-B cross-covariances, for 'approx').
+    ``align=False`` keeps B as it is (the naive baseline). ``states=False``: only the
+    permutations are wanted; the permuted copies of the models' weights (``Prepared.aligned``,
+    what ``merge_prepared`` interpolates) are not made."""
+    if len(models) < 2:
+        raise GraphRepairError("merging needs at least two models")
+    if method not in METHODS:
+        raise GraphRepairError(f"method must be one of {METHODS}, got {method!r}")
+    with distributed.step("checking the models and the fitting data"):
+        for m in models[1:]:
+            check_same_architecture(models[0], m)
+        for i, m in enumerate(models):
+            check_finite(m.state_dict(), f"model {'AB'[i] if len(models) == 2 else i}")
+        device = model_device(models[0])
+        # the caller's models are read, never changed: one on another device is copied to model 0's,
+        # and each pass puts them in eval mode only while it runs (``runtime.eval_mode``)
+        models = [m if model_device(m) == device else copy_with_state(m, m.state_dict(), device=device)
+                  for m in models]
+        fit = FitData(data, num_examples, batch_size, device)
+        example = fit.local_example() if distributed.current() is not None else None
+    if distributed.current() is not None:  # the same models everywhere; one example to trace with
+        example = distributed.agree_on_start([m.state_dict() for m in models], example)
+        if example is None:
+            raise DataError("the fitting data has no examples on any rank")
+        fit.shared_example = example.to(device)
+    with distributed.step("tracing the model and discovering its permutation groups"):
+        if spec is None:
+            spec = discover(models[0], (fit.example(),))
+        rpoints = reset_points(spec, points) if statistics else []
+    perms_all, stats_all, corr = [], [], {}
+    for m in models[1:]:
+        if align:
+            perms, stats, mean_corr = align_pair(spec, models[0], m, fit, method=method, resets=rpoints,
+                                                 cross_at_resets=cross, quiet=quiet, seed=seed)
+        else:
+            perms = spec.identity_permutations()
+            stats = collect(spec, models[0], m, fit, {}, rpoints, cross_at_resets=cross, quiet=quiet,
+                            total=fit.batches(), requested=fit.n, example=fit.example()) if rpoints else None
+            mean_corr = {}
+        perms_all.append(perms)
+        stats_all.append(stats)
+        corr = corr or mean_corr
+    aligned = []
+    with distributed.step("proving the permutations on a batch of the fitting data"):
+        for i, (m, p) in enumerate(zip(models[1:], perms_all)):
+            sd = m.state_dict()
+            permuted = spec.permute_state_dict(sd, p)
+            if align:
+                prove_permutations(spec, m, permuted, p, fit.example(), f"model {'B' if len(models) == 2 else i + 1}")
+            if states:
+                # entries with no permuted axis come back as the model's own tensors: copy them, so
+                # that changing the model later cannot change what this preparation merges
+                aligned.append({k: v.clone() if v is sd[k] else v for k, v in permuted.items()})
+    release()  # the proofs' permuted copies (see runtime.release)
+    return Prepared(models, spec, fit, method, rpoints, perms_all, stats_all, corr, aligned)
+
+
+def prove_permutations(spec: PermutationSpec, model: nn.Module, permuted_state: dict, perms: dict,
+                       example: torch.Tensor, who: str) -> float:
+    """Before anything is interpolated: the model with the permutations found must compute what the
+    model computes, on one batch of the fitting data (a rule bug would otherwise become a silently
+    broken merged model). One more forward of the model and of its permuted copy (which shares the
+    unpermuted tensors); CheckError naming the group otherwise."""
+    if all(bool((q == torch.arange(q.numel(), device=q.device)).all()) for q in perms.values()):
+        return 0.0  # nothing moves
+    permuted = copy_with_state(model, permuted_state, own=True)  # shares the tensors, copies none
+    try:
+        return spec.prove(model, permuted, (example,), perms)
+    except CheckError as e:
+        raise CheckError(f"the permutations aligning {who} break its function: {e}") from e

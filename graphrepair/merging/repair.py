@@ -1,0 +1,242 @@
+"""REPAIR: the goal statistics of every reset point, the resets, the pass that estimates them and the
+fold of the corrections into the weights.
+
+REPAIR goal statistics at every reset point (channel c of a conv/linear output or of a residual
+stream), from the one joint pass of A and B (``stats.py``), B's statistics permuted like B:
+
+    goal_mean_c = (1 - a) mu_A,c + a mu_B',c          goal_std_c = (1 - a) sigma_A,c + a sigma_B',c
+
+- "exact" (paper 4.2): reset nodes normalise the interpolated network's channel c to
+  (goal_mean_c, goal_std_c); one pass of the merged net in "collect" mode (batch statistics,
+  BatchNorm-style) estimates each reset's mean and variance; the resets then become per-channel
+  affines folded into the producing conv/linear/BatchNorm. A reset divides by sqrt(var + eps) and
+  multiplies by sqrt(goal_std^2 + eps), the same eps on both sides, so that a channel already at
+  its goal (merging a model with a permuted copy of itself) is left exactly as it is.
+- "approx" (paper 4.1, closed form; no pass through the merged net): the merged channel is
+  predicted as X_a = (1 - a) X_A + a X_B', so
+
+      mean = (1 - a) mu_A + a mu_B',   var = (1 - a)^2 Var(X_A) + a^2 Var(X_B') + 2 a (1 - a) Cov(X_A, X_B')
+
+  and the resets use these as their running statistics.
+- "reset": BatchNorm running statistics re-estimated on the merged net (Izmailov et al.).
+- None: plain interpolation of the aligned models.
+
+Merging k > 2 models: the goal statistics are the w-weighted averages of the aligned endpoints'
+statistics.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from passes.fold_affine import fold_affines
+from passes.reset import ChannelAffine, Reset, ResetSpec, insert_resets, resets, set_mode
+
+from graphrepair import distributed
+from graphrepair.discovery.spec import PermutationSpec
+from graphrepair.merging.points import ResetPoint
+from graphrepair.merging.stats import PairStats, batch_key, calibrate, copy_with_state, graph_for
+from graphrepair.progress import progress
+from graphrepair.runtime import model_device
+
+REPAIR_MODES = ("exact", "approx", "reset", None)
+
+
+RESET_EPS = 1e-5  # the resets' variance epsilon, as BatchNorm's
+
+
+def _normaliser_std(goal_std: torch.Tensor, eps: float = RESET_EPS) -> torch.Tensor:
+    """The std a reset multiplies by, sqrt(goal_std^2 + eps): a reset divides by
+    sqrt(var + eps), so multiplying by the goal std itself would scale every channel by
+    sqrt(var / (var + eps)) on top of REPAIR's correction: 0.3 for a channel of variance 1e-6, so
+    that merging a model with a permuted copy of itself changed its output. With the same eps
+    on both sides, a merged channel whose statistics already are the goal's (identical endpoints)
+    is left exactly as it is, large channels are rescaled to the goal as before (the output
+    variance misses goal_std^2 by less than eps), and channels of variance far below eps keep
+    their variance instead of being shrunk further."""
+    return (goal_std.double().square() + eps).sqrt()
+
+
+def _permuted(stat: torch.Tensor, spec: PermutationSpec, node: str, axis: int, perms) -> torch.Tensor:
+    """``perms``: group permutations, or ``spec.checked(perms)`` of them."""
+    return stat[spec.node_index(node, axis, perms).to(stat.device)]
+
+
+def goal_statistics(spec: PermutationSpec, points: list[ResetPoint], stats_all: list[PairStats],
+                    perms_all: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, tuple]:
+    """Goal (mean, std) per reset point: the weighted average of the aligned endpoints' statistics
+    (``stats_all[i]``: model 0 and model i + 1; ``perms_all[i]``: model i + 1 onto model 0)."""
+    perms_all = [spec.checked(p) for p in perms_all]  # validated once, not per point
+    return {r.node: _interpolated(spec, r, (stats_all[0].points[r.node].mean_a, stats_all[0].points[r.node].var_a),
+                                  [(st.points[r.node].mean_b, st.points[r.node].var_b) for st in stats_all],
+                                  perms_all, weights)
+            for r in points}
+
+
+def _interpolated(spec: PermutationSpec, r: ResetPoint, a: tuple, others: list[tuple], perms_all: list,
+                  weights: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) at reset point ``r``: the ``weights``-average of model 0's (mean, var) ``a`` and
+    the other models' ``others``, each permuted onto model 0 (``perms_all``, checked)."""
+    mean, std = weights[0] * a[0], weights[0] * a[1].sqrt()
+    for w, (m, v), p in zip(weights[1:], others, perms_all):
+        mean = mean + w * _permuted(m, spec, r.node, r.axis, p)
+        std = std + w * _permuted(v, spec, r.node, r.axis, p).sqrt()
+    return mean, std
+
+
+def batch_goals(spec: PermutationSpec, points: list[ResetPoint], stats_all: list[PairStats],
+                perms_all: list[dict[str, torch.Tensor]], weights: list[float]) -> list[dict[str, tuple]]:
+    """Per batch of this process's joint pass, the goal of that batch at every reset point: the
+    weighted average of the aligned endpoints' mean and standard deviation over that batch alone.
+
+    Why. While exact REPAIR collects the merged model's statistics, every reset normalises each
+    batch by the batch's own statistics (as the paper's BatchNorm does in training mode). Giving
+    every batch the global goal takes away the spread between batches that the finished model
+    will have, so the layers after it measure too little variance and over-correct: a model
+    merged with a permuted copy of itself came back changed by up to 2% over 3 batches of 16. With
+    each batch given the endpoints' own moments of that batch, identical endpoints pass through
+    every reset unchanged (the merged model's batch is the endpoints' batch), and in general each
+    batch keeps its natural deviation from the global goal. The statistics collected, and so the
+    final correction, are the same kind as before: the merged model's over all batches, normalised
+    to the global goal. [] when the statistics hold no per-batch moments (closed form, an older
+    preparation) or the passes disagree in their number of batches."""
+    counts = {len(st.points[r.node].batches) for st in stats_all for r in points}
+    if not points or len(counts) != 1 or 0 in counts:
+        return []
+    perms_all = [spec.checked(p) for p in perms_all]
+    out = []
+    for t in range(counts.pop()):
+        goals = {}
+        for r in points:
+            mean, std = _interpolated(spec, r, stats_all[0].points[r.node].batches[t][:2],
+                                      [st.points[r.node].batches[t][2:] for st in stats_all], perms_all, weights)
+            goals[r.node] = (mean.float(), _normaliser_std(std).float())
+        out.append(goals)
+    return out
+
+
+def closed_form_statistics(spec: PermutationSpec, points: list[ResetPoint], stats: PairStats,
+                           perms: dict[str, torch.Tensor], alpha: float) -> dict[str, tuple]:
+    """(mean, var) per reset point of the interpolated channel X_a = (1 - a) X_A + a X_B' as the
+    closed form predicts it from the A-B statistics alone (see the module doc)."""
+    out = {}
+    for r in points:
+        s = stats.points[r.node]
+        idx = spec.node_index(r.node, r.axis, perms).to(s.mean_a.device)
+        mean_b, var_b = s.mean_b[idx], s.var_b[idx]
+        cov = s.cov_ab[torch.arange(len(idx), device=idx.device), idx]
+        mean = (1 - alpha) * s.mean_a + alpha * mean_b
+        var = ((1 - alpha) ** 2 * s.var_a + alpha ** 2 * var_b
+               + 2 * alpha * (1 - alpha) * cov).clamp_min(0.0)
+        out[r.node] = (mean, var)
+    return out
+
+
+@dataclass
+class Repaired:
+    """What the REPAIR step made: the merged model (the user's class when every reset folded),
+    how many resets there were, how many folded, why the others could not be."""
+
+    model: nn.Module
+    resets: int
+    folded: int
+    kept: list[str]
+    unfolded: nn.Module | None = None  # with keep_unfolded: the graph with its reset nodes
+
+
+def repair_merged(spec: PermutationSpec, model_a: nn.Module, merged_state: dict[str, torch.Tensor],
+                  goals: dict[str, tuple], points: list[ResetPoint], *, fit,
+                  running: dict[str, tuple] | None = None, quiet: bool = True,
+                  keep_unfolded: bool = False, per_batch: tuple[list, list] | None = None) -> Repaired:
+    """REPAIR the interpolated weights ``merged_state``: a reset after every point, normalising it
+    to its ``goals`` (mean, std); the resets' statistics are ``running`` (mean, var) per point
+    when given (the closed form), else estimated in one pass of the merged graph over ``fit``
+    (exact REPAIR); then every reset is folded into its producer where it can be. ``per_batch``:
+    (``batch_goals``, the joint pass's ``batch_key`` of each batch): during the pass each batch
+    whose key matches is normalised to its own goal (``Reset.set_batch_goal``), the others to the
+    global goal."""
+    device = model_device(model_a)
+    gm = graph_for(spec, merged_state, device, own=True)
+    insert_resets(gm, {r.node: ResetSpec(r.axis, goals[r.node][0].float(),
+                                         _normaliser_std(goals[r.node][1]).float(), RESET_EPS)
+                       for r in points}, inplace=True)
+    if running is None:
+        set_mode(gm, "collect")
+        with torch.no_grad():  # the resets' shifts from the example every rank shares
+            calibrate(gm, resets(gm).values(), fit.example())
+        with distributed.step("the REPAIR pass of the merged model"), torch.no_grad():
+            found = resets(gm)
+            goals_t, keys = per_batch if per_batch is not None else ([], [])
+            for t, x in enumerate(progress(iter(fit), "REPAIR statistics of the merged model",
+                                           total=fit.batches(), quiet=quiet)):
+                mine = goals_t[t] if t < len(goals_t) and t < len(keys) and batch_key(x) == keys[t] else None
+                for node, reset in found.items():
+                    reset.set_batch_goal(*(mine[node] if mine is not None else (None,)))
+                gm(x)
+            for reset in found.values():
+                reset.set_batch_goal(None)
+        # every rank's sums, added: one collective (graph order, the same on every rank)
+        distributed.reduce_holders(list(resets(gm).values()), device)
+    else:
+        found = resets(gm)
+        for node, (mean, var) in running.items():
+            found[node].set_running(mean.float(), var.float())
+    set_mode(gm, "apply")
+    unfolded = copy.deepcopy(gm) if keep_unfolded else None
+    # exact: every reset saw data and knows its input's rank; closed form (and a distributed rank,
+    # which may have seen no batch): shapes from one example
+    example = running is not None or distributed.current() is not None
+    folded = fold_affines(gm, inplace=True, example_inputs=(fit.example(),) if example else None)
+    return Repaired(finalize(gm, model_a, merged_state, spec.traced.graph_own), len(points),
+                    folded.counts.get("folded", 0),
+                    list(folded.notes), unfolded)
+
+
+def finalize(gm, model_a: nn.Module, merged_state: dict, graph_own=frozenset()) -> nn.Module:
+    """The user's own model class when every reset was folded into existing parameters, else the
+    GraphModule (with one ChannelAffine per unfoldable reset). ``graph_own``: the graph's own
+    tensors (``Traced.graph_own``), which the user's model holds elsewhere or not at all."""
+    gsd = {k: v for k, v in gm.state_dict().items() if k not in graph_own}
+    leftovers = any(isinstance(m, (Reset, ChannelAffine)) for m in gm.modules())
+    if not leftovers and set(gsd) <= set(merged_state):
+        return copy_with_state(model_a, {**merged_state, **gsd}, own=True).eval()
+    return gm.eval()
+
+
+@torch.no_grad()
+def reset_batchnorm_stats(model: nn.Module, fit, quiet: bool = True) -> int:
+    """Re-estimate every BatchNorm's running statistics on ``fit`` (cumulative average over the
+    batches, one pass). Distributed: the average over every rank's batches, from the sums
+    k_r * average_r and the batch counts k_r added across ranks."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return 0
+    momenta = [bn.momentum for bn in bns]
+    model.eval()
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None
+        bn.train()
+    with distributed.step("re-estimating the BatchNorm statistics"):
+        for x in progress(iter(fit), "BatchNorm statistics of the merged model", quiet=quiet):
+            model(x)
+    if distributed.current() is not None:
+        parts = []
+        for bn in bns:
+            k = bn.num_batches_tracked.double()
+            parts += [k * bn.running_mean.double(), k * bn.running_var.double(), k.reshape(1)]
+        sums = distributed.all_reduce_sum(parts, bns[0].running_mean.device)
+        for i, bn in enumerate(bns):
+            wmean, wvar, k = sums[3 * i:3 * i + 3]
+            if float(k) > 0:
+                bn.running_mean.copy_(wmean / k)
+                bn.running_var.copy_(wvar / k)
+            bn.num_batches_tracked.fill_(int(round(float(k))))
+    for bn, mom in zip(bns, momenta):
+        bn.momentum = mom
+    model.eval()
+    return len(bns)
