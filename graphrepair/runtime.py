@@ -1,4 +1,5 @@
-"""Where and how models run: the one place for device lookup, device choice and eval mode.
+"""Where models run: the one place for device lookup and device choice (modes and the models
+themselves: ``graphrepair.models``).
 
 - ``model_device(model)``: the device of a model's first parameter (or buffer), CPU without any.
   It is ``passes.modules.module_device`` (``passes`` cannot import ``graphrepair``; this is the
@@ -6,11 +7,6 @@
 - ``pick_device(name)``: "auto" | "cpu" | "cuda" -> a torch.device. Under a launcher that sets
   ``LOCAL_RANK`` (torchrun) "cuda" and "auto" pick this process's own GPU, ``cuda:LOCAL_RANK``;
   with fewer GPUs than processes on the node "auto" runs every process on the CPU.
-- ``eval_mode(*models)``: the models in eval mode for the duration of a ``with`` block; every
-  module's own training flag is restored after it (the API never leaves a caller's model in
-  another mode than it was given in). ``passes.modules``, which the ONNX export uses too.
-- ``full_precision()``: IEEE float32 products on CUDA for the duration of a block, not TF32 (the
-  proofs of permutations and the ONNX check compare two computations; ``passes.modules``).
 - ``release()``: free what a finished pass left in reference cycles now (see its doc).
 """
 
@@ -21,12 +17,11 @@ import os
 
 import torch
 
-from passes.modules import eval_mode, full_precision
 from passes.modules import module_device as model_device
 
 from graphrepair.errors import GraphRepairError
 
-__all__ = ["eval_mode", "full_precision", "local_rank", "model_device", "pick_device", "release"]
+__all__ = ["local_rank", "model_device", "pick_device", "release"]
 
 
 def local_rank() -> int:

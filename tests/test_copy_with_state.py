@@ -1,4 +1,4 @@
-"""graphrepair.merging.stats.copy_with_state: copies that carry new weights without copying the old ones."""
+"""graphrepair.models.copy_with_state: copies that carry new weights without copying the old ones."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from graphrepair.errors import MismatchError
-from graphrepair.merging.stats import copy_with_state
+from graphrepair.models import copy_with_state
 
 
 class Tied(nn.Module):

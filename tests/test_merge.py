@@ -148,7 +148,7 @@ def test_exact_repair_folded_equals_unfolded_and_meets_goals(digits_pair):
         node: ObserverSpec(dim=-1) for node in res.goals}).graph_module
     # observe the reset outputs: observers sit after the original node, before the reset, so
     # observe the merged (folded) model through the spec graph instead
-    from graphrepair.merging.stats import graph_for
+    from graphrepair.models import graph_for
     g2 = graph_for(res.spec, res.model)
     g2 = insert_observers(g2, {node: ObserverSpec(dim=-1) for node in res.goals}).graph_module
     g2(xs)
@@ -279,7 +279,7 @@ def test_nan_weights_name_the_layer(digits_pair):
 def test_check_finite_names_the_tensor_and_lets_large_finite_weights_pass(dtype):
     """The weights are checked through their sums: a sum that overflows (finite weights near the
     dtype's largest value) must not be taken for an Inf, and +Inf with -Inf (a NaN sum) must be."""
-    from graphrepair.merging.stats import check_finite
+    from graphrepair.models import check_finite
 
     big = torch.finfo(dtype).max
     state = {"a.weight": torch.full((4, 4), big, dtype=dtype), "b.bias": torch.zeros(3, dtype=dtype),

@@ -169,7 +169,7 @@ def test_refit_merges_and_lowers_every_layers_error(case, tmp_path):
     a.eval()
     # the same merge measured layer by layer
     res2 = merge_models([a, b], x, refit=0, **kw)
-    from graphrepair.merging.stats import copy_with_state
+    from graphrepair.models import copy_with_state
     b_aligned = copy_with_state(a, gr.permute(b, res2.spec, res2.perms[0]).state_dict())
     info = R.refit(res2.model, [a, b_aligned], [0.5, 0.5], _fit(x), 1, measure=True)
     assert info.layers == res.refit.layers

@@ -23,7 +23,7 @@ from graphrepair.discovery import axes as ax
 from graphrepair.discovery.permute import permute
 from graphrepair.discovery.trace import Traced, as_tuple, output_tensors
 from graphrepair.errors import CheckError, MismatchError
-from graphrepair.runtime import eval_mode, full_precision
+from graphrepair.models import eval_mode, full_precision
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ import torch.fx
 from torch import nn
 
 from graphrepair.errors import ShapeError, TraceError
-from graphrepair.runtime import eval_mode
+from graphrepair.models import eval_mode
 
 
 @dataclass(frozen=True)

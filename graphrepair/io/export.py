@@ -23,7 +23,8 @@ from passes.export_onnx import ExportReport, flatten_outputs
 from passes.export_onnx import export_onnx as _export
 
 from graphrepair.discovery.trace import as_tuple
-from graphrepair.runtime import eval_mode, model_device
+from graphrepair.models import eval_mode
+from graphrepair.runtime import model_device
 from graphrepair.errors import ExportError, NumericError, OutputError
 from graphrepair.io.fileio import disk_full
 

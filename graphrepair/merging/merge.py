@@ -30,7 +30,7 @@ from graphrepair.merging.refit import Refit, check_refit
 from graphrepair.merging.refit import refit as refit_layers
 from graphrepair.merging.repair import (REPAIR_MODES, batch_goals, closed_form_statistics, goal_statistics,
                                        repair_merged, reset_batchnorm_stats)
-from graphrepair.merging.stats import copy_with_state
+from graphrepair.models import copy_with_state
 
 
 @dataclass

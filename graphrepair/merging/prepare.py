@@ -21,7 +21,8 @@ from graphrepair.merging.activation_match import activation_perms, paired_corr, 
 from graphrepair.merging.checks import check_same_architecture
 from graphrepair.merging.weight_match import WeightScores, weight_matching
 from graphrepair.merging.points import ResetPoint, observation_points, reset_points
-from graphrepair.merging.stats import PairStats, check_finite, collect, copy_with_state
+from graphrepair.merging.stats import PairStats, collect
+from graphrepair.models import check_finite, copy_with_state
 from graphrepair.runtime import model_device, release
 
 METHODS = ("activation", "weight")

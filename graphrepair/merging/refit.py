@@ -62,7 +62,7 @@ from torch import nn
 from graphrepair import distributed
 from graphrepair.errors import GraphRepairError
 from graphrepair.io.data import FewerExamplesWarning
-from graphrepair.runtime import eval_mode
+from graphrepair.models import eval_mode
 
 RIDGE = 1e-4  # lam over the mean diagonal of X^T X
 EXAMPLES = 512  # the default number of fitting examples the refit reads (the first ones)

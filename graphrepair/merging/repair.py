@@ -39,7 +39,8 @@ from passes.reset import ChannelAffine, Reset, ResetSpec, insert_resets, resets,
 from graphrepair import distributed
 from graphrepair.discovery.spec import PermutationSpec
 from graphrepair.merging.points import ResetPoint
-from graphrepair.merging.stats import PairStats, batch_key, calibrate, copy_with_state, graph_for
+from graphrepair.merging.stats import PairStats, batch_key, calibrate
+from graphrepair.models import copy_with_state, graph_for
 from graphrepair.progress import progress
 from graphrepair.runtime import model_device
 

@@ -35,8 +35,8 @@ from graphrepair.io.data import iter_labeled
 from graphrepair.errors import DataError
 from graphrepair.merging.merge import Prepared, check_alpha, merge_prepared, prepare
 from graphrepair.progress import progress
-from graphrepair.merging.stats import graph_for
-from graphrepair.runtime import eval_mode, model_device
+from graphrepair.models import eval_mode, graph_for
+from graphrepair.runtime import model_device
 
 
 @torch.no_grad()
