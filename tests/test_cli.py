@@ -519,7 +519,8 @@ def test_demo_command_json(work, tmp_path, monkeypatch):
     from graphrepair import demo
 
     pair = mlp3_pair(work)
-    monkeypatch.setattr(demo, "available_pairs", lambda: {"mlp3": lambda **options: pair})
+    for module in (demo, demo.run):  # the CLI checks --pair, run_demo builds it
+        monkeypatch.setattr(module, "available_pairs", lambda: {"mlp3": lambda **options: pair})
     out = tmp_path / "demo"
     result = cli("-q", "demo", "--pair", "mlp3", "--out", out, "--alphas", "3", "--json")
     assert result.exit_code == 0, result.stderr
