@@ -47,6 +47,8 @@ from pathlib import Path
 
 import click
 
+from graphrepair.errors import exception_chain, interrupt_in
+
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 1
 SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
@@ -161,7 +163,7 @@ class Session:
             quiet_stdout_exit()
         if isinstance(exc, (SystemExit, click.exceptions.Exit, click.ClickException)):
             raise exc
-        interrupt = _interrupt_in(exc)
+        interrupt = interrupt_in(exc)
         if self.signals.received is not None or interrupt is not None:
             self.interrupted(self.signals.received or getattr(interrupt, "signum", None))
         if self.debug:
@@ -174,21 +176,8 @@ class Session:
              f"traceback and please report it", EXIT_INTERNAL)
 
 
-def _chain(exc: BaseException | None) -> Iterator[BaseException]:
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        yield exc
-        exc = exc.__cause__ or exc.__context__
-
-
-def _interrupt_in(exc: BaseException) -> KeyboardInterrupt | None:
-    """The interrupt behind ``exc``: libraries (torch's exporter) turn one into errors of their own."""
-    return next((e for e in _chain(exc) if isinstance(e, KeyboardInterrupt)), None)
-
-
 def _broken_pipe_in(exc: BaseException) -> bool:
-    return any(isinstance(e, BrokenPipeError) for e in _chain(exc))
+    return any(isinstance(e, BrokenPipeError) for e in exception_chain(exc))
 
 
 def fail(message: str, code: int = EXIT_BAD_INPUT) -> None:

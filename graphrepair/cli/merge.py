@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from graphrepair.cli.common import Session, echo, echo_json, run
-from graphrepair.cli.options import (check_alpha, model_option, pair_options, positive, repair_mode, sweeps,
+from graphrepair.cli.options import (model_option, pair_options, positive, repair_mode, sweeps,
                                      with_options)
 
 
@@ -37,6 +37,7 @@ def command(session: Session, model_ref, ckpt_a, ckpt_b, fit_ref, method, num_ex
     """Align B to A, interpolate, REPAIR and export the merged model."""
     from graphrepair.cli.inputs import check_files, model_file
     from graphrepair.errors import OutputError
+    from graphrepair.merging.merge import check_alpha
 
     check_alpha(alpha)
     positive(num_examples, "--num-examples")

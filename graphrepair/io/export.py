@@ -24,8 +24,9 @@ from passes.export_onnx import export_onnx as _export
 
 from graphrepair.discovery.trace import as_tuple
 from graphrepair.runtime import eval_mode, model_device
-from graphrepair.errors import ExportError, NumericError, OutputError
+from graphrepair.errors import ExportError, NumericError, OutputError, interrupt_in
 from graphrepair.io.fileio import disk_full
+from graphrepair.merging.stats import check_finite
 
 
 def export_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, *, rtol: float = 1e-4,
@@ -38,7 +39,7 @@ def export_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, *, rt
     try:
         return _export(model, args, path, rtol=rtol, atol=atol, dynamic_batch=dynamic_batch)
     except (ExportVerificationError, ExportFailedError) as e:
-        interrupt = _interrupt_in(e)
+        interrupt = interrupt_in(e)
         if interrupt is not None:
             raise interrupt from None
         full = disk_full(e)
@@ -53,12 +54,14 @@ def export_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, *, rt
 
 
 def check_finite_model(model: nn.Module) -> None:
-    """NumericError naming the first parameter or buffer holding NaN or Inf."""
-    for kind, items in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
-        for key, t in items:
-            if (t.is_floating_point() or t.is_complex()) and t.numel() and not bool(torch.isfinite(t).all()):
-                raise NumericError(f"{type(model).__name__}: {kind} {key!r} contains NaN or Inf; the exported "
-                                   f"model could not be verified (NaN compares equal to NaN); fix the weights")
+    """NumericError naming the first parameter or buffer holding NaN or Inf (the merge's check,
+    ``merging.stats.check_finite``, with what it means for an export)."""
+    try:
+        check_finite(model.state_dict(), type(model).__name__)
+    except NumericError as e:
+        raise NumericError(str(e).removesuffix("; the model cannot be merged")
+                           + "; the exported model could not be verified (NaN compares equal to NaN); "
+                             "fix the weights") from None
 
 
 def check_finite_outputs(model: nn.Module, args: tuple) -> None:
@@ -73,14 +76,3 @@ def check_finite_outputs(model: nn.Module, args: tuple) -> None:
             raise NumericError(f"{type(model).__name__}: output {label or '0'} is NaN or infinite on the example "
                                f"input, so the ONNX file cannot be verified against it; check the weights and "
                                f"the example input")
-
-
-def _interrupt_in(exc: BaseException) -> KeyboardInterrupt | None:
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, KeyboardInterrupt):
-            return exc
-        exc = exc.__cause__ or exc.__context__
-    return None
-
