@@ -23,7 +23,7 @@ that raises). graphrepair's own warnings (``GraphRepairWarning``) become the rep
 Signals: ``Main.main`` installs handlers for SIGINT, SIGTERM and SIGHUP that raise
 :class:`Interrupted` (a KeyboardInterrupt, so that ``except Exception`` in libraries lets it
 through and every ``finally`` removes its temporary files); only the first signal raises, later ones
-are only recorded, so that the cleanup can finish. ``io.outputs.atomic_outputs`` holds the signals
+are only recorded, so that the cleanup can finish. ``io.fileio.atomic_outputs`` holds the signals
 back while it renames the outputs into place, so a run is interrupted before its outputs are all
 written or after. The state of one run lives in its :class:`Session` (``ctx.obj``), never in the
 module.

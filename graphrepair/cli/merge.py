@@ -74,9 +74,11 @@ def command(session: Session, model_ref, ckpt_a, ckpt_b, fit_ref, method, num_ex
         for name, m in (("A", model_a), ("B", model_b), ("merged", res.model)):
             scores[name] = evaluate(m, eval_set, quiet=session.quiet)
     export = None
-    from graphrepair.io.outputs import atomic_outputs
+    from graphrepair.distributed import is_reporting
+    from graphrepair.io.fileio import atomic_outputs
 
-    with atomic_outputs([onnx_path, weights_path], written=session.written) as (tmp_onnx, tmp_weights):
+    with atomic_outputs([onnx_path, weights_path], written=session.written,
+                        writes=is_reporting()) as (tmp_onnx, tmp_weights):
         if tmp_onnx is not None:
             from graphrepair.io.export import export_onnx
             export = export_onnx(res.model, (fit.example,), tmp_onnx)

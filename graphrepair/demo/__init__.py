@@ -37,5 +37,5 @@ from graphrepair.demo.run import (
     write_outputs,
 )
 
-__all__ = ["DemoPair", "DemoResult", "PAIRS", "available_pairs", "digits_mlp_pair", "shipped_pairs", "first_examples",
-           "make_out_dir", "prepare_out_dir", "run_demo", "write_outputs"]
+__all__ = ["DEMO_ALPHA", "OUTPUT_NAMES", "PAIRS", "DemoPair", "DemoResult", "available_pairs", "digits_mlp_pair",
+           "first_examples", "make_out_dir", "prepare_out_dir", "run_demo", "shipped_pairs", "write_outputs"]

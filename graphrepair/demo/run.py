@@ -254,13 +254,14 @@ def run_demo(out_dir: str | Path | None = "graphrepair-demo", *, pair: str | Dem
 def write_outputs(result: DemoResult, out: Path, written: list[Path] | None = None) -> None:
     """merged.onnx (verified), barrier.png and layers.png, all or none."""
     from graphrepair.io.export import export_onnx
-    from graphrepair.io.outputs import atomic_outputs
+    from graphrepair.distributed import is_reporting
+    from graphrepair.io.fileio import atomic_outputs
     from graphrepair.study.plots import save_figure
 
     t = time.perf_counter()
     targets = {k: out / name for k, name in OUTPUT_NAMES.items()}
     example = first_examples(result.pair.fit)
-    with atomic_outputs(list(targets.values()), written=written) as tmps:
+    with atomic_outputs(list(targets.values()), written=written, writes=is_reporting()) as tmps:
         tmp = dict(zip(targets, tmps))
         result.export = export_onnx(result.merged.model, (example,), tmp["onnx"])
         save_figure(result.figures["barrier"], tmp["barrier"])

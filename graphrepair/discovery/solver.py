@@ -26,7 +26,6 @@ from graphrepair.discovery.axes import (
     cat,
     kron,
     per_block,
-    positions,
     variables,
     wreath,
 )

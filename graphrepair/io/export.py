@@ -1,9 +1,10 @@
 """``graphrepair.export_onnx``: the public form of the verified ONNX export pass.
 
-The pass (``passes.export_onnx``) exports with ``torch.onnx.export(dynamo=True)``, runs the file in
-onnxruntime on the example inputs and on a batch of another size, compares every output with
-torch's and only then moves the file into place; here its errors become ExportError (OutputError
-when the disk is full or the directory cannot be written).
+The pass (``passes.export_onnx.export_verified``) exports with ``torch.onnx.export(dynamo=True)``
+in memory, runs the model in onnxruntime on the example inputs and on a batch of another size and
+compares every output with torch's; only then are its bytes written, atomically
+(``fileio.atomic_output``). Its errors become ExportError (OutputError when the disk is full or the
+directory cannot be written).
 
 The comparison counts NaN as equal to NaN, so a model that computes NaN would "verify": weights and
 buffers must be finite, and so must torch's outputs on the example inputs, before anything is
@@ -20,12 +21,12 @@ from torch import nn
 
 from passes.errors import ExportFailedError, ExportVerificationError
 from passes.export_onnx import ExportReport, flatten_outputs
-from passes.export_onnx import export_onnx as _export
+from passes.export_onnx import export_verified
 
 from graphrepair.discovery.trace import as_tuple
 from graphrepair.runtime import eval_mode, model_device
 from graphrepair.errors import ExportError, NumericError, OutputError, interrupt_in
-from graphrepair.io.fileio import disk_full
+from graphrepair.io.fileio import atomic_output, disk_full
 from graphrepair.merging.stats import check_finite
 
 
@@ -37,7 +38,11 @@ def export_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, *, rt
     check_finite_model(model)
     check_finite_outputs(model, args)
     try:
-        return _export(model, args, path, rtol=rtol, atol=atol, dynamic_batch=dynamic_batch)
+        with atomic_output(path) as tmp:
+            verified = export_verified(model, args, target=os.fspath(path), rtol=rtol, atol=atol,
+                                       dynamic_batch=dynamic_batch)
+            tmp.write_bytes(verified.data)
+        return verified.report(path)
     except (ExportVerificationError, ExportFailedError) as e:
         interrupt = interrupt_in(e)
         if interrupt is not None:
