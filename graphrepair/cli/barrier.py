@@ -50,8 +50,8 @@ def command(session: Session, model_ref, ckpt_a, ckpt_b, fit_ref, method, num_ex
                                            "--model": model_file(model_ref)})
     plots = [p for p in paths.values() if p is not None]
 
-    from graphrepair.cli.inputs import (check_statistics, eval_data, fit_data, load_models, pick_device,
-                                        require_groups)
+    from graphrepair.cli.inputs import eval_data, fit_data, load_models, pick_device, require_groups
+    from graphrepair.merging.diagnostics import check_statistics
     from graphrepair.study.tables import plural
     from graphrepair.study.metrics import alpha_grid
     from graphrepair.study.runner import run_study
@@ -84,7 +84,7 @@ def command(session: Session, model_ref, ckpt_a, ckpt_b, fit_ref, method, num_ex
         echo_json({"model": model_ref, "a": str(ckpt_a), "b": str(ckpt_b), "eval": eval_ref,
                    "points": points, **study.as_dict(), "plots": [str(p) for p in plots], "warnings": warnings})
         return
-    from graphrepair.cli.merge import corr_summary
+    from graphrepair.merging.diagnostics import corr_summary
 
     corr = corr_summary(study.mean_corr)
     head = (f"path A -> B of {model_ref} ({plural(study.groups, 'group')}, "

@@ -27,7 +27,7 @@ def command(session: Session, model_ref, checkpoint, input_shape, input_dtype, v
 
     from graphrepair.cli.inputs import example_input, load_models, pick_device, run_model
     from graphrepair.errors import ShapeError
-    from graphrepair.io.export import export_onnx
+    from graphrepair.io.export import export_dict, export_onnx
     from graphrepair.distributed import is_reporting
     from graphrepair.io.fileio import atomic_outputs
 
@@ -42,8 +42,7 @@ def command(session: Session, model_ref, checkpoint, input_shape, input_dtype, v
                             f"batch axis)", ShapeError)
     with atomic_outputs([path], written=session.written, writes=is_reporting()) as (tmp,):
         rep = export_onnx(model, (x,), tmp)
-    data = {"path": str(path), "node_count": rep.node_count, "op_counts": rep.op_counts,
-            "max_abs_diff": rep.max_abs_diff, "providers": list(rep.providers_checked)}
+    data = export_dict(rep, path)
     if as_json:
         echo_json(data)
         return

@@ -184,9 +184,9 @@ class DemoResult:
                           "kept": self.merged.kept},
                "paths": {k: str(v) for k, v in self.paths.items()}, "seconds": self.seconds}
         if self.export is not None:
-            out["onnx"] = {"path": str(self.paths["onnx"]), "node_count": self.export.node_count,
-                           "op_counts": self.export.op_counts, "max_abs_diff": self.export.max_abs_diff,
-                           "providers": list(self.export.providers_checked)}
+            from graphrepair.io.export import export_dict
+
+            out["onnx"] = export_dict(self.export, self.paths["onnx"])
         return out
 
 

@@ -58,6 +58,14 @@ def export_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, *, rt
         raise ExportError(f"cannot export {name} to ONNX: {text}") from e
 
 
+def export_dict(report: ExportReport, path: str | os.PathLike | None = None) -> dict:
+    """An export's report as plain data; ``path``: the file it became (when the export wrote a
+    temporary file that was then moved into place)."""
+    return {"path": str(path if path is not None else report.path), "node_count": report.node_count,
+            "op_counts": report.op_counts, "max_abs_diff": report.max_abs_diff,
+            "providers": list(report.providers_checked)}
+
+
 def check_finite_model(model: nn.Module) -> None:
     """NumericError naming the first parameter or buffer holding NaN or Inf (the merge's check,
     ``merging.stats.check_finite``, with what it means for an export)."""
