@@ -1,7 +1,9 @@
 """Errors graphrepair raises on bad input.
 
 Every message names the node, parameter or file at fault and says what to do. The CLI prints
-``str(error)`` as one line and exits with status 2; ``--debug`` shows the traceback.
+``str(error)`` as one line and exits with status 2; ``--debug`` shows the traceback. Also here:
+graphrepair's warnings (``GraphRepairWarning``, ``FewerExamplesWarning``) and ``interrupt_in``,
+which finds the Ctrl-C or SIGTERM that a library turned into an error of its own.
 """
 
 from __future__ import annotations
