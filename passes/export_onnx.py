@@ -3,9 +3,10 @@
 Steps: ``torch.onnx.export(..., dynamo=True)`` with a dynamic batch axis (axis 0 of every tensor
 input, one shared symbol "batch"; traced from the example, repeated to a batch of 2 when its batch
 is 1, since torch.export specialises size-1 dimensions) and the weights embedded, into memory;
-``onnx.checker.check_model``; onnxruntime sessions (CPUExecutionProvider, plus CUDAExecutionProvider when torch sees a GPU and onnxruntime offers it) run on the example inputs,
-on a batch of another size (2B + 1 rows built from the example: x, x reversed, x[:1]) to prove the
-batch axis is dynamic, and on any ``check_inputs``. Every output is compared with torch's:
+``onnx.checker.check_model``; onnxruntime sessions (CPUExecutionProvider, plus CUDAExecutionProvider
+when torch sees a GPU and onnxruntime offers it) run on the example inputs, on a batch of another
+size (2B + 1 rows built from the example: x, x reversed, x[:1]) to prove the batch axis is dynamic,
+and on any ``check_inputs``. Every output is compared with torch's:
 
     |ort - torch| <= atol + rtol * |torch|    elementwise (NaN matches NaN)
 
