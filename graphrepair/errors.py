@@ -1,7 +1,9 @@
 """Errors graphrepair raises on bad input.
 
 Every message names the node, parameter or file at fault and says what to do. The CLI prints
-``str(error)`` as one line and exits with status 2; ``--debug`` shows the traceback.
+``str(error)`` as one line and exits with status 2; ``--debug`` shows the traceback. Also here:
+graphrepair's warnings (``GraphRepairWarning``, ``FewerExamplesWarning``) and ``interrupt_in``,
+which finds the Ctrl-C or SIGTERM that a library turned into an error of its own.
 """
 
 from __future__ import annotations
@@ -63,6 +65,10 @@ class GraphRepairWarning(UserWarning):
     """A warning of graphrepair's own (too few examples, ...); the command line reports it as a note."""
 
 
+class FewerExamplesWarning(GraphRepairWarning):
+    """The data held fewer examples than were asked for; the message gives the number used."""
+
+
 class RankLostError(GraphRepairError):
     """A distributed run lost a process: a collective could not complete because another rank
     died or did not arrive within the process group's timeout."""
@@ -70,3 +76,17 @@ class RankLostError(GraphRepairError):
 
 class TerminatedError(GraphRepairError):
     """The process was asked to stop (SIGTERM), e.g. by torchrun because another rank failed."""
+
+
+def interrupt_in(exc: BaseException | None) -> KeyboardInterrupt | None:
+    """The interrupt behind ``exc``: libraries (torch's exporter) turn one into errors of their own."""
+    return next((e for e in exception_chain(exc) if isinstance(e, KeyboardInterrupt)), None)
+
+
+def exception_chain(exc: BaseException | None):
+    """``exc``, then its causes and contexts, each once."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__

@@ -10,12 +10,13 @@ Nothing here knows about permutations or model merging; ``graphrepair`` builds o
 - ``insert_resets`` / ``resets`` / ``set_mode``: REPAIR's reset nodes.
 - ``fold_affines``: fold resets and per-channel affines into the producing op.
 - ``fold_batchnorms``: fold eval-mode BatchNorm into the preceding conv / linear.
-- ``export_onnx``: ONNX export verified with onnxruntime, written atomically.
+- ``export_verified`` / ``export_onnx``: ONNX export verified with onnxruntime before anything is
+  written (the caller makes the write atomic).
 """
 
 from passes.base import PassResult
 from passes.errors import ExportFailedError, ExportVerificationError, PassError
-from passes.export_onnx import ExportReport, export_onnx, flatten_outputs
+from passes.export_onnx import ExportReport, VerifiedExport, export_onnx, export_verified, flatten_outputs
 from passes.fold_affine import fold_affines
 from passes.fold_batchnorm import fold_batchnorms
 from passes.modules import (
@@ -49,9 +50,11 @@ __all__ = [
     "Reset",
     "ResetSpec",
     "TapView",
+    "VerifiedExport",
     "channel_matrix",
     "describe_producer",
     "export_onnx",
+    "export_verified",
     "flatten_outputs",
     "fold_affines",
     "fold_batchnorms",

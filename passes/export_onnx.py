@@ -2,18 +2,23 @@
 
 Steps: ``torch.onnx.export(..., dynamo=True)`` with a dynamic batch axis (axis 0 of every tensor
 input, one shared symbol "batch"; traced from the example, repeated to a batch of 2 when its batch
-is 1, since torch.export specialises size-1 dimensions) and the weights embedded, into a temporary
-file in the target directory; ``onnx.checker.check_model``; onnxruntime sessions (CPUExecutionProvider, plus
-CUDAExecutionProvider when torch sees a GPU and onnxruntime offers it) run on the example inputs,
-on a batch of another size (2B + 1 rows built from the example: x, x reversed, x[:1]) to prove the
-batch axis is dynamic, and on any ``check_inputs``. Every output is compared with torch's:
+is 1, since torch.export specialises size-1 dimensions) and the weights embedded, into memory;
+``onnx.checker.check_model``; onnxruntime sessions (CPUExecutionProvider, plus CUDAExecutionProvider
+when torch sees a GPU and onnxruntime offers it) run on the example inputs, on a batch of another
+size (2B + 1 rows built from the example: x, x reversed, x[:1]) to prove the batch axis is dynamic,
+and on any ``check_inputs``. Every output is compared with torch's:
 
     |ort - torch| <= atol + rtol * |torch|    elementwise (NaN matches NaN)
 
 Outputs are flattened in torch's pytree order (tuples and lists by position, dicts by insertion
 order, HF ModelOutput by field), the same order the exporter gives the ONNX outputs; dataclasses
-pytree does not know are flattened by field. On success the temporary file is renamed onto
-``path`` (atomic ``os.replace``); on any failure it is removed and nothing is written.
+pytree does not know are flattened by field.
+
+The model is exported and verified in memory (``export_verified``): nothing reaches the disk unless
+onnxruntime agrees. ``export_onnx`` then writes the verified bytes to the path it is given (a write
+that fails removes what it wrote). This module does not replace files atomically: a caller that
+must never leave a half-written or replaced file (graphrepair's export) writes the verified bytes
+through its own atomic mechanism.
 """
 
 from __future__ import annotations
@@ -24,7 +29,6 @@ import io
 import logging
 import os
 import re
-import tempfile
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -216,7 +220,7 @@ def _run_torch(model: nn.Module, args: tuple) -> list[tuple[str, torch.Tensor]]:
 
 def _verify(
     model: nn.Module,
-    tmp: str,
+    onnx_model: bytes,
     input_sets: list[tuple[str, tuple]],
     providers: Sequence[str],
     rtol: float,
@@ -235,7 +239,7 @@ def _verify(
         options = ort.SessionOptions()
         options.log_severity_level = 4  # errors come back as exceptions
         try:
-            session = ort.InferenceSession(tmp, sess_options=options, providers=chain)
+            session = ort.InferenceSession(onnx_model, sess_options=options, providers=chain)
         except Exception as exc:  # onnxruntime raises its own exception types
             raise ExportFailedError(f"onnxruntime could not load the exported model with {provider}: {exc}") from exc
         names = [i.name for i in session.get_inputs()]
@@ -267,30 +271,44 @@ def _verify(
     return worst
 
 
-def _temp_file(path: str) -> str:
+def _check_directory(path: str) -> None:
     directory = os.path.dirname(os.path.abspath(path)) or "."
     if not os.path.isdir(directory):
         raise ExportFailedError(f"cannot write {path}: directory {directory} does not exist; create it first")
+
+
+def _write(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path``; a failed write removes what it wrote."""
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+        with open(path, "wb") as fh:
+            fh.write(data)
     except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.remove(path)
+        directory = os.path.dirname(os.path.abspath(path)) or "."
         raise ExportFailedError(
             f"cannot write {path}: {exc.strerror or exc} in {directory}; choose a writable directory"
         ) from exc
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; give the final file normal permissions
-    return tmp
-
-
-def _remove(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(path)
 
 
 # ---------------------------------------------------------------------------------------------
 # The export
+
+
+@dataclass(frozen=True)
+class VerifiedExport:
+    """An ONNX model that onnxruntime agreed with torch on, not yet written anywhere."""
+
+    data: bytes  # the serialized ModelProto, weights embedded
+    node_count: int
+    op_counts: dict[str, int]
+    max_abs_diff: float
+    providers_checked: tuple[str, ...]
+
+    def report(self, path: str | os.PathLike) -> ExportReport:
+        """The report of this model once written to ``path``."""
+        return ExportReport(os.fspath(path), self.node_count, self.op_counts, self.max_abs_diff,
+                            self.providers_checked)
 
 
 def export_onnx(
@@ -307,8 +325,33 @@ def export_onnx(
     """Export ``model`` to ``path`` as one ONNX file, verified with onnxruntime (see module doc).
 
     Raises ExportFailedError when no model could be produced or written, and
-    ExportVerificationError when onnxruntime disagrees with torch; in both cases ``path`` is left
-    as it was and no temporary file remains.
+    ExportVerificationError when onnxruntime disagrees with torch; ``path`` is written only once
+    the model is verified, and a write that fails removes what it wrote.
+    """
+    path = os.fspath(path)
+    _check_directory(path)
+    verified = export_verified(model, example_inputs, target=path, dynamic_batch=dynamic_batch, rtol=rtol,
+                               atol=atol, providers=providers, check_inputs=check_inputs)
+    _write(path, verified.data)
+    return verified.report(path)
+
+
+def export_verified(
+    model: nn.Module,
+    example_inputs: tuple,
+    *,
+    target: str = "ONNX",
+    dynamic_batch: bool = True,
+    rtol: float = 1e-4,
+    atol: float = 1e-4,
+    providers: Sequence[str] | None = None,
+    check_inputs: Sequence[tuple] | None = None,
+) -> VerifiedExport:
+    """Export ``model`` to ONNX in memory and verify it with onnxruntime (see module doc); writes
+    nothing. ``target`` names the destination in messages (the file the caller will write).
+
+    Raises ExportFailedError when no model could be produced, and ExportVerificationError when
+    onnxruntime disagrees with torch.
     """
     import onnx
 
@@ -318,7 +361,7 @@ def export_onnx(
         raise ExportFailedError(
             f"example_inputs must be a tuple of model arguments, got {type(example_inputs).__name__}"
         )
-    path = os.fspath(path)
+    path = os.fspath(target)
     providers = list(providers) if providers is not None else _default_providers()
     dynamic_shapes = None
     if dynamic_batch:
@@ -327,46 +370,38 @@ def export_onnx(
             lambda a: {0: batch} if isinstance(a, torch.Tensor) and a.ndim > 0 else None,
             example_inputs,
         )
-    tmp = _temp_file(path)
-    try:
-        with eval_mode(model):
-            try:
-                with _quiet():
-                    torch.onnx.export(
-                        model,
-                        _export_batch(example_inputs) if dynamic_batch else example_inputs,
-                        tmp,
-                        dynamo=True,
-                        external_data=False,
-                        dynamic_shapes=dynamic_shapes,
-                        verbose=False,
-                        report=False,
-                    )
-            except Exception as exc:  # the exporter raises many types; all mean "no model"
-                hint = "; if the model fixes its batch size, try dynamic_batch=False" if dynamic_batch else ""
-                raise ExportFailedError(
-                    f"torch.onnx.export could not export {type(model).__name__} to {path}: "
-                    f"{_summary(exc)}{hint}"
-                ) from exc
-            try:
-                onnx.checker.check_model(tmp)
-            except Exception as exc:
-                raise ExportFailedError(f"the exported model for {path} is not valid ONNX: {exc}") from exc
-            proto = onnx.load(tmp)
-            input_sets = [("example inputs", example_inputs)]
-            if dynamic_batch:
-                input_sets.append(("batch of another size", _bigger_batch(example_inputs)))
-            for k, extra in enumerate(check_inputs or ()):
-                input_sets.append((f"check_inputs[{k}]", extra if isinstance(extra, tuple) else (extra,)))
-            worst = _verify(model, tmp, input_sets, providers, rtol, atol)
-        ops = Counter(
-            (f"{n.domain}::{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type) for n in proto.graph.node
-        )
+    with eval_mode(model):
         try:
-            os.replace(tmp, path)
-        except OSError as exc:
-            raise ExportFailedError(f"cannot write {path}: {exc.strerror or exc}") from exc
-    except BaseException:
-        _remove(tmp)
-        raise
-    return ExportReport(path, len(proto.graph.node), dict(ops), worst, tuple(providers))
+            with _quiet():
+                program = torch.onnx.export(
+                    model,
+                    _export_batch(example_inputs) if dynamic_batch else example_inputs,
+                    None,
+                    dynamo=True,
+                    external_data=False,
+                    dynamic_shapes=dynamic_shapes,
+                    verbose=False,
+                    report=False,
+                )
+                proto = program.model_proto
+                data = proto.SerializeToString()
+        except Exception as exc:  # the exporter raises many types; all mean "no model"
+            hint = "; if the model fixes its batch size, try dynamic_batch=False" if dynamic_batch else ""
+            raise ExportFailedError(
+                f"torch.onnx.export could not export {type(model).__name__} to {path}: "
+                f"{_summary(exc)}{hint}"
+            ) from exc
+        try:
+            onnx.checker.check_model(proto)
+        except Exception as exc:
+            raise ExportFailedError(f"the exported model for {path} is not valid ONNX: {exc}") from exc
+        input_sets = [("example inputs", example_inputs)]
+        if dynamic_batch:
+            input_sets.append(("batch of another size", _bigger_batch(example_inputs)))
+        for k, extra in enumerate(check_inputs or ()):
+            input_sets.append((f"check_inputs[{k}]", extra if isinstance(extra, tuple) else (extra,)))
+        worst = _verify(model, data, input_sets, providers, rtol, atol)
+    ops = Counter(
+        (f"{n.domain}::{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type) for n in proto.graph.node
+    )
+    return VerifiedExport(data, len(proto.graph.node), dict(ops), worst, tuple(providers))

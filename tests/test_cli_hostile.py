@@ -390,7 +390,7 @@ def test_failed_rename_restores_every_output(tmp_path, monkeypatch):
     """The second rename fails: the first output gets its old file back."""
     from graphrepair.errors import OutputError
     from graphrepair.io import fileio
-    from graphrepair.io.outputs import atomic_outputs
+    from graphrepair.io.fileio import atomic_outputs
 
     a, b = tmp_path / "a.bin", tmp_path / "b.bin"
     a.write_bytes(b"old a")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import os
-import tempfile
 
 import numpy as np
 import onnx
@@ -88,6 +87,24 @@ def test_verification_failure_raises_and_leaves_no_file(tmp_path):
     assert os.listdir(tmp_path) == ["liar.onnx"] and path.read_bytes() == b"previous"
 
 
+def test_export_verified_writes_nothing_and_returns_the_model(tmp_path, monkeypatch):
+    """The verified model comes back as bytes (the caller writes them, atomically in graphrepair):
+    nothing reaches the disk, and the bytes are the model onnxruntime checked."""
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
+    x = torch.randn(2, 3)
+    verified = export_module.export_verified(model, (x,), target="m.onnx")
+    assert os.listdir(tmp_path) == []
+    proto = onnx.load_from_string(verified.data)
+    assert verified.node_count == len(proto.graph.node) and verified.op_counts.get("Gemm", 0) + \
+        verified.op_counts.get("MatMul", 0) >= 2
+    session = ort.InferenceSession(verified.data, providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(got), model(x).detach(), rtol=1e-4, atol=1e-5)
+    assert verified.report("m.onnx").path == "m.onnx" and verified.max_abs_diff < 1e-4
+
+
 def test_tiny_reference_noise_is_caught_at_its_location(tmp_path, monkeypatch):
     real = export_module._run_torch
 
@@ -116,7 +133,7 @@ def test_unwritable_or_missing_directory_names_the_path(tmp_path, monkeypatch):
     def denied(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(tempfile, "mkstemp", denied)
+    monkeypatch.setattr(export_module, "open", denied, raising=False)  # the write of the verified file
     target = tmp_path / "m.onnx"
     with pytest.raises(ExportFailedError, match=r"m\.onnx.*Permission denied.*writable"):
         export_onnx(model, (torch.randn(1, 2),), target)

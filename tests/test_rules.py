@@ -501,7 +501,7 @@ def test_axes_of_different_sizes_are_a_rejection_not_a_crash():
     """A functional call whose weight does not match the rule's reading (a weight stored
     transposed for F.linear with a square input) makes the solver meet axes of different sizes:
     the node is fixed with the reason."""
-    from graphrepair.discovery.axes import AxisError, AxisSolver
+    from graphrepair.discovery.solver import AxisError, AxisSolver
 
     solver = AxisSolver()
     with pytest.raises(AxisError, match="sizes differ"):

@@ -50,8 +50,8 @@ def command(session: Session, model_ref, ckpt_a, ckpt_b, fit_ref, method, num_ex
                                            "--model": model_file(model_ref)})
     plots = [p for p in paths.values() if p is not None]
 
-    from graphrepair.cli.inputs import (check_statistics, eval_data, fit_data, load_models, pick_device,
-                                        require_groups)
+    from graphrepair.cli.inputs import eval_data, fit_data, load_models, pick_device, require_groups
+    from graphrepair.merging.diagnostics import check_statistics
     from graphrepair.study.tables import plural
     from graphrepair.study.metrics import alpha_grid
     from graphrepair.study.runner import run_study
@@ -69,13 +69,14 @@ def command(session: Session, model_ref, ckpt_a, ckpt_b, fit_ref, method, num_ex
     warnings = check_statistics(0, spec, f"--data {fit_ref}", study.examples) if study.examples else []
     if plots:
         from graphrepair.study.plots import barrier_figure, layers_figure, save_figure
-        from graphrepair.io.outputs import atomic_outputs
+        from graphrepair.distributed import is_reporting
+        from graphrepair.io.fileio import atomic_outputs
 
         title = f"{model_ref}: {Path(ckpt_a).name} -> {Path(ckpt_b).name}"
         figs = [barrier_figure(study.curves, title)]
         if layers:
             figs.append(layers_figure(study.layers, study.layer_labels, study.layer_alpha, title))
-        with atomic_outputs(plots, written=session.written) as tmps:
+        with atomic_outputs(plots, written=session.written, writes=is_reporting()) as tmps:
             for fig, tmp in zip(figs, tmps):
                 save_figure(fig, tmp)
     study.notes = list(dict.fromkeys(fit.notes + session.notes() + study.notes))
@@ -83,7 +84,7 @@ def command(session: Session, model_ref, ckpt_a, ckpt_b, fit_ref, method, num_ex
         echo_json({"model": model_ref, "a": str(ckpt_a), "b": str(ckpt_b), "eval": eval_ref,
                    "points": points, **study.as_dict(), "plots": [str(p) for p in plots], "warnings": warnings})
         return
-    from graphrepair.cli.merge import corr_summary
+    from graphrepair.merging.diagnostics import corr_summary
 
     corr = corr_summary(study.mean_corr)
     head = (f"path A -> B of {model_ref} ({plural(study.groups, 'group')}, "

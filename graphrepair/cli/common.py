@@ -23,7 +23,7 @@ that raises). graphrepair's own warnings (``GraphRepairWarning``) become the rep
 Signals: ``Main.main`` installs handlers for SIGINT, SIGTERM and SIGHUP that raise
 :class:`Interrupted` (a KeyboardInterrupt, so that ``except Exception`` in libraries lets it
 through and every ``finally`` removes its temporary files); only the first signal raises, later ones
-are only recorded, so that the cleanup can finish. ``io.outputs.atomic_outputs`` holds the signals
+are only recorded, so that the cleanup can finish. ``io.fileio.atomic_outputs`` holds the signals
 back while it renames the outputs into place, so a run is interrupted before its outputs are all
 written or after. The state of one run lives in its :class:`Session` (``ctx.obj``), never in the
 module.
@@ -46,6 +46,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import click
+
+from graphrepair.errors import exception_chain, interrupt_in
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 1
@@ -161,7 +163,7 @@ class Session:
             quiet_stdout_exit()
         if isinstance(exc, (SystemExit, click.exceptions.Exit, click.ClickException)):
             raise exc
-        interrupt = _interrupt_in(exc)
+        interrupt = interrupt_in(exc)
         if self.signals.received is not None or interrupt is not None:
             self.interrupted(self.signals.received or getattr(interrupt, "signum", None))
         if self.debug:
@@ -174,21 +176,8 @@ class Session:
              f"traceback and please report it", EXIT_INTERNAL)
 
 
-def _chain(exc: BaseException | None) -> Iterator[BaseException]:
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        yield exc
-        exc = exc.__cause__ or exc.__context__
-
-
-def _interrupt_in(exc: BaseException) -> KeyboardInterrupt | None:
-    """The interrupt behind ``exc``: libraries (torch's exporter) turn one into errors of their own."""
-    return next((e for e in _chain(exc) if isinstance(e, KeyboardInterrupt)), None)
-
-
 def _broken_pipe_in(exc: BaseException) -> bool:
-    return any(isinstance(e, BrokenPipeError) for e in _chain(exc))
+    return any(isinstance(e, BrokenPipeError) for e in exception_chain(exc))
 
 
 def fail(message: str, code: int = EXIT_BAD_INPUT) -> None:

@@ -27,8 +27,9 @@ def command(session: Session, model_ref, checkpoint, input_shape, input_dtype, v
 
     from graphrepair.cli.inputs import example_input, load_models, pick_device, run_model
     from graphrepair.errors import ShapeError
-    from graphrepair.io.export import export_onnx
-    from graphrepair.io.outputs import atomic_outputs
+    from graphrepair.io.export import export_dict, export_onnx
+    from graphrepair.distributed import is_reporting
+    from graphrepair.io.fileio import atomic_outputs
 
     device = pick_device(session.device)
     (model,) = load_models(model_ref, [("--checkpoint", checkpoint)], device)
@@ -39,10 +40,9 @@ def command(session: Session, model_ref, checkpoint, input_shape, input_dtype, v
     run_model(model, other, f"--input-shape {input_shape}: the model runs on a batch of {shape[0]} but not on one "
                             f"of {other.shape[0]} (it seems to fix its batch size; the ONNX file has a dynamic "
                             f"batch axis)", ShapeError)
-    with atomic_outputs([path], written=session.written) as (tmp,):
+    with atomic_outputs([path], written=session.written, writes=is_reporting()) as (tmp,):
         rep = export_onnx(model, (x,), tmp)
-    data = {"path": str(path), "node_count": rep.node_count, "op_counts": rep.op_counts,
-            "max_abs_diff": rep.max_abs_diff, "providers": list(rep.providers_checked)}
+    data = export_dict(rep, path)
     if as_json:
         echo_json(data)
         return

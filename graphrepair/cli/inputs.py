@@ -141,19 +141,11 @@ def probe(model, first, option: str, ref: str):
 
 
 def require_groups(model, example, model_ref: str):
-    """The spec of ``model``; an error when no hidden channel may move (nothing to align)."""
+    """The spec of ``model``; NoGroupsError when no hidden channel may move (nothing to align)."""
     from graphrepair.discovery.discover import discover
-    from graphrepair.errors import NoGroupsError
+    from graphrepair.merging.diagnostics import require_groups as groups_of
 
-    spec = discover(model, (example,))
-    if not spec.groups:
-        reasons = list(dict.fromkeys(f.reason for f in spec.fixed if not f.structural
-                                     and not f.reason.startswith(("model input", "model output"))))[:2]
-        why = f" (e.g. {'; '.join(one_line(r, 100) for r in reasons)})" if reasons else ""
-        raise NoGroupsError(f"no permutation groups in {model_ref}: no hidden channel may move{why}, so there "
-                            f"is nothing to align or repair; see `graphrepair inspect --model {model_ref}` "
-                            f"for every axis kept fixed and why")
-    return spec
+    return groups_of(discover(model, (example,)), model_ref, see=f"graphrepair inspect --model {model_ref}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -281,22 +273,6 @@ def _to_device(data, device, limit: int | None = None):
     return data
 
 
-def check_statistics(dead: int, spec, where: str, examples: int) -> list[str]:
-    """After the statistics pass: an error when no unit of model A varies at all (``dead``
-    channels of the spec's: nothing was matched or repaired), a warning when the examples are
-    fewer than the widest group's channels (the correlations are then rank-deficient and the
-    matching partly arbitrary)."""
-    if dead and dead >= spec.num_free:
-        raise DataError(f"{where}: no unit of model A varies over the {examples} examples (all "
-                        f"{spec.num_free} channels are constant), so nothing can be matched or repaired; "
-                        "give real, varied data")
-    widest = max((g.size for g in spec.groups), default=0)
-    if 0 < examples < widest:
-        return [f"statistics from only {examples} examples for groups of up to {widest} channels: the "
-                f"correlations are rank-deficient and the matching partly arbitrary; use thousands of examples"]
-    return []
-
-
-__all__ = ["BATCH", "Fit", "check_checkpoint", "check_files", "check_statistics", "classifier_logits",
+__all__ = ["BATCH", "Fit", "check_checkpoint", "check_files", "classifier_logits",
            "eval_data", "example_input", "fit_data", "load", "load_models", "model_file", "pick_device",
            "probe", "require_groups", "run_model", "with_option"]

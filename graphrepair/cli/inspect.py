@@ -33,7 +33,8 @@ def command(session: Session, model_ref, checkpoint, input_shape, input_dtype, v
 
     from graphrepair.discovery.discover import discover
     from graphrepair.io.loading import load_factory
-    from graphrepair.io.outputs import atomic_outputs
+    from graphrepair.distributed import is_reporting
+    from graphrepair.io.fileio import atomic_outputs
     from graphrepair.cli.inputs import with_option
     from graphrepair.cli.report import print_spec, spec_to_dict, spec_to_dot
     from graphrepair.errors import GraphRepairError, ShapeError
@@ -52,7 +53,7 @@ def command(session: Session, model_ref, checkpoint, input_shape, input_dtype, v
     max_diff = spec.check(model, (x,)) if check else None
     if paths["--dot"] is not None:
         dot = spec_to_dot(spec)
-        with atomic_outputs([paths["--dot"]], written=session.written) as (tmp,):
+        with atomic_outputs([paths["--dot"]], written=session.written, writes=is_reporting()) as (tmp,):
             tmp.write_text(dot)
     if as_json:
         data = spec_to_dict(spec)

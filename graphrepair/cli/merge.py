@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from graphrepair.cli.common import Session, echo, echo_json, run
-from graphrepair.cli.options import (check_alpha, model_option, pair_options, positive, repair_mode, sweeps,
+from graphrepair.cli.options import (model_option, pair_options, positive, repair_mode, sweeps,
                                      with_options)
 
 
@@ -37,6 +37,7 @@ def command(session: Session, model_ref, ckpt_a, ckpt_b, fit_ref, method, num_ex
     """Align B to A, interpolate, REPAIR and export the merged model."""
     from graphrepair.cli.inputs import check_files, model_file
     from graphrepair.errors import OutputError
+    from graphrepair.merging.merge import check_alpha
 
     check_alpha(alpha)
     positive(num_examples, "--num-examples")
@@ -49,8 +50,8 @@ def command(session: Session, model_ref, ckpt_a, ckpt_b, fit_ref, method, num_ex
                          "--model": model_file(model_ref)})
     onnx_path, weights_path = paths["--out"], paths["--weights"]
 
-    from graphrepair.cli.inputs import (check_statistics, eval_data, fit_data, load_models, pick_device,
-                                        require_groups)
+    from graphrepair.cli.inputs import eval_data, fit_data, load_models, pick_device, require_groups
+    from graphrepair.merging.diagnostics import check_statistics
     from graphrepair.merging.merge import merge_models
     from graphrepair.study.metrics import evaluate
 
@@ -73,37 +74,29 @@ def command(session: Session, model_ref, ckpt_a, ckpt_b, fit_ref, method, num_ex
         for name, m in (("A", model_a), ("B", model_b), ("merged", res.model)):
             scores[name] = evaluate(m, eval_set, quiet=session.quiet)
     export = None
-    from graphrepair.io.outputs import atomic_outputs
+    from graphrepair.distributed import is_reporting
+    from graphrepair.io.export import export_dict, export_onnx
+    from graphrepair.io.fileio import atomic_outputs
 
-    with atomic_outputs([onnx_path, weights_path], written=session.written) as (tmp_onnx, tmp_weights):
+    with atomic_outputs([onnx_path, weights_path], written=session.written,
+                        writes=is_reporting()) as (tmp_onnx, tmp_weights):
         if tmp_onnx is not None:
-            from graphrepair.io.export import export_onnx
             export = export_onnx(res.model, (fit.example,), tmp_onnx)
         if tmp_weights is not None:
             from graphrepair.io.fileio import save_safetensors
             save_safetensors(res.model.state_dict(), tmp_weights, metadata={
                 "graphrepair": "merge", "model": model_ref, "a": str(ckpt_a), "b": str(ckpt_b),
                 "alpha": repr(alpha), "method": method, "repair": repair, "points": points, "refit": str(refit)})
-    notes = list(dict.fromkeys(fit.notes + session.notes() + res.notes))
+    result = res.as_dict()
+    if result["refit"] is not None:
+        result["refit"] = {"sweeps": refit, "examples": refit_examples, **result["refit"]}
     report = {
-        "model": model_ref, "a": str(ckpt_a), "b": str(ckpt_b), "alpha": alpha, "method": res.method,
-        "repair": res.repair, "points": points, "examples": res.examples,
-        "groups": len(res.spec.groups), "free_channels": res.spec.num_free,
-        "group_sizes": {g.name: g.size for g in res.spec.groups},
-        "mean_corr": res.mean_corr, "mean_corr_summary": corr_summary(res.mean_corr),
-        "resets": res.resets, "folded": res.folded, "kept": res.kept, "dead_channels": res.dead_channels,
-        "unsignalled": res.unsignalled, "arbitrary": res.arbitrary,
-        "refit": None if res.refit is None else {
-            "sweeps": refit, "examples": refit_examples, "layers": len(res.refit.layers),
-            "kept": res.refit.kept},
-        "merged_class": type(res.model).__name__,
-        "onnx": None if export is None else {
-            "path": str(onnx_path), "node_count": export.node_count, "op_counts": export.op_counts,
-            "max_abs_diff": export.max_abs_diff, "providers": list(export.providers_checked)},
+        "model": model_ref, "a": str(ckpt_a), "b": str(ckpt_b), "alpha": alpha, **result, "points": points,
+        "onnx": None if export is None else export_dict(export, onnx_path),
         "weights": None if weights_path is None else str(weights_path),
         "eval": {k: {"accuracy": a, "loss": lo} for k, (a, lo) in scores.items()} or None,
         "warnings": warnings,
-        "notes": notes,
+        "notes": list(dict.fromkeys(fit.notes + session.notes() + res.notes)),
     }
     if as_json:
         echo_json(report)
@@ -119,11 +112,6 @@ def _unfoldable(weights_path, res, class_name: str, points: str) -> str:
             f"not be folded into the weights ({kept or 'resets left as separate affines'}), so the merged "
             f"model is not a {class_name} and has no state dict of that class; the ONNX file "
             f"(--out) is the deliverable. For a safetensors state dict {remedy}. Nothing was written")
-
-
-def corr_summary(mean_corr: dict[str, float]) -> dict | None:
-    vals = list(mean_corr.values())
-    return {"min": min(vals), "mean": sum(vals) / len(vals)} if vals else None
 
 
 def merge_text(r: dict, eval_ref: str | None) -> str:

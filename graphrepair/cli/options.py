@@ -88,12 +88,6 @@ def sweeps(value: int, option: str) -> int:
     return value
 
 
-def check_alpha(alpha: float) -> float:
-    if not 0.0 <= alpha <= 1.0:  # NaN fails too
-        raise DataError(f"--alpha {alpha}: must be in [0, 1] (0 = model A, 1 = model B)")
-    return alpha
-
-
 def alpha_count(alphas: int) -> int:
     """--alphas: points on the path, ends included."""
     if alphas < 2:

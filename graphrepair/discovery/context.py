@@ -18,7 +18,8 @@ from torch import nn
 from torch.fx.operator_schemas import normalize_function, normalize_module
 
 from graphrepair.discovery import axes as ax
-from graphrepair.discovery.axes import AxisSolver, Expr, Fixed
+from graphrepair.discovery.axes import Expr, Fixed
+from graphrepair.discovery.solver import AxisSolver
 from graphrepair.discovery.spec import FixedAxis
 from graphrepair.discovery.trace import TensorInfo, Traced
 

@@ -13,6 +13,7 @@ construction of the expressions, leaves the function unchanged.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -20,7 +21,6 @@ import torch
 from torch import nn
 
 from graphrepair.discovery import axes as ax
-from graphrepair.discovery.permute import permute
 from graphrepair.discovery.trace import Traced, as_tuple, output_tensors
 from graphrepair.errors import CheckError, MismatchError
 from graphrepair.models import eval_mode, full_precision
@@ -224,6 +224,16 @@ class PermutationSpec:
             out[key] = ax.permute_tensor(t, exprs, vp)
         return out
 
+    def permute_model(self, model: nn.Module, perms: dict[str, torch.Tensor]) -> nn.Module:
+        """A copy of ``model`` whose parameters and buffers (BatchNorm running statistics included)
+        are reordered by ``perms`` ({group name: permutation}). ``model`` is untouched."""
+        new = copy.deepcopy(model)
+        with torch.no_grad():
+            # permute_state_dict keeps the state dict's _metadata (module versions), which
+            # _load_from_state_dict may read
+            new.load_state_dict(self.permute_state_dict(new.state_dict(), perms))
+        return new
+
     def check_model(self, model: nn.Module) -> None:
         """MismatchError unless every parameter and buffer of the spec exists in ``model`` with the
         sizes the spec expects (a spec proves nothing about a model of another architecture)."""
@@ -264,7 +274,7 @@ class PermutationSpec:
                     f"zero), even with its parameters perturbed: permutations cannot change it, so "
                     f"the check would prove nothing; give an example input the outputs depend on"
                 )
-        return self._prove(model, args, ref, perms, _outputs(permute(model, self, perms), args), rtol, atol,
+        return self._prove(model, args, ref, perms, _outputs(self.permute_model(model, perms), args), rtol, atol,
                            "random permutations")
 
     def prove(self, model: nn.Module, permuted: nn.Module, example_inputs, perms: dict[str, torch.Tensor],
@@ -285,7 +295,7 @@ class PermutationSpec:
             if g.name not in perms:
                 continue
             single = {g.name: perms[g.name]}
-            if _compare(ref, _outputs(permute(model, self, single), args), rtol, atol) is not None:
+            if _compare(ref, _outputs(self.permute_model(model, single), args), rtol, atol) is not None:
                 raise CheckError(
                     f"permuting group {g.name!r} ({g.size} channels; layers {', '.join(g.layers[:4])}) "
                     f"changes the output of {self.model_name} (max abs diff {worst:.3g}). "
@@ -346,8 +356,6 @@ def _uninformative(ref: list[torch.Tensor], args: tuple) -> bool:
 def _perturbed(model: nn.Module, seed: int) -> nn.Module:
     """A copy of ``model`` with noise added to every floating parameter (tied ones stay tied):
     zero-initialised layers (heads, layer scales) then pass their inputs on."""
-    import copy
-
     new = copy.deepcopy(model)
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
-from graphrepair.errors import DataError, GraphRepairError, GraphRepairWarning
+from graphrepair.errors import DataError, FewerExamplesWarning, GraphRepairError
 from graphrepair.io.fileio import check_source
 from graphrepair.io.loading import call_reference
 
@@ -56,10 +56,6 @@ __all__ = [
 DATA_SUFFIXES = (".npz", ".npy", ".pt", ".safetensors")
 _INPUT_KEYS = ("x", "input_ids")
 _LABEL_KEYS = ("y", "labels", "label")
-
-
-class FewerExamplesWarning(GraphRepairWarning):
-    """The data held fewer examples than were asked for; the message gives the number used."""
 
 
 class ArrayDataset(Dataset):

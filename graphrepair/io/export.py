@@ -1,9 +1,10 @@
 """``graphrepair.export_onnx``: the public form of the verified ONNX export pass.
 
-The pass (``passes.export_onnx``) exports with ``torch.onnx.export(dynamo=True)``, runs the file in
-onnxruntime on the example inputs and on a batch of another size, compares every output with
-torch's and only then moves the file into place; here its errors become ExportError (OutputError
-when the disk is full or the directory cannot be written).
+The pass (``passes.export_onnx.export_verified``) exports with ``torch.onnx.export(dynamo=True)``
+in memory, runs the model in onnxruntime on the example inputs and on a batch of another size and
+compares every output with torch's; only then are its bytes written, atomically
+(``fileio.atomic_output``). Its errors become ExportError (OutputError when the disk is full or the
+directory cannot be written).
 
 The comparison counts NaN as equal to NaN, so a model that computes NaN would "verify": weights and
 buffers must be finite, and so must torch's outputs on the example inputs, before anything is
@@ -20,13 +21,13 @@ from torch import nn
 
 from passes.errors import ExportFailedError, ExportVerificationError
 from passes.export_onnx import ExportReport, flatten_outputs
-from passes.export_onnx import export_onnx as _export
+from passes.export_onnx import export_verified
 
 from graphrepair.discovery.trace import as_tuple
-from graphrepair.models import eval_mode
+from graphrepair.models import check_finite, eval_mode
 from graphrepair.runtime import model_device
-from graphrepair.errors import ExportError, NumericError, OutputError
-from graphrepair.io.fileio import disk_full
+from graphrepair.errors import ExportError, NumericError, OutputError, interrupt_in
+from graphrepair.io.fileio import atomic_output, disk_full
 
 
 def export_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, *, rtol: float = 1e-4,
@@ -37,9 +38,13 @@ def export_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, *, rt
     check_finite_model(model)
     check_finite_outputs(model, args)
     try:
-        return _export(model, args, path, rtol=rtol, atol=atol, dynamic_batch=dynamic_batch)
+        with atomic_output(path) as tmp:
+            verified = export_verified(model, args, target=os.fspath(path), rtol=rtol, atol=atol,
+                                       dynamic_batch=dynamic_batch)
+            tmp.write_bytes(verified.data)
+        return verified.report(path)
     except (ExportVerificationError, ExportFailedError) as e:
-        interrupt = _interrupt_in(e)
+        interrupt = interrupt_in(e)
         if interrupt is not None:
             raise interrupt from None
         full = disk_full(e)
@@ -53,13 +58,23 @@ def export_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, *, rt
         raise ExportError(f"cannot export {name} to ONNX: {text}") from e
 
 
+def export_dict(report: ExportReport, path: str | os.PathLike | None = None) -> dict:
+    """An export's report as plain data; ``path``: the file it became (when the export wrote a
+    temporary file that was then moved into place)."""
+    return {"path": str(path if path is not None else report.path), "node_count": report.node_count,
+            "op_counts": report.op_counts, "max_abs_diff": report.max_abs_diff,
+            "providers": list(report.providers_checked)}
+
+
 def check_finite_model(model: nn.Module) -> None:
-    """NumericError naming the first parameter or buffer holding NaN or Inf."""
-    for kind, items in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
-        for key, t in items:
-            if (t.is_floating_point() or t.is_complex()) and t.numel() and not bool(torch.isfinite(t).all()):
-                raise NumericError(f"{type(model).__name__}: {kind} {key!r} contains NaN or Inf; the exported "
-                                   f"model could not be verified (NaN compares equal to NaN); fix the weights")
+    """NumericError naming the first parameter or buffer holding NaN or Inf (the merge's check,
+    ``merging.stats.check_finite``, with what it means for an export)."""
+    try:
+        check_finite(model.state_dict(), type(model).__name__)
+    except NumericError as e:
+        raise NumericError(str(e).removesuffix("; the model cannot be merged")
+                           + "; the exported model could not be verified (NaN compares equal to NaN); "
+                             "fix the weights") from None
 
 
 def check_finite_outputs(model: nn.Module, args: tuple) -> None:
@@ -74,14 +89,3 @@ def check_finite_outputs(model: nn.Module, args: tuple) -> None:
             raise NumericError(f"{type(model).__name__}: output {label or '0'} is NaN or infinite on the example "
                                f"input, so the ONNX file cannot be verified against it; check the weights and "
                                f"the example input")
-
-
-def _interrupt_in(exc: BaseException) -> KeyboardInterrupt | None:
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, KeyboardInterrupt):
-            return exc
-        exc = exc.__cause__ or exc.__context__
-    return None
-

@@ -14,6 +14,18 @@ the old file).
   writers look at it (``numpy.savez`` appends ``.npz`` to a name that does not end with it), and is
   shortened so that it stays well below the file system's name limit even for a 255-byte target
   name (writers such as the ONNX export make temporary files of their own next to it).
+- ``atomic_outputs`` writes the several outputs of one run together (``atomic_output`` is its
+  one-file case). It hands out one temporary file per target (``Staged``). Only when every
+  writer has succeeded are they committed, as one step:
+
+  1. every temporary file is fsync'ed and given its target's mode;
+  2. each existing target gets a hard link under a temporary name (its backup);
+  3. the temporary files are renamed onto their targets, with SIGINT, SIGTERM and SIGHUP held back
+     (``deferred_signals``): a signal that arrives meanwhile is delivered once the last rename is
+     done, so an interrupted run has either replaced every output or none;
+  4. if a rename fails, the targets already replaced get their backups back (or are removed when
+     they did not exist before), and the OutputError says so. Only when that restore itself fails
+     (or the file system has no hard links) does it name which outputs are new and which are old.
 - ``check_target`` and ``check_source`` refuse, in one line, what cannot work: names longer than
   the file system allows, names that are not UTF-8 (the ONNX tools need UTF-8 paths), missing or
   read-only directories, directories, devices and FIFOs (reading a FIFO would wait forever, and
@@ -27,16 +39,21 @@ import errno
 import os
 import re
 import secrets
+import signal
 import stat
-from collections.abc import Callable, Iterator, Mapping
+import tempfile
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
 
 from graphrepair.errors import DataError, GraphRepairError, OutputError
 
-__all__ = ["atomic_output", "atomic_write", "check_source", "check_target", "disk_full", "real_target",
+__all__ = ["atomic_output", "atomic_outputs", "atomic_write", "deferred_signals", "check_source", "check_target", "disk_full", "real_target",
            "save_safetensors", "same_file"]
+
+HELD_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 # A writer failing with these says nothing about the writer: the disk is full.
 _FULL = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
@@ -275,14 +292,6 @@ class Staged:
         with contextlib.suppress(FileNotFoundError):
             self.tmp.unlink()
 
-    def failed(self, exc: BaseException) -> BaseException:
-        """What to raise for ``exc``, raised while writing: a full disk becomes an OutputError."""
-        reason = disk_full(exc)
-        if reason is not None and not isinstance(exc, OutputError):
-            return OutputError(f"cannot write '{self.path}': {reason} in '{self.target.parent}'; "
-                               f"free space or choose another location")
-        return exc
-
 
 def fsync_directory(directory: Path) -> None:
     # Makes the rename durable on POSIX; not possible (nor needed) on Windows.
@@ -297,27 +306,142 @@ def fsync_directory(directory: Path) -> None:
 
 
 @contextlib.contextmanager
+def deferred_signals(signums: Sequence[int] = HELD_SIGNALS) -> Iterator[list[int]]:
+    """Hold back ``signums`` inside the block (in the main thread; elsewhere this does nothing):
+    a signal arriving meanwhile is recorded and, once the block is done, delivered again to the
+    handler that was in place (so a default SIGTERM still terminates the process, Ctrl-C still
+    raises KeyboardInterrupt). Yields the list of signals held so far."""
+    pending: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield pending
+        return
+    previous = {}
+    for s in signums:
+        try:
+            previous[s] = signal.signal(s, lambda signum, frame: pending.append(signum))
+        except (ValueError, OSError):
+            continue
+    try:
+        yield pending
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        for s in dict.fromkeys(pending):
+            signal.raise_signal(s)
+
+
+@contextlib.contextmanager
+def atomic_outputs(paths: Sequence[str | os.PathLike | None], written: list[Path] | None = None, *,
+                   writes: bool = True) -> Iterator[list[Path | None]]:
+    """Temporary paths for ``paths`` (None stays None); all are committed together when the block
+    succeeds (see the module text), none when it raises. ``written``, when given, receives the
+    paths once they are all in place. ``writes=False`` (a process that does not write, e.g. a rank
+    other than 0 of a distributed run) gives paths in a temporary directory that is removed after."""
+    if not writes:
+        with tempfile.TemporaryDirectory(prefix="graphrepair-rank-") as d:
+            yield [None if p is None else Path(d) / f"{i}_{Path(p).name}" for i, p in enumerate(paths)]
+        return
+    staged: list[Staged | None] = []
+    try:
+        for p in paths:
+            staged.append(None if p is None else Staged(p))
+        yield [None if s is None else s.tmp for s in staged]
+        live = [s for s in staged if s is not None]
+        for s in live:
+            s.seal()
+        with deferred_signals():
+            _commit_all(live)
+            if written is not None:
+                written.extend(s.path for s in live)
+    except BaseException as exc:
+        for s in staged:
+            if s is not None:
+                s.discard()
+        reason = None if isinstance(exc, GraphRepairError) else disk_full(exc)
+        if reason is not None:
+            names = ", ".join(f"'{s.path}'" for s in staged if s is not None)
+            folders = list(dict.fromkeys(str(s.target.parent) for s in staged if s is not None))
+            where = f" in '{folders[0]}'" if len(folders) == 1 else ""
+            raise OutputError(f"cannot write {names}: {reason}{where}; free space or choose another location; "
+                              f"no output was changed") from exc
+        if isinstance(exc, GraphRepairError):  # writers name the temporary file: name the output
+            text = str(exc)
+            for s in staged:
+                if s is not None:
+                    text = text.replace(str(s.tmp), str(s.path))
+            if text != str(exc):
+                raise type(exc)(text) from exc
+        raise
+
+
+def _commit_all(staged: list[Staged]) -> None:
+    """Rename every temporary file onto its target, or restore every target (see the module text)."""
+    existed = [os.path.lexists(s.target) for s in staged]
+    backups: list[Path | None] = []
+    try:
+        for s, there in zip(staged, existed):
+            backups.append(_backup(s) if there else None)
+        done: list[int] = []
+        try:
+            for i, s in enumerate(staged):
+                s.commit()
+                done.append(i)
+        except OutputError as exc:
+            left = _restore([(staged[i], backups[i], existed[i]) for i in done])
+            if not left:
+                raise OutputError(f"{exc}; no output was changed") from exc.__cause__
+            new = [str(s.path) for s in left]
+            old = [str(s.path) for s in staged if s not in left]
+            raise OutputError(f"{exc}; {', '.join(new)} {'is' if len(new) == 1 else 'are'} new, "
+                              f"{', '.join(old)} {'is' if len(old) == 1 else 'are'} old") from exc.__cause__
+    finally:
+        for b in backups:
+            if b is not None:
+                with contextlib.suppress(OSError):
+                    b.unlink()
+    for directory in dict.fromkeys(s.target.parent for s in staged):
+        fsync_directory(directory)
+
+
+def _backup(s: Staged) -> Path | None:
+    """A hard link to the existing target (None when links are not possible here)."""
+    backup = s.tmp.with_name(s.tmp.name + ".old")
+    try:
+        os.link(s.target, backup)
+    except OSError:
+        return None
+    return backup
+
+
+def _restore(done: list[tuple[Staged, Path | None, bool]]) -> list[Staged]:
+    """Undo the renames in ``done``; returns the outputs that could not be restored (left new)."""
+    left = []
+    for s, backup, existed in done:
+        try:
+            if backup is not None:
+                os.replace(backup, s.target)
+            elif not existed:
+                os.unlink(s.target)
+            else:
+                left.append(s)
+        except OSError:
+            left.append(s)
+    return left
+
+
+@contextlib.contextmanager
 def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
-    """Context manager yielding a temporary path to write; on success it replaces ``path``.
+    """Context manager yielding a temporary path to write; on success it replaces ``path``
+    (``atomic_outputs`` for one file).
 
     >>> with atomic_output("out.onnx") as tmp:
     ...     torch.onnx.export(model, args, tmp)   # doctest: +SKIP
 
     Raises OutputError when the directory is missing or not writable, or the disk is full; any other
-    exception raised inside the block propagates unchanged after the temporary file has been removed.
+    exception raised inside the block propagates after the temporary file has been removed.
     """
-    staged = Staged(path)
-    try:
-        yield staged.tmp
-        staged.seal()
-        staged.commit()
-        fsync_directory(staged.target.parent)
-    except BaseException as exc:
-        staged.discard()
-        replacement = staged.failed(exc)
-        if replacement is not exc:
-            raise replacement from exc
-        raise
+    with atomic_outputs([path]) as (tmp,):
+        yield tmp
 
 
 def atomic_write(path: str | os.PathLike, write_fn: Callable[[Path], object]) -> Path:

@@ -56,6 +56,22 @@ class MergeResult:
     goals: dict | None = None  # with keep_unfolded: reset node -> (goal mean, goal std)
     refit: Refit | None = None  # with refit > 0: the layers refit, those kept and the errors
 
+    def as_dict(self) -> dict:
+        """The merge's report as plain data (what ``graphrepair merge --json`` prints of it)."""
+        from graphrepair.merging.diagnostics import corr_summary
+
+        return {
+            "method": self.method, "repair": self.repair, "examples": self.examples,
+            "groups": len(self.spec.groups), "free_channels": self.spec.num_free,
+            "group_sizes": {g.name: g.size for g in self.spec.groups},
+            "mean_corr": self.mean_corr, "mean_corr_summary": corr_summary(self.mean_corr),
+            "resets": self.resets, "folded": self.folded, "kept": self.kept, "dead_channels": self.dead_channels,
+            "unsignalled": self.unsignalled, "arbitrary": self.arbitrary,
+            "refit": None if self.refit is None else {"layers": len(self.refit.layers), "kept": self.refit.kept},
+            "merged_class": type(self.model).__name__, "interpolation_weights": self.weights,
+            "notes": self.notes,
+        }
+
 
 def check_alpha(alpha: float) -> float:
     """``alpha`` as a float in [0, 1]: any real number (numpy scalars, 0-d tensors and arrays too)."""

@@ -162,7 +162,7 @@ def prepare(models: list[nn.Module], data, *, method: str = "activation", statis
             check_finite(m.state_dict(), f"model {'AB'[i] if len(models) == 2 else i}")
         device = model_device(models[0])
         # the caller's models are read, never changed: one on another device is copied to model 0's,
-        # and each pass puts them in eval mode only while it runs (``runtime.eval_mode``)
+        # and each pass puts them in eval mode only while it runs (``models.eval_mode``)
         models = [m if model_device(m) == device else copy_with_state(m, m.state_dict(), device=device)
                   for m in models]
         fit = FitData(data, num_examples, batch_size, device)

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from graphrepair.errors import GraphRepairError
+from graphrepair.merging.diagnostics import corr_summary
 from graphrepair.merging.merge import Prepared, merge_prepared, prepare
 from graphrepair.study.metrics import Curve, alpha_grid, curve, layer_report
 from graphrepair.study.tables import number, percent, text_table
@@ -88,12 +89,11 @@ class Study:
         return {"A": (c.accuracy[0], c.loss[0]), "B": (c.accuracy[-1], c.loss[-1])}
 
     def as_dict(self) -> dict:
-        corr = list(self.mean_corr.values())
         return {
             "method": self.method, "repair": self.repair, "examples": self.examples,
             "groups": self.groups, "free_channels": self.free_channels,
             "mean_corr": self.mean_corr,
-            "mean_corr_summary": ({"min": min(corr), "mean": sum(corr) / len(corr)} if corr else None),
+            "mean_corr_summary": corr_summary(self.mean_corr),
             "endpoints": {k: {"accuracy": a, "loss": lo} for k, (a, lo) in self.endpoints.items()},
             "curves": [c.as_dict() for c in self.curves],
             "layer_alpha": self.layer_alpha if self.layers else None,
