@@ -26,7 +26,7 @@ from graphrepair.errors import MismatchError, NumericError
 if TYPE_CHECKING:
     from graphrepair.discovery.spec import PermutationSpec
 
-__all__ = ["check_finite", "copy_with_state", "eval_mode", "full_precision", "graph_for"]
+__all__ = ["check_finite", "copy_with_state", "eval_mode", "full_precision", "graph_for", "with_metadata"]
 
 
 def copy_with_state(module: nn.Module, state: dict[str, torch.Tensor], *, own: bool = False,
@@ -59,7 +59,6 @@ def copy_with_state(module: nn.Module, state: dict[str, torch.Tensor], *, own: b
             raise MismatchError(f"parameter {k!r} has shape {tuple(v.shape)}, but the model's is {tuple(t.shape)}")
         v = v.to(device=device if device is not None else t.device, dtype=t.dtype, copy=not own)
         new[k] = nn.Parameter(v, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else v
-    from graphrepair.discovery.spec import with_metadata  # discovery imports this module
 
     # with the module's own metadata: modules whose _load_from_state_dict reads their version
     # from it (torchvision's MNASNet) refuse a state dict without one
@@ -100,3 +99,16 @@ def check_finite(state: dict[str, torch.Tensor], who: str) -> None:
         for k, t in group:
             if not torch.isfinite(t).all():
                 raise NumericError(f"{who}: parameter {k!r} contains NaN or Inf; the model cannot be merged")
+
+
+def with_metadata(state: dict, like: dict) -> dict:
+    """``state`` as an OrderedDict carrying ``like``'s ``_metadata`` (the per-module versions a
+    state dict records and ``_load_from_state_dict`` reads, e.g. torchvision's MNASNet refuses a
+    state dict without one). A state dict rebuilt as a plain dict loses them."""
+    from collections import OrderedDict
+
+    out = OrderedDict(state)
+    metadata = getattr(like, "_metadata", None)
+    if metadata is not None:
+        out._metadata = OrderedDict((k, dict(v)) for k, v in metadata.items())
+    return out

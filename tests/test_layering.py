@@ -49,6 +49,11 @@ def _targets(base: str, names: list[str]) -> list[str]:
     return out
 
 
+def _type_checking(test: ast.AST) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
 def imports(module: str, top_level_only: bool = False) -> set[str]:
     """The modules ``module`` imports (of any package, by full name)."""
     path = MODULES[module]
@@ -69,6 +74,8 @@ def imports(module: str, top_level_only: bool = False) -> set[str]:
                 found.update(_targets(base, [a.name for a in child.names]))
         elif isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
             visit(child, False)
+        elif isinstance(child, ast.If) and _type_checking(child.test):
+            visit(child, False)  # ``if TYPE_CHECKING:``: read by type checkers, never run
         else:
             visit(child, top)  # class bodies, if/try/with blocks at module level run on import
 

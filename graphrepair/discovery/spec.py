@@ -23,7 +23,7 @@ from torch import nn
 from graphrepair.discovery import axes as ax
 from graphrepair.discovery.trace import Traced, as_tuple, output_tensors
 from graphrepair.errors import CheckError, MismatchError
-from graphrepair.models import eval_mode, full_precision
+from graphrepair.models import eval_mode, full_precision, with_metadata
 
 
 @dataclass(frozen=True)
@@ -305,19 +305,6 @@ class PermutationSpec:
             f"{what} of all groups together change the output of {self.model_name} "
             f"(max abs diff {worst:.3g}), although each group alone does not"
         )
-
-
-def with_metadata(state: dict, like: dict) -> dict:
-    """``state`` as an OrderedDict carrying ``like``'s ``_metadata`` (the per-module versions a
-    state dict records and ``_load_from_state_dict`` reads, e.g. torchvision's MNASNet refuses a
-    state dict without one). A state dict rebuilt as a plain dict loses them."""
-    from collections import OrderedDict
-
-    out = OrderedDict(state)
-    metadata = getattr(like, "_metadata", None)
-    if metadata is not None:
-        out._metadata = OrderedDict((k, dict(v)) for k, v in metadata.items())
-    return out
 
 
 def _varies(t: torch.Tensor) -> bool:

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from graphrepair.errors import CheckpointError, LoadError
-from graphrepair.discovery.spec import with_metadata
+from graphrepair.models import with_metadata
 
 __all__ = [
     "CHECKPOINT_SUFFIXES",
