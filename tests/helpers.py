@@ -102,3 +102,22 @@ def inverse_perms(spec, perms: dict) -> dict:
             if not isinstance(e, ax.PerBlock) and not ax.is_fixed(e):
                 assert torch.equal(ax.index(e, vp)[ax.index(e, vi)], torch.arange(e.size)), key
     return inv
+
+
+def outputs(model, x):
+    """``model(x)`` without gradients."""
+    with torch.no_grad():
+        return model(x)
+
+
+def permuted_copy(name: str, model_seed: int = 1, perm_seed: int = 4):
+    """(zoo entry, randomised model A, its spec, a random permutation, A permuted by it)."""
+    import graphrepair as gr
+    from fixtures.zoo import ZOO
+
+    entry = ZOO[name]
+    torch.manual_seed(0)
+    a = randomize_(entry.factory().eval(), seed=model_seed)
+    spec = gr.discover(a, entry.example_inputs())
+    truth = spec.random_permutations(seed=perm_seed)
+    return entry, a, spec, truth, gr.permute(a, spec, truth)
