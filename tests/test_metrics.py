@@ -3,6 +3,8 @@ per-layer report (variance collapse, LLFC, commutativity)."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch.utils.data import TensorDataset
@@ -10,6 +12,7 @@ from torch.utils.data import TensorDataset
 import graphrepair as gr
 from fixtures.datasets import digits
 from graphrepair.merging.merge import merge_prepared, prepare
+from graphrepair.study.metrics import Curve, alpha_grid, barrier_of
 from tests.helpers import ConvBNNet
 
 
@@ -62,3 +65,60 @@ def test_data_arguments_that_can_be_swapped_are_keyword_only():
         gr.barrier(a, b, ev, x)
     with pytest.raises(TypeError, match="positional"):
         run_study(a, b, x, ev)
+
+
+# -- a curve made by hand ----------------------------------------------------------------------------
+
+# alphas 0 .. 1 by 0.25; accuracy from 0.9 (A) to 0.8 (B), loss from 0.2 to 0.3: the straight lines
+# are 0.9 - 0.1 a and 0.2 + 0.1 a, so the drops below / rises above them are
+# accuracy 0, 0.175, 0.35, 0.025, 0 and loss 0, 0.275, 0.75, 0.125, 0.
+HAND = Curve("hand", [0.0, 0.25, 0.5, 0.75, 1.0], accuracy=[0.9, 0.7, 0.5, 0.8, 0.8],
+             loss=[0.2, 0.5, 1.0, 0.4, 0.3])
+
+
+def test_barriers_of_a_hand_made_curve():
+    assert HAND.accuracy_barrier == pytest.approx(0.35, abs=1e-12)
+    assert HAND.loss_barrier == pytest.approx(0.75, abs=1e-12)
+    assert barrier_of(HAND.alphas, HAND.loss) == HAND.loss_barrier
+    # a path above the line (accuracy) or below it (loss) has no barrier: the endpoints give 0
+    assert barrier_of([0.0, 0.5, 1.0], [0.8, 0.95, 0.9], higher_is_better=True) == 0.0
+    assert barrier_of([0.0, 0.5, 1.0], [0.4, 0.1, 0.3]) == 0.0
+    # on an uneven grid the line is taken at each alpha: at 0.1 it is 0.5 + 0.1 * 0.5 = 0.55
+    assert barrier_of([0.0, 0.1, 1.0], [0.5, 0.15, 1.0], higher_is_better=True) == pytest.approx(0.4, abs=1e-12)
+
+
+def test_a_curve_reads_the_nearest_alpha_and_renders_itself():
+    assert HAND.at(0.5) == (0.5, 1.0)
+    assert HAND.at(0.6) == (0.5, 1.0) and HAND.at(0.7) == (0.8, 0.4)
+    assert HAND.as_dict() == {"label": "hand", "alphas": HAND.alphas, "accuracy": HAND.accuracy, "loss": HAND.loss,
+                              "accuracy_barrier": HAND.accuracy_barrier, "loss_barrier": HAND.loss_barrier,
+                              "notes": []}
+
+
+def test_alpha_grids():
+    assert alpha_grid(3) == [0.0, 0.5, 1.0]
+    assert alpha_grid(5) == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert alpha_grid([1.0, 0.0, 0.3]) == [0.0, 0.3, 1.0]
+    with pytest.raises(gr.DataError, match="at least 2 alphas"):
+        alpha_grid(1)
+    with pytest.raises(gr.DataError, match="at least two alphas"):
+        alpha_grid([0.5])
+    with pytest.raises(gr.GraphRepairError, match=r"alpha must be in \[0, 1\]"):
+        alpha_grid([0.0, 1.5])
+
+
+def test_evaluate_a_hand_made_classifier():
+    """Logits equal to the inputs: 3 of the 4 examples are right, and the loss is the mean of
+    logsumexp(logits) - logit of the label, written out."""
+    model = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        model.weight.copy_(torch.eye(2))
+        model.bias.zero_()
+    x = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 3.0], [0.0, -1.0]])
+    y = torch.tensor([0, 1, 0, 0])
+    e = math.e
+    want = (math.log(e**2 + 1) - 2 + math.log(1 + e) - 1 + math.log(e + e**3) - 1 + math.log(1 + 1 / e)) / 4
+    for batch_size in (4, 3, 1):
+        accuracy, loss = gr.evaluate(model, TensorDataset(x, y), batch_size=batch_size)
+        assert accuracy == 0.75
+        assert loss == pytest.approx(want, rel=1e-6)
