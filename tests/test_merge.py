@@ -13,7 +13,7 @@ from torch.utils.data import TensorDataset
 
 import graphrepair as gr
 from fixtures.datasets import digits
-from fixtures.zoo import mlp
+from fixtures.zoo import ZOO, mlp
 from graphrepair.merging.merge import merge_prepared, prepare
 from passes.observe import ObserverSpec, insert_observers, observers
 from tests.helpers import ConvBNNet, outputs, randomize_
@@ -79,6 +79,62 @@ def test_three_models(digits_pair, digits_spec, digits_prepared):
     pc = prepare([a, c], x, num_examples=800, statistics=False, spec=spec)
     for g in pb.mean_corr:
         assert pc.mean_corr[g] == pytest.approx(pb.mean_corr[g], abs=1e-6)
+
+
+def _shrink_rows_(model: nn.Module, factor: float = 0.01, share: float = 0.3, seed: int = 7) -> nn.Module:
+    """Scale a share of every weight matrix's output rows down: channels of variance far below
+    the resets' eps (1e-5), as trained networks have."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim >= 2:
+                p[torch.rand(p.shape[0], generator=g) < share] *= factor
+    return model
+
+
+@pytest.mark.parametrize("batch_size", [48, 16])
+@pytest.mark.parametrize("name", ["vit_tiny_custom", "convnext_tiny", "resnet20_bn"])
+def test_exact_repair_of_identical_endpoints_is_the_identity(name, batch_size):
+    """In one batch and over several: each batch of the REPAIR pass is normalised to the
+    endpoints' moments of that batch (``merge.batch_goals``); with the global goal for every batch
+    3 batches of 16 left 2% on a ViT."""
+    entry = ZOO[name]
+    torch.manual_seed(0)
+    a = _shrink_rows_(randomize_(entry.factory().eval(), seed=1))
+    x = entry.example_inputs(batch=48, seed=3)[0]
+    spec = gr.discover(a, (x[:2],))
+    b = gr.permute(a, spec, spec.random_permutations(seed=5))
+    prep = prepare([a, b], x, num_examples=48, batch_size=batch_size, spec=spec)
+    with torch.no_grad():
+        ref = a(x)
+        for repair in (None, "exact"):
+            y = merge_prepared(prep, [0.5, 0.5], repair).model(x)
+            rel = float((y - ref).norm() / ref.norm())
+            # exact was 4e-4 (ViT), 1.6e-4 (ConvNeXt), 2e-5 (ResNet20): scaled by sqrt(v / (v + eps))
+            assert rel < 1e-5, (repair, rel)
+
+
+def test_batches_the_repair_pass_does_not_recognise_get_the_global_goal(monkeypatch):
+    """A loader that gives other batches in the REPAIR pass than in the joint pass (shuffling):
+    no batch's key matches, every batch is normalised to the global goal, as when no per-batch
+    goals exist at all."""
+    import graphrepair.merging.merge as merge_module
+
+    entry = ZOO["resnet20_bn"]
+    torch.manual_seed(0)
+    a, b = (randomize_(entry.factory().eval(), seed=s) for s in (1, 2))
+    x = entry.example_inputs(batch=48, seed=3)[0]
+    prep = prepare([a, b], x, num_examples=48, batch_size=16)
+    assert len(prep.stats[0].batch_keys) == 3
+    assert len(merge_module.batch_goals(prep.spec, prep.points, prep.stats, prep.perms, [0.5, 0.5])) == 3
+    with torch.no_grad():
+        per_batch = merge_prepared(prep, [0.5, 0.5], "exact").model(x)
+        monkeypatch.setattr(merge_module, "batch_key", lambda t: (-1, 0.0))  # nothing matches
+        unrecognised = merge_prepared(prep, [0.5, 0.5], "exact").model(x)
+        monkeypatch.setattr(merge_module, "batch_goals", lambda *args: [])
+        global_goal = merge_prepared(prep, [0.5, 0.5], "exact").model(x)
+    assert torch.equal(unrecognised, global_goal)
+    assert not torch.allclose(per_batch, global_goal, rtol=1e-6, atol=1e-6)  # the goals did differ
 
 
 def test_prepared_alignment_does_not_follow_later_changes_of_b(digits_pair, digits_spec):

@@ -3,11 +3,87 @@ permuted state dicts, and the proof (``check``) that random permutations keep th
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
 
 import graphrepair as gr
+from graphrepair.discovery.axes import Fixed
+from tests.helpers import ZeroHead
+
+
+# A check on outputs that cannot show a wrong permutation (regression)
+
+def test_check_sees_through_a_zero_output():
+    """A spec that is wrong (fc2's columns left out of fc1's group) passes on a model whose output
+    is exactly zero unless the check perturbs the parameters."""
+    m = ZeroHead().eval()
+    x = torch.randn(4, 6)
+    spec = gr.discover(m, x)
+    assert spec.check(m, x) < 1e-5  # checked on a perturbed copy: the output is no longer zero
+    broken = dataclasses.replace(spec, param_axes={**spec.param_axes, "fc2.weight": (
+        spec.param_axes["fc2.weight"][0], Fixed(8, "broken on purpose"))})
+    with pytest.raises(gr.CheckError, match="fc1"):
+        broken.check(m, x)
+
+
+def test_check_refuses_an_output_that_is_one_constant():
+    class Constant(ZeroHead):
+        def forward(self, x):
+            return super().forward(x) * 0.0
+
+    m = Constant().eval()
+    x = torch.randn(4, 6)
+    spec = gr.discover(m, x)
+    assert spec.groups
+    with pytest.raises(gr.CheckError, match="constant"):
+        spec.check(m, x)
+
+
+# State dicts rebuilt by permute / merge keep their module versions (_metadata) (regression)
+
+class Versioned(nn.Module):
+    """Like torchvision's MNASNet: refuses a state dict without its version in the metadata."""
+
+    _version = 2
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(4, 8)
+        self.fc2 = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):
+        version = local_metadata.get("version", None)
+        if version not in (1, 2):
+            raise ValueError(f"version should be set to 1 or 2 instead of {version}")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
+
+
+def test_permute_check_and_merge_keep_the_state_dict_metadata(tmp_path):
+    torch.manual_seed(0)
+    a = Versioned().eval()
+    x = torch.randn(16, 4)
+    spec = gr.discover(a, x)
+    spec.check(a, x)
+    b = gr.permute(a, spec, spec.random_permutations(seed=1))
+    for repair in (None, "exact"):
+        merged = gr.merge(a, b, x, repair=repair, num_examples=16)
+        assert type(merged) is Versioned
+        torch.testing.assert_close(merged(x), a(x), rtol=1e-4, atol=1e-5)
+    from safetensors.torch import save_file
+
+    from graphrepair.io.loading import load_checkpoint
+
+    torch.save(b.state_dict(), tmp_path / "b.pt")  # a pickled state dict keeps its _metadata
+    save_file(b.state_dict(), tmp_path / "b.safetensors")  # none: the model's own versions are used
+    for name in ("b.pt", "b.safetensors"):
+        loaded = load_checkpoint(Versioned(), tmp_path / name).eval()
+        torch.testing.assert_close(loaded(x), b(x))
 
 
 # -- permutations on a small MLP: 4 -> 6 -> 5 -> 3 ---------------------------------------------------
