@@ -1,5 +1,10 @@
 """Session fixtures: the expensive things several test modules share, made once per session.
 
+``digits_pair``: two 3-hidden-layer MLPs (width 32) trained on scikit-learn's digits from seeds 0
+and 1, with the training data; ``digits_spec``: their PermutationSpec, discovered once;
+``digits_prepared``: their alignment on 800 examples (no REPAIR statistics). The align, stats,
+merge, metrics and study tests share them instead of training, discovering and aligning again.
+Tests that change a model or a preparation work on a copy.
 ``wheel``: the wheel built from (a copy of) this repository, as a user would install it.
 ``wheel_demo``: the README's ``graphrepair demo``, run once from an empty folder in a subprocess that
 sees the wheel's packages and the installed dependencies and nothing of the repository (the
@@ -37,6 +42,44 @@ ROOT = Path(__file__).resolve().parents[1]
 # write into the repository root.
 _NOT_SOURCE = shutil.ignore_patterns(".git", ".venv*", "build", "dist", "*.egg-info", "__pycache__",
                                      ".pytest_cache", ".hypothesis", "out", "graphrepair-demo")
+
+
+@pytest.fixture(scope="session")
+def digits_pair():
+    """((model A, model B), x, y): the digits MLPs (in eval mode) and their training split."""
+    import torch
+
+    from fixtures.datasets import digits
+    from fixtures.train import train
+    from fixtures.zoo import mlp
+
+    x, y = digits("train")
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        m = mlp(depth=3, width=32, in_features=64, classes=10)
+        train(m, x, y, epochs=8, batch_size=64, lr=0.05, seed=seed)
+        models.append(m.eval())
+    return models, x, y
+
+
+@pytest.fixture(scope="session")
+def digits_spec(digits_pair):
+    """The digits MLPs' PermutationSpec (``gr.discover(a, x[:2])``)."""
+    import graphrepair as gr
+
+    (a, _), x, _ = digits_pair
+    return gr.discover(a, x[:2])
+
+
+@pytest.fixture(scope="session")
+def digits_prepared(digits_pair, digits_spec):
+    """``prepare([a, b], x, num_examples=800, statistics=False)``: B aligned onto A by activation
+    matching, with the permuted weights; read only (merge_prepared does not change it)."""
+    from graphrepair.merging.merge import prepare
+
+    (a, b), x, _ = digits_pair
+    return prepare([a, b], x, num_examples=800, statistics=False, spec=digits_spec)
 
 
 @pytest.fixture(scope="session")

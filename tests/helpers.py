@@ -102,3 +102,36 @@ def inverse_perms(spec, perms: dict) -> dict:
             if not isinstance(e, ax.PerBlock) and not ax.is_fixed(e):
                 assert torch.equal(ax.index(e, vp)[ax.index(e, vi)], torch.arange(e.size)), key
     return inv
+
+
+def outputs(model, x):
+    """``model(x)`` without gradients."""
+    with torch.no_grad():
+        return model(x)
+
+
+def permuted_copy(name: str, model_seed: int = 1, perm_seed: int = 4):
+    """(zoo entry, randomised model A, its spec, a random permutation, A permuted by it)."""
+    import graphrepair as gr
+    from fixtures.zoo import ZOO
+
+    entry = ZOO[name]
+    torch.manual_seed(0)
+    a = randomize_(entry.factory().eval(), seed=model_seed)
+    spec = gr.discover(a, entry.example_inputs())
+    truth = spec.random_permutations(seed=perm_seed)
+    return entry, a, spec, truth, gr.permute(a, spec, truth)
+
+
+class ZeroHead(nn.Module):
+    """fc1 -> tanh -> fc2 with fc2 all zeros: the output is exactly 0 whatever the input."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(6, 8)
+        self.fc2 = nn.Linear(8, 3)
+        nn.init.zeros_(self.fc2.weight)
+        nn.init.zeros_(self.fc2.bias)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x)))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from graphrepair.discovery import axes as ax
-from graphrepair.discovery.solver import AxisSolver
+from graphrepair.discovery.solver import AxisError as LayoutError, AxisSolver
 
 
 def test_index_of_layouts():
@@ -231,3 +231,11 @@ def test_wreath_degrades_to_the_cat_of_its_parts_with_the_reason(other):
     assert "whole groups of channels cannot move" in s.reasons[order.id]
     r = s.resolve(w)
     assert not isinstance(r, ax.Wreath) and not ax.is_fixed(r)
+
+
+def test_solver_mismatches_raise_layout_errors():
+    s = AxisSolver()
+    with pytest.raises(LayoutError):
+        s.unify(s.fresh(3), s.fresh(4), "test")
+    with pytest.raises(LayoutError):
+        s.factor(s.fresh(6), 4, "test")

@@ -119,6 +119,33 @@ def onnx_outputs(path: Path, x: np.ndarray) -> np.ndarray:
     return sess.run(None, {sess.get_inputs()[0].name: x})[0]
 
 
+def load_mlp3(path: Path) -> torch.nn.Module:
+    from fixtures.zoo import mlp3
+
+    model = mlp3()
+    model.load_state_dict(load_file(str(path)))
+    return model.eval()
+
+
+def accuracy_and_loss(model: torch.nn.Module, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """Test accuracy and mean cross-entropy, computed here (not by the library's ``evaluate``)."""
+    with torch.no_grad():
+        logits = model(torch.from_numpy(x)).double()
+    target = torch.from_numpy(y)
+    return (float((logits.argmax(1) == target).double().mean()),
+            float(torch.nn.functional.cross_entropy(logits, target)))
+
+
+def barrier_on_grid(alphas: list[float], values: list[float], higher_is_better: bool) -> float:
+    """REPAIR's Eq. 1 on the grid, computed here: the largest rise of ``values`` above the straight
+    line between the endpoints (for accuracies, the largest drop below it)."""
+    gaps = []
+    for a, v in zip(alphas, values):
+        line = (1 - a) * values[0] + a * values[-1]
+        gaps.append(line - v if higher_is_better else v - line)
+    return max(gaps)
+
+
 def assert_one_line_error(result, *phrases: str) -> str:
     assert result.exit_code == 2, (result.exit_code, result.output, result.stderr)
     err = result.stderr
@@ -150,8 +177,6 @@ def test_merge_json_onnx_and_weights_agree_with_torch(work, tmp_path):
     assert any("1437 examples" in n for n in report["notes"])
     assert report["onnx"]["node_count"] > 0 and report["onnx"]["max_abs_diff"] < 1e-4
     assert report["merged_class"] == "Sequential"
-    # every dead unit of A is matched without activation signal; the weights place all but ``arbitrary``
-    assert report["unsignalled"] >= max(report["dead_channels"], report["arbitrary"]) >= 0
 
     # The safetensors file is a state dict of the user's class; the ONNX file computes the same.
     from fixtures.zoo import mlp3
@@ -166,8 +191,19 @@ def test_merge_json_onnx_and_weights_agree_with_torch(work, tmp_path):
     np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
     accuracy = float((got.argmax(1) == y).mean())
     assert abs(accuracy - report["eval"]["merged"]["accuracy"]) < 1e-9
-    for name in ("A", "B", "merged"):
-        assert 0 <= report["eval"][name]["accuracy"] <= 1 and report["eval"][name]["loss"] > 0
+    # every figure of the report is the one computed here from the files, outside the command line
+    ends = {name: load_mlp3(work / f"{name.lower()}.safetensors") for name in ("A", "B")}
+    for name, m in {**ends, "merged": model}.items():
+        acc, loss = accuracy_and_loss(m, x, y)
+        assert report["eval"][name]["accuracy"] == pytest.approx(acc, abs=1e-9), name
+        assert report["eval"][name]["loss"] == pytest.approx(loss, rel=1e-5), name
+    import graphrepair as gr
+    fit = torch.from_numpy(np.load(work / "fit.npz")["x"])
+    res = gr.merge_models([ends["A"], ends["B"]], fit, num_examples=len(fit))
+    assert (report["dead_channels"], report["unsignalled"], report["arbitrary"]) == (
+        res.dead_channels, res.unsignalled, res.arbitrary)
+    # every dead unit of A is matched without activation signal; the weights place all but ``arbitrary``
+    assert report["dead_channels"] <= report["unsignalled"] and report["arbitrary"] <= report["unsignalled"]
     assert report["eval"]["A"]["accuracy"] > 0.9 and report["eval"]["merged"]["accuracy"] > 0.7
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged.onnx", "merged.safetensors"]
 
@@ -344,7 +380,8 @@ def test_barrier_json_layers_and_plots(work, tmp_path):
         # the endpoints are A and B on every path
         assert c["accuracy"][0] == curves["naive"]["accuracy"][0]
         assert c["accuracy"][-1] == curves["naive"]["accuracy"][-1]
-        assert c["accuracy_barrier"] >= 0 and c["loss_barrier"] >= 0
+        assert c["accuracy_barrier"] == pytest.approx(barrier_on_grid(c["alphas"], c["accuracy"], True), abs=1e-12)
+        assert c["loss_barrier"] == pytest.approx(barrier_on_grid(c["alphas"], c["loss"], False), abs=1e-12)
     mid = 2
     assert curves["REPAIR"]["accuracy"][mid] >= curves["aligned"]["accuracy"][mid]
     assert curves["aligned"]["accuracy"][mid] > curves["naive"]["accuracy"][mid]
@@ -380,7 +417,11 @@ def test_barrier_text_table(work):
     assert [r[0] for r in rows] == ["0.00", "0.50", "1.00"] and all(len(r) == 5 for r in rows)
     barrier = next(line.split() for line in lines if line.startswith("barrier"))
     naive_acc, aligned_acc = float(barrier[1]), float(barrier[2])
-    assert naive_acc > aligned_acc >= 0
+    # the barrier row is Eq. 1 over the printed rows (each rounded to 0.01 points: 3 roundings)
+    alphas = [float(r[0]) for r in rows]
+    for column, printed in ((1, naive_acc), (2, aligned_acc)):
+        assert printed == pytest.approx(barrier_on_grid(alphas, [float(r[column]) for r in rows], True), abs=0.016)
+    assert naive_acc > aligned_acc + 10  # points: alignment removes most of the naive path's drop
     assert "per layer" not in result.stdout
 
 
@@ -392,7 +433,16 @@ def test_barrier_with_refit_adds_its_curve(work):
     assert list(curves) == ["naive", "aligned", "REPAIR", "REPAIR + refit"]
     repair, refit = curves["REPAIR"], curves["REPAIR + refit"]
     assert refit["accuracy"][0] == repair["accuracy"][0] and refit["accuracy"][2] == repair["accuracy"][2]
-    assert refit["accuracy"][1] != repair["accuracy"][1] or refit["loss"][1] != repair["loss"][1]
+    # the midpoint is the refit merge's, made here through the API on the same files
+    import graphrepair as gr
+    from torch.utils.data import TensorDataset
+
+    fit, test = np.load(work / "fit.npz"), np.load(work / "test.npz")
+    a, b = load_mlp3(work / "a.safetensors"), load_mlp3(work / "b.safetensors")
+    merged = gr.merge(a, b, torch.from_numpy(fit["x"]), alpha=0.5, repair="exact", refit=1, num_examples=len(fit["x"]))
+    acc, loss = accuracy_and_loss(merged, test["x"], test["y"])
+    assert refit["accuracy"][1] == pytest.approx(acc, abs=1e-9) and refit["loss"][1] == pytest.approx(loss, rel=1e-4)
+    assert (refit["accuracy"][1], refit["loss"][1]) != (repair["accuracy"][1], repair["loss"][1])
 
 
 BAD_BARRIER = {

@@ -116,14 +116,35 @@ def programs(draw):
     return program, in_ch, head
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(programs(), st.integers(0, 2**16))
-def test_random_architectures_keep_their_function(prog, seed):
-    program, in_ch, head = prog
-    torch.manual_seed(seed)
-    model = randomize_(RandomNet(program, in_ch, head).eval(), seed=seed)
-    x = torch.randn(2, in_ch, H, W)
-    spec = gr.discover(model, x)
-    spec.check(model, x, seed=seed)
-    # a group never claims the input or output axes
-    assert all(m.name != "fc.weight" or m.axis == 1 for g in spec.groups for m in g.params)
+OPS = ("conv", "dwconv", "bn", "gn", "ln", "act", "add", "cat", "scale")
+
+
+def test_random_architectures_keep_their_function():
+    """200 random programs, the same on every run and machine (``derandomize``: seeded from the
+    property's source, no example database). What they covered is counted and asked: every op,
+    programs of 1 and of 7 steps, both heads and both input widths."""
+    seen = {"ops": set(), "lengths": set(), "heads": set(), "in_ch": set(), "runs": 0}
+
+    @settings(max_examples=200, deadline=None, derandomize=True, database=None,
+              suppress_health_check=[HealthCheck.too_slow])
+    @given(programs(), st.integers(0, 2**16))
+    def keeps_its_function(prog, seed):
+        program, in_ch, head = prog
+        seen["ops"].update(op for op, _, _ in program)
+        seen["lengths"].add(len(program))
+        seen["heads"].add(head)
+        seen["in_ch"].add(in_ch)
+        seen["runs"] += 1
+        torch.manual_seed(seed)
+        model = randomize_(RandomNet(program, in_ch, head).eval(), seed=seed)
+        x = torch.randn(2, in_ch, H, W)
+        spec = gr.discover(model, x)
+        spec.check(model, x, seed=seed)
+        # a group never claims the input or output axes
+        assert all(m.name != "fc.weight" or m.axis == 1 for g in spec.groups for m in g.params)
+
+    keeps_its_function()
+    assert seen["runs"] >= 200, seen["runs"]
+    assert seen["ops"] == set(OPS), set(OPS) - seen["ops"]
+    assert {1, 7} <= seen["lengths"], seen["lengths"]
+    assert seen["heads"] == {"flatten", "pool"} and seen["in_ch"] == {1, 3}, seen

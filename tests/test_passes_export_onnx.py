@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from fixtures.zoo import ZOO
 from passes import ExportFailedError, ExportVerificationError, export_onnx, flatten_outputs
 
 # the package re-exports the function export_onnx under the module's own name
@@ -187,3 +188,42 @@ def test_model_with_a_fixed_batch_needs_dynamic_batch_false(tmp_path):
     report = export_onnx(FixedBatch(), (x,), tmp_path / "f.onnx", dynamic_batch=False, check_inputs=[(torch.randn(2, 3),)])
     assert "Reshape" in report.op_counts and report.max_abs_diff < 1e-6
     assert os.listdir(tmp_path) == ["f.onnx"]
+
+
+# ONNX export from a batch of one with a dynamic batch axis (regression)
+
+
+class ChannelsLastNorm(nn.Module):
+    """ConvNeXt-style: permute to channels-last, LayerNorm, permute back, then a (depthwise) conv
+    reads the permuted tensor: exported from batch 1, the strides guard on the batch size."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.norm = nn.LayerNorm(8)
+        self.dwconv = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = self.norm(self.conv(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.fc(self.dwconv(h).mean((2, 3)))
+
+
+@pytest.mark.parametrize("name", ["channels_last", "convnext_tiny", "vit_tiny_custom"])
+def test_onnx_export_from_a_batch_of_one_runs_any_batch(tmp_path, name):
+    torch.manual_seed(0)
+    if name == "channels_last":
+        model, shape = ChannelsLastNorm(), (1, 3, 8, 8)
+    else:
+        model, shape = ZOO[name].factory(), (1, *ZOO[name].input_shape[1:])
+    model.eval()
+    x = torch.randn(shape)
+    path = tmp_path / f"{name}.onnx"
+    export_onnx(model, (x,), path)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for batch in (1, 2, 5):
+        xb = torch.randn(batch, *shape[1:])
+        (got,) = session.run(None, {session.get_inputs()[0].name: xb.numpy()})
+        with torch.no_grad():
+            torch.testing.assert_close(torch.from_numpy(got), model(xb), rtol=1e-4, atol=1e-4)
+    assert os.listdir(tmp_path) == [f"{name}.onnx"]

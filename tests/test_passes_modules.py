@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import operator
 
 import pytest
@@ -195,3 +196,54 @@ def test_proofs_and_the_onnx_reference_run_without_tf32(tmp_path):
     export_onnx(model, (x,), str(tmp_path / "m.onnx"))
     assert ("ieee", "ieee") in seen  # the torch reference the ONNX outputs are compared with
     assert _precisions() == before
+
+
+# Positional tables and transposes read by name, as the op schemas define them (regression)
+
+
+def _schema_names(target) -> list[list[str]]:
+    """Parameter names, by position, of every signature ``target`` may be called with."""
+    from torch.fx.operator_schemas import get_signature_for_torch_op
+
+    if isinstance(target, torch._ops.OpOverload):
+        return [[a.name for a in target._schema.arguments]]
+    sigs = get_signature_for_torch_op(target) if not inspect.isfunction(target) else None
+    if sigs:
+        return [list(s.parameters) for s in sigs]
+    return [list(inspect.signature(target).parameters)]
+
+
+def test_positional_tables_of_the_passes_match_the_op_schemas():
+    """passes.modules and passes.fold_batchnorm find arguments by (position, name) per op: the
+    position must be where the op's schema puts that name."""
+    from passes import fold_batchnorm, modules
+
+    rows = [(t, r) for targets, r in modules._FUNCTION_TABLE for t in targets]
+    rows += [(modules._CONVOLUTION, r) for r in modules._CONVOLUTION_RULES.values()]
+    checked = 0
+    for target, rule in rows:
+        slots = [s for s in (rule.weight, rule.bias, rule.groups) if s is not None]
+        for slot in slots:
+            assert any(len(n) > slot.index and n[slot.index] == slot.name for n in _schema_names(target)), \
+                (target, slot)
+            checked += 1
+    for target, slots in fold_batchnorm._BN_SLOTS.items():
+        for slot in (s for s in slots if s is not None):
+            assert any(len(n) > slot.index and n[slot.index] == slot.name for n in _schema_names(target)), \
+                (target, slot)
+            checked += 1
+    assert checked > 30
+
+
+def test_weight_transposes_are_recognised_with_keyword_arguments():
+    from passes.modules import _is_transpose
+
+    aten = torch.ops.aten
+    g = torch.fx.Graph()
+    w = g.get_attr("w")
+    forms = [g.call_function(aten.permute.default, (w, [1, 0])),
+             g.call_function(aten.permute.default, (w,), {"dims": [1, 0]}),
+             g.call_function(aten.transpose.int, (w, 0, 1)),
+             g.call_function(aten.transpose.int, (w,), {"dim0": 1, "dim1": 0})]
+    assert all(_is_transpose(n) for n in forms)
+    assert not _is_transpose(g.call_function(aten.permute.default, (w,), {"dims": [0, 1]}))

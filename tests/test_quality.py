@@ -94,7 +94,11 @@ def test_refit_closes_the_gap_repair_leaves(name, one_thread):
     res = merge_prepared(prep, [0.5, 0.5], "exact", refit=1)
     refit = evaluate(res.model, test)[0]
     assert not res.refit.kept, res.refit.kept
-    assert type(res.model) is type(a) or res.kept  # the ResNets: REPAIR's resets at the residual sums
+    if name.startswith("resnet"):  # REPAIR's resets at the 7 residual sums with an identity shortcut
+        assert isinstance(res.model, torch.fx.GraphModule) and len(res.kept) == res.resets - res.folded == 7
+        assert all("its input is the add" in k for k in res.kept), res.kept
+    else:  # the MLPs: every reset folded, the user's own class
+        assert type(res.model) is type(a) and res.kept == [] and res.folded == res.resets > 0
     assert refit >= exact + REFIT_GAIN[name], (exact, refit)
     ends = (evaluate(a, test)[0] + evaluate(b, test)[0]) / 2
     assert refit >= ends - 0.05, (refit, ends)  # within 5 points of the endpoints' mean

@@ -1,6 +1,8 @@
 """The README is tested: its set-up commands match CI, and every command and Python example it
-shows runs as written (from a scratch directory that sees the repository's fixtures), leaving only
-files that .gitignore lists when run from the repository root.
+shows runs as written, leaving only files that .gitignore lists when run from the repository root.
+The first Python example runs from an empty folder outside the repository with only the built
+wheel installed (as a new user saves and runs it); the examples marked "from the repository root"
+run from a scratch directory that sees the repository's fixtures.
 
 The CLI commands run in this process through click's CliRunner (each subprocess would import torch
 again); the console script itself runs as a subprocess in tests/test_packaging.py, and the set-up's
@@ -12,6 +14,9 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import site
+import subprocess
+import sys
 from pathlib import Path
 
 import onnx
@@ -102,9 +107,38 @@ def test_cli_quickstart_runs_as_written(scratch):
     assert_ignored_by_git({p.name for p in scratch.iterdir()} - {"fixtures"})
 
 
+def test_first_example_runs_from_any_folder_with_the_installed_package(wheel_site, tmp_path):
+    """The README's first Python example, saved as a file in an empty folder outside the repository
+    and run by an interpreter that sees the wheel's packages and the installed dependencies only
+    (``python -I -S``: no PYTHONPATH, no working directory, no .pth of an editable install)."""
+    first = blocks("python")[0]
+    assert "fixtures" not in first
+    cwd = tmp_path / "anywhere"
+    cwd.mkdir()
+    (cwd / "first.py").write_text(first)
+    path = [str(wheel_site), *site.getsitepackages()]
+    code = (f"import runpy, sys; sys.path[:0] = {path!r}; "
+            "import graphrepair; print('FROM', graphrepair.__file__); "
+            "runpy.run_path('first.py', run_name='__main__'); "
+            "print('FIXTURES', sorted(m for m in sys.modules if m.split('.')[0] == 'fixtures'))")
+    res = subprocess.run([sys.executable, "-I", "-S", "-c", code], cwd=cwd, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert Path(lines[0].split(" ", 1)[1]).is_relative_to(wheel_site), lines[0]  # the wheel's graphrepair
+    assert lines[-1] == "FIXTURES []"
+    assert lines[1].split() == ["8", "512"]  # what the comment says: 8 groups, 512 channels
+    acc = {line.split(":")[0]: float(line.split()[-1].rstrip("%")) for line in lines[2:5]}
+    assert list(acc) == ["A", "B", "merged"] and min(acc.values()) > 90, acc
+    nodes, diff = lines[5].split()
+    assert int(nodes) > 0 and float(diff) < 1e-4
+    onnx.checker.check_model(onnx.load(str(cwd / "merged_first.onnx")))
+    assert sorted(p.name for p in cwd.iterdir()) == ["first.py", "merged_first.onnx"]
+    assert_ignored_by_git({"merged_first.onnx"})
+
+
 def test_python_quickstart_runs_as_written(scratch):
     pytest.importorskip("mnist")
-    quickstart, refit = blocks("python")  # the second (the refit) runs on the first's names
+    _, quickstart, refit = blocks("python")  # the third (the refit) runs on the second's names
     namespace: dict = {}
     exec(compile(quickstart, "README.md", "exec"), namespace)  # noqa: S102
     assert namespace["accuracy"] > 0.9

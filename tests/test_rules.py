@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import graphrepair as gr
-from tests.helpers import discover_checked, group_of, randomize_
+from graphrepair.discovery import rules
+from tests.helpers import ZeroHead, discover_checked, group_of, randomize_
 
 
 
@@ -587,3 +588,237 @@ def test_stochastic_depth_lets_the_residual_stream_move(monkeypatch, where, free
     assert spec.num_free == free
     if free == 0:
         assert any("my_project.layers.stochastic_depth" in f.reason for f in spec.fixed)
+
+
+# --------------------------------------------------------------------------------------------
+# Tensors outside the state dict (regression)
+
+
+class RelativePositionBias(nn.Module):
+    """maxvit-style: a non-persistent buffer of coordinates read by an MLP whose output is added to
+    the attention-like logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("coords", torch.randn(49, 5), persistent=False)
+        self.fc1 = nn.Linear(5, 16)
+        self.fc2 = nn.Linear(16, 4)
+        self.proj = nn.Linear(8, 4)
+
+    def forward(self, x):  # (B, 49, 8)
+        return self.proj(x) + self.fc2(F.relu(self.fc1(self.coords)))
+
+
+def test_non_persistent_buffer_axes_are_fixed_and_the_spec_holds():
+    m = RelativePositionBias()
+    spec = discover_checked(m, torch.randn(2, 49, 8))
+    assert group_of(spec, "fc1.weight", 1) is None  # the buffer's columns cannot move
+    assert group_of(spec, "fc1.weight", 0).size == 16  # the hidden units still can
+    assert any(f.name == "coords" and "not in the state dict" in f.reason for f in spec.fixed)
+    for seed in range(4):
+        spec.check(m, torch.randn(2, 49, 8), seed=seed)
+
+
+# --------------------------------------------------------------------------------------------
+# Stochastic depth / drop path: identity in eval, a per-sample scale in training (regression)
+
+
+class ResidualMLP(nn.Module):
+    def __init__(self, drop):
+        super().__init__()
+        self.stem = nn.Linear(6, 8)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8))
+                                    for _ in range(2))
+        self.drops = nn.ModuleList(drop(0.1) for _ in range(2))
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for block, drop in zip(self.blocks, self.drops):
+            x = x + drop(block(x))
+        return self.head(x)
+
+
+def _residual_stream(spec):
+    g = group_of(spec, "stem.weight")
+    assert g is not None and "residual" in g.joins
+    assert {("head.weight", 1), ("blocks.1.3.weight", 0)} <= {(m.name, m.axis) for m in g.params}
+    return g
+
+
+def test_torchvision_stochastic_depth_if_installed():
+    try:
+        from torchvision.ops import StochasticDepth as TVStochasticDepth
+    except Exception:  # noqa: BLE001 - not installed, or its operators do not load with this torch
+        pytest.skip("torchvision is not importable")
+    spec = discover_checked(ResidualMLP(lambda p: TVStochasticDepth(p, "row")), torch.randn(3, 6))
+    _residual_stream(spec)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_torchvision_swin_attention_and_patch_merging_keep_the_stream_free(version):
+    """torchvision's Swin calls fx-wrapped functions (``shifted_window_attention``,
+    ``_patch_merging_pad``) that the trace keeps whole; their rules free the residual stream
+    (swin_t: 17,664 -> 27,936 free channels), the head dims and the MLPs, and the check holds with
+    random weights, stochastic depth and the v2 cosine attention included."""
+    try:
+        from fixtures.torchvision_compat import import_torchvision
+        import_torchvision()
+    except Exception:  # noqa: BLE001 - not installed, or its operators do not load with this torch
+        pytest.skip("torchvision is not importable")
+    from torchvision.models import swin_transformer as st
+
+    extra = {} if version == 1 else {"block": st.SwinTransformerBlockV2, "downsample_layer": st.PatchMergingV2}
+    torch.manual_seed(0)
+    model = st.SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 1], num_heads=[2, 4],
+                               window_size=[2, 2], stochastic_depth_prob=0.2, num_classes=5, **extra)
+    spec = discover_checked(model, torch.randn(2, 3, 32, 32))
+    stream = group_of(spec, "features.0.0.weight")  # the patch embedding's channels: stage 1's stream
+    assert stream is not None and stream.size == 16
+    assert ("features.1.1.attn.proj.weight", 0) in {(m.name, m.axis) for m in stream.params}
+    assert ("features.2.reduction.weight", 1) in {(m.name, m.axis) for m in stream.params}  # kron(4, C)
+    assert group_of(spec, "features.1.0.mlp.0.weight") is not None  # the MLP's hidden channels
+    qkv = [g for g in spec.groups if any(m.name == "features.1.0.attn.qkv.weight" and m.axis == 0
+                                         for m in g.params)]
+    assert sorted(g.size for g in qkv) == [8] * 4  # per head: q/k dims and v dims, 2 heads
+
+
+class EinsumAttention(nn.Module):
+    def __init__(self, eq_scores: str, eq_mix: str):
+        super().__init__()
+        self.eqs = eq_scores, eq_mix
+        self.q, self.k, self.v = nn.Linear(6, 8), nn.Linear(6, 8), nn.Linear(6, 10)
+        self.out = nn.Linear(10, 3)
+
+    def forward(self, x):  # (B, T, 6)
+        s = torch.einsum(self.eqs[0], self.q(x), self.k(x)).softmax(-1)
+        return self.out(torch.einsum(self.eqs[1], s, self.v(x)).swapaxes(1, 2).swapaxes(1, 2))
+
+
+@pytest.mark.parametrize("eqs, free", [
+    (("bid,bjd->bij", "bij,bjd->bid"), True),
+    (("B I D, B J D -> B I J", "B I J, B J D -> B I D"), True),  # spaces, capitals (torchvision's MaxViT)
+    (("...id,...jd->...ij", "...ij,...jd->...id"), False),  # ellipsis: not read, fixed
+], ids=["explicit", "spaced", "ellipsis"])
+def test_einsum_attention_and_swapaxes(eqs, free):
+    """einsum: every axis of one letter shares a permutation (q and k's features cancel in the
+    contraction, v's pass to the output); swapaxes reads axis0/axis1 (torchvision's MaxViT
+    lost its stream to both)."""
+    spec = discover_checked(EinsumAttention(*eqs), torch.randn(2, 5, 6))
+    qk, v = group_of(spec, "q.weight"), group_of(spec, "v.weight")
+    if free:
+        assert qk is not None and qk is group_of(spec, "k.weight") and qk.size == 8
+        assert v is not None and ("out.weight", 1) in {(m.name, m.axis) for m in v.params}
+    else:
+        assert qk is None and v is None
+        assert any("einsum" in f.reason for f in spec.fixed)
+
+
+class EinsumLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8, 6))
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):  # implicit output: the letters that occur once, alphabetical: "ik"
+        return self.fc(torch.relu(torch.einsum("ij,kj", x, self.w)))
+
+
+def test_einsum_with_an_implicit_output():
+    spec = discover_checked(EinsumLinear(), torch.randn(4, 6))
+    g = group_of(spec, "w")
+    assert g is not None and g.size == 8 and ("fc.weight", 1) in {(m.name, m.axis) for m in g.params}
+
+
+# --------------------------------------------------------------------------------------------
+# Op arguments by name: positional and keyword calls mean the same (regression)
+
+
+class Reduce(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.fc1 = nn.Linear(4, 8)
+        self.fc2 = nn.Linear(8, 3)
+
+    def forward(self, x):  # x (B, 5, 4): reduce the 5 positions, keep the 8 channels
+        h = torch.tanh(self.fc1(x))
+        return self.fc2(self.how(h))
+
+
+@pytest.mark.parametrize("how", [
+    lambda h: h.norm(2, 1),  # argument 1 is p, not dim
+    lambda h: torch.norm(h, 2, 1),
+    lambda h: h.norm(p=2, dim=1),
+    lambda h: torch.linalg.vector_norm(h, 2, 1),  # argument 1 is ord
+    lambda h: torch.linalg.vector_norm(h, ord=2, dim=1),
+    lambda h: h.sum(1),
+    lambda h: torch.sum(h, dim=1),
+    lambda h: h.std(1),
+    lambda h: torch.transpose(h, dim0=1, dim1=2).mean(-1),  # keyword dims
+    lambda h: torch.roll(h, 2, 1).mean(1),  # argument 1 is the shift
+    lambda h: torch.topk(h, 2, 1).values.mean(1),  # argument 1 is k
+], ids=["method_norm", "torch_norm", "norm_kw", "vector_norm", "vector_norm_kw", "sum", "sum_kw", "std",
+        "transpose_kw", "roll", "topk"])
+def test_reductions_read_dim_by_name(how):
+    spec = discover_checked(Reduce(how), torch.randn(3, 5, 4))
+    g = group_of(spec, "fc1.weight")
+    assert g is not None and g.size == 8 and ("fc2.weight", 1) in {(m.name, m.axis) for m in g.params}
+
+
+def test_roll_over_channels_fixes_them():
+    spec = discover_checked(Reduce(lambda h: torch.roll(h, 1, 2).mean(1)), torch.randn(3, 5, 4))
+    assert group_of(spec, "fc1.weight") is None
+
+
+def test_std_with_a_bool_reduces_everything():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 8)
+            self.out = nn.Linear(8, 2)
+
+        def forward(self, x):
+            h = self.fc(x)
+            return self.out(h / h.std(True))  # std(unbiased: bool) has no dim
+
+    spec = discover_checked(M(), torch.randn(3, 4))
+    assert group_of(spec, "fc.weight").size == 8
+
+
+# --------------------------------------------------------------------------------------------
+# An op its rule cannot handle fixes its axes with the reason; discovery goes on (regression)
+
+
+class SharedMemoryAttention(nn.Module):
+    """Attention over one memory shared by the batch: key and value broadcast over the batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.kv, self.o = nn.Linear(8, 8), nn.Linear(8, 16), nn.Linear(8, 8)
+        self.fc = nn.Linear(8, 6)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x, mem):  # x (B, T, 8), mem (1, S, 8)
+        q = self.q(x).unflatten(-1, (2, 4)).transpose(1, 2)
+        k, v = self.kv(mem).unflatten(-1, (2, 8)).transpose(1, 2).chunk(2, -1)
+        h = self.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
+        return self.head(torch.relu(self.fc(h)))
+
+
+def test_a_rule_that_cannot_handle_an_op_fixes_its_axes():
+    m = SharedMemoryAttention()
+    spec = discover_checked(m, torch.randn(3, 5, 8), torch.randn(1, 6, 8))
+    reasons = [f.reason for f in spec.fixed if f.name == "o.weight" and f.axis == 1]
+    assert reasons and "cannot handle" in reasons[0] and "scaled_dot_product_attention" in reasons[0]
+    assert group_of(spec, "fc.weight").size == 6  # the rest of the graph is still understood
+
+
+def test_a_failing_rule_is_recorded_not_raised(monkeypatch):
+    def broken(ctx):
+        raise ValueError("boom")
+
+    monkeypatch.setitem(rules.RULES, "tanh", broken)
+    spec = discover_checked(ZeroHead(), torch.randn(4, 6))
+    assert not spec.groups
+    assert any("boom" in f.reason and "tanh" in f.reason for f in spec.fixed)

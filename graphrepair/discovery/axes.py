@@ -338,12 +338,3 @@ def describe(e: Expr, names: dict[int, str] | None = None) -> str:
         return f"wreath({describe(e.outer, names)}: " + ", ".join(describe(p, names) for p in e.parts) + ")"
     return f"kron({describe(e.outer, names)}, {describe(e.inner, names)})"
 
-
-def __getattr__(name: str):
-    # The solver moved to graphrepair.discovery.solver; tests/test_regressions.py (being reorganised
-    # in another branch) still imports it from here. Remove this once that file imports the solver.
-    if name in ("AxisSolver", "AxisError"):
-        from graphrepair.discovery import solver
-
-        return getattr(solver, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

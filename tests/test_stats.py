@@ -1,0 +1,116 @@
+"""merging.stats: the joint pass of A and B (correlations, REPAIR's endpoint statistics, dead and
+unsignalled units, joint spaces), on CPU and CUDA, its numeric checks, and what it leaves behind."""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+import graphrepair as gr
+from fixtures.datasets import digits
+from fixtures.zoo import ZOO
+from graphrepair.merging.merge import merge_prepared, prepare
+
+
+def test_cuda_statistics_and_merge_match_cpu(digits_pair, digits_spec):
+    """The CUDA code paths (observers, cross moments, resets, folding) give the CPU's statistics.
+    Merged weights may still differ where units are tied or dead (their matching is arbitrary), so
+    the merged models are compared by their test accuracy."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    (a, b), x, _ = digits_pair
+    cpu = prepare([a, b], x, num_examples=500, cross=True, spec=digits_spec)
+    gpu = prepare([copy.deepcopy(a).cuda(), copy.deepcopy(b).cuda()], x, num_examples=500, cross=True)
+    for g, c in cpu.stats[0].corr.items():
+        assert gpu.stats[0].corr[g].is_cuda
+        torch.testing.assert_close(gpu.stats[0].corr[g].cpu(), c, rtol=1e-4, atol=1e-4)
+    for node, st in cpu.stats[0].points.items():
+        got = gpu.stats[0].points[node]
+        for name in ("mean_a", "var_a", "mean_b", "var_b", "cov_ab"):
+            torch.testing.assert_close(getattr(got, name).cpu(), getattr(st, name), rtol=1e-4, atol=1e-4)
+    merged_gpu = merge_prepared(gpu, [0.5, 0.5], "exact").model
+    assert next(merged_gpu.parameters()).is_cuda
+    xt, yt = digits("test")
+    acc_cpu = gr.evaluate(merge_prepared(cpu, [0.5, 0.5], "exact").model, TensorDataset(xt, yt))[0]
+    acc_gpu = gr.evaluate(merged_gpu, TensorDataset(xt.cuda(), yt.cuda()))[0]
+    assert abs(acc_gpu - acc_cpu) < 0.03
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_check_finite_names_the_tensor_and_lets_large_finite_weights_pass(dtype):
+    """The weights are checked through their sums: a sum that overflows (finite weights near the
+    dtype's largest value) must not be taken for an Inf, and +Inf with -Inf (a NaN sum) must be."""
+    from graphrepair.merging.stats import check_finite
+
+    big = torch.finfo(dtype).max
+    state = {"a.weight": torch.full((4, 4), big, dtype=dtype), "b.bias": torch.zeros(3, dtype=dtype),
+             "steps": torch.tensor(3)}
+    check_finite(state, "model A")
+    state["b.bias"][1], state["b.bias"][2] = math.inf, -math.inf
+    with pytest.raises(gr.NumericError, match=r"model A: parameter 'b\.bias'"):
+        check_finite(state, "model A")
+
+
+def test_inf_in_the_data_names_the_first_node_whose_statistics_it_spoils(digits_pair, digits_spec):
+    (a, b), x, _ = digits_pair
+    bad = x[:200].clone()
+    bad[3].view(-1)[5] = math.inf
+    first = digits_spec.traced.gm.graph.find_nodes(op="call_module", target="1")[0].name
+    with pytest.raises(gr.NumericError, match=rf"model A at node '{first}' are not finite"):
+        gr.merge_models([a, b], bad, num_examples=200, repair="exact", spec=digits_spec)
+
+
+def test_dead_channels_are_handled_and_reported(digits_pair, digits_spec):
+    (a, b), x, _ = digits_pair
+    dead_a, dead_b = copy.deepcopy(a), copy.deepcopy(b)
+    with torch.no_grad():
+        for m in (dead_a, dead_b):  # two hidden units that never fire
+            m[1].weight[:2] = 0
+            m[1].bias[:2] = -1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no RuntimeWarning from NaN arithmetic either
+        res = gr.merge_models([dead_a, dead_b], x, num_examples=500, spec=digits_spec)
+    assert res.dead_channels >= 2
+    assert any("dead" in n for n in res.notes)
+    assert all(torch.isfinite(v).all() for v in res.model.state_dict().values())
+
+
+def test_a_joint_space_too_large_is_reported_not_skipped_silently(monkeypatch):
+    pytest.importorskip("transformers")
+    import graphrepair.merging.stats as stats_module
+
+    monkeypatch.setattr(stats_module, "JOINT_MAX", 8)  # the tiny GPT-2's heads x dims is 32
+    entry = ZOO["gpt2_tiny"]
+    torch.manual_seed(0)
+    a, b = entry.factory().eval(), entry.factory().eval()
+    x = torch.randint(0, entry.vocab, (16, 16))
+    res = gr.merge_models([a, b], x, num_examples=16, batch_size=16, repair=None)
+    assert any("joint space of 32 positions" in n and "approximate" in n for n in res.notes)
+    monkeypatch.setattr(stats_module, "JOINT_MAX", 2048)
+    res = gr.merge_models([a, b], x, num_examples=16, batch_size=16, repair=None)
+    assert not any("joint space" in n for n in res.notes)
+
+
+def test_a_merge_leaves_no_pass_module_alive(digits_pair, digits_spec):
+    """The pair's taps hold float64 sums of every observed layer (a ViT-B's: 0.9 GB) in a module
+    that sits in reference cycles (GraphModule <-> graph): the merge frees them between passes
+    (``runtime.release``), not whenever Python's collector next runs."""
+    import gc
+
+    from passes.pair_tap import PairTap
+
+    (a, b), x, _ = digits_pair
+    gc.collect()
+    gc.disable()  # only what the merge itself frees counts
+    try:
+        res = gr.merge_models([a, b], x, num_examples=300, spec=digits_spec)
+        alive = [o for o in gc.get_objects() if type(o) is PairTap]
+    finally:
+        gc.enable()
+    assert res.examples == 300
+    assert alive == []
