@@ -274,8 +274,8 @@ def _source(data: Any, batch_size: int) -> _Arrays | Iterable:
     if is_xy_pair(data):
         return _arrays(data[0], data[1], "x")
     if isinstance(data, Mapping):
-        if "x" in data and as_tensor(data["x"]) is not None:
-            return _arrays(data["x"], data.get("y"), "'x'")
+        if "x" in data and as_tensor(data["x"]) is not None and set(data) <= {"x", *LABEL_KEYS}:
+            return _arrays(data["x"], next((data[k] for k in LABEL_KEYS if k in data), None), "'x'")
         if _keyword_arrays(data):
             labels = next((data[k] for k in LABEL_KEYS if k in data), None)
             return _arrays(data, labels, "the data")
@@ -323,7 +323,7 @@ def in_memory(data: Any, source: str) -> ArrayDataset | None:
         x, y = data.tensors[0], (data.tensors[1] if len(data.tensors) > 1 else None)
     elif is_xy_pair(data):
         x, y = data
-    elif isinstance(data, Mapping) and "x" in data and as_tensor(data["x"]) is not None:
+    elif isinstance(data, Mapping) and "x" in data and as_tensor(data["x"]) is not None and set(data) <= {"x", "y"}:
         x, y = data["x"], data.get("y")
     else:
         return None

@@ -198,8 +198,9 @@ def split_batch(batch: Any, where: str = "the data") -> tuple[Inputs, Any]:
     * a tensor: the input, no labels;
     * a tuple/list: its first item is the input (a tensor, a tuple of tensors or a dict), its second
       (if any) the labels;
-    * a dict: with ``"x"``, the input is ``x`` (labels ``y``); else every entry but the labels
-      (``labels``, ``label``, ``y``) is a keyword input, as a Hugging Face batch holds them.
+    * a dict: ``{"x": ..., "y": ...}`` (``x`` and labels only) holds the input under ``x``; any
+      other dict is keyword inputs, every entry but the labels (``labels``, ``label``, ``y``), as a
+      Hugging Face batch holds them (nothing is dropped).
     """
     what = ("each batch must be an input (a tensor, or a dict of tensors for keyword inputs) or "
             "(input, labels); a tuple of several inputs goes inside: ((a, b), labels)")
@@ -215,7 +216,7 @@ def split_batch(batch: Any, where: str = "the data") -> tuple[Inputs, Any]:
         if not batch:
             raise DataError(f"{where} is an empty dict; {what}")
         labels = next((batch[k] for k in LABEL_KEYS if k in batch), None)
-        if "x" in batch:
+        if "x" in batch and set(batch) <= {"x", *LABEL_KEYS}:
             return Inputs.of(batch["x"], f"'x' of {where}"), _labels(labels)
         return Inputs.of(batch, where), _labels(labels)
     raise DataError(f"{where} is a {type(batch).__name__}; {what}")
