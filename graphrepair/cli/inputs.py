@@ -223,7 +223,13 @@ def fit_data(ref: str, model, num_examples: int, device, needs_statistics: bool)
     fit = Examples(data, num_examples, BATCH, device=device, dtype=model_dtype(model), where=where,
                    strict=not isinstance(data, ArrayDataset))
     first = fit.example(BATCH)
-    probe(model, first, "--data", ref)
+    try:
+        probe(model, first, "--data", ref)
+    except DataError:
+        better = fit.missing_batch_axis(model)  # single examples: say so, not "cannot run"
+        if better is not None:
+            raise with_option("--data", ref, better) from None
+        raise
     fit = _share(fit)
     count = fit.count
     return Fit(fit, num_examples if count is None else count, first.head(2), notes)

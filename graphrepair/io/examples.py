@@ -654,11 +654,16 @@ class Examples:
         """When ``model`` fails on the example: a DataError saying that the data yields single
         examples without a batch axis, if the model runs on the first item with one added."""
         first = self._first_raw if self._first_raw is not None else self._peek().inputs
-        try:
-            with torch.no_grad():
+        with torch.no_grad():
+            try:  # the model runs on two examples: the batch axis is there
+                first.head(2).to(self.device, self.dtype).call(model)
+                return None
+            except Exception:
+                pass
+            try:
                 first.map(lambda t: t.unsqueeze(0)).to(self.device, self.dtype).call(model)
-        except Exception:
-            return None
+            except Exception:
+                return None
         kind = "an IterableDataset" if isinstance(self.data, IterableDataset) else f"the {type(self.data).__name__}"
         return DataError(
             f"{self.where} yields single examples without a batch axis (the first: {first.describe()}): "

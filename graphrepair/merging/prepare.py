@@ -30,7 +30,7 @@ def fitting_examples(data, num_examples: int, batch_size: int, models: list[nn.M
     inputs in its dtype. In a distributed run (``graphrepair.distributed``) this is the rank's own
     share: it may be empty, and every batch first checks whether another rank has failed."""
     run = distributed.current() is not None
-    if run and num_examples == 0:
+    if run and num_examples == 0 and not isinstance(data, Examples):
         data, num_examples = [], None
     return Examples.of(data, num_examples, batch_size, device=model_device(models[0]),
                        dtype=model_dtype(models[0]), allow_empty=run,
