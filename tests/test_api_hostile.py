@@ -114,7 +114,8 @@ def test_checkpoints_complex_refused_batchnorm_counter_optional(tmp_path):
 
 
 def test_checked_data_names_the_batch():
-    from graphrepair.io.examples import Examples, LabelRule
+    from graphrepair.io.checks import LabelRule
+    from graphrepair.io.examples import Examples
 
     x = torch.randn(10, 4)
 

@@ -14,7 +14,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from graphrepair.io.data import ArrayDataset, load_data, load_data_file
-from graphrepair.io.examples import Examples, FewerExamplesWarning, check_batch_shape
+from graphrepair.io.checks import check_batch_shape
+from graphrepair.io.examples import Examples, FewerExamplesWarning
 from graphrepair.errors import DataError, LoadError
 from graphrepair.io.fileio import save_safetensors
 

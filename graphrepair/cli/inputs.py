@@ -203,7 +203,8 @@ def fit_data(ref: str, model, num_examples: int, device, needs_statistics: bool)
     Data held as arrays were checked whole when loaded; other data are checked batch by batch as
     they stream (``Examples(strict=True)``)."""
     from graphrepair.io.data import ArrayDataset
-    from graphrepair.io.examples import Examples, check_examples_vary
+    from graphrepair.io.checks import check_examples_vary
+    from graphrepair.io.examples import Examples
     from graphrepair.runtime import model_dtype
 
     where = f"--data {ref}"
@@ -261,7 +262,8 @@ def eval_data(ref: str, model, example, device):
     """--eval: labeled data like --data (same example shape and kind), with integer class indices
     within the model's number of outputs, checked whole or batch by batch as it streams."""
     from graphrepair.io.data import ArrayDataset
-    from graphrepair.io.examples import Examples, LabelRule, check_batch_shape, check_labels
+    from graphrepair.io.checks import LabelRule, check_batch_shape, check_labels
+    from graphrepair.io.examples import Examples
     from graphrepair.runtime import model_dtype
 
     where = f"--eval {ref}"
