@@ -451,9 +451,6 @@ class Examples:
         if isinstance(self._source, _Arrays):
             yield from self._source.batches(self.batch_size)
             return
-        if self._one_shot and self._passes > 1 and not self._records:
-            raise DataError(f"{self.where} has no batches (no examples); an iterator or generator can be used "
-                            "once only -- pass a list, a tensor or a DataLoader when the data is needed again")
         items = iter(self._source)
         index = 0
         while True:
