@@ -117,6 +117,18 @@ def test_beyond_the_budget_a_reordering_source_is_caught_in_its_second_pass():
         list(ex)
 
 
+def test_a_merge_over_a_reordering_source_beyond_the_budget_refuses_in_its_second_pass():
+    a, b = _mlp(1), _mlp(2)
+    with pytest.raises(DifferentExamplesError, match="in pass 2 than in pass 1"):  # the REPAIR pass
+        gr.merge(a, b, Examples(Reordering(X), 40, 16, hold_bytes=200))
+    ex = Examples(Reordering(X), 40, 16)
+    merged = gr.merge(a, b, ex)  # held: every pass sees the examples of the first, in its order
+    held = torch.cat([batch.inputs.first for batch in ex])
+    same = gr.merge(a, b, held, num_examples=40, batch_size=16)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(X), same(X), rtol=1e-6, atol=1e-6)
+
+
 def test_beyond_the_budget_a_stable_source_is_replayed():
     data = Counting([X[:16], X[16:32], X[32:]])
     ex = Examples(data, hold_bytes=200)
