@@ -5,7 +5,7 @@
 Merges two BatchNorm ResNet20s of width 2 at 32x32 (activation matching, exact REPAIR) over the
 same ``--examples`` random images, once in one process and once in ``--processes`` processes
 (gloo on the CPU, started here with the rendezvous environment torchrun sets), every process on
-one thread. Each rank passes ``graphrepair.distributed.shard``'s share of the examples to
+one thread. Each rank passes its share of the examples (``Examples.shard``) to
 ``graphrepair.merge_models``. Printed per run: the merge's wall time (the slowest rank, from a
 barrier just before ``merge_models`` to its return, after a warm-up merge of a few examples), and
 per rank the bytes it sent into collectives and the seconds spent inside them, by kind:
@@ -46,6 +46,7 @@ def worker(out: str, examples: int, batch_size: int, warm: int) -> None:
     import graphrepair as gr
     from fixtures.zoo import resnet20
     from graphrepair import distributed
+    from graphrepair.io.examples import Examples
 
     torch.set_num_threads(1)
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -56,9 +57,10 @@ def worker(out: str, examples: int, batch_size: int, warm: int) -> None:
         torch.manual_seed(seed)
         models.append(resnet20("bn", width=2).eval())
     x = torch.randn(examples, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    small, n_small = distributed.shard(x[:warm], warm, batch_size)
-    gr.merge_models(models, small, num_examples=n_small, batch_size=batch_size)  # warm-up
-    mine, count = distributed.shard(x, examples, batch_size)
+    small = Examples(x[:warm], warm, batch_size).shard(distributed.rank(), world)
+    gr.merge_models(models, small, num_examples=small.count, batch_size=batch_size)  # warm-up
+    mine = Examples(x, examples, batch_size).shard(distributed.rank(), world)
+    count = mine.count
     counters = distributed.counters()
     if counters is not None:
         counters.reset()

@@ -71,7 +71,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import datetime
-import math
 import os
 import re
 import signal
@@ -87,7 +86,7 @@ from graphrepair import errors
 from graphrepair.errors import GraphRepairError, RankLostError, TerminatedError
 
 __all__ = ["RankError", "Run", "agree_on_start", "all_reduce_sum", "broadcast_perms", "check", "counters",
-           "current", "is_empty", "is_reporting", "launch", "rank", "reduce_holders", "shard", "step", "world"]
+           "current", "is_reporting", "launch", "rank", "reduce_holders", "step", "world"]
 
 _FAILURES_KEY = "graphrepair/failures"
 _CHECK_EVERY_S = 0.2
@@ -419,54 +418,6 @@ def agree_on_start(states: list[dict[str, torch.Tensor]], example: torch.Tensor 
     src = holders[0]
     shared = run.broadcast_object(None if example is None else example.detach().cpu(), src, "broadcast")
     return shared
-
-
-def shard(data, num_examples: int | None, batch_size: int = 256, *, labeled: bool = False):
-    """(this rank's share of the first ``num_examples`` examples of ``data`` (None: all), its
-    number of examples), as the CLI cuts it: the examples are cut into batches of ``batch_size``
-    and each rank takes a contiguous block of whole batches (rank r: batches [r B / W, (r + 1) B / W)
-    of B), so that every batch is a batch one process would see. Tensors and in-memory datasets
-    are sliced (no copy); lists of batches are split by batch; other data is read into a list of
-    batches first (``labeled``: as (x, y) batches). Outside a distributed run: (data, num_examples)."""
-    from graphrepair.io.data import ArrayDataset, iter_batches, iter_labeled, take_examples
-
-    run = current()
-    if run is None:
-        return data, num_examples
-    if isinstance(data, (torch.Tensor, ArrayDataset)):
-        x = data if isinstance(data, torch.Tensor) else data.x
-        n = x.shape[0] if num_examples is None else min(num_examples, x.shape[0])
-        batches = math.ceil(n / batch_size)
-        lo = min(n, run.rank * batches // run.world * batch_size)
-        hi = min(n, (run.rank + 1) * batches // run.world * batch_size)
-        if isinstance(data, torch.Tensor):
-            return data[lo:hi], hi - lo
-        y = None if data.y is None else data.y[lo:hi]
-        return ArrayDataset(data.x[lo:hi], y, source=data.source), hi - lo
-    if num_examples is not None:  # the first num_examples examples of all the data, then the shares
-        data = list(take_examples(data, num_examples, batch_size, labeled=labeled))
-    elif not isinstance(data, list):
-        data = list(iter_labeled(data, batch_size) if labeled else iter_batches(data, batch_size))
-    batches = len(data)
-    mine = data[run.rank * batches // run.world:(run.rank + 1) * batches // run.world]
-    if not mine:
-        return [], 0
-    count = sum(x.shape[0] for x, _ in iter_labeled(mine, batch_size)) if labeled else \
-        sum(x.shape[0] for x in iter_batches(mine, batch_size))
-    return mine, count if num_examples is None else min(count, num_examples)
-
-
-def is_empty(data) -> bool:
-    """Whether ``data`` is an empty tensor, dataset or list (a rank's share with no batch)."""
-    from graphrepair.io.data import ArrayDataset
-
-    if isinstance(data, torch.Tensor):
-        return data.dim() > 0 and data.shape[0] == 0
-    if isinstance(data, (ArrayDataset, list, tuple, torch.utils.data.TensorDataset)):
-        return len(data) == 0
-    if isinstance(data, torch.utils.data.Dataset) and hasattr(data, "__len__"):
-        return len(data) == 0
-    return False
 
 
 # -- the command line ------------------------------------------------------------------------------

@@ -4,6 +4,8 @@ themselves: ``graphrepair.models``).
 - ``model_device(model)``: the device of a model's first parameter (or buffer), CPU without any.
   It is ``passes.modules.module_device`` (``passes`` cannot import ``graphrepair``; this is the
   name the application uses).
+- ``model_dtype(model)``: the dtype of a model's first floating parameter (or buffer), None
+  without one: the dtype floating inputs are cast to.
 - ``pick_device(name)``: "auto" | "cpu" | "cuda" -> a torch.device. Under a launcher that sets
   ``LOCAL_RANK`` (torchrun) "cuda" and "auto" pick this process's own GPU, ``cuda:LOCAL_RANK``;
   with fewer GPUs than processes on the node "auto" runs every process on the CPU.
@@ -21,7 +23,15 @@ from passes.modules import module_device as model_device
 
 from graphrepair.errors import GraphRepairError
 
-__all__ = ["local_rank", "model_device", "pick_device", "release"]
+__all__ = ["local_rank", "model_device", "model_dtype", "pick_device", "release"]
+
+
+def model_dtype(model: torch.nn.Module) -> torch.dtype | None:
+    """The dtype of the model's first floating parameter (or buffer), None without one."""
+    for t in (*model.parameters(), *model.buffers()):
+        if t.is_floating_point():
+            return t.dtype
+    return None
 
 
 def local_rank() -> int:

@@ -3,7 +3,7 @@
     python -m tests.dist_worker OUT_DIR CASE [CASE ...]
 
 joins the process group the environment describes (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT: what
-torchrun sets), runs each case over this rank's share of the data (``graphrepair.distributed.shard``)
+torchrun sets), runs each case over this rank's share of the data (``Examples.shard``)
 and saves what it found to OUT_DIR/CASE.rank{R}.pt. ``build(case)`` makes the same models and data
 in every process, so that the test can compute the one-process answer itself. The case ``fail``
 makes rank 1's data bad half way through its pass; every worker then saves the error it ended
@@ -129,10 +129,16 @@ class _Failing:
         raise gr.DataError("batch 2 of rank 1 is bad on purpose")
 
 
+def _share(t, n, bs, rank, world):
+    """This rank's share of the first ``n`` rows of ``t`` (``Examples.shard``) and its size."""
+    from graphrepair.io.examples import Examples
+
+    part = Examples(t, n, bs).shard(rank, world)
+    return (torch.cat([b.inputs.first for b in part]) if part.count else t[:0]), part.count
+
+
 def main() -> None:
     import torch.distributed as dist
-
-    from graphrepair import distributed
 
     out, cases = sys.argv[1], sys.argv[2:]
     torch.set_num_threads(1)
@@ -146,8 +152,8 @@ def main() -> None:
             if case == "fail" and rank == 1:
                 result = answer(case, _Failing(x), num_examples=n)
             else:
-                mine, count = distributed.shard(x, n, bs)
-                labels = None if y is None else distributed.shard(y, n, bs)[0]
+                mine, count = _share(x, n, bs, rank, dist.get_world_size())
+                labels = None if y is None else _share(y, n, bs, rank, dist.get_world_size())[0]
                 result = answer(case, mine, labels, num_examples=count)
         except Exception as e:  # the failure cases end here, on every rank
             result = {"error": f"{type(e).__name__}: {e}"}

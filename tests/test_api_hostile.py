@@ -114,7 +114,8 @@ def test_checkpoints_complex_refused_batchnorm_counter_optional(tmp_path):
 
 
 def test_checked_data_names_the_batch():
-    from graphrepair.io.data import CheckedData, LabelRule, iter_batches, iter_labeled
+    from graphrepair.io.checks import LabelRule
+    from graphrepair.io.examples import Examples
 
     x = torch.randn(10, 4)
 
@@ -123,13 +124,13 @@ def test_checked_data_names_the_batch():
         raise hostile_models.Stop("gone")
 
     with pytest.raises(DataError, match="src: reading batch 1 raised Stop: gone"):
-        list(iter_batches(CheckedData(failing(), where="src")))
+        list(Examples(failing(), where="src", strict=True))
     with pytest.raises(DataError, match="src: batch 1 has inputs of dtype float64"):
-        list(iter_batches(CheckedData([x, x.double()], where="src")))
+        list(Examples([x, x.double()], where="src", strict=True))
     labeled = [(x, torch.zeros(10, dtype=torch.long)), (x, torch.full((10,), 7))]
     with pytest.raises(DataError, match="src: batch 1: labels range over \\[7, 7\\].*5 outputs"):
-        list(iter_labeled(CheckedData(labeled, where="src", labels=LabelRule(5))))
-    assert len(list(iter_batches(CheckedData([x, x], where="src")))) == 2
+        list(Examples(labeled, where="src", labels=LabelRule(5), strict=True))
+    assert len(list(Examples([x, x], where="src", strict=True))) == 2
 
 
 def test_data_function_raising_base_exception(monkeypatch):

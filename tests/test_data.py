@@ -1,4 +1,4 @@
-"""graphrepair.io.data: batches from every accepted kind of data, example budgets, data files."""
+"""graphrepair.io.data and io.examples: batches from every accepted kind of data, numbers of examples, data files."""
 
 from __future__ import annotations
 
@@ -13,16 +13,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from graphrepair.io.data import (
-    ArrayDataset,
-    FewerExamplesWarning,
-    check_batch_shape,
-    iter_batches,
-    iter_labeled,
-    load_data,
-    load_data_file,
-    take_examples,
-)
+from graphrepair.io.data import ArrayDataset, load_data, load_data_file
+from graphrepair.io.checks import check_batch_shape
+from graphrepair.io.examples import Examples, FewerExamplesWarning
 from graphrepair.errors import DataError, LoadError
 from graphrepair.io.fileio import save_safetensors
 
@@ -39,7 +32,20 @@ def joined(batches) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------------
-# iter_batches / iter_labeled
+# Examples: batches of every kind of data (io.examples)
+
+
+def iter_batches(data, batch_size=256, device=None):
+    """The input tensor of every batch (one-input data)."""
+    return [b.inputs.first for b in Examples(data, None, batch_size, device=device)]
+
+
+def iter_labeled(data, batch_size=256, device=None):
+    return [(b.inputs.first, b.labels) for b in Examples(data, None, batch_size, device=device, labels=True)]
+
+
+def take_examples(data, n, batch_size=256):
+    return Examples(data, n, batch_size)
 
 
 def test_tensor_is_split() -> None:
@@ -65,13 +71,16 @@ def test_list_of_tuples_and_lists() -> None:
     assert torch.equal(torch.cat([y for _, y in pairs]), Y)
 
 
-def test_dict_batches() -> None:
+def test_dict_batches_keep_every_keyword_input() -> None:
     ids = torch.randint(0, 100, (4, 7))
-    assert torch.equal(next(iter_batches([{"attention_mask": ids * 0, "input_ids": ids}])), ids)
-    assert torch.equal(next(iter_batches([{"labels": Y[:4], "x": X[:4]}])), X[:4])
-    assert torch.equal(next(iter_batches([{"pixel_values": X[:4]}])), X[:4])  # first value
-    x, y = next(iter_labeled([{"input_ids": ids, "labels": Y[:4]}]))
-    assert torch.equal(x, ids) and torch.equal(y, Y[:4])
+    (batch,) = Examples([{"attention_mask": ids * 0, "input_ids": ids}])
+    assert batch.inputs.names == ["attention_mask", "input_ids"]  # the mask is not dropped
+    assert torch.equal(batch.inputs.kwargs["input_ids"], ids) and batch.inputs.args == ()
+    assert torch.equal(next(iter(iter_batches([{"labels": Y[:4], "x": X[:4]}]))), X[:4])
+    (batch,) = Examples([{"pixel_values": X[:4]}])
+    assert torch.equal(batch.inputs.kwargs["pixel_values"], X[:4])
+    (batch,) = Examples([{"input_ids": ids, "labels": Y[:4]}], labels=True)
+    assert batch.inputs.names == ["input_ids"] and torch.equal(batch.labels, Y[:4])
 
 
 def test_in_memory_datasets_are_sliced() -> None:
@@ -79,6 +88,14 @@ def test_in_memory_datasets_are_sliced() -> None:
         assert sizes(iter_batches(data, batch_size=4)) == [4, 4, 2]
         pairs = list(iter_labeled(data, batch_size=4))
         assert torch.equal(torch.cat([y for _, y in pairs]), Y)
+
+
+def test_dict_of_keyword_arrays_is_split() -> None:
+    ids = torch.randint(0, 100, (10, 7))
+    batches = list(Examples({"input_ids": ids, "attention_mask": ids % 2, "labels": Y}, None, 4, labels=True))
+    assert [b.size for b in batches] == [4, 4, 2]
+    assert torch.equal(torch.cat([b.inputs.kwargs["attention_mask"] for b in batches]), ids % 2)
+    assert torch.equal(torch.cat([b.labels for b in batches]), Y)
 
 
 def test_xy_tuple_is_a_dataset_but_a_list_is_batches() -> None:
@@ -108,6 +125,13 @@ def test_generator_and_integer_dtype_kept() -> None:
     assert torch.equal(torch.cat(out), ids)
 
 
+def test_floating_inputs_take_the_dtype_given_integers_stay() -> None:
+    ids = torch.randint(0, 50, (6, 5))
+    (batch,) = Examples([{"input_ids": ids, "mask": ids.float()}], dtype=torch.bfloat16)
+    assert batch.inputs.kwargs["input_ids"].dtype == torch.int64
+    assert batch.inputs.kwargs["mask"].dtype == torch.bfloat16
+
+
 def test_device_move() -> None:
     (x,) = iter_batches(X, batch_size=32, device="cpu")
     assert x.device.type == "cpu"
@@ -117,7 +141,7 @@ def test_device_move() -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_device_move_cuda() -> None:
-    x, y = next(iter_labeled([(X, Y)], device="cuda"))
+    x, y = next(iter(iter_labeled([(X, Y)], device="cuda")))
     assert x.is_cuda and y.is_cuda
 
 
@@ -146,12 +170,12 @@ def test_exhausted_generator_explains() -> None:
         (Path("fit.npz"), r"use graphrepair.io.data.load_data"),
         (torch.tensor(3.0), "scalar tensor"),
         (42, "int is not a tensor, a dataset or an iterable of batches"),
-        ([3, 4], "batch 0 is a int"),
-        ([X, ()], "batch 1 is an empty tuple"),
-        ([({"a": 1}, Y)], "the input of batch 0 is a dict, not a tensor"),
-        ([torch.tensor(1.0)], "the input of batch 0 is a scalar"),
-        ([{}], "batch 0 is an empty dict"),
-        ({"images": X}, "dict is not a tensor"),
+        ([3, 4], "batch 0 of the list given is a int"),
+        ([X, ()], "batch 1 of the list given is an empty tuple"),
+        ([({"a": 1}, Y)], "the input of batch 0 of the list given: 'a' is a int, not a tensor"),
+        ([torch.tensor(1.0)], "the input '0' of batch 0 of the list given is a scalar"),
+        ([{}], "batch 0 of the list given is an empty dict"),
+        ({"images": [1, 2]}, "dict is not a tensor"),
     ],
 )
 def test_bad_data(data, message: str) -> None:
@@ -166,26 +190,26 @@ def test_bad_batch_size(batch_size) -> None:
 
 
 def test_labels_required_for_evaluation() -> None:
-    with pytest.raises(DataError, match="batch 0 of the data tensor has inputs but no labels"):
+    with pytest.raises(DataError, match="the data tensor: batch 0 has inputs but no labels"):
         list(iter_labeled(X))
     with pytest.raises(DataError, match="batch 0 has 5 inputs but labels of shape \\(4,\\)"):
         list(iter_labeled([(X[:5], Y[:4])]))
     with pytest.raises(DataError, match="x has 10 examples, y has 4"):
         list(iter_labeled(ArrayDataset(X, Y[:4])))
-    with pytest.raises(DataError, match="labels of batch 0 are a list"):
+    with pytest.raises(DataError, match="the labels are a list"):
         list(iter_labeled([(X[:2], ["cat", "dog"])]))
 
 
 # --------------------------------------------------------------------------------------------------
-# take_examples
+# A number of examples
 
 
 def test_take_examples_trims_last_batch() -> None:
     stream = take_examples(X, 7, batch_size=3)
-    batches = list(stream)
+    batches = iter_batches(stream)
     assert sizes(batches) == [3, 3, 1]
     assert torch.equal(torch.cat(batches), X[:7])
-    assert stream.count == 7 and stream.requested == 7
+    assert stream.count == 7 and stream.n == 7
 
 
 def test_take_examples_stops_reading() -> None:
@@ -198,26 +222,25 @@ def test_take_examples_stops_reading() -> None:
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no warning when enough examples exist
-        assert sizes(take_examples(endless(), 10)) == [4, 4, 2]
+        assert sizes(iter_batches(take_examples(endless(), 10))) == [4, 4, 2]
     assert pulled == [0, 1, 2]
 
 
 def test_take_examples_exact_fit_no_warning() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert sizes(take_examples(X, 10, batch_size=5)) == [5, 5]
+        assert sizes(iter_batches(take_examples(X, 10, batch_size=5))) == [5, 5]
 
 
 def test_take_examples_warns_with_count() -> None:
     stream = take_examples([X[:4], X[:3]], 5000)
-    with pytest.warns(FewerExamplesWarning, match="has only 7 examples, fewer than the 5000 requested; using 7") as record:
-        assert sizes(stream) == [4, 3]
+    with pytest.warns(FewerExamplesWarning, match="has only 7 examples, fewer than the 5000 requested; using 7"):
+        assert [b.size for b in stream] == [4, 3]
     assert stream.count == 7
-    assert record[0].filename == __file__  # points at the caller's loop
 
 
 def test_take_examples_labeled() -> None:
-    pairs = list(take_examples(ArrayDataset(X, Y), 5, batch_size=4, labeled=True))
+    pairs = [(b.inputs.first, b.labels) for b in Examples(ArrayDataset(X, Y), 5, 4, labels=True)]
     assert [(x.shape[0], y.shape[0]) for x, y in pairs] == [(4, 4), (1, 1)]
     assert torch.equal(pairs[1][1], Y[4:5])
 
@@ -227,7 +250,7 @@ def test_take_examples_empty_data() -> None:
         list(take_examples([], 10))
 
 
-@pytest.mark.parametrize("n", [0, -3, 1.5, None])
+@pytest.mark.parametrize("n", [0, -3, 1.5])
 def test_take_examples_bad_count(n) -> None:
     with pytest.raises(DataError, match="number of examples must be a positive integer"):
         take_examples(X, n)

@@ -96,28 +96,28 @@ def test_ties_are_broken_by_a_rule_that_summation_order_cannot_change():
         assert torch.equal(lap(tie_safe(c + noise * (c != 0))), base)
 
 
-def test_shard_cuts_whole_batches_in_contiguous_blocks(monkeypatch):
+def test_shard_cuts_whole_batches_in_contiguous_blocks():
     from graphrepair.io.data import ArrayDataset
+    from graphrepair.io.examples import Examples
 
     def shares(data, n, bs, world=2):
-        out = []
-        for r in range(world):
-            monkeypatch.setattr(distributed, "current", lambda r=r: distributed.Run(r, world, torch.device("cpu"), None))
-            out.append(distributed.shard(data, n, bs))
-        return out
+        return [Examples(data, n, bs).shard(r, world) for r in range(world)]
+
+    def joined(part, labels=False):
+        return torch.cat([b.labels if labels else b.inputs.first for b in part])
 
     x = torch.arange(100.0)[:, None]
-    (a, na), (b, nb) = shares(x, 100, 16)  # 7 batches: 3 and 4
-    assert (na, nb) == (48, 52) and torch.equal(torch.cat([a, b]), x)
-    (a, na), (b, nb) = shares(ArrayDataset(x, torch.arange(100)), 90, 16)
-    assert (na, nb) == (48, 42) and torch.equal(b.y, torch.arange(48, 90))
-    (a, na), (b, nb) = shares(x, 10, 16)  # one batch: rank 0 has none
-    assert (na, nb) == (0, 10) and a.shape[0] == 0 and distributed.is_empty(a)
+    a, b = shares(x, 100, 16)  # 7 batches: 3 and 4
+    assert (a.count, b.count) == (48, 52) and torch.equal(torch.cat([joined(a), joined(b)]), x)
+    a, b = shares(ArrayDataset(x, torch.arange(100)), 90, 16)
+    assert (a.count, b.count) == (48, 42) and torch.equal(joined(b, labels=True), torch.arange(48, 90))
+    a, b = shares(x, 10, 16)  # one batch: rank 0 has none
+    assert (a.count, b.count) == (0, 10) and a.empty and list(a) == []
     batches = [x[i:i + 30] for i in range(0, 100, 30)]  # a list: split by batch, after the first n
-    (a, na), (b, nb) = shares(batches, 70, 30)
-    assert (na, nb) == (30, 40) and len(a) == 1 and len(b) == 2
+    a, b = shares(batches, 70, 30)
+    assert (a.count, b.count) == (30, 40) and len(list(a)) == 1 and len(list(b)) == 2
     three = shares(x, 100, 16, world=3)
-    assert [n for _, n in three] == [32, 32, 36]
+    assert [p.count for p in three] == [32, 32, 36]
 
 
 # -- two processes ----------------------------------------------------------------------------------

@@ -114,29 +114,6 @@ def test_exact_repair_of_identical_endpoints_is_the_identity(name, batch_size):
             assert rel < 1e-5, (repair, rel)
 
 
-def test_batches_the_repair_pass_does_not_recognise_get_the_global_goal(monkeypatch):
-    """A loader that gives other batches in the REPAIR pass than in the joint pass (shuffling):
-    no batch's key matches, every batch is normalised to the global goal, as when no per-batch
-    goals exist at all."""
-    import graphrepair.merging.merge as merge_module
-
-    entry = ZOO["resnet20_bn"]
-    torch.manual_seed(0)
-    a, b = (randomize_(entry.factory().eval(), seed=s) for s in (1, 2))
-    x = entry.example_inputs(batch=48, seed=3)[0]
-    prep = prepare([a, b], x, num_examples=48, batch_size=16)
-    assert len(prep.stats[0].batch_keys) == 3
-    assert len(merge_module.batch_goals(prep.spec, prep.points, prep.stats, prep.perms, [0.5, 0.5])) == 3
-    with torch.no_grad():
-        per_batch = merge_prepared(prep, [0.5, 0.5], "exact").model(x)
-        monkeypatch.setattr(merge_module, "batch_key", lambda t: (-1, 0.0))  # nothing matches
-        unrecognised = merge_prepared(prep, [0.5, 0.5], "exact").model(x)
-        monkeypatch.setattr(merge_module, "batch_goals", lambda *args: [])
-        global_goal = merge_prepared(prep, [0.5, 0.5], "exact").model(x)
-    assert torch.equal(unrecognised, global_goal)
-    assert not torch.allclose(per_batch, global_goal, rtol=1e-6, atol=1e-6)  # the goals did differ
-
-
 def test_prepared_alignment_does_not_follow_later_changes_of_b(digits_pair, digits_spec):
     (a, b), x, _ = digits_pair
     b = copy.deepcopy(b)  # changed below; the fixture is shared

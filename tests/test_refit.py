@@ -13,7 +13,8 @@ import graphrepair as gr
 from fixtures.zoo import mlp, resnet20
 from graphrepair.errors import GraphRepairError
 from graphrepair.merging import refit as R
-from graphrepair.merging.merge import FitData, merge_models
+from graphrepair.io.examples import Examples
+from graphrepair.merging.merge import merge_models
 from tests.dist_worker import SplitHeadLM
 from tests.helpers import randomize_
 
@@ -38,7 +39,7 @@ class ConvNet(nn.Module):
 
 
 def _fit(x, batch=16):
-    return FitData(x, len(x), batch, x.device)
+    return Examples(x, len(x), batch, device=x.device)
 
 
 def _perturbed(model, seed=1, scale=0.3):

@@ -10,14 +10,14 @@ first batch (what the passes use), so that a model that fixes its batch size is 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from graphrepair.cli.common import Session, one_line
 from graphrepair.errors import CheckpointError, DataError, GraphRepairError, LoadError, ShapeError
 
-BATCH = 256  # the batch size of the statistics passes (merging.merge.FitData)
+BATCH = 256  # the batch size of the statistics passes
 
 
 def with_option(option: str, ref, error: GraphRepairError) -> GraphRepairError:
@@ -112,12 +112,13 @@ def load_models(model_ref: str, checkpoints: list[tuple[str, str]], device) -> l
 
 
 def run_model(model, x, what: str, error: type[GraphRepairError] = DataError):
-    """``model(x)`` without gradients; a failure is bad input, said in one line led by ``what``."""
+    """``model(x)`` (``x``: a tensor or ``Inputs``) without gradients; a failure is bad input, said
+    in one line led by ``what``."""
     import torch
 
     try:
         with torch.no_grad():
-            return model(x)
+            return x.call(model) if hasattr(x, "call") else model(x)
     except GraphRepairError:
         raise
     except Exception as e:
@@ -125,17 +126,22 @@ def run_model(model, x, what: str, error: type[GraphRepairError] = DataError):
 
 
 def _describe(x) -> str:
+    """``x`` (a tensor or ``Inputs``) as the shape and dtype of one example."""
+    if hasattr(x, "named"):
+        if len(x.tensors()) != 1:
+            return ", ".join(f"{n}: {tuple(t.shape[1:])} ({str(t.dtype).replace('torch.', '')})" for n, t in x.named())
+        x = x.first
     return f"shape {tuple(x.shape[1:])} ({str(x.dtype).replace('torch.', '')})"
 
 
 def probe(model, first, option: str, ref: str):
-    """Run ``model`` on two examples of the first batch, then on the whole batch; returns the
-    outputs on the two examples."""
-    out = run_model(model, first[:2], f"{option} {ref}: the model cannot run on its examples of "
-                                      f"{_describe(first)}; give data shaped like the model's input")
-    if first.shape[0] > 2:
+    """Run ``model`` on two examples of the first batch (``Inputs``), then on the whole batch;
+    returns the outputs on the two examples."""
+    out = run_model(model, first.head(2), f"{option} {ref}: the model cannot run on its examples of "
+                                          f"{_describe(first)}; give data shaped like the model's input")
+    if first.batch_size > 2:
         run_model(model, first, f"{option} {ref}: the model runs on 2 examples but not on a batch of "
-                                f"{first.shape[0]} (does it fix its batch size? the passes run batches of up "
+                                f"{first.batch_size} (does it fix its batch size? the passes run batches of up "
                                 f"to {BATCH})")
     return out
 
@@ -145,7 +151,7 @@ def require_groups(model, example, model_ref: str):
     from graphrepair.discovery.discover import discover
     from graphrepair.merging.diagnostics import require_groups as groups_of
 
-    return groups_of(discover(model, (example,)), model_ref, see=f"graphrepair inspect --model {model_ref}")
+    return groups_of(discover(model, example), model_ref, see=f"graphrepair inspect --model {model_ref}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -154,7 +160,8 @@ def require_groups(model, example, model_ref: str):
 
 def load(ref: str, option: str):
     """``io.data.load_data(ref)``, held in memory as a checked ArrayDataset when it is arrays."""
-    from graphrepair.io.data import in_memory, load_data
+    from graphrepair.io.data import load_data
+    from graphrepair.io.examples import in_memory
 
     try:
         data = load_data(ref)
@@ -165,7 +172,8 @@ def load(ref: str, option: str):
 
 @dataclass
 class Fit:
-    """The --data of a run: the data, the examples to use, two examples on the device."""
+    """The --data of a run: its Examples (this process's share under torchrun), the examples to
+    use, two examples on the device."""
 
     data: object
     examples: int
@@ -173,10 +181,23 @@ class Fit:
     notes: list[str] = field(default_factory=list)
 
 
+def _share(examples):
+    """This process's share of ``examples`` under torchrun (a contiguous block of whole batches)."""
+    from graphrepair import distributed
+
+    run = distributed.current()
+    return examples if run is None else examples.shard(run.rank, run.world)
+
+
 def fit_data(ref: str, model, num_examples: int, device, needs_statistics: bool) -> Fit:
     """--data, checked and tried on the model. ``needs_statistics``: the run estimates channel
-    statistics from it (activation matching, REPAIR), which needs at least two different examples."""
-    from graphrepair.io.data import ArrayDataset, CheckedData, check_examples_vary, iter_batches, take_examples
+    statistics from it (activation matching, REPAIR), which needs at least two different examples.
+    Data held as arrays were checked whole when loaded; other data are checked batch by batch as
+    they stream (``Examples(strict=True)``)."""
+    from graphrepair.io.data import ArrayDataset
+    from graphrepair.io.checks import check_examples_vary
+    from graphrepair.io.examples import Examples
+    from graphrepair.runtime import model_dtype
 
     where = f"--data {ref}"
     data = load(ref, "--data")
@@ -186,22 +207,25 @@ def fit_data(ref: str, model, num_examples: int, device, needs_statistics: bool)
         if n < num_examples:
             notes.append(f"{where} has {n} examples; all of them are used (--num-examples {num_examples})")
             num_examples = n
-    else:
-        data = CheckedData(data, where=where, like=None)
-        if isinstance(data.data, Iterator):  # one-shot: keep the examples the passes will need
-            data = list(take_examples(data, num_examples, BATCH))
     if needs_statistics and num_examples < 2:
         raise DataError(f"{where}: {num_examples} example{'s' if num_examples != 1 else ''} cannot give channel "
                         f"statistics (a variance needs at least 2; thousands give good ones); give more "
                         f"examples or raise --num-examples")
     if needs_statistics and isinstance(data, ArrayDataset):
         check_examples_vary(data.x[:num_examples], where)
-    first = next(iter_batches(data, BATCH))[:BATCH].to(device)
-    probe(model, first, "--data", ref)
-    from graphrepair import distributed
-
-    data, num_examples = distributed.shard(data, num_examples, BATCH)  # this rank's batches under torchrun
-    return Fit(_to_device(data, device, num_examples), num_examples, first[:2], notes)
+    fit = Examples(data, num_examples, BATCH, device=device, dtype=model_dtype(model), where=where,
+                   strict=not isinstance(data, ArrayDataset))
+    first = fit.example(BATCH)
+    try:
+        probe(model, first, "--data", ref)
+    except DataError:
+        better = fit.missing_batch_axis(model)  # single examples: say so, not "cannot run"
+        if better is not None:
+            raise with_option("--data", ref, better) from None
+        raise
+    fit = _share(fit)
+    count = fit.count
+    return Fit(fit, num_examples if count is None else count, first.head(2), notes)
 
 
 def classifier_logits(out, where: str):
@@ -227,50 +251,43 @@ def classifier_logits(out, where: str):
 
 
 def eval_data(ref: str, model, example, device):
-    """--eval: labeled data like --data (same example shape and dtype), with integer class indices
+    """--eval: labeled data like --data (same example shape and kind), with integer class indices
     within the model's number of outputs, checked whole or batch by batch as it streams."""
-    from graphrepair.io.data import ArrayDataset, CheckedData, LabelRule, check_batch_shape, check_labels
+    from graphrepair.io.data import ArrayDataset
+    from graphrepair.io.checks import LabelRule, check_batch_shape, check_labels
+    from graphrepair.io.examples import Examples
+    from graphrepair.runtime import model_dtype
 
     where = f"--eval {ref}"
     data = load(ref, "--eval")
     if isinstance(data, ArrayDataset) and data.y is None:
         raise DataError(f"{where} has no labels: evaluation needs a 'y' array of class indices "
                         f"next to 'x' (e.g. numpy.savez(path, x=inputs, y=labels))")
-    if not isinstance(data, ArrayDataset):
-        data = CheckedData(data, where=where, like=None)
-        if isinstance(data.data, Iterator):  # evaluated once per model and alpha: keep it
-            data = list(data)
-    first = next(iter(data if not isinstance(data, ArrayDataset) else [(data.x[:64], data.y[:64])]))
-    x, y = first if isinstance(first, tuple) else (first, None)
-    if x.dtype != example.dtype:
-        raise DataError(f"{where}: inputs have dtype {str(x.dtype).replace('torch.', '')} but --data has "
-                        f"{str(example.dtype).replace('torch.', '')}; give both the same")
-    if x.is_floating_point():
-        check_batch_shape(x, tuple(example.shape[1:]), where)
-    else:
-        check_batch_shape(x, (None,) * (example.dim() - 1), where)
-    out = run_model(model, x[:2].to(device), f"{where}: the model cannot run on its examples of {_describe(x)}")
+    held = isinstance(data, ArrayDataset)
+    evaluation = Examples(data, None, 512, device=device, dtype=model_dtype(model), where=where, labels=True,
+                          strict=not held, consistent=False)
+    batch = evaluation.first()
+    first = batch.inputs.head(64)
+    if first.names != example.names:
+        raise DataError(f"{where}: inputs {', '.join(first.names)} but --data has {', '.join(example.names)}; "
+                        f"give both the same")
+    for (_, x), (_, like) in zip(first.named(), example.named()):
+        if x.dtype != like.dtype:
+            raise DataError(f"{where}: inputs have dtype {str(x.dtype).replace('torch.', '')} but --data has "
+                            f"{str(like.dtype).replace('torch.', '')}; give both the same")
+        if x.is_floating_point():
+            check_batch_shape(x, tuple(like.shape[1:]), where)
+        else:
+            check_batch_shape(x, (None,) * (like.dim() - 1), where)
+    out = run_model(model, first.head(2), f"{where}: the model cannot run on its examples of {_describe(first)}")
     logits = classifier_logits(out, where)
     rule = LabelRule(int(logits.shape[-1]), logits.dim() - 1)
-    from graphrepair import distributed
-
-    if isinstance(data, ArrayDataset):
+    if held:
         check_labels(data.y, data.x, rule, where)
-        return _to_device(distributed.shard(data, None, 512, labeled=True)[0], device)
-    check_labels(y, x, rule, where, 0)
-    return distributed.shard(CheckedData(data, where=where, like=x, labels=rule), None, 512, labeled=True)[0]
-
-
-def _to_device(data, device, limit: int | None = None):
-    """In-memory data moves to the device once (at most ``limit`` examples); other data is moved
-    batch by batch by the passes."""
-    from graphrepair.io.data import ArrayDataset
-
-    if isinstance(data, ArrayDataset):
-        x = data.x if limit is None else data.x[:limit]
-        y = None if data.y is None else (data.y if limit is None else data.y[:limit])
-        return ArrayDataset(x.to(device), None if y is None else y.to(device), source=data.source)
-    return data
+    else:
+        check_labels(batch.labels, batch.inputs, rule, where, 0)
+        evaluation.labels = rule  # and every batch as it streams
+    return _share(evaluation)
 
 
 __all__ = ["BATCH", "Fit", "check_checkpoint", "check_files", "classifier_logits",

@@ -18,9 +18,10 @@ import torch
 from torch import nn
 
 from graphrepair.io.data import ArrayDataset
+from graphrepair.io.examples import Examples
 from graphrepair.errors import GraphRepairError, OutputError
 from graphrepair.merging.merge import MergeResult, merge_prepared
-from graphrepair.study.runner import Study, known_length, run_study
+from graphrepair.study.runner import Study, run_study
 from graphrepair.study.tables import plural
 
 DEMO_ALPHA = 0.5
@@ -235,7 +236,7 @@ def run_demo(out_dir: str | Path | None = "graphrepair-demo", *, pair: str | Dem
         pair = builders[pair](device=device, **pair_options)
     seconds = {"pair": pair.seconds}
     t = time.perf_counter()
-    n = known_length(pair.fit) or 5000
+    n = Examples(pair.fit).count or 5000  # all the examples of in-memory data
     study = run_study(pair.model_a, pair.model_b, fit_data=pair.fit, eval_data=pair.eval, alphas=alphas,
                       method="activation", repair="exact", num_examples=n, layers=True,
                       layer_alpha=DEMO_ALPHA, quiet=quiet)
@@ -272,9 +273,7 @@ def write_outputs(result: DemoResult, out: Path, written: list[Path] | None = No
 
 def first_examples(data, n: int = 2) -> torch.Tensor:
     """The first ``n`` inputs of ``data`` (the example input of an ONNX export)."""
-    from graphrepair.io.data import iter_batches
-
-    return next(iter_batches(data, n))[:n]
+    return Examples(data, n, n).example(n).first
 
 
 __all__ = ["DemoPair", "DemoResult", "PAIRS", "available_pairs", "digits_mlp_pair", "shipped_pairs", "first_examples",

@@ -19,6 +19,7 @@ import torch.fx
 from torch import nn
 
 from graphrepair.errors import ShapeError, TraceError
+from graphrepair.io.inputs import Inputs
 from graphrepair.models import eval_mode
 
 
@@ -48,6 +49,8 @@ class Traced:
 
 
 def as_tuple(example_inputs) -> tuple:
+    if isinstance(example_inputs, Inputs) and not example_inputs.kwargs:
+        return example_inputs.args
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
     if isinstance(example_inputs, list):

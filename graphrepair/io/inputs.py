@@ -132,14 +132,22 @@ class Inputs:
 
     def fingerprint(self) -> tuple:
         """A cheap identity of the examples (shapes and two float64 sums per tensor, one of them
-        weighted by position): the same batch read twice gives the same fingerprint, a reordered or
-        other batch almost surely not. Used to check that a pass sees the examples of the last."""
-        out = []
-        for name, t in self.named():
-            flat = t.detach().reshape(t.shape[0], -1).double() if t.dim() else t.detach().double().reshape(1, 1)
-            rows = torch.arange(1, flat.shape[0] + 1, dtype=torch.float64, device=flat.device)
-            out.append((name, tuple(t.shape), float(flat.sum()), float((flat.sum(1) * rows).sum())))
-        return tuple(out)
+        weighted by position), read from the device once: the same batch read twice gives the same
+        fingerprint, a reordered or other batch almost surely not. Used to check that a pass sees
+        the examples of the first."""
+        sums = []
+        for _, t in self.named():
+            rows = t.detach().reshape(t.shape[0], -1) if t.dim() else t.detach().reshape(1, 1)
+            per_row = rows.sum(1, dtype=torch.float64)
+            where = torch.arange(1, per_row.shape[0] + 1, dtype=torch.float64, device=per_row.device)
+            sums.append(torch.stack([per_row.sum(), (per_row * where).sum()]))
+        values = torch.cat(sums).tolist() if sums else []
+        return tuple((name, tuple(t.shape), values[2 * i], values[2 * i + 1])
+                     for i, (name, t) in enumerate(self.named()))
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name, _ in self.named()]
 
     def describe(self) -> str:
         return ", ".join(f"{n}: {tuple(t.shape)} {str(t.dtype).replace('torch.', '')}" for n, t in self.named())
@@ -165,6 +173,12 @@ class Inputs:
             return t.to(device, non_blocking=True) if device is not None else t
         return self.map(move)
 
+    def detach(self) -> Inputs:
+        return self.map(lambda t: t.detach())
+
+    def cpu(self) -> Inputs:
+        return self.map(lambda t: t.cpu())
+
     def call(self, model: Callable[..., Any]) -> Any:
         """``model(*args, **kwargs)``."""
         return model(*self.args, **self.kwargs)
@@ -184,8 +198,9 @@ def split_batch(batch: Any, where: str = "the data") -> tuple[Inputs, Any]:
     * a tensor: the input, no labels;
     * a tuple/list: its first item is the input (a tensor, a tuple of tensors or a dict), its second
       (if any) the labels;
-    * a dict: with ``"x"``, the input is ``x`` (labels ``y``); else every entry but the labels
-      (``labels``, ``label``, ``y``) is a keyword input, as a Hugging Face batch holds them.
+    * a dict: ``{"x": ..., "y": ...}`` (``x`` and labels only) holds the input under ``x``; any
+      other dict is keyword inputs, every entry but the labels (``labels``, ``label``, ``y``), as a
+      Hugging Face batch holds them (nothing is dropped).
     """
     what = ("each batch must be an input (a tensor, or a dict of tensors for keyword inputs) or "
             "(input, labels); a tuple of several inputs goes inside: ((a, b), labels)")
@@ -201,7 +216,7 @@ def split_batch(batch: Any, where: str = "the data") -> tuple[Inputs, Any]:
         if not batch:
             raise DataError(f"{where} is an empty dict; {what}")
         labels = next((batch[k] for k in LABEL_KEYS if k in batch), None)
-        if "x" in batch:
+        if "x" in batch and set(batch) <= {"x", *LABEL_KEYS}:
             return Inputs.of(batch["x"], f"'x' of {where}"), _labels(labels)
         return Inputs.of(batch, where), _labels(labels)
     raise DataError(f"{where} is a {type(batch).__name__}; {what}")

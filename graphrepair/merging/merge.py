@@ -24,7 +24,7 @@ from graphrepair.discovery.spec import PermutationSpec
 from graphrepair.errors import GraphRepairError
 from graphrepair.merging.checks import check_same_architecture
 from graphrepair.merging.weight_match import weight_matching
-from graphrepair.merging.prepare import FitData, METHODS, Prepared, prepare  # noqa: F401 (FitData)
+from graphrepair.merging.prepare import METHODS, Prepared, prepare
 from graphrepair.merging.refit import EXAMPLES as REFIT_EXAMPLES
 from graphrepair.merging.refit import Refit, check_refit
 from graphrepair.merging.refit import refit as refit_layers
@@ -167,14 +167,13 @@ def merge_prepared(prep: Prepared, weights: list[float], repair: str | None,
         used, asked = (stats0.examples, stats0.requested) if stats0 is not None else (None, None)
     else:
         used, asked = fit.count, fit.n
-    if used is not None and used < asked:
+    if used is not None and asked is not None and used < asked:
         result.notes.append(f"used {used} examples (fewer than the {asked} requested)")
     if repair in ("exact", "approx"):
         goals = goal_statistics(prep.spec, prep.points, prep.stats, prep.perms, weights)
         running = (closed_form_statistics(prep.spec, prep.points, prep.stats[0], prep.perms[0], weights[1])
                    if repair == "approx" else None)
-        per_batch = ((batch_goals(prep.spec, prep.points, prep.stats, prep.perms, weights), prep.stats[0].batch_keys)
-                     if running is None else None)
+        per_batch = batch_goals(prep.spec, prep.points, prep.stats, prep.perms, weights) if running is None else None
         done = repair_merged(prep.spec, models[0], merged_state, goals, prep.points, fit=fit, running=running,
                              quiet=quiet, keep_unfolded=keep_unfolded, per_batch=per_batch)
         result.model, result.resets, result.folded, result.kept = done.model, done.resets, done.folded, done.kept

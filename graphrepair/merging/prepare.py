@@ -5,8 +5,6 @@ not depend on alpha or the repair mode (``Prepared``), so that a barrier curve a
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -15,75 +13,45 @@ from torch import nn
 from graphrepair import distributed
 from graphrepair.discovery.discover import discover
 from graphrepair.discovery.spec import PermutationSpec
-from graphrepair.errors import CheckError, DataError, GraphRepairError
-from graphrepair.io.data import take_examples
+from graphrepair.errors import CheckError, DataError, GraphRepairError, ShapeError
+from graphrepair.io.examples import Examples
+from graphrepair.io.inputs import Inputs
 from graphrepair.merging.activation_match import activation_perms, paired_corr, tie_safe, unsignalled
 from graphrepair.merging.checks import check_same_architecture
 from graphrepair.merging.weight_match import WeightScores, weight_matching
 from graphrepair.merging.points import ResetPoint, observation_points, reset_points
 from graphrepair.merging.stats import PairStats, collect
 from graphrepair.models import check_finite, copy_with_state
-from graphrepair.runtime import model_device, release
+from graphrepair.runtime import model_device, model_dtype, release
 
 METHODS = ("activation", "weight")
 
 
-class FitData:
-    """Fitting data that can be read several times: re-iterable data is re-read, a one-shot
-    iterator is read once and its batches kept (inputs only, on the models' device).
-
-    In a distributed run (``graphrepair.distributed``) this is the rank's own share: it may be
-    empty (no batch, ``num_examples`` 0), ``example()`` is the batch every rank traced with
-    (``shared_example``), ``totals`` the examples used and asked for by all ranks together (set by
-    the joint pass), and iterating checks between batches whether another rank has failed."""
-
-    def __init__(self, data, num_examples: int, batch_size: int, device: torch.device):
-        self.n, self.batch_size, self.device = num_examples, batch_size, device
-        self.cached = None
-        self.data = data
-        self.count = None
-        self.shared_example: torch.Tensor | None = None
-        self.totals: tuple[int, int] | None = None
-        self.empty = distributed.current() is not None and (num_examples == 0 or distributed.is_empty(data))
-        if self.empty:
-            self.cached, self.n, self.count = [], 0, 0
-        elif isinstance(data, Iterator):
-            self.cached = list(self._stream())
-
-    def _stream(self):
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            stream = take_examples(self.data, self.n, self.batch_size, self.device)
-            yield from stream
-        self.count = stream.count
-        for w in caught:
-            warnings.warn(w.message, w.category, stacklevel=4)
-
-    def __iter__(self):
-        batches = iter(self.cached) if self.cached is not None else self._stream()
-        return batches if distributed.current() is None else self._checked(batches)
-
-    @staticmethod
-    def _checked(batches):
-        for x in batches:
-            distributed.check()
-            yield x
-
-    def batches(self) -> int:
-        return -(-self.n // self.batch_size)
-
-    def example(self) -> torch.Tensor:
-        """Two examples to trace with: the shared example in a distributed run, else the first
-        batch's first two."""
-        if self.shared_example is not None:
-            return self.shared_example
-        return next(iter(self))[:2]
-
-    def local_example(self) -> torch.Tensor | None:
-        return None if self.empty else next(iter(self))[:2]
+def fitting_examples(data, num_examples: int, batch_size: int, models: list[nn.Module]) -> Examples:
+    """The fitting data as the Examples every pass of a merge reads: on model 0's device, floating
+    inputs in its dtype. In a distributed run (``graphrepair.distributed``) this is the rank's own
+    share: it may be empty, and every batch first checks whether another rank has failed."""
+    run = distributed.current() is not None
+    if run and num_examples == 0 and not isinstance(data, Examples):
+        data, num_examples = [], None
+    return Examples.of(data, num_examples, batch_size, device=model_device(models[0]),
+                       dtype=model_dtype(models[0]), allow_empty=run,
+                       between=distributed.check if run else None)
 
 
-def align_pair(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module, fit: FitData, *,
+def discover_on(model: nn.Module, fit: Examples) -> PermutationSpec:
+    """``discover(model, fit.example())``; when the model does not run on the example because the
+    data yields single examples without a batch axis, the DataError that says so."""
+    try:
+        return discover(model, fit.example())
+    except ShapeError as e:
+        better = fit.missing_batch_axis(model)
+        if better is not None:
+            raise better from e
+        raise
+
+
+def align_pair(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module, fit: Examples, *,
                method: str, resets: list[ResetPoint], cross_at_resets: bool, quiet: bool,
                seed: int = 0) -> tuple[dict[str, torch.Tensor], PairStats | None, dict[str, float]]:
     """Permutations of B's groups onto A, and the pass statistics (None for weight matching
@@ -97,7 +65,7 @@ def align_pair(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module, fi
     if method == "activation" or resets:
         observe = observation_points(spec) if method == "activation" else {}
         stats = collect(spec, model_a, model_b, fit, observe, resets, cross_at_resets=cross_at_resets,
-                        quiet=quiet, total=fit.batches(), requested=fit.n, example=fit.example())
+                        quiet=quiet, total=fit.batches(), requested=fit.n or 0, example=fit.example())
     perms = None
     with distributed.step("solving the assignments"):
         if distributed.is_reporting():  # one solver: rank 0 (see graphrepair.distributed)
@@ -133,7 +101,7 @@ class Prepared:
 
     models: list[nn.Module]
     spec: PermutationSpec
-    fit: FitData
+    fit: Examples
     method: str
     points: list[ResetPoint]
     perms: list[dict[str, torch.Tensor]]
@@ -165,16 +133,16 @@ def prepare(models: list[nn.Module], data, *, method: str = "activation", statis
         # and each pass puts them in eval mode only while it runs (``models.eval_mode``)
         models = [m if model_device(m) == device else copy_with_state(m, m.state_dict(), device=device)
                   for m in models]
-        fit = FitData(data, num_examples, batch_size, device)
+        fit = fitting_examples(data, num_examples, batch_size, models)
         example = fit.local_example() if distributed.current() is not None else None
     if distributed.current() is not None:  # the same models everywhere; one example to trace with
         example = distributed.agree_on_start([m.state_dict() for m in models], example)
         if example is None:
             raise DataError("the fitting data has no examples on any rank")
-        fit.shared_example = example.to(device)
+        fit.shared_example = example.to(device, fit.dtype)
     with distributed.step("tracing the model and discovering its permutation groups"):
         if spec is None:
-            spec = discover(models[0], (fit.example(),))
+            spec = discover_on(models[0], fit)
         rpoints = reset_points(spec, points) if statistics else []
     perms_all, stats_all, corr = [], [], {}
     for m in models[1:]:
@@ -184,7 +152,7 @@ def prepare(models: list[nn.Module], data, *, method: str = "activation", statis
         else:
             perms = spec.identity_permutations()
             stats = collect(spec, models[0], m, fit, {}, rpoints, cross_at_resets=cross, quiet=quiet,
-                            total=fit.batches(), requested=fit.n, example=fit.example()) if rpoints else None
+                            total=fit.batches(), requested=fit.n or 0, example=fit.example()) if rpoints else None
             mean_corr = {}
         perms_all.append(perms)
         stats_all.append(stats)
@@ -205,7 +173,7 @@ def prepare(models: list[nn.Module], data, *, method: str = "activation", statis
 
 
 def prove_permutations(spec: PermutationSpec, model: nn.Module, permuted_state: dict, perms: dict,
-                       example: torch.Tensor, who: str) -> float:
+                       example: Inputs, who: str) -> float:
     """Before anything is interpolated: the model with the permutations found must compute what the
     model computes, on one batch of the fitting data (a rule bug would otherwise become a silently
     broken merged model). One more forward of the model and of its permuted copy (which shares the
@@ -214,6 +182,6 @@ def prove_permutations(spec: PermutationSpec, model: nn.Module, permuted_state: 
         return 0.0  # nothing moves
     permuted = copy_with_state(model, permuted_state, own=True)  # shares the tensors, copies none
     try:
-        return spec.prove(model, permuted, (example,), perms)
+        return spec.prove(model, permuted, example, perms)
     except CheckError as e:
         raise CheckError(f"the permutations aligning {who} break its function: {e}") from e

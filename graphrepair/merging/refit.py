@@ -52,7 +52,6 @@ first solve and, with ``measure``, after the last sweep.
 from __future__ import annotations
 
 import contextlib
-import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -61,7 +60,7 @@ from torch import nn
 
 from graphrepair import distributed
 from graphrepair.errors import GraphRepairError
-from graphrepair.io.data import FewerExamplesWarning
+from graphrepair.io.inputs import Inputs
 from graphrepair.models import eval_mode
 
 RIDGE = 1e-4  # lam over the mean diagonal of X^T X
@@ -302,7 +301,9 @@ class _Stop(Exception):
 @torch.no_grad()
 def refit(merged: nn.Module, endpoints: list[nn.Module], weights: list[float], fit, sweeps: int,
           seed: int = 0, measure: bool = False, examples: int | None = EXAMPLES) -> Refit:
-    """Refit ``merged``'s layers in place over ``fit`` (a ``FitData``) for ``sweeps`` sweeps, the
+    """Refit ``merged``'s layers in place over ``fit`` (``io.examples.Examples``: every pass sees
+    the same batches, so the targets of batch b from one pass meet the merged model's inputs of
+    batch b from another) for ``sweeps`` sweeps, the
     targets the ``weights``-interpolation of the ``endpoints``' layer outputs (the endpoints B, C..
     already aligned to A); see the module text. ``measure``: one more pass per layer for its error
     after the last sweep (``Refit.after``). ``examples``: how many of the fitting examples (the first
@@ -319,8 +320,7 @@ def refit(merged: nn.Module, endpoints: list[nn.Module], weights: list[float], f
                                f"layer that can be refit ({'; '.join(f'{k}: {v}' for k, v in list(out.kept.items())[:3])})")
     ends = [dict(e.named_modules()) for e in endpoints]
     device = next(iter(modules.values())).weight.device
-    with eval_mode(merged, *endpoints), warnings.catch_warnings():
-        warnings.simplefilter("ignore", FewerExamplesWarning)  # said once, by the statistics pass
+    with eval_mode(merged, *endpoints):
         calls, out.through = _calls(merged, modules, fit)  # call order, calls per forward, pairs
         out.layers = list(calls)
         paired = set(out.through.values())
@@ -374,7 +374,7 @@ def _calls(merged: nn.Module, modules: dict[str, nn.Module], fit) -> tuple[dict[
         made[id(y)] = name
 
     with _hooks(modules, seen):
-        y = merged(fit.example())
+        y = fit.example().call(merged)
     del y
     through = {}
     for bn, producer in fed.items():
@@ -385,18 +385,6 @@ def _calls(merged: nn.Module, modules: dict[str, nn.Module], fit) -> tuple[dict[
                 and p.weight.shape[0] == m.num_features):
             through[producer] = bn
     return counts, through
-
-
-def _batches(fit, examples: int | None):
-    """The fitting batches, up to ``examples`` examples (the last batch cut)."""
-    seen = 0
-    for x in fit:
-        if examples is not None and seen + x.shape[0] > examples:
-            x = x[:examples - seen]
-        if x.shape[0] == 0:
-            return
-        seen += x.shape[0]
-        yield x
 
 
 def _pick(rows: int, layer: int, batch: int, call: int, seed: int) -> torch.Tensor | None:
@@ -425,8 +413,8 @@ class _Targets:
         self.filled = False
         self.kept: dict[tuple[str, int], list] = {}
 
-    def batch(self, x: torch.Tensor, b: int) -> dict[str, list]:
-        """{layer: [target rows per call]} of the batch ``x`` (the ``b``-th)."""
+    def batch(self, x: Inputs, b: int) -> dict[str, list]:
+        """{layer: [target rows per call]} of the batch of inputs ``x`` (the ``b``-th)."""
         out: dict[str, list] = {}
         for w, end, mods in zip(self.weights, self.endpoints, self.ends):
             seen: dict[str, int] = {}
@@ -445,18 +433,19 @@ class _Targets:
                     raise _Stop
 
             with _hooks({n: mods[n] for n in self.names}, keep), contextlib.suppress(_Stop):
-                end(x)
+                x.call(end)
         return out
 
     def fill(self, fit) -> "_Targets":
         """Keep every layer's targets over the refit's examples, if they fit in CACHE_BYTES."""
         size = 0
-        for b, x in enumerate(_batches(fit, self.examples)):
-            got = self.batch(x, b)
+        for b, batch in enumerate(fit.take(self.examples)):
+            got = self.batch(batch.inputs, b)
             size += sum(t.numel() * t.element_size() for ts in got.values() for t in ts)
             if b == 0:  # the first batch tells: this much per example
-                total = fit.n if self.examples is None else min(fit.n, self.examples)
-                if size / max(x.shape[0], 1) * total > CACHE_BYTES:
+                known = [v for v in (fit.count if fit.count is not None else fit.n, self.examples) if v is not None]
+                total = min(known) if known else None
+                if total is None or size / max(batch.size, 1) * total > CACHE_BYTES:
                     self.kept.clear()
                     return self
             for name, ts in got.items():
@@ -464,7 +453,7 @@ class _Targets:
         self.filled = True
         return self
 
-    def of(self, x: torch.Tensor, b: int, name: str) -> list:
+    def of(self, x: Inputs, b: int, name: str) -> list:
         if self.filled:
             return self.kept.get((name, b), [])
         return self.batch(x, b).get(name, [])
@@ -475,8 +464,8 @@ def _pass(merged, layer: _Layer, index: int, fit, targets: _Targets, stop: bool)
     batch's targets, added to the layer's sums. A layer called once per forward ends each forward
     there (``stop``)."""
     name = layer.name
-    for b, x in enumerate(_batches(fit, targets.examples)):
-        target = [layer.pre(t) for t in targets.of(x, b, layer.target)]
+    for b, batch in enumerate(fit.take(targets.examples)):
+        target = [layer.pre(t) for t in targets.of(batch.inputs, b, layer.target)]
         seen = [0]
 
         def add(_, inp, y):
@@ -491,4 +480,4 @@ def _pass(merged, layer: _Layer, index: int, fit, targets: _Targets, stop: bool)
                 raise _Stop
 
         with _hooks({name: layer.module}, add), contextlib.suppress(_Stop):
-            merged(x)
+            batch.inputs.call(merged)

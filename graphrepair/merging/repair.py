@@ -31,6 +31,7 @@ import copy
 from dataclasses import dataclass
 
 import torch
+import torch.fx
 from torch import nn
 
 from passes.fold_affine import fold_affines
@@ -39,7 +40,8 @@ from passes.reset import ChannelAffine, Reset, ResetSpec, insert_resets, resets,
 from graphrepair import distributed
 from graphrepair.discovery.spec import PermutationSpec
 from graphrepair.merging.points import ResetPoint
-from graphrepair.merging.stats import PairStats, batch_key, calibrate
+from graphrepair.io.inputs import Inputs
+from graphrepair.merging.stats import PairStats, calibrate
 from graphrepair.models import copy_with_state, graph_for
 from graphrepair.progress import progress
 from graphrepair.runtime import model_device
@@ -152,14 +154,14 @@ class Repaired:
 def repair_merged(spec: PermutationSpec, model_a: nn.Module, merged_state: dict[str, torch.Tensor],
                   goals: dict[str, tuple], points: list[ResetPoint], *, fit,
                   running: dict[str, tuple] | None = None, quiet: bool = True,
-                  keep_unfolded: bool = False, per_batch: tuple[list, list] | None = None) -> Repaired:
+                  keep_unfolded: bool = False, per_batch: list | None = None) -> Repaired:
     """REPAIR the interpolated weights ``merged_state``: a reset after every point, normalising it
     to its ``goals`` (mean, std); the resets' statistics are ``running`` (mean, var) per point
     when given (the closed form), else estimated in one pass of the merged graph over ``fit``
     (exact REPAIR); then every reset is folded into its producer where it can be. ``per_batch``:
-    (``batch_goals``, the joint pass's ``batch_key`` of each batch): during the pass each batch
-    whose key matches is normalised to its own goal (``Reset.set_batch_goal``), the others to the
-    global goal."""
+    ``batch_goals``, the goals of each batch of the joint pass: during the pass batch t is
+    normalised to its own goal (``Reset.set_batch_goal``). ``fit`` (``io.examples.Examples``) gives
+    every pass the same batches, so batch t here is batch t of the joint pass."""
     device = model_device(model_a)
     gm = graph_for(spec, merged_state, device, own=True)
     insert_resets(gm, {r.node: ResetSpec(r.axis, goals[r.node][0].float(),
@@ -171,13 +173,13 @@ def repair_merged(spec: PermutationSpec, model_a: nn.Module, merged_state: dict[
             calibrate(gm, resets(gm).values(), fit.example())
         with distributed.step("the REPAIR pass of the merged model"), torch.no_grad():
             found = resets(gm)
-            goals_t, keys = per_batch if per_batch is not None else ([], [])
-            for t, x in enumerate(progress(iter(fit), "REPAIR statistics of the merged model",
-                                           total=fit.batches(), quiet=quiet)):
-                mine = goals_t[t] if t < len(goals_t) and t < len(keys) and batch_key(x) == keys[t] else None
+            goals_t = per_batch or []
+            for t, batch in enumerate(progress(iter(fit), "REPAIR statistics of the merged model",
+                                               total=fit.batches(), quiet=quiet)):
+                mine = goals_t[t] if t < len(goals_t) else None
                 for node, reset in found.items():
                     reset.set_batch_goal(*(mine[node] if mine is not None else (None,)))
-                gm(x)
+                batch.inputs.call(gm)
             for reset in found.values():
                 reset.set_batch_goal(None)
         # every rank's sums, added: one collective (graph order, the same on every rank)
@@ -191,10 +193,25 @@ def repair_merged(spec: PermutationSpec, model_a: nn.Module, merged_state: dict[
     # exact: every reset saw data and knows its input's rank; closed form (and a distributed rank,
     # which may have seen no batch): shapes from one example
     example = running is not None or distributed.current() is not None
-    folded = fold_affines(gm, inplace=True, example_inputs=(fit.example(),) if example else None)
+    folded = fold_affines(gm, inplace=True, example_inputs=placeholder_args(gm, fit.example()) if example else None)
     return Repaired(finalize(gm, model_a, merged_state, spec.traced.graph_own), len(points),
                     folded.counts.get("folded", 0),
                     list(folded.notes), unfolded)
+
+
+def placeholder_args(gm: torch.fx.GraphModule, example: Inputs) -> tuple:
+    """``example`` as the graph's placeholders in order, for a pass that runs the graph on
+    positional arguments only (``passes``' shape propagation): keyword inputs by name, a
+    placeholder's default where the example has no value for it."""
+    if not example.kwargs:
+        return example.args
+    out = []
+    for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder"):
+        if i < len(example.args):
+            out.append(example.args[i])
+        else:
+            out.append(example.kwargs.get(n.target, n.args[0] if n.args else None))
+    return tuple(out)
 
 
 def finalize(gm, model_a: nn.Module, merged_state: dict, graph_own=frozenset()) -> nn.Module:
@@ -223,8 +240,8 @@ def reset_batchnorm_stats(model: nn.Module, fit, quiet: bool = True) -> int:
         bn.momentum = None
         bn.train()
     with distributed.step("re-estimating the BatchNorm statistics"):
-        for x in progress(iter(fit), "BatchNorm statistics of the merged model", quiet=quiet):
-            model(x)
+        for batch in progress(iter(fit), "BatchNorm statistics of the merged model", quiet=quiet):
+            batch.inputs.call(model)
     if distributed.current() is not None:
         parts = []
         for bn in bns:

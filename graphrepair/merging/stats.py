@@ -45,7 +45,8 @@ from passes.pair_tap import PairTap, TapView
 
 from graphrepair import distributed
 from graphrepair.discovery import axes as ax
-from graphrepair.errors import DataError, NumericError
+from graphrepair.errors import DataError, MismatchError, NumericError
+from graphrepair.io.inputs import Inputs
 from graphrepair.merging.points import ObservePoint, ResetPoint
 from graphrepair.progress import progress
 from graphrepair.models import eval_mode, graph_for
@@ -107,7 +108,6 @@ class PairStats:
     # those of them the weights did not decide either (activation_match.unsignalled)
     unsignalled: dict[str, int] = field(default_factory=dict)
     arbitrary: dict[str, int] = field(default_factory=dict)
-    batch_keys: list = field(default_factory=list)  # this process's batches (``batch_key``), in order
     # Wreath family (order group) -> mean joint correlation per layout, or None (``activation_match._wreath_points``)
     wreath: dict = field(default_factory=dict)
 
@@ -182,7 +182,6 @@ class TapPlan:
     at_reset: dict[str, tuple[str, int]]  # reset node -> its view
     cross_at_resets: bool
     notes: list[str] = field(default_factory=list)
-    batch_keys: list = field(default_factory=list)  # ``batch_key`` of every batch, in order
 
 
 def plan_taps(spec: PermutationSpec, observe: dict[str, list[ObservePoint]], resets: list[ResetPoint], *,
@@ -237,10 +236,10 @@ def plan_taps(spec: PermutationSpec, observe: dict[str, list[ObservePoint]], res
 
 @torch.no_grad()
 def run_pair(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module, plan: TapPlan, batches, *,
-             quiet: bool = True, total: int | None = None, example: torch.Tensor | None = None) -> int:
-    """Run A and B side by side over ``batches`` (input tensors on the models' device) with the
-    plan's taps; returns the number of examples seen. ``example``: the taps' sums choose their
-    shifts from it first (``ChannelSums.calibrate``), so that the sums of every batch do not
+             quiet: bool = True, total: int | None = None, example: Inputs | None = None) -> int:
+    """Run A and B side by side over ``batches`` (``io.examples.Batch``es on the models' device)
+    with the plan's taps; returns the number of examples seen. ``example``: the taps' sums choose
+    their shifts from it first (``ChannelSums.calibrate``), so that the sums of every batch do not
     depend on which batch came first (one process or several give the same per-batch sums)."""
     root_a, root_b = pair_roots(spec, model_a, model_b, model_device(model_a))
     pair = pair_graph(spec.traced.gm, root_a, root_b, plan.taps, outputs=False).graph_module
@@ -248,29 +247,20 @@ def run_pair(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module, plan
     with eval_mode(model_a, model_b):  # the pair may run the models' own modules
         if example is not None:
             calibrate(pair, plan.taps.values(), example)
-        for x in progress(batches, "statistics of A and B", total=total, quiet=quiet):
-            pair(x)
-            examples += x.shape[0]
-            if plan.at_reset:
-                plan.batch_keys.append(batch_key(x))
+        for batch in progress(batches, "statistics of A and B", total=total, quiet=quiet):
+            batch.inputs.call(pair)
+            examples += batch.size
     return examples
 
 
-def batch_key(x: torch.Tensor) -> tuple[int, float]:
-    """What identifies a batch between two passes over the same data: its size and the float64
-    sum of its values (a data loader that shuffles gives other keys, and exact REPAIR then
-    falls back to the global goal for that batch)."""
-    return int(x.shape[0]), float(x.detach().sum(dtype=torch.float64))  # no float64 copy of the batch
-
-
-def calibrate(module: nn.Module, holders, example: torch.Tensor) -> None:
+def calibrate(module: nn.Module, holders, example: Inputs) -> None:
     """Run ``module`` once on ``example`` with ``holders`` (taps, resets) choosing their sums'
     shifts from it, counting nothing."""
     holders = list(holders)
     for h in holders:
         h.calibrating = True
     try:
-        module(example)
+        example.call(module)
     finally:
         for h in holders:
             h.calibrating = False
@@ -340,7 +330,7 @@ def summarise(spec: PermutationSpec, plan: TapPlan, observe: dict[str, list[Obse
                     raise NumericError(f"statistics of model {who} at node {node!r} are not finite "
                                        f"(NaN/Inf activations)")
     return PairStats(corr, stats, examples, {g: n for g, n in dead.items() if n}, coupled, joint,
-                     list(plan.notes), batch_keys=list(plan.batch_keys))
+                     list(plan.notes))
 
 
 def collect(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module, batches,

@@ -31,12 +31,12 @@ from torch import nn
 from passes.observe import ObserverSpec, insert_observers, observers
 
 from graphrepair import distributed
-from graphrepair.io.data import iter_labeled
+from graphrepair.io.examples import Examples
 from graphrepair.errors import DataError
 from graphrepair.merging.merge import Prepared, check_alpha, merge_prepared, prepare
 from graphrepair.progress import progress
 from graphrepair.models import eval_mode, graph_for
-from graphrepair.runtime import model_device
+from graphrepair.runtime import model_device, model_dtype
 
 
 @torch.no_grad()
@@ -49,12 +49,14 @@ def evaluate(model: nn.Module, data, batch_size: int = 512, quiet: bool = True) 
     # correct, summed loss (per-example losses added in float64), examples: on the device, read
     # once at the end (no host copy per batch)
     sums = torch.zeros(3, dtype=torch.float64, device=device)
-    local = [] if distributed.current() is not None and distributed.is_empty(data) else \
-        iter_labeled(data, batch_size, device)
+    run = distributed.current() is not None
     with distributed.step("evaluating"), eval_mode(model):
-        for x, y in progress(local, "evaluating", quiet=quiet):
-            distributed.check()
-            out = model(x)
+        # in the step: a rank whose data fail says so to every rank
+        local = Examples.of(data, None, batch_size, device=device, dtype=model_dtype(model), labels=True,
+                            consistent=False, allow_empty=run, between=distributed.check if run else None)
+        for batch in progress(local, "evaluating", quiet=quiet):
+            y = batch.labels
+            out = batch.inputs.call(model)
             logits = out["logits"] if isinstance(out, dict) or hasattr(out, "logits") else out
             if isinstance(logits, (tuple, list)):
                 logits = logits[0]
@@ -204,22 +206,23 @@ def layer_report(prep: Prepared, merged: nn.Module | dict, alpha: float, quiet: 
     comm = torch.zeros(len(layers), 2, dtype=torch.float64, device=device)
     count = 0
     with distributed.step("the layer statistics"):
-        for x in progress(iter(prep.fit), "layer statistics", total=prep.fit.batches(), quiet=quiet):
+        for batch in progress(iter(prep.fit), "layer statistics", total=prep.fit.batches(), quiet=quiet):
+            x = batch.inputs
             for gm, _ in gms:
-                gm(x)
-            gm_m(x)
+                x.call(gm)
+            x.call(gm_m)
             for i, n in enumerate(pts):
                 fa, fb, fm = gms[0][1][n].last, gms[1][1][n].last, obs_m[n].last
                 # per-example feature vectors: channel matrices are (C, N*rest); regroup by example
                 lin = (1 - alpha) * fa + alpha * fb
-                cos_sum[i] += _per_example_cos(fm, lin, x.shape[0]).sum(dtype=torch.float64)
+                cos_sum[i] += _per_example_cos(fm, lin, batch.size).sum(dtype=torch.float64)
             for i, (mod_a, mod_b, seen_a, seen_b, _) in enumerate(layers.values()):
                 h_a, h_b = seen_a[0], seen_b[0]
                 cross = _weight_only(mod_a, h_b) - _weight_only(mod_b, h_a)
                 comm[i, 0] += cross.double().square().sum()
                 comm[i, 1] += (_weight_only(mod_a, h_a).double().square().sum()
                                + _weight_only(mod_b, h_b).double().square().sum())
-            count += x.shape[0]
+            count += batch.size
     for *_, hooks in layers.values():
         for h in hooks:
             h.remove()

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from graphrepair.errors import GraphRepairError
+from graphrepair.io.examples import Examples
 from graphrepair.merging.diagnostics import corr_summary
 from graphrepair.merging.merge import Prepared, merge_prepared, prepare
 from graphrepair.study.metrics import Curve, alpha_grid, curve, layer_report
@@ -37,27 +38,6 @@ REPAIR_LABELS = {"exact": "REPAIR", "approx": "REPAIR-approx", "reset": "BN-rese
 
 def repair_label(repair: str | None) -> str | None:
     return REPAIR_LABELS.get(repair) if repair else None
-
-
-def known_length(data) -> int | None:
-    """Number of examples of in-memory data (tensor, ArrayDataset, TensorDataset, sized Dataset
-    of examples); None for iterables of batches, whose length counts batches."""
-    import torch
-    from torch.utils.data import DataLoader, Dataset
-
-    from graphrepair.io.data import ArrayDataset
-
-    if isinstance(data, torch.Tensor):
-        return data.shape[0] if data.dim() else None
-    if isinstance(data, ArrayDataset):
-        return len(data)
-    if isinstance(data, torch.utils.data.TensorDataset):
-        return data.tensors[0].shape[0]
-    if isinstance(data, DataLoader):
-        return None
-    if isinstance(data, Dataset) and hasattr(data, "__len__"):
-        return len(data)
-    return None
 
 
 @dataclass
@@ -155,6 +135,7 @@ def run_study(model_a: nn.Module, model_b: nn.Module, *, fit_data, eval_data, al
     ``fit_data`` and ``eval_data`` are given by name (see ``metrics.barrier``); ``spec``: the models'
     PermutationSpec when already discovered."""
     grid = alpha_grid(alphas)
+    fit_data = Examples.of(fit_data, num_examples, batch_size)  # one set of examples for both preparations
     naive = prepare([model_a, model_b], fit_data, method=method, statistics=False, align=False,
                     num_examples=num_examples, batch_size=batch_size, points=points, spec=spec,
                     quiet=quiet)
