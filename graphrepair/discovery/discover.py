@@ -15,7 +15,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from graphrepair.discovery import axes as ax
+from graphrepair.discovery import axes as ax, parametrized
 from graphrepair.discovery.axes import Expr, Fixed
 from graphrepair.discovery.context import STRUCTURAL, Context, tensor_args
 from graphrepair.discovery.spec import FixedAxis, Group, Member, PermutationSpec
@@ -35,7 +35,8 @@ def _aliases(model: nn.Module) -> dict[str, str]:
 def discover(model: nn.Module, example_inputs, *, traced: Traced | None = None) -> PermutationSpec:
     """Discover the permutation groups of ``model`` (see module docstring)."""
     traced = traced or trace(model, example_inputs)
-    ctx = Context(traced, _aliases(model))
+    ctx = Context(traced, _aliases(model), parametrized.table(model),
+                  {k: tuple(t.shape) for k, t in model.state_dict(keep_vars=True).items()})
     # what a permutation or a merge can carry: the state dict (canonical keys of tied tensors)
     persistent = {ctx.aliases.get(k, k) for k in model.state_dict(keep_vars=True)}
     gm = traced.gm
