@@ -21,6 +21,7 @@ from graphrepair.discovery.context import STRUCTURAL, Context, tensor_args
 from graphrepair.discovery.spec import FixedAxis, Group, Member, PermutationSpec
 from graphrepair.discovery.rules import apply_rule
 from graphrepair.discovery.trace import TensorInfo, Traced, trace
+from graphrepair.models import user_models
 
 def _aliases(model: nn.Module) -> dict[str, str]:
     """state_dict key -> canonical key: tied parameters (one tensor, several names) share one."""
@@ -32,6 +33,7 @@ def _aliases(model: nn.Module) -> dict[str, str]:
     return out
 
 
+@user_models("model")
 def discover(model: nn.Module, example_inputs, *, traced: Traced | None = None) -> PermutationSpec:
     """Discover the permutation groups of ``model`` (see module docstring)."""
     traced = traced or trace(model, example_inputs)

@@ -23,7 +23,7 @@ from graphrepair.discovery import axes as ax
 from graphrepair.discovery.permute import permute
 from graphrepair.discovery.trace import Traced, as_tuple, output_tensors
 from graphrepair.errors import CheckError, MismatchError
-from graphrepair.models import eval_mode, full_precision
+from graphrepair.models import eval_mode, full_precision, user_models
 
 
 @dataclass(frozen=True)
@@ -242,6 +242,7 @@ class PermutationSpec:
                     f"fit: the spec was discovered on another architecture ({self.model_name})")
 
     # -- the proof -----------------------------------------------------------------------------
+    @user_models("model")
     def check(self, model: nn.Module, example_inputs, *, seed: int = 0, rtol: float = 1e-4,
               atol: float = 1e-5) -> float:
         """Apply random permutations to every group and compare outputs; returns the largest

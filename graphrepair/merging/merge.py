@@ -53,7 +53,7 @@ from graphrepair.merging.refit import refit as refit_layers
 from graphrepair.progress import progress
 from graphrepair.discovery.spec import PermutationSpec
 from graphrepair.merging.stats import PairStats, batch_key, calibrate, collect
-from graphrepair.models import check_finite, copy_with_state, graph_for
+from graphrepair.models import check_finite, copy_with_state, given_back, graph_for, user_models
 from graphrepair.runtime import model_device, release
 
 REPAIR_MODES = ("exact", "approx", "reset", None)
@@ -251,6 +251,7 @@ class Prepared:
     aligned: list[dict[str, torch.Tensor]]  # state dicts, models 1.. permuted onto model 0 (or [])
 
 
+@user_models("models")
 def prepare(models: list[nn.Module], data, *, method: str = "activation", statistics: bool = True,
             cross: bool = False, num_examples: int = 5000, batch_size: int = 256, points: str = "all",
             spec: PermutationSpec | None = None, quiet: bool = True, seed: int = 0,
@@ -333,7 +334,14 @@ def merge_prepared(prep: Prepared, weights: list[float], repair: str | None,
                    refit_examples: int | None = REFIT_EXAMPLES) -> MergeResult:
     """Interpolate the aligned models with ``weights`` and apply ``repair``, then ``refit``
     sweeps of the layerwise least-squares refit (``merging.refit``) on the first
-    ``refit_examples`` fitting examples (None: all)."""
+    ``refit_examples`` fitting examples (None: all). The prepared (caller's) models come back as
+    they were (``models.given_back``)."""
+    with given_back(*prep.models):
+        return _merge_prepared(prep, weights, repair, quiet, keep_unfolded, refit, refit_examples)
+
+
+def _merge_prepared(prep: Prepared, weights: list[float], repair: str | None, quiet: bool,
+                    keep_unfolded: bool, refit: int, refit_examples: int | None) -> MergeResult:
     models = prep.models
     weights = check_weights(weights, len(models))
     check_refit(refit, refit_examples)
@@ -404,6 +412,7 @@ def merge_prepared(prep: Prepared, weights: list[float], repair: str | None,
     return result
 
 
+@user_models("models")
 def merge_models(models: list[nn.Module], data, *, weights: list[float] | None = None,
                  method: str = "activation", repair: str | None = "exact", num_examples: int = 5000,
                  batch_size: int = 256, points: str = "all", spec: PermutationSpec | None = None,
@@ -620,6 +629,7 @@ def reset_batchnorm_stats(model: nn.Module, fit, quiet: bool = True) -> int:
 
 # -- the public forms ---------------------------------------------------------------------------
 
+@user_models("model_a", "model_b")
 def merge(model_a: nn.Module, model_b: nn.Module, data, alpha: float = 0.5, method: str = "activation",
           repair: str | None = "exact", num_examples: int = 5000, points: str = "all",
           batch_size: int = 256, spec: PermutationSpec | None = None, quiet: bool = True,
@@ -633,6 +643,7 @@ def merge(model_a: nn.Module, model_b: nn.Module, data, alpha: float = 0.5, meth
                         spec=spec, quiet=quiet, refit=refit, refit_examples=refit_examples).model
 
 
+@user_models("model_a", "model_b")
 def align(model_a: nn.Module, model_b: nn.Module, data=None, spec: PermutationSpec | None = None,
           method: str = "activation", num_examples: int = 5000, batch_size: int = 256,
           example_inputs=None, quiet: bool = True) -> dict[str, torch.Tensor]:
