@@ -282,6 +282,7 @@ def prepare(models: list[nn.Module], data, *, method: str = "activation", statis
         if example is None:
             raise DataError("the fitting data has no examples on any rank")
         fit.shared_example = example.to(device)
+        distributed.agree_on_function(models, fit.shared_example)  # the same function everywhere too
     with distributed.step("tracing the model and discovering its permutation groups"):
         if spec is None:
             spec = discover(models[0], (fit.example(),))
