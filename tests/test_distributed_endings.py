@@ -58,6 +58,11 @@ class Net(nn.Module):
 def net():
     return Net(nn.ReLU())
 
+def by_rank():
+    """600 examples on rank 0, 300 on rank 1, seeded by rank."""
+    g = torch.Generator().manual_seed(int(os.environ.get("RANK", "0")))
+    return torch.randn(600 if os.environ.get("RANK", "0") == "0" else 300, 64, generator=g)
+
 def relu_or_tanh():
     """The same weights, another function on rank 1."""
     return Net(nn.ReLU() if os.environ.get("RANK", "0") == "0" else nn.Tanh())
@@ -83,9 +88,9 @@ def work(tmp_path_factory) -> Path:
     return d
 
 
-def _args(d: Path, data: str, out: str, model: str = "endings_data:net") -> list[str]:
+def _args(d: Path, data: str, out: str, model: str = "endings_data:net", n: int = 250) -> list[str]:
     return ["-m", "graphrepair", "merge", "--model", model, "--a", str(d / "a.safetensors"),
-            "--b", str(d / "b.safetensors"), "--data", data, "--num-examples", "250",
+            "--b", str(d / "b.safetensors"), "--data", data, "--num-examples", str(n),
             "--out", str(d / f"{out}.onnx")]
 
 
@@ -227,6 +232,20 @@ def test_ranks_computing_different_functions_are_refused(work):
     assert "model A computes another function on rank 1 than on rank 0" in line_of(ranks[0][2])
     assert ranks[1][2].strip() == ""  # rank 0 reports
     assert not list(work.glob("funcs.*"))
+
+
+def test_ranks_with_other_example_counts_merge_and_say_what_was_used(work):
+    """600 examples on rank 0 and 300 on rank 1, 600 asked for: in batches of 256, rank 0 streams
+    its first batch (256), rank 1 its second, cut short by its data (44). Shares differ in every
+    sharded run; before, nothing said what was used; now the report does."""
+    import json
+
+    ranks = finish(start(work, _args(work, "endings_data:by_rank", "counts", n=600) + ["--json"]))
+    assert [rc for rc, _, _ in ranks] == [0, 0], ranks
+    report = json.loads(ranks[0][1])
+    assert report["examples"] == 300
+    assert "the ranks streamed 256, 44 examples (rank 0 first); the statistics are of all 300 together" \
+        in report["notes"]
 
 
 def test_agree_on_function_tolerates_rounding_and_names_the_difference(monkeypatch):

@@ -51,7 +51,7 @@ def main(session: Session, debug: bool, quiet: bool, device: str) -> None:
         from graphrepair.errors import GraphRepairError
 
         try:
-            launch(device)  # ranks but 0 print nothing
+            launch(device, debug)  # ranks but 0 print nothing
         except GraphRepairError as e:
             fail(str(e))
 

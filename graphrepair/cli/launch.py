@@ -14,6 +14,10 @@ Under a launcher (torchrun sets ``WORLD_SIZE`` > 1, ``RANK``, ``MASTER_ADDR``/``
   TerminatedError's exit 2, SIGINT/SIGHUP with 128 + the signal.
 - ``end_failed`` ends a process after a failure without tearing its group down, the other ranks
   leaving before rank 0, which hosts the store.
+- What torch's C++ side writes on the process's stderr (file descriptor 2: c10d's warnings with
+  a stack when the store's host has gone, 'Connection reset by peer') goes nowhere unless
+  ``--debug``; Python's ``sys.stderr`` keeps the real stream, so the run's one line still comes
+  (``quiet_native``).
 """
 
 from __future__ import annotations
@@ -58,7 +62,7 @@ def dist_timeout(environ=os.environ) -> float:
     return value
 
 
-def launch(device_name: str) -> None:
+def launch(device_name: str, debug: bool = False) -> None:
     """Join the process group a launcher describes in the environment: nccl when ``device_name``
     gives CUDA, gloo otherwise, with ``dist_timeout()``; signals as the module text says; the
     standard output of every rank but 0 is discarded (rank 0 reports). Nothing happens outside
@@ -80,6 +84,8 @@ def launch(device_name: str) -> None:
     global _LAUNCHED
     _LAUNCHED = True
     atexit.register(_leave)
+    if not debug:
+        quiet_native()
     if dist.get_rank() != 0:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 -- for the life of the process
 
@@ -93,6 +99,19 @@ def launch(device_name: str) -> None:
         if hasattr(signal, name):
             signum = getattr(signal, name)
             signal.signal(signum, _marking(signal.getsignal(signum)))
+
+
+def quiet_native() -> None:
+    """File descriptor 2 to the null device, ``sys.stderr`` (and ``sys.__stderr__``) on a copy of
+    the real one: C++ libraries' output goes nowhere, Python's comes as before."""
+    with contextlib.suppress(Exception):
+        sys.stderr.flush()
+        real = os.dup(2)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+        stream = os.fdopen(real, "w", buffering=1, encoding=sys.stderr.encoding, errors=sys.stderr.errors)
+        sys.stderr = sys.__stderr__ = stream
 
 
 def _signalled() -> None:
@@ -132,6 +151,8 @@ def end_failed(code: int) -> None:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 1)
         os.dup2(devnull, 2)
+        if sys.stderr.fileno() != 2:  # quiet_native's copy of the real stream
+            os.dup2(devnull, sys.stderr.fileno())
     _leave_in_order()
     os._exit(code)
 

@@ -203,6 +203,7 @@ def _group_names(param_axes, node_axes, var_ids) -> dict[int, str]:
     ".o"/".i" = outer/inner factor of a Kronecker layout, ".o" the order of a Wreath's slots)."""
     names: dict[int, str] = {}
     for key, es in param_axes.items():
+        key = parametrized.weight_name(key)  # a parametrised weight's original: the weight's name
         if es and isinstance(es[0], ax.Var) and es[0].id not in names and key.endswith("weight"):
             names[es[0].id] = key[: -len(".weight")] if key.endswith(".weight") else key
     wanted = set(var_ids) - set(names)

@@ -26,6 +26,7 @@ originals' the first time a rule reads it (``link``).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -133,6 +134,16 @@ def table(model: nn.Module) -> dict[str, Parametrised]:
                     prefix, hook.name, m, getattr(m, f"{hook.name}_orig"), hook.dim, f"{prefix}{hook.name}_orig",
                     f"{prefix}{hook.name}_u", f"{prefix}{hook.name}_v", legacy="legacy ")
     return found
+
+
+_ORIGINAL = re.compile(r"^(.*?)(?:parametrizations\.(\w+)\.original1?|(weight)_(?:v|orig))$")
+
+
+def weight_name(key: str) -> str:
+    """The weight a state-dict key holds the values of ("b.parametrizations.weight.original1",
+    "b.weight_v", "b.weight_orig" -> "b.weight"); other keys as they are. For group names."""
+    m = _ORIGINAL.match(key)
+    return f"{m.group(1)}{m.group(2) or m.group(3)}" if m else key
 
 
 def link(ctx, p: Parametrised, weight_axes: list) -> None:
