@@ -494,7 +494,8 @@ def agree_on_function(models: list, example: torch.Tensor) -> None:
     run = current()
     if run is None:
         return
-    mine = [_output_summary(m, example) for m in models]
+    with step("running the models on rank 0's example batch"):  # a forward may fail on one rank
+        mine = [_output_summary(m, example) for m in models]
     everyone = run.all_gather_object(mine, "sync")
     ref = everyone[0]
     for r in range(1, run.world):
