@@ -210,3 +210,23 @@ def test_meta_device_models_are_refused(call, tmp_path):
     with pytest.raises(GraphRepairError, match=f"{who} is on the meta device \\(no weights.*load its weights first"):
         run()
     assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize("wrap", ["compile", "dataparallel"])
+def test_a_factory_returning_a_wrapped_model_gives_the_module_inside(wrap, tmp_path, monkeypatch):
+    """The command line's --model MODULE:FACTORY: a wrapped model's checkpoint keys are the module's
+    own (no "_orig_mod." / "module." prefix), so loading works on the module inside."""
+    from graphrepair.io.loading import load_model
+    from graphrepair.io.fileio import save_safetensors
+
+    (tmp_path / "wrapped_factory.py").write_text(
+        "import torch\nfrom torch import nn\nfrom tests.test_models_hostile import MLP\n\n"
+        f"def make():\n    return {'torch.compile(MLP())' if wrap == 'compile' else 'nn.DataParallel(MLP())'}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    torch.manual_seed(3)
+    ref = MLP()
+    save_safetensors(ref.state_dict(), tmp_path / "w.safetensors")
+    with pytest.warns(GraphRepairWarning, match="wrapped_factory:make"):
+        model = load_model("wrapped_factory:make", tmp_path / "w.safetensors")
+    assert type(model) is MLP
+    assert all(torch.equal(v, ref.state_dict()[k]) for k, v in model.state_dict().items())
