@@ -63,18 +63,15 @@ In a user's own program (each rank passes its shard; ``shard`` cuts one the way 
 ``torchrun --nproc-per-node 2 -m graphrepair merge ...`` does the same from the command line
 (gloo on CPU, nccl on GPUs; ``--device`` picks each rank's GPU from ``LOCAL_RANK``). The timeout
 of a collective is ``GRAPHREPAIR_DIST_TIMEOUT`` seconds there (default 1800): a rank that neither
-arrives nor dies is waited for that long.
+arrives nor dies is waited for that long. How a command-line process joins, is signalled and
+leaves a run: ``graphrepair.cli.launch``.
 """
 
 from __future__ import annotations
 
-import atexit
 import contextlib
-import datetime
-import os
+import math
 import re
-import signal
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -85,8 +82,8 @@ import torch.distributed as dist
 from graphrepair import errors
 from graphrepair.errors import GraphRepairError, RankLostError, TerminatedError
 
-__all__ = ["RankError", "Run", "agree_on_start", "all_reduce_sum", "broadcast_perms", "check", "counters",
-           "current", "is_reporting", "launch", "rank", "reduce_holders", "step", "world"]
+__all__ = ["RankError", "Run", "agree_on_function", "agree_on_start", "all_reduce_sum", "broadcast_perms", "check",
+           "counters", "current", "is_reporting", "rank", "reduce_holders", "step", "world"]
 
 _FAILURES_KEY = "graphrepair/failures"
 _CHECK_EVERY_S = 0.2
@@ -249,9 +246,6 @@ class Run:
 
 
 _RUN: Run | None = None
-_LAUNCHED = False  # launch() joined this process to a run (the CLI under a launcher)
-_LEFT_KEY = "graphrepair/left"  # + "/<rank>": that rank is leaving after a failure
-_LEAVE_WAIT_S = 5.0
 
 
 def current() -> Run | None:
@@ -420,89 +414,58 @@ def agree_on_start(states: list[dict[str, torch.Tensor]], example: torch.Tensor 
     return shared
 
 
-# -- the command line ------------------------------------------------------------------------------
 
-def launch(device_name: str) -> None:
-    """For the CLI: join the process group a launcher describes in the environment (``WORLD_SIZE``
-    > 1, ``RANK``, ``MASTER_ADDR``/``MASTER_PORT`` as torchrun sets them): nccl when ``device_name``
-    gives CUDA, gloo otherwise, with a timeout of ``GRAPHREPAIR_DIST_TIMEOUT`` seconds (default
-    1800); SIGTERM (torchrun stopping the others after a failure) becomes an error that ends the
-    command cleanly; the standard output of every rank but 0 is discarded (rank 0 reports).
-    Nothing happens outside such a launch."""
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1 or dist.is_initialized():
+
+def _output_summary(model, example) -> list[torch.Tensor]:
+    """Per output tensor of ``model`` on ``example`` (eval mode, no grad): float64 (first values,
+    mean, mean square), small whatever the output's size."""
+    from graphrepair.discovery.trace import output_tensors
+    from graphrepair.io.inputs import Inputs
+    from graphrepair.models import eval_mode
+
+    with eval_mode(model), torch.no_grad():
+        outs = output_tensors(Inputs.of(example).call(model))
+    summary = []
+    for t in outs:
+        flat = t.detach().reshape(-1).double()
+        summary.append(torch.cat([flat[:_FUNCTION_SAMPLE], flat.mean().reshape(1) if flat.numel() else flat,
+                                  flat.square().mean().reshape(1) if flat.numel() else flat]).cpu())
+    return summary
+
+
+def agree_on_function(models: list, example: torch.Tensor) -> None:
+    """At the start of a distributed ``prepare``, after ``agree_on_start``: every rank's models
+    must compute what rank 0's compute, on the shared example batch (the same weights do not make
+    the same function: a factory may build other layers on another rank, e.g. ReLU on one and
+    tanh on the other, and statistics of different functions added together are a wrong answer).
+    One gather of a small summary of every output; every rank compares alike and raises the same
+    MismatchError, naming the model and the first rank that differs."""
+    run = current()
+    if run is None:
         return
-    from graphrepair.runtime import pick_device
-
-    device = pick_device(device_name)
-    try:
-        timeout = float(os.environ.get("GRAPHREPAIR_DIST_TIMEOUT", "1800"))
-    except ValueError:
-        raise GraphRepairError(f"GRAPHREPAIR_DIST_TIMEOUT={os.environ['GRAPHREPAIR_DIST_TIMEOUT']!r} is not "
-                               f"a number of seconds") from None
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    try:
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
-    except Exception as e:
-        raise GraphRepairError(f"cannot join the distributed run ({backend}, rank {os.environ.get('RANK')} of "
-                               f"{os.environ.get('WORLD_SIZE')}): {' '.join(str(e).split())[:300]}") from e
-    global _LAUNCHED
-    _LAUNCHED = True
-    atexit.register(_leave)
-    if dist.get_rank() != 0:
-        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 -- for the life of the process
-
-    def terminated(signum, frame):
-        run = current()
-        if run is not None:
-            run.failed = True  # the others are gone or going: no more agreements
-        raise TerminatedError("terminated (SIGTERM): the launcher stopped this process, usually because "
-                              "another process of the run failed; nothing was written")
-
-    signal.signal(signal.SIGTERM, terminated)
-
-
-def end_failed(code: int) -> None:
-    """For the CLI: end a process that :func:`launch` joined to a run at once with ``code`` after a
-    failure, its streams flushed and outputs already removed. Tearing down a gloo group whose other
-    processes have gone can abort the process in C++ ('terminate called without an active
-    exception', exit -6, seen about once in 25 runs on rank 0, which hosts the store), and nothing is
-    left to free. Returns outside such a run."""
-    if not _LAUNCHED:
-        return
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-    with contextlib.suppress(Exception):  # the line is out; c10d's warnings while leaving are not news
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, 1)
-        os.dup2(devnull, 2)
-    _leave_in_order()
-    os._exit(code)
-
-
-def _leave_in_order() -> None:
-    """The other ranks leave before rank 0, which may host the store: a rank still talking to the
-    store when its host is gone prints c10d's 'Connection reset by peer' with a C++ stack. Each rank
-    but 0 marks its leaving in the store; rank 0 waits for the marks (at most ``_LEAVE_WAIT_S``: a
-    rank that died never marks; its c10d warnings go nowhere, see ``end_failed``)."""
-    run = _RUN
-    store = getattr(run, "store", None)
-    if run is None or store is None:
-        return
-    with contextlib.suppress(Exception):
-        if run.rank == 0:
-            store.wait([f"{_LEFT_KEY}/{r}" for r in range(1, run.world)],
-                       datetime.timedelta(seconds=_LEAVE_WAIT_S))
-        else:
-            store.set(f"{_LEFT_KEY}/{run.rank}", "1")
-
-
-def _leave() -> None:
-    global _RUN
-    _RUN = None  # its reference to the store goes first
-    with contextlib.suppress(Exception):
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
+    with step("running the models on rank 0's example batch"):  # a forward may fail on one rank
+        mine = [_output_summary(m, example) for m in models]
+    everyone = run.all_gather_object(mine, "sync")
+    ref = everyone[0]
+    for r in range(1, run.world):
+        for i, (outs_ref, outs) in enumerate(zip(ref, everyone[r])):
+            who = "AB"[i] if len(models) == 2 else str(i)
+            dtype = next((p.dtype for p in models[i].parameters() if p.is_floating_point()), torch.float32)
+            rtol = _FUNCTION_RTOL.get(dtype, 1e-4)
+            bad = len(outs_ref) != len(outs) or any(a.shape != b.shape for a, b in zip(outs_ref, outs))
+            diff = 0.0
+            if not bad:
+                for a, b in zip(outs_ref, outs):
+                    scale = float(a.abs().max()) if a.numel() else 0.0
+                    d = float((a - b).abs().max()) if a.numel() else 0.0
+                    if not math.isfinite(d) and torch.equal(a.isnan(), b.isnan()):
+                        d = float((a - b).nan_to_num().abs().max())
+                    if d > rtol * max(1.0, scale):
+                        bad, diff = True, d
+                        break
+            if bad:
+                how = f"by up to {diff:.3g}" if diff else "in the number or the shapes of its outputs"
+                raise errors.MismatchError(
+                    f"model {who} computes another function on rank {r} than on rank 0 (its outputs on rank 0's "
+                    f"example batch differ {how}, though its weights are the same): every rank must build "
+                    f"the same model; check the model's factory for what depends on the rank")

@@ -1,5 +1,12 @@
 """The user's models: unwrap, check, snapshot and restore.
 
+- ``@user_models("model_a", "model_b")`` on an API entry point: the named arguments (a model or a
+  list of models) are unwrapped (``torch.compile``'s ``_orig_mod``, ``nn.DataParallel`` /
+  ``DistributedDataParallel``'s ``.module``, with a warning), checked (not on the meta device;
+  several models in one dtype) and given back as they came (``given_back``).
+- ``given_back(*models)``: every buffer (its value, and which tensor it is) and every module's
+  training flag restored after the block, whatever ran inside: a forward that counts its calls
+  or keeps an EMA in a persistent buffer, spectral norm's power iteration in training mode.
 - ``copy_with_state(module, state)``: a copy of a model carrying other weights, made without
   copying its own first; ``graph_for(spec, state)``: the traced graph carrying a model's weights.
 - ``check_finite(state, who)``: a NumericError naming the first parameter with a NaN or Inf.
@@ -11,8 +18,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
+import inspect
 import warnings
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -21,12 +32,135 @@ from torch import nn
 
 from passes.modules import eval_mode, full_precision
 
-from graphrepair.errors import MismatchError, NumericError
+from graphrepair.errors import GraphRepairError, GraphRepairWarning, MismatchError, NumericError
 
 if TYPE_CHECKING:
     from graphrepair.discovery.spec import PermutationSpec
 
-__all__ = ["check_finite", "copy_with_state", "eval_mode", "full_precision", "graph_for", "with_metadata"]
+__all__ = ["check_finite", "check_models", "copy_with_state", "eval_mode", "full_precision", "given_back",
+           "graph_for", "unwrap", "user_models", "with_metadata"]
+
+
+# -- unwrap and check --------------------------------------------------------------------------
+
+def unwrap(model: nn.Module, who: str = "the model") -> nn.Module:
+    """The module a wrapper holds: ``torch.compile``'s result runs the original module
+    (``_orig_mod``) under guards that a trace with other batch sizes breaks; ``nn.DataParallel``
+    and ``DistributedDataParallel`` hold theirs in ``.module``. A warning says what was used."""
+    if not isinstance(model, nn.Module):
+        return model
+    seen = []
+    while True:
+        if type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            seen.append("a torch.compile'd module (its _orig_mod)")
+            model = model._orig_mod
+        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            seen.append(f"a {type(model).__name__} wrapper (its .module)")
+            model = model.module
+        else:
+            break
+    if seen:
+        warnings.warn(f"{who} is {' in '.join(seen)}: graphrepair works on the module inside, "
+                      f"{type(model).__name__}, and returns models of that class", GraphRepairWarning, stacklevel=3)
+    return model
+
+
+def _dtype(model: nn.Module) -> torch.dtype | None:
+    for t in model.parameters():
+        if t.is_floating_point():
+            return t.dtype
+    return None
+
+
+def check_models(models: list[nn.Module], labels: list[str]) -> None:
+    """Weights that exist (no meta tensors) and, for several models, one floating dtype."""
+    for m, who in zip(models, labels):
+        meta = next((k for k, t in m.state_dict(keep_vars=True).items() if t.is_meta), None)
+        if meta is not None:
+            raise GraphRepairError(f"{who} is on the meta device (no weights, e.g. parameter {meta!r}); "
+                                   f"load its weights first (load_state_dict(..., assign=True), or "
+                                   f"from_pretrained without device_map='meta')")
+    dtypes = [_dtype(m) for m in models]
+    first = next((i for i, d in enumerate(dtypes) if d is not None), None)
+    for i, d in enumerate(dtypes):
+        if first is not None and d is not None and d != dtypes[first]:
+            a, b = str(dtypes[first]).removeprefix("torch."), str(d).removeprefix("torch.")
+            raise GraphRepairError(f"{labels[first]} is {a} and {labels[i]} is {b}: models are merged in one "
+                                   f"dtype; cast {labels[i]} to {a} (model.to(torch.{a})) or {labels[first]} "
+                                   f"to {b} first")
+
+
+def _labels(name: str, n: int | None, count: int) -> list[str]:
+    if n is None:  # one model argument
+        return [{"model_a": "model A", "model_b": "model B"}.get(name, "the model")]
+    return [f"model {'AB'[i]}" if count == 2 else f"model {i}" for i in range(count)]
+
+
+def user_models(*names: str):
+    """Decorator of an API entry point: its arguments ``names`` (a model, or a list or tuple of
+    models) are unwrapped, checked (``check_models``) and given back as they came
+    (``given_back``); the function sees the unwrapped models."""
+
+    def decorate(fn):
+        sig = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            bound = sig.bind(*args, **kwargs)
+            models, labels = [], []
+            for name in names:
+                v = bound.arguments.get(name)
+                if isinstance(v, nn.Module):
+                    (who,) = _labels(name, None, 1)
+                    v = unwrap(v, who)
+                    models.append(v)
+                    labels.append(who)
+                elif isinstance(v, (list, tuple)) and v and all(isinstance(m, nn.Module) for m in v):
+                    whos = _labels(name, len(v), len(v))
+                    v = type(v)(unwrap(m, w) for m, w in zip(v, whos))
+                    models.extend(v)
+                    labels.extend(whos)
+                else:
+                    continue
+                bound.arguments[name] = v
+            check_models(models, labels)
+            with given_back(*models):
+                return fn(*bound.args, **bound.kwargs)
+
+        return wrapper
+
+    return decorate
+
+
+# -- snapshot and restore ---------------------------------------------------------------------
+
+@contextlib.contextmanager
+def given_back(*models: nn.Module) -> Iterator[None]:
+    """Every buffer of ``models`` and every module's training flag as they were before the block,
+    after it (also when it raises). A buffer's values are copied back into the caller's own
+    tensor where a forward changed them in place (its version counter moved), and the caller's
+    tensor is put back where a forward replaced it (``self.calls = self.calls + 1``). Buffers are
+    copied once on entry (BatchNorm statistics, counters: small beside the weights)."""
+    flags, saved = {}, []
+    for model in models:
+        for m in model.modules():
+            if m in flags:
+                continue
+            flags[m] = m.training
+            for name, b in m._buffers.items():
+                if b is not None:
+                    saved.append((m, name, b, b._version, b.detach().clone()))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, name, b, version, copy_ in saved:
+                if m._buffers.get(name) is not b:
+                    m._buffers[name] = b
+                if b._version != version:
+                    b.copy_(copy_)
+        for m, training in flags.items():
+            m.training = training
 
 
 def copy_with_state(module: nn.Module, state: dict[str, torch.Tensor], *, own: bool = False,

@@ -47,11 +47,11 @@ def main(session: Session, debug: bool, quiet: bool, device: str) -> None:
     # Progress bars only on a terminal: piped or captured stderr keeps just the messages.
     session.debug, session.quiet, session.device = debug, quiet or not _is_terminal(sys.stderr), device
     if "WORLD_SIZE" in os.environ or "RANK" in os.environ:  # under torchrun: join the run
-        from graphrepair import distributed
+        from graphrepair.cli.launch import launch
         from graphrepair.errors import GraphRepairError
 
         try:
-            distributed.launch(device)  # ranks but 0 print nothing
+            launch(device, debug)  # ranks but 0 print nothing
         except GraphRepairError as e:
             fail(str(e))
 

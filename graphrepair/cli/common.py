@@ -187,7 +187,7 @@ def fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
         with contextlib.suppress(OSError, ValueError):
             sys.stderr.write(text)
             sys.stderr.flush()
-    mod = sys.modules.get("graphrepair.distributed")
+    mod = sys.modules.get("graphrepair.cli.launch")  # imported (with torch) once a run has joined one
     if mod is not None:
         mod.end_failed(code)  # a distributed run ends here, without tearing down its group
     sys.exit(code)

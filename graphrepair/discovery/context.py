@@ -17,7 +17,7 @@ import torch.fx
 from torch import nn
 from torch.fx.operator_schemas import normalize_function, normalize_module
 
-from graphrepair.discovery import axes as ax
+from graphrepair.discovery import axes as ax, parametrized
 from graphrepair.discovery.axes import Expr, Fixed
 from graphrepair.discovery.solver import AxisSolver
 from graphrepair.discovery.spec import FixedAxis
@@ -29,8 +29,12 @@ STRUCTURAL = "structural: "  # prefix of reasons for axes that are never channel
 class Context:
     """What a rule sees: the solver, shapes, the axes of values and parameters, and notes."""
 
-    def __init__(self, traced: Traced, aliases: dict[str, str]):
+    def __init__(self, traced: Traced, aliases: dict[str, str], parametrised: dict | None = None,
+                 state_shapes: dict[str, tuple] | None = None):
         self.traced = traced
+        # weights computed from others (``parametrized.table``) and the state dict's shapes
+        self.parametrised = parametrised or {}
+        self.state_shapes = state_shapes or {}
         self.gm = traced.gm
         self.solver = AxisSolver()
         self.values: dict[str, Any] = {}  # node name -> list[Expr] | tuple of those | None
@@ -72,6 +76,8 @@ class Context:
         self._touched.append(key)
         if key not in self.params:
             self.params[key] = [self.solver.fresh(s) for s in shape]
+            if key in self.parametrised:  # its originals move with it, or it is fixed
+                parametrized.link(self, self.parametrised[key], self.params[key])
         return self.params[key]
 
     def fresh(self, size: int) -> Expr:

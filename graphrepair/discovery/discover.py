@@ -15,12 +15,13 @@ import torch
 import torch.fx
 from torch import nn
 
-from graphrepair.discovery import axes as ax
+from graphrepair.discovery import axes as ax, parametrized
 from graphrepair.discovery.axes import Expr, Fixed
 from graphrepair.discovery.context import STRUCTURAL, Context, tensor_args
 from graphrepair.discovery.spec import FixedAxis, Group, Member, PermutationSpec
 from graphrepair.discovery.rules import apply_rule
 from graphrepair.discovery.trace import TensorInfo, Traced, trace
+from graphrepair.models import user_models
 
 def _aliases(model: nn.Module) -> dict[str, str]:
     """state_dict key -> canonical key: tied parameters (one tensor, several names) share one."""
@@ -32,10 +33,12 @@ def _aliases(model: nn.Module) -> dict[str, str]:
     return out
 
 
+@user_models("model")
 def discover(model: nn.Module, example_inputs, *, traced: Traced | None = None) -> PermutationSpec:
     """Discover the permutation groups of ``model`` (see module docstring)."""
     traced = traced or trace(model, example_inputs)
-    ctx = Context(traced, _aliases(model))
+    ctx = Context(traced, _aliases(model), parametrized.table(model),
+                  {k: tuple(t.shape) for k, t in model.state_dict(keep_vars=True).items()})
     # what a permutation or a merge can carry: the state dict (canonical keys of tied tensors)
     persistent = {ctx.aliases.get(k, k) for k in model.state_dict(keep_vars=True)}
     gm = traced.gm
@@ -200,6 +203,7 @@ def _group_names(param_axes, node_axes, var_ids) -> dict[int, str]:
     ".o"/".i" = outer/inner factor of a Kronecker layout, ".o" the order of a Wreath's slots)."""
     names: dict[int, str] = {}
     for key, es in param_axes.items():
+        key = parametrized.weight_name(key)  # a parametrised weight's original: the weight's name
         if es and isinstance(es[0], ax.Var) and es[0].id not in names and key.endswith("weight"):
             names[es[0].id] = key[: -len(".weight")] if key.endswith(".weight") else key
     wanted = set(var_ids) - set(names)

@@ -23,7 +23,7 @@ from torch import nn
 from graphrepair.discovery import axes as ax
 from graphrepair.discovery.trace import Traced, as_tuple, output_tensors
 from graphrepair.errors import CheckError, MismatchError
-from graphrepair.models import eval_mode, full_precision, with_metadata
+from graphrepair.models import eval_mode, full_precision, user_models, with_metadata
 
 
 @dataclass(frozen=True)
@@ -252,6 +252,7 @@ class PermutationSpec:
                     f"fit: the spec was discovered on another architecture ({self.model_name})")
 
     # -- the proof -----------------------------------------------------------------------------
+    @user_models("model")
     def check(self, model: nn.Module, example_inputs, *, seed: int = 0, rtol: float = 1e-4,
               atol: float = 1e-5) -> float:
         """Apply random permutations to every group and compare outputs; returns the largest

@@ -20,7 +20,7 @@ from torch import nn
 
 from graphrepair.errors import ShapeError, TraceError
 from graphrepair.io.inputs import Inputs
-from graphrepair.models import eval_mode
+from graphrepair.models import eval_mode, given_back
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,8 @@ def trace(model: nn.Module, example_inputs) -> Traced:
     args = as_tuple(example_inputs)
     name = type(model).__name__
     fx_error = None
-    with eval_mode(model), torch.no_grad():
+    # given_back: symbolic tracing runs the forward, which may assign its buffers (a Proxy then)
+    with given_back(model), eval_mode(model), torch.no_grad():
         try:
             gm = torch.fx.symbolic_trace(model)
             kind = "fx"

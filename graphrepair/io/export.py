@@ -24,12 +24,13 @@ from passes.export_onnx import ExportReport, flatten_outputs
 from passes.export_onnx import export_verified
 
 from graphrepair.discovery.trace import as_tuple
-from graphrepair.models import check_finite, eval_mode
+from graphrepair.models import check_finite, eval_mode, user_models
 from graphrepair.runtime import model_device
 from graphrepair.errors import ExportError, NumericError, OutputError, interrupt_in
 from graphrepair.io.fileio import atomic_output, disk_full
 
 
+@user_models("model")
 def export_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, *, rtol: float = 1e-4,
                 atol: float = 1e-4, dynamic_batch: bool = True) -> ExportReport:
     """Write ``model`` to ``path`` as ONNX, verified with onnxruntime; nothing is written on failure."""

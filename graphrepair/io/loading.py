@@ -234,7 +234,11 @@ def load_factory(ref: str) -> nn.Module:
             f"'{ref}' returned a {type(model).__name__}, not a torch.nn.Module; "
             "FACTORY must build and return the model"
         )
-    return model
+    from graphrepair.models import unwrap
+
+    # a torch.compile'd or DataParallel model: the module inside (checkpoints hold its keys, not
+    # the wrapper's "_orig_mod." / "module." ones); a warning, which the report shows as a note
+    return unwrap(model, f"the model '{ref}' builds")
 
 
 # --------------------------------------------------------------------------------------------------

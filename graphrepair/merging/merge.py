@@ -30,7 +30,7 @@ from graphrepair.merging.refit import Refit, check_refit
 from graphrepair.merging.refit import refit as refit_layers
 from graphrepair.merging.repair import (REPAIR_MODES, batch_goals, closed_form_statistics, goal_statistics,
                                        repair_merged, reset_batchnorm_stats)
-from graphrepair.models import copy_with_state
+from graphrepair.models import copy_with_state, given_back, user_models
 
 
 @dataclass
@@ -126,7 +126,14 @@ def merge_prepared(prep: Prepared, weights: list[float], repair: str | None,
                    refit_examples: int | None = REFIT_EXAMPLES) -> MergeResult:
     """Interpolate the aligned models with ``weights`` and apply ``repair``, then ``refit``
     sweeps of the layerwise least-squares refit (``merging.refit``) on the first
-    ``refit_examples`` fitting examples (None: all)."""
+    ``refit_examples`` fitting examples (None: all). The prepared (caller's) models come back as
+    they were (``models.given_back``)."""
+    with given_back(*prep.models):
+        return _merge_prepared(prep, weights, repair, quiet, keep_unfolded, refit, refit_examples)
+
+
+def _merge_prepared(prep: Prepared, weights: list[float], repair: str | None, quiet: bool,
+                    keep_unfolded: bool, refit: int, refit_examples: int | None) -> MergeResult:
     models = prep.models
     weights = check_weights(weights, len(models))
     check_refit(refit, refit_examples)
@@ -196,6 +203,7 @@ def merge_prepared(prep: Prepared, weights: list[float], repair: str | None,
     return result
 
 
+@user_models("models")
 def merge_models(models: list[nn.Module], data, *, weights: list[float] | None = None,
                  method: str = "activation", repair: str | None = "exact", num_examples: int = 5000,
                  batch_size: int = 256, points: str = "all", spec: PermutationSpec | None = None,
@@ -221,6 +229,7 @@ def merge_models(models: list[nn.Module], data, *, weights: list[float] | None =
 
 # -- the public forms ---------------------------------------------------------------------------
 
+@user_models("model_a", "model_b")
 def merge(model_a: nn.Module, model_b: nn.Module, data, alpha: float = 0.5, method: str = "activation",
           repair: str | None = "exact", num_examples: int = 5000, points: str = "all",
           batch_size: int = 256, spec: PermutationSpec | None = None, quiet: bool = True,
@@ -234,6 +243,7 @@ def merge(model_a: nn.Module, model_b: nn.Module, data, alpha: float = 0.5, meth
                         spec=spec, quiet=quiet, refit=refit, refit_examples=refit_examples).model
 
 
+@user_models("model_a", "model_b")
 def align(model_a: nn.Module, model_b: nn.Module, data=None, spec: PermutationSpec | None = None,
           method: str = "activation", num_examples: int = 5000, batch_size: int = 256,
           example_inputs=None, quiet: bool = True) -> dict[str, torch.Tensor]:

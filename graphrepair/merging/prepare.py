@@ -21,7 +21,7 @@ from graphrepair.merging.checks import check_same_architecture
 from graphrepair.merging.weight_match import WeightScores, weight_matching
 from graphrepair.merging.points import ResetPoint, observation_points, reset_points
 from graphrepair.merging.stats import PairStats, collect
-from graphrepair.models import check_finite, copy_with_state
+from graphrepair.models import check_finite, copy_with_state, user_models
 from graphrepair.runtime import model_device, model_dtype, release
 
 METHODS = ("activation", "weight")
@@ -110,6 +110,7 @@ class Prepared:
     aligned: list[dict[str, torch.Tensor]]  # state dicts, models 1.. permuted onto model 0 (or [])
 
 
+@user_models("models")
 def prepare(models: list[nn.Module], data, *, method: str = "activation", statistics: bool = True,
             cross: bool = False, num_examples: int = 5000, batch_size: int = 256, points: str = "all",
             spec: PermutationSpec | None = None, quiet: bool = True, seed: int = 0,
@@ -140,6 +141,7 @@ def prepare(models: list[nn.Module], data, *, method: str = "activation", statis
         if example is None:
             raise DataError("the fitting data has no examples on any rank")
         fit.shared_example = example.to(device, fit.dtype)
+        distributed.agree_on_function(models, fit.shared_example)  # the same function everywhere too
     with distributed.step("tracing the model and discovering its permutation groups"):
         if spec is None:
             spec = discover_on(models[0], fit)

@@ -346,12 +346,18 @@ def collect(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module, batch
     plan = plan_taps(spec, observe, resets, cross_at_resets=cross_at_resets, device=device)
     with distributed.step("the joint pass of A and B"):
         examples = run_pair(spec, model_a, model_b, plan, batches, quiet=quiet, total=total, example=example)
-    if distributed.current() is not None:
-        counts = distributed.reduce_holders(list(plan.taps.values()), device,
-                                            [torch.tensor([float(examples), float(requested)])])[0]
-        examples, requested = (int(round(float(c))) for c in counts.cpu())
+    shares = None
+    if distributed.current() is not None:  # the totals, and each rank's examples (its slot)
+        mine = torch.zeros(2 + distributed.world(), dtype=torch.float64)
+        mine[0], mine[1], mine[2 + distributed.rank()] = examples, requested, examples
+        counts = [int(round(float(c))) for c in
+                  distributed.reduce_holders(list(plan.taps.values()), device, [mine])[0].cpu()]
+        examples, requested, shares = counts[0], counts[1], counts[2:]
     stats = summarise(spec, plan, observe, resets, examples)
     stats.requested = requested
+    if shares is not None and len(set(shares)) > 1:  # normal when sharding; said, not refused
+        stats.notes.append(f"the ranks streamed {', '.join(map(str, shares))} examples (rank 0 first); "
+                           f"the statistics are of all {examples} together")
     del plan
     release()  # the pair module and its taps' sums (see runtime.release)
     return stats

@@ -35,10 +35,11 @@ from graphrepair.io.examples import Examples
 from graphrepair.errors import DataError
 from graphrepair.merging.merge import Prepared, check_alpha, merge_prepared, prepare
 from graphrepair.progress import progress
-from graphrepair.models import eval_mode, graph_for
+from graphrepair.models import eval_mode, graph_for, user_models
 from graphrepair.runtime import model_device, model_dtype
 
 
+@user_models("model")
 @torch.no_grad()
 def evaluate(model: nn.Module, data, batch_size: int = 512, quiet: bool = True) -> tuple[float, float]:
     """(accuracy, mean cross-entropy) of a classifier on labeled data; outputs may be logits of
@@ -153,6 +154,7 @@ def curve(prep: Prepared, eval_data, alphas, repair: str | None, label: str, qui
     return Curve(label, grid, acc, loss, sorted(notes), kept)
 
 
+@user_models("model_a", "model_b")
 def barrier(model_a: nn.Module, model_b: nn.Module, *, eval_data, fit_data, alphas=11,
             repair: str | None = "exact", method: str = "activation", num_examples: int = 5000,
             batch_size: int = 256, quiet: bool = True, refit: int = 0) -> Curve:

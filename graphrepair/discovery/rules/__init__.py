@@ -8,7 +8,7 @@ node touches and records why: discovery never crashes on a model and never guess
 from __future__ import annotations
 
 from graphrepair.discovery.context import Context, op_name, tensor_args
-from graphrepair.discovery.rules import attention, elementwise, layers, norms, reductions, shape  # noqa: F401  (they register their rules)
+from graphrepair.discovery.rules import attention, elementwise, layers, norms, parametrized, reductions, shape  # noqa: F401  (they register their rules)
 from graphrepair.discovery.rules.registry import MODULE_RULES, RULES, describe, reject
 from graphrepair.discovery.trace import TensorInfo
 

@@ -1,0 +1,232 @@
+"""The user's models (``graphrepair.models``): given back as they came (buffers a forward
+changes, spectral norm's power iteration in training mode, modes), unwrapped when wrapped
+(torch.compile, DataParallel), refused with one clear error when they cannot be merged (two
+dtypes, no weights on the meta device)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import graphrepair as gr
+from graphrepair.errors import GraphRepairError, GraphRepairWarning
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.h = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.h(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+class Counting(MLP):
+    """A forward that changes persistent buffers in place: a call counter, an EMA of the first
+    layer's mean."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+        self.register_buffer("ema", torch.zeros(16))
+
+    def forward(self, x):
+        self.calls += 1
+        h = torch.relu(self.a(x))
+        self.ema.mul_(0.9).add_(0.1 * h.detach().mean(0))
+        return self.h(torch.relu(self.b(h)))
+
+
+class Reassigning(Counting):
+    """A forward that assigns a new tensor to a buffer on every call (a running maximum).
+    (Merging it fails in the joint pass: the traced graph reads the assigned value as a constant
+    model A does not have; not part of this file's promise.)"""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("peak", torch.zeros(()))
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        self.peak = torch.maximum(self.peak, h.detach().max())
+        return super().forward(x)
+
+
+def pair(cls=MLP, seed=0):
+    torch.manual_seed(seed)
+    return cls(), cls()
+
+
+X = torch.randn(96, 8, generator=torch.Generator().manual_seed(1))
+Y = torch.randint(0, 4, (96,), generator=torch.Generator().manual_seed(2))
+
+
+def snapshot(model: nn.Module) -> dict:
+    return {"state": {k: v.clone() for k, v in model.state_dict().items()},
+            "tensors": {k: v for k, v in model.named_buffers()},
+            "modes": {n: m.training for n, m in model.named_modules()}}
+
+
+def assert_given_back(model: nn.Module, before: dict) -> None:
+    after = model.state_dict()
+    changed = [k for k, v in before["state"].items() if not torch.equal(after[k], v)]
+    assert changed == []
+    assert all(b is before["tensors"][k] for k, b in model.named_buffers())  # the caller's own tensors
+    assert {n: m.training for n, m in model.named_modules()} == before["modes"]
+
+
+CALLS = {
+    "merge": lambda a, b: gr.merge(a, b, X),
+    "merge_refit": lambda a, b: gr.merge(a, b, X, refit=1, repair="exact"),
+    "merge_approx": lambda a, b: gr.merge(a, b, X, repair="approx"),
+    "align": lambda a, b: gr.align(a, b, X),
+    "barrier": lambda a, b: gr.barrier(a, b, eval_data=(X, Y), fit_data=X, alphas=3),
+    "evaluate": lambda a, b: gr.evaluate(a, (X, Y)),
+    "discover": lambda a, b: gr.discover(a, X[:4]),
+    "check": lambda a, b: gr.discover(a, X[:4]).check(a, X[:4]),
+}
+
+
+@pytest.mark.parametrize("call", list(CALLS))
+@pytest.mark.parametrize("training", [False, True])
+def test_buffers_a_forward_changes_are_given_back(call, training):
+    """Before: ``calls``, ``ema`` and ``peak`` came back changed from merge and evaluate."""
+    a, b = pair(Counting)
+    a.train(training)
+    b.train(training)
+    before_a, before_b = snapshot(a), snapshot(b)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        CALLS[call](a, b)
+    assert_given_back(a, before_a)
+    assert_given_back(b, before_b)
+    with torch.no_grad():  # and the caller's model still works on its own tensors
+        a(X[:2])
+    assert int(a.calls) == 1
+
+
+@pytest.mark.parametrize("cls", [Counting, Reassigning])
+def test_export_evaluate_discover_give_buffers_back(tmp_path, cls):
+    a, _ = pair(cls)
+    before = snapshot(a)
+    gr.export_onnx(a, X[:2], tmp_path / "a.onnx")
+    assert (tmp_path / "a.onnx").stat().st_size > 0
+    assert_given_back(a, before)
+    gr.evaluate(a, (X, Y))
+    assert_given_back(a, before)
+    gr.discover(a, X[:4]).check(a, X[:4])
+    assert_given_back(a, before)
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_spectral_norm_in_training_mode_is_given_back(legacy):
+    """Spectral norm's power iteration moves its u and v buffers on every training-mode forward;
+    before, gr.merge handed the model back with other u, v."""
+    a, b = pair()
+    for m in (a, b):
+        (torch.nn.utils.spectral_norm if legacy else torch.nn.utils.parametrizations.spectral_norm)(m.b)
+        m.train()
+    before_a, before_b = snapshot(a), snapshot(b)
+    merged = gr.merge(a, b, X)
+    assert_given_back(a, before_a)
+    assert_given_back(b, before_b)
+    assert a.training and b.training and not merged.training
+
+
+def test_restored_when_the_call_fails():
+    a, b = pair(Counting)
+    before = snapshot(a)
+    with pytest.raises(GraphRepairError):
+        gr.merge(a, b, X, alpha=float("nan"))
+    with pytest.raises(Exception):  # noqa: B017 (whatever fails inside: a label out of range here)
+        gr.evaluate(a, (X, torch.full((96,), 7)))
+    assert_given_back(a, before)
+
+
+# -- wrapped models ---------------------------------------------------------------------------
+
+
+def _wrapped(kind: str, m: nn.Module) -> nn.Module:
+    return torch.compile(m) if kind == "compile" else nn.DataParallel(m)
+
+
+@pytest.mark.parametrize("kind", ["compile", "dataparallel"])
+def test_wrapped_models_are_unwrapped_with_a_warning(kind):
+    """Before: ``AssertionError: Guard failed: args_0.size()[0] == 2``."""
+    a, b = pair()
+    wa, wb = _wrapped(kind, a), _wrapped(kind, b)
+    with pytest.warns(GraphRepairWarning, match="module inside, MLP") as record:
+        merged = gr.merge(wa, wb, X)
+    assert any(("_orig_mod" if kind == "compile" else ".module") in str(w.message) for w in record)
+    assert type(merged) is MLP
+    plain = gr.merge(a, b, X)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(X), plain(X))
+    with pytest.warns(GraphRepairWarning):
+        spec = gr.discover(wa, X[:4])
+    assert spec.num_free == 32
+    with pytest.warns(GraphRepairWarning):
+        acc, _ = gr.evaluate(wa, (X, Y))
+    assert acc == gr.evaluate(a, (X, Y))[0]
+
+
+def test_compiled_data_parallel_is_unwrapped_twice():
+    a, b = pair()
+    with pytest.warns(GraphRepairWarning, match="torch.compile'd module .* in a DataParallel"):
+        merged = gr.merge(torch.compile(nn.DataParallel(a)), b, X)
+    assert type(merged) is MLP
+
+
+# -- models that cannot be merged -------------------------------------------------------------
+
+
+def test_two_dtypes_are_refused_naming_both():
+    """Before: ``RuntimeError: mat1 and mat2 must have the same dtype``."""
+    a, b = pair()
+    b = b.to(torch.bfloat16)
+    for call in (lambda: gr.merge(a, b, X), lambda: gr.align(a, b, X),
+                 lambda: gr.barrier(a, b, eval_data=(X, Y), fit_data=X, alphas=3)):
+        with pytest.raises(GraphRepairError, match="model A is float32 and model B is bfloat16") as e:
+            call()
+        assert "model.to(torch.float32)" in str(e.value)
+    with pytest.raises(GraphRepairError, match="model 0 is float32 and model 2 is bfloat16"):
+        gr.merge_models([a, pair()[0], b], X)
+
+
+@pytest.mark.parametrize("call", ["merge", "discover", "evaluate", "export"])
+def test_meta_device_models_are_refused(call, tmp_path):
+    """Before: ``RuntimeError: Tensor.item() cannot be called on meta tensors`` (merge), a
+    ShapeError blaming the example input (discover)."""
+    with torch.device("meta"):
+        a = MLP()
+    b = MLP()
+    run = {"merge": lambda: gr.merge(a, b, X), "discover": lambda: gr.discover(a, X[:4]),
+           "evaluate": lambda: gr.evaluate(a, (X, Y)),
+           "export": lambda: gr.export_onnx(a, X[:2], tmp_path / "m.onnx")}[call]
+    who = "model A" if call == "merge" else "the model"
+    with pytest.raises(GraphRepairError, match=f"{who} is on the meta device \\(no weights.*load its weights first"):
+        run()
+    assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize("wrap", ["compile", "dataparallel"])
+def test_a_factory_returning_a_wrapped_model_gives_the_module_inside(wrap, tmp_path, monkeypatch):
+    """The command line's --model MODULE:FACTORY: a wrapped model's checkpoint keys are the module's
+    own (no "_orig_mod." / "module." prefix), so loading works on the module inside."""
+    from graphrepair.io.loading import load_model
+    from graphrepair.io.fileio import save_safetensors
+
+    (tmp_path / "wrapped_factory.py").write_text(
+        "import torch\nfrom torch import nn\nfrom tests.test_models_hostile import MLP\n\n"
+        f"def make():\n    return {'torch.compile(MLP())' if wrap == 'compile' else 'nn.DataParallel(MLP())'}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    torch.manual_seed(3)
+    ref = MLP()
+    save_safetensors(ref.state_dict(), tmp_path / "w.safetensors")
+    with pytest.warns(GraphRepairWarning, match="wrapped_factory:make"):
+        model = load_model("wrapped_factory:make", tmp_path / "w.safetensors")
+    assert type(model) is MLP
+    assert all(torch.equal(v, ref.state_dict()[k]) for k, v in model.state_dict().items())
