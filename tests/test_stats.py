@@ -45,7 +45,7 @@ def test_cuda_statistics_and_merge_match_cpu(digits_pair, digits_spec):
 def test_check_finite_names_the_tensor_and_lets_large_finite_weights_pass(dtype):
     """The weights are checked through their sums: a sum that overflows (finite weights near the
     dtype's largest value) must not be taken for an Inf, and +Inf with -Inf (a NaN sum) must be."""
-    from graphrepair.merging.stats import check_finite
+    from graphrepair.models import check_finite
 
     big = torch.finfo(dtype).max
     state = {"a.weight": torch.full((4, 4), big, dtype=dtype), "b.bias": torch.zeros(3, dtype=dtype),

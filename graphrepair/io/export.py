@@ -69,7 +69,7 @@ def export_dict(report: ExportReport, path: str | os.PathLike | None = None) -> 
 
 def check_finite_model(model: nn.Module) -> None:
     """NumericError naming the first parameter or buffer holding NaN or Inf (the merge's check,
-    ``merging.stats.check_finite``, with what it means for an export)."""
+    ``models.check_finite``, with what it means for an export)."""
     try:
         check_finite(model.state_dict(), type(model).__name__)
     except NumericError as e:
