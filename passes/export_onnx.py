@@ -427,6 +427,7 @@ def export_onnx(
             raise ExportFailedError(f"{type(model).__name__} returns a {type(probe).__name__}, which the exporter "
                                     "cannot flatten; give its inputs as tensors (positional or keyword)")
         exported = _FlatOutputs(model, len(example_inputs), list(kwargs))
+        exported.training = False  # the wrapper's own flag; the model's are eval_mode's
         example_inputs, kwargs = tuple(example_inputs) + tuple(kwargs.values()), {}
     del probe
     dynamic_shapes = None
