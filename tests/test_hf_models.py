@@ -142,3 +142,16 @@ def test_exporter_limits_are_named(tmp_path):
     with pytest.raises(ExportError, match="limit of torch.onnx's exporter"):
         gr.export_onnx(fam.model, fam.inputs, tmp_path / "swin.onnx")
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_float32_inputs_fit_a_model_of_another_dtype(dtype):
+    """The example's floating tensors take the model's dtype (token ids stay integers): a bfloat16
+    or float64 model given float32 images is traced, not refused with a shape error."""
+    fam = build("vit")
+    model = fam.model.to(dtype)
+    assert fam.inputs["pixel_values"].dtype == torch.float32
+    spec = discover(model, fam.inputs)
+    assert spec.traced.signature[0][1] == str(dtype)
+    assert spec.num_free > 0
+    spec.check(model, fam.inputs)
