@@ -85,7 +85,7 @@ def command(session: Session, model_ref, ckpt_a, ckpt_b, fit_ref, method, num_ex
     with atomic_outputs([onnx_path, weights_path], written=session.written) as (tmp_onnx, tmp_weights):
         if tmp_onnx is not None:
             from graphrepair.io.export import export_onnx
-            export = export_onnx(res.model, (fit.example,), tmp_onnx)
+            export = export_onnx(res.model, fit.example, tmp_onnx)
         if tmp_weights is not None:
             from graphrepair.io.fileio import save_safetensors
             save_safetensors(res.model.state_dict(), tmp_weights, metadata={

@@ -360,7 +360,7 @@ def _varies_along_batch(t: torch.Tensor) -> bool:
     return not bool((t == t[:1]).all())
 
 
-def _uninformative(ref: list[torch.Tensor], args: tuple) -> bool:
+def _uninformative(ref: list[torch.Tensor], args) -> bool:
     """Whether outputs ``ref`` cannot show a wrong permutation: no output varies at all (all zero
     or constant), or the example holds different examples and every output is the same for each
     of them (it does not depend on the input)."""
