@@ -56,7 +56,10 @@ def export_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, *, rt
         text = str(e)
         if "cannot write" in text or "directory" in text:
             raise OutputError(text) from e
-        raise ExportError(f"cannot export {name} to ONNX: {text}{exporter_limit(model, text)}") from e
+        limit = exporter_limit(model, text)
+        if limit:  # static shapes fail the same way: the batch-size hint would mislead
+            text = text.replace("; if the model fixes its batch size, try dynamic_batch=False", "")
+        raise ExportError(f"cannot export {name} to ONNX: {text}{limit}") from e
 
 
 def check_finite_model(model: nn.Module) -> None:
@@ -96,8 +99,8 @@ def exporter_limit(model: nn.Module, text: str) -> str:
     """A sentence naming a known limit of torch.onnx's exporter found in ``text``, else ''."""
     for pattern, what in EXPORTER_LIMITS:
         if pattern in text:
-            return (f". This is a limit of torch.onnx's exporter, not of graphrepair: {what}; "
-                    f"{type(model).__name__} fails to export the same way before any merge")
+            return (f". This is a limit of torch.onnx's exporter, not of graphrepair: {what}; the "
+                    f"unmerged model fails the same way, with a static batch too")
     return ""
 
 
