@@ -246,5 +246,5 @@ def test_a_wrong_permutation_through_the_index_is_refused():
     with torch.no_grad():
         wrong.lin1.weight.copy_(model.lin1.weight[perm])
         wrong.lin1.bias.copy_(model.lin1.bias[perm])
-    with pytest.raises(CheckError, match="changes the output"):
+    with pytest.raises(CheckError, match=r"changes? the output"):
         spec.prove(model, wrong, x, {g.name: perm})
