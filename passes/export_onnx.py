@@ -10,9 +10,14 @@ and on any ``check_inputs``. Every output is compared with torch's:
 
     |ort - torch| <= atol + rtol * |torch|    elementwise (NaN matches NaN)
 
+Inputs are positional (``args``) and keyword (``kwargs``) tensors, ``model(*args, **kwargs)``; the
+ONNX inputs of keyword tensors carry their names and are fed by name.
+
 Outputs are flattened in torch's pytree order (tuples and lists by position, dicts by insertion
 order, HF ModelOutput by field), the same order the exporter gives the ONNX outputs; dataclasses
-pytree does not know are flattened by field.
+pytree does not know are flattened by field. A model whose output is a type that pytree knows
+without keys (diffusers' ``BaseOutput`` classes such as ``UNet2DOutput``) or does not know at all
+is exported through a wrapper that returns the flattened tensors as a tuple, in that order.
 
 The model is exported and verified in memory (``export_verified``): nothing reaches the disk unless
 onnxruntime agrees. ``export_onnx`` then writes the verified bytes to the path it is given (a write
@@ -26,11 +31,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import inspect
 import logging
 import os
 import re
 import warnings
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
@@ -62,8 +69,27 @@ def flatten_outputs(value: Any) -> list[tuple[str, torch.Tensor]]:
     """The tensors in ``value`` with a readable path each, in pytree order."""
     out: list[tuple[str, torch.Tensor]] = []
 
+    def walk(v: Any, prefix: str) -> None:
+        """Types pytree knows without key paths (diffusers' BaseOutput, a Mapping) or not at all:
+        mappings by key, dataclasses by field, sequences by position."""
+        if isinstance(v, torch.Tensor):
+            out.append((prefix, v))
+        elif isinstance(v, Mapping):
+            for k in v:
+                visit(v[k], f"{prefix}[{k!r}]")
+        elif dataclasses.is_dataclass(v) and not isinstance(v, type):
+            for f in dataclasses.fields(v):
+                visit(getattr(v, f.name), f"{prefix}.{f.name}")
+        elif isinstance(v, (tuple, list)):
+            for i, item in enumerate(v):
+                visit(item, f"{prefix}[{i}]")
+
     def visit(v: Any, prefix: str) -> None:
-        leaves, _ = pytree.tree_flatten_with_path(v)
+        try:
+            leaves, _ = pytree.tree_flatten_with_path(v)
+        except (ValueError, TypeError):
+            walk(v, prefix)
+            return
         for path, leaf in leaves:
             name = prefix + pytree.keystr(path)
             if isinstance(leaf, torch.Tensor):
@@ -76,8 +102,53 @@ def flatten_outputs(value: Any) -> list[tuple[str, torch.Tensor]]:
     return out
 
 
+def keyed_output(value: Any) -> bool:
+    """Whether pytree flattens ``value`` with key paths and every leaf is a tensor or nothing
+    (what the exporter needs of an output); else the export goes through ``_FlatOutputs``."""
+    try:
+        leaves, _ = pytree.tree_flatten_with_path(value)
+    except (ValueError, TypeError):
+        return False
+    return all(isinstance(leaf, torch.Tensor) or leaf is None for _, leaf in leaves)
+
+
+class _FlatOutputs(nn.Module):
+    """``model`` called on positional tensors only (the first ``n_args`` its positional inputs,
+    the others its keyword inputs ``keys``, in order) and returning the tensors of its output as
+    a tuple, in ``flatten_outputs`` order."""
+
+    def __init__(self, model: nn.Module, n_args: int, keys: Sequence[str]):
+        super().__init__()
+        self.model, self.n_args, self.keys = model, n_args, tuple(keys)
+
+    def forward(self, *flat):
+        kwargs = dict(zip(self.keys, flat[self.n_args:]))
+        return tuple(t for _, t in flatten_outputs(self.model(*flat[:self.n_args], **kwargs)))
+
+
 def _input_tensors(args: tuple) -> list[torch.Tensor]:
     return [leaf for leaf in pytree.tree_leaves(args) if isinstance(leaf, torch.Tensor)]
+
+
+def _dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict, batch) -> Any:
+    """Axis 0 of every tensor input is ``batch``: a tuple for positional inputs only, else a dict
+    keyed by the forward's argument names (as torch.export takes keyword inputs)."""
+    def spec(a):
+        return pytree.tree_map(lambda t: {0: batch} if isinstance(t, torch.Tensor) and t.ndim > 0 else None, a)
+
+    forward = model.forward
+    params = inspect.signature(forward).parameters
+    if not kwargs and not any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params.values()):
+        return spec(args)
+    bound = inspect.signature(forward).bind(*args, **kwargs)
+    out = {}
+    for key, value in bound.arguments.items():
+        kind = params[key].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            out[key] = {k: spec(v) for k, v in value.items()}
+        else:
+            out[key] = spec(value)
+    return out
 
 
 def _bigger_batch(args: tuple) -> tuple:
@@ -213,15 +284,40 @@ def _compare(
     return worst
 
 
-def _run_torch(model: nn.Module, args: tuple) -> list[tuple[str, torch.Tensor]]:
+def _run_torch(model: nn.Module, inputs: tuple[tuple, dict]) -> list[tuple[str, torch.Tensor]]:
+    args, kwargs = inputs
     with torch.no_grad(), full_precision():  # the reference, not TF32 (see full_precision)
-        return flatten_outputs(model(*args))
+        return flatten_outputs(model(*args, **kwargs))
+
+
+def _feed(names: list[str], inputs: tuple[tuple, dict]) -> dict[str, np.ndarray]:
+    """onnxruntime's feed: keyword tensors by their names when the ONNX inputs carry them, the
+    positional tensors on the other inputs in order; else every tensor in flattening order."""
+    args, kwargs = inputs
+    positional = _input_tensors(args)
+    keyed = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
+    if keyed and all(k in names for k in keyed):
+        rest = [n for n in names if n not in keyed]
+        if len(rest) != len(positional):
+            raise ExportFailedError(
+                f"the ONNX model takes {len(names)} inputs {names} but the example has "
+                f"{len(positional) + len(keyed)} tensors; pass every model input as a tensor")
+        feed = {n: _numpy(t) for n, t in zip(rest, positional)}
+        feed.update({k: _numpy(t) for k, t in keyed.items()})
+        return feed
+    tensors = _input_tensors((args, kwargs))
+    if len(tensors) != len(names):
+        raise ExportFailedError(
+            f"the ONNX model takes {len(names)} inputs {names} but the example has "
+            f"{len(tensors)} tensors; pass every model input as a tensor"
+        )
+    return {n: _numpy(t) for n, t in zip(names, tensors)}
 
 
 def _verify(
     model: nn.Module,
     onnx_model: bytes,
-    input_sets: list[tuple[str, tuple]],
+    input_sets: list[tuple[str, tuple[tuple, dict]]],
     providers: Sequence[str],
     rtol: float,
     atol: float,
@@ -244,12 +340,7 @@ def _verify(
             raise ExportFailedError(f"onnxruntime could not load the exported model with {provider}: {exc}") from exc
         names = [i.name for i in session.get_inputs()]
         for label, args in input_sets:
-            tensors = _input_tensors(args)
-            if len(tensors) != len(names):
-                raise ExportFailedError(
-                    f"the ONNX model takes {len(names)} inputs {names} but the example has "
-                    f"{len(tensors)} tensors; pass every model input as a tensor"
-                )
+            feed = _feed(names, args)
             try:
                 ref = _run_torch(model, args)
             except Exception as exc:
@@ -257,7 +348,6 @@ def _verify(
                     f"torch itself fails on the {label} ({type(exc).__name__}: {exc}); if the model "
                     "fixes its batch size, export with dynamic_batch=False"
                 ) from exc
-            feed = {n: _numpy(t) for n, t in zip(names, tensors)}
             try:
                 got = session.run(None, feed)
             except Exception as exc:  # onnxruntime's own exception types
@@ -321,8 +411,10 @@ def export_onnx(
     atol: float = 1e-4,
     providers: Sequence[str] | None = None,
     check_inputs: Sequence[tuple] | None = None,
+    kwargs: dict[str, torch.Tensor] | None = None,
 ) -> ExportReport:
     """Export ``model`` to ``path`` as one ONNX file, verified with onnxruntime (see module doc).
+    ``model(*example_inputs, **kwargs)`` is the example call.
 
     Raises ExportFailedError when no model could be produced or written, and
     ExportVerificationError when onnxruntime disagrees with torch; ``path`` is written only once
@@ -331,7 +423,7 @@ def export_onnx(
     path = os.fspath(path)
     _check_directory(path)
     verified = export_verified(model, example_inputs, target=path, dynamic_batch=dynamic_batch, rtol=rtol,
-                               atol=atol, providers=providers, check_inputs=check_inputs)
+                               atol=atol, providers=providers, check_inputs=check_inputs, kwargs=kwargs)
     _write(path, verified.data)
     return verified.report(path)
 
@@ -346,6 +438,7 @@ def export_verified(
     atol: float = 1e-4,
     providers: Sequence[str] | None = None,
     check_inputs: Sequence[tuple] | None = None,
+    kwargs: dict[str, torch.Tensor] | None = None,
 ) -> VerifiedExport:
     """Export ``model`` to ONNX in memory and verify it with onnxruntime (see module doc); writes
     nothing. ``target`` names the destination in messages (the file the caller will write).
@@ -361,22 +454,43 @@ def export_verified(
         raise ExportFailedError(
             f"example_inputs must be a tuple of model arguments, got {type(example_inputs).__name__}"
         )
+    kwargs = dict(kwargs or {})
+    if not isinstance(model, nn.Module):
+        raise ExportFailedError(f"model must be an nn.Module, got {type(model).__name__}")
     path = os.fspath(target)
     providers = list(providers) if providers is not None else _default_providers()
+    exported = model
+    with eval_mode(model), torch.no_grad():
+        try:
+            probe = model(*example_inputs, **kwargs)
+        except Exception as exc:
+            raise ExportFailedError(
+                f"torch itself fails on the example inputs ({type(exc).__name__}: {exc})") from exc
+    if not keyed_output(probe):  # exported through positional inputs and a tuple of outputs
+        if not all(isinstance(a, torch.Tensor) for a in example_inputs):
+            raise ExportFailedError(f"{type(model).__name__} returns a {type(probe).__name__}, which the exporter "
+                                    "cannot flatten; give its inputs as tensors (positional or keyword)")
+        exported = _FlatOutputs(model, len(example_inputs), list(kwargs))
+        exported.training = False  # the wrapper's own flag; the model's are eval_mode's
+        example_inputs, kwargs = tuple(example_inputs) + tuple(kwargs.values()), {}
+    del probe
     dynamic_shapes = None
     if dynamic_batch:
         batch = torch.export.Dim("batch")
-        dynamic_shapes = pytree.tree_map(
-            lambda a: {0: batch} if isinstance(a, torch.Tensor) and a.ndim > 0 else None,
-            example_inputs,
-        )
+        try:
+            dynamic_shapes = _dynamic_shapes(exported, example_inputs, kwargs, batch)
+        except TypeError as exc:
+            raise ExportFailedError(f"the example inputs do not fit {type(model).__name__}.forward: {exc}") from exc
+    example = (example_inputs, kwargs)
     with eval_mode(model):
         try:
+            traced_args, traced_kwargs = _export_batch(example) if dynamic_batch else example
             with _quiet():
                 program = torch.onnx.export(
-                    model,
-                    _export_batch(example_inputs) if dynamic_batch else example_inputs,
+                    exported,
+                    traced_args,
                     None,
+                    kwargs=traced_kwargs or None,
                     dynamo=True,
                     external_data=False,
                     dynamic_shapes=dynamic_shapes,
@@ -395,11 +509,11 @@ def export_verified(
             onnx.checker.check_model(proto)
         except Exception as exc:
             raise ExportFailedError(f"the exported model for {path} is not valid ONNX: {exc}") from exc
-        input_sets = [("example inputs", example_inputs)]
+        input_sets = [("example inputs", example)]
         if dynamic_batch:
-            input_sets.append(("batch of another size", _bigger_batch(example_inputs)))
+            input_sets.append(("batch of another size", _bigger_batch(example)))
         for k, extra in enumerate(check_inputs or ()):
-            input_sets.append((f"check_inputs[{k}]", extra if isinstance(extra, tuple) else (extra,)))
+            input_sets.append((f"check_inputs[{k}]", (extra if isinstance(extra, tuple) else (extra,), {})))
         worst = _verify(model, data, input_sets, providers, rtol, atol)
     ops = Counter(
         (f"{n.domain}::{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type) for n in proto.graph.node

@@ -59,7 +59,8 @@ class FixedBatch(MLP):
 
 
 class InPlace(nn.Module):
-    """An in-place add discovery has no rule for: every axis it touches is fixed (here: all)."""
+    """An in-place op discovery has no rule for (a running sum over the hidden units, which no
+    permutation would keep anyway): every axis it touches is fixed (here: all)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -67,7 +68,7 @@ class InPlace(nn.Module):
 
     def forward(self, x):
         h = self.a(x)
-        h.add_(1.0)
+        h.cumsum_(1)
         return self.head(torch.relu(h))
 
 

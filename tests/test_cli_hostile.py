@@ -221,7 +221,7 @@ CASES = {
     "data function raises a BaseException": merge(["--data", "Stop", "no data today"], data=f"{M}:base_exception"),
     "data generator raises a BaseException": merge(["--data", "batch 1", "Stop"], data=f"{M}:base_exception_midway"),
     # 7. the line says the right thing
-    "no groups: in-place op": merge(["no permutation groups", "graphrepair inspect", "add_"], opts=pair("in_place")),
+    "no groups: in-place op": merge(["no permutation groups", "graphrepair inspect", "cumsum_"], opts=pair("in_place")),
     "no groups: hidden features returned": merge(["no permutation groups", "graphrepair inspect"],
                                                  opts=pair("hidden_out")),
     "no groups: buffers only": merge(["no permutation groups"], opts=pair("buffers_only")),

@@ -90,11 +90,17 @@ def load_models(model_ref: str, checkpoints: list[tuple[str, str]], device) -> l
     """One instance of MODULE:FACTORY per (option, checkpoint), weights loaded, in eval mode on
     ``device``; a failure names the option at fault (--model, --a, --b, --checkpoint)."""
     from graphrepair.io.loading import load_checkpoint, load_factory
+    from graphrepair.io.zoo_refs import load_pretrained
 
+    pretrained = {option: load_pretrained(model_ref, ckpt) for option, ckpt in checkpoints}  # hf:DIR folders
     for option, ckpt in checkpoints:
-        check_checkpoint(ckpt, option)
+        if pretrained[option] is None:
+            check_checkpoint(ckpt, option)
     models = []
     for option, ckpt in checkpoints:
+        if pretrained[option] is not None:
+            models.append(pretrained[option].eval().to(device))
+            continue
         try:
             model = load_factory(model_ref)
         except GraphRepairError as e:

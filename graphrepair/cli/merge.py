@@ -28,12 +28,15 @@ from graphrepair.cli.options import (model_option, pair_options, positive, repai
 @click.option("--no-onnx", is_flag=True, help="Do not write the ONNX file.")
 @click.option("--weights", default=None, metavar="FILE",
               help="Also the merged state dict as safetensors (only when every reset folded).")
+@click.option("--out-hf", "out_hf", default=None, metavar="DIR",
+              help="Also the merged model with save_pretrained into DIR (a new or empty folder), for Hugging Face "
+                   "and diffusers models whose merge keeps their class; from_pretrained is checked first.")
 @click.option("--eval", "eval_ref", default=None, metavar="EVAL",
               help="Labeled data ('x' and 'y'): accuracy and loss of A, B and the merge.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @run
 def command(session: Session, model_ref, ckpt_a, ckpt_b, fit_ref, method, num_examples, points, alpha, repair,
-            refit, refit_examples, out, no_onnx, weights, eval_ref, as_json):
+            refit, refit_examples, out, no_onnx, weights, out_hf, eval_ref, as_json):
     """Align B to A, interpolate, REPAIR and export the merged model."""
     from graphrepair.cli.inputs import check_files, model_file, with_option
     from graphrepair.errors import GraphRepairError, OutputError
@@ -46,7 +49,7 @@ def command(session: Session, model_ref, ckpt_a, ckpt_b, fit_ref, method, num_ex
     positive(num_examples, "--num-examples")
     sweeps(refit, "--refit")
     positive(refit_examples, "--refit-examples")
-    if no_onnx and not weights:
+    if no_onnx and not weights and not out_hf:
         raise OutputError("--no-onnx without --weights would write nothing; give --weights FILE or drop --no-onnx")
     paths = check_files(session, {"--out": None if no_onnx else out, "--weights": weights},
                         {"--a": ckpt_a, "--b": ckpt_b, "--data": fit_ref, "--eval": eval_ref,
@@ -62,6 +65,8 @@ def command(session: Session, model_ref, ckpt_a, ckpt_b, fit_ref, method, num_ex
     mode = repair_mode(repair)
     statistics = method == "activation" or mode is not None or refit > 0
     model_a, model_b = load_models(model_ref, [("--a", ckpt_a), ("--b", ckpt_b)], device)
+    if out_hf is not None:
+        _check_out_hf(out_hf, model_a, model_ref)
     fit = fit_data(fit_ref, model_a, num_examples, device, needs_statistics=statistics)
     eval_set = eval_data(eval_ref, model_a, fit.example, device) if eval_ref else None
     spec = require_groups(model_a, fit.example, model_ref)
@@ -72,6 +77,8 @@ def command(session: Session, model_ref, ckpt_a, ckpt_b, fit_ref, method, num_ex
     own_class = type(res.model) is type(model_a)
     if weights_path is not None and not own_class:
         raise OutputError(_unfoldable(weights_path, res, type(model_a).__name__, points))
+    if out_hf is not None and not own_class:
+        raise OutputError(_not_own_class(out_hf, res, type(model_a).__name__))
     scores = {}
     if eval_set is not None:
         for name, m in (("A", model_a), ("B", model_b), ("merged", res.model)):
@@ -90,6 +97,12 @@ def command(session: Session, model_ref, ckpt_a, ckpt_b, fit_ref, method, num_ex
             save_safetensors(res.model.state_dict(), tmp_weights, metadata={
                 "graphrepair": "merge", "model": model_ref, "a": str(ckpt_a), "b": str(ckpt_b),
                 "alpha": repr(alpha), "method": method, "repair": repair, "points": points, "refit": str(refit)})
+        if out_hf is not None and is_reporting():  # proved by from_pretrained, then moved into place
+            from pathlib import Path
+
+            from graphrepair.io.zoo_refs import save_pretrained_verified
+            save_pretrained_verified(res.model, out_hf, fit.example)
+            session.written.append(Path(out_hf))
     result = res.as_dict()
     if result["refit"] is not None:
         result["refit"] = {"sweeps": refit, "examples": refit_examples, **result["refit"]}
@@ -97,6 +110,7 @@ def command(session: Session, model_ref, ckpt_a, ckpt_b, fit_ref, method, num_ex
         "model": model_ref, "a": str(ckpt_a), "b": str(ckpt_b), "alpha": alpha, **result, "points": points,
         "onnx": None if export is None else export_dict(export, onnx_path),
         "weights": None if weights_path is None else str(weights_path),
+        "out_hf": out_hf,
         "eval": {k: {"accuracy": a, "loss": lo} for k, (a, lo) in scores.items()} or None,
         "warnings": warnings,
         "notes": list(dict.fromkeys(fit.notes + session.notes() + res.notes)),
@@ -105,6 +119,34 @@ def command(session: Session, model_ref, ckpt_a, ckpt_b, fit_ref, method, num_ex
         echo_json(report)
     else:
         echo(merge_text(report, eval_ref))
+
+
+def _check_out_hf(out_hf: str, model, model_ref: str) -> None:
+    """Before any work: --out-hf needs a model that saves with save_pretrained, and a new or empty
+    folder that is not the hf:DIR it reads."""
+    import os
+
+    from graphrepair.errors import OutputError
+    from graphrepair.io.zoo_refs import hf_dir
+
+    if not callable(getattr(model, "save_pretrained", None)):
+        raise OutputError(f"--out-hf {out_hf}: {type(model).__name__} (--model {model_ref}) has no save_pretrained "
+                          f"(only Hugging Face transformers and diffusers models do); write --out (ONNX) or "
+                          f"--weights (safetensors) instead")
+    source = hf_dir(model_ref)
+    if source is not None and os.path.abspath(source) == os.path.abspath(out_hf):
+        raise OutputError(f"--out-hf {out_hf} is the folder --model reads; give a new folder")
+    if os.path.exists(out_hf) and (not os.path.isdir(out_hf) or os.listdir(out_hf)):
+        raise OutputError(f"--out-hf {out_hf}: exists and is not an empty folder; give a new folder")
+
+
+def _not_own_class(out_hf: str, res, class_name: str) -> str:
+    kept = "; ".join(res.kept[:2]) + (f"; ... and {len(res.kept) - 2} more" if len(res.kept) > 2 else "")
+    return (f"--out-hf {out_hf}: the merged model came back as a {type(res.model).__name__}, not a {class_name} "
+            f"({len(res.kept)} REPAIR corrections could not be folded into {class_name}'s own parameters"
+            + (f": {kept}" if kept else "") + "), so it has no save_pretrained. Write it with --out (ONNX, "
+            f"the corrections included), or for a {class_name} use --repair reset or none (then --out-hf and "
+            f"--weights work). Nothing was written")
 
 
 def _unfoldable(weights_path, res, class_name: str, points: str) -> str:
@@ -161,6 +203,8 @@ def merge_text(r: dict, eval_ref: str | None) -> str:
                      f"{o['max_abs_diff']:.2e} ({', '.join(o['providers'])})")
     if r["weights"]:
         lines.append(f"wrote {r['weights']}: state dict of {r['merged_class']}")
+    if r.get("out_hf"):
+        lines.append(f"wrote {r['out_hf']}: {r['merged_class']}.save_pretrained (from_pretrained gives the merge)")
     lines.extend(f"warning: {w}" for w in r["warnings"])
     for n in r["notes"]:
         lines.append(f"note: {n}")

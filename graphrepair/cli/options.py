@@ -20,7 +20,8 @@ MAX_INPUT_ELEMENTS = 2 ** 28  # an example input of 1 GiB in float32 is not an e
 
 model_option = click.option("--model", "model_ref", required=True, metavar="MODULE:FACTORY",
                             help="Zero-argument callable returning the nn.Module "
-                                 "(e.g. fixtures.zoo:resnet20_bn).")
+                                 "(e.g. fixtures.zoo:resnet20_bn); or hf:DIR (a save_pretrained folder, "
+                                 "built from its config offline), torchvision:NAME, timm:NAME.")
 shape_option = click.option("--input-shape", required=True, metavar="N,C,H,W",
                             help="Example input shape, batch first (e.g. 1,3,32,32).")
 dtype_option = click.option("--input-dtype", type=click.Choice(["float", "long"]), default="float",

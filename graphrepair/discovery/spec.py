@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from graphrepair.discovery import axes as ax
-from graphrepair.discovery.trace import Traced, as_tuple, output_tensors
+from graphrepair.discovery.trace import Traced, example_inputs_for, output_tensors, traceable
 from graphrepair.errors import CheckError, MismatchError
 from graphrepair.models import eval_mode, full_precision, user_models, with_metadata
 
@@ -91,6 +91,11 @@ class PermutationSpec:
     node_joins: dict = field(default_factory=dict)  # node name -> "residual" | "concat" | "gate"
 
     # -- sizes and lookups ---------------------------------------------------------------------
+    @property
+    def notes(self) -> tuple[str, ...]:
+        """What discovery did to the model for the duration of its trace (e.g. caching off)."""
+        return self.traced.notes
+
     @property
     def num_free(self) -> int:
         """Number of hidden channels that may move (sum of group sizes)."""
@@ -256,9 +261,12 @@ class PermutationSpec:
     def check(self, model: nn.Module, example_inputs, *, seed: int = 0, rtol: float = 1e-4,
               atol: float = 1e-5) -> float:
         """Apply random permutations to every group and compare outputs; returns the largest
-        absolute difference. Raises CheckError naming the group that breaks the function."""
+        absolute difference. Raises CheckError naming the group that breaks the function.
+
+        A float16 or bfloat16 model is checked on a float32 copy (see ``proof_precision``)."""
         self.check_model(model)
-        args = as_tuple(example_inputs)
+        model = proof_precision(model)
+        args = example_inputs_for(model, example_inputs)
         perms = self.random_permutations(seed)
         ref = _outputs(model, args)
         if self.groups and _uninformative(ref, args):
@@ -282,8 +290,11 @@ class PermutationSpec:
               *, rtol: float = 1e-4, atol: float = 1e-5) -> float:
         """Prove that ``permuted`` (``model`` with ``perms`` applied, e.g. the permutations an
         alignment found) computes what ``model`` computes on the example; returns the largest
-        absolute difference, raises CheckError naming the group that changes the function."""
-        args = as_tuple(example_inputs)
+        absolute difference, raises CheckError naming the group that changes the function.
+
+        Float16 and bfloat16 models are compared as float32 copies (see ``proof_precision``)."""
+        model, permuted = proof_precision(model), proof_precision(permuted)
+        args = example_inputs_for(model, example_inputs)
         return self._prove(model, args, _outputs(model, args), perms, _outputs(permuted, args), rtol, atol,
                            "the permutations found")
 
@@ -308,6 +319,28 @@ class PermutationSpec:
         )
 
 
+HALF = (torch.float16, torch.bfloat16)
+
+
+def proof_precision(model: nn.Module) -> nn.Module:
+    """``model`` itself, or a float32 copy of it when it holds float16 or bfloat16 parameters or
+    buffers (the caller's model is not touched).
+
+    A permutation only moves values, so it commutes with the cast: the float32 copy of a permuted
+    half-precision model is the permuted float32 copy, exactly. In half precision the two sides of
+    the proof round differently (a permuted matmul sums in another order), by some units of the
+    dtype's epsilon (float16 2^-10, bfloat16 2^-7) of the output's magnitude; a tolerance wide enough
+    for that would also pass a wrong permutation that moves an output by a few percent. In float32
+    the proof keeps its float32 tolerance, and a wrong permutation is refused as it would be in
+    float32. The cost is the copy: twice the model's half-precision memory while the proof runs."""
+    if not any(t.dtype in HALF for t in list(model.parameters()) + list(model.buffers())):
+        return model
+    import copy
+
+    new = copy.deepcopy(model)
+    return new._apply(lambda t: t.float() if t.dtype in HALF else t)
+
+
 def _varies(t: torch.Tensor) -> bool:
     if t.numel() <= 1:
         return False
@@ -325,13 +358,13 @@ def _varies_along_batch(t: torch.Tensor) -> bool:
     return not bool((t == t[:1]).all())
 
 
-def _uninformative(ref: list[torch.Tensor], args: tuple) -> bool:
+def _uninformative(ref: list[torch.Tensor], args) -> bool:
     """Whether outputs ``ref`` cannot show a wrong permutation: no output varies at all (all zero
     or constant), or the example holds different examples and every output is the same for each
     of them (it does not depend on the input)."""
     if not ref or not any(_varies(t) for t in ref):
         return True
-    inputs = [a for a in args if isinstance(a, torch.Tensor)]
+    inputs = args.tensors()
     batch = {a.shape[0] for a in inputs if a.ndim > 0}
     if len(batch) == 1 and any(_rows_differ(a) for a in inputs):
         n = batch.pop()
@@ -356,9 +389,10 @@ def _perturbed(model: nn.Module, seed: int) -> nn.Module:
     return new
 
 
-def _outputs(model: nn.Module, args: tuple) -> list[torch.Tensor]:
-    with eval_mode(model), torch.no_grad(), full_precision():  # TF32 would hide or fake a change
-        return [t.detach().float() if t.is_floating_point() else t for t in output_tensors(model(*args))]
+def _outputs(model: nn.Module, args) -> list[torch.Tensor]:
+    # TF32 would hide or fake a change; a cache (Hugging Face's use_cache) is state, not output
+    with eval_mode(model), torch.no_grad(), full_precision(), traceable(model):
+        return [t.detach().float() if t.is_floating_point() else t for t in output_tensors(args.call(model))]
 
 
 def _compare(ref, got, rtol, atol) -> float | None:

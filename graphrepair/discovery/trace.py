@@ -5,12 +5,24 @@ parameters keep their names. When it fails (Python control flow on shapes, Huggi
 ``torch.export.export(...).module()`` gives a graph of ATen ops with parameters as ``get_attr``
 nodes under the same qualified names. Both kinds are run once on the example inputs by an
 interpreter that records, for every node, the shape and dtype of what it produced.
+
+Example inputs are an ``Inputs`` (``io/inputs.py``): a tensor, a tuple of tensors (positional
+arguments) or a dict of tensors (keyword arguments, as Hugging Face models take them). Floating
+inputs are cast to the model's floating dtype (a bfloat16 model is traced on bfloat16 inputs),
+and all are moved to its device. An fx graph's placeholders are the forward's parameters, filled
+by name; an exported graph flattens ``(args, kwargs)`` with its own input spec.
+
+Hugging Face models are traced as they are configured, except that caching is off while tracing
+(``config.use_cache = False``: with a cache their forward builds Python cache objects that neither
+tracer follows); the caller's config is restored after, and the spec's notes say so.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Mapping
+import inspect
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,9 +30,10 @@ import torch
 import torch.fx
 from torch import nn
 
-from graphrepair.errors import ShapeError, TraceError
+from graphrepair.errors import DataError, ShapeError, TraceError
 from graphrepair.io.inputs import Inputs
 from graphrepair.models import eval_mode, given_back
+from graphrepair.runtime import model_device, model_dtype
 
 
 @dataclass(frozen=True)
@@ -46,20 +59,75 @@ class Traced:
     # constants of (torch.fx's ``_tensor_constantN``) and non-persistent buffers, which a
     # GraphModule keeps as ordinary buffers. They belong to the graph and keep their traced values.
     graph_own: frozenset = frozenset()
+    notes: tuple[str, ...] = ()  # what tracing changed for the duration of the trace, and why
+    signature: tuple = ()  # the example's Inputs.signature(): names, dtypes, shapes
+
+
+def example_inputs_for(model: nn.Module, example_inputs, where: str = "example_inputs") -> Inputs:
+    """``example_inputs`` (a tensor, a tuple of tensors, a dict of tensors, an Inputs) as Inputs on
+    the model's device, floating tensors in the model's floating dtype (integer ids stay); a
+    DataError for any other form, and for a keyword the forward does not take."""
+    inputs = Inputs.of(example_inputs, where)
+    check_keywords(model, inputs, where)
+    return inputs.to(model_device(model), model_dtype(model))
+
+
+def check_keywords(model: nn.Module, inputs: Inputs, where: str = "example_inputs") -> None:
+    """DataError naming a keyword input that ``model.forward`` does not take (a forward with
+    ``**kwargs`` takes any)."""
+    if not inputs.kwargs:
+        return
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    names = [n for n, p in params.items()
+             if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+    for key in inputs.kwargs:
+        if key not in names:
+            raise DataError(f"{where}: '{key}' is not an argument of {type(model).__name__}.forward "
+                            f"(it takes {', '.join(names) or 'no keyword argument'}); rename or drop it")
 
 
 def as_tuple(example_inputs) -> tuple:
-    if isinstance(example_inputs, Inputs) and not example_inputs.kwargs:
-        return example_inputs.args
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, list):
-        return tuple(example_inputs)
-    if isinstance(example_inputs, tuple):
-        return example_inputs
-    raise TypeError(
-        f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}"
-    )
+    """The positional tensors of ``example_inputs`` (a DataError when it holds keyword inputs:
+    use ``Inputs.of`` for those)."""
+    inputs = Inputs.of(example_inputs)
+    if inputs.kwargs:
+        raise DataError("these example inputs hold keyword inputs "
+                        f"({', '.join(inputs.kwargs)}); this call takes positional tensors only")
+    return inputs.args
+
+
+@contextlib.contextmanager
+def traceable(model: nn.Module) -> Iterator[list[str]]:
+    """Caching off for the duration of a ``with`` block: every Hugging Face config of the model
+    (any submodule's ``config`` with ``use_cache`` set) gets ``use_cache = False``, and its own
+    value back after, whatever happens. Yields the notes saying what was changed (empty when
+    nothing was)."""
+    changed: list[tuple[Any, Any]] = []
+    seen: set[int] = set()
+    for mod in model.modules():
+        cfg = getattr(mod, "config", None)
+        if cfg is None or id(cfg) in seen:
+            continue
+        seen.add(id(cfg))
+        if getattr(cfg, "use_cache", None) is True:
+            changed.append((cfg, cfg.use_cache))
+    notes = []
+    try:
+        for cfg, _ in changed:
+            cfg.use_cache = False
+        if changed:
+            notes.append(f"{type(model).__name__} was traced with use_cache=False (a key/value cache is "
+                         f"state for generation, which the tracers cannot follow; outputs are the same); "
+                         f"its config was restored after")
+        yield notes
+    finally:
+        for cfg, value in changed:
+            cfg.use_cache = value
 
 
 def value_info(value: Any) -> Any:
@@ -114,19 +182,21 @@ def _first_line(e: BaseException) -> str:
 
 def trace(model: nn.Module, example_inputs) -> Traced:
     """Trace ``model`` and record every node's output shape on ``example_inputs``."""
-    args = as_tuple(example_inputs)
+    inputs = example_inputs_for(model, example_inputs)
     name = type(model).__name__
     fx_error = None
     # given_back: symbolic tracing runs the forward, which may assign its buffers (a Proxy then)
-    with given_back(model), eval_mode(model), torch.no_grad():
+    with given_back(model), eval_mode(model), torch.no_grad(), traceable(model) as notes:
         try:
             gm = torch.fx.symbolic_trace(model)
             kind = "fx"
+            placeholders = _placeholders(gm, inputs)
         except Exception as e:
             fx_error = _first_line(e)
             try:
-                gm = _export(model, args)
+                gm = _export(model, inputs)
                 kind = "export"
+                placeholders = _placeholders(gm, inputs)
             except Exception as e2:
                 raise TraceError(
                     f"cannot trace {name}: torch.fx.symbolic_trace failed ({fx_error}) and "
@@ -135,22 +205,69 @@ def trace(model: nn.Module, example_inputs) -> Traced:
                 ) from e2
         recorder = _ShapeRecorder(gm, name)
         try:
-            recorder.run(*args)
+            recorder.run(*placeholders)
         except Exception as e:
             if recorder.error is not None:  # fx appends its own context to the message: drop it
                 raise ShapeError(recorder.error) from e.__cause__
             raise
     own = frozenset(gm.state_dict()) - frozenset(model.state_dict())
-    return Traced(gm=gm, kind=kind, model_name=name, info=recorder.info, fx_error=fx_error, graph_own=own)
+    return Traced(gm=gm, kind=kind, model_name=name, info=recorder.info, fx_error=fx_error, graph_own=own,
+                  notes=tuple(notes), signature=inputs.signature())
 
 
-def _export(model: nn.Module, args: tuple) -> torch.fx.GraphModule:
+def _placeholders(gm: torch.fx.GraphModule, inputs: Inputs) -> list:
+    """The values of ``gm``'s placeholders, in order, for one call ``gm(*args, **kwargs)``: an
+    exported graph flattens ``(args, kwargs)`` with its input spec; an fx graph's placeholders are
+    the forward's parameters (keywords filled by name, defaults for the rest)."""
+    codegen = gm.graph._codegen
+    info = getattr(codegen, "pytree_info", None)
+    if info is not None and info.in_spec is not None:
+        import torch.fx._pytree as fx_pytree
+
+        try:
+            return list(fx_pytree.tree_flatten_spec((inputs.args, dict(inputs.kwargs)), info.in_spec))
+        except Exception as e:
+            raise ShapeError(f"the example inputs ({inputs.describe()}) do not fit the traced graph's "
+                             f"inputs: {_first_line(e)}") from e
+    if not inputs.kwargs:
+        return list(inputs.args)
+    try:
+        bound = inspect.signature(gm.forward).bind(*inputs.args, **inputs.kwargs)
+    except TypeError as e:
+        raise DataError(f"the example inputs ({inputs.describe()}) do not fit the forward's arguments: {e}") from e
+    bound.apply_defaults()
+    return list(bound.arguments.values())
+
+
+def _dynamic_batch(model: nn.Module, inputs: Inputs):
+    """torch.export's dynamic_shapes for ``inputs``: axis 0 of every tensor left to the exporter
+    (Dim.AUTO), keyed by the forward's argument names when there are keyword inputs."""
+    def spec(t):
+        return {0: torch.export.Dim.AUTO} if isinstance(t, torch.Tensor) and t.ndim > 0 else None
+
+    if not inputs.kwargs:
+        return tuple(spec(a) for a in inputs.args)
+    bound = inspect.signature(model.forward).bind(*inputs.args, **inputs.kwargs)
+    out = {}
+    params = inspect.signature(model.forward).parameters
+    for key, value in bound.arguments.items():
+        kind = params[key].kind
+        if kind is inspect.Parameter.VAR_POSITIONAL:
+            out[key] = tuple(spec(v) for v in value)
+        elif kind is inspect.Parameter.VAR_KEYWORD:
+            out[key] = {k: spec(v) for k, v in value.items()}
+        else:
+            out[key] = spec(value)
+    return out
+
+
+def _export(model: nn.Module, inputs: Inputs) -> torch.fx.GraphModule:
     """torch.export's graph with the batch axis left dynamic, so that the graph runs on batches of
     any size (a statically exported graph guards on the example's batch size); static when the
     model pins its batch size."""
-    dynamic = tuple({0: torch.export.Dim.AUTO} if isinstance(a, torch.Tensor) and a.ndim > 0 else None
-                    for a in args)
+    args, kwargs = inputs.args, dict(inputs.kwargs)
     try:
-        return torch.export.export(model, args, dynamic_shapes=dynamic, strict=False).module()
+        dynamic = _dynamic_batch(model, inputs)
+        return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic, strict=False).module()
     except Exception:
-        return torch.export.export(model, args, strict=False).module()
+        return torch.export.export(model, args, kwargs, strict=False).module()

@@ -23,25 +23,29 @@ from passes.errors import ExportFailedError, ExportVerificationError
 from passes.export_onnx import ExportReport, flatten_outputs
 from passes.export_onnx import export_verified
 
-from graphrepair.discovery.trace import as_tuple
+from graphrepair.discovery.trace import example_inputs_for, traceable
 from graphrepair.models import check_finite, eval_mode, user_models
-from graphrepair.runtime import model_device
 from graphrepair.errors import ExportError, NumericError, OutputError, interrupt_in
 from graphrepair.io.fileio import atomic_output, disk_full
+from graphrepair.io.inputs import Inputs
 
 
 @user_models("model")
 def export_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, *, rtol: float = 1e-4,
                 atol: float = 1e-4, dynamic_batch: bool = True) -> ExportReport:
-    """Write ``model`` to ``path`` as ONNX, verified with onnxruntime; nothing is written on failure."""
-    args = tuple(t.to(model_device(model)) for t in as_tuple(example_inputs))
+    """Write ``model`` to ``path`` as ONNX, verified with onnxruntime; nothing is written on failure.
+
+    ``example_inputs``: a tensor, a tuple of tensors (positional) or a dict of tensors (keyword
+    inputs, e.g. ``input_ids`` and ``attention_mask``), moved to the model's device and cast to its
+    floating dtype. Hugging Face models are exported with caching off (their config restored)."""
+    inputs = example_inputs_for(model, example_inputs)
     name = type(model).__name__
     check_finite_model(model)
-    check_finite_outputs(model, args)
+    check_finite_outputs(model, inputs)
     try:
-        with atomic_output(path) as tmp:
-            verified = export_verified(model, args, target=os.fspath(path), rtol=rtol, atol=atol,
-                                       dynamic_batch=dynamic_batch)
+        with traceable(model), atomic_output(path) as tmp:
+            verified = export_verified(model, inputs.args, target=os.fspath(path), rtol=rtol, atol=atol,
+                                       dynamic_batch=dynamic_batch, kwargs=dict(inputs.kwargs))
             tmp.write_bytes(verified.data)
         return verified.report(path)
     except (ExportVerificationError, ExportFailedError) as e:
@@ -56,7 +60,10 @@ def export_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, *, rt
         text = str(e)
         if "cannot write" in text or "directory" in text:
             raise OutputError(text) from e
-        raise ExportError(f"cannot export {name} to ONNX: {text}") from e
+        limit = exporter_limit(model, text)
+        if limit:  # static shapes fail the same way: the batch-size hint would mislead
+            text = text.replace("; if the model fixes its batch size, try dynamic_batch=False", "")
+        raise ExportError(f"cannot export {name} to ONNX: {text}{limit}") from e
 
 
 def export_dict(report: ExportReport, path: str | os.PathLike | None = None) -> dict:
@@ -78,11 +85,12 @@ def check_finite_model(model: nn.Module) -> None:
                              "fix the weights") from None
 
 
-def check_finite_outputs(model: nn.Module, args: tuple) -> None:
-    """NumericError when torch's outputs on ``args`` hold NaN or Inf (nothing to verify against)."""
+def check_finite_outputs(model: nn.Module, inputs) -> None:
+    """NumericError when torch's outputs on ``inputs`` hold NaN or Inf (nothing to verify against)."""
+    inputs = Inputs.of(inputs)
     try:
-        with eval_mode(model), torch.no_grad():
-            outputs = flatten_outputs(model(*args))
+        with eval_mode(model), torch.no_grad(), traceable(model):
+            outputs = flatten_outputs(inputs.call(model))
     except Exception:
         return  # the export reports why the model cannot run
     for label, t in outputs:
@@ -90,3 +98,21 @@ def check_finite_outputs(model: nn.Module, args: tuple) -> None:
             raise NumericError(f"{type(model).__name__}: output {label or '0'} is NaN or infinite on the example "
                                f"input, so the ONNX file cannot be verified against it; check the weights and "
                                f"the example input")
+
+
+# Ops and messages of torch.onnx's exporter that fail on the model as its library wrote it, merged or
+# not: the limit is the exporter's, and the error says so.
+EXPORTER_LIMITS = (
+    ("grouped_mm", "the mixture-of-experts kernel (grouped_mm / grouped_mm_fallback) has no ONNX translation"),
+    ("Cannot view a tensor with shape", "the exporter cannot express a view of a non-contiguous tensor "
+                                        "(e.g. Swin's window partition, T5's attention reshapes)"),
+)
+
+
+def exporter_limit(model: nn.Module, text: str) -> str:
+    """A sentence naming a known limit of torch.onnx's exporter found in ``text``, else ''."""
+    for pattern, what in EXPORTER_LIMITS:
+        if pattern in text:
+            return (f". This is a limit of torch.onnx's exporter, not of graphrepair: {what}; the "
+                    f"unmerged model fails the same way, with a static batch too")
+    return ""

@@ -227,7 +227,13 @@ def _call_reference(ref: str, kind: str) -> object:
 
 
 def load_factory(ref: str) -> nn.Module:
-    """Build the model named by ``MODULE:FACTORY`` (a zero-argument callable returning an nn.Module)."""
+    """Build the model named by ``MODULE:FACTORY`` (a zero-argument callable returning an nn.Module),
+    or by ``hf:DIR``, ``torchvision:NAME``, ``timm:NAME`` (``zoo_refs``)."""
+    from graphrepair.io.zoo_refs import model_from_reference
+
+    model = model_from_reference(ref)
+    if model is not None:
+        return model
     model = call_reference(ref, kind="FACTORY")
     if not isinstance(model, nn.Module):
         raise LoadError(

@@ -24,6 +24,11 @@ floor ceil trunc dropout dropout_ alpha_dropout feature_alpha_dropout dropout1d 
 softmax log_softmax _softmax _log_softmax _safe_softmax softmin
 """
 
+# In-place forms (``x.add_(y)``, what a symbolic trace keeps of ``out += identity`` in HF's
+# ResNet): the result is ``x`` itself holding what the out-of-place op computes, which broadcasts
+# ``y`` into ``x``'s shape, so they follow the out-of-place rule.
+IN_PLACE = " ".join(f"{name}_" for name in ELEMENTWISE.split() if not name.endswith("_"))
+
 POINTWISE_MODULES = (
     nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Hardswish,
     nn.Hardsigmoid, nn.ELU, nn.SELU, nn.CELU, nn.LeakyReLU, nn.Softplus, nn.Softsign, nn.Mish,
@@ -32,7 +37,7 @@ POINTWISE_MODULES = (
 )
 
 
-@op(ELEMENTWISE)
+@op(ELEMENTWISE, IN_PLACE)
 def elementwise(ctx: Context):
     """Elementwise with NumPy broadcasting: aligned axes of the same size carry one permutation.
     A size-1 (broadcast) axis places no constraint; a residual add joins its inputs' groups."""
@@ -52,7 +57,7 @@ def elementwise(ctx: Context):
         for k in range(1, len(s) + 1):
             if s[-k] == shape[-k] and s[-k] > 1:
                 ctx.unify(axes[-k], out[-k])
-    name = op_name(ctx.node)
+    name = op_name(ctx.node).rstrip("_")  # an in-place op joins as its out-of-place form
     if acts >= 2:
         ctx.join("residual" if name in ("add", "sub") else "gate" if name == "mul" else "elementwise")
     elif name == "mul" and len([a for a in tensor_args(ctx.node) if a.op != "get_attr"]) >= 2:

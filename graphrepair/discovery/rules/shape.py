@@ -93,7 +93,7 @@ def transpose(ctx: Context):
     if xa is None:
         return unknown(ctx)
     out = list(xa)
-    if op_name(ctx.node) in ("t", "numpy_T"):
+    if op_name(ctx.node) == "t":
         return out[::-1] if len(out) == 2 else out
     d0, d1 = ctx.arg("dim0", index=1), ctx.arg("dim1", index=2)
     if d0 is None and d1 is None:  # swapaxes names them axis0/axis1
@@ -103,6 +103,23 @@ def transpose(ctx: Context):
     d0, d1 = norm_dim(d0, len(xa)), norm_dim(d1, len(xa))
     out[d0], out[d1] = out[d1], out[d0]
     return out
+
+
+@op("numpy_T")
+def reversed_axes(ctx: Context):
+    """``x.T`` (aten.numpy_T, e.g. Falcon's ``x @ W.T``): every axis reversed."""
+    xa = ctx.axes(ctx.input())
+    return unknown(ctx) if xa is None else list(reversed(xa))
+
+
+@op("mT mH adjoint")
+def last_two_swapped(ctx: Context):
+    """``x.mT`` / ``x.mH`` / ``x.adjoint()``: the last two axes swapped (mH also conjugates, an
+    elementwise op)."""
+    xa = ctx.axes(ctx.input())
+    if xa is None or len(xa) < 2:
+        return unknown(ctx)
+    return xa[:-2] + [xa[-1], xa[-2]]
 
 
 @op("movedim moveaxis")
@@ -226,7 +243,10 @@ def getitem(ctx: Context):
         return no_tensor(ctx)
     idx = idx if isinstance(idx, tuple) else (idx,)
     if any(isinstance(i, torch.fx.Node) or isinstance(i, (list, torch.Tensor)) for i in idx):
-        return unknown(ctx, f"tensor indexing at node '{ctx.node.name}'")
+        indices = _as_index_list(idx, len(xa))
+        if indices is None:
+            return unknown(ctx, f"tensor indexing at node '{ctx.node.name}'")
+        return advanced_index(ctx, src, indices)
     used = sum(1 for i in idx if i is not None and i is not Ellipsis)
     out, d = [], 0
     for i in idx:
@@ -252,6 +272,24 @@ def getitem(ctx: Context):
     out.extend(xa[d:])
     shape = ctx.out_shape()
     return [Fixed(shape[k], "slice") if e is None else e for k, e in enumerate(out)]
+
+
+def _as_index_list(idx: tuple, ndim: int) -> list | None:
+    """``x[idx]`` with tensor indices as aten.index's list (None for an axis kept whole), when
+    ``idx`` holds only tensor nodes, full slices and at most one Ellipsis; else None."""
+    out: list = []
+    for k, i in enumerate(idx):
+        if i is Ellipsis:
+            if Ellipsis in idx[k + 1:]:
+                return None
+            out.extend([None] * (ndim - (len(idx) - 1)))
+        elif isinstance(i, slice) and i == slice(None):
+            out.append(None)
+        elif isinstance(i, torch.fx.Node):
+            out.append(i)
+        else:
+            return None
+    return out
 
 
 @op("slice")
@@ -296,3 +334,85 @@ def patch_merging_pad(ctx: Context):
     out = ctx.out_shape()
     return xa[:-3] + [Fixed(out[-3], "patch merging"), Fixed(out[-2], "patch merging"),
                       kron(Fixed(4, "the four sub-grids of patch merging"), xa[-1])]
+
+
+PAD_OPS = """pad constant_pad_nd reflection_pad1d reflection_pad2d reflection_pad3d replication_pad1d
+    replication_pad2d replication_pad3d _pad_circular"""
+
+
+def pad_axes(ctx: Context, x, amounts):
+    """Padding ``amounts`` (pairs from the last axis backwards, F.pad's order) on input ``x``: an
+    axis with nothing added or cut keeps its layout (every position is padded alike in every
+    channel: the constant, the reflection and the replication act along the padded axes only); a
+    padded axis is resampled, so it is fixed."""
+    xa, xs, os_ = ctx.axes(x), ctx.shape(x), ctx.out_shape()
+    if xa is None or os_ is None or len(xs) != len(os_) or not isinstance(amounts, (list, tuple)) \
+            or len(amounts) % 2 or len(amounts) // 2 > len(xa):
+        return unknown(ctx)
+    out = list(xa)
+    for k in range(len(amounts) // 2):
+        d = len(xa) - 1 - k
+        before, after = amounts[2 * k], amounts[2 * k + 1]
+        if before == 0 and after == 0 and xs[d] == os_[d]:
+            continue
+        ctx.fix(xa[d], f"padded at node '{ctx.node.name}'", d, x.name)  # an amount known only at run time counts as padding
+        out[d] = Fixed(os_[d], "padded axis")
+    return out
+
+
+@op(PAD_OPS)
+def pad(ctx: Context):
+    """F.pad / aten.constant_pad_nd / reflection and replication pads (see ``pad_axes``)."""
+    amounts = ctx.arg("pad", index=1)
+    if amounts is None:
+        amounts = ctx.arg("padding", index=1)
+    return pad_axes(ctx, ctx.input(), amounts)
+
+
+@module(nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d,
+        nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d, nn.ReplicationPad1d, nn.ReplicationPad2d,
+        nn.ReplicationPad3d, nn.CircularPad1d, nn.CircularPad2d, nn.CircularPad3d)
+def pad_module(ctx: Context):
+    """The padding modules: their ``padding`` tuple is F.pad's."""
+    return pad_axes(ctx, ctx.input(), tuple(ctx.module().padding))
+
+
+def advanced_index(ctx: Context, x, indices):
+    """``x[i0, i1, ...]`` with index tensors (aten.index.Tensor; ``None`` keeps an axis whole):
+    an axis read through an index tensor is picked by position (fixed), and the index's own axes
+    come out fixed; an axis kept whole keeps its layout. NumPy's placement: the index axes stand
+    where the indexed axes were when these are adjacent, else first."""
+    xa = ctx.axes(x)
+    if xa is None or not isinstance(indices, (list, tuple)) or len(indices) > len(xa):
+        return unknown(ctx)
+    picked = [k for k, i in enumerate(indices) if i is not None]
+    if not picked:
+        return unknown(ctx)
+    for k in picked:
+        i = indices[k]
+        if not isinstance(i, torch.fx.Node) or ctx.shape(i) is None:
+            return unknown(ctx)
+        if ctx.info(i).dtype == torch.bool:
+            return unknown(ctx, f"boolean mask indexing at node '{ctx.node.name}'")
+    os_ = ctx.out_shape()
+    n_index = len(os_) - (len(xa) - len(picked))  # the broadcast index's axes
+    if os_ is None or n_index < 0:
+        return unknown(ctx)
+    for k in picked:
+        ctx.fix(xa[k], f"indexed by a tensor at node '{ctx.node.name}'", k, x.name)
+    kept = [k for k in range(len(xa)) if k not in picked]
+    adjacent = picked == list(range(picked[0], picked[-1] + 1))
+    at = picked[0] if adjacent else 0
+    before = [xa[k] for k in kept if k < at] if adjacent else []
+    after = [xa[k] for k in kept if k > at] if adjacent else [xa[k] for k in kept]
+    middle = [Fixed(os_[len(before) + j], "index positions") for j in range(n_index)]
+    out = before + middle + after
+    if [e.size for e in out] != list(os_):
+        return unknown(ctx)
+    return out
+
+
+@op("index _unsafe_index")
+def index(ctx: Context):
+    """aten.index.Tensor (tensor indexing in an exported graph, e.g. CLIP's pooled token)."""
+    return advanced_index(ctx, ctx.input(), ctx.arg("indices", index=1))
