@@ -317,14 +317,17 @@ def run_pair(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module, plan
     root_a, root_b = pair_roots(spec, model_a, model_b, model_device(model_a))
     pair = pair_graph(spec.traced.gm, root_a, root_b, plan.taps, outputs=False).graph_module
     examples = 0
-    with eval_mode(model_a, model_b):  # the pair may run the models' own modules
-        if example is not None:
-            calibrate(pair, plan.taps.values(), example)
-        for x in progress(batches, "statistics of A and B", total=total, quiet=quiet):
-            pair(x)
-            examples += x.shape[0]
-            if plan.at_reset:
-                plan.batch_keys.append(batch_key(x))
+    try:
+        with eval_mode(model_a, model_b):  # the pair may run the models' own modules
+            if example is not None:
+                calibrate(pair, plan.taps.values(), example)
+            for x in progress(batches, "statistics of A and B", total=total, quiet=quiet):
+                pair(x)
+                examples += x.shape[0]
+                if plan.at_reset:
+                    plan.batch_keys.append(batch_key(x))
+    finally:  # the pair's graph module (and the graph copies, when made) are not kept in cycles
+        release(pair, *[r for r in (root_a, root_b) if r is not model_a and r is not model_b])
     return examples
 
 
@@ -434,6 +437,4 @@ def collect(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module, batch
         examples, requested = (int(round(float(c))) for c in counts.cpu())
     stats = summarise(spec, plan, observe, resets, examples)
     stats.requested = requested
-    del plan
-    release()  # the pair module and its taps' sums (see runtime.release)
     return stats
