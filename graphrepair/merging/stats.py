@@ -406,7 +406,7 @@ def summarise(spec: PermutationSpec, plan: TapPlan, observe: dict[str, list[Obse
         a, b = taps[node].moments(i)
         stats[r.node] = PointStats(a.mean, a.var, b.mean, b.var,
                                    taps[node].cov(i) if plan.cross_at_resets else None,
-                                   taps[node].per_batch.get(i, []))
+                                   taps[node].batch_moments(i))
     if stats and not bool(torch.isfinite(torch.cat([torch.cat([p.mean_a, p.var_a, p.mean_b, p.var_b])
                                                     for p in stats.values()])).all()):
         for node, p in stats.items():  # one check for all; find the first culprit only on failure
