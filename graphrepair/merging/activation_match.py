@@ -27,7 +27,7 @@ from scipy.optimize import linear_sum_assignment
 
 from graphrepair.discovery import axes as ax
 from graphrepair.discovery.spec import PermutationSpec
-from graphrepair.merging.assign import lap
+from graphrepair.merging.assign import lap, solve_each
 
 
 TIE_GRID = 2.0 ** -17
@@ -77,29 +77,37 @@ def activation_perms(spec: PermutationSpec, stats, max_rounds: int = 50,
     # from their joint points, or kept in place where they have none (``wreath_perms``)
     perms = wreath_perms(spec, stats)
     done = set(perms)
-    # one group's rounded matrix at a time (a model's correlations can take gigabytes); kept,
-    # as its U x P(U) block, only for the groups with units matched without signal
+    # a rounded matrix per group being solved (a model's correlations can take gigabytes: as
+    # many at once as threads solve them, ``assign.solve_each``); kept, as its U x P(U) block,
+    # only for the groups with units matched without signal
     tied = {}
 
-    def note_ties(g: str, r: torch.Tensor) -> None:
+    def ties(g: str, r: torch.Tensor, perm: torch.Tensor):
         if weights is not None and g in weights.touches:
-            u = _without_signal(r, perms[g]).nonzero().flatten().cpu()  # perms are on the CPU
+            u = _without_signal(r, perm).nonzero().flatten().cpu()  # perms are on the CPU
             if len(u) > 1:  # U, P(U) and the rounded block U x P(U), on the CPU as lap wants it
-                tied[g] = (u, perms[g][u], r[u][:, perms[g][u]].cpu())
+                return u, perm[u], r[u][:, perm[u]].cpu()
+        return None
 
-    for g, c in stats.corr.items():
-        if g in stats.coupled or g in done:
-            continue
+    def solve(item):  # one group alone: what it gives does not depend on the other groups
+        g, c = item
         r = tie_safe(c)
-        perms[g] = lap(r)
-        note_ties(g, r)
-        del r
+        perm = lap(r)
+        return perm, ties(g, r, perm)
+
+    alone = [(g, c) for g, c in stats.corr.items() if g not in stats.coupled and g not in done]
+    for (g, _), (perm, t) in zip(alone, solve_each(solve, alone)):
+        perms[g] = perm
+        if t is not None:
+            tied[g] = t
     families, held = spec.wreaths
     orders = set(families) | held
     for g in [h.name for h in spec.groups if h.name in done and h.name not in orders]:
         # a part of a family solved from its joint points: its slot's block against the B slot
         # the order pairs it with (``paired_corr``); the weights break its ties like any group's
-        note_ties(g, tie_safe(paired_corr(spec, stats, g, perms)))
+        t = ties(g, tie_safe(paired_corr(spec, stats, g, perms)), perms[g])
+        if t is not None:
+            tied[g] = t
     for _ in range(tie_rounds if tied else 0):
         changed = False
         for g in [h.name for h in spec.groups if h.name in tied]:

@@ -28,7 +28,7 @@ import torch
 
 from graphrepair.discovery import axes as ax
 from graphrepair.discovery.spec import PermutationSpec
-from graphrepair.merging.assign import lap
+from graphrepair.merging.assign import lap, solve_each
 
 
 def _replicas(t: torch.Tensor, axis: int, pos: torch.Tensor, rows: tuple | None = None) -> torch.Tensor:
@@ -250,9 +250,8 @@ def weight_matching(spec: PermutationSpec, state_a: dict, state_b: dict, *, grou
 
     best = run(dict(base))
     start = dict(base)
-    for name in free:
-        if name not in coupled:
-            start[name] = lap(scores.score(name, {}, _sorted_values))
+    alone = [name for name in free if name not in coupled]  # each group's start from its own weights
+    start.update(zip(alone, solve_each(lambda name: lap(scores.score(name, {}, _sorted_values)), alone)))
     if all(torch.equal(start[n], best[n]) for n in names):
         return best
     other = run(start)
