@@ -21,6 +21,8 @@ still tied are counted (``unsignalled``).
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
@@ -236,6 +238,13 @@ def paired_corr(spec: PermutationSpec, stats, g: str, perms: dict[str, torch.Ten
     return stats.corr[g]
 
 
+@functools.lru_cache(maxsize=64)
+def _hash_vectors(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(n, 2) random integers for ``_blind``'s hashes (made once per size: the same every call)."""
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(1, 2 ** 18 if n <= 2 ** 16 else 2 ** 10, (n, 2), generator=g).to(dtype=dtype, device=device)
+
+
 def _blind(rounded: torch.Tensor) -> torch.Tensor:
     """Rows of ``rounded`` (correlations on the TIE_GRID) that tell nothing apart: all zero (a
     dead unit: every correlation 0) or equal to another row (units whose activations are the
@@ -243,9 +252,7 @@ def _blind(rounded: torch.Tensor) -> torch.Tensor:
     vectors: every value is an integer multiple of TIE_GRID, so float64 adds them without
     rounding below 2^53) and confirmed by comparing the candidate rows themselves: the same
     answer as comparing every pair of rows, at the cost of one (n, n) x (n, 2) product."""
-    n = rounded.shape[1]
-    g = torch.Generator().manual_seed(0)
-    w = torch.randint(1, 2 ** 18 if n <= 2 ** 16 else 2 ** 10, (n, 2), generator=g).to(rounded)
+    w = _hash_vectors(rounded.shape[1], rounded.dtype, rounded.device)
     _, inverse, counts = torch.unique(rounded @ w, dim=0, return_inverse=True, return_counts=True)
     blind = (rounded == 0).all(1)
     candidates = (counts[inverse] > 1).nonzero().flatten()
