@@ -1,0 +1,69 @@
+"""graphrepair.io.inputs: the one form of a model's input (positional and keyword tensors)."""
+
+import numpy as np
+import pytest
+import torch
+
+from graphrepair.errors import DataError
+from graphrepair.io.inputs import Inputs, split_batch
+
+
+def test_of_each_form():
+    x, m = torch.randn(3, 4), torch.ones(3, 4, dtype=torch.long)
+    assert Inputs.of(x).args[0] is x and not Inputs.of(x).kwargs
+    assert Inputs.of((x, m)).args == (x, m)
+    kw = Inputs.of({"input_ids": m, "attention_mask": m, "labels": m[:, 0]})
+    assert list(kw.kwargs) == ["input_ids", "attention_mask"]  # labels are not an input
+    assert Inputs.of(np.zeros((2, 3), np.float32)).first.shape == (2, 3)
+    assert kw.batch_size == 3 and kw.signature() == (("input_ids", "torch.int64", (4,)),
+                                                     ("attention_mask", "torch.int64", (4,)))
+
+
+@pytest.mark.parametrize("bad, words", [
+    ("text", "is a str"), ((), "empty tuple"), ((torch.ones(2), "a"), "positional input 1 is a str"),
+    ({"a": [1, 2]}, "'a' is a list"), ({"labels": torch.ones(2)}, "no input tensor"), ({1: torch.ones(2)}, "not a string"),
+])
+def test_of_refuses_with_the_item(bad, words):
+    with pytest.raises(DataError, match=words):
+        Inputs.of(bad)
+
+
+def test_batch_size_must_agree():
+    with pytest.raises(DataError, match="differ in their number of examples"):
+        Inputs.of({"a": torch.ones(2, 1), "b": torch.ones(3, 1)}).batch_size
+    with pytest.raises(DataError, match="scalar"):
+        Inputs.of(torch.tensor(1.0)).batch_size
+
+
+def test_to_casts_floats_only_and_head_cat():
+    inp = Inputs.of({"pixel_values": torch.randn(4, 2), "ids": torch.arange(4)})
+    half = inp.to(dtype=torch.float16)
+    assert half.kwargs["pixel_values"].dtype == torch.float16 and half.kwargs["ids"].dtype == torch.int64
+    assert torch.equal(Inputs.cat([inp.head(1), inp.slice(1, 4)]).kwargs["ids"], torch.arange(4))
+
+
+def test_call_passes_positional_and_keyword():
+    def f(a, b=None, *, scale=None):
+        return a + b * scale
+    out = Inputs((torch.ones(2),), {"b": torch.full((2,), 2.0), "scale": torch.full((2,), 3.0)}).call(f)
+    torch.testing.assert_close(out, torch.full((2,), 7.0))
+
+
+def test_fingerprint_tells_order_apart():
+    x = torch.randn(8, 5)
+    assert Inputs.of(x).fingerprint() == Inputs.of(x.clone()).fingerprint()
+    assert Inputs.of(x).fingerprint() != Inputs.of(x[torch.randperm(8, generator=torch.Generator().manual_seed(1))]).fingerprint()
+
+
+def test_split_batch():
+    x, y = torch.randn(4, 3), torch.arange(4)
+    inp, lab = split_batch((x, y))
+    assert inp.args[0] is x and lab is y
+    inp, lab = split_batch({"input_ids": y, "attention_mask": y, "labels": y})
+    assert set(inp.kwargs) == {"input_ids", "attention_mask"} and lab is y
+    inp, lab = split_batch({"x": x, "y": y})
+    assert inp.args[0] is x and lab is y
+    inp, lab = split_batch(((x, x), y))
+    assert len(inp.args) == 2 and lab is y
+    with pytest.raises(DataError, match="batch 3 is a set"):
+        split_batch({1, 2}, "batch 3")
