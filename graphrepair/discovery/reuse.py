@@ -53,27 +53,39 @@ def _digest(t: torch.Tensor) -> tuple:
     return ("tensor", tuple(t.shape), t.dtype, hashlib.blake2b(data, digest_size=16).hexdigest())
 
 
-def _freeze(v, depth: int = 0):
-    """A hashable value standing for ``v`` (see the module doc)."""
+def _freeze(v, depth: int = 0, memo: dict | None = None):
+    """A hashable value standing for ``v`` (see the module doc). ``memo``: objects already frozen
+    in this signature, by identity (a config object every layer holds is frozen once)."""
     if isinstance(v, _PLAIN):
         return v
+    if memo is None:
+        memo = {}
+    found = memo.get(id(v))
+    if found is not None and found[0] is v:
+        return found[1]
+    out = _freeze_new(v, depth, memo)
+    memo[id(v)] = (v, out)
+    return out
+
+
+def _freeze_new(v, depth: int, memo: dict):
     if isinstance(v, nn.Module):
         return ("module", type(v))  # its contents are keyed by ``named_modules``
     if isinstance(v, torch.Tensor):
         return _digest(v)
     if isinstance(v, (tuple, list)):
-        return (type(v).__name__, tuple(_freeze(x, depth) for x in v))
+        return (type(v).__name__, tuple(_freeze(x, depth, memo) for x in v))
     if isinstance(v, (set, frozenset)):
-        return ("set", frozenset(_freeze(x, depth) for x in v))
+        return ("set", frozenset(_freeze(x, depth, memo) for x in v))
     if isinstance(v, dict):
-        return ("dict", tuple((_freeze(k, depth), _freeze(x, depth + 1)) for k, x in v.items()))
+        return ("dict", tuple((_freeze(k, depth, memo), _freeze(x, depth + 1, memo)) for k, x in v.items()))
     if isinstance(v, _BY_IDENTITY):
         return v
     if isinstance(v, types.MethodType):
-        return ("method", v.__func__, _freeze(v.__self__, depth + 1) if not isinstance(v.__self__, nn.Module) else
+        return ("method", v.__func__, _freeze(v.__self__, depth + 1, memo) if not isinstance(v.__self__, nn.Module) else
                 type(v.__self__))
     if depth < 4 and hasattr(v, "__dict__") and not isinstance(v, types.ModuleType):
-        return ("object", type(v), _freeze(vars(v), depth + 1))  # e.g. a Hugging Face config
+        return ("object", type(v), _freeze(vars(v), depth + 1, memo))  # e.g. a Hugging Face config
     return ("identity", v) if _hashable(v) else ("id", type(v), id(v))
 
 
@@ -109,9 +121,9 @@ def signature(model: nn.Module, example_inputs) -> tuple | None:
     if inputs is None:
         return None
     try:
-        mods = []
+        mods, memo = [], {}
         for name, m in model.named_modules(remove_duplicate=False):
-            attrs = tuple((k, _freeze(v)) for k, v in vars(m).items() if k not in _SKIP)
+            attrs = tuple((k, _freeze(v, 0, memo)) for k, v in vars(m).items() if k not in _SKIP)
             mods.append((name, type(m), type(m).forward, m.extra_repr(), attrs))
         first: dict[int, str] = {}
         tensors = []
