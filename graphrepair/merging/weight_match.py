@@ -85,6 +85,9 @@ class WeightScores:
             self.touches[g.name] = items
         self.state_a, self.state_b = state_a, state_b  # read, never copied whole (see ``views``)
         self._norms: dict[str, torch.Tensor] = {}  # A's units' norms, per group
+        self._deps: dict[str, tuple[str, ...]] = {}  # the groups each group's views read
+        # per group, the last block of cosines (rows, cols, the permutations it read, the block)
+        self._last: dict[str, tuple] = {}
 
     def mixes(self, name: str) -> bool:
         """Whether group ``name`` is replicated over other groups on one of its axes."""
@@ -143,12 +146,42 @@ class WeightScores:
                           * ax.permute_tensor(self.state_b[k].detach(), self.spec.param_axes[k], vp).double()).sum())
                    for k in sorted(keys))
 
+    def depends(self, name: str) -> tuple[str, ...]:
+        """The other groups whose permutations group ``name``'s views read (every group on an
+        axis of a tensor it touches)."""
+        if name not in self._deps:
+            name_of = {v: k for k, v in self.spec.var_of_group.items()}
+            found = {name_of[v.id] for key, _, _, _ in self.touches[name] for e in self.spec.param_axes[key]
+                     for v in ax.variables(e) if v.id in name_of}
+            found.discard(name)
+            self._deps[name] = tuple(sorted(found))
+        return self._deps[name]
+
     def cosine(self, name: str, held: dict, rows=None, cols=None) -> torch.Tensor:
         """``score`` divided by the norms of A's unit i and B's unit j (all the weights each
         touches): in [-1, 1], and 0 where a unit has no weights at all. ``rows``, ``cols``: as for
         ``score``. A's norms are the same whatever the permutations and are kept; B's are taken
         from the same views as the score, since they may depend on the other groups: a part of
-        a Wreath family reads B's slot that the order puts in its place (``axes.Wreath``)."""
+        a Wreath family reads B's slot that the order puts in its place (``axes.Wreath``).
+
+        A block (``rows``, ``cols``) asked for again while the groups it reads (``depends``) hold
+        the same permutations is not gathered and multiplied again: the last one is kept per
+        group and its columns reordered when ``cols`` are the same units in another order (the
+        tie-break's rounds re-ask every tied group, and the merge then counts what the weights
+        decided on the same blocks)."""
+        deps = {h: held.get(h) for h in self.depends(name)}
+        if rows is not None and cols is not None:
+            last = self._last.get(name)
+            if last is not None and torch.equal(last[0], rows) and _same_perms(last[2], deps):
+                pos = _positions(last[1], cols)
+                if pos is not None:
+                    return last[3][:, pos]
+        c = self._cosine(name, held, rows, cols)
+        if rows is not None and cols is not None:
+            self._last[name] = (rows.clone(), cols.clone(), deps, c)
+        return c
+
+    def _cosine(self, name: str, held: dict, rows, cols) -> torch.Tensor:
         if name not in self._norms:
             na = 0.0
             for wa, _ in self.views(name, {}):
@@ -159,6 +192,21 @@ class WeightScores:
         s, nb = self._score(name, held, rows=rows, cols=cols)  # on the CPU, as the norms
         denom = na[:, None] * nb.sqrt()[None, :]
         return torch.where(denom > 0, s / denom.clamp_min(1e-300), torch.zeros_like(s)).clamp(-1.0, 1.0)
+
+
+def _same_perms(a: dict, b: dict) -> bool:
+    """Whether two {group: permutation or None} maps hold the same permutations."""
+    return a.keys() == b.keys() and all(
+        a[k] is b[k] or (a[k] is not None and b[k] is not None and torch.equal(a[k], b[k])) for k in a)
+
+
+def _positions(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor | None:
+    """pos with old[pos] == new when ``new`` holds the units of ``old`` in some order, else None."""
+    if old.shape != new.shape:
+        return None
+    order = old.argsort()
+    found = order[torch.searchsorted(old[order], new).clamp_max(len(old) - 1)]
+    return found if torch.equal(old[found], new) else None
 
 
 def _sorted_values(wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
