@@ -253,7 +253,8 @@ class ChannelSums:
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> _Layout:
         """Add one batch; returns it as a layout (shifted), for ``cross_product``."""
-        x = x.detach()
+        if x.requires_grad:  # (an op of its own: only where needed)
+            x = x.detach()
         if self.index is not None and self.index.device != x.device:
             self.index = self.index.to(x.device)
         lay = _layout(x, self.dim, self.index, self.shift)
@@ -408,6 +409,20 @@ class ChannelSums:
         if self.batch is None:
             raise PassError("no batch seen yet; call update(x) first")
         return self._moments(*self.batch)
+
+    @staticmethod
+    def moments_of(batches: list[tuple[int, torch.Tensor, torch.Tensor]],
+                   shift: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Float64 (means, population variances), (k, C) each, of k batches kept as ``batch``
+        was after each, summed about ``shift`` (``shift`` as it was then): the moments
+        ``batch_moments`` would have given, read once for all of them (no op per batch while
+        the pass runs)."""
+        if not batches:
+            raise PassError("no batches given")
+        n = torch.tensor([float(b[0]) for b in batches], dtype=torch.float64, device=batches[0][1].device)[:, None]
+        m = torch.stack([b[1] for b in batches]).double() / n
+        var = (torch.stack([b[2] for b in batches]).double() / n - m * m).clamp_min(0.0)
+        return (m if shift is None else m + shift.double()), var
 
     @property
     def mean(self) -> torch.Tensor:

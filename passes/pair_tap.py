@@ -40,9 +40,10 @@ class PairTap(nn.Module):
         self.sums = [tuple(ChannelSums(v.dim, v.index, _channels(v, shape)) for _ in "ab") for v in self.views]
         self.cross = [CrossSum() if v.cross else None for v in self.views]
         self.calibrating = False  # forward chooses the sums' shifts instead of adding a batch
-        # view -> per batch (mean A, var A, mean B, var B), float64, for the views ``keep_batches``
-        # names (REPAIR's reset points: the goal of each batch, see graphrepair.merging.merge)
-        self.per_batch: dict[int, list[tuple[torch.Tensor, ...]]] = {}
+        # view -> per batch the sums of A and of B (``ChannelSums.batch``) and their shifts, for the views
+        # ``keep_batches`` names (REPAIR's reset points: the goal of each batch, see
+        # graphrepair.merging.merge); turned into moments when read (``batch_moments``)
+        self.per_batch: dict[int, list[tuple]] = {}
 
     def keep_batches(self, i: int) -> None:
         """Keep view ``i``'s mean and variance of every batch, of A and of B."""
@@ -61,12 +62,23 @@ class PairTap(nn.Module):
         for i, (v, (sa, sb)) in enumerate(zip(self.views, self.sums)):
             la, lb = sa.update(a), sb.update(b)
             if i in self.per_batch:
-                self.per_batch[i].append(sa.batch_moments() + sb.batch_moments())
+                self.per_batch[i].append((sa.batch, sa.shift, sb.batch, sb.shift))
             if v.cross:
                 self.cross[i].add(la, lb)
 
     def moments(self, i: int) -> tuple[ChannelSums, ChannelSums]:
         return self.sums[i]
+
+    def batch_moments(self, i: int) -> list[tuple[torch.Tensor, ...]]:
+        """Per batch seen by view ``i`` (``keep_batches``): (mean A, var A, mean B, var B), float64."""
+        kept = self.per_batch.get(i, [])
+        if not kept:
+            return []
+        # the shifts are chosen before the first batch and kept (``load_raw_totals`` may drop
+        # them after the pass: each batch is read about the shift it was summed about)
+        ma, va = ChannelSums.moments_of([k[0] for k in kept], kept[0][1])
+        mb, vb = ChannelSums.moments_of([k[2] for k in kept], kept[0][3])
+        return list(zip(ma.unbind(0), va.unbind(0), mb.unbind(0), vb.unbind(0)))
 
     def raw_totals(self) -> list[torch.Tensor]:
         """Every sum of the tap about zero, view by view (A's, B's, the cross products): what

@@ -5,10 +5,15 @@ Walk the graph once in topological order. Each node gets one axis expression per
 must carry the same permutation, and the solver unifies them. Model inputs and outputs are fixed.
 An op without a rule fixes every axis it touches and records why. After the walk every variable
 that is still free is a permutation group.
+
+A model already discovered in this process is not traced and discovered again: its spec is kept
+with a key of everything about the model that decides it (``reuse.py``); a changed model is
+discovered afresh.
 """
 
 from __future__ import annotations
 
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -16,6 +21,7 @@ import torch.fx
 from torch import nn
 
 from graphrepair.discovery import axes as ax, parametrized
+from graphrepair.discovery import reuse
 from graphrepair.discovery.axes import Expr, Fixed
 from graphrepair.discovery.context import STRUCTURAL, Context, tensor_args
 from graphrepair.discovery.spec import FixedAxis, Group, Member, PermutationSpec
@@ -34,8 +40,22 @@ def _aliases(model: nn.Module) -> dict[str, str]:
 
 
 @user_models("model")
-def discover(model: nn.Module, example_inputs, *, traced: Traced | None = None) -> PermutationSpec:
-    """Discover the permutation groups of ``model`` (see module docstring)."""
+def discover(model: nn.Module, example_inputs, *, traced: Traced | None = None,
+             reuse_spec: bool = True) -> PermutationSpec:
+    """Discover the permutation groups of ``model`` (see module docstring). The spec discovered
+    before for this model, while nothing that decides it has changed (``reuse.signature``), is
+    returned as it is, unless ``traced`` is given or ``reuse_spec`` is False."""
+    if traced is not None or not reuse_spec:
+        return _discover(model, example_inputs, traced)
+    key = reuse.signature(model, example_inputs)
+    spec = reuse.lookup(model, key)
+    if spec is None:
+        spec = _discover(model, example_inputs, None)
+        reuse.keep(model, key, spec)
+    return spec
+
+
+def _discover(model: nn.Module, example_inputs, traced: Traced | None) -> PermutationSpec:
     traced = traced or trace(model, example_inputs)
     ctx = Context(traced, _aliases(model), parametrized.table(model),
                   {k: tuple(t.shape) for k, t in model.state_dict(keep_vars=True).items()})
@@ -182,8 +202,10 @@ def _build_spec(model: nn.Module, ctx: Context) -> PermutationSpec:
             structural = reason.startswith(STRUCTURAL)
             fixed.append(FixedAxis(key, d, count, reason.removeprefix(STRUCTURAL), "param", structural))
     fixed.extend(ctx.origins)
-    return PermutationSpec(tuple(groups), tuple(fixed), param_axes, node_axes, var_of_group,
-                           ctx.traced, ctx.traced.model_name, dict(ctx.joins))
+    # frozen data: read-only tables (a spec may be shared, see ``reuse.py``)
+    return PermutationSpec(tuple(groups), tuple(fixed), MappingProxyType(param_axes), MappingProxyType(node_axes),
+                           MappingProxyType(var_of_group), ctx.traced, ctx.traced.model_name,
+                           MappingProxyType(dict(ctx.joins)))
 
 
 def _fixed_parts(e: Expr) -> list[Fixed]:

@@ -21,13 +21,15 @@ still tied are counted (``unsignalled``).
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
 from graphrepair.discovery import axes as ax
 from graphrepair.discovery.spec import PermutationSpec
-from graphrepair.merging.assign import lap
+from graphrepair.merging.assign import lap, solve_each
 
 
 TIE_GRID = 2.0 ** -17
@@ -77,29 +79,37 @@ def activation_perms(spec: PermutationSpec, stats, max_rounds: int = 50,
     # from their joint points, or kept in place where they have none (``wreath_perms``)
     perms = wreath_perms(spec, stats)
     done = set(perms)
-    # one group's rounded matrix at a time (a model's correlations can take gigabytes); kept,
-    # as its U x P(U) block, only for the groups with units matched without signal
+    # a rounded matrix per group being solved (a model's correlations can take gigabytes: as
+    # many at once as threads solve them, ``assign.solve_each``); kept, as its U x P(U) block,
+    # only for the groups with units matched without signal
     tied = {}
 
-    def note_ties(g: str, r: torch.Tensor) -> None:
+    def ties(g: str, r: torch.Tensor, perm: torch.Tensor):
         if weights is not None and g in weights.touches:
-            u = _without_signal(r, perms[g]).nonzero().flatten().cpu()  # perms are on the CPU
+            u = _without_signal(r, perm).nonzero().flatten().cpu()  # perms are on the CPU
             if len(u) > 1:  # U, P(U) and the rounded block U x P(U), on the CPU as lap wants it
-                tied[g] = (u, perms[g][u], r[u][:, perms[g][u]].cpu())
+                return u, perm[u], r[u][:, perm[u]].cpu()
+        return None
 
-    for g, c in stats.corr.items():
-        if g in stats.coupled or g in done:
-            continue
+    def solve(item):  # one group alone: what it gives does not depend on the other groups
+        g, c = item
         r = tie_safe(c)
-        perms[g] = lap(r)
-        note_ties(g, r)
-        del r
+        perm = lap(r)
+        return perm, ties(g, r, perm)
+
+    alone = [(g, c) for g, c in stats.corr.items() if g not in stats.coupled and g not in done]
+    for (g, _), (perm, t) in zip(alone, solve_each(solve, alone)):
+        perms[g] = perm
+        if t is not None:
+            tied[g] = t
     families, held = spec.wreaths
     orders = set(families) | held
     for g in [h.name for h in spec.groups if h.name in done and h.name not in orders]:
         # a part of a family solved from its joint points: its slot's block against the B slot
         # the order pairs it with (``paired_corr``); the weights break its ties like any group's
-        note_ties(g, tie_safe(paired_corr(spec, stats, g, perms)))
+        t = ties(g, tie_safe(paired_corr(spec, stats, g, perms)), perms[g])
+        if t is not None:
+            tied[g] = t
     for _ in range(tie_rounds if tied else 0):
         changed = False
         for g in [h.name for h in spec.groups if h.name in tied]:
@@ -228,6 +238,13 @@ def paired_corr(spec: PermutationSpec, stats, g: str, perms: dict[str, torch.Ten
     return stats.corr[g]
 
 
+@functools.lru_cache(maxsize=64)
+def _hash_vectors(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(n, 2) random integers for ``_blind``'s hashes (made once per size: the same every call)."""
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(1, 2 ** 18 if n <= 2 ** 16 else 2 ** 10, (n, 2), generator=g).to(dtype=dtype, device=device)
+
+
 def _blind(rounded: torch.Tensor) -> torch.Tensor:
     """Rows of ``rounded`` (correlations on the TIE_GRID) that tell nothing apart: all zero (a
     dead unit: every correlation 0) or equal to another row (units whose activations are the
@@ -235,9 +252,7 @@ def _blind(rounded: torch.Tensor) -> torch.Tensor:
     vectors: every value is an integer multiple of TIE_GRID, so float64 adds them without
     rounding below 2^53) and confirmed by comparing the candidate rows themselves: the same
     answer as comparing every pair of rows, at the cost of one (n, n) x (n, 2) product."""
-    n = rounded.shape[1]
-    g = torch.Generator().manual_seed(0)
-    w = torch.randint(1, 2 ** 18 if n <= 2 ** 16 else 2 ** 10, (n, 2), generator=g).to(rounded)
+    w = _hash_vectors(rounded.shape[1], rounded.dtype, rounded.device)
     _, inverse, counts = torch.unique(rounded @ w, dim=0, return_inverse=True, return_counts=True)
     blind = (rounded == 0).all(1)
     candidates = (counts[inverse] > 1).nonzero().flatten()

@@ -170,7 +170,6 @@ def prepare(models: list[nn.Module], data, *, method: str = "activation", statis
                 # entries with no permuted axis come back as the model's own tensors: copy them, so
                 # that changing the model later cannot change what this preparation merges
                 aligned.append({k: v.clone() if v is sd[k] else v for k, v in permuted.items()})
-    release()  # the proofs' permuted copies (see runtime.release)
     return Prepared(models, spec, fit, method, rpoints, perms_all, stats_all, corr, aligned)
 
 
@@ -187,3 +186,5 @@ def prove_permutations(spec: PermutationSpec, model: nn.Module, permuted_state: 
         return spec.prove(model, permuted, example, perms)
     except CheckError as e:
         raise CheckError(f"the permutations aligning {who} break its function: {e}") from e
+    finally:
+        release(permuted)  # a copy of a GraphModule is a cycle (see runtime.release)

@@ -244,12 +244,15 @@ def run_pair(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module, plan
     root_a, root_b = pair_roots(spec, model_a, model_b, model_device(model_a))
     pair = pair_graph(spec.traced.gm, root_a, root_b, plan.taps, outputs=False).graph_module
     examples = 0
-    with eval_mode(model_a, model_b):  # the pair may run the models' own modules
-        if example is not None:
-            calibrate(pair, plan.taps.values(), example)
-        for batch in progress(batches, "statistics of A and B", total=total, quiet=quiet):
-            batch.inputs.call(pair)
-            examples += batch.size
+    try:
+        with eval_mode(model_a, model_b):  # the pair may run the models' own modules
+            if example is not None:
+                calibrate(pair, plan.taps.values(), example)
+            for batch in progress(batches, "statistics of A and B", total=total, quiet=quiet):
+                batch.inputs.call(pair)
+                examples += batch.size
+    finally:  # the pair's graph module (and the graph copies, when made) are not kept in cycles
+        release(pair, *[r for r in (root_a, root_b) if r is not model_a and r is not model_b])
     return examples
 
 
@@ -321,7 +324,7 @@ def summarise(spec: PermutationSpec, plan: TapPlan, observe: dict[str, list[Obse
         a, b = taps[node].moments(i)
         stats[r.node] = PointStats(a.mean, a.var, b.mean, b.var,
                                    taps[node].cov(i) if plan.cross_at_resets else None,
-                                   taps[node].per_batch.get(i, []))
+                                   taps[node].batch_moments(i))
     if stats and not bool(torch.isfinite(torch.cat([torch.cat([p.mean_a, p.var_a, p.mean_b, p.var_b])
                                                     for p in stats.values()])).all()):
         for node, p in stats.items():  # one check for all; find the first culprit only on failure
@@ -358,6 +361,4 @@ def collect(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module, batch
     if shares is not None and len(set(shares)) > 1:  # normal when sharding; said, not refused
         stats.notes.append(f"the ranks streamed {', '.join(map(str, shares))} examples (rank 0 first); "
                            f"the statistics are of all {examples} together")
-    del plan
-    release()  # the pair module and its taps' sums (see runtime.release)
     return stats

@@ -1,0 +1,91 @@
+"""The joint pass's statistics cost a fixed, small number of ops per observed node and batch
+(``passes.moments``, ``passes.pair_tap``): counted with torch.profiler on the CPU (not timed)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+
+from passes.moments import ChannelSums
+from passes.pair_tap import PairTap, TapView
+
+
+def _top_level_ops(tap: PairTap, batches) -> float:
+    """aten ops the tap calls itself (not those inside another aten op), per batch."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for a, b in batches:
+            with record_function("tap"):
+                tap(a, b)
+    count = 0
+    for e in prof.events():
+        if not e.name.startswith("aten::"):
+            continue
+        p, chain = e.cpu_parent, []
+        while p is not None:
+            chain.append(p.name)
+            p = p.cpu_parent
+        if "tap" in chain and not any(n.startswith("aten::") for n in chain[:chain.index("tap")]):
+            count += 1
+    return count / len(batches)
+
+
+def _batches(shape, k, offset=0.0):
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randn(shape, generator=g) + offset, torch.randn(shape, generator=g) + offset) for _ in range(k)]
+
+
+# bound: ops per side (its sums, kept in the waiting buffer); the cross products take up to 4 more
+@pytest.mark.parametrize("shape, dim, bound", [((64, 32), 1, 8), ((4, 8, 16, 16), 1, 9)])
+@pytest.mark.parametrize("offset", [0.0, 50.0])  # 50: mean large against the spread, summed about a shift
+def test_ops_per_batch_do_not_grow_with_kept_batches(shape, dim, bound, offset):
+    """One side's sums (and the cross products) take a bounded number of ops; keeping every
+    batch's moments for REPAIR's goals adds none while the pass runs."""
+    plain = PairTap([TapView(dim, None, True)], shape=shape)
+    kept = PairTap([TapView(dim, None, True)], shape=shape)
+    kept.keep_batches(0)
+    for tap in (plain, kept):
+        tap(*_batches(shape, 1, offset)[0])  # the first batch allocates the waiting buffers
+    batches = _batches(shape, 4, offset)
+    n_plain, n_kept = _top_level_ops(plain, batches), _top_level_ops(kept, batches)
+    assert n_kept == n_plain
+    assert n_plain <= 2 * bound + 4 + (4 if offset else 0)  # the shift: a view and a subtraction per side
+
+
+def test_kept_batch_moments_are_each_batchs_own():
+    shape = (32, 6)
+    tap = PairTap([TapView(1, None, True)], shape=shape)
+    tap.keep_batches(0)
+    batches = _batches(shape, 5, offset=20.0)
+    for a, b in batches:
+        tap(a, b)
+    got = tap.batch_moments(0)
+    assert len(got) == 5
+    for (a, b), (ma, va, mb, vb) in zip(batches, got):
+        for x, m, v in ((a, ma, va), (b, mb, vb)):
+            torch.testing.assert_close(m, x.double().mean(0), rtol=0, atol=1e-5)
+            torch.testing.assert_close(v, x.double().var(0, correction=0), rtol=1e-5, atol=1e-6)
+    # the same as each batch's moments read right after it (``ChannelSums.batch_moments``)
+    alone = ChannelSums(1)
+    for a, _ in batches:
+        alone.update(a)
+    torch.testing.assert_close(got[-1][0], alone.batch_moments()[0], rtol=0, atol=0)
+    torch.testing.assert_close(got[-1][1], alone.batch_moments()[1], rtol=0, atol=0)
+
+
+def test_kept_batches_keep_their_shift_after_the_totals_are_replaced():
+    """A distributed run replaces the totals (``load_raw_totals``, shift dropped) after the pass:
+    each kept batch is still read about the shift it was summed about."""
+    shape = (32, 4)
+    tap = PairTap([TapView(1, None, True)], shape=shape)
+    tap.keep_batches(0)
+    batches = _batches(shape, 3, offset=100.0)
+    for a, b in batches:
+        tap(a, b)
+    assert tap.sums[0][0].shift is not None
+    before = tap.batch_moments(0)
+    tap.load_raw_totals(tap.raw_totals())
+    assert tap.sums[0][0].shift is None
+    for x, y in zip(before, tap.batch_moments(0)):
+        for p, q in zip(x, y):
+            torch.testing.assert_close(p, q, rtol=0, atol=0)
