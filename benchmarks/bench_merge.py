@@ -53,7 +53,7 @@ import time
 import torch
 
 import graphrepair as gr
-from graphrepair.merging import merge as merge_module
+from graphrepair.merging import prepare as merge_module  # where alignment calls the matchers
 from graphrepair.merging.assign import lap
 from graphrepair.merging.merge import merge_prepared
 from graphrepair.merging.points import observation_points

@@ -414,6 +414,8 @@ def agree_on_start(states: list[dict[str, torch.Tensor]], example: torch.Tensor 
     return shared
 
 
+_FUNCTION_RTOL = {torch.float16: 1e-2, torch.bfloat16: 5e-2, torch.float32: 1e-4, torch.float64: 1e-9}
+_FUNCTION_SAMPLE = 4096  # values of each output compared (the first ones), besides its moments
 
 
 def _output_summary(model, example) -> list[torch.Tensor]:

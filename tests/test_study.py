@@ -110,16 +110,19 @@ def test_text_tables_and_numbers():
     assert wrapped_table(["group", "size"], rows[:5]) == text_table(["group", "size"], rows[:5])
 
 
-def test_known_length_and_labels():
+def test_example_counts_and_labels():
+    """What a study counts as the examples of its data (``Examples.count``): known for arrays,
+    unknown (None) for a loader before a pass has read it."""
     import torch
     from torch.utils.data import DataLoader
 
-    from graphrepair.study.runner import known_length, repair_label
+    from graphrepair.io.examples import Examples
+    from graphrepair.study.runner import repair_label
 
     x = torch.zeros(7, 3)
-    assert known_length(x) == 7 and known_length(TensorDataset(x, x)) == 7
-    assert known_length(DataLoader(TensorDataset(x), batch_size=2)) is None  # counts batches
-    assert known_length(iter([x])) is None and known_length(torch.tensor(1.0)) is None
+    assert Examples(x).count == 7 and Examples(TensorDataset(x, x)).count == 7
+    assert Examples(x, 5).count == 5
+    assert Examples(DataLoader(TensorDataset(x), batch_size=2)).count is None  # counts batches
     assert [repair_label(r) for r in ("exact", "approx", "reset", None)] == ["REPAIR", "REPAIR-approx", "BN-reset", None]
 
 
