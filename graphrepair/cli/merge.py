@@ -56,8 +56,7 @@ def command(session: Session, model_ref, ckpt_a, ckpt_b, fit_ref, method, num_ex
                          "--model": model_file(model_ref)})
     onnx_path, weights_path = paths["--out"], paths["--weights"]
 
-    from graphrepair.cli.inputs import eval_data, fit_data, load_models, pick_device, require_groups
-    from graphrepair.merging.diagnostics import check_statistics
+    from graphrepair.cli.inputs import eval_data, fit_data, load_models, pick_device
     from graphrepair.merging.merge import merge_models
     from graphrepair.study.metrics import evaluate
 
@@ -69,11 +68,9 @@ def command(session: Session, model_ref, ckpt_a, ckpt_b, fit_ref, method, num_ex
         _check_out_hf(out_hf, model_a, model_ref)
     fit = fit_data(fit_ref, model_a, num_examples, device, needs_statistics=statistics)
     eval_set = eval_data(eval_ref, model_a, fit.example, device) if eval_ref else None
-    spec = require_groups(model_a, fit.example, model_ref)
     res = merge_models([model_a, model_b], fit.data, weights=[1 - alpha, alpha], method=method, repair=mode,
-                       num_examples=fit.examples, points=points, spec=spec, quiet=session.quiet, refit=refit,
-                       refit_examples=refit_examples)
-    warnings = check_statistics(res.dead_channels, spec, f"--data {fit_ref}", res.examples) if res.examples else []
+                       num_examples=fit.examples, points=points, quiet=session.quiet, refit=refit,
+                       refit_examples=refit_examples, name=model_ref, see=f"graphrepair inspect --model {model_ref}")
     own_class = type(res.model) is type(model_a)
     if weights_path is not None and not own_class:
         raise OutputError(_unfoldable(weights_path, res, type(model_a).__name__, points))
@@ -104,6 +101,7 @@ def command(session: Session, model_ref, ckpt_a, ckpt_b, fit_ref, method, num_ex
             save_pretrained_verified(res.model, out_hf, fit.example)
             session.written.append(Path(out_hf))
     result = res.as_dict()
+    warnings = result.pop("warnings")
     if result["refit"] is not None:
         result["refit"] = {"sweeps": refit, "examples": refit_examples, **result["refit"]}
     report = {
