@@ -51,7 +51,6 @@ def command(session: Session, model_ref, ckpt_a, ckpt_b, fit_ref, method, num_ex
     plots = [p for p in paths.values() if p is not None]
 
     from graphrepair.cli.inputs import eval_data, fit_data, load_models, pick_device
-    from graphrepair.study.tables import plural
     from graphrepair.study.metrics import alpha_grid
     from graphrepair.study.runner import run_study
 
@@ -83,15 +82,7 @@ def command(session: Session, model_ref, ckpt_a, ckpt_b, fit_ref, method, num_ex
                    "points": points, **{k: v for k, v in study.as_dict().items() if k != "warnings"},
                    "plots": [str(p) for p in plots], "warnings": warnings})
         return
-    from graphrepair.merging.diagnostics import corr_summary
-
-    corr = corr_summary(study.mean_corr)
-    head = (f"path A -> B of {model_ref} ({plural(study.groups, 'group')}, "
-            f"{plural(study.free_channels, 'channel')} may move); "
-            f"{method} alignment" + (f" on {study.examples} examples" if study.examples else ""))
-    if corr:
-        head += f", mean matched correlation {corr['mean']:.3f} (min {corr['min']:.3f})"
-    echo(head)
+    echo(study.headline(model_ref))
     echo(f"accuracy (%) and loss on {eval_ref} over {len(grid)} alphas; barrier = largest drop "
          f"(accuracy, points) or rise (loss) against the straight line between A and B:")
     echo(study.curve_table())

@@ -102,8 +102,6 @@ def command(session: Session, model_ref, ckpt_a, ckpt_b, fit_ref, method, num_ex
             session.written.append(Path(out_hf))
     result = res.as_dict()
     warnings = result.pop("warnings")
-    if result["refit"] is not None:
-        result["refit"] = {"sweeps": refit, "examples": refit_examples, **result["refit"]}
     report = {
         "model": model_ref, "a": str(ckpt_a), "b": str(ckpt_b), "alpha": alpha, **result, "points": points,
         "onnx": None if export is None else export_dict(export, onnx_path),
@@ -158,6 +156,7 @@ def _unfoldable(weights_path, res, class_name: str, points: str) -> str:
 
 
 def merge_text(r: dict, eval_ref: str | None) -> str:
+    from graphrepair.io.export import op_summary
     from graphrepair.study.tables import number, percent, plural, text_table, wrapped_table
 
     lines = [f"merged {r['model']}: A {r['a']}, B {r['b']}, alpha {r['alpha']:g}",
@@ -196,9 +195,8 @@ def merge_text(r: dict, eval_ref: str | None) -> str:
         lines.append(text_table(["model", "accuracy %", "loss"], rows, indent="  "))
     if r["onnx"]:
         o = r["onnx"]
-        ops = ", ".join(f"{k} {v}" for k, v in sorted(o["op_counts"].items(), key=lambda kv: -kv[1])[:8])
-        lines.append(f"wrote {o['path']}: {o['node_count']} nodes ({ops}); max |diff| vs onnxruntime "
-                     f"{o['max_abs_diff']:.2e} ({', '.join(o['providers'])})")
+        lines.append(f"wrote {o['path']}: {o['node_count']} nodes ({op_summary(o['op_counts'])}); max |diff| vs "
+                     f"onnxruntime {o['max_abs_diff']:.2e} ({', '.join(o['providers'])})")
     if r["weights"]:
         lines.append(f"wrote {r['weights']}: state dict of {r['merged_class']}")
     if r.get("out_hf"):

@@ -69,7 +69,8 @@ class MergeResult:
             "mean_corr": self.mean_corr, "mean_corr_summary": corr_summary(self.mean_corr),
             "resets": self.resets, "folded": self.folded, "kept": self.kept, "dead_channels": self.dead_channels,
             "unsignalled": self.unsignalled, "arbitrary": self.arbitrary,
-            "refit": None if self.refit is None else {"layers": len(self.refit.layers), "kept": self.refit.kept},
+            "refit": None if self.refit is None else {"sweeps": self.refit.sweeps, "examples": self.refit.examples,
+                                                      "layers": len(self.refit.layers), "kept": self.refit.kept},
             "merged_class": type(self.model).__name__, "interpolation_weights": self.weights,
             "notes": self.notes, "warnings": self.warnings,
         }

@@ -82,6 +82,8 @@ class Refit:
     after: dict[str, float] = field(default_factory=dict)  # target before its first solve / after the last
     cached: bool = False  # the targets were kept from one pass of the endpoints
     through: dict[str, str] = field(default_factory=dict)  # conv/linear -> the BatchNorm it was fit through
+    sweeps: int = 0  # as asked
+    examples: int | None = None  # the fitting examples asked for (None: all), over every process
 
 
 def check_refit(sweeps, examples=None) -> None:
@@ -298,9 +300,9 @@ def refit(merged: nn.Module, endpoints: list[nn.Module], weights: list[float], f
     after the last sweep (``Refit.after``). ``examples``: how many of the fitting examples (the first
     ones; None: all) the refit reads, over all processes of a distributed run."""
     check_refit(sweeps, examples)
+    out = Refit(sweeps=sweeps, examples=examples)
     if examples is not None and distributed.current() is not None:
         examples = -(-examples // distributed.world())  # each rank its share
-    out = Refit()
     if sweeps == 0:
         return out
     modules, out.kept = _find_layers(merged, endpoints)

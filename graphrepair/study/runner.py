@@ -31,7 +31,7 @@ from graphrepair.io.examples import Examples
 from graphrepair.merging.diagnostics import check_statistics, corr_summary
 from graphrepair.merging.merge import Prepared, merge_prepared, prepare
 from graphrepair.study.metrics import Curve, alpha_grid, curve, layer_report
-from graphrepair.study.tables import number, percent, text_table
+from graphrepair.study.tables import number, percent, plural, text_table
 
 REPAIR_LABELS = {"exact": "REPAIR", "approx": "REPAIR-approx", "reset": "BN-reset"}
 
@@ -82,6 +82,17 @@ class Study:
         }
 
     # -- text ------------------------------------------------------------------------------------
+
+    def headline(self, model: str) -> str:
+        """One line on the path of ``model``: its groups and free channels, the alignment, the examples
+        it read and the matched correlations (mean, min)."""
+        head = (f"path A -> B of {model} ({plural(self.groups, 'group')}, "
+                f"{plural(self.free_channels, 'channel')} may move); "
+                f"{self.method} alignment" + (f" on {self.examples} examples" if self.examples else ""))
+        corr = corr_summary(self.mean_corr)
+        if corr:
+            head += f", mean matched correlation {corr['mean']:.3f} (min {corr['min']:.3f})"
+        return head
 
     def curve_table(self) -> str:
         """Accuracy (%) and loss of every curve at every alpha, with a final barrier row."""
