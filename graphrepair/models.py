@@ -10,6 +10,9 @@
 - ``copy_with_state(module, state)``: a copy of a model carrying other weights, made without
   copying its own first; ``graph_for(spec, state)``: the traced graph carrying a model's weights.
 - ``check_finite(state, who)``: a NumericError naming the first parameter with a NaN or Inf.
+- ``forward_hooks(modules_by_name, fn)``: ``fn(name, inputs, output)`` after every call of each
+  module inside a ``with`` block (how the refit and the layer report capture a module's inputs and
+  outputs; graph nodes are observed with ``passes.observe`` instead).
 - ``eval_mode(*models)``: the models in eval mode inside a ``with`` block, every module's flag
   restored after it; ``full_precision()``: IEEE float32 products on CUDA inside a block (the
   proofs of permutations and the ONNX check compare two computations). Both are
@@ -37,8 +40,8 @@ from graphrepair.errors import GraphRepairError, GraphRepairWarning, MismatchErr
 if TYPE_CHECKING:
     from graphrepair.discovery.spec import PermutationSpec
 
-__all__ = ["check_finite", "check_models", "copy_with_state", "eval_mode", "full_precision", "given_back",
-           "graph_for", "unwrap", "user_models", "with_metadata"]
+__all__ = ["check_finite", "check_models", "copy_with_state", "eval_mode", "forward_hooks", "full_precision",
+           "given_back", "graph_for", "unwrap", "user_models", "with_metadata"]
 
 
 # -- unwrap and check --------------------------------------------------------------------------
@@ -133,6 +136,20 @@ def user_models(*names: str):
 
 
 # -- snapshot and restore ---------------------------------------------------------------------
+
+@contextlib.contextmanager
+def forward_hooks(modules_by_name: dict, fn) -> Iterator[None]:
+    """Inside the block, ``fn(name, inputs, output)`` after every call of each module of
+    ``modules_by_name`` ({name: module}; ``inputs`` the tuple of its positional arguments); the
+    hooks are removed after it (also when it raises, e.g. an exception that ends a forward early)."""
+    handles = [m.register_forward_hook(lambda mod, inp, out, name=name: fn(name, inp, out))
+               for name, m in modules_by_name.items()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
 
 @contextlib.contextmanager
 def given_back(*models: nn.Module) -> Iterator[None]:

@@ -56,3 +56,37 @@ def test_merge_result_as_dict_reports_the_merge():
     assert d["resets"] == res.resets and d["folded"] == res.folded and d["kept"] == res.kept
     assert d["merged_class"] == "Sequential" and d["interpolation_weights"] == [0.5, 0.5]
     assert d["examples"] == 64 and d["refit"] is None and d["method"] == "activation" and d["repair"] == "exact"
+
+
+def _pair(width: int = 8) -> tuple[nn.Module, nn.Module]:
+    a, b = _mlp(width), _mlp(width)
+    with torch.no_grad():
+        for p in b.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return a, b
+
+
+@pytest.mark.parametrize("repair", ["exact", None])
+def test_api_merge_of_a_model_without_groups_raises_no_groups_error(repair):
+    a, b = nn.Linear(4, 3), nn.Linear(4, 3)
+    with pytest.raises(NoGroupsError, match=r"no permutation groups in Linear: .*see spec\.fixed"):
+        gr.merge_models([a, b], torch.randn(32, 4), repair=repair, num_examples=32)
+    with pytest.raises(NoGroupsError, match="no permutation groups in lin: .*see `here`"):
+        gr.merge_models([a, b], torch.randn(32, 4), repair=repair, num_examples=32, name="lin", see="here")
+
+
+def test_api_merge_of_all_dead_data_raises_data_error():
+    a, b = _pair()
+    with torch.no_grad():  # every hidden unit of A constant: a zero first layer
+        a[0].weight.zero_()
+    with pytest.raises(DataError, match="the data tensor: no unit of model A varies over the 64 examples .*all 8"):
+        gr.merge_models([a, b], torch.randn(64, 4), repair="exact", num_examples=64)
+
+
+def test_api_merge_on_few_examples_warns_and_enough_does_not():
+    a, b = _pair(width=8)
+    res = gr.merge_models([a, b], torch.randn(5, 4), repair="exact", num_examples=5)
+    (warning,) = res.warnings
+    assert "statistics from only 5 examples for groups of up to 8 channels" in warning
+    assert res.as_dict()["warnings"] == res.warnings
+    assert gr.merge_models([a, b], torch.randn(64, 4), repair="exact", num_examples=64).warnings == []

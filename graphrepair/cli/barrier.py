@@ -50,9 +50,7 @@ def command(session: Session, model_ref, ckpt_a, ckpt_b, fit_ref, method, num_ex
                                            "--model": model_file(model_ref)})
     plots = [p for p in paths.values() if p is not None]
 
-    from graphrepair.cli.inputs import eval_data, fit_data, load_models, pick_device, require_groups
-    from graphrepair.merging.diagnostics import check_statistics
-    from graphrepair.study.tables import plural
+    from graphrepair.cli.inputs import eval_data, fit_data, load_models, pick_device
     from graphrepair.study.metrics import alpha_grid
     from graphrepair.study.runner import run_study
 
@@ -62,11 +60,10 @@ def command(session: Session, model_ref, ckpt_a, ckpt_b, fit_ref, method, num_ex
     model_a, model_b = load_models(model_ref, [("--a", ckpt_a), ("--b", ckpt_b)], device)
     fit = fit_data(fit_ref, model_a, num_examples, device, needs_statistics=True)
     eval_set = eval_data(eval_ref, model_a, fit.example, device)
-    spec = require_groups(model_a, fit.example, model_ref)
     study = run_study(model_a, model_b, fit_data=fit.data, eval_data=eval_set, alphas=grid, method=method, repair=mode,
-                      num_examples=fit.examples, points=points, layers=layers, quiet=session.quiet, spec=spec,
-                      refit=refit)
-    warnings = check_statistics(0, spec, f"--data {fit_ref}", study.examples) if study.examples else []
+                      num_examples=fit.examples, points=points, layers=layers, quiet=session.quiet, refit=refit,
+                      name=model_ref, see=f"graphrepair inspect --model {model_ref}")
+    warnings = study.warnings
     if plots:
         from graphrepair.study.plots import barrier_figure, layers_figure, save_figure
         from graphrepair.distributed import is_reporting
@@ -82,17 +79,10 @@ def command(session: Session, model_ref, ckpt_a, ckpt_b, fit_ref, method, num_ex
     study.notes = list(dict.fromkeys(fit.notes + session.notes() + study.notes))
     if as_json:
         echo_json({"model": model_ref, "a": str(ckpt_a), "b": str(ckpt_b), "eval": eval_ref,
-                   "points": points, **study.as_dict(), "plots": [str(p) for p in plots], "warnings": warnings})
+                   "points": points, **{k: v for k, v in study.as_dict().items() if k != "warnings"},
+                   "plots": [str(p) for p in plots], "warnings": warnings})
         return
-    from graphrepair.merging.diagnostics import corr_summary
-
-    corr = corr_summary(study.mean_corr)
-    head = (f"path A -> B of {model_ref} ({plural(study.groups, 'group')}, "
-            f"{plural(study.free_channels, 'channel')} may move); "
-            f"{method} alignment" + (f" on {study.examples} examples" if study.examples else ""))
-    if corr:
-        head += f", mean matched correlation {corr['mean']:.3f} (min {corr['min']:.3f})"
-    echo(head)
+    echo(study.headline(model_ref))
     echo(f"accuracy (%) and loss on {eval_ref} over {len(grid)} alphas; barrier = largest drop "
          f"(accuracy, points) or rise (loss) against the straight line between A and B:")
     echo(study.curve_table())

@@ -27,7 +27,7 @@ def command(session: Session, model_ref, checkpoint, input_shape, input_dtype, v
 
     from graphrepair.cli.inputs import example_input, load_models, pick_device, run_model
     from graphrepair.errors import ShapeError
-    from graphrepair.io.export import export_dict, export_onnx
+    from graphrepair.io.export import export_dict, export_onnx, op_summary
     from graphrepair.distributed import is_reporting
     from graphrepair.io.fileio import atomic_outputs
 
@@ -46,7 +46,6 @@ def command(session: Session, model_ref, checkpoint, input_shape, input_dtype, v
     if as_json:
         echo_json(data)
         return
-    ops = ", ".join(f"{k} {v}" for k, v in sorted(rep.op_counts.items(), key=lambda kv: -kv[1])[:8])
-    echo(f"wrote {path}: {rep.node_count} nodes ({ops})")
+    echo(f"wrote {path}: {rep.node_count} nodes ({op_summary(rep.op_counts)})")
     echo(f"verified with onnxruntime ({', '.join(rep.providers_checked)}): max |diff| vs torch "
          f"{rep.max_abs_diff:.2e}")

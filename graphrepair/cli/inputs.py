@@ -152,14 +152,6 @@ def probe(model, first, option: str, ref: str):
     return out
 
 
-def require_groups(model, example, model_ref: str):
-    """The spec of ``model``; NoGroupsError when no hidden channel may move (nothing to align)."""
-    from graphrepair.discovery.discover import discover
-    from graphrepair.merging.diagnostics import require_groups as groups_of
-
-    return groups_of(discover(model, example), model_ref, see=f"graphrepair inspect --model {model_ref}")
-
-
 # ------------------------------------------------------------------------------------------------
 # Data
 
@@ -298,4 +290,4 @@ def eval_data(ref: str, model, example, device):
 
 __all__ = ["BATCH", "Fit", "check_checkpoint", "check_files", "classifier_logits",
            "eval_data", "example_input", "fit_data", "load", "load_models", "model_file", "pick_device",
-           "probe", "require_groups", "run_model", "with_option"]
+           "probe", "run_model", "with_option"]

@@ -36,7 +36,7 @@ def command(session: Session, model_ref, checkpoint, input_shape, input_dtype, v
     from graphrepair.distributed import is_reporting
     from graphrepair.io.fileio import atomic_outputs
     from graphrepair.cli.inputs import with_option
-    from graphrepair.cli.report import print_spec, spec_to_dict, spec_to_dot
+    from graphrepair.cli.report import print_spec
     from graphrepair.errors import GraphRepairError, ShapeError
 
     if checkpoint is not None:
@@ -52,11 +52,11 @@ def command(session: Session, model_ref, checkpoint, input_shape, input_dtype, v
     spec = discover(model, (x,))
     max_diff = spec.check(model, (x,)) if check else None
     if paths["--dot"] is not None:
-        dot = spec_to_dot(spec)
+        dot = spec.to_dot()
         with atomic_outputs([paths["--dot"]], written=session.written, writes=is_reporting()) as (tmp,):
             tmp.write_text(dot)
     if as_json:
-        data = spec_to_dict(spec)
+        data = spec.as_dict()
         data["check_max_abs_diff"] = max_diff
         echo(json.dumps(data, indent=2))
         return

@@ -56,8 +56,7 @@ def command(session: Session, model_ref, ckpt_a, ckpt_b, fit_ref, method, num_ex
                          "--model": model_file(model_ref)})
     onnx_path, weights_path = paths["--out"], paths["--weights"]
 
-    from graphrepair.cli.inputs import eval_data, fit_data, load_models, pick_device, require_groups
-    from graphrepair.merging.diagnostics import check_statistics
+    from graphrepair.cli.inputs import eval_data, fit_data, load_models, pick_device
     from graphrepair.merging.merge import merge_models
     from graphrepair.study.metrics import evaluate
 
@@ -69,11 +68,9 @@ def command(session: Session, model_ref, ckpt_a, ckpt_b, fit_ref, method, num_ex
         _check_out_hf(out_hf, model_a, model_ref)
     fit = fit_data(fit_ref, model_a, num_examples, device, needs_statistics=statistics)
     eval_set = eval_data(eval_ref, model_a, fit.example, device) if eval_ref else None
-    spec = require_groups(model_a, fit.example, model_ref)
     res = merge_models([model_a, model_b], fit.data, weights=[1 - alpha, alpha], method=method, repair=mode,
-                       num_examples=fit.examples, points=points, spec=spec, quiet=session.quiet, refit=refit,
-                       refit_examples=refit_examples)
-    warnings = check_statistics(res.dead_channels, spec, f"--data {fit_ref}", res.examples) if res.examples else []
+                       num_examples=fit.examples, points=points, quiet=session.quiet, refit=refit,
+                       refit_examples=refit_examples, name=model_ref, see=f"graphrepair inspect --model {model_ref}")
     own_class = type(res.model) is type(model_a)
     if weights_path is not None and not own_class:
         raise OutputError(_unfoldable(weights_path, res, type(model_a).__name__, points))
@@ -104,8 +101,7 @@ def command(session: Session, model_ref, ckpt_a, ckpt_b, fit_ref, method, num_ex
             save_pretrained_verified(res.model, out_hf, fit.example)
             session.written.append(Path(out_hf))
     result = res.as_dict()
-    if result["refit"] is not None:
-        result["refit"] = {"sweeps": refit, "examples": refit_examples, **result["refit"]}
+    warnings = result.pop("warnings")
     report = {
         "model": model_ref, "a": str(ckpt_a), "b": str(ckpt_b), "alpha": alpha, **result, "points": points,
         "onnx": None if export is None else export_dict(export, onnx_path),
@@ -160,6 +156,7 @@ def _unfoldable(weights_path, res, class_name: str, points: str) -> str:
 
 
 def merge_text(r: dict, eval_ref: str | None) -> str:
+    from graphrepair.io.export import op_summary
     from graphrepair.study.tables import number, percent, plural, text_table, wrapped_table
 
     lines = [f"merged {r['model']}: A {r['a']}, B {r['b']}, alpha {r['alpha']:g}",
@@ -198,9 +195,8 @@ def merge_text(r: dict, eval_ref: str | None) -> str:
         lines.append(text_table(["model", "accuracy %", "loss"], rows, indent="  "))
     if r["onnx"]:
         o = r["onnx"]
-        ops = ", ".join(f"{k} {v}" for k, v in sorted(o["op_counts"].items(), key=lambda kv: -kv[1])[:8])
-        lines.append(f"wrote {o['path']}: {o['node_count']} nodes ({ops}); max |diff| vs onnxruntime "
-                     f"{o['max_abs_diff']:.2e} ({', '.join(o['providers'])})")
+        lines.append(f"wrote {o['path']}: {o['node_count']} nodes ({op_summary(o['op_counts'])}); max |diff| vs "
+                     f"onnxruntime {o['max_abs_diff']:.2e} ({', '.join(o['providers'])})")
     if r["weights"]:
         lines.append(f"wrote {r['weights']}: state dict of {r['merged_class']}")
     if r.get("out_hf"):

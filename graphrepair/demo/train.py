@@ -159,28 +159,13 @@ def train(
     return model.eval()
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> tuple[float, float]:
-    """``(accuracy, mean cross-entropy)`` of ``model`` on ``(x, y)``, in eval mode, on the model's device.
+    """``(accuracy, mean cross-entropy)`` of ``model`` on ``(x, y)``, in eval mode, on the model's device:
+    the library's ``graphrepair.study.metrics.evaluate`` on the arrays. The model's train/eval mode is
+    restored afterwards."""
+    from graphrepair.study.metrics import evaluate as evaluate_data
 
-    The model's train/eval mode is restored afterwards.
-    """
-    device = module_device(model)
-    was_training = model.training
-    model.eval()
-    try:
-        correct = torch.zeros((), dtype=torch.long, device=device)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        for start in range(0, x.shape[0], batch_size):
-            xb = x[start : start + batch_size].to(device, non_blocking=True)
-            yb = y[start : start + batch_size].to(device, non_blocking=True)
-            logits = model(xb)
-            loss_sum += F.cross_entropy(logits.float(), yb, reduction="sum").double()
-            correct += (logits.argmax(1) == yb).sum()
-    finally:
-        model.train(was_training)
-    n = x.shape[0]
-    return correct.item() / n, loss_sum.item() / n
+    return evaluate_data(model, (x, y), batch_size=batch_size)
 
 
 def train_pair(

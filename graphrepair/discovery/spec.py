@@ -147,6 +147,20 @@ class PermutationSpec:
             return self._by_name[name]
         raise KeyError(f"no permutation group named {name!r}; groups: {[g.name for g in self.groups][:10]}")
 
+    # -- views ---------------------------------------------------------------------------------
+    def as_dict(self) -> dict:
+        """The groups, the axes kept fixed (with reasons) and the totals as plain data
+        (``graphrepair inspect --json``)."""
+        from graphrepair.discovery.views import spec_to_dict
+
+        return spec_to_dict(self)
+
+    def to_dot(self) -> str:
+        """The traced graph as Graphviz DOT, each node coloured by its group (``inspect --dot``)."""
+        from graphrepair.discovery.views import spec_to_dot
+
+        return spec_to_dot(self)
+
     # -- permutations --------------------------------------------------------------------------
     def random_permutations(self, seed: int = 0) -> dict[str, torch.Tensor]:
         gen = torch.Generator().manual_seed(seed)

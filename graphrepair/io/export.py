@@ -74,6 +74,11 @@ def export_dict(report: ExportReport, path: str | os.PathLike | None = None) -> 
             "providers": list(report.providers_checked)}
 
 
+def op_summary(op_counts: dict[str, int], top: int = 8) -> str:
+    """The ``top`` most used ONNX ops of an export, most used first: ``"Gemm 9, Relu 8"``."""
+    return ", ".join(f"{k} {v}" for k, v in sorted(op_counts.items(), key=lambda kv: -kv[1])[:top])
+
+
 def check_finite_model(model: nn.Module) -> None:
     """NumericError naming the first parameter or buffer holding NaN or Inf (the merge's check,
     ``models.check_finite``, with what it means for an export)."""

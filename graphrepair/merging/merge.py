@@ -23,6 +23,7 @@ from graphrepair.discovery.discover import discover
 from graphrepair.discovery.spec import PermutationSpec
 from graphrepair.errors import GraphRepairError
 from graphrepair.merging.checks import check_same_architecture
+from graphrepair.merging.diagnostics import check_statistics
 from graphrepair.merging.weight_match import weight_matching
 from graphrepair.merging.prepare import METHODS, Prepared, prepare
 from graphrepair.merging.refit import EXAMPLES as REFIT_EXAMPLES
@@ -52,6 +53,7 @@ class MergeResult:
     unsignalled: int = 0
     arbitrary: int = 0
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # what the data may not support (diagnostics.check_statistics)
     unfolded: nn.Module | None = None  # with keep_unfolded: the merged graph with its reset nodes
     goals: dict | None = None  # with keep_unfolded: reset node -> (goal mean, goal std)
     refit: Refit | None = None  # with refit > 0: the layers refit, those kept and the errors
@@ -67,9 +69,10 @@ class MergeResult:
             "mean_corr": self.mean_corr, "mean_corr_summary": corr_summary(self.mean_corr),
             "resets": self.resets, "folded": self.folded, "kept": self.kept, "dead_channels": self.dead_channels,
             "unsignalled": self.unsignalled, "arbitrary": self.arbitrary,
-            "refit": None if self.refit is None else {"layers": len(self.refit.layers), "kept": self.refit.kept},
+            "refit": None if self.refit is None else {"sweeps": self.refit.sweeps, "examples": self.refit.examples,
+                                                      "layers": len(self.refit.layers), "kept": self.refit.kept},
             "merged_class": type(self.model).__name__, "interpolation_weights": self.weights,
-            "notes": self.notes,
+            "notes": self.notes, "warnings": self.warnings,
         }
 
 
@@ -168,6 +171,8 @@ def _merge_prepared(prep: Prepared, weights: list[float], repair: str | None, qu
                                 f"tied with another unit): the weights placed {result.unsignalled - result.arbitrary}, "
                                 f"{result.arbitrary} had no weight signal either and are matched arbitrarily")
         result.notes.extend(prep.stats[0].notes)
+        if result.examples:  # all-dead data: DataError; fewer examples than the widest group: a warning
+            result.warnings = check_statistics(result.dead_channels, prep.spec, prep.fit.where, result.examples)
     fit = prep.fit
     stats0 = prep.stats[0] if prep.stats else None
     if distributed.current() is not None:  # every rank's examples together
@@ -208,16 +213,18 @@ def merge_models(models: list[nn.Module], data, *, weights: list[float] | None =
                  method: str = "activation", repair: str | None = "exact", num_examples: int = 5000,
                  batch_size: int = 256, points: str = "all", spec: PermutationSpec | None = None,
                  quiet: bool = True, seed: int = 0, refit: int = 0,
-                 refit_examples: int | None = REFIT_EXAMPLES) -> MergeResult:
+                 refit_examples: int | None = REFIT_EXAMPLES, name: str | None = None,
+                 see: str | None = None) -> MergeResult:
     """Align every model to ``models[0]``, average with ``weights``, REPAIR, fold, and ``refit``
-    sweeps of the layerwise least-squares refit."""
+    sweeps of the layerwise least-squares refit. ``name`` and ``see``: how a NoGroupsError names the
+    model and where it sends the reader (``prepare``)."""
     weights = [1.0 / len(models)] * len(models) if weights is None else check_weights(weights, len(models))
     check_refit(refit, refit_examples)
     if repair not in REPAIR_MODES:
         raise GraphRepairError(f"repair must be one of {REPAIR_MODES}, got {repair!r}")
     prep = prepare(models, data, method=method, statistics=repair in ("exact", "approx"),
                    cross=repair == "approx", num_examples=num_examples, batch_size=batch_size,
-                   points=points, spec=spec, quiet=quiet, seed=seed)
+                   points=points, spec=spec, quiet=quiet, seed=seed, name=name, see=see)
     for st in prep.stats:  # the correlations served alignment (a ViT-B's take 0.9 GB); not the merge
         if st is not None:
             st.corr.clear()

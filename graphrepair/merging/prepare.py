@@ -18,6 +18,7 @@ from graphrepair.io.examples import Examples
 from graphrepair.io.inputs import Inputs
 from graphrepair.merging.activation_match import activation_perms, paired_corr, tie_safe, unsignalled
 from graphrepair.merging.checks import check_same_architecture
+from graphrepair.merging.diagnostics import require_groups
 from graphrepair.merging.weight_match import WeightScores, weight_matching
 from graphrepair.merging.points import ResetPoint, observation_points, reset_points
 from graphrepair.merging.stats import PairStats, collect
@@ -114,12 +115,14 @@ class Prepared:
 def prepare(models: list[nn.Module], data, *, method: str = "activation", statistics: bool = True,
             cross: bool = False, num_examples: int = 5000, batch_size: int = 256, points: str = "all",
             spec: PermutationSpec | None = None, quiet: bool = True, seed: int = 0,
-            align: bool = True, states: bool = True) -> Prepared:
+            align: bool = True, states: bool = True, name: str | None = None, see: str | None = None) -> Prepared:
     """Check, trace, discover, run the joint pass(es) and align. ``statistics``: gather REPAIR's
     endpoint statistics at the reset points (``cross``: also A-B cross-covariances, for 'approx').
     ``align=False`` keeps B as it is (the naive baseline). ``states=False``: only the
     permutations are wanted; the permuted copies of the models' weights (``Prepared.aligned``,
-    what ``merge_prepared`` interpolates) are not made."""
+    what ``merge_prepared`` interpolates) are not made. A model with no permutation group raises
+    NoGroupsError (``diagnostics.require_groups``), naming the model ``name`` (by default its class)
+    and pointing to ``see`` for the reasons (by default the spec's ``fixed`` list)."""
     if len(models) < 2:
         raise GraphRepairError("merging needs at least two models")
     if method not in METHODS:
@@ -145,6 +148,7 @@ def prepare(models: list[nn.Module], data, *, method: str = "activation", statis
     with distributed.step("tracing the model and discovering its permutation groups"):
         if spec is None:
             spec = discover_on(models[0], fit)
+        require_groups(spec, name or spec.model_name or type(models[0]).__name__, see=see)
         rpoints = reset_points(spec, points) if statistics else []
     perms_all, stats_all, corr = [], [], {}
     for m in models[1:]:

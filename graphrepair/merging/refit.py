@@ -61,7 +61,7 @@ from torch import nn
 from graphrepair import distributed
 from graphrepair.errors import GraphRepairError
 from graphrepair.io.inputs import Inputs
-from graphrepair.models import eval_mode
+from graphrepair.models import eval_mode, forward_hooks
 
 RIDGE = 1e-4  # lam over the mean diagonal of X^T X
 EXAMPLES = 512  # the default number of fitting examples the refit reads (the first ones)
@@ -82,6 +82,8 @@ class Refit:
     after: dict[str, float] = field(default_factory=dict)  # target before its first solve / after the last
     cached: bool = False  # the targets were kept from one pass of the endpoints
     through: dict[str, str] = field(default_factory=dict)  # conv/linear -> the BatchNorm it was fit through
+    sweeps: int = 0  # as asked
+    examples: int | None = None  # the fitting examples asked for (None: all), over every process
 
 
 def check_refit(sweeps, examples=None) -> None:
@@ -283,17 +285,6 @@ def _find_layers(merged: nn.Module, endpoints: list[nn.Module]) -> tuple[dict[st
     return layers, kept
 
 
-@contextlib.contextmanager
-def _hooks(module_by_name: dict[str, nn.Module], fn):
-    handles = [m.register_forward_hook(lambda mod, inp, out, name=name: fn(name, inp, out))
-               for name, m in module_by_name.items()]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
 class _Stop(Exception):
     """Ends a forward pass once the layer being fit has been seen (nothing after it is needed)."""
 
@@ -309,9 +300,9 @@ def refit(merged: nn.Module, endpoints: list[nn.Module], weights: list[float], f
     after the last sweep (``Refit.after``). ``examples``: how many of the fitting examples (the first
     ones; None: all) the refit reads, over all processes of a distributed run."""
     check_refit(sweeps, examples)
+    out = Refit(sweeps=sweeps, examples=examples)
     if examples is not None and distributed.current() is not None:
         examples = -(-examples // distributed.world())  # each rank its share
-    out = Refit()
     if sweeps == 0:
         return out
     modules, out.kept = _find_layers(merged, endpoints)
@@ -373,7 +364,7 @@ def _calls(merged: nn.Module, modules: dict[str, nn.Module], fit) -> tuple[dict[
             fed[name] = made[id(inp[0])]
         made[id(y)] = name
 
-    with _hooks(modules, seen):
+    with forward_hooks(modules, seen):
         y = fit.example().call(merged)
     del y
     through = {}
@@ -432,7 +423,7 @@ class _Targets:
                 if self.stop:
                     raise _Stop
 
-            with _hooks({n: mods[n] for n in self.names}, keep), contextlib.suppress(_Stop):
+            with forward_hooks({n: mods[n] for n in self.names}, keep), contextlib.suppress(_Stop):
                 x.call(end)
         return out
 
@@ -479,5 +470,5 @@ def _pass(merged, layer: _Layer, index: int, fit, targets: _Targets, stop: bool)
             if stop:
                 raise _Stop
 
-        with _hooks({name: layer.module}, add), contextlib.suppress(_Stop):
+        with forward_hooks({name: layer.module}, add), contextlib.suppress(_Stop):
             batch.inputs.call(merged)

@@ -35,7 +35,7 @@ from graphrepair.io.examples import Examples
 from graphrepair.errors import DataError
 from graphrepair.merging.merge import Prepared, check_alpha, merge_prepared, prepare
 from graphrepair.progress import progress
-from graphrepair.models import eval_mode, graph_for, user_models
+from graphrepair.models import eval_mode, forward_hooks, graph_for, user_models
 from graphrepair.runtime import model_device, model_dtype
 
 
@@ -207,7 +207,13 @@ def layer_report(prep: Prepared, merged: nn.Module | dict, alpha: float, quiet: 
     # per layer: ||W_A H_B' - W_B' H_A||^2, ||W_A H_A||^2 + ||W_B' H_B'||^2
     comm = torch.zeros(len(layers), 2, dtype=torch.float64, device=device)
     count = 0
-    with distributed.step("the layer statistics"):
+    seen = {}  # (reset point, 0 for A / 1 for B') -> the layer's input in this batch
+
+    def capture(key, inputs, _):
+        seen[key] = inputs[0].detach()
+
+    hooked = {(n, i): mod for n, mods in layers.items() for i, mod in enumerate(mods)}
+    with distributed.step("the layer statistics"), forward_hooks(hooked, capture):
         for batch in progress(iter(prep.fit), "layer statistics", total=prep.fit.batches(), quiet=quiet):
             x = batch.inputs
             for gm, _ in gms:
@@ -218,16 +224,13 @@ def layer_report(prep: Prepared, merged: nn.Module | dict, alpha: float, quiet: 
                 # per-example feature vectors: channel matrices are (C, N*rest); regroup by example
                 lin = (1 - alpha) * fa + alpha * fb
                 cos_sum[i] += _per_example_cos(fm, lin, batch.size).sum(dtype=torch.float64)
-            for i, (mod_a, mod_b, seen_a, seen_b, _) in enumerate(layers.values()):
-                h_a, h_b = seen_a[0], seen_b[0]
+            for i, (n, (mod_a, mod_b)) in enumerate(layers.items()):
+                h_a, h_b = seen[n, 0], seen[n, 1]
                 cross = _weight_only(mod_a, h_b) - _weight_only(mod_b, h_a)
                 comm[i, 0] += cross.double().square().sum()
                 comm[i, 1] += (_weight_only(mod_a, h_a).double().square().sum()
                                + _weight_only(mod_b, h_b).double().square().sum())
             count += batch.size
-    for *_, hooks in layers.values():
-        for h in hooks:
-            h.remove()
     holders = [o[n] for o in (gms[0][1], gms[1][1], obs_m) for n in pts]
     cos_sum, comm, total = distributed.reduce_holders(
         holders, device, [cos_sum, comm, torch.tensor([float(count)], device=device)])
@@ -255,8 +258,8 @@ def _weight_only(module: nn.Module, h: torch.Tensor) -> torch.Tensor:
 
 
 def _commuting_layers(prep: Prepared, gm_a, gm_b) -> dict:
-    """Reset point -> (layer in A's graph, layer in B''s graph, captured inputs) for reset points
-    produced by an nn.Linear / nn.Conv module call (their inputs are captured with hooks)."""
+    """Reset point -> (layer in A's graph, layer in B''s graph) for reset points produced by an
+    nn.Linear / nn.Conv module call (``layer_report`` captures their inputs with ``forward_hooks``)."""
     out = {}
     nodes = {n.name: n for n in gm_a.graph.nodes}
     for r in prep.points:
@@ -267,10 +270,7 @@ def _commuting_layers(prep: Prepared, gm_a, gm_b) -> dict:
         if not isinstance(mod_a, (nn.Linear, nn.modules.conv._ConvNd)) or isinstance(
                 mod_a, nn.modules.conv._ConvTransposeNd):
             continue
-        seen_a, seen_b = [None], [None]
-        hooks = [mod_a.register_forward_pre_hook(lambda m, args, s=seen_a: s.__setitem__(0, args[0].detach())),
-                 mod_b.register_forward_pre_hook(lambda m, args, s=seen_b: s.__setitem__(0, args[0].detach()))]
-        out[r.node] = (mod_a, mod_b, seen_a, seen_b, hooks)
+        out[r.node] = (mod_a, mod_b)
     return out
 
 

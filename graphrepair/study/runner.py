@@ -28,10 +28,10 @@ from torch import nn
 
 from graphrepair.errors import GraphRepairError
 from graphrepair.io.examples import Examples
-from graphrepair.merging.diagnostics import corr_summary
+from graphrepair.merging.diagnostics import check_statistics, corr_summary
 from graphrepair.merging.merge import Prepared, merge_prepared, prepare
 from graphrepair.study.metrics import Curve, alpha_grid, curve, layer_report
-from graphrepair.study.tables import number, percent, text_table
+from graphrepair.study.tables import number, percent, plural, text_table
 
 REPAIR_LABELS = {"exact": "REPAIR", "approx": "REPAIR-approx", "reset": "BN-reset"}
 
@@ -55,6 +55,7 @@ class Study:
     layers: list[dict] = field(default_factory=list)  # per reset point, see layer_rows
     layer_labels: list[str] = field(default_factory=list)  # which curves have layer statistics
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # what the data may not support (diagnostics.check_statistics)
     prep: Prepared | None = field(default=None, repr=False)  # the aligned preparation, for reuse
 
     def curve(self, label: str) -> Curve:
@@ -77,10 +78,21 @@ class Study:
             "endpoints": {k: {"accuracy": a, "loss": lo} for k, (a, lo) in self.endpoints.items()},
             "curves": [c.as_dict() for c in self.curves],
             "layer_alpha": self.layer_alpha if self.layers else None,
-            "layers": self.layers, "notes": self.notes,
+            "layers": self.layers, "notes": self.notes, "warnings": self.warnings,
         }
 
     # -- text ------------------------------------------------------------------------------------
+
+    def headline(self, model: str) -> str:
+        """One line on the path of ``model``: its groups and free channels, the alignment, the examples
+        it read and the matched correlations (mean, min)."""
+        head = (f"path A -> B of {model} ({plural(self.groups, 'group')}, "
+                f"{plural(self.free_channels, 'channel')} may move); "
+                f"{self.method} alignment" + (f" on {self.examples} examples" if self.examples else ""))
+        corr = corr_summary(self.mean_corr)
+        if corr:
+            head += f", mean matched correlation {corr['mean']:.3f} (min {corr['min']:.3f})"
+        return head
 
     def curve_table(self) -> str:
         """Accuracy (%) and loss of every curve at every alpha, with a final barrier row."""
@@ -129,16 +141,18 @@ def _describe(label: str, repair: str | None) -> str:
 def run_study(model_a: nn.Module, model_b: nn.Module, *, fit_data, eval_data, alphas=11,
               method: str = "activation", repair: str | None = "exact", num_examples: int = 5000,
               points: str = "all", layers: bool = False, layer_alpha: float = 0.5,
-              batch_size: int = 256, quiet: bool = True, spec=None, refit: int = 0) -> Study:
+              batch_size: int = 256, quiet: bool = True, spec=None, refit: int = 0, name: str | None = None,
+              see: str | None = None) -> Study:
     """The naive, aligned and (unless ``repair`` is None) REPAIRed curves; see the module text.
     ``refit`` > 0 adds the curve of that repair followed by the least-squares refit.
     ``fit_data`` and ``eval_data`` are given by name (see ``metrics.barrier``); ``spec``: the models'
-    PermutationSpec when already discovered."""
+    PermutationSpec when already discovered; ``name`` and ``see``: how a NoGroupsError names the
+    model and where it sends the reader (``prepare``)."""
     grid = alpha_grid(alphas)
     fit_data = Examples.of(fit_data, num_examples, batch_size)  # one set of examples for both preparations
     naive = prepare([model_a, model_b], fit_data, method=method, statistics=False, align=False,
                     num_examples=num_examples, batch_size=batch_size, points=points, spec=spec,
-                    quiet=quiet)
+                    quiet=quiet, name=name, see=see)
     prep = prepare([model_a, model_b], fit_data, method=method,
                    statistics=repair in ("exact", "approx"), cross=repair == "approx",
                    num_examples=num_examples, batch_size=batch_size, points=points,
@@ -159,6 +173,8 @@ def run_study(model_a: nn.Module, model_b: nn.Module, *, fit_data, eval_data, al
     study = Study(curves=curves, method=method, repair=repair, examples=examples,
                   groups=len(prep.spec.groups), free_channels=prep.spec.num_free,
                   mean_corr=dict(prep.mean_corr), layer_alpha=layer_alpha, notes=notes, prep=prep)
+    if examples:  # fewer examples than the widest group (the merges above raised on all-dead data)
+        study.warnings = check_statistics(0, prep.spec, prep.fit.where, examples)
     if layers:
         kept = {c.label: c.merged[layer_alpha] for c in curves if layer_alpha in c.merged}
         _add_layers(study, prep, repair, layer_alpha, quiet, kept)
