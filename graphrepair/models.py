@@ -233,23 +233,26 @@ def graph_for(spec: PermutationSpec, state: dict[str, torch.Tensor] | nn.Module,
                            own=own and not isinstance(state, nn.Module), device=device).eval()
 
 
-def check_finite(state: dict[str, torch.Tensor], who: str) -> None:
-    """A NumericError naming the first parameter with a NaN or Inf. The sums of all tensors on one
-    device are checked together (one wait for the device instead of one per tensor): a NaN or Inf
-    makes its tensor's sum non-finite, and a sum that overflows only sends the check to the
-    per-tensor test, which then finds nothing."""
+def check_finite(state: dict[str, torch.Tensor], who: str, buffers: frozenset[str] | set[str] = frozenset(),
+                 end: str = "; the model cannot be merged") -> None:
+    """A NumericError naming the first parameter (or, among ``buffers``, buffer) with a NaN or Inf,
+    its message ending with ``end``. The sums of all tensors on one device are checked together
+    (one wait for the device instead of one per tensor): a NaN or Inf makes its tensor's sum
+    non-finite, and a sum that overflows only sends the check to the per-tensor test, which then
+    finds nothing. Complex tensors are checked too."""
     by_device: dict = {}
     for k, t in state.items():
-        if t.is_floating_point() and t.numel():
+        if (t.is_floating_point() or t.is_complex()) and t.numel():
             by_device.setdefault(t.device, []).append((k, t))
     for group in by_device.values():
-        sums = torch.stack([t.detach().sum(dtype=torch.float32 if t.element_size() < 4 else None).float()
-                            for _, t in group])
+        sums = torch.stack([t.detach().sum(dtype=torch.float32 if t.element_size() < 4 and not t.is_complex()
+                                           else None).abs().float() for _, t in group])
         if bool(torch.isfinite(sums).all()):
             continue
         for k, t in group:
             if not torch.isfinite(t).all():
-                raise NumericError(f"{who}: parameter {k!r} contains NaN or Inf; the model cannot be merged")
+                kind = "buffer" if k in buffers else "parameter"
+                raise NumericError(f"{who}: {kind} {k!r} contains NaN or Inf{end}")
 
 
 def with_metadata(state: dict, like: dict) -> dict:

@@ -55,3 +55,24 @@ def test_merged_onnx_verifies_and_adds_only_unfoldable_affines(name, tmp_path):
         want = res.model(big)
     want = want[0] if isinstance(want, (tuple, list)) else want
     np.testing.assert_allclose(got, want.numpy(), rtol=1e-3, atol=1e-4)
+
+
+def test_export_names_a_non_finite_buffer_as_a_buffer(tmp_path):
+    """The export's finiteness check says which kind of tensor holds the NaN (a BatchNorm's running
+    variance is a buffer, not a parameter), non-persistent buffers included, and writes nothing."""
+    import pytest
+    import torch
+    from torch import nn
+
+    import graphrepair as gr
+    from graphrepair.errors import NumericError
+
+    m = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).eval()
+    m[1].running_var[2] = float("nan")
+    with pytest.raises(NumericError, match=r"buffer '1\.running_var' contains NaN or Inf; the exported model"):
+        gr.export_onnx(m, torch.randn(2, 3), tmp_path / "m.onnx")
+    m[1].running_var.fill_(1.0)
+    m.register_buffer("scratch", torch.tensor([float("inf")]), persistent=False)
+    with pytest.raises(NumericError, match=r"buffer 'scratch' contains NaN or Inf"):
+        gr.export_onnx(m, torch.randn(2, 3), tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []

@@ -82,12 +82,9 @@ def op_summary(op_counts: dict[str, int], top: int = 8) -> str:
 def check_finite_model(model: nn.Module) -> None:
     """NumericError naming the first parameter or buffer holding NaN or Inf (the merge's check,
     ``models.check_finite``, with what it means for an export)."""
-    try:
-        check_finite(model.state_dict(), type(model).__name__)
-    except NumericError as e:
-        raise NumericError(str(e).removesuffix("; the model cannot be merged")
-                           + "; the exported model could not be verified (NaN compares equal to NaN); "
-                             "fix the weights") from None
+    buffers = dict(model.named_buffers())  # non-persistent ones too: the exported graph holds them
+    check_finite({**dict(model.named_parameters()), **buffers}, type(model).__name__, buffers=set(buffers),
+                 end="; the exported model could not be verified (NaN compares equal to NaN); fix the weights")
 
 
 def check_finite_outputs(model: nn.Module, inputs) -> None:
