@@ -298,10 +298,6 @@ def test_both_inputs_reach_the_model_in_every_pass():
 
 def test_dict_batches_give_the_model_every_keyword_input():
     a, b = Masked(1), Masked(2)
-    try:
-        gr.discover(a, Inputs.of({"x": X[:2], "mask": X[:2]}))
-    except TypeError:
-        pytest.skip("discovery does not take keyword inputs yet")
     ones = torch.ones_like(X)
     half = (torch.arange(6) < 3).float().expand(40, 6).contiguous()
     merged = [gr.merge(a, b, _masked_batches(m, "dict"), num_examples=40) for m in (ones, half)]
