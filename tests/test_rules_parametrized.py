@@ -143,7 +143,15 @@ def test_spectral_norm_of_a_grouped_conv_is_fixed():
     assert any("spectral_norm" in f.reason for f in spec.fixed)
 
 
-@pytest.mark.parametrize("kind, repair", [(k, r) for k in KNOWN for r in (None, "exact")] + [("double", None)])
+def test_a_merge_with_every_axis_fixed_by_an_unknown_parametrisation_is_refused_with_the_reason():
+    """A parametrisation not known to commute with permutations (w -> 2w) fixes its axes; with no
+    group left, the merge is refused (NoGroupsError, as the CLI does) naming the parametrisation."""
+    net = build("double").eval()
+    with pytest.raises(gr.NoGroupsError, match=r"computed by the parametrisation Double"):
+        gr.merge(net, build("double").eval(), torch.randn(64, 3, 6, 6), repair=None)
+
+
+@pytest.mark.parametrize("kind, repair", [(k, r) for k in KNOWN for r in (None, "exact")])
 def test_merge_with_a_permuted_copy_of_itself_is_the_model(kind, repair):
     """A merge of a parametrised model with a permuted copy of itself is the model, in its class
     with its state-dict keys (before, every merge failed with "This is a discovery bug")."""
