@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import time
+
+import pytest
 import torch
 from torch import nn
 
@@ -135,3 +139,22 @@ class ZeroHead(nn.Module):
 
     def forward(self, x):
         return self.fc2(torch.tanh(self.fc1(x)))
+
+
+def finish_ranks(procs: list[subprocess.Popen], timeout: float, what: str = "") -> list[tuple[int, str, str]]:
+    """(exit status, stdout, stderr) of every process of a multi-process run, all within ``timeout``
+    seconds together; a run that does not end fails the test (``what`` names it), and no process is
+    left behind."""
+    out, deadline = [], time.monotonic() + timeout
+    try:
+        for p in procs:
+            stdout, stderr = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            out.append((p.returncode, stdout, stderr))
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"a two-process run did not end within {timeout} s{what}")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return out

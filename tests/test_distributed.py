@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 from graphrepair import distributed
 from graphrepair.merging.activation_match import tie_safe
 from graphrepair.merging.assign import lap
+from tests.helpers import finish_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 240  # seconds for one two-process run, start-up included (a loaded 2-core machine)
@@ -57,19 +58,7 @@ def launch(args: list[str], cwd: Path, extra_env: dict | None = None, timeout: f
                     "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), **(extra_env or {})})
         procs.append(subprocess.Popen([sys.executable, *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))
-    out, deadline = [], time.monotonic() + timeout
-    try:
-        for p in procs:
-            stdout, stderr = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
-            out.append((p.returncode, stdout, stderr))
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"a two-process run did not end within {timeout} s: {args}")
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    return out
+    return finish_ranks(procs, timeout, f": {args}")
 
 
 @pytest.fixture

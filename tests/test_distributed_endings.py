@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from tests.test_distributed import ROOT, TIMEOUT, _env, _free_port
+from tests.helpers import finish_ranks
 
 TIMEOUT_VALUES = ["garbage", "-5", "0", "nan", "inf", "1e30", ""]
 DATA = '''
@@ -120,19 +121,7 @@ def wait_for_marker(proc: subprocess.Popen, marker: str = "LOADING") -> None:
 
 
 def finish(procs: list[subprocess.Popen]) -> list[tuple[int, str, str]]:
-    out, deadline = [], time.monotonic() + TIMEOUT
-    try:
-        for p in procs:
-            stdout, stderr = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
-            out.append((p.returncode, stdout, stderr))
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"a two-process run did not end within {TIMEOUT} s")
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    return out
+    return finish_ranks(procs, TIMEOUT)
 
 
 def line_of(stderr: str) -> str:
