@@ -8,7 +8,7 @@ group: 12 MLP hidden groups of 3072 units, the residual stream (768) and the att
 (each A unit's match in a random B unit with correlation 0.2-0.9, noise of std 0.1, 3% dead
 units in each model, rounded to the tie grid as ``activation_match.tie_safe`` does), so that the
 solver meets what it meets in a merge. Printed, in one run: the phase solved one after another
-(``lap`` per group, as before) and on ``--threads`` threads (``assign.solve_each``), whether both
+(``lap`` per group, as before) and on ``--threads`` threads (``assign.lap_each``), whether both
 give the same permutations, and the goal of issue 20 (goal 4): <= 3 s on 2 cores.
 """
 
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from graphrepair.merging.activation_match import tie_safe
-from graphrepair.merging.assign import lap, solve_each
+from graphrepair.merging.assign import lap, lap_each
 
 
 def problems(blocks: int, seed: int = 0) -> list[torch.Tensor]:
@@ -52,7 +52,7 @@ def main():
     one = [lap(m) for m in mats]
     t_one = time.perf_counter() - t
     t = time.perf_counter()
-    side = solve_each(lap, mats, args.threads)
+    side = [perm for _, perm in lap_each(mats, args.threads)]
     t_side = time.perf_counter() - t
     same = all(torch.equal(a, b) for a, b in zip(one, side))
     print(f"one after another {t_one:6.2f}s | on {args.threads} threads {t_side:6.2f}s "

@@ -35,12 +35,14 @@ folding come on top of it (best of ``--repeats``, like the ratio).
 
 Both sides are timed in the same process, alternately, best of ``--repeats``; the minor page
 faults of each are printed too. On CPU with glibc's default malloc every activation above the
-mmap threshold (32 MB at most) is a fresh mapping whose pages fault on first touch; how many do
-depends on the heap's history, so it can favour either side. Run once as is and once with
+mmap threshold (32 MB at most) is a fresh mapping whose pages fault on first touch. A graphrepair
+call holds freed memory for reuse while it runs (``graphrepair.runtime.held_memory``); the plain
+passes run as a user's script runs them, with malloc as it is. Run once as is and once with
 
     GLIBC_TUNABLES=glibc.malloc.mmap_threshold=4294967295:glibc.malloc.trim_threshold=4294967295
 
-(memory is reused, no page churn: what jemalloc or tcmalloc give) to see both regimes.
+(memory reused on both sides, no page churn: what jemalloc or tcmalloc give; graphrepair then
+leaves malloc alone) to see both regimes; ``GRAPHREPAIR_MALLOC=system`` turns the holding off.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ import time
 import torch
 
 import graphrepair as gr
+from graphrepair import runtime
 from graphrepair.merging import prepare as merge_module  # where alignment calls the matchers
 from graphrepair.merging.assign import lap
 from graphrepair.merging.merge import merge_prepared
@@ -279,7 +282,8 @@ def main():
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '(unset)')}, {load()}")
+          f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '(unset)')}, "
+          f"memory held during calls: {'yes' if runtime.holds_memory() else 'no'}, {load()}")
     quiet = run_all(args, device)
     if not args.busy:
         return

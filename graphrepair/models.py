@@ -35,6 +35,7 @@ from torch import nn
 
 from passes.modules import eval_mode, full_precision
 
+from graphrepair import runtime
 from graphrepair.errors import GraphRepairError, GraphRepairWarning, MismatchError, NumericError
 
 if TYPE_CHECKING:
@@ -102,7 +103,8 @@ def _labels(name: str, n: int | None, count: int) -> list[str]:
 def user_models(*names: str):
     """Decorator of an API entry point: its arguments ``names`` (a model, or a list or tuple of
     models) are unwrapped, checked (``check_models``) and given back as they came
-    (``given_back``); the function sees the unwrapped models."""
+    (``given_back``); the function sees the unwrapped models. The call runs with CPU memory held
+    for reuse (``runtime.held_memory``)."""
 
     def decorate(fn):
         sig = inspect.signature(fn)
@@ -127,7 +129,7 @@ def user_models(*names: str):
                     continue
                 bound.arguments[name] = v
             check_models(models, labels)
-            with given_back(*models):
+            with given_back(*models), runtime.held_memory():
                 return fn(*bound.args, **bound.kwargs)
 
         return wrapper

@@ -25,21 +25,45 @@ def test_lap_maximises_and_reads_nan_as_zero():
     assert assign.lap(torch.zeros(4, 4)).tolist() == [0, 1, 2, 3]  # ties: the solver's fixed order
 
 
-def test_solve_each_keeps_order_and_answers_on_threads():
+def test_lap_each_keeps_order_and_answers_on_threads(monkeypatch):
     g = torch.Generator().manual_seed(0)
-    mats = [torch.randn(n, n, generator=g) for n in (40, 3, 60, 1, 25, 40)]
+    mats = [torch.randn(n, n, generator=g) for n in (40, 3, 60, 1, 25, 40, 300, 7)]
     seen = set()
+    solve = assign._solve
 
-    def solve(m):
+    def spy(cost):
         seen.add(threading.current_thread().name)
-        return assign.lap(m)
+        return solve(cost)
 
+    monkeypatch.setattr(assign, "_solve", spy)
     one = [assign.lap(m) for m in mats]
     for threads in (1, 2, 4):
-        got = assign.solve_each(solve, mats, threads)
-        assert all(torch.equal(a, b) for a, b in zip(one, got))
-    assert any(name.startswith("graphrepair-lap") for name in seen)  # the pool did run them
-    assert assign.solve_each(assign.lap, [], 2) == []
+        got = list(assign.lap_each(iter(mats), threads))
+        assert [s is m for (s, _), m in zip(got, mats)] == [True] * len(mats)
+        assert all(torch.equal(a, p) for a, (_, p) in zip(one, got))
+    # the chunks holding the 300-row matrix went to the pool; small ones stay in this thread
+    assert any(name.startswith("graphrepair-lap") for name in seen)
+    assert threading.current_thread().name in seen
+    assert list(assign.lap_each([], 2)) == []
+
+
+def test_lap_each_reads_scores_lazily_a_chunk_ahead():
+    made = []
+
+    def scores():
+        for n in range(5):
+            made.append(n)
+            yield torch.eye(3)
+
+    it = assign.lap_each(scores(), threads=2)
+    next(it)
+    assert made == [0, 1]  # one chunk of two made, not the whole model's matrices
+    assert len(list(it)) == 4 and made == [0, 1, 2, 3, 4]
+
+
+def test_workers_follow_torch_threads(monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert assign.workers() == 1
 
 
 def _pair():

@@ -29,7 +29,7 @@ from scipy.optimize import linear_sum_assignment
 
 from graphrepair.discovery import axes as ax
 from graphrepair.discovery.spec import PermutationSpec
-from graphrepair.merging.assign import lap, solve_each
+from graphrepair.merging.assign import lap, lap_each
 
 
 TIE_GRID = 2.0 ** -17
@@ -80,7 +80,7 @@ def activation_perms(spec: PermutationSpec, stats, max_rounds: int = 50,
     perms = wreath_perms(spec, stats)
     done = set(perms)
     # a rounded matrix per group being solved (a model's correlations can take gigabytes: as
-    # many at once as threads solve them, ``assign.solve_each``); kept, as its U x P(U) block,
+    # many at once as threads solve them, ``assign.lap_each``); kept, as its U x P(U) block,
     # only for the groups with units matched without signal
     tied = {}
 
@@ -91,15 +91,11 @@ def activation_perms(spec: PermutationSpec, stats, max_rounds: int = 50,
                 return u, perm[u], r[u][:, perm[u]].cpu()
         return None
 
-    def solve(item):  # one group alone: what it gives does not depend on the other groups
-        g, c = item
-        r = tie_safe(c)
-        perm = lap(r)
-        return perm, ties(g, r, perm)
-
-    alone = [(g, c) for g, c in stats.corr.items() if g not in stats.coupled and g not in done]
-    for (g, _), (perm, t) in zip(alone, solve_each(solve, alone)):
+    # each group alone: what it gives does not depend on the other groups
+    alone = [g for g, c in stats.corr.items() if g not in stats.coupled and g not in done]
+    for g, (r, perm) in zip(alone, lap_each(tie_safe(stats.corr[g]) for g in alone)):
         perms[g] = perm
+        t = ties(g, r, perm)
         if t is not None:
             tied[g] = t
     families, held = spec.wreaths

@@ -28,7 +28,7 @@ import torch
 
 from graphrepair.discovery import axes as ax
 from graphrepair.discovery.spec import PermutationSpec
-from graphrepair.merging.assign import lap, solve_each
+from graphrepair.merging.assign import lap, lap_each
 
 
 def _replicas(t: torch.Tensor, axis: int, pos: torch.Tensor, rows: tuple | None = None) -> torch.Tensor:
@@ -302,7 +302,8 @@ def weight_matching(spec: PermutationSpec, state_a: dict, state_b: dict, *, grou
     best = run(dict(base))
     start = dict(base)
     alone = [name for name in free if name not in coupled]  # each group's start from its own weights
-    start.update(zip(alone, solve_each(lambda name: lap(scores.score(name, {}, _sorted_values)), alone)))
+    start.update(zip(alone, (perm for _, perm in lap_each(scores.score(name, {}, _sorted_values)
+                                                          for name in alone))))
     if all(torch.equal(start[n], best[n]) for n in names):
         return best
     other = run(start)

@@ -1,0 +1,118 @@
+"""CPU memory is held for reuse around API calls (``runtime.held_memory``): large activations land
+on pages already faulted in, instead of a fresh mapping per batch; the free memory is returned
+when the outermost call ends."""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import graphrepair as gr
+from graphrepair import runtime
+
+glibc = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
+
+
+class _Libc:
+    def __init__(self):
+        self.calls = []
+
+    def mallopt(self, param, value):
+        self.calls.append(("mallopt", param, value))
+        return 1
+
+    def malloc_trim(self, pad):
+        self.calls.append(("trim", pad))
+        return 1
+
+
+_PROBE = """
+import resource, torch
+from graphrepair import runtime
+
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+def second_of_two(n=64 << 18):  # 64 MB of float32, allocated and filled twice
+    torch.ones(n).sum()
+    before = faults()
+    torch.ones(n).sum()
+    return faults() - before
+
+outside = second_of_two()
+with runtime.held_memory():
+    inside = second_of_two()
+print(outside, inside, second_of_two())
+"""
+
+
+@glibc
+def test_a_large_block_is_reused_once_memory_is_held():
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "GRAPHREPAIR_MALLOC")}
+    out = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, check=True)
+    outside, inside, after = map(int, out.stdout.split())
+    pages = (64 << 20) // resource.getpagesize()
+    # glibc maps a 64 MB block afresh each time (above its 32 MB ceiling): every page faults; held,
+    # the second block reuses the first one's pages, and the thresholds stay raised after the call
+    assert outside > pages // 2
+    assert inside < pages // 20
+    assert after < pages // 20
+
+
+@glibc
+def test_nothing_is_held_when_the_user_opts_out():
+    env = {**os.environ, "GRAPHREPAIR_MALLOC": "system"}
+    env.pop("GLIBC_TUNABLES", None)
+    out = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, check=True)
+    pages = (64 << 20) // resource.getpagesize()
+    assert all(int(v) > pages // 2 for v in out.stdout.split())
+
+
+def test_thresholds_are_raised_once_for_nested_calls_and_memory_trimmed_after(monkeypatch):
+    libc = _Libc()
+    monkeypatch.setattr(runtime, "_glibc", lambda: libc)
+    with runtime.held_memory():
+        with runtime.held_memory():
+            pass
+        assert libc.calls == [("mallopt", -3, 1 << 30), ("mallopt", -1, 1 << 30)]
+    assert libc.calls[2:] == [("trim", 0)]
+    assert runtime._depth == 0
+
+
+def test_set_back_when_the_call_raises(monkeypatch):
+    libc = _Libc()
+    monkeypatch.setattr(runtime, "_glibc", lambda: libc)
+    with pytest.raises(gr.GraphRepairError):
+        gr.merge_models([nn.Linear(3, 3), nn.Conv2d(3, 3, 1)], torch.randn(4, 3))
+    assert [c[0] for c in libc.calls] == ["mallopt", "mallopt", "trim"]
+    assert runtime._depth == 0
+
+
+@pytest.mark.parametrize("env", [{"GRAPHREPAIR_MALLOC": "system"},
+                                 {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=0"}])
+def test_the_users_choice_stands(monkeypatch, env):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert runtime._glibc() is None
+
+
+def test_every_api_call_holds_memory(monkeypatch):
+    libc = _Libc()
+    monkeypatch.setattr(runtime, "_glibc", lambda: libc)
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+    b = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+    x = torch.randn(64, 6)
+    merged = gr.merge(a, b, x)
+    assert [c[0] for c in libc.calls] == ["mallopt", "mallopt", "trim"]
+    # what the merge computes does not depend on the allocator
+    monkeypatch.setattr(runtime, "_glibc", lambda: None)
+    again = gr.merge(a, b, x)
+    assert torch.equal(merged(x), again(x))
