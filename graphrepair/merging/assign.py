@@ -64,52 +64,51 @@ def _blocks(n: int) -> Iterator[slice]:
     return (slice(a, min(a + BLOCK_ROWS, n)) for a in range(0, n, BLOCK_ROWS))
 
 
-def _scan(t: torch.Tensor):
-    """One pass: (row minima, row maxima, column maxima, all-zero columns) of ``t``, or None when
+def _scan(s: np.ndarray):
+    """One pass: (row minima, row maxima, column maxima, all-zero columns) of ``s``, or None when
     an entry is off the grid."""
-    n = t.shape[0]
-    lo, hi = torch.empty(n, dtype=t.dtype), torch.empty(n, dtype=t.dtype)
-    col_hi = torch.full((n,), -float("inf"), dtype=t.dtype)
-    zero_cols = torch.ones(n, dtype=torch.bool)
-    buf = torch.empty(min(BLOCK_ROWS, n), n, dtype=t.dtype)
+    n = s.shape[0]
+    lo, hi = np.empty(n), np.empty(n)
+    col_hi = np.full(n, -np.inf)
+    zero_cols = np.ones(n, dtype=bool)
+    buf, rounded = np.empty((min(BLOCK_ROWS, n), n)), np.empty((min(BLOCK_ROWS, n), n))
     for rows in _blocks(n):
-        b, w = t[rows], buf[: rows.stop - rows.start]
-        torch.mul(b, 1.0 / GRID, out=w)
-        if not torch.equal(w, w.round()):
+        b, w, r = s[rows], buf[: rows.stop - rows.start], rounded[: rows.stop - rows.start]
+        np.multiply(b, 1.0 / GRID, out=w)
+        if not np.array_equal(np.rint(w, out=r), w):
             return None
-        torch.amin(b, 1, out=lo[rows])
-        torch.amax(b, 1, out=hi[rows])
-        torch.maximum(col_hi, b.amax(0), out=col_hi)
-        zero_cols &= (b == 0).all(0)
+        b.min(1, out=lo[rows])
+        b.max(1, out=hi[rows])
+        np.maximum(col_hi, b.max(0), out=col_hi)
+        zero_cols &= ~b.any(0)
     return lo, hi, col_hi, zero_cols
 
 
-def _slack(t: torch.Tensor, u: np.ndarray, v: np.ndarray, below: float) -> tuple[np.ndarray, np.ndarray]:
-    """(flat indices, slack) of the entries whose slack u[i] + v[j] - t[i, j] is below ``below``."""
-    n = t.shape[0]
-    u, v = torch.from_numpy(u), torch.from_numpy(v)
-    buf = torch.empty(min(BLOCK_ROWS, n), n, dtype=t.dtype)
+def _slack(s: np.ndarray, u: np.ndarray, v: np.ndarray, below: float) -> tuple[np.ndarray, np.ndarray]:
+    """(flat indices, slack) of the entries whose slack u[i] + v[j] - s[i, j] is below ``below``."""
+    n = s.shape[0]
+    buf = np.empty((min(BLOCK_ROWS, n), n))
     found, slack = [], []
     for rows in _blocks(n):
         w = buf[: rows.stop - rows.start]
-        torch.add(u[rows, None], v[None, :], out=w)
-        w.sub_(t[rows])
-        idx = (w < below).view(-1).nonzero().view(-1)
-        slack.append(w.view(-1)[idx])
+        np.add(u[rows, None], v[None, :], out=w)
+        w -= s[rows]
+        idx = np.flatnonzero(w < below)
+        slack.append(w.ravel()[idx])
         found.append(idx + rows.start * n)
-    return torch.cat(found).numpy(), torch.cat(slack).numpy()
+    return np.concatenate(found), np.concatenate(slack)
 
 
-def _band(t: torch.Tensor, hi: torch.Tensor, col_hi: torch.Tensor, band: float) -> np.ndarray:
+def _band(s: np.ndarray, hi: np.ndarray, col_hi: np.ndarray, band: float) -> np.ndarray:
     """Flat indices of the entries within ``band`` of their row's maximum or their column's."""
-    n = t.shape[0]
+    n = s.shape[0]
     found = []
     for rows in _blocks(n):
-        b = t[rows]
+        b = s[rows]
         mask = b > (hi[rows] - band)[:, None]
         mask |= b > (col_hi - band)[None, :]
-        found.append(mask.view(-1).nonzero().view(-1) + rows.start * n)
-    return torch.cat(found).numpy()
+        found.append(np.flatnonzero(mask) + rows.start * n)
+    return np.concatenate(found)
 
 
 def _potentials(s: np.ndarray, r: np.ndarray, c: np.ndarray, perm: np.ndarray):
@@ -155,10 +154,9 @@ def _certified(s: np.ndarray) -> np.ndarray | None:
     n, m = s.shape
     if n != m or n < CERTIFIED_ROWS:
         return None
-    t = torch.from_numpy(s)
-    if not bool((t[0] * (1.0 / GRID)).frac().eq(0).all()):  # off the grid: out at once
-        return None
-    scan = _scan(t)
+    if not np.array_equal(np.rint(s[0] * (1.0 / GRID)), s[0] * (1.0 / GRID)):
+        return None  # a first row off the grid: out at once
+    scan = _scan(s)
     if scan is None:
         return None
     lo, hi, col_hi, zero_cols = scan
@@ -173,7 +171,7 @@ def _certified(s: np.ndarray) -> np.ndarray | None:
     # a band twice as wide when these hold no perfect matching
     band = BAND * GRID
     for _ in range(2):
-        key = _band(t, hi, col_hi, band)
+        key = _band(s, hi, col_hi, band)
         if len(key) > MAX_CANDIDATES * n:
             return None
         perm = _match(s, key, top)
@@ -193,7 +191,7 @@ def _certified(s: np.ndarray) -> np.ndarray | None:
         if duals is None:
             return None
         u, v = duals
-        check, slack = _slack(t, u, v, near)
+        check, slack = _slack(s, u, v, near)
         i, j = np.divmod(check, n)
         if (slack >= 0).all():  # >= 0 on every entry: P is optimal
             break
@@ -247,17 +245,12 @@ def lap_each(scores: Iterable[torch.Tensor], threads: int | None = None
             if not chunk:
                 return
             costs = [_as_cost(s) for s in chunk]
-            perms = [_certified(c) for c in costs]  # its torch ops in this thread
-            perms = [None if p is None else torch.as_tensor(p, dtype=torch.long) for p in perms]
-            left = [i for i, p in enumerate(perms) if p is None]
-            if threads > 1 and len(left) > 1 and max(costs[i].shape[0] for i in left) >= PARALLEL_ROWS:
+            if threads > 1 and len(chunk) > 1 and max(c.shape[0] for c in costs) >= PARALLEL_ROWS:
                 if pool is None:
                     pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="graphrepair-lap")
-                for i, p in zip(left, pool.map(_solve, [costs[i] for i in left])):
-                    perms[i] = p
+                perms = list(pool.map(_solve_any, costs))
             else:
-                for i in left:
-                    perms[i] = _solve(costs[i])
+                perms = [_solve_any(c) for c in costs]
             yield from zip(chunk, perms)
     finally:
         if pool is not None:
