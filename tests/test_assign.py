@@ -218,3 +218,8 @@ def test_certified_path_keeps_the_merge_permutations(monkeypatch, method):
     assert found[8].keys() == found[10 ** 9].keys()
     for g in found[8]:
         assert torch.equal(found[8][g], found[10 ** 9][g]), g
+
+
+def test_certified_grid_is_the_tie_grid():
+    from graphrepair.merging.activation_match import TIE_GRID
+    assert assign.GRID == TIE_GRID

@@ -2,10 +2,13 @@
 
 One solver for every matcher (activation matching, weight matching): scipy's
 ``linear_sum_assignment`` on a float64 copy, NaN and infinities read as 0 (``lap``).
-Independent problems (one per group) go through ``lap_each``: their matrices are made by the
+A wide matrix on the tie grid whose optimum can be proved the only one is solved without scipy's
+run (the certified path, below): the same permutation, several times faster. Independent
+problems (one per group) go through ``lap_each``: their matrices are made by the
 caller, in the caller's thread (every torch op of a merge runs there, so the process keeps one
-heap and torch's own thread pool), and only scipy's solver, which releases the GIL, runs on
-worker threads, for matrices large enough to pay for it. Each problem's answer does not depend
+heap and torch's own thread pool), and only the solvers (scipy's, which releases the GIL, and
+the certified path's numpy and scipy calls) run on worker threads, for matrices large enough
+to pay for it. Each problem's answer does not depend
 on the others', so the permutations are the same as one after another.
 
 Why scipy and not lapx's ``lapjv``/``lapjvs`` (measured here, 3072 x 3072 float64 matrices on a
@@ -16,6 +19,27 @@ loaded 2-core machine; ``benchmarks/bench_assign.py``): lapjv is faster on matri
 matrix does not give the identity), which moves what alignment's tie rules rely on (the
 solver's fixed order on the rounded matrix, the weights' tie-break; activation_match.py);
 lapjvs also solves in float32 by default, which does not keep the rounding grid's sums exact.
+
+A certified path (``_certified``, wide square matrices on activation matching's tie grid:
+multiples of GRID = 2^-17 with |s| n < 2^30, so that every sum below is exact in float64). For a
+permutation P and duals u, v with slack(i, j) = u_i + v_j - s_ij >= 0 everywhere and 0 on P:
+
+    sum_i s[i, Q(i)] = sum u + sum v - sum_i slack(i, Q(i)) <= sum_i s[i, P(i)]   for every Q,
+
+so P is optimal, and an optimal Q has slack 0 on each of its entries. Another optimum exists
+exactly when the tight entries off P (slack 0) hold an alternating cycle: the graph on rows with
+an edge i -> P^-1(j) for each such (i, j) has a strongly connected component of two rows or more.
+When there is none, P is the only optimum, and scipy (exact on such matrices: it only adds and
+subtracts their entries) returns it: the same permutation, without scipy's run. P and (u, v) are
+found cheaply: the entries within BAND of their row's or their column's maximum are candidates,
+the sparse solver (``min_weight_full_bipartite_matching``) solves them, the duals are shortest
+distances (Bellman-Ford) in the graph of the constraints v[P(i)] <= v[j] + s[i, P(i)] - s[i, j],
+and the slack of every entry is checked in row blocks; entries with negative slack (and those
+within NEAR) join the candidates for another round. Where this proves nothing (ties: two dead
+units, whose all-zero rows can be exchanged, or equal rows; off the grid; too many candidates or
+rounds), scipy decides as before. On ties its own choice is what alignment's tie rules build on,
+and only its run gives it: it spreads dead units over the free columns in the order of its
+augmenting paths, not in a fixed order that could be reproduced without it.
 """
 
 from __future__ import annotations
@@ -34,16 +58,17 @@ from scipy.sparse.csgraph import connected_components, min_weight_full_bipartite
 # about a millisecond, less than handing it to a worker and waking it
 PARALLEL_ROWS = 256
 
-# the certified path (``_certified``): square matrices of this many rows or more, on this grid
-# (``activation_match.TIE_GRID``); candidates: each row's and each column's largest entries;
-# rounds adding what broke the certificate (and what lies within NEAR grid steps of it)
+# the certified path (``_certified``, module doc): square matrices of this many rows or more, on
+# this grid (``activation_match.TIE_GRID``); candidates: the entries within BAND grid steps of their
+# row's or column's maximum, at most MAX_CANDIDATES a row; at most CERTIFIED_ROUNDS rounds, each
+# adding the entries that broke the certificate and those within NEAR grid steps of it
 CERTIFIED_ROWS = 1024
 GRID = 2.0 ** -17
 MAX_CANDIDATES = 64
 CERTIFIED_ROUNDS = 6
 NEAR = 6554  # 0.05 in correlation units
 BAND = 13107  # 0.1
-POTENTIAL_ROUNDS = 1000
+POTENTIAL_ROUNDS = 300
 BLOCK_ROWS = 128
 
 
@@ -84,16 +109,20 @@ def _scan(s: np.ndarray):
     return lo, hi, col_hi, zero_cols
 
 
-def _slack(s: np.ndarray, u: np.ndarray, v: np.ndarray, below: float) -> tuple[np.ndarray, np.ndarray]:
-    """(flat indices, slack) of the entries whose slack u[i] + v[j] - s[i, j] is below ``below``."""
+def _slack(s: np.ndarray, u: np.ndarray, v: np.ndarray, below: float):
+    """(flat indices, slack) of the entries whose slack u[i] + v[j] - s[i, j] is below ``below``;
+    None when there are more than ``MAX_CANDIDATES`` a row."""
     n = s.shape[0]
     buf = np.empty((min(BLOCK_ROWS, n), n))
-    found, slack = [], []
+    found, slack, count = [], [], 0
     for rows in _blocks(n):
         w = buf[: rows.stop - rows.start]
         np.add(u[rows, None], v[None, :], out=w)
         w -= s[rows]
         idx = np.flatnonzero(w < below)
+        count += len(idx)
+        if count > MAX_CANDIDATES * n:
+            return None
         slack.append(w.ravel()[idx])
         found.append(idx + rows.start * n)
     return np.concatenate(found), np.concatenate(slack)
@@ -191,7 +220,10 @@ def _certified(s: np.ndarray) -> np.ndarray | None:
         if duals is None:
             return None
         u, v = duals
-        check, slack = _slack(s, u, v, near)
+        found = _slack(s, u, v, near)
+        if found is None:
+            return None
+        check, slack = found
         i, j = np.divmod(check, n)
         if (slack >= 0).all():  # >= 0 on every entry: P is optimal
             break
@@ -235,7 +267,8 @@ def lap_each(scores: Iterable[torch.Tensor], threads: int | None = None
     """``(score, lap(score))`` for each score, in order. ``scores`` is read lazily in the
     caller's thread, at most ``threads`` matrices ahead (a model's correlations can take
     gigabytes: they are never all held); the solver runs side by side on that many threads when
-    a matrix has ``PARALLEL_ROWS`` rows or more, in the caller's thread otherwise."""
+    a matrix has ``PARALLEL_ROWS`` rows or more, in the caller's thread otherwise (the certified
+    path first where it applies, then scipy; numpy and scipy only, no torch op off this thread)."""
     threads = threads or workers()
     scores = iter(scores)
     pool = None
