@@ -223,3 +223,14 @@ def test_certified_path_keeps_the_merge_permutations(monkeypatch, method):
 def test_certified_grid_is_the_tie_grid():
     from graphrepair.merging.activation_match import TIE_GRID
     assert assign.GRID == TIE_GRID
+
+
+def test_certified_when_the_candidates_are_the_optimum_alone(small_certified):
+    # each unit's match far above everything else: the first candidates are P itself
+    n = 100
+    s = np.full((n, n), -0.5)
+    p = np.random.default_rng(2).permutation(n)
+    s[np.arange(n), p] = 0.875  # on the grid
+    s[3, 7] = s[3, 7] - assign.GRID  # not quite constant off P
+    got = assign._certified(s)
+    assert got is not None and np.array_equal(got, p) and np.array_equal(got, _scipy(s))

@@ -155,9 +155,11 @@ def _potentials(s: np.ndarray, r: np.ndarray, c: np.ndarray, perm: np.ndarray):
     w = s[r, head] - s[r, c]
     order = np.argsort(head, kind="stable")
     head, tail, w = head[order], c[order], w[order]
+    v = np.zeros(n)
+    if len(head) == 0:  # the candidates are P itself
+        return s[np.arange(n), perm], v
     starts = np.flatnonzero(np.r_[True, head[1:] != head[:-1]])
     heads = head[starts]
-    v = np.zeros(n)
     for _ in range(POTENTIAL_ROUNDS):
         best = np.minimum(v[heads], np.minimum.reduceat(v[tail] + w, starts))
         if np.array_equal(best, v[heads]):
