@@ -90,8 +90,8 @@ def _blocks(n: int) -> Iterator[slice]:
 
 
 def _scan(s: np.ndarray):
-    """One pass: (row minima, row maxima, column maxima, all-zero columns) of ``s``, or None when
-    an entry is off the grid."""
+    """One pass: (row minima, row maxima, column maxima, all-zero columns) of ``s``, or None as
+    soon as an entry is off the grid or two rows are all zero."""
     n = s.shape[0]
     lo, hi = np.empty(n), np.empty(n)
     col_hi = np.full(n, -np.inf)
@@ -104,6 +104,8 @@ def _scan(s: np.ndarray):
             return None
         b.min(1, out=lo[rows])
         b.max(1, out=hi[rows])
+        if int(((lo[: rows.stop] == 0) & (hi[: rows.stop] == 0)).sum()) > 1:
+            return None
         np.maximum(col_hi, b.max(0), out=col_hi)
         zero_cols &= ~b.any(0)
     return lo, hi, col_hi, zero_cols
@@ -191,8 +193,8 @@ def _certified(s: np.ndarray) -> np.ndarray | None:
     if scan is None:
         return None
     lo, hi, col_hi, zero_cols = scan
-    if int(((lo == 0) & (hi == 0)).sum()) > 1 or int(zero_cols.sum()) > 1:
-        return None  # two all-zero rows (columns) can be exchanged: ties, the solver's order decides
+    if int(zero_cols.sum()) > 1:
+        return None  # two all-zero columns (rows: ``_scan``) can be exchanged: ties, scipy's order decides
     if not max(float(hi.max()), -float(lo.min())) * n < 2.0 ** 30:
         return None  # every sum below (of a few n entries) exact in float64
     near = NEAR * GRID
