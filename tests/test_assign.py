@@ -234,3 +234,10 @@ def test_certified_when_the_candidates_are_the_optimum_alone(small_certified):
     s[3, 7] = s[3, 7] - assign.GRID  # not quite constant off P
     got = assign._certified(s)
     assert got is not None and np.array_equal(got, p) and np.array_equal(got, _scipy(s))
+
+
+def test_certified_at_another_scale(small_certified):
+    # correlations ten times smaller (the first band holds whole rows): a narrower band proves it
+    s = tie_safe(torch.as_tensor(_correlations(300, 4) / 10)).numpy()
+    got = assign._certified(s)
+    assert got is not None and np.array_equal(got, _scipy(s))

@@ -35,7 +35,7 @@ found cheaply: the entries within BAND of their row's or their column's maximum 
 the sparse solver (``min_weight_full_bipartite_matching``) solves them, the duals are shortest
 distances (Bellman-Ford) in the graph of the constraints v[P(i)] <= v[j] + s[i, P(i)] - s[i, j],
 and the slack of every entry is checked in row blocks; entries with negative slack (and those
-within NEAR) join the candidates for another round. Where this proves nothing (ties: two dead
+within half the band) join the candidates for another round. Where this proves nothing (ties: two dead
 units, whose all-zero rows can be exchanged, or equal rows; off the grid; too many candidates or
 rounds), scipy decides as before. On ties its own choice is what alignment's tie rules build on,
 and only its run gives it: it spreads dead units over the free columns in the order of its
@@ -60,14 +60,14 @@ PARALLEL_ROWS = 256
 
 # the certified path (``_certified``, module doc): square matrices of this many rows or more, on
 # this grid (``activation_match.TIE_GRID``); candidates: the entries within BAND grid steps of their
-# row's or column's maximum, at most MAX_CANDIDATES a row; at most CERTIFIED_ROUNDS rounds, each
-# adding the entries that broke the certificate and those within NEAR grid steps of it
+# row's or column's maximum (narrower or wider as needed), at most MAX_CANDIDATES a row; at most
+# CERTIFIED_ROUNDS rounds, each adding the entries that broke the certificate and those within
+# half that band of it
 CERTIFIED_ROWS = 1024
 GRID = 2.0 ** -17
 MAX_CANDIDATES = 64
 CERTIFIED_ROUNDS = 6
-NEAR = 6554  # 0.05 in correlation units
-BAND = 13107  # 0.1
+BAND = 13107  # 0.1 in correlation units
 POTENTIAL_ROUNDS = 300
 BLOCK_ROWS = 128
 
@@ -197,22 +197,24 @@ def _certified(s: np.ndarray) -> np.ndarray | None:
         return None  # two all-zero columns (rows: ``_scan``) can be exchanged: ties, scipy's order decides
     if not max(float(hi.max()), -float(lo.min())) * n < 2.0 ** 30:
         return None  # every sum below (of a few n entries) exact in float64
-    near = NEAR * GRID
     top = float(hi.max()) + 1.0  # weights top - s > 0: the sparse solver minimises
     # first duals: u = the row maxima, v = 0 (slack max_i - s[i, j] >= 0); the candidates: every
     # entry within ``band`` of its row's maximum (so off them, slack >= band), and of its column's;
-    # a band twice as wide when these hold no perfect matching
-    band = BAND * GRID
-    for _ in range(2):
+    # a band a quarter as wide where that is too many (a matrix of a smaller scale), twice as
+    # wide where these hold no perfect matching
+    band, perm = BAND * GRID, None
+    for _ in range(4):
         key = _band(s, hi, col_hi, band)
         if len(key) > MAX_CANDIDATES * n:
-            return None
+            band /= 4
+            continue
         perm = _match(s, key, top)
         if perm is not None:
             break
         band *= 2
-    else:
+    if perm is None:
         return None
+    near = band / 2
     arange = np.arange(n)
     for _ in range(CERTIFIED_ROUNDS):
         if perm is None:
