@@ -195,7 +195,8 @@ def test_certified_only_on_the_grid(small_certified):
 
 
 def test_lap_each_takes_the_certified_path_and_gives_scipys(small_certified, monkeypatch):
-    mats = [_correlations(n, seed, dead=d) for seed, (n, d) in enumerate([(300, 0.0), (300, 0.05), (40, 0.0), (500, 0.0)])]
+    sizes = [(300, 0.0), (300, 0.05), (40, 0.0), (500, 0.0)]
+    mats = [_correlations(n, seed, dead=d) for seed, (n, d) in enumerate(sizes)]
     solved = []
     solve = assign._solve
     monkeypatch.setattr(assign, "_solve", lambda c: solved.append(c.shape[0]) or solve(c))

@@ -35,9 +35,9 @@ found cheaply: the entries within BAND of their row's or their column's maximum 
 the sparse solver (``min_weight_full_bipartite_matching``) solves them, the duals are shortest
 distances (Bellman-Ford) in the graph of the constraints v[P(i)] <= v[j] + s[i, P(i)] - s[i, j],
 and the slack of every entry is checked in row blocks; entries with negative slack (and those
-within half the band) join the candidates for another round. Where this proves nothing (ties: two dead
-units, whose all-zero rows can be exchanged, or equal rows; off the grid; too many candidates or
-rounds), scipy decides as before. On ties its own choice is what alignment's tie rules build on,
+within half the band) join the candidates for another round. Where this proves nothing (ties:
+two dead units, whose all-zero rows can be exchanged, or equal rows; off the grid; too many
+candidates or rounds), scipy decides as before. On ties its own choice is what alignment's tie rules build on,
 and only its run gives it: it spreads dead units over the free columns in the order of its
 augmenting paths, not in a fixed order that could be reproduced without it.
 """
@@ -176,9 +176,12 @@ def _match(s: np.ndarray, key: np.ndarray, top: float) -> np.ndarray | None:
     n = s.shape[0]
     r, c = np.divmod(key, n)
     try:
-        return min_weight_full_bipartite_matching(csr_matrix((top - s[r, c], (r, c)), shape=(n, n)))[1]
+        rows, cols = min_weight_full_bipartite_matching(csr_matrix((top - s[r, c], (r, c)), shape=(n, n)))
     except ValueError:
         return None
+    perm = np.empty(n, np.int64)
+    perm[rows] = cols
+    return perm
 
 
 def _certified(s: np.ndarray) -> np.ndarray | None:
@@ -274,7 +277,7 @@ def lap_each(scores: Iterable[torch.Tensor], threads: int | None = None
     caller's thread, at most ``threads`` matrices ahead (a model's correlations can take
     gigabytes: they are never all held); the solver runs side by side on that many threads when
     a matrix has ``PARALLEL_ROWS`` rows or more, in the caller's thread otherwise (the certified
-    path first where it applies, then scipy; numpy and scipy only, no torch op off this thread)."""
+    path first where it applies, then scipy: numpy and scipy calls only, no torch computation)."""
     threads = threads or workers()
     scores = iter(scores)
     pool = None
