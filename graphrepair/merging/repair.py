@@ -171,7 +171,7 @@ def repair_merged(spec: PermutationSpec, model_a: nn.Module, merged_state: dict[
                   goals: dict[str, tuple], points: list[ResetPoint], *, fit,
                   running: dict[str, tuple] | None = None, quiet: bool = True,
                   keep_unfolded: bool = False, per_batch: list | None = None,
-                  output: str = "class") -> Repaired:
+                  output: str = "class", scale_only: bool = True) -> Repaired:
     """REPAIR the interpolated weights ``merged_state``: a reset after every point, normalising it
     to its ``goals`` (mean, std); the resets' statistics are ``running`` (mean, var) per point
     when given (the closed form), else estimated in one pass of the merged graph over ``fit``
@@ -179,7 +179,8 @@ def repair_merged(spec: PermutationSpec, model_a: nn.Module, merged_state: dict[
     ``batch_goals``, the goals of each batch of the joint pass: during the pass batch t is
     normalised to its own goal (``Reset.set_batch_goal``). ``fit`` (``io.examples.Examples``) gives
     every pass the same batches, so batch t here is batch t of the joint pass. ``output``: "class"
-    or "graph" (the module doc)."""
+    or "graph" (the module doc); ``scale_only=False``: with "class", a reset whose layer has no bias
+    is left out instead of correcting the scale only (for measuring the choice)."""
     if output not in OUTPUTS:
         raise GraphRepairError(f"output must be one of {OUTPUTS}, got {output!r}")
     device = model_device(model_a)
@@ -193,7 +194,7 @@ def repair_merged(spec: PermutationSpec, model_a: nn.Module, merged_state: dict[
         with torch.no_grad():  # the resets' shifts from the example every rank shares
             calibrate(gm, resets(gm).values(), fit.example())
             if output == "class":  # planned on the ranks the resets just saw
-                treated = class_resets(gm)
+                treated = class_resets(gm, scale_only=scale_only)
                 if treated:  # the shifts again, from what the remaining resets now see
                     calibrate(gm, resets(gm).values(), fit.example())
         with distributed.step("the REPAIR pass of the merged model"), torch.no_grad():
@@ -215,7 +216,7 @@ def repair_merged(spec: PermutationSpec, model_a: nn.Module, merged_state: dict[
             found[node].set_running(mean.float(), var.float())
     set_mode(gm, "apply")
     if running is not None and output == "class":
-        treated = class_resets(gm, placeholder_args(gm, fit.example()))
+        treated = class_resets(gm, placeholder_args(gm, fit.example()), scale_only)
     unfolded = copy.deepcopy(gm) if keep_unfolded else None
     # exact: every reset saw data and knows its input's rank; closed form (and a distributed rank,
     # which may have seen no batch): shapes from one example
@@ -226,11 +227,12 @@ def repair_merged(spec: PermutationSpec, model_a: nn.Module, merged_state: dict[
                     list(folded.notes), unfolded, treated)
 
 
-def class_resets(gm: torch.fx.GraphModule, example: tuple | None = None) -> dict[str, str]:
+def class_resets(gm: torch.fx.GraphModule, example: tuple | None = None, scale_only: bool = True) -> dict[str, str]:
     """Make every reset of ``gm`` one that folds into the model's own parameters (output "class",
     see the module doc), in place: scale-only where the producer has no bias for the shift, left out
     where it cannot fold at all. Returns {reset point: what was done}. ``example``: placeholder
-    arguments to learn ranks from (apply mode only; in collect mode each reset's last input tells)."""
+    arguments to learn ranks from (apply mode only; in collect mode each reset's last input tells).
+    ``scale_only=False``: a reset whose layer has no bias is left out too."""
     plan = fold_plan(gm, example)
     modules = {n.name: gm.get_submodule(str(n.target)) for n in gm.graph.nodes if n.name in plan}
     treated, out = {}, []
@@ -238,7 +240,7 @@ def class_resets(gm: torch.fx.GraphModule, example: tuple | None = None) -> dict
         reset = modules[name]
         if kind is None or not isinstance(reset, Reset):
             continue
-        if kind == NEEDS_BIAS:
+        if kind == NEEDS_BIAS and scale_only:
             reset.scale_only = True
             treated[reset.source] = "scale only (the layer has no bias to take the shift)"
         else:
