@@ -40,7 +40,7 @@ import torch
 import torch.nn as nn
 from torch.fx import GraphModule
 
-from passes.base import PassResult, finish, graph_pass, start
+from passes.base import PassResult, annotation, finish, graph_pass, start
 from passes.errors import PassError
 from passes.modules import insert_module_after, inserted_modules, module_device, named_nodes
 from passes.moments import _EXACT, _SMALL, ChannelSums, _split, broadcast_shape
@@ -295,21 +295,21 @@ def insert_resets(gm: GraphModule, points: dict[str, ResetSpec], inplace: bool =
     return PassResult(gm, bool(points), {"resets": len(points)}, [])
 
 
-@graph_pass(in_place=True)
-def remove_resets(gm: GraphModule, points) -> PassResult:
+def remove_resets(gm: GraphModule, points) -> int:
     """Take the resets after the nodes named in ``points`` out of ``gm``'s graph, in place (their
-    users read the node again). counts: {"removed": resets removed}."""
+    users read the node again; the caller's graph, not a pass of its own). Returns how many."""
     points = set(points)
     removed = 0
     for node in list(gm.graph.nodes):
-        module = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
-        if isinstance(module, Reset) and module.source in points:
+        if node.op == "call_module" and annotation(node).get("after") in points \
+                and isinstance(gm.get_submodule(str(node.target)), Reset):
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
             gm.delete_submodule(str(node.target))
             removed += 1
-    finish(gm)
-    return PassResult(gm, removed > 0, {"removed": removed}, [])
+    if removed:
+        finish(gm)
+    return removed
 
 
 def resets(gm: GraphModule) -> dict[str, Reset]:

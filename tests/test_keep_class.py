@@ -94,7 +94,7 @@ def test_what_was_done_to_each_reset():
     assert set(res.treated) == {"embed", "fc1", "fc2", "add"}, res.treated
     assert all(res.treated[k].startswith("scale only") for k in ("embed", "fc1", "fc2"))
     assert res.treated["add"].startswith("left out (its input is the add add")
-    assert any("1 are left out" in n for n in res.notes)
+    assert any("of 4 resets, 3 correct the scale only" in n and "1 are left out" in n for n in res.notes), res.notes
 
 
 def test_bad_output_is_refused():

@@ -32,7 +32,8 @@ from graphrepair.cli.options import (model_option, pair_options, positive, repai
               help="The merged model as ONNX, verified with onnxruntime.")
 @click.option("--no-onnx", is_flag=True, help="Do not write the ONNX file.")
 @click.option("--weights", default=None, metavar="FILE",
-              help="Also the merged state dict as safetensors (only when every reset folded).")
+              help="Also the merged state dict as safetensors (the model's own class: not with --output graph "
+                   "when a REPAIR correction does not fold).")
 @click.option("--out-hf", "out_hf", default=None, metavar="DIR",
               help="Also the merged model with save_pretrained into DIR (a new or empty folder), for Hugging Face "
                    "and diffusers models whose merge keeps their class; from_pretrained is checked first.")

@@ -205,9 +205,11 @@ def _merge_prepared(prep: Prepared, weights: list[float], repair: str | None, qu
         result.treated = done.treated or {}
         if result.treated:
             scaled = sum(v.startswith("scale only") for v in result.treated.values())
-            result.notes.append(f"output='class': {scaled} REPAIR resets correct the scale only (no bias for the "
-                                f"shift), {len(result.treated) - scaled} are left out (they cannot fold into "
-                                f"{type(models[0]).__name__}); output='graph' keeps them in a GraphModule")
+            said = ([f"{scaled} correct the scale only (their layers have no bias for the shift)"] * bool(scaled)
+                    + [f"{len(result.treated) - scaled} are left out (they cannot fold into "
+                       f"{type(models[0]).__name__})"] * bool(len(result.treated) - scaled))
+            result.notes.append(f"REPAIR kept the class (output='class'): of {result.resets} resets, "
+                                f"{' and '.join(said)}; output='graph' keeps every correction in a GraphModule")
         if keep_unfolded:  # the resets as nodes, for checking the fold
             result.unfolded = done.unfolded
             result.goals = {k: (m.detach(), sd.detach()) for k, (m, sd) in goals.items()}

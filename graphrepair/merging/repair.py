@@ -47,6 +47,7 @@ import torch
 import torch.fx
 from torch import nn
 
+from passes.base import annotation
 from passes.fold_affine import NEEDS_BIAS, fold_affines, fold_plan
 from passes.reset import ChannelAffine, Reset, ResetSpec, insert_resets, remove_resets, resets, set_mode
 
@@ -156,8 +157,8 @@ def closed_form_statistics(spec: PermutationSpec, points: list[ResetPoint], stat
 
 @dataclass
 class Repaired:
-    """What the REPAIR step made: the merged model (the user's class when every reset folded),
-    how many resets there were, how many folded, why the others could not be."""
+    """What the REPAIR step made: the merged model (the user's class with output "class", or when
+    every reset folded), how many resets there were, how many folded, why the others could not be."""
 
     model: nn.Module
     resets: int
@@ -234,18 +235,18 @@ def class_resets(gm: torch.fx.GraphModule, example: tuple | None = None, scale_o
     arguments to learn ranks from (apply mode only; in collect mode each reset's last input tells).
     ``scale_only=False``: a reset whose layer has no bias is left out too."""
     plan = fold_plan(gm, example)
-    modules = {n.name: gm.get_submodule(str(n.target)) for n in gm.graph.nodes if n.name in plan}
-    treated, out = {}, []
+    after = {n.name: annotation(n).get("after") for n in gm.graph.nodes if n.name in plan}
+    found, treated, out = resets(gm), {}, []
     for name, kind in plan.items():
-        reset = modules[name]
-        if kind is None or not isinstance(reset, Reset):
+        point = after[name]
+        if kind is None or point is None:  # folds as it is, or no reset of this merge
             continue
         if kind == NEEDS_BIAS and scale_only:
-            reset.scale_only = True
-            treated[reset.source] = "scale only (the layer has no bias to take the shift)"
+            found[point].scale_only = True
+            treated[point] = "scale only (the layer has no bias to take the shift)"
         else:
-            out.append(reset.source)
-            treated[reset.source] = f"left out ({kind})"
+            out.append(point)
+            treated[point] = f"left out ({kind})"
     remove_resets(gm, out)
     return treated
 
