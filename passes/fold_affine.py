@@ -431,8 +431,8 @@ def _fold(gm: GraphModule, candidates: list[Node], write: bool):
         module = get_module(gm, node)
         if write:
             s, t = module.as_affine()
-        else:  # the shift that a reset could have: anything non-zero
-            s, t = torch.ones(_channels(module), dtype=torch.float64), torch.ones(_channels(module), dtype=torch.float64)
+        else:  # the values do not matter to the checks; a shift that a reset could have: non-zero
+            s = t = torch.ones(_channels(module), dtype=torch.float64)
         rank = node_rank(node)
         if rank is None:
             rank = getattr(module, "last_ndim", None)

@@ -8,7 +8,7 @@ Pairs:
 
 * ``vit`` and ``vit_bias``: a small pre-LayerNorm vision transformer (``TinyViT`` below: MNIST
   28x28 in 7x7 patches, 16 tokens + [CLS], width 48, 4 heads, 2 blocks, MLP 96), trained here from
-  seeds 0 and 1 (``--epochs`` of AdamW over the 60,000 training images; about a minute each on
+  seeds 0 and 1 (``--epochs`` of AdamW over the 60,000 training images; a minute or two each on
   one CPU thread, nothing is written). ``vit``'s linear layers have no bias (as LLaMA's, T5's):
   their resets cannot take REPAIR's shift; ``vit_bias``'s do. In both, the resets on the residual
   stream (the adds, read by LayerNorms) cannot fold into one layer.
@@ -178,7 +178,8 @@ def table(results: list[dict]) -> str:
     for r in results:
         for label, v in r["rows"].items():
             treated = f"{v['scale_only']} / {v['left_out']}" if label.startswith("class") else ""
-            lines.append(f"| {r['pair']} | {label} | {v['accuracy']:.2f} | {v['loss']:.4f} | {v['class']} | {treated} |")
+            lines.append(f"| {r['pair']} | {label} | {v['accuracy']:.2f} | {v['loss']:.4f} | {v['class']} "
+                         f"| {treated} |")
     lines.append("")
     for r in results:
         lines.append(f"{r['pair']}: {r['resets']} resets, {r['graph_kept']} not folded into the class by "

@@ -335,3 +335,19 @@ def test_cli_out_hf_works_under_repair_by_default(tmp_path):
     r = run("--out-hf", tmp_path / "graph", "--output", "graph")
     assert r.exit_code == 2 and "GraphModule" in r.output and "drop --output graph" in r.output
     assert not (tmp_path / "graph").exists()
+
+
+def test_a_transformer_comes_back_in_its_class_and_exports(tmp_path):
+    import graphrepair as gr
+    from fixtures.zoo import transformer_tiny
+
+    a, b = pair(transformer_tiny, None)
+    x = torch.randint(0, 64, (64, 12), generator=torch.Generator().manual_seed(3))
+    res = gr.merge_models([a, b], x, num_examples=64, batch_size=32)
+    assert type(res.model) is type(a) and res.kept == []
+    assert res.treated and all(v.startswith("left out (its input is the add") for v in res.treated.values())
+    assert res.model.head.weight is res.model.embed.weight  # the tied weight stays tied
+    report = gr.export_onnx(res.model, (x[:2],), tmp_path / "m.onnx")
+    assert report.max_abs_diff < 1e-4
+    graph = gr.merge_models([a, b], x, num_examples=64, batch_size=32, output="graph")
+    assert isinstance(graph.model, torch.fx.GraphModule) and len(graph.kept) == len(res.treated)
