@@ -259,7 +259,7 @@ def test_merge_unfoldable_weights_is_an_error_and_writes_nothing(work, tmp_path)
     before = {p.name for p in tmp_path.iterdir()}
     result = cli("merge", "--model", f"{work / 'models.py'}:resmlp", "--a", work / "ra.safetensors",
                  "--b", work / "rb.safetensors", "--data", work / "fit.npz", "--num-examples", "300",
-                 "--out", tmp_path / "r.onnx", "--weights", tmp_path / "r.safetensors")
+                 "--out", tmp_path / "r.onnx", "--weights", tmp_path / "r.safetensors", "--output", "graph")
     line = assert_one_line_error(result, "--weights", "2 of the 5 REPAIR resets could not be folded",
                                  "not a ResMLP", "the ONNX file (--out) is the deliverable", "--points conv")
     assert "_gr_reset" in line  # names which resets stayed
@@ -270,7 +270,7 @@ def test_merge_unfoldable_onnx_is_written(work, tmp_path):
     out = tmp_path / "r.onnx"
     result = cli("-q", "merge", "--model", f"{work / 'models.py'}:resmlp", "--a", work / "ra.safetensors",
                  "--b", work / "rb.safetensors", "--data", f"{work / 'models.py'}:fit_batches",
-                 "--num-examples", "300", "--out", out, "--json")
+                 "--num-examples", "300", "--out", out, "--json", "--output", "graph")
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["resets"] == 5 and report["folded"] == 3 and len(report["kept"]) == 2

@@ -74,7 +74,7 @@ def test_merge_writes_save_pretrained_that_loads_back(vit_pair, tmp_path):
 
 def test_out_hf_is_refused_when_the_merge_is_a_graph_module(vit_pair, tmp_path):
     out = tmp_path / "merged"
-    r = cli(*merge_args(vit_pair, "--repair", "exact", "--no-onnx", "--out-hf", out))
+    r = cli(*merge_args(vit_pair, "--repair", "exact", "--no-onnx", "--out-hf", out, "--output", "graph"))
     assert r.exit_code == 2
     if "GraphModule" not in r.output:  # every correction folded: the class came back
         pytest.skip("this merge kept its class")
