@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import click
 
 from graphrepair.cli.common import Session, echo, echo_json, run
@@ -89,20 +91,25 @@ def command(session: Session, model_ref, ckpt_a, ckpt_b, fit_ref, method, num_ex
     from graphrepair.io.export import export_dict, export_onnx
     from graphrepair.io.fileio import atomic_outputs
 
-    with atomic_outputs([onnx_path, weights_path], written=session.written,
-                        writes=is_reporting()) as (tmp_onnx, tmp_weights):
-        if tmp_onnx is not None:
-            export = export_onnx(res.model, fit.example, tmp_onnx)
-        if tmp_weights is not None:
-            from graphrepair.io.fileio import save_safetensors
-            save_safetensors(res.model.state_dict(), tmp_weights, metadata={
-                "graphrepair": "merge", "model": model_ref, "a": str(ckpt_a), "b": str(ckpt_b),
-                "alpha": repr(alpha), "method": method, "repair": repair, "points": points, "refit": str(refit)})
-        if out_hf is not None and is_reporting():  # proved by from_pretrained, then moved into place
+    with contextlib.ExitStack() as stack:
+        place_hf = None
+        if out_hf is not None and is_reporting():  # proved by from_pretrained, placed after the files
+            from graphrepair.io.zoo_refs import staged_pretrained
+            place_hf = stack.enter_context(staged_pretrained(res.model, out_hf, fit.example))
+        with atomic_outputs([onnx_path, weights_path], written=session.written,
+                            writes=is_reporting()) as (tmp_onnx, tmp_weights):
+            if tmp_onnx is not None:
+                export = export_onnx(res.model, fit.example, tmp_onnx)
+            if tmp_weights is not None:
+                from graphrepair.io.fileio import save_safetensors
+                save_safetensors(res.model.state_dict(), tmp_weights, metadata={
+                    "graphrepair": "merge", "model": model_ref, "a": str(ckpt_a), "b": str(ckpt_b),
+                    "alpha": repr(alpha), "method": method, "repair": repair, "points": points,
+                    "refit": str(refit)})
+        if place_hf is not None:  # the files are in place: the folder joins them (one rename)
             from pathlib import Path
 
-            from graphrepair.io.zoo_refs import save_pretrained_verified
-            save_pretrained_verified(res.model, out_hf, fit.example)
+            place_hf()
             session.written.append(Path(out_hf))
     result = res.as_dict()
     warnings = result.pop("warnings")
