@@ -38,14 +38,11 @@ from graphrepair.cli.options import (model_option, pair_options, positive, repai
 def command(session: Session, model_ref, ckpt_a, ckpt_b, fit_ref, method, num_examples, points, alpha, repair,
             refit, refit_examples, out, no_onnx, weights, out_hf, eval_ref, as_json):
     """Align B to A, interpolate, REPAIR and export the merged model."""
-    from graphrepair.cli.inputs import check_files, model_file, with_option
-    from graphrepair.errors import GraphRepairError, OutputError
+    from graphrepair.cli.inputs import check_files, model_file
+    from graphrepair.errors import OutputError
     from graphrepair.merging.merge import check_alpha
 
-    try:
-        check_alpha(alpha)
-    except GraphRepairError as e:
-        raise with_option("--alpha", alpha, e) from e
+    check_alpha(alpha, "--alpha")
     positive(num_examples, "--num-examples")
     sweeps(refit, "--refit")
     positive(refit_examples, "--refit-examples")

@@ -21,7 +21,7 @@ from torch import nn
 from graphrepair import distributed
 from graphrepair.discovery.discover import discover
 from graphrepair.discovery.spec import PermutationSpec
-from graphrepair.errors import GraphRepairError
+from graphrepair.errors import DataError, GraphRepairError
 from graphrepair.merging.checks import check_same_architecture
 from graphrepair.merging.diagnostics import check_statistics
 from graphrepair.merging.weight_match import weight_matching
@@ -76,10 +76,14 @@ class MergeResult:
         }
 
 
-def check_alpha(alpha: float) -> float:
-    """``alpha`` as a float in [0, 1]: any real number (numpy scalars, 0-d tensors and arrays too)."""
-    value = real_number(alpha, "alpha")
+def check_alpha(alpha: float, option: str | None = None) -> float:
+    """``alpha`` as a float in [0, 1]: any real number (numpy scalars, 0-d tensors and arrays too).
+    ``option``: the command-line option it came from (``--alpha``): then a bad value is a
+    DataError led by the option and the value, as every option's is."""
+    value = real_number(alpha, option or "alpha")
     if not 0.0 <= value <= 1.0:  # NaN fails too
+        if option is not None:
+            raise DataError(f"{option} {value!r}: must be in [0, 1] (0 = model A, 1 = model B)")
         raise GraphRepairError(f"alpha must be in [0, 1] (0 = model A, 1 = model B), got {value!r}")
     return value
 
