@@ -32,6 +32,9 @@ whose answer was known):
   solved again.
 - The groups of one sweep that do not read each other (a LLaMA's MLP groups read only the
   stream) have their assignments solved side by side (``assign.lap_each``), in the sweep's order.
+- The sorted start's matrices are near rank one, where the solver's paths run long: it gets them
+  less exact column constants, which keep its answer (``_eased``); their rows are sorted in the
+  weights' own dtype (``_sorted_rows``).
 The permutations are those of the plain descent: the same steps decide the same way (a part sum
 adds the same terms in another order: the last bit of a score may differ, which matters for ties
 only).
