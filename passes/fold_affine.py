@@ -13,7 +13,7 @@ the parameter's dtype):
     BatchNorm    y = gamma * xhat + beta:             gamma' = s * gamma,  beta' = s * beta + t
                  (the conv before it is left alone: architecture and state_dict keys stay)
     Add          y = s * (P1 + P2) + t, each Pi foldable with the add as only user:
-                 scale P1 and P2 by s, shift only P1 by t.
+                 scale P1 and P2 by s, shift only P1 by t (P2 when only P2 has a bias).
 
 Channel axes: linear outputs have their channels on the last axis; conv, conv-transpose and
 batch-norm outputs on axis 1 (axis 0 for an unbatched conv input). The affine's ``dim`` must be
@@ -22,12 +22,15 @@ that axis.
 Each candidate goes through match (``describe_producer``), check (a reason string or None) and
 rewrite. A missing bias is created as a new parameter (reported in ``notes``). Candidates that
 fail a check stay in the graph as one ``ChannelAffine`` each and their reason is recorded as
-``"<node name>: <reason>"``.
+``"<node name>: <reason>"``. ``fold_plan`` tells, changing nothing, what the pass would do with
+each affine (fold, fold but create a bias, or stay and why): a caller that wants the model's own
+parameters only can decide before the affines have their values.
 """
 
 from __future__ import annotations
 
 import operator
+from copy import deepcopy
 from dataclasses import dataclass
 
 import torch
@@ -365,6 +368,8 @@ def _plan(gm: GraphModule, node: Node, dim: int, rank: int | None, channels: int
             plans.append((px, *checked, s, shift))
         if plans[0][0].node is plans[1][0].node:
             return f"both inputs of {src.name} come from {plans[0][0].node.name}"
+        if plans[0][2] is None and plans[1][2] is not None:  # the shift to the input that has a bias
+            plans = [(*plans[0][:4], plans[1][4]), (*plans[1][:4], plans[0][4])]
         return plans
     what = src.format_node() if src.op != "placeholder" else f"the graph input {src.name}"
     return f"its input {what} is not produced by a linear, conv, conv_transpose, batchnorm or an add of them"
@@ -393,30 +398,70 @@ def fold_affines(gm: GraphModule, inplace: bool = False, example_inputs: tuple |
             )
     if example_inputs is not None:
         ShapeProp(gm).propagate(*example_inputs)
-    folded, kept, replaced, notes = 0, 0, 0, []
+    folded, kept, replaced, notes, _ = _fold(gm, candidates, write=True)
+    finish(gm)
+    return PassResult(gm, folded + replaced > 0, {"folded": folded, "kept": kept}, notes)
+
+
+NEEDS_BIAS = "needs a bias"  # fold_plan: it folds, but its shift needs a parameter its producer lacks
+
+
+def fold_plan(gm: GraphModule, example_inputs: tuple | None = None) -> dict[str, str | None]:
+    """What ``fold_affines`` would do with every Reset and ChannelAffine of ``gm``, in any mode,
+    changing nothing (not the parameters, not the graph): {affine node name: None (it folds into
+    existing parameters) | NEEDS_BIAS (it folds, but its non-zero shift would create a bias: a
+    producer has none) | the reason it stays}. The folds are played in graph order on a copy of the
+    graph, as ``fold_affines`` plays them (an earlier fold can make a later one possible).
+    ``example_inputs``: run once to learn ranks (a Reset in collect mode would count them: give
+    none then; each Reset's last input tells its rank)."""
+    if example_inputs is not None:
+        ShapeProp(gm).propagate(*example_inputs)
+    copy = GraphModule(gm, deepcopy(gm.graph))  # the same modules and parameters, another graph
+    candidates = [n for n in copy.graph.nodes
+                  if n.op == "call_module" and isinstance(get_module(copy, n), (Reset, ChannelAffine))]
+    return _fold(copy, candidates, write=False)[4]
+
+
+def _fold(gm: GraphModule, candidates: list[Node], write: bool):
+    """Fold ``candidates`` in order: (folded, kept, replaced, notes, plan as ``fold_plan``).
+    ``write=False``: the graph is edited as the folds would edit it, the parameters are not."""
+    folded, kept, replaced, notes, kinds = 0, 0, 0, [], {}
     storage = storage_names(gm)  # folding rewrites values in place and adds unshared biases only
     for node in candidates:
         module = get_module(gm, node)
-        s, t = module.as_affine()
+        if write:
+            s, t = module.as_affine()
+        else:  # the values do not matter to the checks; a shift that a reset could have: non-zero
+            s = t = torch.ones(_channels(module), dtype=torch.float64)
         rank = node_rank(node)
         if rank is None:
             rank = getattr(module, "last_ndim", None)
         plan = _plan(gm, node, module.dim, rank, int(s.shape[0]), s, t, storage)
         if isinstance(plan, str):
             kept += 1
+            kinds[node.name] = plan
             notes.append(f"{node.name}: {plan}")
-            if isinstance(module, Reset):
+            if write and isinstance(module, Reset):
                 like = module.goal_mean
                 affine = ChannelAffine(s.to(like), t.to(like), dim=module.dim, source=module.source)
                 replace_module(gm, str(node.target), affine)
                 replaced += 1
             continue
+        kinds[node.name] = None
         for p, weight, bias, ps, pt in plan:
+            if not write:
+                if bias is None and bool((pt != 0).any()):
+                    kinds[node.name] = NEEDS_BIAS
+                continue
             for line in scale_producer(gm, p, weight, bias, ps, pt):
                 notes.append(f"{node.name}: {line}")
         node.replace_all_uses_with(node.args[0])
         gm.graph.erase_node(node)
-        gm.delete_submodule(str(node.target))
+        if write:
+            gm.delete_submodule(str(node.target))
         folded += 1
-    finish(gm)
-    return PassResult(gm, folded + replaced > 0, {"folded": folded, "kept": kept}, notes)
+    return folded, kept, replaced, notes, kinds
+
+
+def _channels(module: nn.Module) -> int:
+    return int((module.goal_mean if isinstance(module, Reset) else module.scale).shape[0])

@@ -26,6 +26,10 @@ In apply mode the reset is the per-channel affine map y = scale * x + shift with
 
 (``as_affine()``), which ``fold_affines`` folds into the op producing x, or keeps as a
 ``ChannelAffine`` when it cannot.
+
+A scale-only reset (``scale_only=True``, for a producer with no bias to take a shift) corrects only
+the spread, y_c = x_c / sqrt(v_c + eps) * goal_std_c: scale as above, shift = 0, so that folding it
+rewrites the producer's weight alone.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ import torch
 import torch.nn as nn
 from torch.fx import GraphModule
 
-from passes.base import PassResult, finish, graph_pass, start
+from passes.base import PassResult, annotation, finish, graph_pass, start
 from passes.errors import PassError
 from passes.modules import insert_module_after, inserted_modules, module_device, named_nodes
 from passes.moments import _EXACT, _SMALL, ChannelSums, _split, broadcast_shape
@@ -96,11 +100,13 @@ class Reset(nn.Module):
         goal_mean: torch.Tensor | None = None,
         goal_std: torch.Tensor | None = None,
         source: str = "",
+        scale_only: bool = False,
     ) -> None:
         super().__init__()
         self.dim = dim
         self.eps = eps
         self.source = source
+        self.scale_only = scale_only  # y = scale * x: the mean is left as it is (see the module doc)
         self.mode = "collect"
         self.last_ndim: int | None = None
         goal_mean = torch.zeros(num_channels) if goal_mean is None else goal_mean.detach().clone()
@@ -171,6 +177,8 @@ class Reset(nn.Module):
     def as_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale, shift) in float64 such that apply mode computes y = scale * x + shift."""
         scale = self.goal_std.double() / (self.running_var.double() + self.eps).sqrt()
+        if self.scale_only:
+            return scale, torch.zeros_like(scale)
         shift = self.goal_mean.double() - self.running_mean.double() * scale
         return scale, shift
 
@@ -180,7 +188,7 @@ class Reset(nn.Module):
         if self.mode == "apply":
             # in the buffers' dtype (float64 only for folding, see as_affine)
             scale = self.goal_std * torch.rsqrt(self.running_var + self.eps)
-            shift = self.goal_mean - self.running_mean * scale
+            shift = torch.zeros_like(scale) if self.scale_only else self.goal_mean - self.running_mean * scale
             return x * scale.to(x.dtype).view(shape) + shift.to(x.dtype).view(shape)
         self.last_ndim = x.ndim
         if self.calibrating:  # ``ChannelSums.calibrate``: the shift, nothing counted
@@ -188,10 +196,10 @@ class Reset(nn.Module):
             mean = x.detach().movedim(dim, -1).reshape(-1, x.shape[dim]).double().mean(0)
             var = x.detach().movedim(dim, -1).reshape(-1, x.shape[dim]).double().var(0, correction=0)
             scale = self.goal_std.double() * torch.rsqrt(var + self.eps)
-            shift = self.goal_mean.double() - mean * scale
+            shift = torch.zeros_like(scale) if self.scale_only else self.goal_mean.double() - mean * scale
             return torch.addcmul(shift.to(x.dtype).view(shape), x, scale.to(x.dtype).view(shape))
         goal_mean, goal_std = self.batch_goal or (self.goal_mean, self.goal_std)
-        split = (_split(x, dim) if x.numel() > x.shape[dim] and x.dtype in _EXACT
+        split = (_split(x, dim) if not self.scale_only and x.numel() > x.shape[dim] and x.dtype in _EXACT
                  and (x.is_cuda or x.numel() <= _SMALL) else None)
         if split is not None:
             # BatchNorm's own kernel on x seen as (pre, C, post): the batch's mean and variance
@@ -211,7 +219,7 @@ class Reset(nn.Module):
         self._collected()
         mean, var = self.sums.batch_moments()
         scale = goal_std.double() * torch.rsqrt(var + self.eps)
-        shift = goal_mean.double() - mean * scale
+        shift = torch.zeros_like(scale) if self.scale_only else goal_mean.double() - mean * scale
         return torch.addcmul(shift.to(x.dtype).view(shape), x, scale.to(x.dtype).view(shape))
 
     def raw_totals(self) -> list[torch.Tensor]:
@@ -248,7 +256,8 @@ class Reset(nn.Module):
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def extra_repr(self) -> str:
-        return f"{self.num_channels}, dim={self.dim}, eps={self.eps}, mode={self.mode}, source={self.source!r}"
+        only = ", scale_only=True" if self.scale_only else ""
+        return f"{self.num_channels}, dim={self.dim}, eps={self.eps}, mode={self.mode}{only}, source={self.source!r}"
 
 
 @dataclass(frozen=True)
@@ -259,6 +268,7 @@ class ResetSpec:
     goal_mean: torch.Tensor
     goal_std: torch.Tensor
     eps: float = 1e-5
+    scale_only: bool = False  # correct the spread only (a producer with no bias), see the module doc
 
 
 @graph_pass(in_place=False)
@@ -278,10 +288,28 @@ def insert_resets(gm: GraphModule, points: dict[str, ResetSpec], inplace: bool =
             goal_mean=spec.goal_mean,
             goal_std=spec.goal_std,
             source=name,
+            scale_only=spec.scale_only,
         ).to(device)
         insert_module_after(gm, nodes[name], reset, RESET_PREFIX, "insert_resets")
     finish(gm)
     return PassResult(gm, bool(points), {"resets": len(points)}, [])
+
+
+def remove_resets(gm: GraphModule, points) -> int:
+    """Take the resets after the nodes named in ``points`` out of ``gm``'s graph, in place (their
+    users read the node again; the caller's graph, not a pass of its own). Returns how many."""
+    points = set(points)
+    removed = 0
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and annotation(node).get("after") in points \
+                and isinstance(gm.get_submodule(str(node.target)), Reset):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+            gm.delete_submodule(str(node.target))
+            removed += 1
+    if removed:
+        finish(gm)
+    return removed
 
 
 def resets(gm: GraphModule) -> dict[str, Reset]:

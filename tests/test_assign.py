@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
 import pytest
 import torch
+from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 import graphrepair as gr
 from graphrepair.merging import assign
-from graphrepair.merging.activation_match import activation_perms
+from graphrepair.merging.activation_match import activation_perms, tie_safe
 from graphrepair.merging.weight_match import WeightScores, weight_matching
 
 
@@ -97,3 +99,146 @@ def test_threads_give_the_permutations_of_one_after_another(monkeypatch, method)
     # and what the merge itself found (its solver ran on the pool)
     for g, p in prep.perms[0].items():
         assert torch.equal(p, found[1][g]), g
+
+
+# the certified path (assign._certified): the optimum proved, and proved the only one, else scipy
+
+def _correlations(n, seed, dead=0.0, spread=0.1):
+    """A correlation-like matrix on the tie grid: each A unit's match a random B unit."""
+    rng = np.random.default_rng(seed)
+    s = rng.normal(0.0, spread, (n, n))
+    s[np.arange(n), rng.permutation(n)] += rng.uniform(0.2, 0.9, n)
+    s[rng.random(n) < dead] = 0.0
+    s[:, rng.random(n) < dead] = 0.0
+    return tie_safe(torch.as_tensor(s)).numpy()
+
+
+def _scipy(s):
+    return linear_sum_assignment(s, maximize=True)[1]
+
+
+@pytest.fixture
+def small_certified(monkeypatch):
+    monkeypatch.setattr(assign, "CERTIFIED_ROWS", 16)
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("n,spread", [(64, 0.1), (300, 0.1), (300, 0.3), (1024, 0.1)])
+def test_certified_is_scipys_permutation(small_certified, seed, n, spread):
+    s = _correlations(n, seed, spread=spread)
+    p = assign._certified(s)
+    if spread == 0.1:  # a clear optimum: the path proves it
+        assert p is not None
+    if p is not None:
+        assert np.array_equal(p, _scipy(s))
+    assert np.array_equal(assign.lap(torch.as_tensor(s)).numpy(), _scipy(s))
+
+
+def test_certified_finds_the_optimum_far_from_the_row_maxima(small_certified):
+    # every row's largest entry in column 0: the optimum takes entries far below the row maxima,
+    # which the first candidates (near each row's and column's maximum) miss
+    rng = np.random.default_rng(3)
+    n = 200
+    s = rng.uniform(-0.5, 0.5, (n, n))
+    s[:, 0] = 0.95
+    s[np.arange(n), rng.permutation(n)] += 0.3
+    s = tie_safe(torch.as_tensor(s)).numpy()
+    p = assign._certified(s)
+    assert p is not None and np.array_equal(p, _scipy(s))
+    best = s[np.arange(n), p]
+    assert (best < s.max(1) - 0.2).sum() > n // 2  # most rows away from their maximum
+
+
+def test_certified_refuses_ties(small_certified):
+    n = 200
+    s = _correlations(n, 0)
+    # two dead units (all-zero rows): any exchange of their columns ties
+    dead = s.copy()
+    dead[[5, 9]] = 0.0
+    assert assign._certified(dead) is None
+    dead_cols = s.copy()
+    dead_cols[:, [5, 9]] = 0.0
+    assert assign._certified(dead_cols) is None
+    # two equal rows (units with the same activations): no dead unit, still a tie
+    same = s.copy()
+    same[7] = same[3]
+    assert assign._certified(same) is None
+    # an exchange of equal value between two rows of the optimum: s[a, P(a)] + s[b, P(b)] ==
+    # s[a, P(b)] + s[b, P(a)], the rest untouched
+    p = _scipy(s)
+    tied = s.copy()
+    a, b = 11, 42
+    d = 1310 * assign.GRID  # about 0.01, on the grid
+    tied[a, p[b]] = tied[a, p[a]] - d
+    tied[b, p[a]] = tied[b, p[b]] + d
+    assert assign._certified(tied) is None
+    # a single exchange's loss of one grid step is no tie: proved
+    step = tied.copy()
+    step[a, p[b]] -= assign.GRID
+    got = assign._certified(step)
+    assert got is not None and np.array_equal(got, _scipy(step))
+    # and lap gives scipy's choice on every one of them
+    for m in (dead, dead_cols, same, tied, step):
+        assert np.array_equal(assign.lap(torch.as_tensor(m)).numpy(), _scipy(m))
+
+
+def test_certified_only_on_the_grid(small_certified):
+    s = _correlations(200, 1)
+    assert assign._certified(s) is not None
+    off = s.copy()
+    off[150, 3] += assign.GRID / 3  # one entry off the grid: sums no longer exact
+    assert assign._certified(off) is None
+    assert assign._certified(np.random.default_rng(0).normal(size=(200, 200))) is None
+    assert assign._certified(s[:, :150]) is None  # not square
+    big = s * 2.0 ** 14  # on the grid, but sums too large to be exact
+    assert assign._certified(big) is None
+
+
+def test_lap_each_takes_the_certified_path_and_gives_scipys(small_certified, monkeypatch):
+    sizes = [(300, 0.0), (300, 0.05), (40, 0.0), (500, 0.0)]
+    mats = [_correlations(n, seed, dead=d) for seed, (n, d) in enumerate(sizes)]
+    solved = []
+    solve = assign._solve
+    monkeypatch.setattr(assign, "_solve", lambda c: solved.append(c.shape[0]) or solve(c))
+    got = [p for _, p in assign.lap_each([torch.as_tensor(m) for m in mats], threads=2)]
+    assert all(np.array_equal(p.numpy(), _scipy(m)) for p, m in zip(got, mats))
+    assert got[0].dtype == torch.long
+    assert solved == [300]  # only the one with dead units went to scipy
+
+
+@pytest.mark.parametrize("method", ["activation", "weight"])
+def test_certified_path_keeps_the_merge_permutations(monkeypatch, method):
+    a, b, x = _pair()
+    with torch.no_grad():  # no dead units in B here: the certified path can prove these groups
+        b[2].weight.copy_(torch.randn(48, 48, generator=torch.Generator().manual_seed(5)))
+    found = {}
+    for rows in (10 ** 9, 8):
+        monkeypatch.setattr(assign, "CERTIFIED_ROWS", rows)
+        found[rows] = gr.prepare([a, b], x, num_examples=256, batch_size=64, statistics=False,
+                                 states=False, method=method).perms[0]
+    assert found[8].keys() == found[10 ** 9].keys()
+    for g in found[8]:
+        assert torch.equal(found[8][g], found[10 ** 9][g]), g
+
+
+def test_certified_grid_is_the_tie_grid():
+    from graphrepair.merging.activation_match import TIE_GRID
+    assert assign.GRID == TIE_GRID
+
+
+def test_certified_when_the_candidates_are_the_optimum_alone(small_certified):
+    # each unit's match far above everything else: the first candidates are P itself
+    n = 100
+    s = np.full((n, n), -0.5)
+    p = np.random.default_rng(2).permutation(n)
+    s[np.arange(n), p] = 0.875  # on the grid
+    s[3, 7] = s[3, 7] - assign.GRID  # not quite constant off P
+    got = assign._certified(s)
+    assert got is not None and np.array_equal(got, p) and np.array_equal(got, _scipy(s))
+
+
+def test_certified_at_another_scale(small_certified):
+    # correlations ten times smaller (the first band holds whole rows): a narrower band proves it
+    s = tie_safe(torch.as_tensor(_correlations(300, 4) / 10)).numpy()
+    got = assign._certified(s)
+    assert got is not None and np.array_equal(got, _scipy(s))

@@ -74,7 +74,7 @@ def test_merge_writes_save_pretrained_that_loads_back(vit_pair, tmp_path):
 
 def test_out_hf_is_refused_when_the_merge_is_a_graph_module(vit_pair, tmp_path):
     out = tmp_path / "merged"
-    r = cli(*merge_args(vit_pair, "--repair", "exact", "--no-onnx", "--out-hf", out))
+    r = cli(*merge_args(vit_pair, "--repair", "exact", "--no-onnx", "--out-hf", out, "--output", "graph"))
     assert r.exit_code == 2
     if "GraphModule" not in r.output:  # every correction folded: the class came back
         pytest.skip("this merge kept its class")
@@ -114,3 +114,21 @@ def test_bad_library_names_are_load_errors(ref, words):
 
 def test_other_references_pass_through():
     assert model_from_reference("fixtures.zoo:mlp3") is None
+
+
+def test_out_hf_is_not_left_behind_when_another_output_fails(vit_pair, tmp_path, monkeypatch):
+    """The folder is proved first and placed only after the other outputs are committed: files that
+    fail to commit leave neither the folder nor its temporary copy."""
+    import graphrepair.io.fileio as fileio
+    from graphrepair.errors import OutputError
+
+    def failing(staged):
+        raise OutputError("the files failed to commit here on purpose")
+
+    monkeypatch.setattr(fileio, "_commit_all", failing)
+    out = tmp_path / "merged"
+    r = cli(*merge_args(vit_pair, "--repair", "none", "--no-onnx", "--weights", tmp_path / "m.safetensors",
+                        "--out-hf", out))
+    assert r.exit_code == 2, r.output
+    assert "failed to commit here on purpose" in r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

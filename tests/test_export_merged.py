@@ -30,7 +30,7 @@ def merged_and_counts(name, tmp_path):
         torch.manual_seed(seed)
         models.append(randomize_(entry.factory().eval(), seed=seed))
     x = fit_data(entry)
-    res = gr.merge_models(models, x, num_examples=64, batch_size=32, repair="exact")
+    res = gr.merge_models(models, x, num_examples=64, batch_size=32, repair="exact", output="graph")
     example = x[:2]
     rep_a = gr.export_onnx(models[0], (example,), tmp_path / "a.onnx")
     rep_m = gr.export_onnx(res.model, (example,), tmp_path / "merged.onnx")

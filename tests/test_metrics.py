@@ -122,3 +122,35 @@ def test_evaluate_a_hand_made_classifier():
         accuracy, loss = gr.evaluate(model, TensorDataset(x, y), batch_size=batch_size)
         assert accuracy == 0.75
         assert loss == pytest.approx(want, rel=1e-6)
+
+
+def _scored(n=12, classes=4):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, classes)
+    return model, torch.randn(n, 5)
+
+
+@pytest.mark.parametrize("labels, words", [
+    (lambda n: torch.full((n,), 4), "label 4 is outside the model's 4 classes"),
+    (lambda n: torch.full((n,), -3), "label -3 is outside"),
+    (lambda n: torch.zeros(n, 4), "labels must be class indices (integers), got torch.float32"),
+    (lambda n: torch.zeros(n // 2, dtype=torch.long), "batch 0 has 12 inputs but labels of shape (6,)"),
+])
+def test_evaluate_refuses_labels_that_are_not_the_models_classes(labels, words):
+    model, x = _scored()
+    with pytest.raises(gr.DataError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        gr.evaluate(model, [(x, labels(len(x)))])
+
+
+def test_evaluate_skips_labels_marked_minus_100():
+    model, x = _scored()
+    with torch.no_grad():
+        logits = model(x)
+    y = logits.argmax(1)
+    y_skip = y.clone()
+    y_skip[:4] = -100
+    y_skip[4] = (y[4] + 1) % 4  # one wrong among the 8 scored
+    acc, loss = gr.evaluate(model, [(x, y_skip)])
+    assert acc == pytest.approx(7 / 8)
+    ref = torch.nn.functional.cross_entropy(logits[4:], y_skip[4:])
+    assert loss == pytest.approx(float(ref), rel=1e-6)

@@ -90,8 +90,8 @@ def test_refit_closes_the_gap_repair_leaves(name, one_thread):
 
     a, b, x, test = _shipped(name)
     prep = prepare([a, b], x[:2000], num_examples=2000)
-    exact = evaluate(merge_prepared(prep, [0.5, 0.5], "exact").model, test)[0]
-    res = merge_prepared(prep, [0.5, 0.5], "exact", refit=1)
+    exact = evaluate(merge_prepared(prep, [0.5, 0.5], "exact", output="graph").model, test)[0]
+    res = merge_prepared(prep, [0.5, 0.5], "exact", refit=1, output="graph")
     refit = evaluate(res.model, test)[0]
     assert not res.refit.kept, res.refit.kept
     if name.startswith("resnet"):  # REPAIR's resets at the 7 residual sums with an identity shortcut

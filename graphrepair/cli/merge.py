@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import click
 
 from graphrepair.cli.common import Session, echo, echo_json, run
@@ -17,6 +19,11 @@ from graphrepair.cli.options import (model_option, pair_options, positive, repai
 @click.option("--repair", type=click.Choice(["exact", "approx", "reset", "none"]), default="exact",
               show_default=True, help="exact: reset statistics from a pass of the merged model; approx: "
                                       "closed form; reset: BatchNorm statistics; none: plain interpolation.")
+@click.option("--output", "output", type=click.Choice(["class", "graph"]), default="class", show_default=True,
+              help="What the merge is: class: the model's own class (save_pretrained, --weights), REPAIR limited "
+                   "to the corrections its parameters hold (scale only where a layer has no bias, left out where "
+                   "none can fold, e.g. on a residual stream); graph: every correction, in a torch.fx GraphModule "
+                   "(ONNX only).")
 @click.option("--refit", type=int, default=0, show_default=True, metavar="SWEEPS",
               help="Then refit every Linear, Conv and BatchNorm of the merge by least squares, layer by layer, "
                    "to the interpolation of the endpoints' outputs on the fitting data (1 is usually enough; "
@@ -27,7 +34,8 @@ from graphrepair.cli.options import (model_option, pair_options, positive, repai
               help="The merged model as ONNX, verified with onnxruntime.")
 @click.option("--no-onnx", is_flag=True, help="Do not write the ONNX file.")
 @click.option("--weights", default=None, metavar="FILE",
-              help="Also the merged state dict as safetensors (only when every reset folded).")
+              help="Also the merged state dict as safetensors (the model's own class: not with --output graph "
+                   "when a REPAIR correction does not fold).")
 @click.option("--out-hf", "out_hf", default=None, metavar="DIR",
               help="Also the merged model with save_pretrained into DIR (a new or empty folder), for Hugging Face "
                    "and diffusers models whose merge keeps their class; from_pretrained is checked first.")
@@ -36,16 +44,13 @@ from graphrepair.cli.options import (model_option, pair_options, positive, repai
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @run
 def command(session: Session, model_ref, ckpt_a, ckpt_b, fit_ref, method, num_examples, points, alpha, repair,
-            refit, refit_examples, out, no_onnx, weights, out_hf, eval_ref, as_json):
+            output, refit, refit_examples, out, no_onnx, weights, out_hf, eval_ref, as_json):
     """Align B to A, interpolate, REPAIR and export the merged model."""
-    from graphrepair.cli.inputs import check_files, model_file, with_option
-    from graphrepair.errors import GraphRepairError, OutputError
+    from graphrepair.cli.inputs import check_files, model_file
+    from graphrepair.errors import OutputError
     from graphrepair.merging.merge import check_alpha
 
-    try:
-        check_alpha(alpha)
-    except GraphRepairError as e:
-        raise with_option("--alpha", alpha, e) from e
+    check_alpha(alpha, "--alpha")
     positive(num_examples, "--num-examples")
     sweeps(refit, "--refit")
     positive(refit_examples, "--refit-examples")
@@ -70,7 +75,8 @@ def command(session: Session, model_ref, ckpt_a, ckpt_b, fit_ref, method, num_ex
     eval_set = eval_data(eval_ref, model_a, fit.example, device) if eval_ref else None
     res = merge_models([model_a, model_b], fit.data, weights=[1 - alpha, alpha], method=method, repair=mode,
                        num_examples=fit.examples, points=points, quiet=session.quiet, refit=refit,
-                       refit_examples=refit_examples, name=model_ref, see=f"graphrepair inspect --model {model_ref}")
+                       refit_examples=refit_examples, name=model_ref, see=f"graphrepair inspect --model {model_ref}",
+                       output=output)
     own_class = type(res.model) is type(model_a)
     if weights_path is not None and not own_class:
         raise OutputError(_unfoldable(weights_path, res, type(model_a).__name__, points))
@@ -85,20 +91,25 @@ def command(session: Session, model_ref, ckpt_a, ckpt_b, fit_ref, method, num_ex
     from graphrepair.io.export import export_dict, export_onnx
     from graphrepair.io.fileio import atomic_outputs
 
-    with atomic_outputs([onnx_path, weights_path], written=session.written,
-                        writes=is_reporting()) as (tmp_onnx, tmp_weights):
-        if tmp_onnx is not None:
-            export = export_onnx(res.model, fit.example, tmp_onnx)
-        if tmp_weights is not None:
-            from graphrepair.io.fileio import save_safetensors
-            save_safetensors(res.model.state_dict(), tmp_weights, metadata={
-                "graphrepair": "merge", "model": model_ref, "a": str(ckpt_a), "b": str(ckpt_b),
-                "alpha": repr(alpha), "method": method, "repair": repair, "points": points, "refit": str(refit)})
-        if out_hf is not None and is_reporting():  # proved by from_pretrained, then moved into place
+    with contextlib.ExitStack() as stack:
+        place_hf = None
+        if out_hf is not None and is_reporting():  # proved by from_pretrained, placed after the files
+            from graphrepair.io.zoo_refs import staged_pretrained
+            place_hf = stack.enter_context(staged_pretrained(res.model, out_hf, fit.example))
+        with atomic_outputs([onnx_path, weights_path], written=session.written,
+                            writes=is_reporting()) as (tmp_onnx, tmp_weights):
+            if tmp_onnx is not None:
+                export = export_onnx(res.model, fit.example, tmp_onnx)
+            if tmp_weights is not None:
+                from graphrepair.io.fileio import save_safetensors
+                save_safetensors(res.model.state_dict(), tmp_weights, metadata={
+                    "graphrepair": "merge", "model": model_ref, "a": str(ckpt_a), "b": str(ckpt_b),
+                    "alpha": repr(alpha), "method": method, "repair": repair, "points": points,
+                    "refit": str(refit)})
+        if place_hf is not None:  # the files are in place: the folder joins them (one rename)
             from pathlib import Path
 
-            from graphrepair.io.zoo_refs import save_pretrained_verified
-            save_pretrained_verified(res.model, out_hf, fit.example)
+            place_hf()
             session.written.append(Path(out_hf))
     result = res.as_dict()
     warnings = result.pop("warnings")
@@ -141,8 +152,8 @@ def _not_own_class(out_hf: str, res, class_name: str) -> str:
     return (f"--out-hf {out_hf}: the merged model came back as a {type(res.model).__name__}, not a {class_name} "
             f"({len(res.kept)} REPAIR corrections could not be folded into {class_name}'s own parameters"
             + (f": {kept}" if kept else "") + "), so it has no save_pretrained. Write it with --out (ONNX, "
-            f"the corrections included), or for a {class_name} use --repair reset or none (then --out-hf and "
-            f"--weights work). Nothing was written")
+            f"the corrections included), or for a {class_name} drop --output graph or use --repair reset or none "
+            f"(then --out-hf and --weights work). Nothing was written")
 
 
 def _unfoldable(weights_path, res, class_name: str, points: str) -> str:
@@ -152,7 +163,8 @@ def _unfoldable(weights_path, res, class_name: str, points: str) -> str:
     return (f"--weights {weights_path}: {len(res.kept) or 'some'} of the {res.resets} REPAIR resets could "
             f"not be folded into the weights ({kept or 'resets left as separate affines'}), so the merged "
             f"model is not a {class_name} and has no state dict of that class; the ONNX file "
-            f"(--out) is the deliverable. For a safetensors state dict {remedy}. Nothing was written")
+            f"(--out) is the deliverable. For a safetensors state dict drop --output graph, or {remedy}. "
+            f"Nothing was written")
 
 
 def merge_text(r: dict, eval_ref: str | None) -> str:
@@ -177,6 +189,13 @@ def merge_text(r: dict, eval_ref: str | None) -> str:
             lines.append(f"  kept {k}")
         if len(r["kept"]) > 10:
             lines.append(f"  ... and {len(r['kept']) - 10} more")
+        if r["treated"]:
+            lines.append(f"  {len(r['treated'])} resets could not fold as they were; the merge keeps its class "
+                         f"(--output class; --output graph keeps them all):")
+            for point, what in list(r["treated"].items())[:10]:
+                lines.append(f"  {point}: {what}")
+            if len(r["treated"]) > 10:
+                lines.append(f"  ... and {len(r['treated']) - 10} more")
     elif r["repair"] == "reset":
         lines.append("repair: BatchNorm statistics re-estimated on the merged model")
     else:

@@ -130,8 +130,16 @@ def _get_attr_axes(ctx: Context, node: torch.fx.Node, info: TensorInfo, persiste
     variables (shared by every read). A tensor that is not in the state dict (a buffer registered
     with ``persistent=False``, a plain tensor attribute, a constant the tracer lifted) cannot carry
     a permutation: permutations and merges are applied to state dicts, and the merged model keeps
-    model A's copy of such a tensor. Its axes are fixed, like a model input's."""
+    model A's copy of such a tensor. Its axes are fixed, like a model input's.
+
+    A read that nothing uses (torch.export lifts every parameter, read or not) adds no variables:
+    a parameter the traced forward never reads, such as a mask embedding used only in training
+    (Wav2Vec2's ``masked_spec_embed``, DINOv2's ``mask_token``), stays fixed ("not used by the
+    traced graph") instead of taking a permutation of its own that the stream it joins in the
+    other mode would not share."""
     key = ctx.aliases.get(node.target, node.target)
+    if not node.users:
+        return [Fixed(s, "not used by the traced graph") for s in info.shape]
     if key in persistent:
         return ctx.param(node.target, info.shape)
     reason = (f"'{node.target}' is not in the state dict (a non-persistent buffer or a tensor "

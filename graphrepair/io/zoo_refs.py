@@ -16,10 +16,12 @@ then goes to ``MODULE:FACTORY`` loading. ``save_pretrained_verified`` writes a m
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -168,12 +170,15 @@ def load_pretrained(ref: str, checkpoint: str | os.PathLike) -> nn.Module | None
                               f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from exc
 
 
-def save_pretrained_verified(model: nn.Module, folder: str | os.PathLike, example, *, atol: float = 1e-4) -> float:
-    """``model.save_pretrained`` into ``folder`` (new, or an empty folder), proved first: the saved
-    folder is loaded back with the class's ``from_pretrained`` and its outputs on ``example``
-    compared with ``model``'s (largest absolute difference returned). Written into a temporary
-    folder beside ``folder`` and moved into place only when the outputs agree; OutputError
-    otherwise, and nothing is left behind."""
+@contextlib.contextmanager
+def staged_pretrained(model: nn.Module, folder: str | os.PathLike, example, *,
+                      atol: float = 1e-4) -> Iterator[Callable[[], float]]:
+    """``model.save_pretrained`` into a temporary folder beside ``folder`` (new, or an empty
+    folder), proved: the saved folder is loaded back with the class's ``from_pretrained`` and its
+    outputs on ``example`` compared with ``model``'s; OutputError otherwise. Yields ``place()``,
+    which moves the folder into place and returns the largest absolute difference; a folder not
+    placed when the block ends (another output failed, or the block raised) is removed, so the
+    caller can place it after its other outputs are committed."""
     from graphrepair.discovery.spec import _outputs  # the proof's output reader
     from graphrepair.io.inputs import Inputs
 
@@ -184,6 +189,7 @@ def save_pretrained_verified(model: nn.Module, folder: str | os.PathLike, exampl
     if not parent.is_dir():
         raise OutputError(f"--out-hf {folder}: the folder {parent} does not exist; create it first")
     tmp = tempfile.mkdtemp(prefix=f".{target.name}.", dir=parent)
+    placed = False
     try:
         model.save_pretrained(tmp)
         loaded = type(model).from_pretrained(tmp)
@@ -194,10 +200,23 @@ def save_pretrained_verified(model: nn.Module, folder: str | os.PathLike, exampl
         if len(ref) != len(got) or not worst <= atol + 1e-4 * max(float(a.float().abs().max()) for a in ref):
             raise OutputError(f"--out-hf {folder}: {type(model).__name__}.from_pretrained of the saved folder does "
                               f"not give the merged model's outputs (max abs diff {worst:.3g}); nothing was written")
-        if target.exists():
-            target.rmdir()
-        os.replace(tmp, target)
-        return worst
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+        def place() -> float:
+            nonlocal placed
+            if target.exists():
+                target.rmdir()
+            os.replace(tmp, target)
+            placed = True
+            return worst
+
+        yield place
+    finally:
+        if not placed:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_pretrained_verified(model: nn.Module, folder: str | os.PathLike, example, *, atol: float = 1e-4) -> float:
+    """``staged_pretrained`` placed at once: ``folder`` holds the proved ``save_pretrained`` of
+    ``model``, or nothing is written; the largest absolute difference is returned."""
+    with staged_pretrained(model, folder, example, atol=atol) as place:
+        return place()

@@ -2,10 +2,13 @@
 
 One solver for every matcher (activation matching, weight matching): scipy's
 ``linear_sum_assignment`` on a float64 copy, NaN and infinities read as 0 (``lap``).
-Independent problems (one per group) go through ``lap_each``: their matrices are made by the
+A wide matrix on the tie grid whose optimum can be proved the only one is solved without scipy's
+run (the certified path, below): the same permutation, several times faster. Independent
+problems (one per group) go through ``lap_each``: their matrices are made by the
 caller, in the caller's thread (every torch op of a merge runs there, so the process keeps one
-heap and torch's own thread pool), and only scipy's solver, which releases the GIL, runs on
-worker threads, for matrices large enough to pay for it. Each problem's answer does not depend
+heap and torch's own thread pool), and only the solvers (scipy's, which releases the GIL, and
+the certified path's numpy and scipy calls) run on worker threads, for matrices large enough
+to pay for it. Each problem's answer does not depend
 on the others', so the permutations are the same as one after another.
 
 Why scipy and not lapx's ``lapjv``/``lapjvs`` (measured here, 3072 x 3072 float64 matrices on a
@@ -16,6 +19,27 @@ loaded 2-core machine; ``benchmarks/bench_assign.py``): lapjv is faster on matri
 matrix does not give the identity), which moves what alignment's tie rules rely on (the
 solver's fixed order on the rounded matrix, the weights' tie-break; activation_match.py);
 lapjvs also solves in float32 by default, which does not keep the rounding grid's sums exact.
+
+A certified path (``_certified``, wide square matrices on activation matching's tie grid:
+multiples of GRID = 2^-17 with |s| n < 2^30, so that every sum below is exact in float64). For a
+permutation P and duals u, v with slack(i, j) = u_i + v_j - s_ij >= 0 everywhere and 0 on P:
+
+    sum_i s[i, Q(i)] = sum u + sum v - sum_i slack(i, Q(i)) <= sum_i s[i, P(i)]   for every Q,
+
+so P is optimal, and an optimal Q has slack 0 on each of its entries. Another optimum exists
+exactly when the tight entries off P (slack 0) hold an alternating cycle: the graph on rows with
+an edge i -> P^-1(j) for each such (i, j) has a strongly connected component of two rows or more.
+When there is none, P is the only optimum, and scipy (exact on such matrices: it only adds and
+subtracts their entries) returns it: the same permutation, without scipy's run. P and (u, v) are
+found cheaply: the entries within BAND of their row's or their column's maximum are candidates,
+the sparse solver (``min_weight_full_bipartite_matching``) solves them, the duals are shortest
+distances (Bellman-Ford) in the graph of the constraints v[P(i)] <= v[j] + s[i, P(i)] - s[i, j],
+and the slack of every entry is checked in row blocks; entries with negative slack (and those
+within half the band) join the candidates for another round. Where this proves nothing (ties:
+two dead units, whose all-zero rows can be exchanged, or equal rows; off the grid; too many
+candidates or rounds), scipy decides as before. On ties its own choice is what alignment's tie rules build on,
+and only its run gives it: it spreads dead units over the free columns in the order of its
+augmenting paths, not in a fixed order that could be reproduced without it.
 """
 
 from __future__ import annotations
@@ -27,10 +51,25 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
+from scipy.sparse import csr_matrix
+from scipy.sparse.csgraph import connected_components, min_weight_full_bipartite_matching
 
 # below this many rows a problem is solved in the caller's thread: a 256 x 256 assignment takes
 # about a millisecond, less than handing it to a worker and waking it
 PARALLEL_ROWS = 256
+
+# the certified path (``_certified``, module doc): square matrices of this many rows or more, on
+# this grid (``activation_match.TIE_GRID``); candidates: the entries within BAND grid steps of their
+# row's or column's maximum (narrower or wider as needed), at most MAX_CANDIDATES a row; at most
+# CERTIFIED_ROUNDS rounds, each adding the entries that broke the certificate and those within
+# half that band of it
+CERTIFIED_ROWS = 1024
+GRID = 2.0 ** -17
+MAX_CANDIDATES = 64
+CERTIFIED_ROUNDS = 6
+BAND = 13107  # 0.1 in correlation units
+POTENTIAL_ROUNDS = 300
+BLOCK_ROWS = 128
 
 
 def _as_cost(score: torch.Tensor) -> np.ndarray:
@@ -45,9 +84,181 @@ def _solve(s: np.ndarray) -> torch.Tensor:
     return torch.as_tensor(cols, dtype=torch.long)
 
 
+def _blocks(n: int) -> Iterator[slice]:
+    """Row blocks of ``BLOCK_ROWS``: a pass over the matrix works in a few small buffers."""
+    return (slice(a, min(a + BLOCK_ROWS, n)) for a in range(0, n, BLOCK_ROWS))
+
+
+def _scan(s: np.ndarray):
+    """One pass: (row minima, row maxima, column maxima, all-zero columns) of ``s``, or None as
+    soon as an entry is off the grid or two rows are all zero."""
+    n = s.shape[0]
+    lo, hi = np.empty(n), np.empty(n)
+    col_hi = np.full(n, -np.inf)
+    zero_cols = np.ones(n, dtype=bool)
+    buf, rounded = np.empty((min(BLOCK_ROWS, n), n)), np.empty((min(BLOCK_ROWS, n), n))
+    for rows in _blocks(n):
+        b, w, r = s[rows], buf[: rows.stop - rows.start], rounded[: rows.stop - rows.start]
+        np.multiply(b, 1.0 / GRID, out=w)
+        if not np.array_equal(np.rint(w, out=r), w):
+            return None
+        b.min(1, out=lo[rows])
+        b.max(1, out=hi[rows])
+        if int(((lo[: rows.stop] == 0) & (hi[: rows.stop] == 0)).sum()) > 1:
+            return None
+        np.maximum(col_hi, b.max(0), out=col_hi)
+        zero_cols &= ~b.any(0)
+    return lo, hi, col_hi, zero_cols
+
+
+def _slack(s: np.ndarray, u: np.ndarray, v: np.ndarray, below: float):
+    """(flat indices, slack) of the entries whose slack u[i] + v[j] - s[i, j] is below ``below``;
+    None when there are more than ``MAX_CANDIDATES`` a row."""
+    n = s.shape[0]
+    buf = np.empty((min(BLOCK_ROWS, n), n))
+    found, slack, count = [], [], 0
+    for rows in _blocks(n):
+        w = buf[: rows.stop - rows.start]
+        np.add(u[rows, None], v[None, :], out=w)
+        w -= s[rows]
+        idx = np.flatnonzero(w < below)
+        count += len(idx)
+        if count > MAX_CANDIDATES * n:
+            return None
+        slack.append(w.ravel()[idx])
+        found.append(idx + rows.start * n)
+    return np.concatenate(found), np.concatenate(slack)
+
+
+def _band(s: np.ndarray, hi: np.ndarray, col_hi: np.ndarray, band: float) -> np.ndarray:
+    """Flat indices of the entries within ``band`` of their row's maximum or their column's."""
+    n = s.shape[0]
+    found = []
+    for rows in _blocks(n):
+        b = s[rows]
+        mask = b > (hi[rows] - band)[:, None]
+        mask |= b > (col_hi - band)[None, :]
+        found.append(np.flatnonzero(mask) + rows.start * n)
+    return np.concatenate(found)
+
+
+def _potentials(s: np.ndarray, r: np.ndarray, c: np.ndarray, perm: np.ndarray):
+    """Duals (u, v) of the candidate problem {(r, c)} at its optimum ``perm``, or None.
+
+    v is the shortest distance from a virtual source in the graph of the difference
+    constraints v[P(i)] <= v[j] + s[i, P(i)] - s[i, j] (one edge j -> P(i) per candidate (i, j)),
+    by Bellman-Ford relaxations, and u[i] = s[i, P(i)] - v[P(i)]: then u[i] + v[j] >= s[i, j] on
+    every candidate, with equality on P. None after ``POTENTIAL_ROUNDS`` relaxations (a long
+    chain of distances: the caller falls back to the dense solver)."""
+    n = len(perm)
+    off = c != perm[r]
+    r, c = r[off], c[off]
+    head = perm[r]
+    w = s[r, head] - s[r, c]
+    order = np.argsort(head, kind="stable")
+    head, tail, w = head[order], c[order], w[order]
+    v = np.zeros(n)
+    if len(head) == 0:  # the candidates are P itself
+        return s[np.arange(n), perm], v
+    starts = np.flatnonzero(np.r_[True, head[1:] != head[:-1]])
+    heads = head[starts]
+    for _ in range(POTENTIAL_ROUNDS):
+        best = np.minimum(v[heads], np.minimum.reduceat(v[tail] + w, starts))
+        if np.array_equal(best, v[heads]):
+            return s[np.arange(n), perm] - v[perm], v
+        v[heads] = best
+    return None
+
+
+def _match(s: np.ndarray, key: np.ndarray, top: float) -> np.ndarray | None:
+    """The optimal assignment of ``s`` among the entries ``key`` (flat indices), None if these
+    hold no perfect matching."""
+    n = s.shape[0]
+    r, c = np.divmod(key, n)
+    try:
+        rows, cols = min_weight_full_bipartite_matching(csr_matrix((top - s[r, c], (r, c)), shape=(n, n)))
+    except ValueError:
+        return None
+    perm = np.empty(n, np.int64)
+    perm[rows] = cols
+    return perm
+
+
+def _certified(s: np.ndarray) -> np.ndarray | None:
+    """The assignment of ``s`` when it is the only optimal one, proved; None when that cannot be
+    shown (then ``linear_sum_assignment`` decides). See the module doc, "A certified path"."""
+    n, m = s.shape
+    if n != m or n < CERTIFIED_ROWS:
+        return None
+    if not np.array_equal(np.rint(s[0] * (1.0 / GRID)), s[0] * (1.0 / GRID)):
+        return None  # a first row off the grid: out at once
+    scan = _scan(s)
+    if scan is None:
+        return None
+    lo, hi, col_hi, zero_cols = scan
+    if int(zero_cols.sum()) > 1:
+        return None  # two all-zero columns (rows: ``_scan``) can be exchanged: ties, scipy's order decides
+    if not max(float(hi.max()), -float(lo.min())) * n < 2.0 ** 30:
+        return None  # every sum below (of a few n entries) exact in float64
+    top = float(hi.max()) + 1.0  # weights top - s > 0: the sparse solver minimises
+    # first duals: u = the row maxima, v = 0 (slack max_i - s[i, j] >= 0); the candidates: every
+    # entry within ``band`` of its row's maximum (so off them, slack >= band), and of its column's;
+    # a band a quarter as wide where that is too many (a matrix of a smaller scale), twice as
+    # wide where these hold no perfect matching
+    band, perm = BAND * GRID, None
+    for _ in range(4):
+        key = _band(s, hi, col_hi, band)
+        if len(key) > MAX_CANDIDATES * n:
+            band /= 4
+            continue
+        perm = _match(s, key, top)
+        if perm is not None:
+            break
+        band *= 2
+    if perm is None:
+        return None
+    near = band / 2
+    arange = np.arange(n)
+    for _ in range(CERTIFIED_ROUNDS):
+        if perm is None:
+            perm = _match(s, key, top)
+            if perm is None:
+                return None
+        r, c = np.divmod(key, n)
+        duals = _potentials(s, r, c, perm)
+        if duals is None:
+            return None
+        u, v = duals
+        found = _slack(s, u, v, near)
+        if found is None:
+            return None
+        check, slack = found
+        i, j = np.divmod(check, n)
+        if (slack >= 0).all():  # >= 0 on every entry: P is optimal
+            break
+        key = np.union1d(key, check[slack < near])  # what broke the certificate, and what lies near it
+        perm = None
+    else:
+        return None
+    # unique: no alternating cycle of tight entries (slack 0; all are among ``check``) around P
+    i, j = i[slack == 0], j[slack == 0]
+    other = j != perm[i]
+    owner = np.empty(n, np.int64)
+    owner[perm] = arange
+    g = csr_matrix((np.ones(int(other.sum())), (i[other], owner[j[other]])), shape=(n, n))
+    if connected_components(g, directed=True, connection="strong")[0] < n:
+        return None
+    return perm
+
+
+def _solve_any(s: np.ndarray) -> torch.Tensor:
+    perm = _certified(s)
+    return _solve(s) if perm is None else torch.as_tensor(perm, dtype=torch.long)
+
+
 def lap(score: torch.Tensor) -> torch.Tensor:
     """The permutation maximising sum_i score[i, P(i)] (rows: A's channels, columns: B's)."""
-    return _solve(_as_cost(score))
+    return _solve_any(_as_cost(score))
 
 
 def workers() -> int:
@@ -65,7 +276,8 @@ def lap_each(scores: Iterable[torch.Tensor], threads: int | None = None
     """``(score, lap(score))`` for each score, in order. ``scores`` is read lazily in the
     caller's thread, at most ``threads`` matrices ahead (a model's correlations can take
     gigabytes: they are never all held); the solver runs side by side on that many threads when
-    a matrix has ``PARALLEL_ROWS`` rows or more, in the caller's thread otherwise."""
+    a matrix has ``PARALLEL_ROWS`` rows or more, in the caller's thread otherwise (the certified
+    path first where it applies, then scipy: numpy and scipy calls only, no torch computation)."""
     threads = threads or workers()
     scores = iter(scores)
     pool = None
@@ -78,9 +290,9 @@ def lap_each(scores: Iterable[torch.Tensor], threads: int | None = None
             if threads > 1 and len(chunk) > 1 and max(c.shape[0] for c in costs) >= PARALLEL_ROWS:
                 if pool is None:
                     pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="graphrepair-lap")
-                perms = list(pool.map(_solve, costs))
+                perms = list(pool.map(_solve_any, costs))
             else:
-                perms = [_solve(c) for c in costs]
+                perms = [_solve_any(c) for c in costs]
             yield from zip(chunk, perms)
     finally:
         if pool is not None:

@@ -21,7 +21,7 @@ from torch import nn
 from graphrepair import distributed
 from graphrepair.discovery.discover import discover
 from graphrepair.discovery.spec import PermutationSpec
-from graphrepair.errors import GraphRepairError
+from graphrepair.errors import DataError, GraphRepairError
 from graphrepair.merging.checks import check_same_architecture
 from graphrepair.merging.diagnostics import check_statistics
 from graphrepair.merging.weight_match import weight_matching
@@ -29,7 +29,7 @@ from graphrepair.merging.prepare import METHODS, Prepared, prepare
 from graphrepair.merging.refit import EXAMPLES as REFIT_EXAMPLES
 from graphrepair.merging.refit import Refit, check_refit
 from graphrepair.merging.refit import refit as refit_layers
-from graphrepair.merging.repair import (REPAIR_MODES, batch_goals, closed_form_statistics, goal_statistics,
+from graphrepair.merging.repair import (OUTPUTS, REPAIR_MODES, batch_goals, closed_form_statistics, goal_statistics,
                                        repair_merged, reset_batchnorm_stats)
 from graphrepair.models import copy_with_state, given_back, user_models
 
@@ -47,6 +47,9 @@ class MergeResult:
     resets: int = 0
     folded: int = 0
     kept: list[str] = field(default_factory=list)  # "<node>: <why it could not be folded>"
+    # output="class": reset point -> what was done instead of a fold (scale only, left out and why)
+    treated: dict[str, str] = field(default_factory=dict)
+    output: str = "class"
     dead_channels: int = 0
     # activation matching: units matched without activation signal (dead or tied, see
     # activation_match.unsignalled), and those of them the weights did not decide either (arbitrary)
@@ -67,7 +70,8 @@ class MergeResult:
             "groups": len(self.spec.groups), "free_channels": self.spec.num_free,
             "group_sizes": {g.name: g.size for g in self.spec.groups},
             "mean_corr": self.mean_corr, "mean_corr_summary": corr_summary(self.mean_corr),
-            "resets": self.resets, "folded": self.folded, "kept": self.kept, "dead_channels": self.dead_channels,
+            "resets": self.resets, "folded": self.folded, "kept": self.kept, "treated": self.treated,
+            "output": self.output, "dead_channels": self.dead_channels,
             "unsignalled": self.unsignalled, "arbitrary": self.arbitrary,
             "refit": None if self.refit is None else {"sweeps": self.refit.sweeps, "examples": self.refit.examples,
                                                       "layers": len(self.refit.layers), "kept": self.refit.kept},
@@ -76,10 +80,14 @@ class MergeResult:
         }
 
 
-def check_alpha(alpha: float) -> float:
-    """``alpha`` as a float in [0, 1]: any real number (numpy scalars, 0-d tensors and arrays too)."""
-    value = real_number(alpha, "alpha")
+def check_alpha(alpha: float, option: str | None = None) -> float:
+    """``alpha`` as a float in [0, 1]: any real number (numpy scalars, 0-d tensors and arrays too).
+    ``option``: the command-line option it came from (``--alpha``): then a bad value is a
+    DataError led by the option and the value, as every option's is."""
+    value = real_number(alpha, option or "alpha")
     if not 0.0 <= value <= 1.0:  # NaN fails too
+        if option is not None:
+            raise DataError(f"{option} {value!r}: must be in [0, 1] (0 = model A, 1 = model B)")
         raise GraphRepairError(f"alpha must be in [0, 1] (0 = model A, 1 = model B), got {value!r}")
     return value
 
@@ -126,20 +134,29 @@ def interpolate_states(states: list[dict[str, torch.Tensor]], weights: list[floa
 
 def merge_prepared(prep: Prepared, weights: list[float], repair: str | None,
                    quiet: bool = True, keep_unfolded: bool = False, refit: int = 0,
-                   refit_examples: int | None = REFIT_EXAMPLES) -> MergeResult:
+                   refit_examples: int | None = REFIT_EXAMPLES, output: str = "class") -> MergeResult:
     """Interpolate the aligned models with ``weights`` and apply ``repair``, then ``refit``
     sweeps of the layerwise least-squares refit (``merging.refit``) on the first
-    ``refit_examples`` fitting examples (None: all). The prepared (caller's) models come back as
-    they were (``models.given_back``)."""
+    ``refit_examples`` fitting examples (None: all). ``output``: "class" (the user's class, REPAIR
+    limited to the corrections it can hold) or "graph" (a GraphModule where a correction does not
+    fold); see ``merging.repair``. The prepared (caller's) models come back as they were
+    (``models.given_back``)."""
     with given_back(*prep.models):
-        return _merge_prepared(prep, weights, repair, quiet, keep_unfolded, refit, refit_examples)
+        return _merge_prepared(prep, weights, repair, quiet, keep_unfolded, refit, refit_examples, output)
+
+
+def check_output(output) -> str:
+    if output not in OUTPUTS:
+        raise GraphRepairError(f"output must be one of {OUTPUTS}, got {output!r}")
+    return output
 
 
 def _merge_prepared(prep: Prepared, weights: list[float], repair: str | None, quiet: bool,
-                    keep_unfolded: bool, refit: int, refit_examples: int | None) -> MergeResult:
+                    keep_unfolded: bool, refit: int, refit_examples: int | None, output: str) -> MergeResult:
     models = prep.models
     weights = check_weights(weights, len(models))
     check_refit(refit, refit_examples)
+    check_output(output)
     if repair not in REPAIR_MODES:
         raise GraphRepairError(f"repair must be one of {REPAIR_MODES}, got {repair!r}")
     if len(prep.aligned) != len(models) - 1:
@@ -157,7 +174,7 @@ def _merge_prepared(prep: Prepared, weights: list[float], repair: str | None, qu
     # a convex combination of finite weights (every model was checked in prepare) is finite
     merged_state = interpolate_states([models[0].state_dict()] + prep.aligned, weights)
     result = MergeResult(model=None, spec=prep.spec, perms=prep.perms, weights=weights,
-                         method=prep.method, repair=repair, mean_corr=prep.mean_corr)
+                         method=prep.method, repair=repair, mean_corr=prep.mean_corr, output=output)
     if prep.stats and prep.stats[0] is not None:
         result.examples = prep.stats[0].examples
         result.dead_channels = sum(prep.stats[0].dead.values())
@@ -187,8 +204,16 @@ def _merge_prepared(prep: Prepared, weights: list[float], repair: str | None, qu
                    if repair == "approx" else None)
         per_batch = batch_goals(prep.spec, prep.points, prep.stats, prep.perms, weights) if running is None else None
         done = repair_merged(prep.spec, models[0], merged_state, goals, prep.points, fit=fit, running=running,
-                             quiet=quiet, keep_unfolded=keep_unfolded, per_batch=per_batch)
+                             quiet=quiet, keep_unfolded=keep_unfolded, per_batch=per_batch, output=output)
         result.model, result.resets, result.folded, result.kept = done.model, done.resets, done.folded, done.kept
+        result.treated = done.treated or {}
+        if result.treated:
+            scaled = sum(v.startswith("scale only") for v in result.treated.values())
+            said = ([f"{scaled} correct the scale only (their layers have no bias for the shift)"] * bool(scaled)
+                    + [f"{len(result.treated) - scaled} are left out (they cannot fold into "
+                       f"{type(models[0]).__name__})"] * bool(len(result.treated) - scaled))
+            result.notes.append(f"REPAIR kept the class (output='class'): of {result.resets} resets, "
+                                f"{' and '.join(said)}; output='graph' keeps every correction in a GraphModule")
         if keep_unfolded:  # the resets as nodes, for checking the fold
             result.unfolded = done.unfolded
             result.goals = {k: (m.detach(), sd.detach()) for k, (m, sd) in goals.items()}
@@ -214,12 +239,14 @@ def merge_models(models: list[nn.Module], data, *, weights: list[float] | None =
                  batch_size: int = 256, points: str = "all", spec: PermutationSpec | None = None,
                  quiet: bool = True, seed: int = 0, refit: int = 0,
                  refit_examples: int | None = REFIT_EXAMPLES, name: str | None = None,
-                 see: str | None = None) -> MergeResult:
+                 see: str | None = None, output: str = "class") -> MergeResult:
     """Align every model to ``models[0]``, average with ``weights``, REPAIR, fold, and ``refit``
-    sweeps of the layerwise least-squares refit. ``name`` and ``see``: how a NoGroupsError names the
+    sweeps of the layerwise least-squares refit. ``output``: "class" (the default: the user's class)
+    or "graph" (see ``merge_prepared``). ``name`` and ``see``: how a NoGroupsError names the
     model and where it sends the reader (``prepare``)."""
     weights = [1.0 / len(models)] * len(models) if weights is None else check_weights(weights, len(models))
     check_refit(refit, refit_examples)
+    check_output(output)
     if repair not in REPAIR_MODES:
         raise GraphRepairError(f"repair must be one of {REPAIR_MODES}, got {repair!r}")
     prep = prepare(models, data, method=method, statistics=repair in ("exact", "approx"),
@@ -231,7 +258,7 @@ def merge_models(models: list[nn.Module], data, *, weights: list[float] | None =
             st.joint.clear()
             st.coupled.clear()
             st.wreath.clear()
-    return merge_prepared(prep, weights, repair, quiet, refit=refit, refit_examples=refit_examples)
+    return merge_prepared(prep, weights, repair, quiet, refit=refit, refit_examples=refit_examples, output=output)
 
 
 # -- the public forms ---------------------------------------------------------------------------
@@ -240,14 +267,15 @@ def merge_models(models: list[nn.Module], data, *, weights: list[float] | None =
 def merge(model_a: nn.Module, model_b: nn.Module, data, alpha: float = 0.5, method: str = "activation",
           repair: str | None = "exact", num_examples: int = 5000, points: str = "all",
           batch_size: int = 256, spec: PermutationSpec | None = None, quiet: bool = True,
-          refit: int = 0, refit_examples: int | None = REFIT_EXAMPLES) -> nn.Module:
+          refit: int = 0, refit_examples: int | None = REFIT_EXAMPLES, output: str = "class") -> nn.Module:
     """Merge two models of one architecture (see the module docstring); returns the merged model.
     ``refit``: sweeps of the layerwise least-squares refit after ``repair`` (``merging.refit``) on
-    the first ``refit_examples`` fitting examples."""
+    the first ``refit_examples`` fitting examples. ``output``: "class" (the user's class) or "graph"
+    (a GraphModule holding the REPAIR corrections the class cannot; see ``merge_prepared``)."""
     alpha = check_alpha(alpha)
     return merge_models([model_a, model_b], data, weights=[1 - alpha, alpha], method=method,
                         repair=repair, num_examples=num_examples, batch_size=batch_size, points=points,
-                        spec=spec, quiet=quiet, refit=refit, refit_examples=refit_examples).model
+                        spec=spec, quiet=quiet, refit=refit, refit_examples=refit_examples, output=output).model
 
 
 @user_models("model_a", "model_b")

@@ -47,6 +47,14 @@ class ResetPoint:
     producer: str  # the node whose output is reset (the conv/linear, or the add)
 
 
+def _follows_the_batch(expr) -> bool:
+    """An axis whose outer factor is the batch (fixed by a model input), merged with a free factor
+    by a view, such as DeBERTa's (batch x heads, q, k) scores: its length follows the batch size,
+    so per-channel statistics over it have no fixed length. Such an axis is neither observed nor
+    reset (its group is aligned by its other points, or by weight matching)."""
+    return isinstance(expr, ax.Kron) and isinstance(expr.outer, ax.Fixed) and "model input" in expr.outer.reason
+
+
 def _mixes(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
     if node.op == "call_module":
         return isinstance(gm.get_submodule(node.target), MIXING_MODULES)
@@ -67,7 +75,7 @@ def observation_points(spec: PermutationSpec) -> dict[str, list[ObservePoint]]:
             n = nodes.get(m.name)
             if n is None or n.op in ("get_attr", "placeholder") or m.name in seen:
                 continue
-            if not any(_mixes(gm, u) for u in n.users):
+            if not any(_mixes(gm, u) for u in n.users) or _follows_the_batch(spec.node_axes[m.name][m.axis]):
                 continue
             pos = ax.positions(spec.node_axes[m.name][m.axis], vid)
             if pos is None:
@@ -83,6 +91,7 @@ def _channel_axis(spec: PermutationSpec, name: str, preferred: int | None) -> in
     if not exprs:
         return None
     free = [d for d, e in enumerate(exprs) if not ax.is_fixed(e)]
+    free = [d for d in free if not _follows_the_batch(exprs[d])]
     if preferred is not None:
         preferred = preferred % len(exprs)
         return preferred if preferred in free else None

@@ -23,6 +23,19 @@ stream), from the one joint pass of A and B (``stats.py``), B's statistics permu
 
 Merging k > 2 models: the goal statistics are the w-weighted averages of the aligned endpoints'
 statistics.
+
+What comes back (``output``):
+- "class" (the default): the user's class. Before the merged net's pass, the resets are planned
+  against the class (``passes.fold_affine.fold_plan``): a reset that folds into the producing layer's
+  own parameters stays as it is; a reset whose producer has no bias for its shift (LLaMA's, T5's
+  projections) corrects the spread only, y_c = x_c * goal_std_c / sqrt(var_c + eps) (scale-only,
+  folded into the weight); a reset that cannot fold at all (a residual stream read by LayerNorms,
+  a tied or shared weight) is left out. The pass then estimates the resets that remain, so each is
+  measured on the model that will be saved, not on one with the left-out corrections in it.
+  ``Repaired.treated`` says what was done to each reset point that did not fold as it was.
+  A model whose resets all fold is merged exactly as with "graph".
+- "graph": every reset folds where it can; the others stay as one per-channel affine each in a
+  ``torch.fx.GraphModule`` (and a missing bias is created), which the user's class cannot hold.
 """
 
 from __future__ import annotations
@@ -34,11 +47,13 @@ import torch
 import torch.fx
 from torch import nn
 
-from passes.fold_affine import fold_affines
-from passes.reset import ChannelAffine, Reset, ResetSpec, insert_resets, resets, set_mode
+from passes.base import annotation
+from passes.fold_affine import NEEDS_BIAS, fold_affines, fold_plan
+from passes.reset import ChannelAffine, Reset, ResetSpec, insert_resets, remove_resets, resets, set_mode
 
 from graphrepair import distributed
 from graphrepair.discovery.spec import PermutationSpec
+from graphrepair.errors import GraphRepairError
 from graphrepair.merging.points import ResetPoint
 from graphrepair.io.inputs import Inputs
 from graphrepair.merging.stats import PairStats, calibrate
@@ -47,6 +62,7 @@ from graphrepair.progress import progress
 from graphrepair.runtime import model_device
 
 REPAIR_MODES = ("exact", "approx", "reset", None)
+OUTPUTS = ("class", "graph")  # what a REPAIR merge returns, see the module doc
 
 
 RESET_EPS = 1e-5  # the resets' variance epsilon, as BatchNorm's
@@ -141,36 +157,47 @@ def closed_form_statistics(spec: PermutationSpec, points: list[ResetPoint], stat
 
 @dataclass
 class Repaired:
-    """What the REPAIR step made: the merged model (the user's class when every reset folded),
-    how many resets there were, how many folded, why the others could not be."""
+    """What the REPAIR step made: the merged model (the user's class with output "class", or when
+    every reset folded), how many resets there were, how many folded, why the others could not be."""
 
     model: nn.Module
     resets: int
     folded: int
     kept: list[str]
     unfolded: nn.Module | None = None  # with keep_unfolded: the graph with its reset nodes
+    treated: dict[str, str] | None = None  # output="class": reset point -> what was done instead of a fold
 
 
 def repair_merged(spec: PermutationSpec, model_a: nn.Module, merged_state: dict[str, torch.Tensor],
                   goals: dict[str, tuple], points: list[ResetPoint], *, fit,
                   running: dict[str, tuple] | None = None, quiet: bool = True,
-                  keep_unfolded: bool = False, per_batch: list | None = None) -> Repaired:
+                  keep_unfolded: bool = False, per_batch: list | None = None,
+                  output: str = "class", scale_only: bool = True) -> Repaired:
     """REPAIR the interpolated weights ``merged_state``: a reset after every point, normalising it
     to its ``goals`` (mean, std); the resets' statistics are ``running`` (mean, var) per point
     when given (the closed form), else estimated in one pass of the merged graph over ``fit``
     (exact REPAIR); then every reset is folded into its producer where it can be. ``per_batch``:
     ``batch_goals``, the goals of each batch of the joint pass: during the pass batch t is
     normalised to its own goal (``Reset.set_batch_goal``). ``fit`` (``io.examples.Examples``) gives
-    every pass the same batches, so batch t here is batch t of the joint pass."""
+    every pass the same batches, so batch t here is batch t of the joint pass. ``output``: "class"
+    or "graph" (the module doc); ``scale_only=False``: with "class", a reset whose layer has no bias
+    is left out instead of correcting the scale only (for measuring the choice)."""
+    if output not in OUTPUTS:
+        raise GraphRepairError(f"output must be one of {OUTPUTS}, got {output!r}")
     device = model_device(model_a)
     gm = graph_for(spec, merged_state, device, own=True)
     insert_resets(gm, {r.node: ResetSpec(r.axis, goals[r.node][0].float(),
                                          _normaliser_std(goals[r.node][1]).float(), RESET_EPS)
                        for r in points}, inplace=True)
+    treated = None
     if running is None:
         set_mode(gm, "collect")
         with torch.no_grad():  # the resets' shifts from the example every rank shares
             calibrate(gm, resets(gm).values(), fit.example())
+            if output == "class":  # planned on the ranks the resets just saw
+                treated = class_resets(gm, scale_only=scale_only)
+                if treated:  # the shifts again, from what the remaining resets now see
+                    calibrate(gm, resets(gm).values(), fit.example())
         with distributed.step("the REPAIR pass of the merged model"), torch.no_grad():
             found = resets(gm)
             goals_t = per_batch or []
@@ -189,6 +216,8 @@ def repair_merged(spec: PermutationSpec, model_a: nn.Module, merged_state: dict[
         for node, (mean, var) in running.items():
             found[node].set_running(mean.float(), var.float())
     set_mode(gm, "apply")
+    if running is not None and output == "class":
+        treated = class_resets(gm, placeholder_args(gm, fit.example()), scale_only)
     unfolded = copy.deepcopy(gm) if keep_unfolded else None
     # exact: every reset saw data and knows its input's rank; closed form (and a distributed rank,
     # which may have seen no batch): shapes from one example
@@ -196,7 +225,30 @@ def repair_merged(spec: PermutationSpec, model_a: nn.Module, merged_state: dict[
     folded = fold_affines(gm, inplace=True, example_inputs=placeholder_args(gm, fit.example()) if example else None)
     return Repaired(finalize(gm, model_a, merged_state, spec.traced.graph_own), len(points),
                     folded.counts.get("folded", 0),
-                    list(folded.notes), unfolded)
+                    list(folded.notes), unfolded, treated)
+
+
+def class_resets(gm: torch.fx.GraphModule, example: tuple | None = None, scale_only: bool = True) -> dict[str, str]:
+    """Make every reset of ``gm`` one that folds into the model's own parameters (output "class",
+    see the module doc), in place: scale-only where the producer has no bias for the shift, left out
+    where it cannot fold at all. Returns {reset point: what was done}. ``example``: placeholder
+    arguments to learn ranks from (apply mode only; in collect mode each reset's last input tells).
+    ``scale_only=False``: a reset whose layer has no bias is left out too."""
+    plan = fold_plan(gm, example)
+    after = {n.name: annotation(n).get("after") for n in gm.graph.nodes if n.name in plan}
+    found, treated, out = resets(gm), {}, []
+    for name, kind in plan.items():
+        point = after[name]
+        if kind is None or point is None:  # folds as it is, or no reset of this merge
+            continue
+        if kind == NEEDS_BIAS and scale_only:
+            found[point].scale_only = True
+            treated[point] = "scale only (the layer has no bias to take the shift)"
+        else:
+            out.append(point)
+            treated[point] = f"left out ({kind})"
+    remove_resets(gm, out)
+    return treated
 
 
 def placeholder_args(gm: torch.fx.GraphModule, example: Inputs) -> tuple:

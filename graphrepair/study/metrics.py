@@ -39,6 +39,25 @@ from graphrepair.models import eval_mode, forward_hooks, graph_for, user_models
 from graphrepair.runtime import model_device, model_dtype
 
 
+IGNORE_INDEX = -100  # labels skipped by accuracy and loss alike (cross_entropy's default, e.g. padding)
+
+
+def _class_indices(y: torch.Tensor, logits: torch.Tensor, where: str) -> torch.Tensor:
+    """Labels as a flat vector of class indices matching the logits' rows, or a DataError."""
+    if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+        raise DataError(f"{where}: labels must be class indices (integers), got {y.dtype}; "
+                        f"give the class of each example, not scores or one-hot rows")
+    y = y.reshape(-1).to(logits.device)
+    if y.numel() != logits.shape[0]:
+        raise DataError(f"{where}: {y.numel()} labels for {logits.shape[0]} rows of logits "
+                        f"(the model's output has {logits.shape[-1]} classes); give one label per example")
+    bad = (y != IGNORE_INDEX) & ((y < 0) | (y >= logits.shape[-1]))
+    if bool(bad.any()):
+        raise DataError(f"{where}: label {int(y[bad][0])} is outside the model's {logits.shape[-1]} classes "
+                        f"(0 to {logits.shape[-1] - 1}; {IGNORE_INDEX} marks an example to skip)")
+    return y
+
+
 @user_models("model")
 @torch.no_grad()
 def evaluate(model: nn.Module, data, batch_size: int = 512, quiet: bool = True) -> tuple[float, float]:
@@ -62,10 +81,11 @@ def evaluate(model: nn.Module, data, batch_size: int = 512, quiet: bool = True) 
             if isinstance(logits, (tuple, list)):
                 logits = logits[0]
             logits = logits.reshape(-1, logits.shape[-1]).float()
-            y = y.reshape(-1).to(logits.device)
-            sums[0] += (logits.argmax(-1) == y).sum()
+            y = _class_indices(y, logits, local.where)
+            kept = y != IGNORE_INDEX
+            sums[0] += (logits.argmax(-1) == y)[kept].sum()
             sums[1] += F.cross_entropy(logits, y, reduction="none").sum(dtype=torch.float64)
-            sums[2] += y.numel()
+            sums[2] += kept.sum()
     (sums,) = distributed.all_reduce_sum([sums], sums.device)
     correct, loss, n = (float(v) for v in sums.cpu())
     correct, n = int(round(correct)), int(round(n))

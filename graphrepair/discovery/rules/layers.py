@@ -186,3 +186,28 @@ def addmm(ctx: Context):
             if bs[-i] == out[-i].size and bs[-i] > 1:
                 ctx.unify(ba[-i], out[-i])
     return out
+
+
+@op("grouped_mm_fallback _grouped_mm")
+def grouped_mm(ctx: Context):
+    """Mixture-of-experts grouped product (transformers' ``grouped_mm_fallback``, ATen's
+    ``_grouped_mm``): ``out[s] = x[s] @ w[e(s)]`` with x (S, K) sorted by expert, w (E, K, N) and
+    the expert of each row known only from the run-time offsets. Permuting K in x and in every
+    expert's w alike, or N in every expert's w alike, keeps every row's product: the contracted
+    axes unify, the output's columns are w's. The experts themselves are addressed by the offsets
+    (positions), so their axis is fixed; one permutation is shared by all experts (a row's expert
+    is known only at run time, so a per-expert layout of the output has no static form). Other
+    forms (3-d inputs, a bias, a scale) are not read."""
+    name = op_name(ctx.node)
+    x, w = (ctx.arg("input"), ctx.arg("weight")) if name == "grouped_mm_fallback" else \
+        (ctx.input(), ctx.arg("mat2"))
+    xa, wa, os_ = ctx.axes(x), ctx.axes(w), ctx.out_shape()
+    extra = name == "_grouped_mm" and any(ctx.arg(k) is not None for k in ("bias", "scale_a", "scale_b"))
+    if xa is None or wa is None or len(xa) != 2 or len(wa) != 3 or extra or os_ is None or len(os_) != 2:
+        return unknown(ctx, f"{name} at node '{ctx.node.name}' in a form other than (S, K) x (E, K, N)")
+    ctx.fix(wa[0], f"experts are addressed by the run-time offsets at node '{ctx.node.name}'", 0, w.name)
+    offs = ctx.axes(ctx.arg("offs"))
+    if offs is not None and len(offs) == 1 and offs[0].size == wa[0].size:
+        ctx.unify(offs[0], wa[0])
+    ctx.unify(xa[-1], wa[1])
+    return [xa[0], wa[2]]

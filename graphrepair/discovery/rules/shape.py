@@ -2,8 +2,9 @@
 
 A merged axis carries the Kronecker product of its parts' layouts (row-major: channels in blocks of
 the spatial size after a flatten); a split axis is factored into fresh variables (heads x head
-dims). A concatenation carries each input's layout on its own block. Picking positions (an int
-index, a partial slice) fixes the axis it picks from.
+dims). A concatenation carries each input's layout on its own block, and a contiguous slice
+takes one block of its input's (the input cut there). Picking positions (an int index, a strided
+slice, bounds known only at run time) fixes the axis it picks from.
 """
 
 from __future__ import annotations
@@ -261,11 +262,9 @@ def getitem(ctx: Context):
             d += 1
         elif isinstance(i, slice):
             traced = any(isinstance(b, torch.fx.Node) for b in (i.start, i.stop, i.step))
-            if not traced and i.indices(xs[d]) == (0, xs[d], 1):
-                out.append(xa[d])  # a full slice keeps the axis
-            else:  # positions are picked (bounds known only at run time count as picked)
+            out.append(None if traced else sliced_axis(ctx, src, d, *i.indices(xs[d])))
+            if traced:  # bounds known only at run time: positions are picked
                 ctx.fix(xa[d], f"sliced at node '{ctx.node.name}'", d, src.name)
-                out.append(None)
             d += 1
         else:
             return unknown(ctx)
@@ -292,18 +291,60 @@ def _as_index_list(idx: tuple, ndim: int) -> list | None:
     return out
 
 
+def sliced_axis(ctx: Context, x, d: int, start: int, stop: int, step: int):
+    """Axis ``d`` of ``x[..., start:stop:step, ...]`` (bounds already clipped by ``slice.indices``).
+
+    A full slice keeps the axis. A contiguous block (step 1) is one block of the axis cut at
+    ``start`` and ``stop``: x's layout is restricted to a concatenation (each block permuted within
+    itself, as ``split`` does) and the slice carries its block's permutation, so a fused projection
+    cut into q, k and v (Phi-3) or a head cut into rotary and pass-through dims (GPT-NeoX, GPT-J)
+    keeps what each block may move. A strided slice picks interleaved positions: fixed."""
+    xa, n = ctx.axes(x), ctx.shape(x)[d]
+    if (start, stop, step) == (0, n, 1):
+        return xa[d]
+    if step == 1 and 0 <= start <= stop <= n:
+        if start == stop:
+            return Fixed(0, "empty slice")
+        bounds = sorted({start, stop} - {0, n})
+        pieces = ctx.solver.split(xa[d], bounds, f"node {ctx.node.name}")
+        return pieces[bounds.index(start) + 1 if start else 0]
+    ctx.fix(xa[d], f"sliced at node '{ctx.node.name}' with step {step}", d, x.name)
+    return Fixed(len(range(start, stop, step)), "slice")
+
+
 @op("slice")
 def slice_op(ctx: Context):
-    """aten.slice(x, dim, start, end, step): a full slice keeps the axis, else it is fixed."""
+    """aten.slice(x, dim, start, end, step): see ``sliced_axis``; bounds known only at run time
+    pick positions (fixed)."""
     x = ctx.input()
     xa, xs, os_ = ctx.axes(x), ctx.shape(x), ctx.out_shape()
-    if xa is None:
+    if xa is None or os_ is None:
         return unknown(ctx)
     dim = norm_dim(ctx.arg("dim", 0, index=1), len(xa))
+    start, end, step = ctx.arg("start", index=2), ctx.arg("end", index=3), ctx.arg("step", 1, index=4)
     out = list(xa)
-    if xs[dim] != os_[dim]:
+    if not all(b is None or isinstance(b, int) for b in (start, end, step)):
         ctx.fix(xa[dim], f"sliced at node '{ctx.node.name}'", dim, x.name)
         out[dim] = Fixed(os_[dim], "slice")
+        return out
+    out[dim] = sliced_axis(ctx, x, dim, *slice(start, end, step).indices(xs[dim]))
+    if out[dim].size != os_[dim]:
+        return unknown(ctx)
+    return out
+
+
+@op("narrow")
+def narrow(ctx: Context):
+    """x.narrow(dim, start, length): the contiguous block [start, start + length) of ``dim``."""
+    x = ctx.input()
+    xa, xs = ctx.axes(x), ctx.shape(x)
+    dim, start, length = ctx.arg("dim", index=1), ctx.arg("start", index=2), ctx.arg("length", index=3)
+    if xa is None or not all(isinstance(v, int) for v in (dim, start, length)):
+        return unknown(ctx)
+    dim = norm_dim(dim, len(xa))
+    start = start + xs[dim] if start < 0 else start
+    out = list(xa)
+    out[dim] = sliced_axis(ctx, x, dim, start, start + length, 1)
     return out
 
 
@@ -416,3 +457,34 @@ def advanced_index(ctx: Context, x, indices):
 def index(ctx: Context):
     """aten.index.Tensor (tensor indexing in an exported graph, e.g. CLIP's pooled token)."""
     return advanced_index(ctx, ctx.input(), ctx.arg("indices", index=1))
+
+
+@op("gather take_along_dim")
+def gather(ctx: Context):
+    """torch.gather(x, dim, index): ``out[..., j, ...] = x[..., index[..., j, ...], ...]`` along
+    ``dim``, elementwise along the other axes. Along ``dim`` x is read by position (fixed) and the
+    output follows the index's layout; along another axis, when index and x have the same size,
+    out, x and index carry one permutation (DeBERTa's relative-position scores: the heads merged
+    with the batch stay free); an index shorter than x there reads a leading part of x: fixed."""
+    x, index = ctx.input(), ctx.arg("index", index=2)
+    if index is None:
+        index = ctx.arg("indices", index=1)
+    dim = ctx.arg("dim", index=1 if op_name(ctx.node) == "gather" else 2)
+    xa, ia, xs, is_ = ctx.axes(x), ctx.axes(index), ctx.shape(x), ctx.shape(index)
+    if xa is None or ia is None or not isinstance(dim, int) or len(xa) != len(ia) or ctx.out_shape() != is_:
+        return unknown(ctx)
+    dim = norm_dim(dim, len(xa))
+    out = []
+    for d in range(len(xa)):
+        if d == dim:
+            ctx.fix(xa[d], f"gathered by position at node '{ctx.node.name}'", d, x.name)
+            out.append(ia[d])
+        elif xs[d] == is_[d]:
+            ctx.unify(xa[d], ia[d])
+            out.append(xa[d])
+        else:
+            reason = f"gather at node '{ctx.node.name}' reads a leading part of axis {d}"
+            ctx.fix(xa[d], reason, d, x.name)
+            ctx.fix(ia[d], reason, d, index.name)
+            out.append(Fixed(is_[d], reason))
+    return out
