@@ -4,7 +4,8 @@
 For each family: discover (groups, free channels) / spec.check in float32 / merge of two random
 inits with natural dict batches (``gr.merge``, ``repair`` as given) / the merged model's class /
 save_pretrained -> from_pretrained round trip of the merge (max abs diff) / verified ONNX export of
-the merge (of the original when the merge failed) / spec.check in bfloat16 and float16 / free
+the merge (of the original when the merge failed) / spec.check in bfloat16 and float16, and the
+merge of the pair cast to that dtype (the class and dtype it comes back in) / free
 channels against the hand count of ``fixtures.hf_natural.HAND`` (what it counts is written there),
 and why they differ where they do (``WHY``). A cell holds "ok", a number, or the error's class and
 first words.
@@ -30,7 +31,7 @@ import graphrepair as gr  # noqa: E402
 from fixtures.hf_natural import FAMILIES, TABLE, build  # noqa: E402
 
 COLUMNS = ["family", "discover", "free", "hand count", "check fp32", "merge (dict batches)", "merged class",
-           "save_pretrained", "ONNX", "check bf16", "check fp16", "free vs hand: why"]
+           "save_pretrained", "ONNX", "bf16: check / merge", "fp16: check / merge", "free vs hand: why"]
 
 # Where discovery and the hand count differ, and why (see the rules and the spec's fixed reasons).
 WHY = {
@@ -73,16 +74,24 @@ def row(name: str, repair: str | None, onnx: bool, discover_only: bool = False) 
         out["check fp32"] = f"ok ({spec.check(fam.model, fam.inputs):.1e})"
     except Exception as e:  # noqa: BLE001
         out["check fp32"] = short(e)
-    for dtype, col in ((torch.bfloat16, "check bf16"), (torch.float16, "check fp16")):
+    b = build(name, batch=2, seed=1).model
+    batches = [build(name, batch=8, seed=10 + k).inputs for k in range(4)]
+    for dtype, col in ((torch.bfloat16, "bf16: check / merge"), (torch.float16, "fp16: check / merge")):
+        half_a = copy.deepcopy(fam.model).to(dtype)
         try:
-            spec.check(copy.deepcopy(fam.model).to(dtype), fam.inputs)
+            spec.check(half_a, fam.inputs)
             out[col] = "ok"
         except Exception as e:  # noqa: BLE001
             out[col] = short(e)
+            continue
+        try:  # the merge of the pair in that dtype: the user's class and dtype back
+            m = gr.merge(half_a, copy.deepcopy(b).to(dtype), batches, spec=spec, repair=repair)
+            dt = next(m.parameters()).dtype
+            out[col] += f" / ok ({type(m).__name__}, {str(dt).replace('torch.', '')})"
+        except Exception as e:  # noqa: BLE001
+            out[col] += f" / {short(e)}"
     merged = None
     try:
-        b = build(name, batch=2, seed=1).model
-        batches = [build(name, batch=8, seed=10 + k).inputs for k in range(4)]
         merged = gr.merge(fam.model, b, batches, spec=spec, repair=repair)
         out["merge (dict batches)"] = "ok"
         out["merged class"] = type(merged).__name__

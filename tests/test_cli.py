@@ -288,7 +288,9 @@ BAD_MERGE = {
     "other architecture": (["--b", "{w}/other_arch.safetensors"], ["does not fit the model", "missing"]),
     "missing data": (["--data", "{w}/nope.npz"], ["--data", "does not exist"]),
     "unreadable data": (["--data", "{w}/garbage.npz"], ["--data", "cannot read data file"]),
-    "data without x": (["--data", "{w}/no_x.npz"], ["--data", "has no 'x'", "inputs"]),
+    # a file without 'x' gives its named arrays as keyword inputs: 'inputs' is not the MLP's
+    "data without x": (["--data", "{w}/no_x.npz"], ["--data", "'inputs' is not an argument of Sequential.forward",
+                                                   "rename or drop it"]),
     "data shape": (["--data", "{w}/narrow.npz"], ["--data", "cannot run on its examples of shape (10,)"]),
     "data reference": (["--data", "fixtures.datasets:nothing_here"], ["nothing_here"]),
     "eval without y": (["--eval", "{w}/no_y.npz"], ["--eval", "has no labels", "'y'"]),

@@ -132,3 +132,44 @@ def test_out_hf_is_not_left_behind_when_another_output_fails(vit_pair, tmp_path,
     assert r.exit_code == 2, r.output
     assert "failed to commit here on purpose" in r.output
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def bert_pair(tmp_path_factory):
+    """Two random inits of a tiny BERT saved with save_pretrained, and a tokenised data file whose
+    arrays are named after the forward's keyword inputs."""
+    d = tmp_path_factory.mktemp("bert")
+    for seed, name in ((0, "a"), (1, "b")):
+        build("bert", seed=seed).model.save_pretrained(d / name)
+    g = np.random.default_rng(3)
+    ids = g.integers(1, 50, (48, 8))
+    mask = np.ones_like(ids)
+    mask[::2, 6:] = 0  # padding on every other sequence
+    np.savez(d / "fit.npz", input_ids=ids, attention_mask=mask, token_type_ids=np.zeros_like(ids))
+    np.savez(d / "typo.npz", input_ids=ids, attention_masks=mask)
+    return d
+
+
+def test_a_data_file_of_keyword_arrays_feeds_a_text_model(bert_pair, tmp_path):
+    from transformers import BertForSequenceClassification
+
+    out = tmp_path / "merged"
+    r = cli("merge", "--model", f"hf:{bert_pair / 'a'}", "--a", bert_pair / "a" / "model.safetensors",
+            "--b", bert_pair / "b" / "model.safetensors", "--data", bert_pair / "fit.npz", "--num-examples", 48,
+            "--no-onnx", "--out-hf", out)
+    assert r.exit_code == 0, r.output
+    merged = BertForSequenceClassification.from_pretrained(out).eval()
+    a = BertForSequenceClassification.from_pretrained(bert_pair / "a").eval()
+    batch = {k: torch.as_tensor(v[:4]) for k, v in np.load(bert_pair / "fit.npz").items()}
+    with torch.no_grad():  # the merge ran on every keyword input and is not model A
+        assert torch.isfinite(merged(**batch).logits).all()
+        assert float((merged(**batch).logits - a(**batch).logits).abs().max()) > 1e-5
+
+
+def test_a_key_the_forward_does_not_take_is_named(bert_pair, tmp_path):
+    r = cli("merge", "--model", f"hf:{bert_pair / 'a'}", "--a", bert_pair / "a" / "model.safetensors",
+            "--b", bert_pair / "b" / "model.safetensors", "--data", bert_pair / "typo.npz", "--no-onnx",
+            "--weights", tmp_path / "m.safetensors")
+    assert r.exit_code == 2, r.output
+    assert "'attention_masks' is not an argument of BertForSequenceClassification.forward" in r.output
+    assert list(tmp_path.iterdir()) == []

@@ -300,19 +300,40 @@ def test_pt_file_with_bare_tensor(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("suffix", [".npz", ".pt", ".safetensors"])
-def test_data_file_missing_x(tmp_path: Path, suffix: str) -> None:
+def test_data_file_of_named_arrays_gives_keyword_inputs(tmp_path: Path, suffix: str) -> None:
+    """Without 'x', a file's named arrays are the forward's keyword inputs; 'labels' (or 'y',
+    'label') are the labels."""
     path = tmp_path / f"d{suffix}"
+    ids = torch.randint(0, 100, (len(X), 7))
+    arrays = {"input_ids": ids, "attention_mask": (ids % 2), "labels": Y}
     if suffix == ".npz":
-        np.savez(path, images=X.numpy(), labels=Y.numpy())
+        np.savez(path, **{k: v.numpy() for k, v in arrays.items()})
     elif suffix == ".pt":
-        torch.save({"images": X, "labels": Y}, path)
+        torch.save(arrays, path)
     else:
-        save_safetensors({"images": X, "labels": Y}, path)
+        save_safetensors(arrays, path)
+    data = load_data_file(path)
+    assert sorted(data.x) == ["attention_mask", "input_ids"] and len(data) == len(X)
+    assert torch.equal(data.x["input_ids"], ids) and torch.equal(data.y, Y)
+    batches = list(Examples(data, None, 4, labels=True))
+    assert [b.size for b in batches] == [4, 4, 2]
+    assert torch.equal(torch.cat([b.inputs.kwargs["attention_mask"] for b in batches]), ids % 2)
+    assert torch.equal(torch.cat([b.labels for b in batches]), Y)
+    row, label = data[3]
+    assert torch.equal(row["input_ids"], ids[3]) and int(label) == int(Y[3])
+
+
+def test_data_file_of_named_arrays_is_checked(tmp_path: Path) -> None:
+    np.savez(tmp_path / "short.npz", input_ids=np.zeros((10, 3), np.int64), attention_mask=np.ones((9, 3), np.int64))
+    with pytest.raises(DataError, match=r"inputs differ in length \('input_ids' 10, 'attention_mask' 9\)"):
+        load_data_file(tmp_path / "short.npz")
+    np.savez(tmp_path / "labels_only.npz", labels=Y.numpy())
     with pytest.raises(DataError) as info:
-        load_data_file(path)
-    message = str(info.value)
-    assert str(path) in message and "has no 'x'" in message
-    assert "images" in message and "labels" in message
+        load_data_file(tmp_path / "labels_only.npz")
+    assert "has no inputs (it has: labels)" in str(info.value) and "input_ids=ids" in str(info.value)
+    np.savez(tmp_path / "bad.npz", input_ids=np.zeros((10, 3)), labels=np.zeros(8, np.int64))
+    with pytest.raises(DataError, match="'input_ids' has 10 examples but 'labels' has 8"):
+        load_data_file(tmp_path / "bad.npz")
 
 
 def test_data_file_errors(tmp_path: Path) -> None:

@@ -142,7 +142,11 @@ def _describe(x) -> str:
 
 def probe(model, first, option: str, ref: str):
     """Run ``model`` on two examples of the first batch (``Inputs``), then on the whole batch;
-    returns the outputs on the two examples."""
+    returns the outputs on the two examples. A keyword input the forward does not take is named
+    first."""
+    from graphrepair.discovery.trace import check_keywords
+
+    check_keywords(model, first, f"{option} {ref}")
     out = run_model(model, first.head(2), f"{option} {ref}: the model cannot run on its examples of "
                                           f"{_describe(first)}; give data shaped like the model's input")
     if first.batch_size > 2:
@@ -195,6 +199,7 @@ def fit_data(ref: str, model, num_examples: int, device, needs_statistics: bool)
     from graphrepair.io.data import ArrayDataset
     from graphrepair.io.checks import check_examples_vary
     from graphrepair.io.examples import Examples
+    from graphrepair.io.inputs import Inputs
     from graphrepair.runtime import model_dtype
 
     where = f"--data {ref}"
@@ -210,7 +215,7 @@ def fit_data(ref: str, model, num_examples: int, device, needs_statistics: bool)
                         f"statistics (a variance needs at least 2; thousands give good ones); give more "
                         f"examples or raise --num-examples")
     if needs_statistics and isinstance(data, ArrayDataset):
-        check_examples_vary(data.x[:num_examples], where)
+        check_examples_vary(Inputs.of(data.head(num_examples), where), where)
     fit = Examples(data, num_examples, BATCH, device=device, dtype=model_dtype(model), where=where,
                    strict=not isinstance(data, ArrayDataset))
     first = fit.example(BATCH)

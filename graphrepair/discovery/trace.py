@@ -73,15 +73,18 @@ def example_inputs_for(model: nn.Module, example_inputs, where: str = "example_i
 
 
 def check_keywords(model: nn.Module, inputs: Inputs, where: str = "example_inputs") -> None:
-    """DataError naming a keyword input that ``model.forward`` does not take (a forward with
-    ``**kwargs`` takes any)."""
+    """DataError naming a keyword input that ``model.forward`` does not take. A forward with
+    ``**kwargs`` takes any, except a Hugging Face model's (it has a ``config`` and a
+    ``main_input_name``): its ``**kwargs`` carry options such as ``output_attentions``, and a data
+    array by another name (``attention_masks``) would be ignored without a word."""
     if not inputs.kwargs:
         return
     try:
         params = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         return
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+    hugging_face = hasattr(model, "config") and hasattr(model, "main_input_name")
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()) and not hugging_face:
         return
     names = [n for n, p in params.items()
              if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]

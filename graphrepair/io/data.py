@@ -1,7 +1,9 @@
 """Data files and references: what ``--data``/``--eval`` and ``load_data`` name.
 
 * ``load_data_file(path)``: inputs ``x`` and optional labels ``y`` from ``.npz``, ``.npy``, ``.pt`` or
-  ``.safetensors``, checked whole (dtypes kept, floats finite), as an :class:`ArrayDataset`;
+  ``.safetensors``, checked whole (dtypes kept, floats finite), as an :class:`ArrayDataset`; a file
+  without ``x`` whose arrays are named after the forward's keyword arguments (``input_ids``,
+  ``attention_mask``, ...) gives them as keyword inputs, its labels under ``y`` or ``labels``;
 * ``load_data(ref)``: a data file, or ``MODULE:FUNCTION`` returning data.
 
 How data of any kind is read in batches, the same way by every pass, is ``io.examples``.
@@ -29,26 +31,36 @@ DATA_SUFFIXES = (".npz", ".npy", ".pt", ".safetensors")
 
 
 class ArrayDataset(Dataset):
-    """Inputs ``x`` and optional labels ``y`` held in memory, with the file they came from.
+    """Inputs ``x`` and optional labels ``y`` held in memory, with the file they came from. ``x``
+    is a tensor (the model's one positional input) or a dict of tensors sharing their first axis
+    (keyword inputs, ``model(**x)``).
 
-    A map-style Dataset (``ds[i]`` is ``x[i]`` or ``(x[i], y[i])``), so a DataLoader works on it;
-    ``io.examples.Examples`` slices it directly instead.
+    A map-style Dataset (``ds[i]`` is ``x[i]`` or ``(x[i], y[i])``, a dict of rows for keyword
+    inputs), so a DataLoader works on it; ``io.examples.Examples`` slices it directly instead.
     """
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor | None = None, source: str = "<memory>"):
+    def __init__(self, x: torch.Tensor | dict[str, torch.Tensor], y: torch.Tensor | None = None,
+                 source: str = "<memory>"):
         self.x = x
         self.y = y
         self.source = source
 
     def __len__(self) -> int:
-        return self.x.shape[0]
+        return next(iter(self.x.values())).shape[0] if isinstance(self.x, dict) else self.x.shape[0]
+
+    def head(self, n: int) -> torch.Tensor | dict[str, torch.Tensor]:
+        """The inputs of the first ``n`` examples."""
+        return {k: v[:n] for k, v in self.x.items()} if isinstance(self.x, dict) else self.x[:n]
 
     def __getitem__(self, index: int) -> Any:
-        return self.x[index] if self.y is None else (self.x[index], self.y[index])
+        x = {k: v[index] for k, v in self.x.items()} if isinstance(self.x, dict) else self.x[index]
+        return x if self.y is None else (x, self.y[index])
 
     def __repr__(self) -> str:
         y = "None" if self.y is None else f"{tuple(self.y.shape)} {self.y.dtype}"
-        return f"ArrayDataset(x={tuple(self.x.shape)} {self.x.dtype}, y={y}, source={self.source!r})"
+        x = ({k: f"{tuple(v.shape)} {v.dtype}" for k, v in self.x.items()} if isinstance(self.x, dict)
+             else f"{tuple(self.x.shape)} {self.x.dtype}")
+        return f"ArrayDataset(x={x}, y={y}, source={self.source!r})"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -75,22 +87,22 @@ def _check_array(value: Any, key: str, path: Path | str, keys: list[str]) -> tor
     return tensor
 
 
+LABEL_NAMES = ("y", "labels", "label")  # where a file of keyword arrays keeps its labels
+
+
 def _read_file(path: Path) -> tuple[Any, Any, list[str]]:
-    """(x, y or None, the keys found) as stored in the file."""
+    """(x, y or None, the keys found) as stored in the file; x is None when the file has neither
+    ``x`` nor other named arrays, a dict of its named arrays (keyword inputs) when it has no ``x``."""
     suffix = path.suffix.lower()
     if suffix == ".npz":
         with np.load(path, allow_pickle=False) as archive:
-            keys = list(archive.files)
-            x = archive["x"] if "x" in keys else None
-            y = archive["y"] if "y" in keys else None
-        return x, y, keys
+            return _split_named({k: archive[k] for k in archive.files})
     if suffix == ".npy":
         return np.load(path, allow_pickle=False), None, ["(a single array)"]
     if suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        tensors = load_file(str(path), device="cpu")
-        return tensors.get("x"), tensors.get("y"), list(tensors)
+        return _split_named(load_file(str(path), device="cpu"))
     if suffix == ".pt":
         loaded = torch.load(path, map_location="cpu", weights_only=True)
         if isinstance(loaded, torch.Tensor):
@@ -100,10 +112,19 @@ def _read_file(path: Path) -> tuple[Any, Any, list[str]]:
                 f"data file '{path}' holds a {type(loaded).__name__}; expected a dict with 'x' (and 'y'), "
                 "e.g. torch.save({'x': x, 'y': y}, path)"
             )
-        return loaded.get("x"), loaded.get("y"), [str(k) for k in loaded]
+        return _split_named({str(k): v for k, v in loaded.items()})
     raise DataError(
         f"data file '{path}' has an unknown extension '{path.suffix}'; expected one of {', '.join(DATA_SUFFIXES)}"
     )
+
+
+def _split_named(arrays: dict[str, Any]) -> tuple[Any, Any, list[str]]:
+    keys = list(arrays)
+    if "x" in arrays:
+        return arrays["x"], arrays.get("y"), keys
+    labels = [k for k in LABEL_NAMES if k in arrays]
+    inputs = {k: v for k, v in arrays.items() if k not in LABEL_NAMES}
+    return (inputs or None), (arrays[labels[0]] if labels else None), keys
 
 
 def checked_arrays(x: Any, y: Any, source: str) -> ArrayDataset:
@@ -137,19 +158,30 @@ def load_data_file(path: str | os.PathLike) -> ArrayDataset:
         raise DataError(f"cannot read data file '{path}': {type(exc).__name__}: {exc}") from exc
     if x is None:
         raise DataError(
-            f"data file '{path}' has no 'x' (it has: {', '.join(keys) or 'nothing'}); store the inputs "
-            "under 'x' and the labels under 'y', e.g. numpy.savez(path, x=inputs, y=labels)"
+            f"data file '{path}' has no inputs (it has: {', '.join(keys) or 'nothing'}); store the inputs "
+            "under 'x' and the labels under 'y', e.g. numpy.savez(path, x=inputs, y=labels), or the "
+            "forward's keyword inputs under their names, e.g. numpy.savez(path, input_ids=ids, "
+            "attention_mask=mask, labels=labels)"
         )
-    x_tensor = _check_array(x, "x", path, keys)
+    if isinstance(x, dict):
+        x_tensor = {k: _check_array(v, k, path, keys) for k, v in x.items()}
+        lengths = {k: t.shape[0] for k, t in x_tensor.items()}
+        if len(set(lengths.values())) > 1:
+            raise DataError(f"data file '{path}': its inputs differ in length ("
+                            + ", ".join(f"'{k}' {n}" for k, n in lengths.items())
+                            + "); each keyword input needs one row per example")
+        n, first = next(iter(lengths.values())), next(iter(x_tensor))
+    else:
+        x_tensor = _check_array(x, "x", path, keys)
+        n, first = x_tensor.shape[0], "x"
     y_tensor = None
     if y is not None:
-        y_tensor = _check_array(y, "y", path, keys)
-        if y_tensor.shape[0] != x_tensor.shape[0]:
-            raise DataError(
-                f"data file '{path}': 'x' has {x_tensor.shape[0]} examples but 'y' has {y_tensor.shape[0]}"
-            )
-    if x_tensor.shape[0] == 0:
-        raise DataError(f"data file '{path}' has no examples ('x' has shape {tuple(x_tensor.shape)})")
+        name = "y" if "y" in keys else next(k for k in LABEL_NAMES if k in keys)
+        y_tensor = _check_array(y, name, path, keys)
+        if y_tensor.shape[0] != n:
+            raise DataError(f"data file '{path}': '{first}' has {n} examples but '{name}' has {y_tensor.shape[0]}")
+    if n == 0:
+        raise DataError(f"data file '{path}' has no examples ('{first}' has none)")
     return ArrayDataset(x_tensor, y_tensor, source=str(path))
 
 
