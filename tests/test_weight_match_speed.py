@@ -1,0 +1,195 @@
+"""merging.weight_match made cheaper (issue 20, goal 5) finds the permutations it found before.
+
+The expected permutations (``weight_match_reference.json``) were computed by the descent as it
+was before the speed-ups (commit 71fc252: every step scored from scratch, every step solved),
+on pairs of zoo models where the descent has work to do: two independently randomised models
+(many steps, many changes) and a permuted copy with noise on every weight (the truth is near,
+nothing tied). Regenerate only on purpose, from a checkout whose answers are the reference:
+
+    PYTHONPATH=$PWD python -m tests.test_weight_match_speed --write
+
+The other tests check the bookkeeping that makes it cheaper: a score made of cached parts equals
+the score made from scratch, and a step skipped or batched decides what the step would have.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import graphrepair as gr
+from fixtures.zoo import ZOO
+from graphrepair.merging import weight_match
+from graphrepair.merging.assign import lap
+from graphrepair.merging.weight_match import WeightScores, weight_matching
+from tests.helpers import randomize_
+
+REFERENCE = Path(__file__).with_name("weight_match_reference.json")
+
+# (model, pair): zoo models covering plain chains, residual streams, grouped convs and GroupNorm
+# (Wreath families, moved as wholes), attention (heads x head dims, coupled groups) and a LLaMA
+# with grouped-query attention
+CASES = [("mlp3", "independent"), ("mlp10", "independent"), ("mlp10", "noisy"),
+         ("resnet20_ln", "independent"), ("resnet20_bn", "noisy"), ("transformer_tiny", "independent"),
+         ("transformer_tiny", "noisy"), ("vit_tiny_custom", "independent"), ("grouped_conv_net", "noisy"),
+         ("groupnorm_cnn", "independent"), ("gpt2_tiny", "independent"), ("llama_gqa", "independent"),
+         ("llama_gqa", "noisy")]
+
+
+def _llama() -> tuple[torch.nn.Module, tuple]:
+    from fixtures import hf_natural  # noqa: F401 (makes transformers importable next to torchvision)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=32,
+                         attn_implementation="sdpa")
+    ids = torch.randint(1, 100, (2, 8), generator=torch.Generator().manual_seed(0))
+    return LlamaForCausalLM(config).eval(), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def _model(name: str, seed: int) -> tuple[torch.nn.Module, object]:
+    torch.manual_seed(seed)
+    if name == "llama_gqa":
+        model, example = _llama()
+    else:
+        entry = ZOO[name]
+        model, example = entry.factory().eval(), entry.example_inputs()
+    return randomize_(model, seed=seed + 1), example
+
+
+def pair(name: str, kind: str):
+    """(spec, A's state dict, B's state dict) for one case."""
+    if name in ("gpt2_tiny", "llama_gqa"):
+        pytest.importorskip("transformers")
+    a, example = _model(name, 0)
+    spec = gr.discover(a, example)
+    if kind == "independent":
+        b, _ = _model(name, 10)
+    else:
+        b = gr.permute(a, spec, spec.random_permutations(seed=3))
+        gen = torch.Generator().manual_seed(5)
+        with torch.no_grad():
+            for t in b.state_dict().values():
+                if t.is_floating_point() and t.numel() > 1:
+                    t.add_(0.5 * t.std() * torch.randn(t.shape, generator=gen))
+    return spec, a.state_dict(), b.state_dict()
+
+
+def _key(name: str, kind: str) -> str:
+    return f"{name}/{kind}"
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict:
+    return json.loads(REFERENCE.read_text())
+
+
+@pytest.mark.parametrize("name,kind", CASES)
+def test_the_permutations_of_the_descent_before_the_speed_ups(reference, name, kind):
+    spec, sa, sb = pair(name, kind)
+    found = weight_matching(spec, sa, sb)
+    expected = reference[_key(name, kind)]
+    assert found.keys() == expected.keys()
+    assert any(p != list(range(len(p))) for p in expected.values())  # the descent moved something
+    for g, p in found.items():
+        assert p.tolist() == expected[g], g
+
+
+@pytest.mark.parametrize("name,kind", [("llama_gqa", "independent"), ("resnet20_ln", "independent")])
+def test_a_score_of_cached_parts_is_the_score_from_scratch(name, kind):
+    """The residual stream reads every block: its score keeps one part per set of groups its
+    tensors read, and a part is remade only when one of those groups moved."""
+    spec, sa, sb = pair(name, kind)
+    cached = WeightScores(spec, sa, sb)
+    big = max(spec.groups, key=lambda g: len(cached.parts(g.name))).name
+    assert len(cached.parts(big)) > 2
+    held = {g.name: torch.arange(g.size) for g in spec.groups if g.name != big}
+    gen = torch.Generator().manual_seed(0)
+    for moved in [None] + [g.name for g in spec.groups if g.name != big][:4]:
+        if moved is not None:
+            held[moved] = torch.randperm(spec.group(moved).size, generator=gen)
+        fresh = WeightScores(spec, sa, sb)
+        made = cached.made
+        got = cached.score(big, held)
+        torch.testing.assert_close(got, fresh.score(big, held), rtol=1e-12, atol=1e-9)
+        torch.testing.assert_close(got, fresh.score(big, held, weight_match._inner), rtol=1e-12, atol=1e-9)
+        # at most the part that reads the moved group is made again
+        assert cached.made - made <= (len(cached.parts(big)) if moved is None else 1)
+
+
+def test_a_settled_group_is_not_scored_again(monkeypatch):
+    """A step is a function of the group's neighbours' permutations and its own: a group is scored
+    again only when a neighbour moved since its last step, or when the second start reset its own
+    permutation (mlp10 has no Wreath family, so nothing else moves a group)."""
+    spec, sa, sb = pair("mlp10", "independent")
+    calls = []
+    score = WeightScores.score
+
+    def counted(self, name, held, pairing=None, *args, **kwargs):
+        if pairing is None:
+            calls.append((name, {h: held[h].clone() for h in self.depends(name)}))
+        return score(self, name, held, pairing, *args, **kwargs)
+
+    monkeypatch.setattr(WeightScores, "score", counted)
+    weight_matching(spec, sa, sb)
+    assert len(calls) > 2 * len(spec.groups)  # the descent took several sweeps
+    last: dict[str, dict] = {}
+    repeats = dict.fromkeys(last, 0)
+    for name, deps in calls:
+        if name in last and all(torch.equal(deps[h], last[name][h]) for h in deps):
+            repeats[name] = repeats.get(name, 0) + 1
+        last[name] = deps
+    assert all(n <= 1 for n in repeats.values()), repeats
+
+
+def test_the_sorted_start_hands_the_solver_its_score_less_exact_column_constants():
+    """The sorted start's matrices are near rank one (each unit's sorted weights look alike): the
+    solver gets them less one constant per column, subtracted exactly, and finds the same
+    assignment; a matrix where no such exact subtraction exists goes to the solver as it is."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(300, 400, generator=gen) * (1 + 0.05 * torch.randn(300, 1, generator=gen))
+    b = torch.randn(300, 400, generator=gen) * (1 + 0.05 * torch.randn(300, 1, generator=gen))
+    score = weight_match._sorted_values(a.double()[:, None], b.double()[:, None])
+    eased = weight_match._eased(score)
+    assert eased is not score
+    shift = score - eased
+    assert torch.equal(shift, shift[:1].expand_as(shift))  # one constant per column, exactly
+    assert torch.equal(shift + eased, score)
+    assert torch.equal(lap(eased), lap(score))
+    dead = score.clone()
+    dead[7] = 0.0  # a unit without weights: 0 is no float64 difference away from v_j
+    assert weight_match._eased(dead) is dead
+    mixed = torch.randn(50, 50, generator=gen, dtype=torch.float64)
+    assert weight_match._eased(mixed) is mixed
+
+
+def test_the_benchmark_times_both_merges_of_one_llama_pair(capsys):
+    pytest.importorskip("transformers")
+    from benchmarks import bench_weight_matching
+
+    t_act, t_w, t_wm = bench_weight_matching.main(["--hidden", "32", "--layers", "1", "--heads", "4", "--kv-heads", "2",
+                                                   "--vocab", "50", "--sequences", "4", "--tokens", "8"])
+    out = capsys.readouterr().out
+    assert "LLaMA hidden 32, 1 layers, MLP 256" in out and "load average" in out
+    assert 0 < t_wm < t_w and t_act > 0
+    printed = float(re.search(r"weight / activation = ([\d.]+)x", out).group(1))
+    assert abs(printed - t_w / t_act) < 0.01 and "goal (issue 20, goal 5): <= 2x" in out
+
+
+def write() -> None:
+    out = {}
+    for name, kind in CASES:
+        spec, sa, sb = pair(name, kind)
+        out[_key(name, kind)] = {g: p.tolist() for g, p in weight_matching(spec, sa, sb).items()}
+        print(name, kind, file=sys.stderr)
+    REFERENCE.write_text(json.dumps(out, separators=(",", ":")) + "\n")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--write"]:
+        write()
