@@ -40,39 +40,48 @@ from graphrepair import runtime
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
-def second_of_two(n=64 << 18):  # 64 MB of float32, allocated and filled twice
+def repeated(k=12, n=64 << 18):  # 64 MB of float32, allocated, filled and freed k times
     torch.ones(n).sum()
     before = faults()
-    torch.ones(n).sum()
+    for _ in range(k):
+        torch.ones(n).sum()
     return faults() - before
 
-outside = second_of_two()
+outside = repeated()
 with runtime.held_memory():
-    inside = second_of_two()
-print(outside, inside, second_of_two())
+    inside = repeated()
+print(outside, inside, repeated())
 """
+
+BLOCKS = 12
+
+
+def _run(env) -> tuple[int, int, int]:
+    out = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, check=True)
+    outside, inside, after = map(int, out.stdout.split())
+    return outside, inside, after
 
 
 @glibc
-def test_a_large_block_is_reused_once_memory_is_held():
+def test_large_blocks_are_reused_once_memory_is_held():
+    """glibc maps a 64 MB block afresh each time (above its 32 MB ceiling): every page of every
+    block faults. Held, the blocks reuse the first one's pages, and the thresholds stay raised
+    after the call. (Measured here: 12 blocks fault 196,620 pages outside, 0-49,152 inside: now
+    and then a block still lands on fresh pages, so the test asks for most of them to be reused.)"""
     env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "GRAPHREPAIR_MALLOC")}
-    out = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, check=True)
-    outside, inside, after = map(int, out.stdout.split())
+    outside, inside, after = _run(env)
     pages = (64 << 20) // resource.getpagesize()
-    # glibc maps a 64 MB block afresh each time (above its 32 MB ceiling): every page faults; held,
-    # the second block reuses the first one's pages, and the thresholds stay raised after the call
-    assert outside > pages // 2
-    assert inside < pages // 20
-    assert after < pages // 20
+    assert outside > BLOCKS * pages // 2
+    assert inside < outside // 2
+    assert after < outside // 2
 
 
 @glibc
 def test_nothing_is_held_when_the_user_opts_out():
     env = {**os.environ, "GRAPHREPAIR_MALLOC": "system"}
     env.pop("GLIBC_TUNABLES", None)
-    out = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, check=True)
     pages = (64 << 20) // resource.getpagesize()
-    assert all(int(v) > pages // 2 for v in out.stdout.split())
+    assert all(v > BLOCKS * pages // 2 for v in _run(env))
 
 
 def test_thresholds_are_raised_once_for_nested_calls_and_memory_trimmed_after(monkeypatch):
