@@ -85,7 +85,9 @@ def row(name: str, repair: str | None, onnx: bool, discover_only: bool = False) 
             out[col] = short(e)
             continue
         try:  # the merge of the pair in that dtype: the user's class and dtype back
-            m = gr.merge(half_a, copy.deepcopy(b).to(dtype), batches, spec=spec, repair=repair)
+            # discovered on the half model itself, as a user merging half models would (a spec traced in
+            # float32 carries float32 constants, e.g. a UNet's timestep embedding)
+            m = gr.merge(half_a, copy.deepcopy(b).to(dtype), batches, repair=repair)
             dt = next(m.parameters()).dtype
             out[col] += f" / ok ({type(m).__name__}, {str(dt).replace('torch.', '')})"
         except Exception as e:  # noqa: BLE001
