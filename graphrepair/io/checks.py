@@ -60,6 +60,9 @@ def check_inputs(x: Inputs, like: Inputs, where: str, index: int | None = None) 
             check_batch_shape(t, (None,) * (ref.dim() - 1), label)
 
 
+IGNORE_INDEX = -100  # a label skipped by accuracy and loss alike (cross_entropy's default, e.g. padding)
+
+
 class LabelRule:
     """What labels must look like for a classifier whose outputs (logits) were seen on the first
     batch: integer class indices in ``[0, classes)``, one per output row (``ndim`` axes: 1 for
@@ -93,11 +96,12 @@ def check_labels(y: Any, x: torch.Tensor | Inputs, rule: LabelRule | None, where
         want = "(N,)" if rule.ndim == 1 else f"{rule.ndim} axes"
         raise DataError(f"{at}: labels have shape {tuple(y.shape)}, expected {want}: one class index per "
                         f"row of the model's outputs{hint}")
-    if y.numel():
-        lo, hi = int(y.min()), int(y.max())
+    scored = y[y != IGNORE_INDEX]
+    if scored.numel():
+        lo, hi = int(scored.min()), int(scored.max())
         if lo < 0 or hi >= rule.classes:
             raise DataError(f"{at}: labels range over [{lo}, {hi}] but the model has {rule.classes} outputs; "
-                            f"give class indices in [0, {rule.classes})")
+                            f"give class indices in [0, {rule.classes}) ({IGNORE_INDEX} marks an example to skip)")
 
 
 def check_examples_vary(x: Inputs | torch.Tensor, where: str) -> None:

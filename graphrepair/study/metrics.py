@@ -32,30 +32,12 @@ from passes.observe import ObserverSpec, insert_observers, observers
 
 from graphrepair import distributed
 from graphrepair.io.examples import Examples
+from graphrepair.io.checks import IGNORE_INDEX, LabelRule, check_labels
 from graphrepair.errors import DataError
 from graphrepair.merging.merge import Prepared, check_alpha, merge_prepared, prepare
 from graphrepair.progress import progress
 from graphrepair.models import eval_mode, forward_hooks, graph_for, user_models
 from graphrepair.runtime import model_device, model_dtype
-
-
-IGNORE_INDEX = -100  # labels skipped by accuracy and loss alike (cross_entropy's default, e.g. padding)
-
-
-def _class_indices(y: torch.Tensor, logits: torch.Tensor, where: str) -> torch.Tensor:
-    """Labels as a flat vector of class indices matching the logits' rows, or a DataError."""
-    if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
-        raise DataError(f"{where}: labels must be class indices (integers), got {y.dtype}; "
-                        f"give the class of each example, not scores or one-hot rows")
-    y = y.reshape(-1).to(logits.device)
-    if y.numel() != logits.shape[0]:
-        raise DataError(f"{where}: {y.numel()} labels for {logits.shape[0]} rows of logits "
-                        f"(the model's output has {logits.shape[-1]} classes); give one label per example")
-    bad = (y != IGNORE_INDEX) & ((y < 0) | (y >= logits.shape[-1]))
-    if bool(bad.any()):
-        raise DataError(f"{where}: label {int(y[bad][0])} is outside the model's {logits.shape[-1]} classes "
-                        f"(0 to {logits.shape[-1] - 1}; {IGNORE_INDEX} marks an example to skip)")
-    return y
 
 
 @user_models("model")
@@ -80,8 +62,9 @@ def evaluate(model: nn.Module, data, batch_size: int = 512, quiet: bool = True) 
             logits = out["logits"] if isinstance(out, dict) or hasattr(out, "logits") else out
             if isinstance(logits, (tuple, list)):
                 logits = logits[0]
+            check_labels(y, batch.inputs, LabelRule(logits.shape[-1], logits.dim() - 1), local.where)
             logits = logits.reshape(-1, logits.shape[-1]).float()
-            y = _class_indices(y, logits, local.where)
+            y = y.reshape(-1).to(logits.device)
             kept = y != IGNORE_INDEX
             sums[0] += (logits.argmax(-1) == y)[kept].sum()
             sums[1] += F.cross_entropy(logits, y, reduction="none").sum(dtype=torch.float64)
