@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from unittest import mock
 
 import numpy as np
 import torch
@@ -47,18 +48,19 @@ def _load() -> str:
         return " ".join(f.read().split()[:3])
 
 
+def _timed(mats: list[torch.Tensor], threads: int) -> tuple[list[torch.Tensor], float]:
+    t = time.perf_counter()
+    perms = [p for _, p in assign.lap_each(mats, threads)]
+    return perms, time.perf_counter() - t
+
+
 def phase(mats: list[torch.Tensor], threads: int) -> None:
     t = time.perf_counter()
     ref = [assign._solve(assign._as_cost(m)) for m in mats]
     t_one = time.perf_counter() - t
-    rows = assign.CERTIFIED_ROWS
-    assign.CERTIFIED_ROWS = 1 << 62  # scipy alone, on threads (the path before the certified one)
-    try:
-        t = time.perf_counter()
-        side = [p for _, p in assign.lap_each(mats, threads)]
-        t_side = time.perf_counter() - t
-    finally:
-        assign.CERTIFIED_ROWS = rows
+    # scipy alone, on threads (the path before the certified one)
+    with mock.patch.object(assign, "CERTIFIED_ROWS", 1 << 62):
+        side, t_side = _timed(mats, threads)
     proved = []
     certified = assign._certified
 
@@ -67,13 +69,8 @@ def phase(mats: list[torch.Tensor], threads: int) -> None:
         proved.append(p is not None)
         return p
 
-    assign._certified = count
-    try:
-        t = time.perf_counter()
-        fast = [p for _, p in assign.lap_each(mats, threads)]
-        t_fast = time.perf_counter() - t
-    finally:
-        assign._certified = certified
+    with mock.patch.object(assign, "_certified", count):
+        fast, t_fast = _timed(mats, threads)
     same = lambda got: all(torch.equal(a, b) for a, b in zip(ref, got))
     wide = sum(m.shape[0] >= assign.CERTIFIED_ROWS for m in mats)
     print(f"  scipy one after another {t_one:6.2f}s | scipy on {threads} threads {t_side:6.2f}s "
