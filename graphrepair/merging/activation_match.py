@@ -41,7 +41,8 @@ def tie_safe(corr: torch.Tensor) -> torch.Tensor:
 
 
 def activation_perms(spec: PermutationSpec, stats, max_rounds: int = 50,
-                     weights: "weight_match.WeightScores | None" = None, tie_rounds: int = 5) -> dict[str, torch.Tensor]:
+                     weights: "weight_match.WeightScores | None" = None, tie_rounds: int = 5,
+                     blind: dict | None = None) -> dict[str, torch.Tensor]:
     """One linear assignment per group on its correlation (``stats``: a ``stats.PairStats``).
 
     Ties broken by the weights (``weights``, a ``WeightScores``): what the rounded correlations
@@ -74,7 +75,10 @@ def activation_perms(spec: PermutationSpec, stats, max_rounds: int = 50,
     positions of g's channels, Q_g the gather index of the other groups' current permutations).
     Started from a pairing-free estimate (each A position's best match among B's replicas),
     coordinate ascent solves one group at a time until no group changes; every step can only
-    raise the summed correlation."""
+    raise the summed correlation.
+
+    ``blind``: a dict given to be filled with ``blind_units`` of each group solved alone on its
+    rounded correlations as gathered (what ``unsignalled`` reads afterwards, not found twice)."""
     # whole groups of channels (Wreath families, e.g. a grouped conv's groups): solved exactly
     # from their joint points, or kept in place where they have none (``wreath_perms``)
     perms = wreath_perms(spec, stats)
@@ -84,9 +88,9 @@ def activation_perms(spec: PermutationSpec, stats, max_rounds: int = 50,
     # only for the groups with units matched without signal
     tied = {}
 
-    def ties(g: str, r: torch.Tensor, perm: torch.Tensor):
+    def ties(g: str, r: torch.Tensor, perm: torch.Tensor, found=None):
         if weights is not None and g in weights.touches:
-            u = _without_signal(r, perm).nonzero().flatten().cpu()  # perms are on the CPU
+            u = _without_signal(r, perm, found).nonzero().flatten().cpu()  # perms are on the CPU
             if len(u) > 1:  # U, P(U) and the rounded block U x P(U), on the CPU as lap wants it
                 return u, perm[u], r[u][:, perm[u]].cpu()
         return None
@@ -95,7 +99,10 @@ def activation_perms(spec: PermutationSpec, stats, max_rounds: int = 50,
     alone = [g for g, c in stats.corr.items() if g not in stats.coupled and g not in done]
     for g, (r, perm) in zip(alone, lap_each(tie_safe(stats.corr[g]) for g in alone)):
         perms[g] = perm
-        t = ties(g, r, perm)
+        found = None
+        if blind is not None:
+            found = blind[g] = blind_units(r)
+        t = ties(g, r, perm, found)
         if t is not None:
             tied[g] = t
     families, held = spec.wreaths
@@ -241,34 +248,68 @@ def _hash_vectors(n: int, dtype: torch.dtype, device: torch.device) -> torch.Ten
     return torch.randint(1, 2 ** 18 if n <= 2 ** 16 else 2 ** 10, (n, 2), generator=g).to(dtype=dtype, device=device)
 
 
+def _repeated(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For the rows of ``keys`` (n, k): (each row's position in their lexicographic order, and
+    whether the row there equals the row before it). k stable sorts, one per column, last first."""
+    order = torch.arange(keys.shape[0], device=keys.device)
+    for col in range(keys.shape[1] - 1, -1, -1):
+        order = order[torch.sort(keys[order, col], stable=True).indices]
+    s = keys[order]
+    same = torch.zeros(keys.shape[0], dtype=torch.bool, device=keys.device)
+    same[1:] = (s[1:] == s[:-1]).all(1)
+    return order, same
+
+
 def _blind(rounded: torch.Tensor) -> torch.Tensor:
     """Rows of ``rounded`` (correlations on the TIE_GRID) that tell nothing apart: all zero (a
     dead unit: every correlation 0) or equal to another row (units whose activations are the
-    same). Equal rows are found by two exact integer hashes (the rows times random integer
-    vectors: every value is an integer multiple of TIE_GRID, so float64 adds them without
-    rounding below 2^53) and confirmed by comparing the candidate rows themselves: the same
-    answer as comparing every pair of rows, at the cost of one (n, n) x (n, 2) product."""
-    w = _hash_vectors(rounded.shape[1], rounded.dtype, rounded.device)
-    _, inverse, counts = torch.unique(rounded @ w, dim=0, return_inverse=True, return_counts=True)
+    same). Rows are hashed by two exact integer hashes (the rows times random integer vectors:
+    every value is an integer multiple of TIE_GRID, so float64 adds them without rounding below
+    2^53); rows whose hashes repeat are candidates, each compared with the first row of its run
+    of equal hashes. Where every candidate equals its run's first row (always, but for a hash
+    collision) that decides it; otherwise the candidate rows are compared all together (a sort of
+    the rows themselves). The same answer as comparing every pair of rows, at the cost of one
+    (n, n) x (n, 2) product and two sorts of n numbers."""
+    n = rounded.shape[0]
     blind = (rounded == 0).all(1)
-    candidates = (counts[inverse] > 1).nonzero().flatten()
-    if len(candidates):
-        _, inv, cnt = torch.unique(rounded[candidates], dim=0, return_inverse=True, return_counts=True)
-        blind[candidates] |= cnt[inv] > 1
+    if n < 2:
+        return blind
+    order, same = _repeated(rounded @ _hash_vectors(rounded.shape[1], rounded.dtype, rounded.device))
+    if not bool(same.any()):
+        return blind
+    run = torch.cumsum(~same, 0) - 1  # run of equal hashes, per sorted position
+    starts = order[(~same).nonzero().flatten()]  # the first row of each run
+    size = torch.bincount(run)
+    in_run = size[run] > 1
+    rows, first = order[in_run], starts[run[in_run]]
+    if bool((rounded[rows] == rounded[first]).all()):
+        blind[rows] = True
+        return blind
+    _, inv, cnt = torch.unique(rounded[rows], dim=0, return_inverse=True, return_counts=True)
+    blind[rows] |= cnt[inv] > 1
     return blind
 
 
-def _without_signal(rounded: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
-    """Mask of A's units matched without activation signal (see ``unsignalled``)."""
-    return _blind(rounded) | _blind(rounded.T)[perm]
+def blind_units(rounded: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A's units, B's units) that the rounded correlations ``rounded`` (``tie_safe``) cannot
+    tell apart (``_blind`` of its rows and of its columns): what ``unsignalled`` reads."""
+    return _blind(rounded), _blind(rounded.T)
 
 
-def unsignalled(rounded: torch.Tensor, perm: torch.Tensor,
-                cosine: torch.Tensor | None = None) -> tuple[int, int]:
+def _without_signal(rounded: torch.Tensor, perm: torch.Tensor, blind=None) -> torch.Tensor:
+    """Mask of A's units matched without activation signal (see ``unsignalled``); ``blind``:
+    ``blind_units(rounded)``, when already known."""
+    rows, cols = blind if blind is not None else blind_units(rounded)
+    return rows | cols[perm.to(cols.device)]
+
+
+def unsignalled(rounded: torch.Tensor | None, perm: torch.Tensor,
+                cosine: torch.Tensor | None = None, blind=None) -> tuple[int, int]:
     """(units matched without activation signal, those of them the weights did not decide either)
     for one group: ``rounded`` its rounded correlations (``tie_safe``), ``perm`` its assignment,
     ``cosine`` its weights' ``WeightScores.cosine`` under the final permutations (the matrix, or a
-    function of (rows, cols) giving that block).
+    function of (rows, cols) giving that block); ``blind``: ``blind_units(rounded)`` when already
+    known (``activation_perms`` keeps them), then ``rounded`` is not read.
 
     A's unit i is matched without activation signal when its row of rounded correlations, or
     the column of its match P(i), is all zero (a dead unit, in A or in B: zero variance at every
@@ -278,7 +319,7 @@ def unsignalled(rounded: torch.Tensor, perm: torch.Tensor,
     The weights decided it when no other column matched to such a unit has the same cosine with
     i as P(i), on the same grid; otherwise nothing did (tied weights too, or a unit with no
     weights): the match is arbitrary."""
-    without = _without_signal(rounded, perm)
+    without = _without_signal(rounded, perm, blind).cpu()
     n = int(without.sum())
     if cosine is None or n == 0:
         return n, n

@@ -68,10 +68,11 @@ def align_pair(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module, fi
         stats = collect(spec, model_a, model_b, fit, observe, resets, cross_at_resets=cross_at_resets,
                         quiet=quiet, total=fit.batches(), requested=fit.n or 0, example=fit.example())
     perms = None
+    blind = {}  # group -> its units the activations cannot tell apart (found by activation_perms)
     with distributed.step("solving the assignments"):
         if distributed.is_reporting():  # one solver: rank 0 (see graphrepair.distributed)
             if method == "activation":
-                perms = activation_perms(spec, stats, weights=scores)
+                perms = activation_perms(spec, stats, weights=scores, blind=blind)
                 rest = [g.name for g in spec.groups if g.name not in perms]
                 if rest:  # groups no activation reaches (fused attention internals): weight matching
                     perms = weight_matching(spec, sa, sb, groups=rest, init=perms, seed=seed)
@@ -87,8 +88,9 @@ def align_pair(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module, fi
             mean_corr[g] = float(c[torch.arange(len(p), device=c.device), p].mean())
             if scores is not None:
                 held = {h: q for h, q in perms.items() if h != g}
-                n, arbitrary = unsignalled(tie_safe(c).cpu(), p.cpu(),
-                                           lambda rows, cols: scores.cosine(g, held, rows, cols))
+                known = blind.get(g) if g not in stats.coupled else None
+                n, arbitrary = unsignalled(None if known is not None else tie_safe(c).cpu(), p.cpu(),
+                                           lambda rows, cols: scores.cosine(g, held, rows, cols), blind=known)
                 if n:
                     stats.unsignalled[g], stats.arbitrary[g] = n, arbitrary
     return perms, stats, mean_corr
