@@ -253,3 +253,39 @@ def test_unsignalled_counts_dead_and_identical_units_not_values_that_coincide():
     assert unsignalled(c, ident, cos) == (4, 0)  # the weights tell each apart
     cos[1, 5] = cos[1, 1]  # unit 1 alike to B's 1 and 5 in its weights too
     assert unsignalled(c, ident, cos) == (4, 1)
+
+
+def test_blind_rows_are_exactly_the_zero_or_repeated_rows():
+    """``_blind`` (hashes, sorts, one comparison per candidate row) against comparing every pair
+    of rows, on rounded matrices with dead rows, repeated rows and near-equal ones; transposed
+    (non-contiguous) too, as ``blind_units`` reads the columns."""
+    from graphrepair.merging.activation_match import _blind, blind_units, tie_safe
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(60):
+        n = int(torch.randint(2, 50, (), generator=g))
+        r = tie_safe(torch.randn(n, n, generator=g) * (torch.rand(n, 1, generator=g) > 0.25))
+        src = torch.randint(0, n, (n // 3,), generator=g)
+        dst = torch.randint(0, n, (n // 3,), generator=g)
+        r[dst] = r[src]
+        if n > 3:  # a row one grid step from another is no repeat
+            r[1] = r[0]
+            r[1, -1] += 2.0 ** -17
+        for m in (r, r.T):
+            brute = torch.tensor([bool((m[i] == 0).all()) or any(torch.equal(m[i], m[j]) for j in range(n) if j != i)
+                                  for i in range(n)])
+            assert torch.equal(_blind(m), brute)
+        rows, cols = blind_units(r)
+        assert torch.equal(rows, _blind(r)) and torch.equal(cols, _blind(r.T))
+
+
+def test_blind_rows_when_hashes_collide(monkeypatch):
+    """Rows with equal hashes that differ (a collision) are compared row by row: with every hash
+    forced to 0, only the truly repeated and the zero rows are blind."""
+    from graphrepair.merging import activation_match as am
+
+    monkeypatch.setattr(am, "_hash_vectors", lambda n, dtype, device: torch.zeros(n, 2, dtype=dtype, device=device))
+    r = am.tie_safe(torch.randn(6, 6, generator=torch.Generator().manual_seed(1)))
+    r[3] = r[1]
+    r[5] = 0.0
+    assert am._blind(r).tolist() == [False, True, False, True, False, True]
