@@ -113,9 +113,17 @@ def activation_perms(spec: PermutationSpec, stats, max_rounds: int = 50,
         t = ties(g, tie_safe(paired_corr(spec, stats, g, perms)), perms[g])
         if t is not None:
             tied[g] = t
+    # a group's step reads only the permutations of the groups its weights share a tensor with
+    # (``WeightScores.depends``; U, P(U) and its block are fixed): one whose neighbours hold the
+    # permutations of its last step would find what it found, and is not solved again
+    last: dict[str, dict] = {}
     for _ in range(tie_rounds if tied else 0):
         changed = False
         for g in [h.name for h in spec.groups if h.name in tied]:
+            near = {h: perms.get(h) for h in weights.depends(g)}
+            if g in last and all(last[g][h] is p for h, p in near.items()):
+                continue
+            last[g] = near  # permutations are replaced, never changed in place
             u, cols, block = tied[g]
             held = {h: p for h, p in perms.items() if h != g}
             q = lap(block + TIE_GRID / (4 * len(u)) * weights.cosine(g, held, rows=u, cols=cols))
