@@ -63,6 +63,11 @@ def _replicas(t: torch.Tensor, axis: int, pos: torch.Tensor, rows: tuple | None 
     return _block(m, pos.shape[0], pos.shape[1], widen)
 
 
+# A's views of a few units are kept per group up to this many float64 numbers (32 MB; a few units
+# of a residual stream read the whole embedding)
+_KEEP_ROWS = 1 << 22
+
+
 def _identity(index: torch.Tensor, n: int) -> bool:
     """Whether ``index`` is 0, 1, ..., n - 1 (a gather by it would only copy)."""
     return index.shape[0] == n and bool((index == torch.arange(n, device=index.device)).all())
@@ -128,6 +133,7 @@ class WeightScores:
         self._deps: dict[str, tuple[str, ...]] = {}  # the groups each group's views read
         # per group, the last block of cosines (rows, cols, the permutations it read, the block)
         self._last: dict[str, tuple] = {}
+        self._rows_a: dict[str, tuple] = {}  # per group, A's views of the last few units asked for (``_score``)
         self._parts: dict[str, list[tuple[tuple[str, ...], list[int]]]] = {}  # see ``parts``
         # parts of scores kept, per (group, part): (the permutations they read, the part); at most
         # ``keep_bytes`` in all (default: one byte per weight touched, 64 MiB at least)
@@ -142,7 +148,8 @@ class WeightScores:
         """Whether group ``name`` is replicated over other groups on one of its axes."""
         return any(ax.mixes(self.spec.param_axes[key][axis]) for key, axis, _, _ in self.touches[name])
 
-    def views(self, name: str, held: dict, units_a=None, units_b=None, items=None, widen: bool = True):
+    def views(self, name: str, held: dict, units_a=None, units_b=None, items=None, widen: bool = True,
+              known_a: list | None = None):
         """(A's g-view, B's g-view) of every tensor group ``name`` touches, in float64, B's
         groups in ``held`` permuted as given there; ``units_a``, ``units_b``: only those units of
         A's and of B's view (the tie-break scores a few units of a wide layer). Only the touched
@@ -150,14 +157,15 @@ class WeightScores:
         gathered through the axis's own index before its other axes are permuted, not after
         permuting the whole tensor: the same values, at |g| R / n of the cost (ViT-B/16's 288
         attention groups: 10.8 s -> 0.8 s). ``items``: only those of the tensors (indices into
-        ``touches[name]``); not ``widen``: in the weights' own dtype."""
+        ``touches[name]``); not ``widen``: in the weights' own dtype. ``known_a``: A's views of
+        ``units_a``, one per tensor, as an earlier call gave them (they do not depend on ``held``)."""
         vp = {self.spec.var_of_group[k]: v for k, v in held.items()}
         touched = self.touches[name]
-        for key, axis, pos, rows in (touched if items is None else [touched[i] for i in items]):
+        for k, (key, axis, pos, rows) in enumerate(touched if items is None else [touched[i] for i in items]):
             a, b, exprs = self.state_a[key].detach(), self.state_b[key].detach(), self.spec.param_axes[key]
             pos_a = pos if units_a is None else pos[units_a]
             pos_b = pos if units_b is None else pos[units_b]
-            wa = _replicas(a, axis, pos_a, rows, widen)
+            wa = known_a[k] if known_a is not None else _replicas(a, axis, pos_a, rows, widen)
             if rows is not None or any(isinstance(e, ax.PerBlock) for e in exprs):
                 yield wa, _replicas(ax.permute_tensor(b, exprs, vp), axis, pos_b, rows, widen)
                 continue
@@ -191,10 +199,20 @@ class WeightScores:
         # only the units asked for are gathered (not the whole group, then a few of its rows)
         units_a = None if rows is None else rows.cpu()
         units_b = None if cols is None else cols.cpu()
-        for wa, wb in self.views(name, held, units_a, units_b, items, widen=pairing is not _sorted_values):
+        widen = pairing is not _sorted_values
+        # A's views of a few units (the tie-break's rows, asked for again round after round with
+        # other permutations held) are kept: they read no permutation
+        known = self._rows_a.get(name) if units_a is not None and items is None and widen else None
+        known_a = known[1] if known is not None and torch.equal(known[0], units_a) else None
+        made_a = []
+        for wa, wb in self.views(name, held, units_a, units_b, items, widen=widen, known_a=known_a):
+            made_a.append(wa)
             total += pairing(wa, wb).cpu()
             if norms:
                 norms_b += wb.flatten(1).square().sum(1).cpu()
+        if (units_a is not None and items is None and widen and known_a is None
+                and sum(w.numel() for w in made_a) <= _KEEP_ROWS):
+            self._rows_a[name] = (units_a.clone(), made_a)
         return total, norms_b
 
     def parts(self, name: str) -> list[tuple[tuple[str, ...], list[int]]]:
