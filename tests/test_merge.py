@@ -261,3 +261,35 @@ def test_nan_weights_name_the_layer(digits_pair):
         bad[3].weight[0, 0] = math.nan
     with pytest.raises(gr.NumericError, match=r"model B.*'3\.weight'"):
         gr.merge(a, bad, x)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_spec_discovered_in_float32_merges_the_half_models(dtype):
+    """A spec discovered on the float32 model and given to a merge of its half-precision copies:
+    the groups are the same, but the graph holds float32 weights; the merge traces the half model
+    as it is (the same groups), runs in its dtype and gives what the merge without a spec gives."""
+    torch.manual_seed(0)
+    a, b = mlp(depth=3, width=32).eval(), mlp(depth=3, width=32).eval()
+    x = torch.randn(64, 1, 28, 28)
+    spec32 = gr.discover(a, (x[:2],))
+    ha, hb = copy.deepcopy(a).to(dtype), copy.deepcopy(b).to(dtype)
+    given = gr.merge_models([ha, hb], x, num_examples=64, batch_size=32, spec=spec32)
+    own = gr.merge_models([ha, hb], x, num_examples=64, batch_size=32)
+    assert {g.name: g.size for g in given.spec.groups} == {g.name: g.size for g in spec32.groups}
+    assert {k: v.tolist() for k, v in given.perms[0].items()} == {k: v.tolist() for k, v in own.perms[0].items()}
+    assert next(given.model.parameters()).dtype == dtype
+    for (k, v), w in zip(given.model.state_dict().items(), own.model.state_dict().values()):
+        assert torch.equal(v, w), k
+    # the float32 models still merge with it as it is (the spec's own graph)
+    assert gr.merge_models([a, b], x, num_examples=64, batch_size=32, spec=spec32).spec is spec32
+
+
+def test_a_spec_of_other_groups_traced_at_another_dtype_is_refused():
+    """A float32 spec whose groups are not those of the half model's own trace: MismatchError
+    naming the group and what to do (never a merge with the wrong groups)."""
+    torch.manual_seed(0)
+    x = torch.randn(16, 1, 28, 28)
+    spec32 = gr.discover(mlp(depth=3, width=16).eval(), (x[:2],))
+    ha, hb = mlp(depth=3, width=32).to(torch.bfloat16).eval(), mlp(depth=3, width=32).to(torch.bfloat16).eval()
+    with pytest.raises(gr.GraphRepairError, match=r"traced with torch.float32 weights.*bfloat16.*16 channels.*spec=None"):
+        gr.merge_models([ha, hb], x, num_examples=16, batch_size=16, spec=spec32)

@@ -13,7 +13,7 @@ from torch import nn
 from graphrepair import distributed
 from graphrepair.discovery.discover import discover
 from graphrepair.discovery.spec import PermutationSpec
-from graphrepair.errors import CheckError, DataError, GraphRepairError, ShapeError
+from graphrepair.errors import CheckError, DataError, GraphRepairError, MismatchError, ShapeError
 from graphrepair.io.examples import Examples
 from graphrepair.io.inputs import Inputs
 from graphrepair.merging.activation_match import activation_perms, paired_corr, tie_safe, unsignalled
@@ -50,6 +50,30 @@ def discover_on(model: nn.Module, fit: Examples) -> PermutationSpec:
         if better is not None:
             raise better from e
         raise
+
+
+def spec_for(spec: PermutationSpec, model: nn.Module, fit: Examples) -> PermutationSpec:
+    """``spec`` (given by the caller) for merging ``model``: as it is when its graph holds the
+    model's floating dtype. A spec traced at another dtype (discovered on the float32 model, merged
+    in bfloat16) has the same groups but a graph whose weights and constants are of that dtype:
+    the passes would run the model at the wrong precision, or fail where its float32 constants
+    meet half-precision weights. Then the model is traced as it is, and the groups found must be
+    the spec's (MismatchError naming the first difference otherwise)."""
+    traced_dtype, dtype = model_dtype(spec.traced.gm), model_dtype(model)
+    if traced_dtype is None or dtype is None or traced_dtype == dtype:
+        return spec
+    fresh = discover_on(model, fit)
+    given = {g.name: g.size for g in spec.groups}
+    found = {g.name: g.size for g in fresh.groups}
+    if given != found:
+        k = next((k for k in given if found.get(k) != given[k]), None)
+        diff = (f"the spec's group {k!r} of {given[k]} channels "
+                + ("is not found" if k not in found else f"has {found[k]} channels") if k is not None else
+                f"group {next(k for k in found if k not in given)!r} is not in the spec")
+        raise MismatchError(f"the spec given was traced with {traced_dtype} weights and the model is {dtype}; "
+                            f"traced as it is, the model's groups differ ({diff}): pass spec=None "
+                            f"(discovery on the model itself) or a spec discovered on the {dtype} model")
+    return fresh
 
 
 def align_pair(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module, fit: Examples, *,
@@ -148,8 +172,7 @@ def prepare(models: list[nn.Module], data, *, method: str = "activation", statis
         fit.shared_example = example.to(device, fit.dtype)
         distributed.agree_on_function(models, fit.shared_example)  # the same function everywhere too
     with distributed.step("tracing the model and discovering its permutation groups"):
-        if spec is None:
-            spec = discover_on(models[0], fit)
+        spec = discover_on(models[0], fit) if spec is None else spec_for(spec, models[0], fit)
         require_groups(spec, name or spec.model_name or type(models[0]).__name__, see=see)
         rpoints = reset_points(spec, points) if statistics else []
     perms_all, stats_all, corr = [], [], {}
