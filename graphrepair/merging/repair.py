@@ -82,7 +82,7 @@ def _normaliser_std(goal_std: torch.Tensor, eps: float = RESET_EPS) -> torch.Ten
 
 def _permuted(stat: torch.Tensor, spec: PermutationSpec, node: str, axis: int, perms) -> torch.Tensor:
     """``perms``: group permutations, or ``spec.checked(perms)`` of them."""
-    return stat[spec.node_index(node, axis, perms).to(stat.device)]
+    return stat[..., spec.node_index(node, axis, perms).to(stat.device)]  # along the last axis: (C,) or (batches, C)
 
 
 def goal_statistics(spec: PermutationSpec, points: list[ResetPoint], stats_all: list[PairStats],
@@ -127,14 +127,15 @@ def batch_goals(spec: PermutationSpec, points: list[ResetPoint], stats_all: list
     if not points or len(counts) != 1 or 0 in counts:
         return []
     perms_all = [spec.checked(p) for p in perms_all]
-    out = []
-    for t in range(counts.pop()):
-        goals = {}
-        for r in points:
-            mean, std = _interpolated(spec, r, stats_all[0].points[r.node].batches[t][:2],
-                                      [st.points[r.node].batches[t][2:] for st in stats_all], perms_all, weights)
-            goals[r.node] = (mean.float(), _normaliser_std(std).float())
-        out.append(goals)
+    out = [{} for _ in range(counts.pop())]
+    for r in points:  # every batch of a point at once, as (batches, C) rows: the same elementwise sums
+        a = tuple(torch.stack(m) for m in zip(*(b[:2] for b in stats_all[0].points[r.node].batches)))
+        others = [tuple(torch.stack(m) for m in zip(*(b[2:] for b in st.points[r.node].batches)))
+                  for st in stats_all]
+        mean, std = _interpolated(spec, r, a, others, perms_all, weights)
+        mean, std = mean.float(), _normaliser_std(std).float()
+        for t, goals in enumerate(out):
+            goals[r.node] = (mean[t], std[t])
     return out
 
 
