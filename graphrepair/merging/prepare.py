@@ -112,7 +112,7 @@ def align_pair(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module, fi
             mean_corr[g] = float(c[torch.arange(len(p), device=c.device), p].mean())
             if scores is not None:
                 held = {h: q for h, q in perms.items() if h != g}
-                known = blind.get(g) if g not in stats.coupled else None
+                known = blind.get(g)  # groups solved alone on their correlations as gathered
                 n, arbitrary = unsignalled(None if known is not None else tie_safe(c).cpu(), p.cpu(),
                                            lambda rows, cols: scores.cosine(g, held, rows, cols), blind=known)
                 if n:

@@ -221,12 +221,7 @@ class WeightScores:
         groups on its axes; tensors that read a common group are in one part, and those that read
         none (an embedding, a norm's weight) in one part of their own."""
         if name not in self._parts:
-            name_of = {v: k for k, v in self.spec.var_of_group.items()}
-            reads = []
-            for key, _, _, _ in self.touches[name]:
-                found = {name_of[v.id] for e in self.spec.param_axes[key] for v in ax.variables(e) if v.id in name_of}
-                found.discard(name)
-                reads.append(found or {None})  # None: reads no other group
+            reads = [set(found) or {None} for found in self._reads(name)]  # None: reads no other group
             up = list(range(len(reads)))
 
             def root(i: int) -> int:
@@ -280,12 +275,15 @@ class WeightScores:
         """The other groups whose permutations group ``name``'s views read (every group on an
         axis of a tensor it touches)."""
         if name not in self._deps:
-            name_of = {v: k for k, v in self.spec.var_of_group.items()}
-            found = {name_of[v.id] for key, _, _, _ in self.touches[name] for e in self.spec.param_axes[key]
-                     for v in ax.variables(e) if v.id in name_of}
-            found.discard(name)
-            self._deps[name] = tuple(sorted(found))
+            self._deps[name] = tuple(sorted(set().union(*self._reads(name))))
         return self._deps[name]
+
+    def _reads(self, name: str) -> list[frozenset[str]]:
+        """Per tensor group ``name`` touches (``touches[name]``), the other groups on its axes."""
+        name_of = {v: k for k, v in self.spec.var_of_group.items()}
+        return [frozenset(name_of[v.id] for e in self.spec.param_axes[key] for v in ax.variables(e)
+                          if v.id in name_of) - {name}
+                for key, _, _, _ in self.touches[name]]
 
     def cosine(self, name: str, held: dict, rows=None, cols=None) -> torch.Tensor:
         """``score`` divided by the norms of A's unit i and B's unit j (all the weights each
