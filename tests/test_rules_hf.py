@@ -22,6 +22,8 @@ discovery takes torch.export's ATen graph: the same model is checked in both gra
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -31,6 +33,15 @@ import graphrepair as gr
 from graphrepair.discovery.rules.registry import RULES
 from graphrepair.errors import CheckError
 from tests.helpers import discover_checked, group_of
+
+
+def rows_moved(model: nn.Module, index, *names: str) -> nn.Module:
+    """A copy of ``model`` whose parameters ``names`` have their rows (axis 0) gathered by ``index``."""
+    moved = copy.deepcopy(model)
+    with torch.no_grad():
+        for name in names:
+            moved.get_parameter(name).copy_(model.get_parameter(name)[index])
+    return moved
 
 
 def export_only(x: torch.Tensor) -> None:
@@ -248,12 +259,8 @@ def test_a_wrong_permutation_through_the_index_is_refused():
     x = torch.randn(3, 5, 4)
     spec = gr.discover(model, x)
     g = group_of(spec, "lin1.weight", 0)
-    wrong = Pooled().eval()
-    wrong.load_state_dict(model.state_dict())
     perm = torch.roll(torch.arange(g.size), 1)
-    with torch.no_grad():
-        wrong.lin1.weight.copy_(model.lin1.weight[perm])
-        wrong.lin1.bias.copy_(model.lin1.bias[perm])
+    wrong = rows_moved(model, perm, "lin1.weight", "lin1.bias")
     with pytest.raises(CheckError, match=r"changes? the output"):
         spec.prove(model, wrong, x, {g.name: perm})
 
@@ -330,13 +337,9 @@ def test_a_wrong_permutation_across_slice_blocks_is_refused():
     x = torch.randn(2, 3, 4)
     spec = gr.discover(model, x)
     g = group_of(spec, "b.weight", 1)
-    wrong = FusedProjection().eval()
-    wrong.load_state_dict(model.state_dict())
     swap = torch.arange(12)
     swap[4], swap[5] = 5, 4  # the last channel of block a and the first of block b
-    with torch.no_grad():
-        wrong.fused.weight.copy_(model.fused.weight[swap])
-        wrong.fused.bias.copy_(model.fused.bias[swap])
+    wrong = rows_moved(model, swap, "fused.weight", "fused.bias")
     with pytest.raises(CheckError, match=r"changes? the output"):
         spec.prove(model, wrong, x, {g.name: torch.arange(g.size)})
 
@@ -439,10 +442,6 @@ def test_moving_the_experts_is_refused():
     x = torch.randn(6, 3)
     spec = gr.discover(model, x)
     g = group_of(spec, "w1", 2)
-    moved = Experts().eval()
-    moved.load_state_dict(model.state_dict())
-    with torch.no_grad():
-        moved.w1.copy_(model.w1[[1, 0, 2]])
-        moved.w2.copy_(model.w2[[1, 0, 2]])
+    moved = rows_moved(model, [1, 0, 2], "w1", "w2")
     with pytest.raises(CheckError, match=r"changes? the output"):
         spec.prove(model, moved, x, {g.name: torch.arange(g.size)})
