@@ -437,6 +437,83 @@ class ChannelSums:
 
 
 
+class PairScratch:
+    """One working buffer per (samples, channels, dtype, device), shared by every tap of a joint
+    pass (``pair_update``): the shifted copies of A's and B's rows and their squares are written
+    into the same memory at every node, which stays in the cache, instead of four fresh
+    activation-sized tensors per node and batch. Holds at most a few (N, 4C) buffers of up to
+    4 * ``_SMALL`` elements; freed with the pass's taps."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[tuple, tuple[torch.Tensor, ...]] = {}
+
+    def get(self, n: int, c: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """(ones (1, N), buffer (N, 4C), A rows, B rows, A and B rows, their squares): the views
+        are made once."""
+        key = (n, c, dtype, device)
+        got = self._bufs.get(key)
+        if got is None:
+            if len(self._bufs) >= 4:  # batch sizes change rarely (a last, smaller batch)
+                self._bufs.clear()
+            buf = torch.empty(n, 4 * c, dtype=dtype, device=device)
+            got = self._bufs[key] = (torch.ones(1, n, dtype=dtype, device=device), buf, buf[:, :c],
+                                     buf[:, c:2 * c], buf[:, :2 * c], buf[:, 2 * c:])
+        return got
+
+
+def pair_update(sa: ChannelSums, sb: ChannelSums, a: torch.Tensor, b: torch.Tensor,
+                scratch: PairScratch) -> tuple[_Layout, _Layout, torch.Tensor] | None:
+    """``sa.update(a)`` and ``sb.update(b)`` in one go where A's and B's values are (N, C) rows
+    (channels on the last axis of contiguous tensors of one shape, float32 or float64, at most
+    ``_SMALL`` elements, shifts already chosen): the shifted rows of both and their squares are
+    written into one buffer of ``scratch`` and one matrix-vector product with ones gives all four
+    sums, ``v`` = [S1_a, S1_b, S2_a, S2_b] (float32, (1, 4C)), which reach both waiting buffers in
+    one copy. The sums are the ones ``update`` computes (the same products of the same numbers,
+    the same float64 totals). Returns the two shifted layouts (for ``cross_product``) and ``v``;
+    None where this does not apply (the caller then updates each side on its own)."""
+    if (a.dtype not in _EXACT or a.dtype != b.dtype or a.shape != b.shape or a.device != b.device
+            or not sa.decided or not sb.decided or sa.index is not None or sb.index is not None
+            or not isinstance(sa.dim, int) or sa.dim != sb.dim or a.ndim == 0
+            or sa.dim % a.ndim != a.ndim - 1 or a.numel() > _SMALL
+            or not a.is_contiguous() or not b.is_contiguous()):
+        return None
+    c = a.shape[-1]
+    n = a.numel() // c if c else 0
+    if n == 0 or any(t._tot is not None and t._tot.shape[1] != c for t in (sa, sb)) \
+            or any(k is not None and k.dtype != a.dtype for k in (sa.shift, sb.shift)):
+        return None  # (``update`` says what is wrong with a batch of another width)
+    ones, buf, da, db, dab, sq = scratch.get(n, c, a.dtype, a.device)
+    for t, d, k in ((a, da, sa.shift), (b, db, sb.shift)):
+        t = t if t.ndim == 2 else t.view(n, c)
+        if k is None:
+            d.copy_(t)
+        else:
+            torch.sub(t, k, out=d)
+    torch.mul(dab, dab, out=sq)
+    v = torch.mm(ones, buf)
+    if sa._tot is None or sb._tot is None:
+        sums = v.view(2, 2, c)
+        for i, t in enumerate((sa, sb)):
+            t.n = n
+            t._set_totals(sums[:, i].double())
+    else:
+        if (sa._wait is None or sb._wait is None or sa._wait._base is None
+                or sa._wait._base is not sb._wait._base or sa._waiting != sb._waiting):
+            # one waiting buffer for both, (_PENDING, 2, 2, C): S1 and S2 of A and of B
+            sa._flush()
+            sb._flush()
+            both = sa._tot.new_empty((_PENDING, 2, 2, c))
+            sa._wait, sb._wait = both[:, :, 0], both[:, :, 1]
+        sa._wait._base[sa._waiting].copy_(v.view(2, 2, c))
+        for t in (sa, sb):
+            t.n += n
+            t._waiting += 1
+            if t._waiting >= _PENDING:
+                t._flush()
+    sa.batch = sb.batch = None  # (``PairTap`` keeps ``v`` for the batch's moments)
+    return _Layout("rows", da), _Layout("rows", db), v
+
+
 def cross_product(la: _Layout, lb: _Layout, out: torch.Tensor | None = None, add: bool = False) -> torch.Tensor:
     """X_a X_b^T (Ca, Cb) of two layouts of one batch's samples, in their dtype, one (batched)
     matmul. With ``out`` the product is written into it, or with ``add`` added to what it holds

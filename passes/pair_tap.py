@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from passes.errors import PassError
-from passes.moments import ChannelSums, CrossSum, covariance, cross_raw_total
+from passes.moments import ChannelSums, CrossSum, PairScratch, covariance, cross_raw_total, pair_update
 
 
 @dataclass(frozen=True)
@@ -33,10 +33,13 @@ class PairTap(nn.Module):
     ``shape``: the shape of the tapped value (any batch size), so that each view knows its channel
     count before any batch (``raw_totals`` of a tap that saw none)."""
 
-    def __init__(self, views: list[TapView], source: str = "", shape: tuple | None = None) -> None:
+    def __init__(self, views: list[TapView], source: str = "", shape: tuple | None = None,
+                 scratch: PairScratch | None = None) -> None:
         super().__init__()
         self.views = list(views)
         self.source = source
+        # the working buffer of A's and B's rows (``moments.pair_update``), shared by the taps of one pass
+        self.scratch = PairScratch() if scratch is None else scratch
         self.sums = [tuple(ChannelSums(v.dim, v.index, _channels(v, shape)) for _ in "ab") for v in self.views]
         self.cross = [CrossSum() if v.cross else None for v in self.views]
         self.calibrating = False  # forward chooses the sums' shifts instead of adding a batch
@@ -60,9 +63,15 @@ class PairTap(nn.Module):
                 sb.calibrate(b)
             return
         for i, (v, (sa, sb)) in enumerate(zip(self.views, self.sums)):
-            la, lb = sa.update(a), sb.update(b)
-            if i in self.per_batch:
-                self.per_batch[i].append((sa.batch, sa.shift, sb.batch, sb.shift))
+            both = pair_update(sa, sb, a, b, self.scratch)
+            if both is None:
+                la, lb = sa.update(a), sb.update(b)
+                if i in self.per_batch:
+                    self.per_batch[i].append((sa.batch, sa.shift, sb.batch, sb.shift))
+            else:
+                la, lb, sums = both
+                if i in self.per_batch:  # [S1_a, S1_b, S2_a, S2_b] of the batch: split when read
+                    self.per_batch[i].append((a.numel() // a.shape[-1], sums, sa.shift, sb.shift))
             if v.cross:
                 self.cross[i].add(la, lb)
 
@@ -76,9 +85,19 @@ class PairTap(nn.Module):
             return []
         # the shifts are chosen before the first batch and kept (``load_raw_totals`` may drop
         # them after the pass: each batch is read about the shift it was summed about)
-        ma, va = ChannelSums.moments_of([k[0] for k in kept], kept[0][1])
-        mb, vb = ChannelSums.moments_of([k[2] for k in kept], kept[0][3])
+        sides = [self._sides(k) for k in kept]
+        ma, va = ChannelSums.moments_of([k[0] for k in sides], sides[0][1])
+        mb, vb = ChannelSums.moments_of([k[2] for k in sides], sides[0][3])
         return list(zip(ma.unbind(0), va.unbind(0), mb.unbind(0), vb.unbind(0)))
+
+    @staticmethod
+    def _sides(kept: tuple) -> tuple:
+        """A kept batch as ((n, S1_a, S2_a), shift A, (n, S1_b, S2_b), shift B)."""
+        if len(kept) == 4 and not isinstance(kept[0], int):
+            return kept
+        n, sums, ka, kb = kept
+        s = sums.view(2, 2, -1)
+        return (n, s[0, 0], s[1, 0]), ka, (n, s[0, 1], s[1, 1]), kb
 
     def raw_totals(self) -> list[torch.Tensor]:
         """Every sum of the tap about zero, view by view (A's, B's, the cross products): what

@@ -89,3 +89,40 @@ def test_kept_batches_keep_their_shift_after_the_totals_are_replaced():
     for x, y in zip(before, tap.batch_moments(0)):
         for p, q in zip(x, y):
             torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("shape, dim", [((64, 32), 1), ((4, 10, 32), -1), ((8, 3), 1)])
+@pytest.mark.parametrize("offset", [0.0, 50.0])
+def test_rows_sums_of_both_sides_match_each_side_alone(shape, dim, offset):
+    """Channels on the last axis (linear layers, tokens): a tap sums A's and B's rows together
+    (``moments.pair_update``, one product for the four sums) into exactly the totals, per-batch
+    moments and cross products that each side's own ``ChannelSums`` gives, in fewer ops."""
+    from passes.moments import CrossSum
+
+    tap = PairTap([TapView(dim, None, True)], shape=shape)
+    tap.keep_batches(0)
+    alone = (ChannelSums(dim), ChannelSums(dim))
+    cross, kept = CrossSum(), []
+    batches = _batches(shape, 70, offset)  # more than one flush of the waiting buffers
+    batches[-1] = tuple(x[:1] for x in batches[-1])  # a last, smaller batch
+    example = _batches(shape, 1, offset)[0]
+    tap.calibrating = True
+    tap(*example)
+    tap.calibrating = False
+    for s, x in zip(alone, example):
+        s.calibrate(x)
+    for k, (a, b) in enumerate(batches):
+        tap(a, b)
+        la, lb = alone[0].update(a), alone[1].update(b)
+        kept.append(tuple(alone[0].batch_moments()) + tuple(alone[1].batch_moments()))
+        cross.add(la, lb)
+        if k == 30:  # a read in the middle of the pass
+            assert torch.equal(tap.moments(0)[0].mean, alone[0].mean)
+    for mine, theirs in zip(tap.moments(0), alone):
+        assert mine.n == theirs.n and (mine.shift is None) == (theirs.shift is None) == (offset == 0.0)
+        assert torch.equal(mine.s1, theirs.s1) and torch.equal(mine.s2, theirs.s2)
+    assert torch.equal(tap.cross[0].total, cross.total)
+    for got, want in zip(tap.batch_moments(0), kept):
+        assert all(torch.equal(p, q) for p, q in zip(got, want))
+    if len(shape) > 1 and shape[0] > 8:  # the four sums and the cross products: at most 12 ops a batch
+        assert _top_level_ops(tap, _batches(shape, 4, offset)) <= 12

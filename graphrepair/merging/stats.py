@@ -40,7 +40,7 @@ import torch.fx
 from torch import nn
 
 from passes.pair import pair_graph
-from passes.moments import correlation
+from passes.moments import PairScratch, correlation
 from passes.pair_tap import PairTap, TapView
 
 from graphrepair import distributed
@@ -228,7 +228,8 @@ def plan_taps(spec: PermutationSpec, observe: dict[str, list[ObservePoint]], res
             at_group[(g, p.node)] = view(p.node, TapView(p.axis % ndim, index, True))
     at_reset = {r.node: view(r.node, TapView(r.axis % len(info[r.node].shape), None, cross_at_resets))
                 for r in resets}
-    taps = {node: PairTap(vs, source=node, shape=info[node].shape) for node, vs in views.items()}
+    scratch = PairScratch()  # one working buffer for every tap (``moments.pair_update``)
+    taps = {node: PairTap(vs, source=node, shape=info[node].shape, scratch=scratch) for node, vs in views.items()}
     for node, i in at_reset.values():
         taps[node].keep_batches(i)
     return TapPlan(taps, at_group, at_joint, joint_exprs, at_reset, cross_at_resets, list(notes.values()))
