@@ -419,9 +419,17 @@ class ChannelSums:
         the pass runs)."""
         if not batches:
             raise PassError("no batches given")
-        n = torch.tensor([float(b[0]) for b in batches], dtype=torch.float64, device=batches[0][1].device)[:, None]
-        m = torch.stack([b[1] for b in batches]).double() / n
-        var = (torch.stack([b[2] for b in batches]).double() / n - m * m).clamp_min(0.0)
+        return ChannelSums.moments_of_sums([b[0] for b in batches], torch.stack([b[1] for b in batches]),
+                                           torch.stack([b[2] for b in batches]), shift)
+
+    @staticmethod
+    def moments_of_sums(counts: list[int], s1: torch.Tensor, s2: torch.Tensor,
+                        shift: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``moments_of`` for k batches given as their counts and (k, C) sums of x - shift and
+        (x - shift)^2 in the reduction's dtype."""
+        n = torch.tensor([float(c) for c in counts], dtype=torch.float64, device=s1.device)[:, None]
+        m = s1.double() / n
+        var = (s2.double() / n - m * m).clamp_min(0.0)
         return (m if shift is None else m + shift.double()), var
 
     @property
@@ -433,6 +441,11 @@ class ChannelSums:
     def var(self) -> torch.Tensor:
         self._need_data()
         return self._moments(self.n, self.s1, self.s2)[1]
+
+    def moments(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(``mean``, ``var``), computed once."""
+        self._need_data()
+        return self._moments(self.n, self.s1, self.s2)
 
 
 

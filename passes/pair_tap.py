@@ -85,9 +85,15 @@ class PairTap(nn.Module):
             return []
         # the shifts are chosen before the first batch and kept (``load_raw_totals`` may drop
         # them after the pass: each batch is read about the shift it was summed about)
-        sides = [self._sides(k) for k in kept]
-        ma, va = ChannelSums.moments_of([k[0] for k in sides], sides[0][1])
-        mb, vb = ChannelSums.moments_of([k[2] for k in sides], sides[0][3])
+        if all(isinstance(k[0], int) for k in kept):  # summed together (``pair_update``): one stack
+            sums = torch.stack([k[1] for k in kept]).view(len(kept), 2, 2, -1)  # (k, S1 | S2, A | B, C)
+            counts = [k[0] for k in kept]
+            ma, va = ChannelSums.moments_of_sums(counts, sums[:, 0, 0], sums[:, 1, 0], kept[0][2])
+            mb, vb = ChannelSums.moments_of_sums(counts, sums[:, 0, 1], sums[:, 1, 1], kept[0][3])
+        else:
+            sides = [self._sides(k) for k in kept]
+            ma, va = ChannelSums.moments_of([k[0] for k in sides], sides[0][1])
+            mb, vb = ChannelSums.moments_of([k[2] for k in sides], sides[0][3])
         return list(zip(ma.unbind(0), va.unbind(0), mb.unbind(0), vb.unbind(0)))
 
     @staticmethod

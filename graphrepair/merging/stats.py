@@ -323,7 +323,7 @@ def summarise(spec: PermutationSpec, plan: TapPlan, observe: dict[str, list[Obse
     for r in resets:
         node, i = plan.at_reset[r.node]
         a, b = taps[node].moments(i)
-        stats[r.node] = PointStats(a.mean, a.var, b.mean, b.var,
+        stats[r.node] = PointStats(*a.moments(), *b.moments(),
                                    taps[node].cov(i) if plan.cross_at_resets else None,
                                    taps[node].batch_moments(i))
     if stats and not bool(torch.isfinite(torch.cat([torch.cat([p.mean_a, p.var_a, p.mean_b, p.var_b])
