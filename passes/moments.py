@@ -474,6 +474,56 @@ class PairScratch:
         return got
 
 
+def _rows(sa: ChannelSums, sb: ChannelSums, a: torch.Tensor, b: torch.Tensor) -> tuple[int, int] | None:
+    """(N, C) when A's and B's values are rows ``pair_update`` sums together (see there), else None."""
+    if (a.dtype not in _EXACT or a.dtype != b.dtype or a.shape != b.shape or a.device != b.device
+            or sa.index is not None or sb.index is not None
+            or not isinstance(sa.dim, int) or sa.dim != sb.dim or a.ndim == 0
+            or sa.dim % a.ndim != a.ndim - 1 or a.numel() > _SMALL
+            or not a.is_contiguous() or not b.is_contiguous()):
+        return None
+    c = a.shape[-1]
+    n = a.numel() // c if c else 0
+    if n == 0 or any(t._tot is not None and t._tot.shape[1] != c for t in (sa, sb)):
+        return None  # (``update`` says what is wrong with a batch of another width)
+    return n, c
+
+
+def _both_sums(a: torch.Tensor, b: torch.Tensor, n: int, c: int, ka: torch.Tensor | None,
+               kb: torch.Tensor | None, scratch: PairScratch) -> torch.Tensor:
+    """[S1_a, S1_b, S2_a, S2_b] (1, 4C) of (N, C) rows a - ka and b - kb (see ``pair_update``); the
+    shifted rows stay in ``scratch``'s buffer."""
+    ones, buf, da, db, dab, sq = scratch.get(n, c, a.dtype, a.device)
+    for t, d, k in ((a, da, ka), (b, db, kb)):
+        t = t if t.ndim == 2 else t.view(n, c)
+        if k is None:
+            d.copy_(t)
+        else:
+            torch.sub(t, k, out=d)
+    torch.mul(dab, dab, out=sq)
+    return torch.mm(ones, buf)
+
+
+def pair_calibrate(sa: ChannelSums, sb: ChannelSums, a: torch.Tensor, b: torch.Tensor,
+                   scratch: PairScratch) -> bool:
+    """``sa.calibrate(a)`` and ``sb.calibrate(b)`` in one go for rows (``pair_update``): the four
+    sums from one product, both shifts decided as ``calibrate`` decides each, with one wait for
+    the device. False where this does not apply (the caller calibrates each side)."""
+    if sa._tot is not None or sb._tot is not None:
+        return False  # (``calibrate`` says why not)
+    dims = _rows(sa, sb, a, b)
+    if dims is None:
+        return False
+    n, c = dims
+    v = _both_sums(a.detach(), b.detach(), n, c, None, None, scratch).view(2, 2, c)
+    mean = v[0].double() / max(n, 1)  # (A | B, C), as ``_decide`` computes each
+    large = (mean * mean > _SHIFT_RATIO * (v[1].double() / max(n, 1) - mean * mean)).any(1).tolist()
+    for i, t in enumerate((sa, sb)):
+        t.decided = True
+        t.shift = mean[i].to(a.dtype, copy=True) if large[i] else None
+    return True
+
+
 def pair_update(sa: ChannelSums, sb: ChannelSums, a: torch.Tensor, b: torch.Tensor,
                 scratch: PairScratch) -> tuple[_Layout, _Layout, torch.Tensor] | None:
     """``sa.update(a)`` and ``sb.update(b)`` in one go where A's and B's values are (N, C) rows
@@ -484,26 +534,12 @@ def pair_update(sa: ChannelSums, sb: ChannelSums, a: torch.Tensor, b: torch.Tens
     one copy. The sums are the ones ``update`` computes (the same products of the same numbers,
     the same float64 totals). Returns the two shifted layouts (for ``cross_product``) and ``v``;
     None where this does not apply (the caller then updates each side on its own)."""
-    if (a.dtype not in _EXACT or a.dtype != b.dtype or a.shape != b.shape or a.device != b.device
-            or not sa.decided or not sb.decided or sa.index is not None or sb.index is not None
-            or not isinstance(sa.dim, int) or sa.dim != sb.dim or a.ndim == 0
-            or sa.dim % a.ndim != a.ndim - 1 or a.numel() > _SMALL
-            or not a.is_contiguous() or not b.is_contiguous()):
+    dims = _rows(sa, sb, a, b) if sa.decided and sb.decided else None
+    if dims is None or any(k is not None and k.dtype != a.dtype for k in (sa.shift, sb.shift)):
         return None
-    c = a.shape[-1]
-    n = a.numel() // c if c else 0
-    if n == 0 or any(t._tot is not None and t._tot.shape[1] != c for t in (sa, sb)) \
-            or any(k is not None and k.dtype != a.dtype for k in (sa.shift, sb.shift)):
-        return None  # (``update`` says what is wrong with a batch of another width)
-    ones, buf, da, db, dab, sq = scratch.get(n, c, a.dtype, a.device)
-    for t, d, k in ((a, da, sa.shift), (b, db, sb.shift)):
-        t = t if t.ndim == 2 else t.view(n, c)
-        if k is None:
-            d.copy_(t)
-        else:
-            torch.sub(t, k, out=d)
-    torch.mul(dab, dab, out=sq)
-    v = torch.mm(ones, buf)
+    n, c = dims
+    v = _both_sums(a, b, n, c, sa.shift, sb.shift, scratch)
+    da, db = scratch.get(n, c, a.dtype, a.device)[2:4]
     if sa._tot is None or sb._tot is None:
         sums = v.view(2, 2, c)
         for i, t in enumerate((sa, sb)):

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from passes.errors import PassError
-from passes.moments import ChannelSums, CrossSum, PairScratch, covariance, cross_raw_total, pair_update
+from passes.moments import ChannelSums, CrossSum, PairScratch, covariance, cross_raw_total, pair_calibrate, pair_update
 
 
 @dataclass(frozen=True)
@@ -59,8 +59,9 @@ class PairTap(nn.Module):
                             "tensor; tap a node whose value is a single tensor")
         if self.calibrating:  # ``ChannelSums.calibrate``: the shifts, nothing counted
             for sa, sb in self.sums:
-                sa.calibrate(a)
-                sb.calibrate(b)
+                if not pair_calibrate(sa, sb, a, b, self.scratch):
+                    sa.calibrate(a)
+                    sb.calibrate(b)
             return
         for i, (v, (sa, sb)) in enumerate(zip(self.views, self.sums)):
             both = pair_update(sa, sb, a, b, self.scratch)
