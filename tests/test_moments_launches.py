@@ -91,9 +91,10 @@ def test_kept_batches_keep_their_shift_after_the_totals_are_replaced():
             torch.testing.assert_close(p, q, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("shape, dim", [((64, 32), 1), ((4, 10, 32), -1), ((8, 3), 1)])
+@pytest.mark.parametrize("shape, dim", [((64, 32), 1), ((4, 10, 32), -1), ((8, 3), 1), ((500, 24), 1)])
 @pytest.mark.parametrize("offset", [0.0, 50.0])
-def test_rows_sums_of_both_sides_match_each_side_alone(shape, dim, offset):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rows_sums_of_both_sides_match_each_side_alone(shape, dim, offset, dtype):
     """Channels on the last axis (linear layers, tokens): a tap sums A's and B's rows together
     (``moments.pair_update``, one product for the four sums) into exactly the totals, per-batch
     moments and cross products that each side's own ``ChannelSums`` gives, in fewer ops."""
@@ -103,9 +104,9 @@ def test_rows_sums_of_both_sides_match_each_side_alone(shape, dim, offset):
     tap.keep_batches(0)
     alone = (ChannelSums(dim), ChannelSums(dim))
     cross, kept = CrossSum(), []
-    batches = _batches(shape, 70, offset)  # more than one flush of the waiting buffers
+    batches = [tuple(x.to(dtype) for x in ab) for ab in _batches(shape, 70, offset)]  # more than one flush
     batches[-1] = tuple(x[:1] for x in batches[-1])  # a last, smaller batch
-    example = _batches(shape, 1, offset)[0]
+    example = tuple(x.to(dtype) for x in _batches(shape, 1, offset)[0])
     tap.calibrating = True
     tap(*example)
     tap.calibrating = False
@@ -125,4 +126,4 @@ def test_rows_sums_of_both_sides_match_each_side_alone(shape, dim, offset):
     for got, want in zip(tap.batch_moments(0), kept):
         assert all(torch.equal(p, q) for p, q in zip(got, want))
     if len(shape) > 1 and shape[0] > 8:  # the four sums and the cross products: at most 12 ops a batch
-        assert _top_level_ops(tap, _batches(shape, 4, offset)) <= 12
+        assert _top_level_ops(tap, [tuple(x.to(dtype) for x in ab) for ab in _batches(shape, 4, offset)]) <= 12
