@@ -49,7 +49,13 @@ RESET_PREFIX = "_gr_reset"
 MODES = ("collect", "apply")
 
 
-def _check_channels(x: torch.Tensor, dim: int, channels: int, who: str) -> int:
+def _check_channels(x: torch.Tensor, dim: int, channels: int, who) -> int:
+    """``dim`` as a non-negative axis of ``x``, checked; ``who`` names the module in the error (a
+    string, or a function giving it: the name is only built when there is an error)."""
+    if callable(who):
+        if -x.ndim <= dim < x.ndim and x.shape[dim] == channels:
+            return dim % x.ndim
+        who = who()
     if not -x.ndim <= dim < x.ndim:
         raise PassError(f"{who}: channel axis {dim} is out of range for an input of shape {tuple(x.shape)}")
     dim %= x.ndim
@@ -139,11 +145,17 @@ class Reset(nn.Module):
         c = self.num_channels
         if mean.shape != (c,) or std is None or std.shape != (c,):
             raise PassError(f"reset at {self.source!r}: a batch goal needs mean and std of shape ({c},)")
-        self.batch_goal = (mean.to(self.goal_mean), std.to(self.goal_std))
+        like = self._buffers["goal_mean"]  # (no op where the goal is already of its dtype and device)
+        same = mean.dtype == std.dtype == like.dtype and mean.device == std.device == like.device
+        # a plain attribute, set once per batch: past nn.Module.__setattr__'s checks
+        self.__dict__["batch_goal"] = (mean, std) if same else (mean.to(like), std.to(like))
 
     @property
     def num_channels(self) -> int:
-        return int(self.goal_mean.shape[0])
+        return int(self._buffers["goal_mean"].shape[0])
+
+    def _who(self) -> str:
+        return f"reset at {self.source!r}"
 
     @property
     def ready(self) -> bool:
@@ -183,7 +195,7 @@ class Reset(nn.Module):
         return scale, shift
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dim = _check_channels(x, self.dim, self.num_channels, f"reset at {self.source!r}")
+        dim = _check_channels(x, self.dim, self.num_channels, self._who)
         shape = broadcast_shape(x.ndim, dim)
         if self.mode == "apply":
             # in the buffers' dtype (float64 only for folding, see as_affine)
@@ -198,7 +210,7 @@ class Reset(nn.Module):
             scale = self.goal_std.double() * torch.rsqrt(var + self.eps)
             shift = torch.zeros_like(scale) if self.scale_only else self.goal_mean.double() - mean * scale
             return torch.addcmul(shift.to(x.dtype).view(shape), x, scale.to(x.dtype).view(shape))
-        goal_mean, goal_std = self.batch_goal or (self.goal_mean, self.goal_std)
+        goal_mean, goal_std = self.batch_goal or (self._buffers["goal_mean"], self._buffers["goal_std"])
         split = (_split(x, dim) if not self.scale_only and x.numel() > x.shape[dim] and x.dtype in _EXACT
                  and (x.is_cuda or x.numel() <= _SMALL) else None)
         if split is not None:
@@ -207,11 +219,11 @@ class Reset(nn.Module):
             # ones two reductions and one multiply-add are faster). Half types take the sums
             # below, reduced in float32 (the kernel may return their statistics in half).
             pre, c, post = split
+            if goal_std.dtype != x.dtype:
+                goal_mean, goal_std = goal_mean.to(x.dtype), goal_std.to(x.dtype)
             out, mean, invstd = torch.native_batch_norm(
-                x.view(pre, c, post), goal_std.to(x.dtype), goal_mean.to(x.dtype), None, None,
-                True, 0.0, self.eps)
-            with torch.no_grad():
-                self.sums.add_moments(pre * post, mean, invstd=invstd, eps=self.eps)
+                x.view(pre, c, post), goal_std, goal_mean, None, None, True, 0.0, self.eps)
+            self.sums.add_moments(pre * post, mean, invstd=invstd, eps=self.eps)  # (itself without grad)
             self._collected()
             return out.view(x.shape)
         with torch.no_grad():
