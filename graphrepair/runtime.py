@@ -100,7 +100,6 @@ def release(*modules: torch.nn.Module) -> None:
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameters (malloc.h)
 _HELD = 1 << 30  # blocks up to 1 GiB come from the heap, up to 1 GiB of free top is kept
-_NEVER = -1  # as the trim threshold (glibc reads it as the largest size): no free top is given back
 _depth = 0
 _depth_lock = threading.Lock()
 
@@ -138,20 +137,15 @@ def held_memory() -> Iterator[None]:
     batch. Measured on the BN ResNet20 of width 2, 2,000 examples, 2 cores: a merge took 28-29 s
     with 9.1-9.6 M minor page faults, and 15-16 s with 0.8-1.0 M held (``benchmarks/bench_merge.py``).
 
-    On entering the outermost call, ``mallopt`` raises glibc's mmap threshold to 1 GiB, so blocks
-    are reused as a caching allocator (jemalloc, tcmalloc) reuses them, and lifts the trim
-    threshold: inside the call no free memory goes back to the system, so a pass whose batches
-    free more than the threshold at the top of the heap (the pair pass of a BN ResNet20 of width
-    2 at batch 500 peaks near 1.9 GB) does not fault it in again at the next batch (5,000 examples,
-    three alternated pairs of merges in one process: 1.53-2.23 M faults and 1.40-1.50 x the plain
-    passes with a 1 GiB trim threshold, 0.44-1.06 M and 1.16-1.32 x without; the peak is the
-    same). Leaving it, the trim threshold is set to 1 GiB and ``malloc_trim(0)`` gives the free
-    memory back, so the process holds what it holds, not the merge's peak. The thresholds stay
-    raised for the rest of the process: glibc's dynamic thresholds cannot be restored once set,
-    and setting fixed ones back made the plain forward passes after a merge fault five times as
-    often as before it (bench_merge: 14.3 M against 2.2 M faults, 47 s against 30 s). Nested calls
-    act once. Nothing is done off glibc, when ``GLIBC_TUNABLES`` sets a ``glibc.malloc.`` tunable
-    (the user's choice stands) or when ``GRAPHREPAIR_MALLOC=system``."""
+    On entering the first call, ``mallopt`` raises glibc's mmap and trim thresholds to 1 GiB, so
+    blocks are reused as a caching allocator (jemalloc, tcmalloc) reuses them. They stay raised
+    for the rest of the process: glibc's dynamic thresholds cannot be restored once set, and
+    setting fixed ones back made the plain forward passes after a merge fault five times as often
+    as before it (bench_merge: 14.3 M against 2.2 M faults, 47 s against 30 s). Leaving the
+    outermost call, ``malloc_trim(0)`` gives the free memory back to the system, so the process
+    holds what it holds, not the merge's peak. Nested calls act once. Nothing is done off glibc,
+    when ``GLIBC_TUNABLES`` sets a ``glibc.malloc.`` tunable (the user's choice stands) or when
+    ``GRAPHREPAIR_MALLOC=system``."""
     global _depth
     libc = _glibc()
     if libc is None:
@@ -161,12 +155,11 @@ def held_memory() -> Iterator[None]:
         _depth += 1
         if _depth == 1:
             libc.mallopt(_M_MMAP_THRESHOLD, _HELD)
-            libc.mallopt(_M_TRIM_THRESHOLD, _NEVER)
+            libc.mallopt(_M_TRIM_THRESHOLD, _HELD)
     try:
         yield
     finally:
         with _depth_lock:
             _depth -= 1
             if _depth == 0:
-                libc.mallopt(_M_TRIM_THRESHOLD, _HELD)
                 libc.malloc_trim(0)

@@ -21,3 +21,21 @@ def test_bench_merge_prints_ratio_stages_fixed_costs_and_floor(capsys):
         assert re.search(rf"{label}[^=]*=\s*[\d.]+", out), label
     floor = float(re.search(r"floor .*?([\d.]+) x the 3 plain passes", out).group(1))
     assert 0 < floor
+
+
+def test_bench_held_memory_alternates_both_trim_settings(capsys):
+    import platform
+
+    import pytest
+
+    from benchmarks import bench_held_memory
+    from graphrepair import runtime
+
+    if not runtime.holds_memory():
+        pytest.skip("held_memory acts on glibc only" if platform.libc_ver()[0] != "glibc" else "malloc tuned")
+    held = runtime.held_memory
+    out = bench_held_memory.run(lambda: mlp(depth=2, width=8), (1, 28, 28), 64, 32, pairs=1)
+    assert runtime.held_memory is held  # put back
+    assert set(out) == set(bench_held_memory.SETTINGS) and all(len(v) == 1 and v[0] > 0 for v in out.values())
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("trim threshold")]
+    assert len(lines) == 2 and all(re.search(r"ratio [\d.]+", l) for l in lines)

@@ -76,45 +76,6 @@ def test_large_blocks_are_reused_once_memory_is_held():
     assert after < outside // 2
 
 
-_TOP = """
-import ctypes, torch
-from graphrepair import runtime
-
-class Info(ctypes.Structure):  # glibc's struct mallinfo2 (2.33 and later)
-    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                               "fsmblks", "uordblks", "fordblks", "keepcost")]
-
-libc = ctypes.CDLL(None)
-libc.mallinfo2.restype = Info
-
-def batch():  # 2 x 560 MB, each below the mmap threshold, freed on return: 1.1 GB free at the top
-    a, b = torch.ones(560 << 18), torch.ones(560 << 18)
-    return libc.mallinfo2().arena, float(a[-1] + b[-1])
-
-with runtime.held_memory():
-    for _ in range(3):  # whether the old threshold trimmed depended on what lay above the blocks
-        peak, _ = batch()
-        print(peak, libc.mallinfo2().arena)  # bytes the heap holds from the system, then and after
-"""
-
-
-@glibc
-def test_free_memory_is_not_given_back_inside_a_call():
-    """A batch that frees more than the trim threshold at the top of the heap: inside a call the
-    heap keeps it for the next batch (with the 1 GiB threshold of before, it went back to the
-    system whenever nothing small lay above it, in about half of the runs here, and the next batch
-    faulted all of it in again); ``malloc_trim`` gives it back when the outermost call ends."""
-    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "GRAPHREPAIR_MALLOC")}
-    out = subprocess.run([sys.executable, "-c", _TOP], env=env, capture_output=True, text=True)
-    if "mallinfo2" in out.stderr:
-        pytest.skip("glibc before 2.33 (no mallinfo2)")
-    assert out.returncode == 0, out.stderr
-    held = list(map(int, out.stdout.split()))
-    assert len(held) == 6 and held[0] > (1100 << 20)
-    for peak, inside in zip(held[::2], held[1::2]):
-        assert inside >= peak - (16 << 20)
-
-
 @glibc
 def test_nothing_is_held_when_the_user_opts_out():
     env = {**os.environ, "GRAPHREPAIR_MALLOC": "system"}
@@ -129,8 +90,8 @@ def test_thresholds_are_raised_once_for_nested_calls_and_memory_trimmed_after(mo
     with runtime.held_memory():
         with runtime.held_memory():
             pass
-        assert libc.calls == [("mallopt", -3, 1 << 30), ("mallopt", -1, -1)]  # no trimming inside
-    assert libc.calls[2:] == [("mallopt", -1, 1 << 30), ("trim", 0)]
+        assert libc.calls == [("mallopt", -3, 1 << 30), ("mallopt", -1, 1 << 30)]
+    assert libc.calls[2:] == [("trim", 0)]
     assert runtime._depth == 0
 
 
@@ -139,7 +100,7 @@ def test_set_back_when_the_call_raises(monkeypatch):
     monkeypatch.setattr(runtime, "_glibc", lambda: libc)
     with pytest.raises(gr.GraphRepairError):
         gr.merge_models([nn.Linear(3, 3), nn.Conv2d(3, 3, 1)], torch.randn(4, 3))
-    assert [c[0] for c in libc.calls] == ["mallopt", "mallopt", "mallopt", "trim"]
+    assert [c[0] for c in libc.calls] == ["mallopt", "mallopt", "trim"]
     assert runtime._depth == 0
 
 
@@ -159,7 +120,7 @@ def test_every_api_call_holds_memory(monkeypatch):
     b = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
     x = torch.randn(64, 6)
     merged = gr.merge(a, b, x)
-    assert [c[0] for c in libc.calls] == ["mallopt", "mallopt", "mallopt", "trim"]
+    assert [c[0] for c in libc.calls] == ["mallopt", "mallopt", "trim"]
     # what the merge computes does not depend on the allocator
     monkeypatch.setattr(runtime, "_glibc", lambda: None)
     again = gr.merge(a, b, x)
