@@ -71,7 +71,7 @@ def build(case: str):
     g = torch.Generator().manual_seed(7)
     if case in ("mlp", "mlp_one_batch", "align_weight", "barrier", "study", "fail", "refit"):
         a, b = _mlp_pair()
-        n = {"mlp": 200, "mlp_one_batch": 20, "align_weight": 20, "barrier": 120, "study": 120, "fail": 20000,
+        n = {"mlp": 200, "mlp_one_batch": 20, "align_weight": 20, "barrier": 120, "study": 120, "fail": 40000,
              "refit": 200}[case]
         x = torch.randn(n, 64, generator=g)
         y = torch.randint(0, 10, (n,), generator=g)
