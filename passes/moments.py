@@ -349,8 +349,8 @@ class ChannelSums:
 
     def _flush(self) -> None:
         if self._waiting:
-            # contiguous as a buffer of its own is (a view into one both sides of a pair share,
-            # ``pair_update``, may be reduced in another order)
+            # reduced as a contiguous block, as a buffer of its own is: a view into the buffer both
+            # sides of a pair share (``pair_update``) may otherwise be reduced in another order
             self._tot.add_(self._wait[:self._waiting].contiguous().sum(0))
             self._waiting = 0
         if not self._mn:
@@ -501,9 +501,9 @@ def _rows(sa: ChannelSums, sb: ChannelSums, a: torch.Tensor, b: torch.Tensor) ->
 
 
 def _both_sums(a: torch.Tensor, b: torch.Tensor, n: int, c: int, ka: torch.Tensor | None,
-               kb: torch.Tensor | None, scratch: PairScratch) -> torch.Tensor:
-    """[S1_a, S1_b, S2_a, S2_b] (1, 4C) of (N, C) rows a - ka and b - kb (see ``pair_update``); the
-    shifted rows stay in ``scratch``'s buffer."""
+               kb: torch.Tensor | None, scratch: PairScratch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """([S1_a, S1_b, S2_a, S2_b] (1, 4C), a - ka, b - kb) of (N, C) rows a and b (see ``pair_update``);
+    the shifted rows are views of ``scratch``'s buffer."""
     ones, buf, da, db, dab, sq = scratch.get(n, c, a.dtype, a.device)
     for t, d, k in ((a, da, ka), (b, db, kb)):
         t = t if t.ndim == 2 else t.view(n, c)
@@ -512,26 +512,24 @@ def _both_sums(a: torch.Tensor, b: torch.Tensor, n: int, c: int, ka: torch.Tenso
         else:
             torch.sub(t, k, out=d)
     torch.mul(dab, dab, out=sq)
-    return torch.mm(ones, buf)
+    return torch.mm(ones, buf), da, db
 
 
 def pair_calibrate(sa: ChannelSums, sb: ChannelSums, a: torch.Tensor, b: torch.Tensor,
                    scratch: PairScratch) -> bool:
     """``sa.calibrate(a)`` and ``sb.calibrate(b)`` in one go for rows (``pair_update``): the four
-    sums from one product, both shifts decided as ``calibrate`` decides each, with one wait for
-    the device. False where this does not apply (the caller calibrates each side)."""
+    sums from one product, each side's shift then decided by its own ``_decide``. False where this
+    does not apply (the caller calibrates each side)."""
     if sa._tot is not None or sb._tot is not None:
         return False  # (``calibrate`` says why not)
     dims = _rows(sa, sb, a, b)
     if dims is None:
         return False
     n, c = dims
-    v = _both_sums(a.detach(), b.detach(), n, c, None, None, scratch).view(2, 2, c)
-    mean = v[0].double() / max(n, 1)  # (A | B, C), as ``_decide`` computes each
-    large = (mean * mean > _SHIFT_RATIO * (v[1].double() / max(n, 1) - mean * mean)).any(1).tolist()
+    v = _both_sums(a.detach(), b.detach(), n, c, None, None, scratch)[0].view(2, 2, c)
     for i, t in enumerate((sa, sb)):
-        t.decided = True
-        t.shift = mean[i].to(a.dtype, copy=True) if large[i] else None
+        t.shift, t.decided = None, False
+        t._decide(v[0, i], v[1, i], n, a.dtype)
     return True
 
 
@@ -549,10 +547,9 @@ def pair_update(sa: ChannelSums, sb: ChannelSums, a: torch.Tensor, b: torch.Tens
     if dims is None or any(k is not None and k.dtype != a.dtype for k in (sa.shift, sb.shift)):
         return None
     n, c = dims
-    v = _both_sums(a, b, n, c, sa.shift, sb.shift, scratch)
-    da, db = scratch.get(n, c, a.dtype, a.device)[2:4]
+    v, da, db = _both_sums(a, b, n, c, sa.shift, sb.shift, scratch)
+    sums = v.view(2, 2, c)  # (S1 | S2, A | B, C)
     if sa._tot is None or sb._tot is None:
-        sums = v.view(2, 2, c)
         for i, t in enumerate((sa, sb)):
             t.n = n
             t._set_totals(sums[:, i].to(torch.float64, copy=True))  # (never a view of ``v``, kept per batch)
@@ -561,7 +558,6 @@ def pair_update(sa: ChannelSums, sb: ChannelSums, a: torch.Tensor, b: torch.Tens
             # one waiting buffer for both, (_PENDING, 2, 2, C): S1 and S2 of A and of B
             both = sa._tot.new_empty((_PENDING, 2, 2, c))
             sa._wait, sb._wait = both[:, :, 0], both[:, :, 1]
-        sums = v.view(2, 2, c)
         if (sa._wait is not None and sb._wait is not None and sa._wait._base is not None
                 and sa._wait._base is sb._wait._base and sa._waiting == sb._waiting):
             sa._wait._base[sa._waiting].copy_(sums)

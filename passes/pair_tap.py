@@ -100,7 +100,7 @@ class PairTap(nn.Module):
     @staticmethod
     def _sides(kept: tuple) -> tuple:
         """A kept batch as ((n, S1_a, S2_a), shift A, (n, S1_b, S2_b), shift B)."""
-        if len(kept) == 4 and not isinstance(kept[0], int):
+        if not isinstance(kept[0], int):  # (sa.batch, shift A, sb.batch, shift B) already
             return kept
         n, sums, ka, kb = kept
         s = sums.view(2, 2, -1)

@@ -196,3 +196,17 @@ def test_reset_sums_add_across_streams_and_calibration_fixes_the_shift():
     with pytest.raises(PassError, match="before the first batch"):
         sums.update(xs[1])
         sums.calibrate(example)
+
+
+def test_a_reset_fed_the_wrong_channels_names_itself_and_the_axis():
+    """The channel check names the reset (its message is built only on an error) and what is wrong."""
+    from passes.errors import PassError
+
+    r = Reset(4, dim=1, source="fc1")
+    with pytest.raises(PassError, match=r"reset at 'fc1' has 4 channels but its input has 3 along axis 1 "
+                                        r"\(shape \(2, 3\)\); check the channel axis"):
+        r(torch.randn(2, 3))
+    r = Reset(4, dim=2, source="fc1")
+    with pytest.raises(PassError, match=r"reset at 'fc1': channel axis 2 is out of range for an input of shape \(2, 4\)"):
+        r(torch.randn(2, 4))
+    assert Reset(4, dim=-1, source="fc1")(torch.randn(5, 4)).shape == (5, 4)
