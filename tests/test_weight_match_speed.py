@@ -168,6 +168,24 @@ def test_the_sorted_start_hands_the_solver_its_score_less_exact_column_constants
     assert weight_match._eased(mixed) is mixed
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_rows_sorted_side_by_side_are_each_row_sorted_alone(monkeypatch, dtype):
+    """The sorted start sorts a large block's rows on several threads: every row is the row
+    sorted on its own, widened exactly, whatever the block's strides and however many threads."""
+    import numpy as np
+
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(700, 1031, generator=gen).to(dtype).T  # strided rows, an uneven split
+    want = torch.from_numpy(np.sort(w.float().numpy().astype(np.float64), axis=1))
+    for threads in (1, 2, 3):
+        monkeypatch.setattr(weight_match, "workers", lambda: threads)
+        got = weight_match._sorted_rows(w)
+        assert got.dtype == torch.float64 and got.shape == w.shape
+        assert torch.equal(got, want)
+    monkeypatch.setattr(weight_match, "_SORT_SPLIT", 1 << 30)  # one thread: the same values
+    assert torch.equal(weight_match._sorted_rows(w), want)
+
+
 def test_the_benchmark_times_both_merges_of_one_llama_pair(capsys):
     pytest.importorskip("transformers")
     from benchmarks import bench_weight_matching
