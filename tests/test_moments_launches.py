@@ -40,7 +40,8 @@ def _batches(shape, k, offset=0.0):
 @pytest.mark.parametrize("offset", [0.0, 50.0])  # 50: mean large against the spread, summed about a shift
 def test_ops_per_batch_do_not_grow_with_kept_batches(shape, dim, bound, offset):
     """One side's sums (and the cross products) take a bounded number of ops; keeping every
-    batch's moments for REPAIR's goals adds none while the pass runs."""
+    batch's moments for REPAIR's goals adds one (the batch's sums copied into the kept rows,
+    ``pair_tap.KeptBatches``), however many batches were kept before."""
     plain = PairTap([TapView(dim, None, True)], shape=shape)
     kept = PairTap([TapView(dim, None, True)], shape=shape)
     kept.keep_batches(0)
@@ -48,7 +49,13 @@ def test_ops_per_batch_do_not_grow_with_kept_batches(shape, dim, bound, offset):
         tap(*_batches(shape, 1, offset)[0])  # the first batch allocates the waiting buffers
     batches = _batches(shape, 4, offset)
     n_plain, n_kept = _top_level_ops(plain, batches), _top_level_ops(kept, batches)
-    assert n_kept == n_plain
+    assert n_kept == n_plain + 1
+    for _ in range(3):  # past the kept rows' first 16 (the buffer doubles): still one more op
+        for a, b in _batches(shape, 6, offset):
+            plain(a, b)
+            kept(a, b)
+    assert _top_level_ops(kept, batches) == _top_level_ops(plain, batches) + 1
+    assert len(kept.per_batch[0].counts) == 1 + 4 + 18 + 4
     assert n_plain <= 2 * bound + 4 + (4 if offset else 0)  # the shift: a view and a subtraction per side
 
 
@@ -71,6 +78,34 @@ def test_kept_batch_moments_are_each_batchs_own():
         alone.update(a)
     torch.testing.assert_close(got[-1][0], alone.batch_moments()[0], rtol=0, atol=0)
     torch.testing.assert_close(got[-1][1], alone.batch_moments()[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(32, 6), (600, 70), (4, 6, 5, 5)])  # rows summed together, each side alone, conv
+def test_kept_batches_are_rows_of_one_buffer_made_once_and_doubled(shape):
+    """Kept batches are rows of one float64 buffer, made at the first batch and doubled when
+    full (not a few small tensors per batch among the freed activations, which fragment glibc's
+    heap); each side's latest sums are not held past the tap's call. Across the doublings each
+    batch's moments stay its own, bit for bit those of a ChannelSums that saw only that batch."""
+    tap = PairTap([TapView(1, None, True)], shape=shape)
+    tap.keep_batches(0)
+    batches = _batches(shape, 40, offset=5.0)
+    buffers = []
+    for a, b in batches:
+        tap(a, b)
+        buffers.append(tap.per_batch[0]._rows)
+        assert tap.sums[0][0].batch is None and tap.sums[0][1].batch is None
+    assert len({id(t) for t in buffers}) == 3  # 16 rows, then 32, then 64
+    assert [len(t) for t in (buffers[0], buffers[16], buffers[32])] == [16, 32, 64]
+    got = tap.batch_moments(0)
+    assert len(got) == 40
+    sa, sb = tap.sums[0]
+    for (a, b), kept in zip(batches, got):
+        for x, side, m, v in ((a, sa, *kept[:2]), (b, sb, *kept[2:])):
+            alone = ChannelSums(1)
+            alone.shift, alone.decided = side.shift, True  # about the shift the tap chose
+            alone.update(x)
+            want_m, want_v = alone.batch_moments()
+            assert torch.equal(m, want_m) and torch.equal(v, want_v)
 
 
 def test_kept_batches_keep_their_shift_after_the_totals_are_replaced():
