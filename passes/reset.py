@@ -227,6 +227,9 @@ class Reset(nn.Module):
             self.sums.update(x)
         self._collected()
         mean, var = self.sums.batch_moments()
+        # the batch's sums are not held until the next batch, among its activations (a long-lived
+        # small block there fragments glibc's heap: see ``passes.pair_tap.KeptBatches``)
+        self.sums.batch = None
         scale = goal_std.double() * torch.rsqrt(var + self.eps)
         shift = torch.zeros_like(scale) if self.scale_only else goal_mean.double() - mean * scale
         return torch.addcmul(shift.to(x.dtype).view(shape), x, scale.to(x.dtype).view(shape))
