@@ -43,6 +43,7 @@ def test_collect_paths_agree_and_running_stats_are_current(small, monkeypatch):
     for b in batches:
         y = reset(b)
         seen.append(b)
+        assert reset.sums.batch is None  # not held past the call (a small block among freed activations)
         torch.testing.assert_close(y.mean((0, 2, 3)), goal_mean, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(y.std((0, 2, 3), correction=0), goal_std, rtol=1e-4, atol=1e-4)
         data = torch.cat(seen).double()
