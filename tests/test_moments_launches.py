@@ -80,13 +80,16 @@ def test_kept_batch_moments_are_each_batchs_own():
     torch.testing.assert_close(got[-1][1], alone.batch_moments()[1], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("shape", [(32, 6), (600, 70), (4, 6, 5, 5)])  # rows summed together, each side alone, conv
-def test_kept_batches_are_rows_of_one_buffer_made_once_and_doubled(shape):
+@pytest.mark.parametrize("shape, index", [((32, 6), None), ((600, 70), None),  # rows summed together
+                                          ((32, 6), [[0], [2], [5]]),  # some channels: each side alone, float32 sums
+                                          ((4, 6, 5, 5), None)])  # conv: each side alone, float64 sums
+def test_kept_batches_are_rows_of_one_buffer_made_once_and_doubled(shape, index):
     """Kept batches are rows of one float64 buffer, made at the first batch and doubled when
     full (not a few small tensors per batch among the freed activations, which fragment glibc's
     heap); each side's latest sums are not held past the tap's call. Across the doublings each
     batch's moments stay its own, bit for bit those of a ChannelSums that saw only that batch."""
-    tap = PairTap([TapView(1, None, True)], shape=shape)
+    index = None if index is None else torch.tensor(index)
+    tap = PairTap([TapView(1, index, True)], shape=shape)
     tap.keep_batches(0)
     batches = _batches(shape, 40, offset=5.0)
     buffers = []
@@ -101,7 +104,7 @@ def test_kept_batches_are_rows_of_one_buffer_made_once_and_doubled(shape):
     sa, sb = tap.sums[0]
     for (a, b), kept in zip(batches, got):
         for x, side, m, v in ((a, sa, *kept[:2]), (b, sb, *kept[2:])):
-            alone = ChannelSums(1)
+            alone = ChannelSums(1, index)
             alone.shift, alone.decided = side.shift, True  # about the shift the tap chose
             alone.update(x)
             want_m, want_v = alone.batch_moments()
