@@ -239,7 +239,8 @@ class ChannelSums:
         self._mwait: torch.Tensor | None = None
         self._mn: list[int] = []
         self._meps: list[float | None] = []
-        # latest (n, S1, S2) of one batch, shifted, in the reduction's dtype
+        # latest (n, S1, S2) of one batch, shifted, in the reduction's dtype (``PairTap`` and ``Reset``
+        # drop it once read: see ``pair_tap.KeptBatches``)
         self.batch: tuple[int, torch.Tensor, torch.Tensor] | None = None
 
     @property
@@ -422,22 +423,12 @@ class ChannelSums:
         return self._moments(*self.batch)
 
     @staticmethod
-    def moments_of(batches: list[tuple[int, torch.Tensor, torch.Tensor]],
-                   shift: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Float64 (means, population variances), (k, C) each, of k batches kept as ``batch``
-        was after each, summed about ``shift`` (``shift`` as it was then): the moments
-        ``batch_moments`` would have given, read once for all of them (no op per batch while
-        the pass runs)."""
-        if not batches:
-            raise PassError("no batches given")
-        return ChannelSums.moments_of_sums([b[0] for b in batches], torch.stack([b[1] for b in batches]),
-                                           torch.stack([b[2] for b in batches]), shift)
-
-    @staticmethod
     def moments_of_sums(counts: list[int], s1: torch.Tensor, s2: torch.Tensor,
                         shift: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``moments_of`` for k batches given as their counts and (k, C) sums of x - shift and
-        (x - shift)^2 in the reduction's dtype."""
+        """Float64 (means, population variances), (k, C) each, of k batches given as their counts
+        and (k, C) sums of x - shift and (x - shift)^2 (in the reduction's dtype or float64),
+        summed about ``shift`` (as it was then): the moments ``batch_moments`` would have given
+        after each, read once for all of them (no op per batch while the pass runs)."""
         n = torch.tensor([float(c) for c in counts], dtype=torch.float64, device=s1.device)[:, None]
         m = s1.double() / n
         var = (s2.double() / n - m * m).clamp_min(0.0)

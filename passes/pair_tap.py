@@ -45,7 +45,9 @@ class KeptBatches:
 
     def __init__(self) -> None:
         self.counts: list[int] = []
-        self.shifts: tuple = (None, None)  # A's and B's, as chosen before the first batch and kept
+        # A's and B's shifts, as chosen before the first batch and kept for every batch (a distributed
+        # run's ``load_raw_totals`` may drop the sums' own after the pass)
+        self.shifts: tuple = (None, None)
         self._rows: torch.Tensor | None = None  # (capacity, 4, C) float64
         self._views: tuple = ()  # its rows as (4, C) and as (1, 4C) views, made with the buffer
 
