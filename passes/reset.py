@@ -49,17 +49,21 @@ RESET_PREFIX = "_gr_reset"
 MODES = ("collect", "apply")
 
 
+def _named(who) -> str:
+    """``who`` of ``_check_channels``: a name, or a function giving it."""
+    return who() if callable(who) else who
+
+
 def _check_channels(x: torch.Tensor, dim: int, channels: int, who) -> int:
     """``dim`` as a non-negative axis of ``x``, checked; ``who`` names the module in the error (a
     string, or a function giving it: the name is only built when there is an error)."""
     if not -x.ndim <= dim < x.ndim:
-        raise PassError(f"{who() if callable(who) else who}: channel axis {dim} is out of range for an input "
-                        f"of shape {tuple(x.shape)}")
+        raise PassError(f"{_named(who)}: channel axis {dim} is out of range for an input of shape {tuple(x.shape)}")
     dim %= x.ndim
     if x.shape[dim] != channels:
         raise PassError(
-            f"{who() if callable(who) else who} has {channels} channels but its input has {x.shape[dim]} "
-            f"along axis {dim} (shape {tuple(x.shape)}); check the channel axis"
+            f"{_named(who)} has {channels} channels but its input has {x.shape[dim]} along axis {dim} "
+            f"(shape {tuple(x.shape)}); check the channel axis"
         )
     return dim
 

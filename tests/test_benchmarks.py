@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import platform
 import re
 
+import pytest
 import torch
 
 from benchmarks import bench_merge
@@ -24,10 +26,6 @@ def test_bench_merge_prints_ratio_stages_fixed_costs_and_floor(capsys):
 
 
 def test_bench_held_memory_alternates_both_trim_settings(capsys):
-    import platform
-
-    import pytest
-
     from benchmarks import bench_held_memory
     from graphrepair import runtime
 

@@ -201,8 +201,6 @@ def test_reset_sums_add_across_streams_and_calibration_fixes_the_shift():
 
 def test_a_reset_fed_the_wrong_channels_names_itself_and_the_axis():
     """The channel check names the reset (its message is built only on an error) and what is wrong."""
-    from passes.errors import PassError
-
     r = Reset(4, dim=1, source="fc1")
     with pytest.raises(PassError, match=r"reset at 'fc1' has 4 channels but its input has 3 along axis 1 "
                                         r"\(shape \(2, 3\)\); check the channel axis"):
