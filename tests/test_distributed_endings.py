@@ -65,6 +65,20 @@ def by_rank():
     g = torch.Generator().manual_seed(int(os.environ.get("RANK", "0")))
     return torch.randn(600 if os.environ.get("RANK", "0") == "0" else 300, 64, generator=g)
 
+def by_rank_watching_teardown():
+    """by_rank, and a line in teardown.txt from any rank that tears its group down."""
+    import torch.distributed as dist
+
+    destroy = dist.destroy_process_group
+
+    def watched(*args, **kwargs):
+        with open(os.path.join(os.path.dirname(__file__), "teardown.txt"), "a") as f:
+            f.write(os.environ.get("RANK", "?") + "\\n")
+        return destroy(*args, **kwargs)
+
+    dist.destroy_process_group = watched
+    return by_rank()
+
 def relu_or_tanh():
     """The same weights, another function on rank 1."""
     return Net(nn.ReLU() if os.environ.get("RANK", "0") == "0" else nn.Tanh())
@@ -234,6 +248,7 @@ def test_ranks_with_other_example_counts_merge_and_say_what_was_used(work):
     assert [rc for rc, _, _ in ranks] == [0, 0], ranks
     report = json.loads(ranks[0][1])
     assert report["examples"] == 300
+    assert ranks[1][1] == "" and ranks[1][2] == "", ranks[1]
     assert "the ranks streamed 256, 44 examples (rank 0 first); the statistics are of all 300 together" \
         in report["notes"]
 
@@ -270,3 +285,16 @@ def test_agree_on_function_tolerates_rounding_and_names_the_difference(monkeypat
     monkeypatch.setattr(distributed, "current", lambda: Fake([relu, tanh]))
     with pytest.raises(MismatchError, match="model B computes another function on rank 1 than on rank 0"):
         distributed.agree_on_function([relu, relu], x)
+
+
+def test_a_run_that_merged_ends_without_tearing_its_group_down(work):
+    """Tearing a gloo group down after the other rank has left can abort the process in C++ (exit
+    -6, nothing said). CI saw it on rank 1 of a run that had merged: rank 0 had reported and left.
+    Before: every rank tore its group down at exit; now a run that merged ends as a failed one
+    does (``launch.end``): rank 1 first, rank 0 after it, the group left to the system."""
+    (work / "teardown.txt").unlink(missing_ok=True)
+    ranks = finish(start(work, _args(work, "endings_data:by_rank_watching_teardown", "no_teardown", n=600)))
+    assert [rc for rc, _, _ in ranks] == [0, 0], ranks
+    assert not (work / "teardown.txt").exists(), (work / "teardown.txt").read_text()
+    assert (work / "no_teardown.onnx").stat().st_size > 0
+    assert [err for _, _, err in ranks] == ["", ""]

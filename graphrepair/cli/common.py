@@ -187,9 +187,15 @@ def fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
         with contextlib.suppress(OSError, ValueError):
             sys.stderr.write(text)
             sys.stderr.flush()
+    exit_with(code)
+
+
+def exit_with(code: int) -> None:
+    """Exit with ``code``: a process that joined a distributed run ends in ``launch.end`` (its
+    group is not torn down, whether the run failed or succeeded), any other with ``sys.exit``."""
     mod = sys.modules.get("graphrepair.cli.launch")  # imported (with torch) once a run has joined one
     if mod is not None:
-        mod.end_failed(code)  # a distributed run ends here, without tearing down its group
+        mod.end(code)
     sys.exit(code)
 
 
@@ -206,7 +212,7 @@ def quiet_stdout_exit() -> None:
     with contextlib.suppress(OSError, ValueError, AttributeError, io.UnsupportedOperation):
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
-    sys.exit(0)
+    exit_with(0)
 
 
 def run(fn):
@@ -258,7 +264,7 @@ class Main(click.Group):
                 quiet_stdout_exit()
         if not standalone_mode:
             return rv
-        sys.exit(rv if isinstance(rv, int) else 0)
+        exit_with(rv if isinstance(rv, int) else 0)
 
 
 def echo(text: str = "") -> None:

@@ -12,8 +12,8 @@ Under a launcher (torchrun sets ``WORLD_SIZE`` > 1, ``RANK``, ``MASTER_ADDR``/``
   others are inside a pass's collective, aborts gloo with a collective mismatch), and says why on
   its own line; the others lose contact and say so on theirs. SIGTERM ends with the
   TerminatedError's exit 2, SIGINT/SIGHUP with 128 + the signal.
-- ``end_failed`` ends a process after a failure without tearing its group down, the other ranks
-  leaving before rank 0, which hosts the store.
+- ``end`` ends a process, after a failure or a success, without tearing its group down, the other
+  ranks leaving before rank 0, which hosts the store.
 - What torch's C++ side writes on the process's stderr (file descriptor 2: c10d's warnings with
   a stack when the store's host has gone, 'Connection reset by peer') goes nowhere unless
   ``--debug``; Python's ``sys.stderr`` keeps the real stream, so the run's one line still comes
@@ -36,7 +36,7 @@ import torch.distributed as dist
 from graphrepair import distributed
 from graphrepair.errors import GraphRepairError, TerminatedError
 
-__all__ = ["dist_timeout", "end_failed", "launch"]
+__all__ = ["dist_timeout", "end", "launch"]
 
 TIMEOUT_VAR = "GRAPHREPAIR_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 1800.0
@@ -136,12 +136,14 @@ def _marking(previous):
     return handler
 
 
-def end_failed(code: int) -> None:
-    """End a process that :func:`launch` joined to a run at once with ``code`` after a failure,
-    its streams flushed and outputs already removed. Tearing down a gloo group whose other
-    processes have gone can abort the process in C++ ('terminate called without an active
-    exception', exit -6, seen about once in 25 runs on rank 0, which hosts the store), and nothing is
-    left to free. Returns outside such a run."""
+def end(code: int) -> None:
+    """End a process that :func:`launch` joined to a run at once with ``code``, its streams
+    flushed and its outputs written (or, after a failure, removed). The group is never torn down:
+    tearing down a gloo group whose other processes have gone can abort the process in C++
+    ('terminate called without an active exception', exit -6 with nothing on the stream): seen
+    about once in 25 failed runs on rank 0, which hosts the store, and in CI on rank 1 of a run
+    that had merged (rank 0 had reported and left first). Nothing is left to free. Returns
+    outside such a run."""
     if not _LAUNCHED:
         return
     for stream in (sys.stdout, sys.stderr):
@@ -161,7 +163,7 @@ def _leave_in_order() -> None:
     """The other ranks leave before rank 0, which may host the store: a rank still talking to the
     store when its host is gone prints c10d's 'Connection reset by peer' with a C++ stack. Each rank
     but 0 marks its leaving in the store; rank 0 waits for the marks (at most ``_LEAVE_WAIT_S``: a
-    rank that died never marks; its c10d warnings go nowhere, see ``end_failed``)."""
+    rank that died never marks; its c10d warnings go nowhere, see ``end``)."""
     run = distributed._RUN
     store = getattr(run, "store", None)
     if run is None or store is None:
@@ -175,6 +177,8 @@ def _leave_in_order() -> None:
 
 
 def _leave() -> None:
+    """At exit, for an ending that did not pass through :func:`end` (a ``SystemExit`` raised past
+    the command line's own endings): the group is torn down, the store's reference first."""
     distributed._RUN = None  # its reference to the store goes first
     with contextlib.suppress(Exception):
         if dist.is_initialized():
