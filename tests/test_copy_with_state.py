@@ -50,6 +50,49 @@ def test_copy_carries_the_state_keeps_ties_and_leaves_the_original_alone(own):
     assert shares == own  # own=True takes the caller's tensors as they are
 
 
+class Tables(nn.Module):
+    """Empty containers as attributes: one shared by two modules, and hooks only on the copy."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 3)
+        self.a.seen = self.b.seen = []  # not a dict: deep-copied as usual
+        self.a.names = self.b.names = {}  # one empty dict, two holders
+        self.a.kinds = set()
+
+    def forward(self, x):
+        return self.b(self.a(x))
+
+
+def test_the_copys_empty_tables_are_its_own_as_deepcopy_makes_them():
+    """``copy_with_state`` hands deepcopy new empty dicts, OrderedDicts and sets for the module's
+    empty ones (its hook tables, mostly; ``models._empty_containers``): a hook, entry or member
+    added to the copy is not the original's, one table held twice stays one table, and every
+    attribute matches what ``copy.deepcopy`` gives."""
+    import copy
+
+    model = Tables()
+    clone = copy_with_state(model, model.state_dict())
+    reference = copy.deepcopy(model)
+    for (name, m), (_, c), (_, r) in zip(model.named_modules(), clone.named_modules(), reference.named_modules()):
+        assert vars(c).keys() == vars(r).keys(), name
+        for key, v in vars(m).items():
+            if isinstance(v, (dict, set)) and not v:
+                assert type(vars(c)[key]) is type(v) and not vars(c)[key], (name, key)
+                assert vars(c)[key] is not v, (name, key)  # the copy's own
+    assert clone.a.names is clone.b.names and clone.a.names is not model.a.names
+    assert clone.a.seen is clone.b.seen and clone.a.seen is not model.a.seen
+    calls = []
+    clone.a.register_forward_hook(lambda *args: calls.append("copy"))
+    clone.a.names["k"] = 1
+    clone.a.kinds.add("k")
+    x = torch.randn(2, 3)
+    torch.testing.assert_close(model(x), clone(x))
+    assert calls == ["copy"]  # the original has no hook: its table was not shared
+    assert not model.a._forward_hooks and model.a.names == {} and model.a.kinds == set()
+    assert clone.b.names == {"k": 1}
+
+
 def test_copy_casts_to_the_model_dtype_and_names_a_missing_or_misshapen_key():
     model = nn.Linear(3, 2)
     state = {k: v.double() for k, v in model.state_dict().items()}
