@@ -57,7 +57,7 @@ class KeptBatches:
         no op per batch."""
         k = len(self.counts)
         if self._rows is None or k == self._rows.shape[0]:
-            c = like.shape[-1] if like.ndim == 1 else like.shape[-1] // 4
+            c = like.shape[-1] // 4 if flat else like.shape[-1]
             grown = torch.empty((max(16, 2 * k), 4, c), dtype=torch.float64, device=like.device)
             if k:
                 grown[:k].copy_(self._rows)
