@@ -6,7 +6,8 @@ Nothing here knows about permutations or model merging; ``graphrepair`` builds o
 - ``observe``: ``insert_observers`` / ``observers``, identity modules that stream a node's moments.
 - ``pair`` / ``pair_tap``: ``pair_graph`` runs two models of one graph side by side, node by node,
   with taps (``PairTap``) that see both values of a node (joint statistics without holding
-  activations); ``in_place_ops`` says whether a graph may write into its inputs.
+  activations), and ``bind_pair`` / ``unbind_pair`` point a paired module at other models and taps
+  of the same graph; ``in_place_ops`` says whether a graph may write into its inputs.
 - ``insert_resets`` / ``resets`` / ``set_mode``: REPAIR's reset nodes.
 - ``fold_affines``: fold resets and per-channel affines into the producing op.
 - ``fold_batchnorms``: fold eval-mode BatchNorm into the preceding conv / linear.
@@ -28,7 +29,7 @@ from passes.modules import (
     producer_kind,
     replace_module,
 )
-from passes.pair import pair_graph
+from passes.pair import bind_pair, pair_graph, unbind_pair
 from passes.reset import ChannelAffine, Reset, ResetSpec, insert_resets, resets, set_mode
 from passes.moments import ChannelSums, CrossMoments, channel_matrix
 from passes.observe import ChannelObserver, ObserverSpec, insert_observers, observers
@@ -51,6 +52,7 @@ __all__ = [
     "ResetSpec",
     "TapView",
     "VerifiedExport",
+    "bind_pair",
     "channel_matrix",
     "describe_producer",
     "export_onnx",
@@ -69,4 +71,5 @@ __all__ = [
     "replace_module",
     "resets",
     "set_mode",
+    "unbind_pair",
 ]

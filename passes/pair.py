@@ -21,6 +21,11 @@ of the inputs, so that an in-place op of copy A on an input cannot change what c
 A graph whose placeholders take a pytree (``torch.export`` modules) is paired in its flat form:
 the paired module takes the flat inputs (one tensor for a one-tensor model) and returns the two
 flat output lists.
+
+A paired module reads its roots and taps by attribute when it runs (``self.a...``,
+``self._gr_tap_0``), so one made for a graph can be pointed at other roots and taps of the same
+graph (``bind_pair``) and emptied after a pass (``unbind_pair``: it then holds no model, tap or
+tensor), instead of being built again for the next pair of models.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from __future__ import annotations
 import torch.fx as fx
 import torch.nn as nn
 
-from passes.base import PassResult, annotate, graph_pass
+from passes.base import PassResult, annotate, annotation, graph_pass
 from passes.errors import PassError
 from passes.modules import get_attr_value, named_nodes
 from passes.in_place_ops import writes_in_place
@@ -47,6 +52,44 @@ def _resolves(root: nn.Module, target: str) -> bool:
 _MISSING = object()
 
 
+def _check_roots(gm: fx.GraphModule, root_a: nn.Module, root_b: nn.Module) -> None:
+    for n in gm.graph.nodes:
+        if n.op in ("call_module", "get_attr"):
+            for side, root in (("A", root_a), ("B", root_b)):
+                if not _resolves(root, n.target):
+                    raise PassError(f"pair_graph: node {n.name!r} reads {n.target!r}, which model {side} "
+                                    f"does not have")
+
+
+def _tap_targets(paired: fx.GraphModule) -> dict[str, str]:
+    """{node of the original graph: the attribute its tap is called under} of a paired module."""
+    return {annotation(n)["after"]: str(n.target) for n in paired.graph.nodes
+            if n.op == "call_module" and annotation(n).get("inserted_by") == "pair_graph"}
+
+
+def bind_pair(paired: fx.GraphModule, gm: fx.GraphModule, root_a: nn.Module, root_b: nn.Module,
+              taps: dict[str, nn.Module]) -> None:
+    """Point ``paired`` (``pair_graph(gm, ...).graph_module``) at ``root_a``, ``root_b`` and
+    ``taps``, in place: the same nodes tapped (PassError otherwise), the roots checked as
+    ``pair_graph`` checks them."""
+    targets = _tap_targets(paired)
+    if set(targets) != set(taps):
+        raise PassError(f"bind_pair: the paired module taps {sorted(targets)}, not {sorted(taps)}")
+    _check_roots(gm, root_a, root_b)
+    paired._modules["a"], paired._modules["b"] = root_a, root_b
+    for node, target in targets.items():
+        paired._modules[target] = taps[node]
+
+
+def unbind_pair(paired: fx.GraphModule) -> None:
+    """Let ``paired`` go of its roots and taps (empty modules in their place), in place: it holds
+    no model, tap or tensor until ``bind_pair`` binds it again."""
+    for target in ["a", "b", *_tap_targets(paired).values()]:
+        paired._modules[target] = nn.Module()
+    paired._parameters.clear()
+    paired._buffers.clear()
+
+
 def _clone(x):
     return x.clone() if hasattr(x, "clone") else x
 
@@ -62,12 +105,7 @@ def pair_graph(gm: fx.GraphModule, root_a: nn.Module, root_b: nn.Module,
     graph = gm.graph
     clone_inputs = writes_in_place(gm)
     named_nodes(gm, taps, "pair_graph")
-    for n in graph.nodes:
-        if n.op in ("call_module", "get_attr"):
-            for side, root in (("A", root_a), ("B", root_b)):
-                if not _resolves(root, n.target):
-                    raise PassError(f"pair_graph: node {n.name!r} reads {n.target!r}, which model {side} "
-                                    f"does not have")
+    _check_roots(gm, root_a, root_b)
     root = nn.Module()
     root.a, root.b = root_a, root_b
 

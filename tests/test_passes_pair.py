@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from passes import ChannelSums, PairTap, PassError, TapView, pair_graph
+from passes import ChannelSums, PairTap, PassError, TapView, bind_pair, pair_graph, unbind_pair
 from tests.helpers import ConvBNNet, graph_of, randomize_
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec:FutureWarning")
@@ -186,3 +186,30 @@ def test_sums_about_zero_add_across_streams_with_other_shifts_and_empty_ones():
         torch.testing.assert_close(got.mean, ref.mean, rtol=1e-12, atol=0)
         torch.testing.assert_close(got.var, ref.var, rtol=1e-9, atol=0)
     torch.testing.assert_close(joined.cov(0), one.cov(0), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("how", ["fx", "aten"])
+def test_a_paired_module_is_bound_to_other_models_and_taps_and_holds_nothing_between(how):
+    """``bind_pair`` / ``unbind_pair``: one paired module serves several pairs of models of its
+    graph; unbound, it holds no model, tap or tensor."""
+    a, b, x, gm, roots = _pair(how)
+    relu = next(n.name for n in gm.graph.nodes if "relu" in n.name)
+    first = Recorder()
+    pair = pair_graph(gm, *roots, {relu: first}).graph_module
+    unbind_pair(pair)
+    assert list(pair.parameters()) == [] and list(pair.buffers()) == []
+    assert not any(m is first or m is roots[0] or m is roots[1] for m in pair.modules())
+    second = Recorder()
+    bind_pair(pair, gm, roots[1], roots[0], {relu: second})  # the models swapped
+    with torch.no_grad():
+        out_b, out_a = pair(x)
+        if how == "aten":
+            (out_b,), (out_a,) = out_b, out_a
+        torch.testing.assert_close(out_a, a(x))
+        torch.testing.assert_close(out_b, b(x))
+        torch.testing.assert_close(second.seen[0][0], b.bn(b.conv(x)).relu())
+    assert first.seen == [] and len(second.seen) == 1
+    with pytest.raises(PassError, match="taps"):
+        bind_pair(pair, gm, *roots, {})
+    with pytest.raises(PassError, match="model B does not have"):
+        bind_pair(pair, gm, roots[0], nn.Sequential(), {relu: second})

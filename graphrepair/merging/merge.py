@@ -29,7 +29,7 @@ from graphrepair.merging.prepare import METHODS, Prepared, prepare
 from graphrepair.merging.refit import EXAMPLES as REFIT_EXAMPLES
 from graphrepair.merging.refit import Refit, check_refit
 from graphrepair.merging.refit import refit as refit_layers
-from graphrepair.merging.repair import (OUTPUTS, REPAIR_MODES, batch_goals, closed_form_statistics, goal_statistics,
+from graphrepair.merging.repair import (OUTPUTS, REPAIR_MODES, SCALE_ONLY, batch_goals, closed_form_statistics, goal_statistics,
                                        repair_merged, reset_batchnorm_stats)
 from graphrepair.models import copy_with_state, given_back, user_models
 
@@ -208,7 +208,7 @@ def _merge_prepared(prep: Prepared, weights: list[float], repair: str | None, qu
         result.model, result.resets, result.folded, result.kept = done.model, done.resets, done.folded, done.kept
         result.treated = done.treated or {}
         if result.treated:
-            scaled = sum(v.startswith("scale only") for v in result.treated.values())
+            scaled = sum(v.startswith(SCALE_ONLY) for v in result.treated.values())
             said = ([f"{scaled} correct the scale only (their layers have no bias for the shift)"] * bool(scaled)
                     + [f"{len(result.treated) - scaled} are left out (they cannot fold into "
                        f"{type(models[0]).__name__})"] * bool(len(result.treated) - scaled))

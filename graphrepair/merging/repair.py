@@ -54,6 +54,7 @@ from passes.reset import ChannelAffine, Reset, ResetSpec, insert_resets, remove_
 from graphrepair import distributed
 from graphrepair.discovery.spec import PermutationSpec
 from graphrepair.errors import GraphRepairError
+from graphrepair.merging import kept
 from graphrepair.merging.points import ResetPoint
 from graphrepair.io.inputs import Inputs
 from graphrepair.merging.stats import PairStats, calibrate
@@ -186,19 +187,30 @@ def repair_merged(spec: PermutationSpec, model_a: nn.Module, merged_state: dict[
     if output not in OUTPUTS:
         raise GraphRepairError(f"output must be one of {OUTPUTS}, got {output!r}")
     device = model_device(model_a)
+    # what output "class" does to each reset, as planned by an earlier merge of this spec
+    # (``merging.kept``); None: planned here
+    traced = spec.traced.gm
+    key = ("repair", tuple((r.node, r.axis) for r in points), output, scale_only, running is None,
+           _shapes(fit.example()))
+    plan = kept.take(traced, key) if output == "class" else None
     gm = graph_for(spec, merged_state, device, own=True)
+    left_out = {p for p, what in (plan or {}).items() if not what.startswith(SCALE_ONLY)}
     insert_resets(gm, {r.node: ResetSpec(r.axis, goals[r.node][0].float(),
-                                         _normaliser_std(goals[r.node][1]).float(), RESET_EPS)
-                       for r in points}, inplace=True)
+                                         _normaliser_std(goals[r.node][1]).float(), RESET_EPS,
+                                         scale_only=r.node in (plan or {}) and r.node not in left_out)
+                       for r in points if r.node not in left_out}, inplace=True)
     treated = None
     if running is None:
         set_mode(gm, "collect")
         with torch.no_grad():  # the resets' shifts from the example every rank shares
             calibrate(gm, resets(gm).values(), fit.example())
-            if output == "class":  # planned on the ranks the resets just saw
-                treated = class_resets(gm, scale_only=scale_only)
+            if output == "class" and plan is None:  # planned on the ranks the resets just saw
+                plan = class_resets(gm, scale_only=scale_only)
+                treated = dict(plan)
                 if treated:  # the shifts again, from what the remaining resets now see
                     calibrate(gm, resets(gm).values(), fit.example())
+            elif output == "class":
+                treated = dict(plan)
         with distributed.step("the REPAIR pass of the merged model"), torch.no_grad():
             found = resets(gm)
             goals_t = per_batch or []
@@ -215,10 +227,17 @@ def repair_merged(spec: PermutationSpec, model_a: nn.Module, merged_state: dict[
     else:
         found = resets(gm)
         for node, (mean, var) in running.items():
-            found[node].set_running(mean.float(), var.float())
+            if node not in left_out:  # (those the kept plan leaves out are not inserted)
+                found[node].set_running(mean.float(), var.float())
     set_mode(gm, "apply")
     if running is not None and output == "class":
-        treated = class_resets(gm, placeholder_args(gm, fit.example()), scale_only)
+        if plan is None:
+            plan = class_resets(gm, placeholder_args(gm, fit.example()), scale_only)
+            treated = dict(plan)
+        else:
+            treated = dict(plan)
+    if plan is not None:
+        kept.give(traced, key, plan)
     unfolded = copy.deepcopy(gm) if keep_unfolded else None
     # exact: every reset saw data and knows its input's rank; closed form (and a distributed rank,
     # which may have seen no batch): shapes from one example
@@ -227,6 +246,14 @@ def repair_merged(spec: PermutationSpec, model_a: nn.Module, merged_state: dict[
     return Repaired(finalize(gm, model_a, merged_state, spec.traced.graph_own), len(points),
                     folded.counts.get("folded", 0),
                     list(folded.notes), unfolded, treated)
+
+
+def _shapes(example: Inputs) -> tuple:
+    """What the example's tensors are (name, shape, dtype, device): the ranks a plan reads."""
+    return tuple((name, tuple(t.shape), t.dtype, t.device) for name, t in example.named())
+
+
+SCALE_ONLY = "scale only"
 
 
 def class_resets(gm: torch.fx.GraphModule, example: tuple | None = None, scale_only: bool = True) -> dict[str, str]:
@@ -244,7 +271,7 @@ def class_resets(gm: torch.fx.GraphModule, example: tuple | None = None, scale_o
             continue
         if kind == NEEDS_BIAS and scale_only:
             found[point].scale_only = True
-            treated[point] = "scale only (the layer has no bias to take the shift)"
+            treated[point] = f"{SCALE_ONLY} (the layer has no bias to take the shift)"
         else:
             out.append(point)
             treated[point] = f"left out ({kind})"

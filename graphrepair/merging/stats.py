@@ -39,7 +39,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from passes.pair import pair_graph
+from passes.pair import bind_pair, pair_graph, unbind_pair
 from passes.moments import PairScratch, correlation
 from passes.pair_tap import PairTap, TapView
 
@@ -47,6 +47,7 @@ from graphrepair import distributed
 from graphrepair.discovery import axes as ax
 from graphrepair.errors import DataError, MismatchError, NumericError
 from graphrepair.io.inputs import Inputs
+from graphrepair.merging import kept
 from graphrepair.merging.points import ObservePoint, ResetPoint
 from graphrepair.progress import progress
 from graphrepair.models import eval_mode, graph_for
@@ -243,7 +244,11 @@ def run_pair(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module, plan
     their shifts from it first (``ChannelSums.calibrate``), so that the sums of every batch do not
     depend on which batch came first (one process or several give the same per-batch sums)."""
     root_a, root_b = pair_roots(spec, model_a, model_b, model_device(model_a))
-    pair = pair_graph(spec.traced.gm, root_a, root_b, plan.taps, outputs=False).graph_module
+    traced, key = spec.traced.gm, ("pair", frozenset(plan.taps))
+    pair = kept.take(traced, key)  # the paired graph of an earlier merge of this spec (``merging.kept``)
+    if pair is None:
+        pair = pair_graph(traced, root_a, root_b, plan.taps, outputs=False).graph_module
+    bind_pair(pair, traced, root_a, root_b, plan.taps)
     examples = 0
     try:
         with eval_mode(model_a, model_b):  # the pair may run the models' own modules
@@ -252,8 +257,11 @@ def run_pair(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module, plan
             for batch in progress(batches, "statistics of A and B", total=total, quiet=quiet):
                 batch.inputs.call(pair)
                 examples += batch.size
-    finally:  # the pair's graph module (and the graph copies, when made) are not kept in cycles
-        release(pair, *[r for r in (root_a, root_b) if r is not model_a and r is not model_b])
+    finally:  # the pair is kept without its models and taps; the graph copies (when made) are
+        # not kept in cycles (``runtime.release``)
+        unbind_pair(pair)
+        kept.give(traced, key, pair)
+        release(*[r for r in (root_a, root_b) if r is not model_a and r is not model_b])
     return examples
 
 
