@@ -83,7 +83,9 @@ def start(gm: fx.GraphModule, inplace: bool, pass_name: str) -> fx.GraphModule:
         return copy.deepcopy(gm)
 
 
-def finish(gm: fx.GraphModule) -> None:
-    """Validate the edited graph and regenerate the module's code."""
+def finish(gm: fx.GraphModule, recompile: bool = True) -> None:
+    """Validate the edited graph and regenerate the module's code (not with ``recompile=False``:
+    the caller's choice, for a module that is only read, never run, before it recompiles it)."""
     gm.graph.lint()
-    gm.recompile()
+    if recompile:
+        gm.recompile()

@@ -376,11 +376,15 @@ def _plan(gm: GraphModule, node: Node, dim: int, rank: int | None, channels: int
 
 
 @graph_pass(in_place=False)
-def fold_affines(gm: GraphModule, inplace: bool = False, example_inputs: tuple | None = None) -> PassResult:
+def fold_affines(gm: GraphModule, inplace: bool = False, example_inputs: tuple | None = None,
+                 recompile: bool = True) -> PassResult:
     """Fold every apply-mode Reset and every ChannelAffine into its producer where possible.
 
     ``example_inputs`` (optional) are run through the graph once to learn tensor ranks when the
     graph carries no shape metadata (``symbolic_trace``) and the resets never saw data.
+    ``recompile=False``: the edited graph is linted but the module's code is not regenerated, for a
+    caller that reads only the folded parameters (a merge returning the user's class); such a
+    module runs its old code until ``gm.recompile()``.
     counts: {"folded": n, "kept": m}; notes: one line per kept node, and per created bias.
     """
     gm = start(gm, inplace, "fold_affines")
@@ -399,7 +403,7 @@ def fold_affines(gm: GraphModule, inplace: bool = False, example_inputs: tuple |
     if example_inputs is not None:
         ShapeProp(gm).propagate(*example_inputs)
     folded, kept, replaced, notes, _ = _fold(gm, candidates, write=True)
-    finish(gm)
+    finish(gm, recompile)
     return PassResult(gm, folded + replaced > 0, {"folded": folded, "kept": kept}, notes)
 
 

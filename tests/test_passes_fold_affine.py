@@ -349,3 +349,21 @@ def test_functional_forms_under_symbolic_trace_fold_and_get_biases():
     targets = {n.target for n in result.graph_module.graph.nodes if n.op == "get_attr"}
     assert {"gamma_bias", "w1_bias"} <= targets
     torch.testing.assert_close(result.graph_module(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_fold_without_recompiling_folds_the_same_and_runs_once_recompiled():
+    """``recompile=False``: the parameters and the graph are those of a full fold; the module's
+    code is regenerated only by ``gm.recompile()`` (a caller that only reads the parameters)."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 6)
+    gm = with_reset(torch.fx.symbolic_trace(Head(nn.Linear(6, 8))), "body_0", -1, 8, x)
+    expected, code = gm(x), gm.code
+    full = fold_affines(gm).graph_module
+    lazy = fold_affines(gm, recompile=False).graph_module
+    assert lazy.code == code and "_gr_reset" in lazy.code  # the old code, not regenerated
+    assert str(lazy.graph) == str(full.graph) and affine_modules(lazy) == []
+    assert lazy.state_dict().keys() == full.state_dict().keys()
+    assert all(torch.equal(v, full.state_dict()[k]) for k, v in lazy.state_dict().items())
+    lazy.recompile()
+    assert lazy.code == full.code
+    torch.testing.assert_close(lazy(x), expected, rtol=1e-5, atol=1e-5)

@@ -242,7 +242,9 @@ def repair_merged(spec: PermutationSpec, model_a: nn.Module, merged_state: dict[
     # exact: every reset saw data and knows its input's rank; closed form (and a distributed rank,
     # which may have seen no batch): shapes from one example
     example = running is not None or distributed.current() is not None
-    folded = fold_affines(gm, inplace=True, example_inputs=placeholder_args(gm, fit.example()) if example else None)
+    # its code is regenerated only when the graph itself is returned (``finalize``)
+    folded = fold_affines(gm, inplace=True, example_inputs=placeholder_args(gm, fit.example()) if example else None,
+                          recompile=False)
     return Repaired(finalize(gm, model_a, merged_state, spec.traced.graph_own), len(points),
                     folded.counts.get("folded", 0),
                     list(folded.notes), unfolded, treated)
@@ -296,12 +298,14 @@ def placeholder_args(gm: torch.fx.GraphModule, example: Inputs) -> tuple:
 
 def finalize(gm, model_a: nn.Module, merged_state: dict, graph_own=frozenset()) -> nn.Module:
     """The user's own model class when every reset was folded into existing parameters, else the
-    GraphModule (with one ChannelAffine per unfoldable reset). ``graph_own``: the graph's own
+    GraphModule (with one ChannelAffine per unfoldable reset), its code regenerated from its
+    folded graph (``fold_affines(recompile=False)``). ``graph_own``: the graph's own
     tensors (``Traced.graph_own``), which the user's model holds elsewhere or not at all."""
     gsd = {k: v for k, v in gm.state_dict().items() if k not in graph_own}
     leftovers = any(isinstance(m, (Reset, ChannelAffine)) for m in gm.modules())
     if not leftovers and set(gsd) <= set(merged_state):
         return copy_with_state(model_a, {**merged_state, **gsd}, own=True).eval()
+    gm.recompile()
     return gm.eval()
 
 
