@@ -192,10 +192,7 @@ def copy_with_state(module: nn.Module, state: dict[str, torch.Tensor], *, own: b
     as they are where no cast is needed, else they are copied. Everything else (non-persistent
     buffers, the graph of a GraphModule) is deep-copied as usual."""
     current = module.state_dict(keep_vars=True)
-    missing = [k for k in current if k not in state]
-    if missing:
-        raise MismatchError(f"no weights given for parameter {missing[0]!r} of the model ({len(missing)} "
-                            f"missing); are they from the architecture the spec was made for?")
+    _check_keys(current, state)
     memo = {id(t): t for t in current.values()}  # shared until replaced below
     memo.update(_empty_containers(module))
     with warnings.catch_warnings():
@@ -203,6 +200,30 @@ def copy_with_state(module: nn.Module, state: dict[str, torch.Tensor], *, own: b
         # inside torch itself; nothing the caller can act on
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
         clone = copy.deepcopy(module, memo)
+    _give(clone, current, state, own, device)
+    if device is not None:
+        clone.to(device)
+    return clone
+
+
+def assign_state(module: nn.Module, state: dict[str, torch.Tensor], *, own: bool = False) -> None:
+    """``module`` itself given the tensors of ``state`` (every key of its state dict), as
+    ``copy_with_state`` gives its copy them (cast to the module's dtypes and devices; ``own``
+    likewise; names sharing one tensor keep sharing one); nothing is copied but what a cast needs."""
+    current = module.state_dict(keep_vars=True)
+    _check_keys(current, state)
+    _give(module, current, state, own, None)
+
+
+def _check_keys(current: dict, state: dict) -> None:
+    missing = [k for k in current if k not in state]
+    if missing:
+        raise MismatchError(f"no weights given for parameter {missing[0]!r} of the model ({len(missing)} "
+                            f"missing); are they from the architecture the spec was made for?")
+
+
+def _give(module: nn.Module, current: dict, state: dict, own: bool, device) -> None:
+    """``module``'s state-dict tensors (``current``, as they are now) replaced by ``state``'s."""
     new, first = {}, {}
     for k, t in current.items():
         if id(t) in first:  # tied: one tensor under two names stays one tensor
@@ -214,13 +235,9 @@ def copy_with_state(module: nn.Module, state: dict[str, torch.Tensor], *, own: b
             raise MismatchError(f"parameter {k!r} has shape {tuple(v.shape)}, but the model's is {tuple(t.shape)}")
         v = v.to(device=device if device is not None else t.device, dtype=t.dtype, copy=not own)
         new[k] = nn.Parameter(v, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else v
-
     # with the module's own metadata: modules whose _load_from_state_dict reads their version
     # from it (torchvision's MNASNet) refuse a state dict without one
-    clone.load_state_dict(with_metadata(new, current), strict=True, assign=True)
-    if device is not None:
-        clone.to(device)
-    return clone
+    module.load_state_dict(with_metadata(new, current), strict=True, assign=True)
 
 
 _EMPTY_KINDS = (dict, OrderedDict, set)

@@ -163,6 +163,27 @@ class Reset(nn.Module):
         """True when the running statistics come from data or from ``set_running``."""
         return self.count > 0 or self.stats_set
 
+    def restart(self, goal_mean: torch.Tensor, goal_std: torch.Tensor) -> None:
+        """Start again in collect mode with the goals ``goal_mean``, ``goal_std`` (checked as the
+        constructor checks them) and no statistics, in new buffers on the reset's device (the old
+        tensors are not written: another module may hold them)."""
+        c = self.num_channels
+        if goal_mean.shape != (c,) or goal_std.shape != (c,):
+            raise PassError(f"reset at {self.source!r}: goal_mean and goal_std must have shape ({c},), got "
+                            f"{tuple(goal_mean.shape)} and {tuple(goal_std.shape)}")
+        if not (torch.isfinite(goal_mean).all() and torch.isfinite(goal_std).all() and (goal_std >= 0).all()):
+            raise PassError(f"reset at {self.source!r}: goal statistics must be finite with goal_std >= 0")
+        device = self._buffers["goal_mean"].device
+        self._buffers["goal_mean"] = goal_mean.detach().to(device, torch.float32, copy=True)
+        self._buffers["goal_std"] = goal_std.detach().to(device, torch.float32, copy=True)
+        self._buffers["running_mean"] = torch.zeros(c, device=device)
+        self._buffers["running_var"] = torch.ones(c, device=device)
+        self.mode = "collect"
+        self.count, self.stats_set, self._stale, self.calibrating = 0, False, False, False
+        self.sums = ChannelSums(self.dim, channels=c)
+        self.__dict__["last_ndim"] = None
+        self.__dict__["batch_goal"] = None
+
     def reset_stats(self) -> None:
         """Forget the accumulated statistics (running stats back to mean 0, variance 1)."""
         self.count = 0

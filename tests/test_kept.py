@@ -1,6 +1,6 @@
-"""The graphs a merge keeps per spec (graphrepair/merging/kept.py): the next merge of the same spec
-takes the paired graph and the REPAIR plan instead of making them again, merges exactly as a first
-merge does, and nothing kept holds a model or its weights."""
+"""What a merge keeps per spec (graphrepair/merging/kept.py): the next merge of the same spec takes
+the paired graph, the REPAIR plan and the merged graph instead of making them again, merges exactly
+as a first merge does, and nothing kept holds a model or a merge's weights."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import graphrepair as gr
-from fixtures.zoo import resnet20
+from fixtures.zoo import ZOO, resnet20
 from graphrepair.discovery import reuse
 from graphrepair.merging import kept
 
@@ -58,12 +58,44 @@ def test_what_is_kept_holds_no_model_and_a_changed_model_makes_its_own():
     del b
     gc.collect()
     assert gone() is None  # the kept pair holds neither model (nor its taps' sums)
-    for entries in kept._kept.values():
-        for module in entries.values():
-            if isinstance(module, torch.nn.Module):
-                assert list(module.parameters()) == [] and list(module.buffers()) == []
+    (traced,) = list(kept._kept)
+    own = {t.data_ptr() for t in traced.state_dict().values()}
+    for key, made in kept._kept[traced].items():
+        if key[0] == "pair":  # unbound: no model, no tap
+            assert list(made.parameters()) == [] and list(made.buffers()) == []
+        else:  # the merged graph: the traced graph's tensors, not the merge's weights
+            plan, graph = made
+            assert graph is not None and plan
+            weights = [t for name, t in graph.state_dict().items() if "_gr_reset" not in name]
+            assert weights and all(t.data_ptr() in own for t in weights)
     before = kept.info()
     wider = resnet20("ln", width=2).eval()
     gr.merge_models([wider, resnet20("ln", width=2).eval()], x, num_examples=48, batch_size=16)
     assert kept.info()["hits"] == before["hits"]  # another spec: its own graphs
     assert kept.info()["entries"] == before["entries"] + 2
+
+
+CASES = [(name, "exact") for name in ["mlp10", "resnet20_bn", "transformer_tiny", "convnext_tiny", "densenet_tiny",
+                                      "gpt2_tiny", "vit_tiny", "bert_tiny"]] + [("resnet20_bn", "approx"), ("gpt2_tiny", "approx")]
+
+
+@pytest.mark.parametrize("name,repair", CASES)
+def test_merges_that_take_what_was_kept_are_the_first_merge_bit_for_bit(name, repair):
+    """symbolic_trace and torch.export graphs (the Hugging Face models), every reset folding or
+    some left out, exact and closed-form REPAIR: a second and a third merge of the spec equal a
+    merge that made everything."""
+    if name in ("gpt2_tiny", "vit_tiny", "bert_tiny"):
+        pytest.importorskip("transformers")
+    entry = ZOO[name]
+    torch.manual_seed(0)
+    a, b = entry.factory().eval(), entry.factory().eval()
+    (x,) = entry.example_inputs(batch=24, seed=1)
+    merges = [gr.merge_models([a, b], x, num_examples=24, batch_size=8, repair=repair) for _ in range(3)]
+    assert kept.info()["hits"] >= 4
+    kept.clear()
+    fresh_ = gr.merge_models([a, b], x, num_examples=24, batch_size=8, repair=repair)
+    ref = fresh_.model.state_dict()
+    for m in merges:
+        assert type(m.model) is type(a) and m.treated == fresh_.treated
+        sd = m.model.state_dict()
+        assert sd.keys() == ref.keys() and all(torch.equal(sd[k], ref[k]) for k in ref), name

@@ -209,3 +209,26 @@ def test_a_reset_fed_the_wrong_channels_names_itself_and_the_axis():
     with pytest.raises(PassError, match=r"reset at 'fc1': channel axis 2 is out of range for an input of shape \(2, 4\)"):
         r(torch.randn(2, 4))
     assert Reset(4, dim=-1, source="fc1")(torch.randn(5, 4)).shape == (5, 4)
+
+
+def test_restart_starts_afresh_with_new_goals_in_new_buffers():
+    """``Reset.restart``: collect mode, no statistics, the new goals; the tensors it held before
+    are not written (a module kept for reuse shares them with others)."""
+    torch.manual_seed(0)
+    r = Reset(4, dim=1, goal_mean=torch.zeros(4), goal_std=torch.ones(4), source="conv")
+    r(torch.randn(8, 4) * 3 + 1)
+    r.mode = "apply"
+    old = {k: (t, t.clone()) for k, t in r._buffers.items()}
+    r.restart(torch.full((4,), 2.0), torch.full((4,), 0.5))
+    assert r.mode == "collect" and r.count == 0 and not r.ready and r.last_ndim is None
+    assert torch.equal(r.goal_mean, torch.full((4,), 2.0)) and torch.equal(r.goal_std, torch.full((4,), 0.5))
+    for k, (t, values) in old.items():
+        assert r._buffers[k] is not t and torch.equal(t, values), k
+    x = torch.randn(16, 4) * 5 - 3
+    y = r(x)  # normalised to the new goals, from this batch alone
+    torch.testing.assert_close(y.mean(0), torch.full((4,), 2.0), rtol=0, atol=1e-5)
+    torch.testing.assert_close(r.running_mean, x.double().mean(0).float(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(PassError, match="goal statistics must be finite"):
+        r.restart(torch.full((4,), float("nan")), torch.ones(4))
+    with pytest.raises(PassError, match=r"shape \(4,\)"):
+        r.restart(torch.zeros(3), torch.ones(3))

@@ -58,7 +58,7 @@ from graphrepair.merging import kept
 from graphrepair.merging.points import ResetPoint
 from graphrepair.io.inputs import Inputs
 from graphrepair.merging.stats import PairStats, calibrate
-from graphrepair.models import copy_with_state, graph_for
+from graphrepair.models import assign_state, copy_with_state, graph_for
 from graphrepair.progress import progress
 from graphrepair.runtime import model_device
 
@@ -187,18 +187,23 @@ def repair_merged(spec: PermutationSpec, model_a: nn.Module, merged_state: dict[
     if output not in OUTPUTS:
         raise GraphRepairError(f"output must be one of {OUTPUTS}, got {output!r}")
     device = model_device(model_a)
-    # what output "class" does to each reset, as planned by an earlier merge of this spec
-    # (``merging.kept``); None: planned here
+    # with output "class", what an earlier merge of this spec kept (``merging.kept``): what is done
+    # to each reset (None: planned here), and the merged graph with its resets as planned, to be
+    # given this merge's weights and goals (None: made here)
     traced = spec.traced.gm
     key = ("repair", tuple((r.node, r.axis) for r in points), output, scale_only, running is None,
            _shapes(fit.example()))
-    plan = kept.take(traced, key) if output == "class" else None
-    gm = graph_for(spec, merged_state, device, own=True)
+    plan, gm = (kept.take(traced, key) if output == "class" else None) or (None, None)
+    reuse = output == "class" and not keep_unfolded  # the graph is kept, never returned
     left_out = {p for p, what in (plan or {}).items() if not what.startswith(SCALE_ONLY)}
-    insert_resets(gm, {r.node: ResetSpec(r.axis, goals[r.node][0].float(),
-                                         _normaliser_std(goals[r.node][1]).float(), RESET_EPS,
-                                         scale_only=r.node in (plan or {}) and r.node not in left_out)
-                       for r in points if r.node not in left_out}, inplace=True)
+    if gm is not None and reuse:
+        _rebind(gm, spec, merged_state, goals)
+    else:
+        gm = graph_for(spec, merged_state, device, own=True)
+        insert_resets(gm, {r.node: ResetSpec(r.axis, goals[r.node][0].float(),
+                                             _normaliser_std(goals[r.node][1]).float(), RESET_EPS,
+                                             scale_only=r.node in (plan or {}) and r.node not in left_out)
+                           for r in points if r.node not in left_out}, inplace=True)
     treated = None
     if running is None:
         set_mode(gm, "collect")
@@ -236,18 +241,55 @@ def repair_merged(spec: PermutationSpec, model_a: nn.Module, merged_state: dict[
             treated = dict(plan)
         else:
             treated = dict(plan)
-    if plan is not None:
-        kept.give(traced, key, plan)
     unfolded = copy.deepcopy(gm) if keep_unfolded else None
     # exact: every reset saw data and knows its input's rank; closed form (and a distributed rank,
     # which may have seen no batch): shapes from one example
     example = running is not None or distributed.current() is not None
-    # its code is regenerated only when the graph itself is returned (``finalize``)
+    # the graph to keep, as it is before the fold (the fold takes its resets out): put back after
+    before = (copy.deepcopy(gm.graph), {name: m for name, m in gm.named_modules() if isinstance(m, Reset)},
+              [k for k, _ in gm.named_parameters()]) if reuse else None
+    # the folded module's code is regenerated only when it is returned (``finalize``)
     folded = fold_affines(gm, inplace=True, example_inputs=placeholder_args(gm, fit.example()) if example else None,
                           recompile=False)
-    return Repaired(finalize(gm, model_a, merged_state, spec.traced.graph_own), len(points),
-                    folded.counts.get("folded", 0),
-                    list(folded.notes), unfolded, treated)
+    model = finalize(gm, model_a, merged_state, spec.traced.graph_own)
+    if plan is not None:
+        # kept only when the merge returned the class and the fold gave the graph's modules no
+        # parameter (the class's resets never need one): the next merge rebinds every one
+        keep = before is not None and model is not gm and [k for k, _ in gm.named_parameters()] == before[2]
+        if keep:
+            _restore(gm, *before[:2])
+            _unbind(gm, spec)
+        kept.give(traced, key, (plan, gm if keep else None))
+    return Repaired(model, len(points), folded.counts.get("folded", 0), list(folded.notes), unfolded, treated)
+
+
+def _restore(gm: torch.fx.GraphModule, graph: torch.fx.Graph, held: dict[str, Reset]) -> None:
+    """``gm`` as it was before its fold: its resets back, its graph ``graph`` (a copy of the one
+    it had) and the code of that graph."""
+    for name, reset in held.items():
+        gm.add_submodule(name, reset)
+    gm.graph = graph
+
+
+def _reset_buffers(gm: torch.fx.GraphModule) -> dict[str, torch.Tensor]:
+    """The state-dict entries of ``gm``'s resets (goals and running statistics)."""
+    return {f"{name}.{b}": t for name, m in gm.named_modules() if isinstance(m, Reset) for b, t in m._buffers.items()}
+
+
+def _rebind(gm: torch.fx.GraphModule, spec: PermutationSpec, merged_state: dict, goals: dict) -> None:
+    """A kept merged graph given this merge's weights ``merged_state`` (taken as they are, as
+    ``graph_for`` takes them) and its resets started afresh with their ``goals``."""
+    traced = spec.traced.gm
+    mine = {k: v for k, v in traced.state_dict().items() if k in spec.traced.graph_own and k not in merged_state}
+    assign_state(gm, {**_reset_buffers(gm), **mine, **merged_state}, own=True)
+    for node, reset in resets(gm).items():
+        reset.restart(goals[node][0].float(), _normaliser_std(goals[node][1]).float())
+
+
+def _unbind(gm: torch.fx.GraphModule, spec: PermutationSpec) -> None:
+    """A merged graph to be kept let go of the merge's weights: the traced graph's own tensors
+    (the spec holds them anyway) in their place."""
+    assign_state(gm, {**_reset_buffers(gm), **spec.traced.gm.state_dict()}, own=True)
 
 
 def _shapes(example: Inputs) -> tuple:
