@@ -263,13 +263,16 @@ def graph_for(spec: PermutationSpec, state: dict[str, torch.Tensor] | nn.Module,
     """A copy of the traced graph carrying the weights of ``state`` (a model or a state dict;
     ``own``: see ``copy_with_state``)."""
     sd = state.state_dict() if isinstance(state, nn.Module) else state
-    gm = spec.traced.gm
-    # the graph's own tensors (``Traced.graph_own``: trace constants, non-persistent buffers, in
-    # no state dict of the model, e.g. timm Swin's index tensors, MaxViT's log coordinates) come
-    # along as traced
-    mine = {k: v for k, v in gm.state_dict().items() if k in spec.traced.graph_own and k not in sd}
-    return copy_with_state(gm, {**mine, **sd} if mine else sd,
+    return copy_with_state(spec.traced.gm, graph_state(spec, sd),
                            own=own and not isinstance(state, nn.Module), device=device).eval()
+
+
+def graph_state(spec: PermutationSpec, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` (a model's state dict) as the traced graph's: with the graph's own tensors
+    (``Traced.graph_own``: trace constants, non-persistent buffers, in no state dict of the model,
+    e.g. timm Swin's index tensors, MaxViT's log coordinates) as traced."""
+    mine = {k: v for k, v in spec.traced.gm.state_dict().items() if k in spec.traced.graph_own and k not in state}
+    return {**mine, **state} if mine else state
 
 
 def check_finite(state: dict[str, torch.Tensor], who: str, buffers: frozenset[str] | set[str] = frozenset(),

@@ -58,7 +58,7 @@ from graphrepair.merging import kept
 from graphrepair.merging.points import ResetPoint
 from graphrepair.io.inputs import Inputs
 from graphrepair.merging.stats import PairStats, calibrate
-from graphrepair.models import assign_state, copy_with_state, graph_for
+from graphrepair.models import assign_state, copy_with_state, graph_for, graph_state
 from graphrepair.progress import progress
 from graphrepair.runtime import model_device
 
@@ -67,6 +67,7 @@ OUTPUTS = ("class", "graph")  # what a REPAIR merge returns, see the module doc
 
 
 RESET_EPS = 1e-5  # the resets' variance epsilon, as BatchNorm's
+SCALE_ONLY = "scale only"  # how ``Repaired.treated`` begins for a reset that corrects the scale only
 
 
 def _normaliser_std(goal_std: torch.Tensor, eps: float = RESET_EPS) -> torch.Tensor:
@@ -204,18 +205,14 @@ def repair_merged(spec: PermutationSpec, model_a: nn.Module, merged_state: dict[
                                              _normaliser_std(goals[r.node][1]).float(), RESET_EPS,
                                              scale_only=r.node in (plan or {}) and r.node not in left_out)
                            for r in points if r.node not in left_out}, inplace=True)
-    treated = None
     if running is None:
         set_mode(gm, "collect")
         with torch.no_grad():  # the resets' shifts from the example every rank shares
             calibrate(gm, resets(gm).values(), fit.example())
             if output == "class" and plan is None:  # planned on the ranks the resets just saw
                 plan = class_resets(gm, scale_only=scale_only)
-                treated = dict(plan)
-                if treated:  # the shifts again, from what the remaining resets now see
+                if plan:  # the shifts again, from what the remaining resets now see
                     calibrate(gm, resets(gm).values(), fit.example())
-            elif output == "class":
-                treated = dict(plan)
         with distributed.step("the REPAIR pass of the merged model"), torch.no_grad():
             found = resets(gm)
             goals_t = per_batch or []
@@ -235,19 +232,18 @@ def repair_merged(spec: PermutationSpec, model_a: nn.Module, merged_state: dict[
             if node not in left_out:  # (those the kept plan leaves out are not inserted)
                 found[node].set_running(mean.float(), var.float())
     set_mode(gm, "apply")
-    if running is not None and output == "class":
-        if plan is None:
-            plan = class_resets(gm, placeholder_args(gm, fit.example()), scale_only)
-            treated = dict(plan)
-        else:
-            treated = dict(plan)
+    if running is not None and output == "class" and plan is None:
+        plan = class_resets(gm, placeholder_args(gm, fit.example()), scale_only)
+    treated = None if plan is None else dict(plan)  # (the caller's copy: the plan may be kept)
     unfolded = copy.deepcopy(gm) if keep_unfolded else None
     # exact: every reset saw data and knows its input's rank; closed form (and a distributed rank,
     # which may have seen no batch): shapes from one example
     example = running is not None or distributed.current() is not None
-    # the graph to keep, as it is before the fold (the fold takes its resets out): put back after
-    before = (copy.deepcopy(gm.graph), {name: m for name, m in gm.named_modules() if isinstance(m, Reset)},
-              [k for k, _ in gm.named_parameters()]) if reuse else None
+    # the graph to keep as it is before the fold (the fold takes its resets out), put back after
+    if reuse:
+        graph_before = copy.deepcopy(gm.graph)
+        resets_before = {name: m for name, m in gm.named_modules() if isinstance(m, Reset)}
+        params_before = [k for k, _ in gm.named_parameters()]
     # the folded module's code is regenerated only when it is returned (``finalize``)
     folded = fold_affines(gm, inplace=True, example_inputs=placeholder_args(gm, fit.example()) if example else None,
                           recompile=False)
@@ -255,9 +251,9 @@ def repair_merged(spec: PermutationSpec, model_a: nn.Module, merged_state: dict[
     if plan is not None:
         # kept only when the merge returned the class and the fold gave the graph's modules no
         # parameter (the class's resets never need one): the next merge rebinds every one
-        keep = before is not None and model is not gm and [k for k, _ in gm.named_parameters()] == before[2]
+        keep = reuse and model is not gm and [k for k, _ in gm.named_parameters()] == params_before
         if keep:
-            _restore(gm, *before[:2])
+            _restore(gm, graph_before, resets_before)
             _unbind(gm, spec)
         kept.give(traced, key, (plan, gm if keep else None))
     return Repaired(model, len(points), folded.counts.get("folded", 0), list(folded.notes), unfolded, treated)
@@ -279,9 +275,7 @@ def _reset_buffers(gm: torch.fx.GraphModule) -> dict[str, torch.Tensor]:
 def _rebind(gm: torch.fx.GraphModule, spec: PermutationSpec, merged_state: dict, goals: dict) -> None:
     """A kept merged graph given this merge's weights ``merged_state`` (taken as they are, as
     ``graph_for`` takes them) and its resets started afresh with their ``goals``."""
-    traced = spec.traced.gm
-    mine = {k: v for k, v in traced.state_dict().items() if k in spec.traced.graph_own and k not in merged_state}
-    assign_state(gm, {**_reset_buffers(gm), **mine, **merged_state}, own=True)
+    assign_state(gm, {**_reset_buffers(gm), **graph_state(spec, merged_state)}, own=True)
     for node, reset in resets(gm).items():
         reset.restart(goals[node][0].float(), _normaliser_std(goals[node][1]).float())
 
@@ -295,9 +289,6 @@ def _unbind(gm: torch.fx.GraphModule, spec: PermutationSpec) -> None:
 def _shapes(example: Inputs) -> tuple:
     """What the example's tensors are (name, shape, dtype, device): the ranks a plan reads."""
     return tuple((name, tuple(t.shape), t.dtype, t.device) for name, t in example.named())
-
-
-SCALE_ONLY = "scale only"
 
 
 def class_resets(gm: torch.fx.GraphModule, example: tuple | None = None, scale_only: bool = True) -> dict[str, str]:
