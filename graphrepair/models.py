@@ -235,9 +235,33 @@ def _give(module: nn.Module, current: dict, state: dict, own: bool, device) -> N
             raise MismatchError(f"parameter {k!r} has shape {tuple(v.shape)}, but the model's is {tuple(t.shape)}")
         v = v.to(device=device if device is not None else t.device, dtype=t.dtype, copy=not own)
         new[k] = nn.Parameter(v, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else v
-    # with the module's own metadata: modules whose _load_from_state_dict reads their version
-    # from it (torchvision's MNASNet) refuse a state dict without one
-    module.load_state_dict(with_metadata(new, current), strict=True, assign=True)
+    _load_assigned(module, new, current)
+
+
+def _load_assigned(module: nn.Module, state: dict, current: dict) -> None:
+    """``module.load_state_dict(state, strict=True, assign=True)`` for a ``state`` with exactly
+    the keys of ``current`` (the module's state dict, whose ``_metadata`` goes with it: modules
+    whose ``_load_from_state_dict`` reads their version from it, torchvision's MNASNet, refuse a
+    state dict without one). Each module's ``_load_from_state_dict`` is given its own entries,
+    found in one pass over the keys; ``load_state_dict`` filters every descendant's entries again
+    at every level of the tree (a 20-layer merged graph with its resets: 121 entries, 63 modules,
+    7,800 prefix tests, most of the load's time). Where some module has load hooks (which may
+    read its descendants' entries), or the load finds anything amiss, ``load_state_dict`` itself."""
+    named = list(module.named_modules(remove_duplicate=False))
+    if any(m._load_state_dict_pre_hooks or m._load_state_dict_post_hooks for _, m in named):
+        module.load_state_dict(with_metadata(state, current), strict=True, assign=True)
+        return
+    own: dict[str, dict] = {}
+    for k, v in state.items():
+        own.setdefault(k.rpartition(".")[0], {})[k] = v
+    metadata = getattr(current, "_metadata", None) or {}
+    missing, unexpected, errors = [], [], []
+    for name, m in named:
+        local = {**metadata.get(name, {}), "assign_to_params_buffers": True}
+        m._load_from_state_dict(own.get(name, {}), f"{name}." if name else "", local, True,
+                                missing, unexpected, errors)
+    if missing or unexpected or errors:  # its own message
+        module.load_state_dict(with_metadata(state, current), strict=True, assign=True)
 
 
 _EMPTY_KINDS = (dict, OrderedDict, set)

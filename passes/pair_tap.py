@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from passes.errors import PassError
-from passes.moments import ChannelSums, CrossSum, PairScratch, covariance, cross_raw_total, pair_calibrate, pair_update
+from passes.moments import ChannelSums, CrossSum, PairScratch, covariance, cross_raw_total, pair_calibrate, pair_update, ShiftChoices
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,9 @@ class PairTap(nn.Module):
         self.scratch = PairScratch() if scratch is None else scratch
         self.sums = [tuple(ChannelSums(v.dim, v.index, _channels(v, shape)) for _ in "ab") for v in self.views]
         self.cross = [CrossSum() if v.cross else None for v in self.views]
-        self.calibrating = False  # forward chooses the sums' shifts instead of adding a batch
+        # forward chooses the sums' shifts instead of adding a batch: True, each now; a
+        # ``moments.ShiftChoices``, all of a pass's together when it decides
+        self.calibrating: bool | ShiftChoices = False
         # view -> the sums of A and of B of every batch, for the views ``keep_batches`` names (REPAIR's
         # reset points: the goal of each batch, see graphrepair.merging.merge); turned into moments
         # when read (``batch_moments``)
@@ -110,10 +112,11 @@ class PairTap(nn.Module):
             raise PassError(f"the tap at node {self.source!r} received a {type(a).__name__}, not a "
                             "tensor; tap a node whose value is a single tensor")
         if self.calibrating:  # ``ChannelSums.calibrate``: the shifts, nothing counted
+            choices = self.calibrating if isinstance(self.calibrating, ShiftChoices) else None
             for sa, sb in self.sums:
-                if not pair_calibrate(sa, sb, a, b, self.scratch):
-                    sa.calibrate(a)
-                    sb.calibrate(b)
+                if not pair_calibrate(sa, sb, a, b, self.scratch, choices):
+                    sa.calibrate(a, choices)
+                    sb.calibrate(b, choices)
             return
         for i, (v, (sa, sb)) in enumerate(zip(self.views, self.sums)):
             both = pair_update(sa, sb, a, b, self.scratch)

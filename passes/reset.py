@@ -43,7 +43,7 @@ from torch.fx import GraphModule
 from passes.base import PassResult, annotation, finish, graph_pass, start
 from passes.errors import PassError
 from passes.modules import insert_module_after, inserted_modules, module_device, named_nodes
-from passes.moments import _EXACT, _SMALL, ChannelSums, _split, broadcast_shape
+from passes.moments import _EXACT, _SMALL, ChannelSums, ShiftChoices, _split, broadcast_shape
 
 RESET_PREFIX = "_gr_reset"
 MODES = ("collect", "apply")
@@ -130,7 +130,9 @@ class Reset(nn.Module):
         self.register_buffer("running_mean", torch.zeros(num_channels))
         self.register_buffer("running_var", torch.ones(num_channels))
         self.count = 0  # samples per channel accumulated in collect mode
-        self.calibrating = False  # collect mode chooses the sums' shift instead of adding a batch
+        # collect mode chooses the sums' shift instead of adding a batch: True, now; a
+        # ``moments.ShiftChoices``, with the other holders' when it decides
+        self.calibrating: bool | ShiftChoices = False
         self.stats_set = False  # running stats given by set_running
         self._stale = False  # the sums hold batches the running stats do not show yet
         self.sums = ChannelSums(dim, channels=num_channels)
@@ -226,7 +228,7 @@ class Reset(nn.Module):
             return x * scale.to(x.dtype).view(shape) + shift.to(x.dtype).view(shape)
         self.__dict__["last_ndim"] = x.ndim  # a plain attribute: nn.Module.__setattr__'s checks cost 4 us a call
         if self.calibrating:  # ``ChannelSums.calibrate``: the shift, nothing counted
-            self.sums.calibrate(x)
+            self.sums.calibrate(x, self.calibrating if isinstance(self.calibrating, ShiftChoices) else None)
             mean = x.detach().movedim(dim, -1).reshape(-1, x.shape[dim]).double().mean(0)
             var = x.detach().movedim(dim, -1).reshape(-1, x.shape[dim]).double().var(0, correction=0)
             scale = self.goal_std.double() * torch.rsqrt(var + self.eps)

@@ -126,3 +126,46 @@ def test_pair_reads_the_models_themselves_only_when_b_is_configured_like_a():
     assert ra is not a and rb is not other
     torch.testing.assert_close(rb.fc.weight, other.fc.weight)  # B's weights in A's graph
     assert rb.fc.weight.data_ptr() != other.fc.weight.data_ptr()
+
+
+class _Versioned(nn.Module):
+    """Reads its version from the state dict's metadata, as torchvision's MNASNet does."""
+
+    _version = 2
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.seen = []
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        self.seen.append((prefix, local_metadata.get("version"), local_metadata.get("assign_to_params_buffers")))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+
+
+@pytest.mark.parametrize("hooked", [False, True])
+def test_assign_state_loads_as_load_state_dict_does(hooked):
+    """``models.assign_state`` gives each module its own entries (not load_state_dict's filtering
+    of every descendant at every level): the same tensors assigned, BatchNorm's counter, a module
+    reading its version from the metadata, a module shared under two names; a module with a load
+    hook goes through load_state_dict itself, and its hook runs."""
+    from graphrepair.models import assign_state
+
+    torch.manual_seed(0)
+    shared = nn.Linear(3, 3)
+    model = nn.Sequential(_Versioned(), nn.BatchNorm1d(3), shared, nn.Sequential(shared, nn.ReLU()))
+    calls = []
+    if hooked:
+        model[1].register_load_state_dict_post_hook(lambda module, keys: calls.append(module))
+    state = {k: torch.randn_like(v.float()).to(v.dtype) if v.is_floating_point() else v + 5
+             for k, v in model.state_dict().items()}
+    state["3.0.weight"] = state["2.weight"]  # the tied module: one tensor under both names
+    state["3.0.bias"] = state["2.bias"]
+    assign_state(model, state, own=True)
+    for k, v in model.state_dict().items():
+        assert v.data_ptr() == state[k].data_ptr()  # assigned, not copied
+    assert int(model[1].num_batches_tracked) == int(state["1.num_batches_tracked"])
+    assert model[2] is model[3][0] and model[2].weight is model[3][0].weight
+    assert model[0].seen == [("0.", 2, True)]
+    assert calls == ([model[1]] if hooked else [])
+    assert isinstance(model[0].lin.weight, nn.Parameter) and model[0].lin.weight.requires_grad

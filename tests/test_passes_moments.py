@@ -136,3 +136,53 @@ def test_channel_sums_batch_moments_are_the_latest_batch_about_the_shift():
     both = torch.cat([first, second]).double()
     torch.testing.assert_close(sums.mean, both.mean(0), rtol=1e-6, atol=0)
     torch.testing.assert_close(sums.var, both.var(0, correction=0), rtol=1e-5, atol=0)
+
+
+def test_shift_choices_decide_every_shift_as_each_sums_alone_would():
+    """A calibration pass hands its sums to one ``ShiftChoices`` and decides them all at once:
+    the same shifts, bit for bit, as each ``ChannelSums.calibrate`` deciding alone, for rows,
+    columns and conv maps, float32 and float64, a replicated index, channels with a large mean
+    (a shift) and without (none), and a pair of row tensors (``pair_calibrate``)."""
+    from passes.moments import PairScratch, ShiftChoices, pair_calibrate
+
+    g = torch.Generator().manual_seed(0)
+
+    def values(shape, offset, dtype):
+        x = torch.randn(*shape, generator=g, dtype=torch.float64) * 3 + offset
+        return x.to(dtype)
+
+    cases = []  # (dim, index, x)
+    for dtype in (torch.float32, torch.float64):
+        for offset in (0.0, 100.0):
+            cases += [(-1, None, values((7, 5), offset, dtype)), (1, None, values((3, 4, 6, 2), offset, dtype)),
+                      (0, None, values((6, 9), offset, dtype)),
+                      (1, torch.tensor([[0, 2], [1, 3]]), values((5, 4), offset, dtype))]
+    large = values((4, 3), 0.0, torch.float32)
+    large[:, 1] += 1000.0  # one channel far from zero: the whole tensor is shifted
+    cases.append((-1, None, large))
+    alone, together, choices = [], [], ShiftChoices()
+    for dim, index, x in cases:
+        a, b = ChannelSums(dim, index), ChannelSums(dim, index)
+        a.calibrate(x)
+        b.calibrate(x, choices)
+        assert not b.decided  # held until ``decide``
+        alone.append(a)
+        together.append(b)
+    ra, rb = values((8, 6), 50.0, torch.float32), values((8, 6), 0.0, torch.float32)
+    pa, pb = ChannelSums(-1), ChannelSums(-1)
+    qa, qb = ChannelSums(-1), ChannelSums(-1)
+    assert pair_calibrate(pa, pb, ra, rb, PairScratch())
+    assert pair_calibrate(qa, qb, ra, rb, PairScratch(), choices)
+    alone += [pa, pb]
+    together += [qa, qb]
+    choices.decide()
+    shifted = 0
+    for a, b in zip(alone, together):
+        assert b.decided and (a.shift is None) == (b.shift is None)
+        if a.shift is not None:
+            shifted += 1
+            assert a.shift.dtype == b.shift.dtype and torch.equal(a.shift, b.shift)
+            assert b.shift._base is None  # its own tensor, not a view of the choices' working one
+    assert 0 < shifted < len(alone)  # both outcomes were tested
+    choices.decide()  # holds nothing any more: a second decide changes nothing
+    assert all(b.decided for b in together)

@@ -40,7 +40,7 @@ import torch.fx
 from torch import nn
 
 from passes.pair import bind_pair, pair_graph, unbind_pair
-from passes.moments import PairScratch, correlation
+from passes.moments import PairScratch, ShiftChoices, correlation
 from passes.pair_tap import PairTap, TapView
 
 from graphrepair import distributed
@@ -267,12 +267,15 @@ def run_pair(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module, plan
 
 def calibrate(module: nn.Module, holders, example: Inputs) -> None:
     """Run ``module`` once on ``example`` with ``holders`` (taps, resets) choosing their sums'
-    shifts from it, counting nothing."""
+    shifts from it, counting nothing; the shifts are chosen all together after the run
+    (``moments.ShiftChoices``)."""
     holders = list(holders)
+    choices = ShiftChoices()
     for h in holders:
-        h.calibrating = True
+        h.calibrating = choices
     try:
         example.call(module)
+        choices.decide()
     finally:
         for h in holders:
             h.calibrating = False
