@@ -232,3 +232,23 @@ def test_restart_starts_afresh_with_new_goals_in_new_buffers():
         r.restart(torch.full((4,), float("nan")), torch.ones(4))
     with pytest.raises(PassError, match=r"shape \(4,\)"):
         r.restart(torch.zeros(3), torch.ones(3))
+
+
+def test_restart_all_checks_every_goal_at_once_and_names_the_bad_one():
+    """``restart_all`` restarts every reset with its goals, checked together; a non-finite mean
+    or a negative std is still refused, naming the reset it was meant for."""
+    from passes.reset import restart_all
+
+    found = {f"fc{i}": Reset(3, dim=1, goal_mean=torch.zeros(3), goal_std=torch.ones(3), source=f"fc{i}")
+             for i in range(3)}
+    goals = {k: (torch.full((3,), float(i)), torch.full((3,), 1.0 + i)) for i, k in enumerate(found)}
+    restart_all(found, goals)
+    for k, r in found.items():
+        assert r.mode == "collect" and torch.equal(r.goal_mean, goals[k][0]) and torch.equal(r.goal_std, goals[k][1])
+    bad = dict(goals, fc1=(torch.zeros(3), torch.tensor([1.0, -0.5, 1.0])))
+    with pytest.raises(PassError, match="reset at 'fc1'.*goal_std >= 0"):
+        restart_all(found, bad)
+    bad = dict(goals, fc2=(torch.tensor([0.0, float("inf"), 0.0]), torch.ones(3)))
+    with pytest.raises(PassError, match="reset at 'fc2'.*finite"):
+        restart_all(found, bad)
+    restart_all({}, {})  # nothing to restart

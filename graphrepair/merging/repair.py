@@ -49,7 +49,7 @@ from torch import nn
 
 from passes.base import annotation
 from passes.fold_affine import NEEDS_BIAS, fold_affines, fold_plan
-from passes.reset import ChannelAffine, Reset, ResetSpec, insert_resets, remove_resets, resets, set_mode
+from passes.reset import ChannelAffine, Reset, ResetSpec, insert_resets, remove_resets, restart_all, resets, set_mode
 
 from graphrepair import distributed
 from graphrepair.discovery.spec import PermutationSpec
@@ -276,8 +276,8 @@ def _rebind(gm: torch.fx.GraphModule, spec: PermutationSpec, merged_state: dict,
     """A kept merged graph given this merge's weights ``merged_state`` (taken as they are, as
     ``graph_for`` takes them) and its resets started afresh with their ``goals``."""
     assign_state(gm, {**_reset_buffers(gm), **graph_state(spec, merged_state)}, own=True)
-    for node, reset in resets(gm).items():
-        reset.restart(goals[node][0].float(), _normaliser_std(goals[node][1]).float())
+    found = resets(gm)
+    restart_all(found, {node: (goals[node][0].float(), _normaliser_std(goals[node][1]).float()) for node in found})
 
 
 def _unbind(gm: torch.fx.GraphModule, spec: PermutationSpec) -> None:

@@ -75,6 +75,19 @@ def _identity(index: torch.Tensor, n: int) -> bool:
     return index.shape[0] == n and bool((index == torch.arange(n, device=index.device)).all())
 
 
+# a tensor of at most this many elements is gathered without asking whether the index is the
+# identity first: the question (three ops and a wait for the answer) costs more than the copy
+_ASK_IDENTITY = 1 << 16
+
+
+def _gather(t: torch.Tensor, axis: int, index: torch.Tensor) -> torch.Tensor:
+    """``t.index_select(axis, index)``; ``t`` itself where the index is the identity and ``t`` is
+    large enough for that to be worth asking (the same values either way)."""
+    if t.numel() > _ASK_IDENTITY and _identity(index, t.shape[axis]):
+        return t
+    return t.index_select(axis, index.to(t.device))
+
+
 def _block(m: torch.Tensor, n: int, r: int, widen: bool) -> torch.Tensor:
     """``m`` (n r leading positions, then the other axes; any strides) as a contiguous
     (n, r, everything else) tensor, converted to float64 in the same copy when ``widen``; else as
@@ -172,12 +185,10 @@ class WeightScores:
                 yield wa, _replicas(ax.permute_tensor(b, exprs, vp), axis, pos_b, rows, widen)
                 continue
             idx = ax.index(exprs[axis], vp)[pos_b].reshape(-1)  # (|g| R) positions in B's own order
-            sub = b if _identity(idx, b.shape[axis]) else b.index_select(axis, idx.to(b.device))
+            sub = _gather(b, axis, idx)
             for d, e in enumerate(exprs):  # the other axes, as ``axes.permute_tensor``; no gather by the identity
                 if d != axis and not ax.is_fixed(e):
-                    order = ax.index(e, vp)
-                    if not _identity(order, sub.shape[d]):
-                        sub = sub.index_select(d, order.to(sub.device))
+                    sub = _gather(sub, d, ax.index(e, vp))
             yield wa, _block(sub.movedim(axis, 0), pos_b.shape[0], pos_b.shape[1], widen)
 
     def score(self, name: str, held: dict, pairing=None, rows=None, cols=None) -> torch.Tensor:
