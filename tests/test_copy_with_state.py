@@ -154,6 +154,8 @@ def test_assign_state_loads_as_load_state_dict_does(hooked):
     torch.manual_seed(0)
     shared = nn.Linear(3, 3)
     model = nn.Sequential(_Versioned(), nn.BatchNorm1d(3), shared, nn.Sequential(shared, nn.ReLU()))
+    model[2].register_buffer("table", torch.arange(3.0), persistent=False)  # in no state dict
+    table = model[2].table
     calls = []
     if hooked:
         model[1].register_load_state_dict_post_hook(lambda module, keys: calls.append(module))
@@ -166,6 +168,7 @@ def test_assign_state_loads_as_load_state_dict_does(hooked):
         assert v.data_ptr() == state[k].data_ptr()  # assigned, not copied
     assert int(model[1].num_batches_tracked) == int(state["1.num_batches_tracked"])
     assert model[2] is model[3][0] and model[2].weight is model[3][0].weight
+    assert model[2].table is table and "2.table" not in model.state_dict()
     assert model[0].seen == [("0.", 2, True)]
     assert calls == ([model[1]] if hooked else [])
     assert isinstance(model[0].lin.weight, nn.Parameter) and model[0].lin.weight.requires_grad
