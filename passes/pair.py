@@ -84,8 +84,9 @@ def bind_pair(paired: fx.GraphModule, gm: fx.GraphModule, root_a: nn.Module, roo
 def unbind_pair(paired: fx.GraphModule) -> None:
     """Let ``paired`` go of its roots and taps (empty modules in their place), in place: it holds
     no model, tap or tensor until ``bind_pair`` binds it again."""
+    empty = nn.Module()  # one for all: it holds nothing
     for target in ["a", "b", *_tap_targets(paired).values()]:
-        paired._modules[target] = nn.Module()
+        paired._modules[target] = empty
     paired._parameters.clear()
     paired._buffers.clear()
 
