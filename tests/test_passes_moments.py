@@ -186,3 +186,28 @@ def test_shift_choices_decide_every_shift_as_each_sums_alone_would():
     assert 0 < shifted < len(alone)  # both outcomes were tested
     choices.decide()  # holds nothing any more: a second decide changes nothing
     assert all(b.decided for b in together)
+
+
+def test_moments_all_reads_every_sums_as_it_reads_itself():
+    """``moments.moments_all`` reads sums of one channel count together: every mean and variance
+    equals, bit for bit, that sums' own ``moments()``; shifted and unshifted sums, float32 and
+    float64 data, other counts, a channel count seen once; a sums without samples raises as its
+    own ``moments`` does."""
+    from passes import PassError
+    from passes.moments import moments_all
+
+    g = torch.Generator().manual_seed(0)
+    sums = []
+    for c, n, offset, dtype in [(5, 7, 0.0, torch.float32), (5, 3, 200.0, torch.float32), (5, 9, 0.0, torch.float64),
+                                (5, 4, -50.0, torch.float64), (3, 6, 0.0, torch.float32), (3, 6, 80.0, torch.float32),
+                                (7, 5, 1.0, torch.float32)]:
+        s = ChannelSums(-1)
+        for _ in range(2):
+            s.update((torch.randn(n, c, generator=g, dtype=torch.float64) * 2 + offset).to(dtype))
+        sums.append(s)
+    assert any(s.shift is not None for s in sums) and any(s.shift is None for s in sums)
+    for s, (mean, var) in zip(sums, moments_all(sums)):
+        own_mean, own_var = s.moments()
+        assert torch.equal(mean, own_mean) and torch.equal(var, own_var)
+    with pytest.raises(PassError, match="no samples"):
+        moments_all(sums[:2] + [ChannelSums(-1, channels=5)])

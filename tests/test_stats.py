@@ -114,3 +114,29 @@ def test_a_merge_leaves_no_pass_module_alive(digits_pair, digits_spec):
         gc.enable()
     assert res.examples == 300
     assert alive == []
+
+
+def test_a_nan_correlation_is_refused_naming_its_group(digits_pair, digits_spec):
+    """The groups' correlations are checked together (each group's sum: they lie in [-1, 1] or
+    are NaN); a NaN in one group's cross products, with finite variances, is refused naming that
+    group, and a clean pass summarises without complaint."""
+    from graphrepair.io.examples import Examples
+    from graphrepair.merging.points import observation_points, reset_points
+    from graphrepair.merging.stats import plan_taps, run_pair, summarise
+
+    (a, b), x, _ = digits_pair
+    observe, resets = observation_points(digits_spec), reset_points(digits_spec, "all")
+    groups = [g for g, pts in observe.items() if pts]
+    assert len(groups) >= 2
+    for spoil in (None, groups[-1]):
+        plan = plan_taps(digits_spec, observe, resets, cross_at_resets=False, device=torch.device("cpu"))
+        fit = Examples.of(x[:64], 64, 32, device=torch.device("cpu"))
+        n = run_pair(digits_spec, a, b, plan, iter(fit), example=fit.example())
+        if spoil is None:
+            stats = summarise(digits_spec, plan, observe, resets, n)
+            assert set(stats.corr) == set(groups) and all(torch.isfinite(c).all() for c in stats.corr.values())
+            continue
+        node, i = plan.at_group[(spoil, observe[spoil][0].node)]
+        plan.taps[node].cross[i].total[1, 2] = float("nan")
+        with pytest.raises(gr.NumericError, match=rf"correlations of group '{spoil}' are not finite"):
+            summarise(digits_spec, plan, observe, resets, n)

@@ -40,7 +40,7 @@ import torch.fx
 from torch import nn
 
 from passes.pair import bind_pair, pair_graph, unbind_pair
-from passes.moments import PairScratch, ShiftChoices, correlation
+from passes.moments import PairScratch, ShiftChoices, correlation, moments_all
 from passes.pair_tap import PairTap, TapView
 
 from graphrepair import distributed
@@ -297,6 +297,12 @@ def summarise(spec: PermutationSpec, plan: TapPlan, observe: dict[str, list[Obse
         if not torch.isfinite(jc).all():
             raise NumericError(f"correlations at node {node!r} are not finite (NaN/Inf activations?)")
         joint[node] = JointPoint(plan.joint_exprs[node][1], jc, sa.var)
+    # every variance and mean read below, at once (``moments.moments_all``: rows of one table
+    # per channel count, the same numbers as each sums' own)
+    plain = [plan.at_group[(g, p.node)] for g, pts in observe.items() for p in pts if p.node not in joint]
+    at_reset = [plan.at_reset[r.node] for r in resets]
+    read = {id(s): s for node, i in plain + at_reset for s in taps[node].moments(i)}
+    moments = dict(zip(read, moments_all(list(read.values()))))
     corr: dict[str, torch.Tensor] = {}
     dead: dict[str, int] = {}
     coupled: dict[str, Coupled] = {}
@@ -315,8 +321,8 @@ def summarise(spec: PermutationSpec, plan: TapPlan, observe: dict[str, list[Obse
             else:
                 node, i = plan.at_group[(g, p.node)]
                 sa, sb = taps[node].moments(i)
-                va = sa.var
-                m = correlation(taps[node].cov(i), va, sb.var, DEAD_STD)
+                va = moments[id(sa)][1]
+                m = correlation(taps[node].cov(i), va, moments[id(sb)][1], DEAD_STD)
                 if not plan.cross_at_resets:
                     taps[node].drop_cross(i)
                 if nodes:
@@ -324,17 +330,20 @@ def summarise(spec: PermutationSpec, plan: TapPlan, observe: dict[str, list[Obse
             total = m if total is None else total.add_(m)
             var_a = va if var_a is None else torch.maximum(var_a, va)  # dead: at every point
         c = total.div_(len(pts))
-        if not torch.isfinite(c).all():
-            raise NumericError(f"correlations of group {g!r} are not finite (NaN/Inf activations?)")
         corr[g] = c
         dead[g] = int((var_a <= DEAD_STD ** 2).sum())
         if nodes:
             coupled[g] = Coupled(plain, len(pts) - len(nodes), nodes)
+    # correlations lie in [-1, 1] (``correlation`` clamps them) or are NaN: a group's sum is
+    # finite exactly when all of them are. One check for all; the first culprit named on failure
+    if corr and not bool(torch.isfinite(torch.stack([c.sum() for c in corr.values()])).all()):
+        g = next(g for g, c in corr.items() if not torch.isfinite(c).all())
+        raise NumericError(f"correlations of group {g!r} are not finite (NaN/Inf activations?)")
     stats = {}
     for r in resets:
         node, i = plan.at_reset[r.node]
         a, b = taps[node].moments(i)
-        stats[r.node] = PointStats(*a.moments(), *b.moments(),
+        stats[r.node] = PointStats(*moments[id(a)], *moments[id(b)],
                                    taps[node].cov(i) if plan.cross_at_resets else None,
                                    taps[node].batch_moments(i))
     if stats and not bool(torch.isfinite(torch.cat([torch.cat([p.mean_a, p.var_a, p.mean_b, p.var_b])
