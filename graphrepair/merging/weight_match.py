@@ -184,7 +184,10 @@ class WeightScores:
             if rows is not None or any(isinstance(e, ax.PerBlock) for e in exprs):
                 yield wa, _replicas(ax.permute_tensor(b, exprs, vp), axis, pos_b, rows, widen)
                 continue
-            idx = ax.index(exprs[axis], vp)[pos_b].reshape(-1)  # (|g| R) positions in B's own order
+            # (|g| R) positions in B's own order: the positions themselves where the axis is g's
+            # alone and g's permutation is not held (its index is then the identity)
+            own = exprs[axis]
+            idx = (pos_b if isinstance(own, ax.Var) and own.id not in vp else ax.index(own, vp)[pos_b]).reshape(-1)
             sub = _gather(b, axis, idx)
             for d, e in enumerate(exprs):  # the other axes, as ``axes.permute_tensor``; no gather by the identity
                 if d != axis and not ax.is_fixed(e):
