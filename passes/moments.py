@@ -204,6 +204,12 @@ def _layout(x: torch.Tensor, dim, index: torch.Tensor | None, shift: torch.Tenso
 _PENDING = 64
 
 
+def _large_mean(mean: torch.Tensor, meansq: torch.Tensor) -> torch.Tensor:
+    """Per channel, whether the mean is large against the spread (``_SHIFT_RATIO``), from the
+    float64 mean and mean of squares of unshifted values: where so, sums are taken about a shift."""
+    return mean * mean > _SHIFT_RATIO * (meansq - mean * mean)
+
+
 class ChannelSums:
     """Streaming per-channel count, mean and variance of tensors with channels along ``dim``
     (``index`` (C, R): channel c is made of the positions index[c, :], see ``channel_matrix``;
@@ -293,7 +299,7 @@ class ChannelSums:
         """Choose the shift from one batch's unshifted sums (see ``_SHIFT_RATIO``)."""
         mean = s.double() / max(n, 1)
         self.decided = True
-        if bool((mean * mean > _SHIFT_RATIO * (sq.double() / max(n, 1) - mean * mean)).any()):
+        if bool(_large_mean(mean, sq.double() / max(n, 1)).any()):
             self.shift = mean.to(dtype)
         return self.shift
 
@@ -590,8 +596,7 @@ class ShiftChoices:
                                  device=device).repeat_interleave(sizes)
             # as ``_decide``: s.double() / n, sq.double() / n (cat widens float32 exactly)
             mean = torch.cat([s for _, s, _, _, _ in items]).double() / count
-            meansq = mean * mean
-            large = meansq > _SHIFT_RATIO * (torch.cat([sq for _, _, sq, _, _ in items]).double() / count - meansq)
+            large = _large_mean(mean, torch.cat([sq for _, _, sq, _, _ in items]).double() / count)
             owner = torch.arange(len(items), device=device).repeat_interleave(sizes)
             flagged = torch.zeros(len(items), dtype=torch.long, device=device).index_add_(0, owner, large.long())
             start = 0

@@ -96,6 +96,21 @@ class ChannelAffine(nn.Module):
         return f"{self.scale.shape[0]}, dim={self.dim}, source={self.source!r}"
 
 
+def _finite(mean: torch.Tensor, spread: torch.Tensor) -> bool:
+    """Whether ``mean`` and ``spread`` (a std or a variance) are finite with ``spread >= 0``."""
+    return bool(torch.isfinite(mean).all() and torch.isfinite(spread).all() and (spread >= 0).all())
+
+
+def _check_goals(source: str, c: int, goal_mean: torch.Tensor, goal_std: torch.Tensor, checked: bool = False) -> None:
+    """PassError naming the reset at ``source`` unless its goals have shape (c,) and (``checked``:
+    the caller has found it so) are finite with ``goal_std >= 0``."""
+    if goal_mean.shape != (c,) or goal_std.shape != (c,):
+        raise PassError(f"reset at {source!r}: goal_mean and goal_std must have shape ({c},), got "
+                        f"{tuple(goal_mean.shape)} and {tuple(goal_std.shape)}")
+    if not checked and not _finite(goal_mean, goal_std):
+        raise PassError(f"reset at {source!r}: goal statistics must be finite with goal_std >= 0")
+
+
 class Reset(nn.Module):
     """REPAIR's reset node (see the module doc); starts in "collect" mode."""
 
@@ -118,13 +133,7 @@ class Reset(nn.Module):
         self.last_ndim: int | None = None
         goal_mean = torch.zeros(num_channels) if goal_mean is None else goal_mean.detach().clone()
         goal_std = torch.ones(num_channels) if goal_std is None else goal_std.detach().clone()
-        if goal_mean.shape != (num_channels,) or goal_std.shape != (num_channels,):
-            raise PassError(
-                f"reset at {source!r}: goal_mean and goal_std must have shape ({num_channels},), got "
-                f"{tuple(goal_mean.shape)} and {tuple(goal_std.shape)}"
-            )
-        if not (torch.isfinite(goal_mean).all() and torch.isfinite(goal_std).all() and (goal_std >= 0).all()):
-            raise PassError(f"reset at {source!r}: goal statistics must be finite with goal_std >= 0")
+        _check_goals(source, num_channels, goal_mean, goal_std)
         self.register_buffer("goal_mean", goal_mean.float())
         self.register_buffer("goal_std", goal_std.float())
         self.register_buffer("running_mean", torch.zeros(num_channels))
@@ -171,12 +180,7 @@ class Reset(nn.Module):
         tensors are not written: another module may hold them). ``checked``: the caller has found
         the goals finite with ``goal_std >= 0`` (``restart_all`` checks many resets' at once)."""
         c = self.num_channels
-        if goal_mean.shape != (c,) or goal_std.shape != (c,):
-            raise PassError(f"reset at {self.source!r}: goal_mean and goal_std must have shape ({c},), got "
-                            f"{tuple(goal_mean.shape)} and {tuple(goal_std.shape)}")
-        if not checked and not (torch.isfinite(goal_mean).all() and torch.isfinite(goal_std).all()
-                                and (goal_std >= 0).all()):
-            raise PassError(f"reset at {self.source!r}: goal statistics must be finite with goal_std >= 0")
+        _check_goals(self.source, c, goal_mean, goal_std, checked)
         device = self._buffers["goal_mean"].device
         self._buffers["goal_mean"] = goal_mean.detach().to(device, torch.float32, copy=True)
         self._buffers["goal_std"] = goal_std.detach().to(device, torch.float32, copy=True)
@@ -205,7 +209,7 @@ class Reset(nn.Module):
                 f"reset at {self.source!r}: set_running needs mean and var of shape ({c},), got "
                 f"{tuple(mean.shape)} and {tuple(var.shape)}"
             )
-        if not (torch.isfinite(mean).all() and torch.isfinite(var).all() and (var >= 0).all()):
+        if not _finite(mean, var):
             raise PassError(f"reset at {self.source!r}: set_running needs finite mean and var >= 0")
         with torch.no_grad():
             self.running_mean.copy_(mean)
@@ -366,9 +370,8 @@ def restart_all(found: dict[str, Reset], goals: dict[str, tuple[torch.Tensor, to
     raises naming itself."""
     if not found:
         return
-    means = torch.cat([goals[k][0].reshape(-1).double() for k in found])
-    stds = torch.cat([goals[k][1].reshape(-1).double() for k in found])
-    checked = bool(torch.isfinite(means).all() and torch.isfinite(stds).all() and (stds >= 0).all())
+    checked = _finite(torch.cat([goals[k][0].reshape(-1).double() for k in found]),
+                            torch.cat([goals[k][1].reshape(-1).double() for k in found]))
     for k, r in found.items():
         r.restart(*goals[k], checked=checked)
 

@@ -299,9 +299,9 @@ def summarise(spec: PermutationSpec, plan: TapPlan, observe: dict[str, list[Obse
         joint[node] = JointPoint(plan.joint_exprs[node][1], jc, sa.var)
     # every variance and mean read below, at once (``moments.moments_all``: rows of one table
     # per channel count, the same numbers as each sums' own)
-    plain = [plan.at_group[(g, p.node)] for g, pts in observe.items() for p in pts if p.node not in joint]
+    ordinary = [plan.at_group[(g, p.node)] for g, pts in observe.items() for p in pts if p.node not in joint]
     at_reset = [plan.at_reset[r.node] for r in resets]
-    read = {id(s): s for node, i in plain + at_reset for s in taps[node].moments(i)}
+    read = {id(s): s for node, i in ordinary + at_reset for s in taps[node].moments(i)}
     moments = dict(zip(read, moments_all(list(read.values()))))
     corr: dict[str, torch.Tensor] = {}
     dead: dict[str, int] = {}
