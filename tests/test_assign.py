@@ -242,3 +242,100 @@ def test_certified_at_another_scale(small_certified):
     s = tie_safe(torch.as_tensor(_correlations(300, 4) / 10)).numpy()
     got = assign._certified(s)
     assert got is not None and np.array_equal(got, _scipy(s))
+
+
+# dead units in any order (assign, "Dead units in any order"): the live units' pairing proved
+# the only optimal one, the dead units' order left to the caller
+
+def _live_pairing(s, p):
+    """(live row -> live column pairs, live rows on dead columns, live columns on dead rows)."""
+    dead_rows, dead_cols = ~s.any(1), ~s.any(0)
+    p = np.asarray(p)
+    live = ~dead_rows & ~dead_cols[p]
+    return (frozenset(zip(np.flatnonzero(live).tolist(), p[live].tolist())),
+            frozenset(np.flatnonzero(~dead_rows & dead_cols[p]).tolist()),
+            frozenset(p[dead_rows & ~dead_cols[p]].tolist()))
+
+
+def test_dead_in_any_order_proves_exactly_the_unique_live_pairings(monkeypatch):
+    # every permutation of 6 units scored: where the path answers, its answer is optimal and
+    # every optimum pairs the live units as it does; where all optima do, it answers
+    import itertools
+    monkeypatch.setattr(assign, "CERTIFIED_ROWS", 4)
+    n = 6
+    perms = np.array(list(itertools.permutations(range(n))))
+    rng = np.random.default_rng(0)
+    proved = unique = 0
+    for _ in range(600):
+        levels = int(rng.integers(2, 6))  # few values: many ties among live units too
+        s = rng.integers(-levels, levels + 1, (n, n)) * (6553 * assign.GRID)  # steps of ~0.05
+        s[rng.random(n) < 0.3] = 0.0
+        s[:, rng.random(n) < 0.3] = 0.0
+        values = s[np.arange(n)[None, :], perms].sum(1)
+        pairings = {_live_pairing(s, q) for q in perms[values == values.max()]}
+        p = assign._certified(s, dead=True)
+        unique += len(pairings) == 1
+        if p is not None:
+            proved += 1
+            assert s[np.arange(n), p].sum() == values.max()
+            assert pairings == {_live_pairing(s, p)}
+        else:
+            assert len(pairings) > 1
+    assert proved == unique and 200 < proved < 600  # both kinds met, and every unique one proved
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_dead_in_any_order_pairs_the_live_units_as_scipy(small_certified, seed):
+    s = _correlations(400, seed, dead=0.03)
+    dead_rows, dead_cols = ~s.any(1), ~s.any(0)
+    assert dead_rows.sum() > 5 and dead_cols.sum() > 5
+    assert assign._certified(s) is None  # scipy's own order on ties: not without its run
+    p = assign._certified(s, dead=True)
+    ref = _scipy(s)
+    assert p is not None and _live_pairing(s, p) == _live_pairing(s, ref)
+    assert s[np.arange(len(p)), p].sum() == s[np.arange(len(ref)), ref].sum()
+    # the same through lap_each, without scipy's run
+    solved = []
+    solve = assign._solve
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(assign, "_solve", lambda c: solved.append(c.shape[0]) or solve(c))
+        (_, got), = assign.lap_each([torch.as_tensor(s)], dead_any_order=True)
+    assert solved == [] and np.array_equal(got.numpy(), p)
+
+
+def test_dead_in_any_order_leaves_many_dead_units_to_scipy(small_certified):
+    s = _correlations(300, 1, dead=0.3)
+    assert assign._certified(s, dead=True) is None  # their candidates would be too many
+    (_, got), = assign.lap_each([torch.as_tensor(s)], dead_any_order=True)
+    assert np.array_equal(got.numpy(), _scipy(s))
+    # a live pairing with another optimum (an exchange of equal value between two live rows) is
+    # not proved either
+    s = _correlations(300, 2, dead=0.03)
+    p = _scipy(s)
+    live = np.flatnonzero(s.any(1) & s.any(0)[p])
+    a, b = live[3], live[17]
+    d = 1310 * assign.GRID
+    s[a, p[b]] = s[a, p[a]] - d
+    s[b, p[a]] = s[b, p[b]] + d
+    assert assign._certified(s, dead=True) is None
+
+
+def test_dead_in_any_order_keeps_the_merge_permutations(monkeypatch):
+    # dead units in A and in B: the certified path orders them otherwise than scipy, and the
+    # weights' tie-break puts them where scipy's order led it
+    a, b, x = _pair()
+    with torch.no_grad():
+        a[2].weight[5:9] = 0.0
+        a[2].bias[5:9] = -1.0
+    found, solved = {}, []
+    solve = assign._solve
+    monkeypatch.setattr(assign, "_solve", lambda c: solved.append(c.shape[0]) or solve(c))
+    for rows in (10 ** 9, 8):
+        monkeypatch.setattr(assign, "CERTIFIED_ROWS", rows)
+        solved.clear()
+        found[rows] = gr.prepare([a, b], x, num_examples=256, batch_size=64, statistics=False,
+                                 states=False).perms[0]
+    assert 48 not in solved  # the layer with dead units on both sides went the certified way
+    assert found[8].keys() == found[10 ** 9].keys()
+    for g in found[8]:
+        assert torch.equal(found[8][g], found[10 ** 9][g]), g

@@ -95,9 +95,11 @@ def activation_perms(spec: PermutationSpec, stats, max_rounds: int = 50,
                 return u, perm[u], r[u][:, perm[u]].cpu()
         return None
 
-    # each group alone: what it gives does not depend on the other groups
+    # each group alone: what it gives does not depend on the other groups. Its dead units may
+    # come in any order among themselves (``assign``, "Dead units in any order"): the weights
+    # order them below, and what the correlations decide (how the live units pair) is scipy's
     alone = [g for g, c in stats.corr.items() if g not in stats.coupled and g not in done]
-    for g, (r, perm) in zip(alone, lap_each(tie_safe(stats.corr[g]) for g in alone)):
+    for g, (r, perm) in zip(alone, lap_each((tie_safe(stats.corr[g]) for g in alone), dead_any_order=True)):
         perms[g] = perm
         found = None
         if blind is not None:

@@ -40,6 +40,28 @@ two dead units, whose all-zero rows can be exchanged, or equal rows; off the gri
 candidates or rounds), scipy decides as before. On ties its own choice is what alignment's tie rules build on,
 and only its run gives it: it spreads dead units over the free columns in the order of its
 augmenting paths, not in a fixed order that could be reproduced without it.
+
+Dead units in any order (``lap_each(dead_any_order=True)``, activation matching's groups, whose
+dead units the weights then order: ``activation_match.activation_perms``). A unit with no
+activation signal has an all-zero row (A's) or column (B's) of rounded correlations, and any
+exchange among dead units ties; a ReLU layer has a few per cent of them, and scipy then decides
+alone (0.3-0.6 s for 3072 units). What the merge keeps of that answer is how the live units are
+paired: which live row takes which live column, which live rows take dead columns, which live
+columns go to dead rows; the dead units' order among themselves is decided again by the weights.
+The certified path proves that every optimum pairs the live units alike, and returns one of them:
+- dead rows share one dual u_D and dead columns one v_E (their entries are all 0, and their
+  candidates are the same columns, rows), so their slacks are a vector per column (u_D + v_j) and
+  per row (u_i + v_E), not one entry each;
+- their candidates: the live columns (rows) whose maximum lies within the band of 0, the
+  least wanted live ones (twice as many as the dead rows, columns: the live units leave those
+  to the dead), every dead unit of the other side, and each round what broke the certificate;
+- another optimum exists that pairs the live units otherwise exactly when an alternating cycle
+  of tight entries passes through a row paired live to live, or takes a tight entry from a live
+  row to a live column; cycles through dead rows and rows paired with dead columns alone only
+  exchange dead units. The dead rows' tight columns and the dead columns' tight rows go through
+  one node each in the graph of the strongly connected components.
+Matrices with many dead units (their candidates more than ``MAX_CANDIDATES`` a row: about a
+tenth of a layer) go to scipy as before.
 """
 
 from __future__ import annotations
@@ -69,6 +91,8 @@ MAX_CANDIDATES = 64
 CERTIFIED_ROUNDS = 6
 BAND = 13107  # 0.1 in correlation units
 POTENTIAL_ROUNDS = 300
+# the dead units' entries among the candidates (``dead``): at most this many a row besides
+DEAD_CANDIDATES = 64
 BLOCK_ROWS = 128
 
 
@@ -89,9 +113,9 @@ def _blocks(n: int) -> Iterator[slice]:
     return (slice(a, min(a + BLOCK_ROWS, n)) for a in range(0, n, BLOCK_ROWS))
 
 
-def _scan(s: np.ndarray):
-    """One pass: (row minima, row maxima, column maxima, all-zero columns) of ``s``, or None as
-    soon as an entry is off the grid or two rows are all zero."""
+def _scan(s: np.ndarray, dead: bool = False):
+    """One pass: (row minima, row maxima, column maxima, all-zero rows, all-zero columns) of
+    ``s``, or None as soon as an entry is off the grid or, unless ``dead``, two rows are all zero."""
     n = s.shape[0]
     lo, hi = np.empty(n), np.empty(n)
     col_hi = np.full(n, -np.inf)
@@ -104,16 +128,17 @@ def _scan(s: np.ndarray):
             return None
         b.min(1, out=lo[rows])
         b.max(1, out=hi[rows])
-        if int(((lo[: rows.stop] == 0) & (hi[: rows.stop] == 0)).sum()) > 1:
+        if not dead and int(((lo[: rows.stop] == 0) & (hi[: rows.stop] == 0)).sum()) > 1:
             return None
         np.maximum(col_hi, b.max(0), out=col_hi)
         zero_cols &= ~b.any(0)
-    return lo, hi, col_hi, zero_cols
+    return lo, hi, col_hi, (lo == 0) & (hi == 0), zero_cols
 
 
-def _slack(s: np.ndarray, u: np.ndarray, v: np.ndarray, below: float):
+def _slack(s: np.ndarray, u: np.ndarray, v: np.ndarray, below: float, live=None):
     """(flat indices, slack) of the entries whose slack u[i] + v[j] - s[i, j] is below ``below``;
-    None when there are more than ``MAX_CANDIDATES`` a row."""
+    None when there are more than ``MAX_CANDIDATES`` a row. ``live``: (row mask, column mask),
+    only the entries of those rows and columns."""
     n = s.shape[0]
     buf = np.empty((min(BLOCK_ROWS, n), n))
     found, slack, count = [], [], 0
@@ -121,6 +146,9 @@ def _slack(s: np.ndarray, u: np.ndarray, v: np.ndarray, below: float):
         w = buf[: rows.stop - rows.start]
         np.add(u[rows, None], v[None, :], out=w)
         w -= s[rows]
+        if live is not None:
+            w[:, ~live[1]] = np.inf
+            w[~live[0][rows]] = np.inf
         idx = np.flatnonzero(w < below)
         count += len(idx)
         if count > MAX_CANDIDATES * n:
@@ -130,16 +158,49 @@ def _slack(s: np.ndarray, u: np.ndarray, v: np.ndarray, below: float):
     return np.concatenate(found), np.concatenate(slack)
 
 
-def _band(s: np.ndarray, hi: np.ndarray, col_hi: np.ndarray, band: float) -> np.ndarray:
-    """Flat indices of the entries within ``band`` of their row's maximum or their column's."""
+def _band(s: np.ndarray, hi: np.ndarray, col_hi: np.ndarray, band: float, live=None) -> np.ndarray:
+    """Flat indices of the entries within ``band`` of their row's maximum or their column's;
+    ``live``: (row mask, column mask), only the entries of those rows and columns."""
     n = s.shape[0]
     found = []
     for rows in _blocks(n):
         b = s[rows]
         mask = b > (hi[rows] - band)[:, None]
         mask |= b > (col_hi - band)[None, :]
+        if live is not None:
+            mask &= live[1][None, :]
+            mask &= live[0][rows, None]
         found.append(np.flatnonzero(mask) + rows.start * n)
     return np.concatenate(found)
+
+
+def _union(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The sorted distinct values of ``a`` and ``b`` (``np.union1d``, by one sort: numpy's
+    hashing ``unique`` takes several times longer on the certified path's keys)."""
+    out = np.concatenate([a, b])
+    out.sort()
+    return out[np.r_[True, out[1:] != out[:-1]]] if len(out) else out
+
+
+def _least(values: np.ndarray, mask: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the ``k`` smallest of ``values`` where ``mask`` holds."""
+    idx = np.flatnonzero(mask)
+    return idx[np.argsort(values[idx], kind="stable")[:k]]
+
+
+def _nearest(slack: np.ndarray, near: float, dead: int) -> np.ndarray:
+    """Indices of the entries of ``slack`` below ``near``: every negative one, and of the
+    others at most twice ``dead`` more, the smallest."""
+    found = np.flatnonzero(slack < near)
+    keep = int((slack < 0).sum()) + 2 * dead
+    return found if len(found) <= keep else found[np.argsort(slack[found], kind="stable")[:keep]]
+
+
+def _dead_entries(n: int, dead_rows: np.ndarray, cols: np.ndarray, rows: np.ndarray,
+                  dead_cols: np.ndarray) -> np.ndarray:
+    """Flat indices of every dead row's entries in ``cols`` and every dead column's in ``rows``."""
+    return np.concatenate([(dead_rows[:, None] * n + cols[None, :]).ravel(),
+                           (rows[:, None] * n + dead_cols[None, :]).ravel()])
 
 
 def _potentials(s: np.ndarray, r: np.ndarray, c: np.ndarray, perm: np.ndarray):
@@ -184,33 +245,64 @@ def _match(s: np.ndarray, key: np.ndarray, top: float) -> np.ndarray | None:
     return perm
 
 
-def _certified(s: np.ndarray) -> np.ndarray | None:
+def _certified(s: np.ndarray, dead: bool = False) -> np.ndarray | None:
     """The assignment of ``s`` when it is the only optimal one, proved; None when that cannot be
-    shown (then ``linear_sum_assignment`` decides). See the module doc, "A certified path"."""
+    shown (then ``linear_sum_assignment`` decides). See the module doc, "A certified path".
+
+    ``dead``: all-zero rows and columns (dead units) may take each other's places; an optimal
+    assignment is returned when every optimum pairs the live units alike (the module doc, "Dead
+    units in any order")."""
     n, m = s.shape
     if n != m or n < CERTIFIED_ROWS:
         return None
     if not np.array_equal(np.rint(s[0] * (1.0 / GRID)), s[0] * (1.0 / GRID)):
         return None  # a first row off the grid: out at once
-    scan = _scan(s)
+    scan = _scan(s, dead)
     if scan is None:
         return None
-    lo, hi, col_hi, zero_cols = scan
-    if int(zero_cols.sum()) > 1:
+    lo, hi, col_hi, zero_rows, zero_cols = scan
+    if not dead and int(zero_cols.sum()) > 1:
         return None  # two all-zero columns (rows: ``_scan``) can be exchanged: ties, scipy's order decides
     if not max(float(hi.max()), -float(lo.min())) * n < 2.0 ** 30:
         return None  # every sum below (of a few n entries) exact in float64
     top = float(hi.max()) + 1.0  # weights top - s > 0: the sparse solver minimises
+    arange = np.arange(n)
+    # dead units (``dead``): their entries are not scanned one by one but per column (a dead
+    # row's slack u_D + v_j) and per row (a dead column's u_i + v_E); the candidates give every
+    # dead row the same columns and every dead column the same rows
+    dead_rows = np.flatnonzero(zero_rows) if dead else arange[:0]
+    dead_cols = np.flatnonzero(zero_cols) if dead else arange[:0]
+    live = (~zero_rows, ~zero_cols) if len(dead_rows) or len(dead_cols) else None
+
+    def with_dead(key: np.ndarray, cols: np.ndarray, rows: np.ndarray) -> np.ndarray | None:
+        """``key`` and the dead units' entries in ``cols`` and ``rows``; None when that makes
+        more than ``MAX_CANDIDATES`` a row (many dead units: scipy decides)."""
+        if live is None:
+            return key
+        cols, rows = _union(cols, dead_cols), _union(rows, dead_rows)
+        if len(dead_rows) * len(cols) + len(dead_cols) * len(rows) > DEAD_CANDIDATES * n:
+            return None
+        return _union(key, _dead_entries(n, dead_rows, cols, rows, dead_cols))
+
     # first duals: u = the row maxima, v = 0 (slack max_i - s[i, j] >= 0); the candidates: every
     # entry within ``band`` of its row's maximum (so off them, slack >= band), and of its column's;
     # a band a quarter as wide where that is too many (a matrix of a smaller scale), twice as
-    # wide where these hold no perfect matching
+    # wide where these hold no perfect matching. A dead row's entries (0) are within the band of
+    # a column whose maximum is below it, a dead column's of such a row; and the live units least
+    # wanted (twice as many as there are dead units on the other side) are the dead units'
+    # candidates too, since the live ones leave such units to them
+    spare_cols = _least(col_hi, ~zero_cols, 2 * len(dead_rows))
+    spare_rows = _least(hi, ~zero_rows, 2 * len(dead_cols))
     band, perm = BAND * GRID, None
     for _ in range(4):
-        key = _band(s, hi, col_hi, band)
+        key = _band(s, hi, col_hi, band, live)
         if len(key) > MAX_CANDIDATES * n:
             band /= 4
             continue
+        key = with_dead(key, _union(np.flatnonzero(col_hi < band), spare_cols),
+                        _union(np.flatnonzero(hi < band), spare_rows))
+        if key is None:
+            return None
         perm = _match(s, key, top)
         if perm is not None:
             break
@@ -218,7 +310,6 @@ def _certified(s: np.ndarray) -> np.ndarray | None:
     if perm is None:
         return None
     near = band / 2
-    arange = np.arange(n)
     for _ in range(CERTIFIED_ROUNDS):
         if perm is None:
             perm = _match(s, key, top)
@@ -229,30 +320,63 @@ def _certified(s: np.ndarray) -> np.ndarray | None:
         if duals is None:
             return None
         u, v = duals
-        found = _slack(s, u, v, near)
+        found = _slack(s, u, v, near, live)
         if found is None:
             return None
         check, slack = found
         i, j = np.divmod(check, n)
-        if (slack >= 0).all():  # >= 0 on every entry: P is optimal
-            break
-        key = np.union1d(key, check[slack < near])  # what broke the certificate, and what lies near it
+        # a dead row's slack in each column, a dead column's in each row (empty without dead units)
+        by_col = u[dead_rows[0]] + v if len(dead_rows) else v[:0]
+        by_row = u + v[dead_cols[0]] if len(dead_cols) else u[:0]
+        if len(dead_rows) and not (u[dead_rows] == u[dead_rows[0]]).all():
+            return None  # dead rows with different duals: not the structure relied on below
+        if len(dead_cols) and not (v[dead_cols] == v[dead_cols[0]]).all():
+            return None
+        if (slack >= 0).all() and (by_col >= 0).all() and (by_row >= 0).all():
+            break  # >= 0 on every entry: P is optimal
+        # what broke the certificate, and what lies near it (for the dead units, the nearest
+        # of these only: a dead column's entries are one per row)
+        key = with_dead(_union(key, check[slack < near]), _nearest(by_col, near, len(dead_rows)),
+                        _nearest(by_row, near, len(dead_cols)))
+        if key is None or len(key) > (MAX_CANDIDATES + DEAD_CANDIDATES) * n:
+            return None
         perm = None
     else:
         return None
-    # unique: no alternating cycle of tight entries (slack 0; all are among ``check``) around P
-    i, j = i[slack == 0], j[slack == 0]
-    other = j != perm[i]
+    # unique: no alternating cycle of tight entries (slack 0) around P that changes a live
+    # unit's pair. The graph on rows has an edge i -> P^-1(j) for each tight (i, j) off P; a dead
+    # row's tight columns and a dead column's tight rows go through one node each (DEAD_ROWS,
+    # DEAD_COLS below), since all dead rows have the same (and all dead columns too)
     owner = np.empty(n, np.int64)
     owner[perm] = arange
-    g = csr_matrix((np.ones(int(other.sum())), (i[other], owner[j[other]])), shape=(n, n))
-    if connected_components(g, directed=True, connection="strong")[0] < n:
-        return None
+    i, j = i[slack == 0], j[slack == 0]
+    other = j != perm[i]
+    src, dst = [i[other]], [owner[j[other]]]
+    to_rows, to_cols = n, n + 1  # the dead rows' node and the dead columns'
+    if len(dead_rows):
+        tight = np.flatnonzero(by_col == 0)
+        src += [dead_rows, np.full(len(tight), to_rows)]
+        dst += [np.full(len(dead_rows), to_rows), owner[tight]]
+    if len(dead_cols):
+        tight = np.flatnonzero(by_row == 0)
+        src += [tight, np.full(len(dead_cols), to_cols)]
+        dst += [np.full(len(tight), to_cols), owner[dead_cols]]
+    src, dst = np.concatenate(src), np.concatenate(dst)
+    g = csr_matrix((np.ones(len(src)), (src, dst)), shape=(n + 2, n + 2))
+    _, label = connected_components(g, directed=True, connection="strong")
+    cyclic = np.bincount(label)[label] > 1  # nodes on a cycle
+    if live is None:
+        return None if cyclic.any() else perm  # any cycle is another optimum
+    if (cyclic[:n] & ~zero_rows & ~zero_cols[perm]).any():
+        return None  # a cycle moves a live row's live match
+    live_edge = ~zero_rows[i[other]] & ~zero_cols[j[other]]
+    if (label[i[other]][live_edge] == label[owner[j[other]]][live_edge]).any():
+        return None  # a cycle makes a new live pair
     return perm
 
 
-def _solve_any(s: np.ndarray) -> torch.Tensor:
-    perm = _certified(s)
+def _solve_any(s: np.ndarray, dead: bool = False) -> torch.Tensor:
+    perm = _certified(s, dead)
     return _solve(s) if perm is None else torch.as_tensor(perm, dtype=torch.long)
 
 
@@ -271,13 +395,16 @@ def workers() -> int:
     return max(1, min(cores, torch.get_num_threads()))
 
 
-def lap_each(scores: Iterable[torch.Tensor], threads: int | None = None
+def lap_each(scores: Iterable[torch.Tensor], threads: int | None = None, dead_any_order: bool = False
              ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """``(score, lap(score))`` for each score, in order. ``scores`` is read lazily in the
     caller's thread, at most ``threads`` matrices ahead (a model's correlations can take
     gigabytes: they are never all held); the solver runs side by side on that many threads when
     a matrix has ``PARALLEL_ROWS`` rows or more, in the caller's thread otherwise (the certified
-    path first where it applies, then scipy: numpy and scipy calls only, no torch computation)."""
+    path first where it applies, then scipy: numpy and scipy calls only, no torch computation).
+    ``dead_any_order``: the dead units (all-zero rows and columns) may be matched in another
+    order than scipy's, where every optimum pairs the live units alike (module doc, "Dead units
+    in any order")."""
     threads = threads or workers()
     scores = iter(scores)
     pool = None
@@ -290,9 +417,9 @@ def lap_each(scores: Iterable[torch.Tensor], threads: int | None = None
             if threads > 1 and len(chunk) > 1 and max(c.shape[0] for c in costs) >= PARALLEL_ROWS:
                 if pool is None:
                     pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="graphrepair-lap")
-                perms = list(pool.map(_solve_any, costs))
+                perms = list(pool.map(_solve_any, costs, [dead_any_order] * len(costs)))
             else:
-                perms = [_solve_any(c) for c in costs]
+                perms = [_solve_any(c, dead_any_order) for c in costs]
             yield from zip(chunk, perms)
     finally:
         if pool is not None:
