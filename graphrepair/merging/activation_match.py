@@ -278,13 +278,16 @@ def _blind(rounded: torch.Tensor) -> torch.Tensor:
     2^53); rows whose hashes repeat are candidates, each compared with the first row of its run
     of equal hashes. Where every candidate equals its run's first row (always, but for a hash
     collision) that decides it; otherwise the candidate rows are compared all together (a sort of
-    the rows themselves). The same answer as comparing every pair of rows, at the cost of one
-    (n, n) x (n, 2) product and two sorts of n numbers."""
+    the rows themselves). All-zero rows are known at once and left out of the hashes' repeats
+    (a deep ReLU layer has dozens). The same answer as comparing every pair of rows, at the cost
+    of one (n, n) x (n, 2) product and two sorts of n numbers."""
     n = rounded.shape[0]
     blind = (rounded == 0).all(1)
     if n < 2:
         return blind
-    order, same = _repeated(rounded @ _hash_vectors(rounded.shape[1], rounded.dtype, rounded.device))
+    keys = rounded @ _hash_vectors(rounded.shape[1], rounded.dtype, rounded.device)
+    keys[blind] = float("nan")  # dead rows are known; as NaN (equal to nothing) they repeat no row
+    order, same = _repeated(keys)
     if not bool(same.any()):
         return blind
     run = torch.cumsum(~same, 0) - 1  # run of equal hashes, per sorted position
