@@ -371,7 +371,7 @@ def restart_all(found: dict[str, Reset], goals: dict[str, tuple[torch.Tensor, to
     if not found:
         return
     checked = _finite(torch.cat([goals[k][0].reshape(-1).double() for k in found]),
-                            torch.cat([goals[k][1].reshape(-1).double() for k in found]))
+                      torch.cat([goals[k][1].reshape(-1).double() for k in found]))
     for k, r in found.items():
         r.restart(*goals[k], checked=checked)
 

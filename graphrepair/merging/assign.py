@@ -277,9 +277,7 @@ def _certified(s: np.ndarray, dead: bool = False) -> np.ndarray | None:
 
     def with_dead(key: np.ndarray, cols: np.ndarray, rows: np.ndarray) -> np.ndarray | None:
         """``key`` and the dead units' entries in ``cols`` and ``rows``; None when these are
-        more than ``DEAD_CANDIDATES`` a row (many dead units: scipy decides)."""
-        if live is None:
-            return key
+        more than ``DEAD_CANDIDATES`` a row (many dead units: scipy decides). Only with dead units."""
         cols, rows = _union(cols, dead_cols), _union(rows, dead_rows)
         if len(dead_rows) * len(cols) + len(dead_cols) * len(rows) > DEAD_CANDIDATES * n:
             return None
@@ -292,18 +290,20 @@ def _certified(s: np.ndarray, dead: bool = False) -> np.ndarray | None:
     # a column whose maximum is below it, a dead column's of such a row; and the live units least
     # wanted (twice as many as there are dead units on the other side) are the dead units'
     # candidates too, since the live ones leave such units to them
-    spare_cols = _least(col_hi, ~zero_cols, 2 * len(dead_rows))
-    spare_rows = _least(hi, ~zero_rows, 2 * len(dead_cols))
+    if live is not None:
+        spare_cols = _least(col_hi, ~zero_cols, 2 * len(dead_rows))
+        spare_rows = _least(hi, ~zero_rows, 2 * len(dead_cols))
     band, perm = BAND * GRID, None
     for _ in range(4):
         key = _band(s, hi, col_hi, band, live)
         if len(key) > MAX_CANDIDATES * n:
             band /= 4
             continue
-        key = with_dead(key, _union(np.flatnonzero(col_hi < band), spare_cols),
-                        _union(np.flatnonzero(hi < band), spare_rows))
-        if key is None:
-            return None
+        if live is not None:
+            key = with_dead(key, _union(np.flatnonzero(col_hi < band), spare_cols),
+                            _union(np.flatnonzero(hi < band), spare_rows))
+            if key is None:
+                return None
         perm = _match(s, key, top)
         if perm is not None:
             break
@@ -337,8 +337,9 @@ def _certified(s: np.ndarray, dead: bool = False) -> np.ndarray | None:
             break  # >= 0 on every entry: P is optimal
         # what broke the certificate, and what lies near it (for the dead units, the nearest
         # of these only: a dead column's entries are one per row)
-        key = with_dead(_union(key, check[slack < near]), _nearest(by_col, near, len(dead_rows)),
-                        _nearest(by_row, near, len(dead_cols)))
+        key = _union(key, check[slack < near])
+        if live is not None:
+            key = with_dead(key, _nearest(by_col, near, len(dead_rows)), _nearest(by_row, near, len(dead_cols)))
         if key is None or len(key) > (MAX_CANDIDATES + DEAD_CANDIDATES) * n:
             return None
         perm = None
