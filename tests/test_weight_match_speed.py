@@ -122,6 +122,45 @@ def test_a_score_of_cached_parts_is_the_score_from_scratch(name, kind):
         assert cached.made - made <= (len(cached.parts(big)) if moved is None else 1)
 
 
+@pytest.mark.parametrize("name,kind", [("resnet20_ln", "independent"), ("transformer_tiny", "independent"),
+                                       ("mlp10", "independent")])
+def test_a_block_of_kept_terms_is_the_block_from_scratch_bit_for_bit(monkeypatch, name, kind):
+    """The tie-break asks a group's cosines of a few of A's units against a few of B's again and
+    again, the other groups moving between: each tensor's term is kept and made again only when
+    a group that tensor reads moved (the same units in another order reorder the kept terms).
+    Each block equals a fresh ``WeightScores``' block exactly."""
+    spec, sa, sb = pair(name, kind)
+    made = []
+    inner = weight_match._inner
+    monkeypatch.setattr(weight_match, "_inner", lambda wa, wb: made.append(1) or inner(wa, wb))
+    kept = WeightScores(spec, sa, sb)
+    g = max(spec.groups, key=lambda h: (len(kept.touches[h.name]), len(kept.depends(h.name)))).name
+    reads = kept._reads(g)
+    neighbours = list(kept.depends(g))
+    assert len(kept.touches[g]) >= 3 and neighbours
+    gen = torch.Generator().manual_seed(0)
+    size = spec.group(g).size
+    rows = torch.randperm(size, generator=gen)[: max(2, size // 3)].sort().values
+    cols = torch.randperm(size, generator=gen)[: len(rows)]
+    held = {h.name: torch.randperm(h.size, generator=gen) for h in spec.groups if h.name != g}
+    steps = [(None, cols), (neighbours[0], cols), (None, cols.flip(0)), (neighbours[-1], cols[torch.randperm(len(cols), generator=gen)])]
+    for moved, c in steps:
+        if moved is not None:
+            held = {**held, moved: torch.randperm(spec.group(moved).size, generator=gen)}
+        before = len(made)
+        kept._last.clear()  # (the whole block kept: not what is tested here)
+        got = kept.cosine(g, held, rows=rows, cols=c)
+        n = len(made) - before
+        expected = WeightScores(spec, sa, sb).cosine(g, held, rows=rows, cols=c)
+        assert torch.equal(got, expected)
+        if moved is None and c is cols:
+            assert n == len(reads)  # the first block: every term
+        elif moved is None:
+            assert n == 0  # the same units in another order: every term kept
+        else:  # only the terms of the tensors that read the moved group
+            assert n == sum(moved in r for r in reads) < len(reads)
+
+
 def test_a_settled_group_is_not_scored_again(monkeypatch):
     """A step is a function of the group's neighbours' permutations and its own: a group is scored
     again only when a neighbour moved since its last step, or when the second start reset its own

@@ -146,9 +146,13 @@ class WeightScores:
         self.state_a, self.state_b = state_a, state_b  # read, never copied whole (see ``views``)
         self._norms: dict[str, torch.Tensor] = {}  # A's units' norms, per group
         self._deps: dict[str, tuple[str, ...]] = {}  # the groups each group's views read
+        self._read_sets: dict[str, list[frozenset[str]]] = {}  # ``_reads``, per group
         # per group, the last block of cosines (rows, cols, the permutations it read, the block)
         self._last: dict[str, tuple] = {}
         self._rows_a: dict[str, tuple] = {}  # per group, A's views of the last few units asked for (``_score``)
+        # per group, the terms of the last block of a few of A's units against a few of B's: (A's
+        # units, B's units, per tensor (the permutations it read, its inner products, B's squared norms))
+        self._terms: dict[str, tuple] = {}
         self._parts: dict[str, list[tuple[tuple[str, ...], list[int]]]] = {}  # see ``parts``
         # parts of scores kept, per (group, part): (the permutations they read, the part); at most
         # ``keep_bytes`` in all (default: one byte per weight touched, 64 MiB at least)
@@ -220,14 +224,48 @@ class WeightScores:
         # other permutations held) are kept: they read no permutation
         known = self._rows_a.get(name) if units_a is not None and items is None and widen else None
         known_a = known[1] if known is not None and torch.equal(known[0], units_a) else None
-        made_a = []
-        for wa, wb in self.views(name, held, units_a, units_b, items, widen=widen, known_a=known_a):
+        # a block of A's units against B's asked for again (the tie-break's next round, or the same
+        # units in another order): each tensor's term whose other groups hold the permutations they
+        # held is taken as made then (its columns reordered)
+        few = units_a is not None and units_b is not None and items is None and norms and pairing is _inner
+        terms = self._terms.get(name) if few else None
+        order = None  # B's units as kept, where they are the units asked for in another order
+        if terms is not None and torch.equal(terms[0], units_a):
+            order = slice(None) if torch.equal(terms[1], units_b) else _positions(terms[1], units_b)
+        if order is None:
+            terms = None
+        now = [{h: held.get(h) for h in (*reads, name)} for reads in self._reads(name)] if few else None
+        todo = (list(range(len(now))) if terms is None else
+                [k for k, perms in enumerate(now) if not _same_perms(terms[2][k][0], perms)]) if few else None
+        if todo is not None and len(todo) < len(now):  # (a kept block: A's views are kept too)
+            gen = self.views(name, held, units_a, units_b, todo,
+                             known_a=None if known_a is None else [known_a[k] for k in todo])
+        else:
+            gen = self.views(name, held, units_a, units_b, items, widen=widen, known_a=known_a)
+        made_a, made = [], {}
+        for k, (wa, wb) in enumerate(gen):
             made_a.append(wa)
-            total += pairing(wa, wb).cpu()
+            term = pairing(wa, wb).cpu()
+            norm = wb.flatten(1).square().sum(1).cpu() if norms else None
+            if todo is not None:  # summed below, in the tensors' order (the same sums, bit for bit)
+                made[todo[k]] = (term, norm)
+                continue
+            total += term
             if norms:
-                norms_b += wb.flatten(1).square().sum(1).cpu()
+                norms_b += norm
+        if todo is not None:
+            held_terms = []
+            for k, perms in enumerate(now):
+                term, norm = made[k] if k in made else (terms[2][k][1][:, order], terms[2][k][2][order])
+                total += term
+                norms_b += norm
+                held_terms.append((perms if k in made else terms[2][k][0], term, norm))
+            if sum(t.numel() for _, t, _ in held_terms) <= _KEEP_ROWS:
+                # the permutations read: replaced by the caller, never changed in place (``_same_perms``
+                # compares them whole where they are other tensors)
+                self._terms[name] = (units_a.clone(), units_b.clone(), held_terms)
         if (units_a is not None and items is None and widen and known_a is None
-                and sum(w.numel() for w in made_a) <= _KEEP_ROWS):
+                and (todo is None or len(todo) == len(now)) and sum(w.numel() for w in made_a) <= _KEEP_ROWS):
             self._rows_a[name] = (units_a.clone(), made_a)
         return total, norms_b
 
@@ -296,10 +334,13 @@ class WeightScores:
 
     def _reads(self, name: str) -> list[frozenset[str]]:
         """Per tensor group ``name`` touches (``touches[name]``), the other groups on its axes."""
+        if name in self._read_sets:
+            return self._read_sets[name]
         name_of = {v: k for k, v in self.spec.var_of_group.items()}
-        return [frozenset(name_of[v.id] for e in self.spec.param_axes[key] for v in ax.variables(e)
-                          if v.id in name_of) - {name}
-                for key, _, _, _ in self.touches[name]]
+        found = self._read_sets[name] = [
+            frozenset(name_of[v.id] for e in self.spec.param_axes[key] for v in ax.variables(e) if v.id in name_of) - {name}
+            for key, _, _, _ in self.touches[name]]
+        return found
 
     def cosine(self, name: str, held: dict, rows=None, cols=None) -> torch.Tensor:
         """``score`` divided by the norms of A's unit i and B's unit j (all the weights each
@@ -328,7 +369,8 @@ class WeightScores:
     def _cosine(self, name: str, held: dict, rows, cols) -> torch.Tensor:
         if name not in self._norms:
             na = 0.0
-            for wa, _ in self.views(name, {}):
+            for key, axis, pos, block in self.touches[name]:  # A's views alone (as ``views`` makes them)
+                wa = _replicas(self.state_a[key].detach(), axis, pos, block)
                 na = na + wa.flatten(1).square().sum(1).cpu()
             self._norms[name] = torch.as_tensor(na).sqrt()
         na = self._norms[name]
