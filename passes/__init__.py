@@ -9,7 +9,8 @@ Nothing here knows about permutations or model merging; ``graphrepair`` builds o
   activations), and ``bind_pair`` / ``unbind_pair`` point a paired module at other models and taps
   of the same graph; ``in_place_ops`` says whether a graph may write into its inputs.
 - ``insert_resets`` / ``resets`` / ``set_mode``: REPAIR's reset nodes.
-- ``fold_affines``: fold resets and per-channel affines into the producing op.
+- ``fold_affines``: fold resets and per-channel affines into the producing op; ``refold`` plays a
+  recorded fold again on new weights of the same graph.
 - ``fold_batchnorms``: fold eval-mode BatchNorm into the preceding conv / linear.
 - ``export_verified`` / ``export_onnx``: ONNX export verified with onnxruntime before anything is
   written (the caller makes the write atomic).
@@ -18,7 +19,7 @@ Nothing here knows about permutations or model merging; ``graphrepair`` builds o
 from passes.base import PassResult
 from passes.errors import ExportFailedError, ExportVerificationError, PassError
 from passes.export_onnx import ExportReport, VerifiedExport, export_onnx, export_verified, flatten_outputs
-from passes.fold_affine import fold_affines
+from passes.fold_affine import FoldStep, fold_affines, refold
 from passes.fold_batchnorm import fold_batchnorms
 from passes.modules import (
     Producer,
@@ -43,6 +44,7 @@ __all__ = [
     "ExportFailedError",
     "ExportReport",
     "ExportVerificationError",
+    "FoldStep",
     "ObserverSpec",
     "PairTap",
     "PassError",
@@ -68,6 +70,7 @@ __all__ = [
     "pair_graph",
     "parent_and_attr",
     "producer_kind",
+    "refold",
     "replace_module",
     "resets",
     "set_mode",

@@ -265,25 +265,68 @@ def scale_producer(
     gm: GraphModule, p: Producer, weight: _Slot, bias: _Slot | None, s: torch.Tensor, t: torch.Tensor
 ) -> list[str]:
     """Make ``p`` compute s * P(x) + t (s, t float64 (C,)); returns notes about created biases."""
-    w = weight.tensor
-    s = s.to(device=w.device, dtype=torch.float64)
-    t = t.to(device=w.device, dtype=torch.float64)
-    w64 = w.double()
-    if p.kind == "conv_transpose":
-        g = p.groups
-        blocks = w64.reshape(g, w.shape[0] // g, w.shape[1], *w.shape[2:])
-        ones = [1] * (w.ndim - 2)
-        w.copy_((blocks * s.reshape(g, 1, w.shape[1], *ones)).reshape(w.shape))
-    else:
-        shape = [1] * w.ndim
-        shape[_weight_out_axis(p, weight)] = -1
-        w.copy_(w64 * s.reshape(shape))
+    _scale(weight.tensor, None if bias is None else bias.tensor, _weight_out_axis(p, weight),
+           p.groups if p.kind == "conv_transpose" else None, s, t)
     if bias is not None:
-        bias.tensor.copy_(s * bias.tensor.double() + t)
         return []
+    t = t.to(device=weight.tensor.device, dtype=torch.float64)
     if not bool((t != 0).any()):
         return []
     return [_create_bias(gm, p, weight, t)]
+
+
+def _scale(w: torch.Tensor, bias: torch.Tensor | None, out_axis: int, groups: int | None,
+           s: torch.Tensor, t: torch.Tensor) -> None:
+    """The rewrite itself, in place: ``w`` scaled by s along its output axis ``out_axis`` (a
+    transposed conv's ``groups`` blocks, see the module doc), ``bias`` to s * bias + t (float64,
+    stored in the tensors' dtypes)."""
+    s = s.to(device=w.device, dtype=torch.float64)
+    t = t.to(device=w.device, dtype=torch.float64)
+    w64 = w.double()
+    if groups is not None:
+        blocks = w64.reshape(groups, w.shape[0] // groups, w.shape[1], *w.shape[2:])
+        ones = [1] * (w.ndim - 2)
+        w.copy_((blocks * s.reshape(groups, 1, w.shape[1], *ones)).reshape(w.shape))
+    else:
+        shape = [1] * w.ndim
+        shape[out_axis] = -1
+        w.copy_(w64 * s.reshape(shape))
+    if bias is not None:
+        bias.copy_(s * bias.double() + t)
+
+
+@dataclass(frozen=True)
+class FoldStep:
+    """One producer a fold rewrote (``fold_affines(steps=...)``): where its weight and bias are
+    (attribute paths), its output axis in the weight, a transposed conv's groups (else None), and
+    whether it takes the affine's shift (the second input of a folded add takes none)."""
+
+    weight: str
+    bias: str | None
+    out_axis: int
+    groups: int | None
+    shifted: bool
+
+
+@torch.no_grad()
+def refold(gm: GraphModule, steps: list[tuple[str, list[FoldStep]]]) -> bool:
+    """Play again, on ``gm``'s current parameters, the folds an earlier ``fold_affines(steps=...)``
+    made on this graph: per affine (its module's path) the same rewrite of the same producers,
+    with the affine's values now, the graph left as it is (its affines in place). The parameters
+    get what that fold would give them now, bit for bit; nothing else is checked again, so the
+    graph must be the one the steps were made on. False, changing nothing, where an affine now
+    has a shift for a producer with no bias (the fold would create one: run ``fold_affines``)."""
+    affines = []
+    for path, producers in steps:
+        s, t = gm.get_submodule(path).as_affine()
+        if any(p.shifted and p.bias is None for p in producers) and bool((t != 0).any()):
+            return False
+        affines.append((s, t, producers))
+    for s, t, producers in affines:
+        for p in producers:
+            _scale(get_attr_value(gm, p.weight), None if p.bias is None else get_attr_value(gm, p.bias),
+                   p.out_axis, p.groups, s, t if p.shifted else torch.zeros_like(t))
+    return True
 
 
 def _create_bias(gm: GraphModule, p: Producer, weight: _Slot, t: torch.Tensor) -> str:
@@ -377,7 +420,7 @@ def _plan(gm: GraphModule, node: Node, dim: int, rank: int | None, channels: int
 
 @graph_pass(in_place=False)
 def fold_affines(gm: GraphModule, inplace: bool = False, example_inputs: tuple | None = None,
-                 recompile: bool = True) -> PassResult:
+                 recompile: bool = True, steps: list | None = None) -> PassResult:
     """Fold every apply-mode Reset and every ChannelAffine into its producer where possible.
 
     ``example_inputs`` (optional) are run through the graph once to learn tensor ranks when the
@@ -385,6 +428,9 @@ def fold_affines(gm: GraphModule, inplace: bool = False, example_inputs: tuple |
     ``recompile=False``: the edited graph is linted but the module's code is not regenerated, for a
     caller that reads only the folded parameters (a merge returning the user's class); such a
     module runs its old code until ``gm.recompile()``.
+    ``steps``: a list given to be filled, when every affine folded into existing parameters, with
+    (affine module path, its producers' ``FoldStep``s) per affine in order: what ``refold`` plays
+    again on a copy of the graph as it was before this fold (left empty otherwise).
     counts: {"folded": n, "kept": m}; notes: one line per kept node, and per created bias.
     """
     gm = start(gm, inplace, "fold_affines")
@@ -402,7 +448,10 @@ def fold_affines(gm: GraphModule, inplace: bool = False, example_inputs: tuple |
             )
     if example_inputs is not None:
         ShapeProp(gm).propagate(*example_inputs)
-    folded, kept, replaced, notes, _ = _fold(gm, candidates, write=True)
+    made = [] if steps is not None else None
+    folded, kept, replaced, notes, _ = _fold(gm, candidates, write=True, steps=made)
+    if made is not None and not kept and not notes:  # (a note: a bias was created)
+        steps.extend(made)
     finish(gm, recompile)
     return PassResult(gm, folded + replaced > 0, {"folded": folded, "kept": kept}, notes)
 
@@ -426,9 +475,10 @@ def fold_plan(gm: GraphModule, example_inputs: tuple | None = None) -> dict[str,
     return _fold(copy, candidates, write=False)[4]
 
 
-def _fold(gm: GraphModule, candidates: list[Node], write: bool):
+def _fold(gm: GraphModule, candidates: list[Node], write: bool, steps: list | None = None):
     """Fold ``candidates`` in order: (folded, kept, replaced, notes, plan as ``fold_plan``).
-    ``write=False``: the graph is edited as the folds would edit it, the parameters are not."""
+    ``write=False``: the graph is edited as the folds would edit it, the parameters are not.
+    ``steps``: receives each folded affine's ``FoldStep``s (``fold_affines``)."""
     folded, kept, replaced, notes, kinds = 0, 0, 0, [], {}
     storage = storage_names(gm)  # folding rewrites values in place and adds unshared biases only
     for node in candidates:
@@ -452,6 +502,11 @@ def _fold(gm: GraphModule, candidates: list[Node], write: bool):
                 replaced += 1
             continue
         kinds[node.name] = None
+        if steps is not None:
+            steps.append((str(node.target), [
+                FoldStep(weight.qualname, None if bias is None else bias.qualname, _weight_out_axis(p, weight),
+                         p.groups if p.kind == "conv_transpose" else None, pt is t)
+                for p, weight, bias, _, pt in plan]))
         for p, weight, bias, ps, pt in plan:
             if not write:
                 if bias is None and bool((pt != 0).any()):

@@ -14,6 +14,7 @@ import graphrepair as gr
 from fixtures.zoo import ZOO, resnet20
 from graphrepair.discovery import reuse
 from graphrepair.merging import kept
+from passes.reset import Reset
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec:FutureWarning")
 
@@ -64,8 +65,11 @@ def test_what_is_kept_holds_no_model_and_a_changed_model_makes_its_own():
         if key[0] == "pair":  # unbound: no model, no tap
             assert list(made.parameters()) == [] and list(made.buffers()) == []
         else:  # the merged graph: the traced graph's tensors, not the merge's weights
-            plan, graph = made
+            plan, graph, steps = made
             assert graph is not None and plan
+            # the fold's steps, played again by the next merge: every reset of the graph, in order
+            folded = [path for path, _ in steps]
+            assert folded == [name for name, m in graph.named_modules() if isinstance(m, Reset)]
             weights = [t for name, t in graph.state_dict().items() if "_gr_reset" not in name]
             assert weights and all(t.data_ptr() in own for t in weights)
     before = kept.info()

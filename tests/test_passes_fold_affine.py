@@ -18,6 +18,7 @@ from passes import (
     Reset,
     ResetSpec,
     fold_affines,
+    refold,
     insert_resets,
     producer_kind,
     resets,
@@ -367,3 +368,75 @@ def test_a_fold_without_recompiling_folds_the_same_and_runs_once_recompiled():
     lazy.recompile()
     assert lazy.code == full.code
     torch.testing.assert_close(lazy(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def _new_weights(gm, seed: int) -> None:
+    """Every parameter of ``gm`` (not its resets' buffers) given other values, in place."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in gm.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+
+
+REFOLD = [(c, g) for c, g in GROUPED] + [("residual_add", 1)]
+
+
+@pytest.mark.parametrize("how", HOWS)
+@pytest.mark.parametrize("case,groups", REFOLD, ids=[f"{c if isinstance(c, str) else c[0]}-groups{g}" for c, g in REFOLD])
+def test_refold_plays_the_fold_again_on_new_weights_bit_for_bit(case, groups, how):
+    """``fold_affines(steps=...)`` records what it rewrote; ``refold`` on the unfolded graph, its
+    weights and statistics changed since, gives the parameters a fold of it gives now, exactly,
+    and leaves the graph as it is (the reset stays, the code runs it)."""
+    torch.manual_seed(0)
+    if case == "residual_add":  # one affine folded into both inputs of an add (the shift into one)
+        shape, dim, channels = (2, 4, 5, 5), 1, 4
+        x = torch.randn(*shape)
+        traced = graph_of(Residual(project=True), x, how)
+        point = next(n.name for n in traced.graph.nodes if "add" in n.name)
+    else:
+        name, factory, shape, dim, channels = case
+        x = torch.randn(*shape)
+        traced = graph_of(factory(True, groups), x, how)
+        point = last_producer(traced)
+    gm = with_reset(traced, point, dim, channels, x)
+    steps = []
+    first = fold_affines(gm, steps=steps)
+    assert first.counts == {"folded": 1, "kept": 0} and len(steps) == 1
+    path, producers = steps[0]
+    assert isinstance(gm.get_submodule(path), Reset)
+    assert len(producers) == (2 if case == "residual_add" else 1)
+    assert sum(p.shifted for p in producers) == 1  # an add's shift goes to one input only
+
+    _new_weights(gm, seed=1)  # another merge's weights and statistics, on the same graph
+    (reset,) = resets(gm).values()
+    set_mode(gm, "collect")
+    reset.reset_stats()
+    gm(x * 2.0 + 0.5)
+    set_mode(gm, "apply")
+    expected = fold_affines(gm).graph_module.state_dict()  # a fold made now (on a copy)
+    code, nodes = gm.code, len(gm.graph.nodes)
+    assert refold(gm, steps)
+    got = gm.state_dict()
+    for k, v in expected.items():
+        assert torch.equal(got[k], v), k
+    assert gm.code == code and len(gm.graph.nodes) == nodes and resets(gm)
+
+
+def test_refold_declines_a_shift_for_a_producer_without_bias():
+    """A scale-only reset folds into a bias-free linear without creating a bias; asked to fold
+    a shift there later, ``refold`` changes nothing and says so (``fold_affines`` must create it)."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 6)
+    traced = graph_of(Head(nn.Linear(6, 8, bias=False)), x, "fx")
+    gm = with_reset(traced, last_producer(traced), -1, 8, x)
+    (reset,) = resets(gm).values()
+    reset.scale_only = True
+    steps = []
+    assert fold_affines(gm, steps=steps).counts == {"folded": 1, "kept": 0} and len(steps) == 1
+    reset.scale_only = False  # a shift now
+    before = {k: v.clone() for k, v in gm.state_dict().items()}
+    assert not refold(gm, steps)
+    assert all(torch.equal(v, before[k]) for k, v in gm.state_dict().items())
+    steps = []  # and a fold that creates a bias records nothing to play again
+    result = fold_affines(gm, steps=steps)
+    assert any("created parameter" in n for n in result.notes) and steps == []

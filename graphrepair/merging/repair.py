@@ -48,7 +48,7 @@ import torch.fx
 from torch import nn
 
 from passes.base import annotation
-from passes.fold_affine import NEEDS_BIAS, fold_affines, fold_plan
+from passes.fold_affine import NEEDS_BIAS, fold_affines, fold_plan, refold
 from passes.reset import ChannelAffine, Reset, ResetSpec, insert_resets, remove_resets, restart_all, resets, set_mode
 
 from graphrepair import distributed
@@ -194,7 +194,7 @@ def repair_merged(spec: PermutationSpec, model_a: nn.Module, merged_state: dict[
     traced = spec.traced.gm
     key = ("repair", tuple((r.node, r.axis) for r in points), output, scale_only, running is None,
            _shapes(fit.example()))
-    plan, gm = (kept.take(traced, key) if output == "class" else None) or (None, None)
+    plan, gm, steps = (kept.take(traced, key) if output == "class" else None) or (None, None, None)
     reuse = output == "class" and not keep_unfolded  # the graph is kept, never returned
     left_out = {p for p, what in (plan or {}).items() if not what.startswith(SCALE_ONLY)}
     if gm is not None and reuse:
@@ -239,14 +239,22 @@ def repair_merged(spec: PermutationSpec, model_a: nn.Module, merged_state: dict[
     # exact: every reset saw data and knows its input's rank; closed form (and a distributed rank,
     # which may have seen no batch): shapes from one example
     example = running is not None or distributed.current() is not None
+    if reuse and steps and refold(gm, steps):
+        # the kept graph's folds played again on this merge's weights (``fold_affine.refold``): the
+        # parameters the fold gives, the graph not edited, so not copied and put back either
+        model = copy_with_state(model_a, {**merged_state, **_folded_state(gm, spec.traced.graph_own)}, own=True).eval()
+        _unbind(gm, spec)
+        kept.give(traced, key, (plan, gm, steps))
+        return Repaired(model, len(points), len(steps), [], unfolded, treated)
     # the graph to keep as it is before the fold (the fold takes its resets out), put back after
     if reuse:
         graph_before = copy.deepcopy(gm.graph)
         resets_before = {name: m for name, m in gm.named_modules() if isinstance(m, Reset)}
         params_before = [k for k, _ in gm.named_parameters()]
     # the folded module's code is regenerated only when it is returned (``finalize``)
+    steps = [] if reuse else None  # what the fold did, for the next merge to play again
     folded = fold_affines(gm, inplace=True, example_inputs=placeholder_args(gm, fit.example()) if example else None,
-                          recompile=False)
+                          recompile=False, steps=steps)
     model = finalize(gm, model_a, merged_state, spec.traced.graph_own)
     if plan is not None:
         # kept only when the merge returned the class and the fold gave the graph's modules no
@@ -255,7 +263,7 @@ def repair_merged(spec: PermutationSpec, model_a: nn.Module, merged_state: dict[
         if keep:
             _restore(gm, graph_before, resets_before)
             _unbind(gm, spec)
-        kept.give(traced, key, (plan, gm if keep else None))
+        kept.give(traced, key, (plan, gm if keep else None, steps if keep else None))
     return Repaired(model, len(points), folded.counts.get("folded", 0), list(folded.notes), unfolded, treated)
 
 
@@ -265,6 +273,13 @@ def _restore(gm: torch.fx.GraphModule, graph: torch.fx.Graph, held: dict[str, Re
     for name, reset in held.items():
         gm.add_submodule(name, reset)
     gm.graph = graph
+
+
+def _folded_state(gm: torch.fx.GraphModule, graph_own=frozenset()) -> dict[str, torch.Tensor]:
+    """``gm``'s state after ``refold``: what ``finalize`` reads of a folded graph (its resets,
+    folded, have no state left; nor the graph's own tensors ``graph_own``)."""
+    held = tuple(f"{name}." for name, m in gm.named_modules() if isinstance(m, Reset))
+    return {k: v for k, v in gm.state_dict().items() if k not in graph_own and not k.startswith(held)}
 
 
 def _reset_buffers(gm: torch.fx.GraphModule) -> dict[str, torch.Tensor]:
