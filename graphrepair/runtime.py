@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 import platform
 import threading
@@ -110,6 +111,13 @@ def _glibc():
         return None
     if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
         return None  # the user tuned malloc: theirs stands
+    return _libc()
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
+    """glibc's handle, made once (a ``ctypes.CDLL`` is a reference cycle: one per call would be
+    garbage for the collector), or None off glibc."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return None
     try:

@@ -7,10 +7,12 @@ Three things a merge makes depend on the spec and its points, not on the weights
   left out), made from a pass of the merged graph over the example and a trial fold on a copy of
   its graph (about 5 ms there), and with it the second calibration a left-out reset needs;
 - with output "class", the merged graph with its resets as planned (a copy of the traced graph,
-  the resets inserted, its code generated: 9 ms there): the next merge gives it its weights and
-  goals (``repair._rebind``) and, once the fold has taken the resets out, puts back the graph and
-  the resets it had (``repair._restore``: a copy of the graph and its code, 2-3 ms). It is kept
-  only when the merge returned the class and the fold added no parameter to its modules.
+  the resets inserted, its code generated: 9 ms there), with the steps of its fold
+  (``passes.fold_affine.FoldStep``): the next merge gives it its weights and goals
+  (``repair._rebind``) and plays the fold again on them (``passes.fold_affine.refold``), the graph
+  left as it is: not copied, folded and put back (2-4 ms there, and a graph left to the collector
+  at every merge). It is kept only when the merge returned the class and the fold added no
+  parameter to its modules.
 A barrier curve or a study merges one architecture many times; the next merge takes them:
 
 - keyed by the spec's traced graph (a weak reference: what is kept lives as long as the spec,
