@@ -207,6 +207,56 @@ def test_the_sorted_start_hands_the_solver_its_score_less_exact_column_constants
     assert weight_match._eased(mixed) is mixed
 
 
+def test_a_view_for_products_is_widened_where_it_lies():
+    """A group on a weight's input axis reads the weight transposed. For inner products alone its
+    view is widened in the weight's own layout (no transposing copy): the same values, a view of
+    that layout; anything that cannot be such a view is laid out as before."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(280, 96, generator=gen)  # (out, in): the group on axis 1
+    m = w.movedim(1, 0)
+    want = weight_match._block(m, 96, 1, True)
+    assert want.is_contiguous()
+    got = weight_match._block(m, 96, 1, True, keep_layout=True)
+    assert got.dtype == torch.float64 and torch.equal(got, want)
+    assert (got.stride()[0], got.stride()[2]) == (1, 96) and got.data_ptr() != w.data_ptr()  # transposed; a copy
+    other = torch.randn(280, 96, generator=gen)
+    wb = weight_match._block(other.movedim(1, 0), 96, 1, True, keep_layout=True)
+    torch.testing.assert_close(weight_match._inner(got, wb),
+                               weight_match._inner(want, weight_match._block(other.movedim(1, 0), 96, 1, True)),
+                               rtol=1e-13, atol=1e-12)
+    # trailing axes that no view can flatten in this layout: laid out as before
+    odd = torch.randn(4, 6, 8, generator=gen).transpose(1, 2)
+    kept = weight_match._block(odd, 2, 2, True, keep_layout=True)
+    assert kept.is_contiguous() and torch.equal(kept, weight_match._block(odd, 2, 2, True))
+    assert weight_match._block(w, 28, 10, True, keep_layout=True).is_contiguous()  # a view of a contiguous one
+
+
+def test_only_inner_products_read_views_widened_where_they_lie(monkeypatch):
+    """A score of inner products reads views in their own layout; a cosine, which sums B's norms
+    along the views' rows, reads them laid out as always (a sum in another order is not the same
+    sum), and either is the score from contiguous views."""
+    spec, sa, sb = pair("llama_gqa", "independent")
+    seen = []
+    block = weight_match._block
+
+    def spy(m, n, r, widen, keep_layout=False):
+        seen.append(keep_layout)
+        return block(m, n, r, widen, keep_layout)
+
+    monkeypatch.setattr(weight_match, "_block", spy)
+    name = max(spec.groups, key=lambda g: g.size).name
+    held = {g.name: torch.arange(g.size) for g in spec.groups if g.name != name}
+    got = WeightScores(spec, sa, sb).score(name, held, weight_match._inner)
+    assert seen and all(seen)
+    seen.clear()
+    rows = torch.arange(0, spec.group(name).size, 3)
+    WeightScores(spec, sa, sb).cosine(name, held, rows, rows.flip(0))
+    assert seen and not any(seen)
+    monkeypatch.setattr(weight_match, "_block", lambda m, n, r, widen, keep_layout=False: block(m, n, r, widen))
+    torch.testing.assert_close(got, WeightScores(spec, sa, sb).score(name, held, weight_match._inner),
+                               rtol=1e-13, atol=1e-12)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
 def test_rows_sorted_side_by_side_are_each_row_sorted_alone(monkeypatch, dtype):
     """The sorted start sorts a large block's rows on several threads: every row is the row
