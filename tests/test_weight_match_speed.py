@@ -207,6 +207,24 @@ def test_the_sorted_start_hands_the_solver_its_score_less_exact_column_constants
     assert weight_match._eased(mixed) is mixed
 
 
+def test_the_sorted_start_is_solved_widest_first(monkeypatch):
+    """The sorted start's assignments go to the solver's threads two by two, the widest first
+    (a wide group's solve does not wait beside a narrow one's); the permutations are the same."""
+    spec, sa, sb = pair("llama_gqa", "independent")
+    sizes = []
+    eased = weight_match._eased
+
+    def spy(score):
+        sizes.append(score.shape[0])
+        return eased(score)
+
+    want = weight_matching(spec, sa, sb)
+    monkeypatch.setattr(weight_match, "_eased", spy)
+    got = weight_matching(spec, sa, sb)
+    assert len(set(sizes)) > 1 and sizes == sorted(sizes, reverse=True)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
 def test_a_view_for_products_is_widened_where_it_lies():
     """A group on a weight's input axis reads the weight transposed. For inner products alone its
     view is widened in the weight's own layout (no transposing copy): the same values, a view of
