@@ -207,6 +207,26 @@ def test_the_sorted_start_hands_the_solver_its_score_less_exact_column_constants
     assert weight_match._eased(mixed) is mixed
 
 
+def test_the_objective_is_the_float64_sum_of_the_products_of_every_weight_touched():
+    """The objective that picks between the two starts: per weight, A's against B's permuted,
+    every product exact in float64 and summed as one float64 tensor, then over the weights in
+    order; the same number, bit for bit, as widening both and multiplying."""
+    from graphrepair.discovery import axes as ax
+
+    spec, sa, sb = pair("llama_gqa", "independent")
+    scores = WeightScores(spec, sa, sb)
+    gen = torch.Generator().manual_seed(0)
+    perms = {g.name: torch.randperm(g.size, generator=gen) for g in spec.groups}
+    vp = {spec.var_of_group[k]: v for k, v in perms.items()}
+    keys = sorted({key for items in scores.touches.values() for key, _, _, _ in items})
+    assert len(keys) > 10
+    want = sum(float((sa[k].double() * ax.permute_tensor(sb[k], spec.param_axes[k], vp).double()).sum())
+               for k in keys)
+    assert scores.objective(perms) == want
+    ident = {g.name: torch.arange(g.size) for g in spec.groups}
+    assert scores.objective(ident) == sum(float((sa[k].double() * sb[k].double()).sum()) for k in keys)
+
+
 def test_the_sorted_start_is_solved_widest_first(monkeypatch):
     """The sorted start's assignments go to the solver's threads two by two, the widest first
     (a wide group's solve does not wait beside a narrow one's); the permutations are the same."""

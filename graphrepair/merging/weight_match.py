@@ -337,9 +337,15 @@ class WeightScores:
         tensor the groups touch."""
         vp = {self.spec.var_of_group[k]: v for k, v in perms.items()}
         keys = {key for items in self.touches.values() for key, _, _, _ in items}
-        return sum(float((self.state_a[k].detach().double()
-                          * ax.permute_tensor(self.state_b[k].detach(), self.spec.param_axes[k], vp).double()).sum())
-                   for k in sorted(keys))
+        total = 0.0
+        for k in sorted(keys):
+            # A's float64 copy times B (each product exact in float64, as with both widened), in
+            # place: one fresh float64 tensor per weight, not three (a 32000 x 1024 embedding's
+            # are 262 MB each, every page of them faulted in anew)
+            prod = self.state_a[k].detach().double()
+            prod.mul_(ax.permute_tensor(self.state_b[k].detach(), self.spec.param_axes[k], vp))
+            total += float(prod.sum())
+        return total
 
     def depends(self, name: str) -> tuple[str, ...]:
         """The other groups whose permutations group ``name``'s views read (every group on an
