@@ -30,9 +30,8 @@ their four activation-sized temporaries (the paper MLP's observed nodes: 16.2 ->
 and batch). Bit for bit the same sums where the CPU's BLAS adds each column of the product in one
 order whatever the matrix's width (the machines this was first measured on); MKL on an AVX-512
 machine adds the columns past the last full 16-wide block in another order (seen on widths 6 and
-24), and the two agree to float32 rounding
-(tests/test_moments_launches.py). Which path a batch takes depends on its tensors' shape, dtype
-and layout only.
+24), and the two agree to float32 rounding (tests/test_moments_launches.py). Which path a batch
+takes depends on its tensors' shape, dtype and layout only.
 
 Cross moments of two tensors (``CrossMoments``, ``PairTap``), e.g. the same point in models A
 and B fed the same batch, X_a (Ca, N), X_b (Cb, N): per batch one matmul X_a X_b^T in the
@@ -620,8 +619,9 @@ def pair_update(sa: ChannelSums, sb: ChannelSums, a: torch.Tensor, b: torch.Tens
     written into one buffer of ``scratch`` and one matrix-vector product with ones gives all four
     sums, ``v`` = [S1_a, S1_b, S2_a, S2_b] (float32, (1, 4C)), which reach both waiting buffers in
     one copy. The sums are the ones ``update`` computes (the same products of the same numbers,
-    the same float64 totals; summed in the same order where the BLAS does, see the module doc). Returns the two shifted layouts (for ``cross_product``) and ``v``;
-    None where this does not apply (the caller then updates each side on its own)."""
+    the same float64 totals; summed in the same order where the BLAS does, see the module doc).
+    Returns the two shifted layouts (for ``cross_product``) and ``v``; None where this does not
+    apply (the caller then updates each side on its own)."""
     dims = _rows(sa, sb, a, b) if sa.decided and sb.decided else None
     if dims is None or any(k is not None and k.dtype != a.dtype for k in (sa.shift, sb.shift)):
         return None

@@ -102,11 +102,9 @@ def _block(m: torch.Tensor, n: int, r: int, widen: bool, keep_layout: bool = Fal
     if not widen:
         return m.reshape(n, r, -1)
     if keep_layout:
-        wide = m.to(torch.float64, copy=True)  # (the strides of a dense ``m`` are kept)
-        try:
-            return wide.view(n, r, -1)
-        except RuntimeError:  # not a view of this layout: one copy into the contiguous one below
-            pass
+        # the strides of a dense ``m`` are kept; a shape that is no view of them is laid out
+        # contiguous by the reshape, from the widened copy
+        return m.to(torch.float64, copy=True).reshape(n, r, -1)
     out = torch.empty(m.shape, dtype=torch.float64, device=m.device)
     out.copy_(m)
     return out.reshape(n, r, -1)
