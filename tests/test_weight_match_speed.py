@@ -277,9 +277,9 @@ def test_only_inner_products_read_views_widened_where_they_lie(monkeypatch):
     seen = []
     block = weight_match._block
 
-    def spy(m, n, r, widen, keep_layout=False):
+    def spy(m, n, r, widen, keep_layout=False, to=torch.float64):
         seen.append(keep_layout)
-        return block(m, n, r, widen, keep_layout)
+        return block(m, n, r, widen, keep_layout, to)
 
     monkeypatch.setattr(weight_match, "_block", spy)
     name = max(spec.groups, key=lambda g: g.size).name
@@ -290,7 +290,7 @@ def test_only_inner_products_read_views_widened_where_they_lie(monkeypatch):
     rows = torch.arange(0, spec.group(name).size, 3)
     WeightScores(spec, sa, sb).cosine(name, held, rows, rows.flip(0))
     assert seen and not any(seen)
-    monkeypatch.setattr(weight_match, "_block", lambda m, n, r, widen, keep_layout=False: block(m, n, r, widen))
+    monkeypatch.setattr(weight_match, "_block", lambda m, n, r, widen, keep_layout=False, to=torch.float64: block(m, n, r, widen))
     torch.testing.assert_close(got, WeightScores(spec, sa, sb).score(name, held, weight_match._inner),
                                rtol=1e-13, atol=1e-12)
 
@@ -338,3 +338,68 @@ def write() -> None:
 if __name__ == "__main__":
     if sys.argv[1:] == ["--write"]:
         write()
+
+
+@pytest.mark.parametrize("dtype,want", [(torch.float32, torch.float32), (torch.float16, torch.float32),
+                                        (torch.bfloat16, torch.float32), (torch.float64, torch.float64)])
+def test_descent_products_are_in_the_weights_own_precision(dtype, want):
+    """``WeightScores(products="own")`` (the descent's scores) multiplies views in the weights'
+    own precision, at least float32: a float32 weight read as it lies is not copied at all, a
+    half-precision one is widened to float32 only. Its scores are the float64 ones to within
+    float32 rounding; the default keeps float64 products."""
+    spec, sa, sb = pair("mlp10", "independent")
+    sa = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sa.items()}
+    sb = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sb.items()}
+    name = max(spec.groups, key=lambda g: g.size).name
+    held = {g.name: torch.randperm(g.size, generator=torch.Generator().manual_seed(1))
+            for g in spec.groups if g.name != name}
+    own, exact = WeightScores(spec, sa, sb, products="own"), WeightScores(spec, sa, sb)
+    views = list(own.views(name, held, keep_layout=True))
+    assert views and all(wa.dtype == wb.dtype == want for wa, wb in views)
+    assert all(wa.dtype == torch.float64 for wa, _ in exact.views(name, held, keep_layout=True))
+    if dtype == torch.float32:  # A's views of a weight as it lies: the weight's own memory
+        key = own.touches[name][0][0]
+        assert views[0][0].data_ptr() == sa[key].data_ptr()
+    got, ref = own.score(name, held), exact.score(name, held)
+    assert got.dtype == ref.dtype == torch.float64
+    assert not torch.equal(got, ref) or dtype == torch.float64
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+    if dtype == torch.float64:
+        torch.testing.assert_close(got, ref, rtol=1e-13, atol=1e-12)
+    with pytest.raises(gr.GraphRepairError, match="products"):
+        WeightScores(spec, sa, sb, products="float16")
+
+
+@pytest.mark.parametrize("name,kind", [("resnet20_bn", "noisy"), ("transformer_tiny", "independent"),
+                                       ("llama_gqa", "noisy")])
+def test_descent_in_the_weights_precision_finds_the_float64_permutations(monkeypatch, name, kind):
+    """The descent's float32 products decide as float64 ones do (they differ only where two
+    assignments' sums are within float32 rounding of each other)."""
+    spec, sa, sb = pair(name, kind)
+    got = weight_matching(spec, sa, sb)
+    made = []
+    real = WeightScores.__init__
+
+    def exact(self, *args, products="float64", **kwargs):
+        made.append(products)
+        real(self, *args, products="float64", **kwargs)
+
+    monkeypatch.setattr(WeightScores, "__init__", exact)
+    want = weight_matching(spec, sa, sb)
+    assert made == ["own"]  # weight_matching asks for its own precision
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_descent_products_stay_float64_where_float32_products_are_reduced():
+    """Where the caller lets float32 matrix products run in TF32 or bfloat16
+    (``torch.set_float32_matmul_precision``), the descent's products are float64."""
+    spec, sa, sb = pair("mlp3", "independent")
+    name = spec.groups[0].name
+    before = torch.get_float32_matmul_precision()
+    try:
+        for precision, want in (("high", torch.float64), ("medium", torch.float64), ("highest", torch.float32)):
+            torch.set_float32_matmul_precision(precision)
+            views = list(WeightScores(spec, sa, sb, products="own").views(name, {}, keep_layout=True))
+            assert views and all(wa.dtype == wb.dtype == want for wa, wb in views), precision
+    finally:
+        torch.set_float32_matmul_precision(before)

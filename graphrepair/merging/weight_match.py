@@ -35,9 +35,16 @@ whose answer was known):
 - The sorted start's matrices are near rank one, where the solver's paths run long: it gets them
   less exact column constants, which keep its answer (``_eased``); their rows are sorted in the
   weights' own dtype (``_sorted_rows``).
+- The descent's inner products are taken in the weights' own precision, at least float32
+  (``WeightScores(products="own")``), as Git Re-Basin takes them: float64 products of float32
+  weights cost twice the time and a widened copy of every view (the LLaMA: ``weight_matching``
+  32.8 -> 28.7 s, the same permutations). The sorted start's products stay float64: its near
+  rank-one matrices are full of near-ties (from float32 ones the LLaMA's start, and with it the
+  result, moves), and so does the objective that picks between the two starts.
 The permutations are those of the plain descent: the same steps decide the same way (a part sum
-adds the same terms in another order: the last bit of a score may differ, which matters for ties
-only).
+adds the same terms in another order, and a float32 product rounds where a float64 one would
+not: a score's last bits may differ, which matters for ties only; the zoo's reference
+permutations, ``tests/test_weight_match_speed.py``, are those of float64 products).
 """
 
 from __future__ import annotations
@@ -49,20 +56,21 @@ import torch
 
 from graphrepair.discovery import axes as ax
 from graphrepair.discovery.spec import PermutationSpec
+from graphrepair.errors import GraphRepairError
 from graphrepair.merging.assign import lap, lap_each, workers
 
 
 def _replicas(t: torch.Tensor, axis: int, pos: torch.Tensor, rows: tuple | None = None,
-              widen: bool = True, keep_layout: bool = False) -> torch.Tensor:
+              widen: bool = True, keep_layout: bool = False, to: torch.dtype = torch.float64) -> torch.Tensor:
     """(|g|, R, everything else): channel c's R positions pos[c] along ``axis``, each with all
     other axes flattened; ``rows`` = (row axis, start, length) first narrows to one row block.
-    ``widen``: in float64; ``keep_layout``: in the strides it has (see ``_block``)."""
+    ``widen``: in float64; ``keep_layout``: in the strides it has, in dtype ``to`` (see ``_block``)."""
     if rows is not None:
         t = t.narrow(*rows)
     m = t.movedim(axis, 0)
     if not (pos.shape[1] == 1 and _identity(pos[:, 0], m.shape[0])):  # else: every channel, in order
         m = m[pos.to(t.device)]
-    return _block(m, pos.shape[0], pos.shape[1], widen, keep_layout)
+    return _block(m, pos.shape[0], pos.shape[1], widen, keep_layout, to)
 
 
 # A's views of a few units are kept per group up to this many float64 numbers (32 MB; a few units
@@ -88,7 +96,8 @@ def _gather(t: torch.Tensor, axis: int, index: torch.Tensor) -> torch.Tensor:
     return t.index_select(axis, index.to(t.device))
 
 
-def _block(m: torch.Tensor, n: int, r: int, widen: bool, keep_layout: bool = False) -> torch.Tensor:
+def _block(m: torch.Tensor, n: int, r: int, widen: bool, keep_layout: bool = False,
+           to: torch.dtype = torch.float64) -> torch.Tensor:
     """``m`` (n r leading positions, then the other axes; any strides) as a contiguous
     (n, r, everything else) tensor, converted to float64 in the same copy when ``widen``; else as
     it is where a view can give it.
@@ -98,13 +107,15 @@ def _block(m: torch.Tensor, n: int, r: int, widen: bool, keep_layout: bool = Fal
     Widening and transposing in one copy is the slow part of a view: a LLaMA MLP weight's
     transpose, 2816 x 1024, 10.1 ms against 0.85 ms widened as it lies. BLAS reads either layout
     (its packing lays the operands out alike: the products are the same here, bit for bit, and
-    as fast); a sum along the rows (a norm) would not be."""
+    as fast); a sum along the rows (a norm) would not be. With ``keep_layout`` the view is in
+    dtype ``to`` (``WeightScores``' products: float64, or the weights' own precision, where a
+    float32 ``m`` is not copied at all unless the shape needs it)."""
     if not widen:
         return m.reshape(n, r, -1)
     if keep_layout:
         # the strides of a dense ``m`` are kept; a shape that is no view of them is laid out
-        # contiguous by the reshape, from the widened copy
-        return m.to(torch.float64, copy=True).reshape(n, r, -1)
+        # contiguous by the reshape, from the widened copy (or from ``m`` itself in its own dtype)
+        return (m if m.dtype == to else m.to(to, copy=True)).reshape(n, r, -1)
     out = torch.empty(m.shape, dtype=torch.float64, device=m.device)
     out.copy_(m)
     return out.reshape(n, r, -1)
@@ -127,8 +138,13 @@ class WeightScores:
     activation matching breaks its ties with its cosine form (``cosine``)."""
 
     def __init__(self, spec: PermutationSpec, state_a: dict, state_b: dict, groups=None,
-                 keep_bytes: int | None = None):
+                 keep_bytes: int | None = None, products: str = "float64"):
+        if products not in ("float64", "own"):
+            raise GraphRepairError(f"products must be 'float64' or 'own', got {products!r}")
         self.spec = spec
+        # the dtype of the inner products ``score`` sums: float64, or "own": the weights' own
+        # precision, at least float32 (``weight_matching``'s descent; see the module doc)
+        self.products = products
         names = set(g.name for g in spec.groups) if groups is None else set(groups)
         # the (param, axis) pairs each group touches, with the positions of its channels there (and,
         # on a grouped conv's per-group axis, the row block they are read in)
@@ -189,16 +205,18 @@ class WeightScores:
         attention groups: 10.8 s -> 0.8 s). ``items``: only those of the tensors (indices into
         ``touches[name]``); not ``widen``: in the weights' own dtype. ``known_a``: A's views of
         ``units_a``, one per tensor, as an earlier call gave them (they do not depend on ``held``).
-        ``keep_layout``: widened in the layout they have (``_block``), for matrix products only."""
+        ``keep_layout``: in the layout they have (``_block``) and in the products' dtype
+        (``products``), for matrix products only."""
         vp = {self.spec.var_of_group[k]: v for k, v in held.items()}
         touched = self.touches[name]
         for k, (key, axis, pos, rows) in enumerate(touched if items is None else [touched[i] for i in items]):
             a, b, exprs = self.state_a[key].detach(), self.state_b[key].detach(), self.spec.param_axes[key]
             pos_a = pos if units_a is None else pos[units_a]
             pos_b = pos if units_b is None else pos[units_b]
-            wa = known_a[k] if known_a is not None else _replicas(a, axis, pos_a, rows, widen, keep_layout)
+            to = self._product_dtype(a) if keep_layout else torch.float64
+            wa = known_a[k] if known_a is not None else _replicas(a, axis, pos_a, rows, widen, keep_layout, to)
             if rows is not None or any(isinstance(e, ax.PerBlock) for e in exprs):
-                yield wa, _replicas(ax.permute_tensor(b, exprs, vp), axis, pos_b, rows, widen, keep_layout)
+                yield wa, _replicas(ax.permute_tensor(b, exprs, vp), axis, pos_b, rows, widen, keep_layout, to)
                 continue
             # (|g| R) positions in B's own order: the positions themselves where the axis is g's
             # alone and g's permutation is not held (its index is then the identity)
@@ -208,7 +226,15 @@ class WeightScores:
             for d, e in enumerate(exprs):  # the other axes, as ``axes.permute_tensor``; no gather by the identity
                 if d != axis and not ax.is_fixed(e):
                     sub = _gather(sub, d, ax.index(e, vp))
-            yield wa, _block(sub.movedim(axis, 0), pos_b.shape[0], pos_b.shape[1], widen, keep_layout)
+            yield wa, _block(sub.movedim(axis, 0), pos_b.shape[0], pos_b.shape[1], widen, keep_layout, to)
+
+    def _product_dtype(self, t: torch.Tensor) -> torch.dtype:
+        """The dtype a view of ``t`` is multiplied in (``products``). Float32 only while float32
+        matrix products are full float32 ones (``torch.set_float32_matmul_precision("highest")``,
+        torch's default): where the caller allows TF32 or bfloat16 products, float64."""
+        if self.products == "float64" or torch.get_float32_matmul_precision() != "highest":
+            return torch.float64
+        return torch.promote_types(t.dtype, torch.float32)
 
     def score(self, name: str, held: dict, pairing=None, rows=None, cols=None) -> torch.Tensor:
         """(|g|, |g|) summed ``pairing`` (default: inner products) of A's and B's weights that
@@ -516,7 +542,7 @@ def weight_matching(spec: PermutationSpec, state_a: dict, state_b: dict, *, grou
     if init:
         spec.checked(init)  # validated once; the descent only makes permutations
         base.update({k: torch.as_tensor(v, dtype=torch.long).cpu().clone() for k, v in init.items()})
-    scores = WeightScores(spec, state_a, state_b, names)
+    scores = WeightScores(spec, state_a, state_b, names, products="own")
     rng = np.random.default_rng(seed)
     free = [n for n in names if not (init and n in init)]
     orders = {n: families[n] for n in names if n in families}
