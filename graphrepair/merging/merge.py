@@ -119,17 +119,42 @@ def check_weights(weights, n: int) -> list[float]:
     return values
 
 
+# A floating tensor of more than this many elements is interpolated in float64 blocks of this
+# many (1 MB of float64): a block of each model's weights and their sum stay in the cache, where
+# whole float64 copies of a large tensor would each be written to memory and read back (a
+# 156M-parameter LLaMA pair: 1.2 - 3.1 s -> 0.4 s). Smaller ones are summed whole (packing them
+# into blocks costs more than it saves: the paper MLP's 42 tensors, 1.7 -> 2.1 ms).
+_BLOCK = 1 << 17
+
+
 def interpolate_states(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict:
+    """sum_i weights[i] states[i][k] for every floating tensor k of ``states[0]``, summed in
+    float64 in the models' order and cast back to ``states[0][k]``'s dtype (a fresh tensor per
+    key, laid out as ``states[0][k]``); other tensors (integer buffers) are ``states[0]``'s,
+    copied. The inputs are not changed."""
     out = {}
     for k, t0 in states[0].items():
-        if t0.is_floating_point():
-            acc = torch.zeros_like(t0, dtype=torch.float64)
-            for s, w in zip(states, weights):
-                acc += w * s[k].double()
-            out[k] = acc.to(t0.dtype)
-        else:
+        if not t0.is_floating_point():
             out[k] = t0.clone()
+        elif t0.numel() > _BLOCK and t0.is_contiguous():
+            dst = torch.empty_like(t0).view(-1)
+            srcs = [s[k].reshape(-1) for s in states]
+            for i in range(0, t0.numel(), _BLOCK):
+                dst[i:i + _BLOCK].copy_(_combine([src[i:i + _BLOCK] for src in srcs], weights))
+            out[k] = dst.view(t0.shape)
+        else:  # (laid out as ``t0``: the float64 sum takes its strides, and the cast keeps them)
+            out[k] = _combine([s[k] for s in states], weights, like=t0).to(t0.dtype)
     return out
+
+
+def _combine(pieces: list[torch.Tensor], weights: list[float], like: torch.Tensor | None = None) -> torch.Tensor:
+    """sum_i weights[i] pieces[i] in float64, a fresh tensor (laid out as ``like`` when given):
+    each term rounded, then added in order to a zero (+ 0.0 makes a -0.0 first term +0.0)."""
+    acc = (pieces[0].to(torch.float64, copy=True) if like is None else
+           torch.empty_like(like, dtype=torch.float64).copy_(pieces[0])).mul_(weights[0]).add_(0.0)
+    for piece, w in zip(pieces[1:], weights[1:]):
+        acc.add_(piece.to(torch.float64, copy=True).mul_(w))
+    return acc
 
 
 def merge_prepared(prep: Prepared, weights: list[float], repair: str | None,
