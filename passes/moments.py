@@ -157,9 +157,8 @@ class _Layout:
         if self.kind == "rows":
             # across rows a matrix-vector product with ones beats sum(0) (measured ~2x on CPU
             # inside a forward pass: one BLAS call instead of a strided reduction)
-            ones = _ones(t.shape[0], t.dtype, t.device)
-            s = ones @ t
-            sq = ones @ torch.mul(t, t) if t.numel() <= _SMALL else torch.linalg.vector_norm(t, 2, dim=0).square()
+            s = _ones(t.shape[0], t.dtype, t.device) @ t
+            sq = _sum_of_squares(t)
         elif self.kind == "cols":
             s = t.sum(1)
             sq = torch.linalg.vector_norm(t, 2, dim=1).square()
@@ -167,6 +166,26 @@ class _Layout:
             s = t.sum(2).sum(0, dtype=torch.float64)
             sq = torch.linalg.vector_norm(t, 2, dim=2).square().sum(0, dtype=torch.float64)
         return s, sq
+
+
+def _sum_of_squares(t: torch.Tensor) -> torch.Tensor:
+    """Per column of an (N, C) matrix, the sum of its squares: the squared rows times ones, one
+    matrix-vector product per block of rows that squares into at most ``_SMALL`` elements (the
+    whole matrix at once where it fits), the blocks' sums added in order. ``vector_norm(dim=0)``
+    reads the matrix across its rows, 6-12x slower on the CPU (a LLaMA MLP's 2048 x 2816
+    activations: 10.8 ms against 1.9 ms)."""
+    n, c = t.shape
+    rows = max(1, _SMALL // max(c, 1))
+    if n <= rows:
+        return _ones(n, t.dtype, t.device) @ torch.mul(t, t)
+    ones = _ones(rows, t.dtype, t.device)
+    buf = torch.empty(rows, c, dtype=t.dtype, device=t.device)
+    out = None
+    for i in range(0, n, rows):
+        block = t[i:i + rows]
+        part = ones[:len(block)] @ torch.mul(block, block, out=buf[:len(block)])
+        out = part if out is None else out.add_(part)
+    return out
 
 
 def broadcast_shape(ndim: int, dim: int) -> list[int]:

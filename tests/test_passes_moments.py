@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from passes import ChannelSums, CrossMoments, PassError, channel_matrix
+from passes import ChannelSums, CrossMoments, PassError, channel_matrix, moments
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec:FutureWarning")
 
@@ -211,3 +211,30 @@ def test_moments_all_reads_every_sums_as_it_reads_itself():
         assert torch.equal(mean, own_mean) and torch.equal(var, own_var)
     with pytest.raises(PassError, match="no samples"):
         moments_all(sums[:2] + [ChannelSums(-1, channels=5)])
+
+
+@pytest.mark.parametrize("shape", [(2048, 2816), (9, moments._SMALL // 4 + 3), (100, 7)])
+def test_sums_of_squares_of_large_rows_in_blocks(shape):
+    """A rows matrix too large to square at once is squared block by block (each block at most
+    ``_SMALL`` elements) and each block's column sums added in order: the sums of squares to
+    float32 rounding, and the sum of the blocks' own products bit for bit; what fits is squared
+    whole, as before."""
+    gen = torch.Generator().manual_seed(0)
+    t = torch.randn(*shape, generator=gen) * 3 + 1
+    got = moments._sum_of_squares(t)
+    truth = (t.double() ** 2).sum(0)
+    assert got.dtype == torch.float32 and got.shape == (shape[1],)
+    torch.testing.assert_close(got.double(), truth, rtol=2e-6, atol=0)
+    rows = max(1, moments._SMALL // shape[1])
+    blocks = [t[i:i + rows] for i in range(0, shape[0], rows)]
+    want = None
+    for b in blocks:
+        part = torch.ones(len(b)) @ (b * b)
+        want = part if want is None else want + part
+    assert torch.equal(got, want)
+    assert (len(blocks) > 1) == (t.numel() > moments._SMALL)
+    # through ChannelSums: S2 of the batch is these sums
+    sums = moments.ChannelSums(1)
+    sums.decided = True  # no shift: the sums of x itself
+    sums.update(t)
+    torch.testing.assert_close(sums.s2, got.double(), rtol=0, atol=0)
