@@ -165,3 +165,66 @@ def test_a_nan_correlation_is_refused_naming_its_group(digits_pair, digits_spec)
         plan.taps[node].cross[i].total[1, 2] = float("nan")
         with pytest.raises(gr.NumericError, match=rf"correlations of group '{spoil}' are not finite"):
             summarise(digits_spec, plan, observe, resets, n)
+
+
+class _ShapeBranch(torch.nn.Module):
+    """A forward that branches on its input's shape (symbolic tracing fails; torch.export takes
+    it): the graph is not run on the model's own modules, with a buffer it reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(6, 16), torch.nn.Linear(16, 4)
+        self.register_buffer("scale", torch.linspace(0.5, 2.0, 16))
+
+    def forward(self, x):
+        if x.size(1) == 3:
+            x = x.repeat(1, 2)
+        return self.fc2(torch.relu(self.fc1(x)) * self.scale)
+
+
+def test_the_pass_reads_the_models_parameters_and_copies_their_buffers(monkeypatch):
+    """A graph not run on the models' own modules (torch.export) is given the models' parameters
+    themselves (no copy of every weight) and copies of their buffers; where the graph may write
+    into a tensor, copies of everything. The merge is the same either way, and the models are
+    left as they were."""
+    from graphrepair.merging import stats
+
+    torch.manual_seed(0)
+    a, b = _ShapeBranch().eval(), _ShapeBranch().eval()
+    x = torch.randn(64, 6)
+    spec = gr.discover(a, (x[:4],))
+    assert not stats._reads_own(spec.traced.gm, a, b)
+    before = [{k: v.clone() for k, v in m.state_dict().items()} for m in (a, b)]
+    for model, root in zip((a, b), stats.pair_roots(spec, a, b, torch.device("cpu"))):
+        got = root.state_dict()
+        for k, p in model.named_parameters():
+            assert got[k].data_ptr() == p.data_ptr(), k
+        assert got["scale"].data_ptr() != model.scale.data_ptr() and torch.equal(got["scale"], model.scale)
+    shared = gr.merge_models([a, b], x, num_examples=64, batch_size=16, method="activation", repair="exact")
+    monkeypatch.setattr(stats, "writes_in_place", lambda gm: True)
+    for model, root in zip((a, b), stats.pair_roots(spec, a, b, torch.device("cpu"))):
+        got = root.state_dict()
+        assert all(got[k].data_ptr() != p.data_ptr() for k, p in model.named_parameters())
+    copied = gr.merge_models([a, b], x, num_examples=64, batch_size=16, method="activation", repair="exact")
+    assert all(torch.equal(copied.perms[0][g], p) for g, p in shared.perms[0].items())
+    want = copied.model.state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in shared.model.state_dict().items())
+    for m, sd in zip((a, b), before):
+        assert all(torch.equal(v, sd[k]) for k, v in m.state_dict().items())
+
+
+def test_an_aten_op_that_writes_into_an_argument_is_an_in_place_write():
+    """Graphs from torch.export hold aten ops: one whose schema writes into an argument
+    (``add_``, ``copy_``, an ``out=`` overload) counts as an in-place write."""
+    from passes.in_place_ops import writes_in_place
+
+    def graph(op):
+        g = torch.fx.Graph()
+        x = g.placeholder("x")
+        g.output(g.call_function(op, (x, x)))
+        return torch.fx.GraphModule(torch.nn.Module(), g)
+
+    assert writes_in_place(graph(torch.ops.aten.add_.Tensor))
+    assert writes_in_place(graph(torch.ops.aten.copy_.default))
+    assert not writes_in_place(graph(torch.ops.aten.add.Tensor))
+    assert not writes_in_place(graph(torch.ops.aten.mul.Tensor))
