@@ -760,7 +760,7 @@ def cross_raw_total(sa: ChannelSums, sb: ChannelSums, sab: CrossSum) -> torch.Te
 
 def covariance(sa: ChannelSums, sb: ChannelSums, sab: torch.Tensor) -> torch.Tensor:
     """Population cross-covariance from the shifted sums: S_ab / n - (S1_a / n)(S1_b / n)^T."""
-    return sab / sa.n - torch.outer(sa.shifted_mean, sb.shifted_mean)
+    return (sab / sa.n).sub_(torch.outer(sa.shifted_mean, sb.shifted_mean))  # (one (Ca, Cb) tensor less)
 
 
 def correlation(cov: torch.Tensor, var_a: torch.Tensor, var_b: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:

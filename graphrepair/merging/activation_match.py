@@ -36,8 +36,9 @@ TIE_GRID = 2.0 ** -17
 
 
 def tie_safe(corr: torch.Tensor) -> torch.Tensor:
-    """``corr`` rounded to multiples of ``TIE_GRID`` (float64; see the module doc)."""
-    return torch.round(corr.double() / TIE_GRID) * TIE_GRID
+    """``corr`` rounded to multiples of ``TIE_GRID`` (float64, a new tensor; see the module doc),
+    in one float64 tensor written in place (a wide layer's matrix is tens of megabytes)."""
+    return (corr.double() / TIE_GRID).round_().mul_(TIE_GRID)
 
 
 def activation_perms(spec: PermutationSpec, stats, max_rounds: int = 50,
