@@ -403,3 +403,26 @@ def test_descent_products_stay_float64_where_float32_products_are_reduced():
             assert views and all(wa.dtype == wb.dtype == want for wa, wb in views), precision
     finally:
         torch.set_float32_matmul_precision(before)
+
+
+def test_the_sorted_starts_column_constants_are_tightened_on_the_matrix_itself():
+    """The rank-one duals are tightened on the score: the dual bound on every assignment's sum
+    (sum_j w_j + sum_i max_j (S_ij - w_j)) drops, stays above the optimum, and the solver is
+    handed the score less the tightened constants, exactly, with the same answer."""
+    gen = torch.Generator().manual_seed(1)
+    a = torch.randn(300, 400, generator=gen) * (1 + 0.05 * torch.randn(300, 1, generator=gen))
+    b = torch.randn(300, 400, generator=gen) * (1 + 0.05 * torch.randn(300, 1, generator=gen))
+    score = weight_match._sorted_values(a.double()[:, None], b.double()[:, None])
+
+    def bound(w):
+        return float(w.sum() + (score - w).max(1).values.sum())
+
+    v = weight_match._rank_one_duals(score)
+    w = weight_match._tightened(score, v)
+    best = lap(score)
+    optimum = float(score[torch.arange(300), best].sum())
+    assert optimum - 1e-9 <= bound(w) < bound(v) - 1e-6
+    eased = weight_match._eased(score)
+    assert torch.equal(score - eased, w.expand_as(score))  # the tightened constants were taken
+    assert torch.equal(eased + w, score)  # subtracted exactly
+    assert torch.equal(lap(eased), best)
