@@ -426,3 +426,20 @@ def test_the_sorted_starts_column_constants_are_tightened_on_the_matrix_itself()
     assert torch.equal(score - eased, w.expand_as(score))  # the tightened constants were taken
     assert torch.equal(eased + w, score)  # subtracted exactly
     assert torch.equal(lap(eased), best)
+
+
+def test_a_few_units_scored_in_their_own_precision_leave_no_views_for_a_cosine():
+    """A's views of a few units are kept for the tie-break's next cosine only when they are
+    float64: a block scored in the weights' own precision first, then its cosine, gives the
+    cosine of fresh scores."""
+    spec, sa, sb = pair("mlp10", "independent")
+    name = max(spec.groups, key=lambda g: g.size).name
+    held = {g.name: torch.arange(g.size) for g in spec.groups if g.name != name}
+    rows = torch.arange(0, spec.group(name).size, 3)
+    own = WeightScores(spec, sa, sb, products="own")
+    block = own.score(name, held, rows=rows, cols=rows.flip(0))
+    torch.testing.assert_close(block, WeightScores(spec, sa, sb).score(name, held, rows=rows, cols=rows.flip(0)),
+                               rtol=1e-5, atol=1e-6)
+    got = own.cosine(name, held, rows, rows.flip(0))
+    torch.testing.assert_close(got, WeightScores(spec, sa, sb).cosine(name, held, rows, rows.flip(0)),
+                               rtol=1e-12, atol=1e-12)

@@ -304,8 +304,11 @@ class WeightScores:
                 # the permutations read: replaced by the caller, never changed in place (``_same_perms``
                 # compares them whole where they are other tensors)
                 self._terms[name] = (units_a.clone(), units_b.clone(), held_terms)
+        # (float64 views only: a view in the weights' own precision, ``products="own"``, would meet
+        # a cosine's float64 views of B)
         if (units_a is not None and items is None and widen and known_a is None
-                and (todo is None or len(todo) == len(now)) and sum(w.numel() for w in made_a) <= _KEEP_ROWS):
+                and (todo is None or len(todo) == len(now)) and sum(w.numel() for w in made_a) <= _KEEP_ROWS
+                and all(w.dtype == torch.float64 for w in made_a)):
             self._rows_a[name] = (units_a.clone(), made_a)
         return total, norms_b
 
