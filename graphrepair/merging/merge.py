@@ -143,15 +143,15 @@ def interpolate_states(states: list[dict[str, torch.Tensor]], weights: list[floa
                 dst[i:i + _BLOCK].copy_(_combine([src[i:i + _BLOCK] for src in srcs], weights))
             out[k] = dst.view(t0.shape)
         else:  # (laid out as ``t0``: the float64 sum takes its strides, and the cast keeps them)
-            out[k] = _combine([s[k] for s in states], weights, like=t0).to(t0.dtype)
+            out[k] = _combine([s[k] for s in states], weights).to(t0.dtype)
     return out
 
 
-def _combine(pieces: list[torch.Tensor], weights: list[float], like: torch.Tensor | None = None) -> torch.Tensor:
-    """sum_i weights[i] pieces[i] in float64, a fresh tensor (laid out as ``like`` when given):
-    each term rounded, then added in order to a zero (+ 0.0 makes a -0.0 first term +0.0)."""
-    acc = (pieces[0].to(torch.float64, copy=True) if like is None else
-           torch.empty_like(like, dtype=torch.float64).copy_(pieces[0])).mul_(weights[0]).add_(0.0)
+def _combine(pieces: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """sum_i weights[i] pieces[i] in float64, a fresh tensor laid out as ``pieces[0]`` (``to``
+    keeps a dense tensor's strides): each term rounded, then added in order to a zero (+ 0.0
+    makes a -0.0 first term +0.0)."""
+    acc = pieces[0].to(torch.float64, copy=True).mul_(weights[0]).add_(0.0)
     for piece, w in zip(pieces[1:], weights[1:]):
         acc.add_(piece.to(torch.float64, copy=True).mul_(w))
     return acc

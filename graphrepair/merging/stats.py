@@ -142,7 +142,9 @@ def pair_roots(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module,
                device: torch.device) -> tuple[nn.Module, nn.Module]:
     """The modules the two copies of the traced graph read from: the models themselves when every
     module and attribute the graph reads is theirs and B's modules are configured like A's (no
-    copy), else copies of the traced graph carrying each model's weights."""
+    copy), else copies of the traced graph carrying each model's weights: its parameters
+    themselves and copies of its buffers (``_reading``), or copies of everything where the graph
+    may write into a tensor."""
     if _reads_own(spec.traced.gm, model_a, model_b):
         return model_a, model_b
     if writes_in_place(spec.traced.gm):  # an op may write into what it reads: copies of everything
