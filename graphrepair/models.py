@@ -180,7 +180,8 @@ def given_back(*models: nn.Module) -> Iterator[None]:
                 if b._version != version:
                     b.copy_(copy_)
         for m, training in flags.items():
-            m.training = training
+            if m.training is not training:  # (only what changed: see ``passes.modules.eval_mode``)
+                m.training = training
 
 
 def copy_with_state(module: nn.Module, state: dict[str, torch.Tensor], *, own: bool = False,

@@ -770,8 +770,9 @@ def correlation(cov: torch.Tensor, var_a: torch.Tensor, var_b: torch.Tensor, eps
     std_a, std_b = var_a.sqrt(), var_b.sqrt()
     out = cov / std_a[:, None]
     out.div_(std_b[None, :])
-    out[~(std_a > eps)] = 0.0  # whatever the covariance holds there (NaN too)
-    out[:, ~(std_b > eps)] = 0.0
+    # 0 in the rows and columns of dead channels, whatever the covariance holds there (NaN too):
+    # one masked fill (a boolean index per axis costs a search for its True entries)
+    out.masked_fill_(~(std_a > eps)[:, None] | ~(std_b > eps)[None, :], 0.0)
     return out.clamp_(-1.0, 1.0)
 
 

@@ -247,3 +247,40 @@ def test_weight_transposes_are_recognised_with_keyword_arguments():
              g.call_function(aten.transpose.int, (w,), {"dim0": 1, "dim1": 0})]
     assert all(_is_transpose(n) for n in forms)
     assert not _is_transpose(g.call_function(aten.permute.default, (w,), {"dims": [0, 1]}))
+
+
+class _CountsTrain(torch.nn.Sequential):
+    """A model whose own ``train`` counts its calls (classes override it, e.g. to freeze norms)."""
+
+    calls = 0
+
+    def train(self, mode: bool = True):
+        type(self).calls += 1
+        return super().train(mode)
+
+
+def test_eval_mode_puts_every_module_in_eval_and_restores_each_flag():
+    from passes.modules import eval_mode
+
+    model = _CountsTrain(torch.nn.Linear(2, 2), torch.nn.Dropout(0.5), torch.nn.BatchNorm1d(2))
+    model.train()
+    model[1].eval()  # mixed flags: each comes back as it was
+    before = [m.training for m in model.modules()]
+    _CountsTrain.calls = 0
+    with eval_mode(model):
+        assert not any(m.training for m in model.modules())
+    assert [m.training for m in model.modules()] == before
+    assert _CountsTrain.calls == 1  # the model's own train(False) decided eval mode
+    # a model already in eval mode throughout: nothing to switch, its train() is not called
+    model.eval()
+    _CountsTrain.calls = 0
+    with eval_mode(model):
+        assert not any(m.training for m in model.modules())
+    assert _CountsTrain.calls == 0 and not any(m.training for m in model.modules())
+    # restored after an exception too, and after the block changed a flag itself
+    model.train()
+    with pytest.raises(RuntimeError):
+        with eval_mode(model):
+            model[0].train()
+            raise RuntimeError("inside")
+    assert all(m.training for m in model.modules())

@@ -238,3 +238,26 @@ def test_sums_of_squares_of_large_rows_in_blocks(shape):
     sums.decided = True  # no shift: the sums of x itself
     sums.update(t)
     torch.testing.assert_close(sums.s2, got.double(), rtol=0, atol=0)
+
+
+def test_correlation_zeroes_dead_rows_and_columns_whatever_the_covariance_holds():
+    # channels 1 of A and 2 of B never vary: their rows / columns are 0, even where the
+    # covariance holds NaN or infinity; the rest is cov / (std_a std_b), clamped to [-1, 1]
+    torch.manual_seed(0)
+    cov = torch.randn(4, 5, dtype=torch.float64)
+    var_a = torch.tensor([2.0, 0.0, 0.5, 3.0], dtype=torch.float64)
+    var_b = torch.tensor([1.0, 4.0, 0.0, 0.25, 9.0], dtype=torch.float64)
+    cov[1, 3] = float("nan")
+    cov[0, 2] = float("inf")
+    cov[3, 4] = 100.0  # beyond what a covariance can be: clamped
+    got = moments.correlation(cov, var_a, var_b, 1e-12)
+    want = cov / np.sqrt(var_a.numpy())[:, None] / np.sqrt(var_b.numpy())[None, :]
+    want[1, :] = 0.0
+    want[:, 2] = 0.0
+    want = want.clamp(-1.0, 1.0)
+    assert bool(torch.isfinite(got).all())
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    assert got[3, 4] == 1.0
+    assert bool((got[1] == 0).all()) and bool((got[:, 2] == 0).all())
+    # the covariance given is not changed
+    assert torch.isnan(cov[1, 3]) and cov[3, 4] == 100.0
