@@ -125,3 +125,53 @@ def test_every_api_call_holds_memory(monkeypatch):
     monkeypatch.setattr(runtime, "_glibc", lambda: None)
     again = gr.merge(a, b, x)
     assert torch.equal(merged(x), again(x))
+
+
+class _LibcWithInfo(_Libc):
+    """A C library that says how much its heap holds free (``mallinfo2``)."""
+
+    def __init__(self, free: int):
+        super().__init__()
+        self.free = free
+
+    def mallinfo2(self):
+        return runtime._MallInfo2(fordblks=self.free)
+
+
+@pytest.mark.parametrize("free,trimmed", [(0, False), (runtime._KEEP_FREE, False),
+                                          (runtime._KEEP_FREE + 1, True), (8 << 30, True)])
+def test_a_little_free_memory_is_kept_for_the_next_call(monkeypatch, free, trimmed):
+    """Up to ``_KEEP_FREE`` bytes free, the heap is not trimmed when the outermost call ends (the
+    next call reuses those pages instead of faulting them in again); more is given back."""
+    libc = _LibcWithInfo(free)
+    monkeypatch.setattr(runtime, "_glibc", lambda: libc)
+    with runtime.held_memory():
+        with runtime.held_memory():
+            pass
+        assert ("trim", 0) not in libc.calls  # (never inside a call)
+    assert (("trim", 0) in libc.calls) is trimmed
+    assert runtime._depth == 0
+
+
+@glibc
+def test_the_heaps_free_memory_is_read_from_glibc():
+    """glibc's own statistics: a freed block of 32 MB inside a call (taken from the heap, the
+    thresholds raised) is free heap until the call ends, and a heap with more than ``_KEEP_FREE``
+    free is trimmed then."""
+    libc = runtime._libc()
+    if libc is None or not hasattr(libc, "mallinfo2"):
+        pytest.skip("glibc without mallinfo2 (before 2.33)")
+    if runtime._glibc() is None:
+        pytest.skip("the allocator is left alone here (GRAPHREPAIR_MALLOC or GLIBC_TUNABLES)")
+
+    def resident() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+
+    assert runtime._free_bytes(libc) >= 0
+    with runtime.held_memory():
+        block = torch.ones(128 << 18)  # 128 MB of float32, every page touched
+        del block
+        assert runtime._free_bytes(libc) >= (128 << 20)
+        held = resident()
+    assert resident() < held - (64 << 20)  # more than _KEEP_FREE free: given back
