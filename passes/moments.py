@@ -120,6 +120,22 @@ _SHIFT_RATIO = 10.0
 _EXACT = (torch.float32, torch.float64)  # dtypes reduced as they are (others in float32)
 
 
+def without_grad(fn):
+    """``torch.no_grad()`` as a decorator, except that a call made with gradients already off (a
+    pass's forward runs under its own no_grad) does not enter the context again: the taps and
+    resets of a pass are called per node and batch, and entering and leaving costs about 1.5 us
+    a call (the paper MLP's merge of 5,000 examples makes about 650 such calls)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return fn(*args, **kwargs)
+        with torch.no_grad():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
 @functools.lru_cache(maxsize=32)
 def _ones(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.ones(n, dtype=dtype, device=device)
@@ -289,7 +305,7 @@ class ChannelSums:
             raise PassError(f"a batch with {c} channels cannot be merged with earlier batches "
                             f"of {self._tot.shape[1]} channels")
 
-    @torch.no_grad()
+    @without_grad
     def update(self, x: torch.Tensor) -> _Layout:
         """Add one batch; returns it as a layout (shifted), for ``cross_product``."""
         if x.requires_grad:  # (an op of its own: only where needed)
@@ -345,7 +361,7 @@ class ChannelSums:
         else:
             self._decide(*lay.sums(), lay.samples, lay.t.dtype)
 
-    @torch.no_grad()
+    @without_grad
     def add_moments(self, n: int, mean: torch.Tensor, var: torch.Tensor | None = None, *,
                     invstd: torch.Tensor | None = None, eps: float = 0.0) -> None:
         """Add a batch of ``n`` samples given by its per-channel mean and population variance, or
@@ -796,7 +812,7 @@ class CrossMoments:
     def n(self) -> int:
         return 0 if self.a is None else self.a.n
 
-    @torch.no_grad()
+    @without_grad
     def update(self, xa: torch.Tensor, xb: torch.Tensor, dim: int = 0) -> None:
         for x in (xa, xb):
             if not isinstance(x, torch.Tensor) or x.ndim == 0 or not -x.ndim <= dim < x.ndim:

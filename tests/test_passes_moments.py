@@ -261,3 +261,25 @@ def test_correlation_zeroes_dead_rows_and_columns_whatever_the_covariance_holds(
     assert bool((got[1] == 0).all()) and bool((got[:, 2] == 0).all())
     # the covariance given is not changed
     assert torch.isnan(cov[1, 3]) and cov[3, 4] == 100.0
+
+
+def test_without_grad_turns_gradients_off_inside_only():
+    w = torch.ones(3, requires_grad=True)
+
+    @moments.without_grad
+    def scaled(x):
+        """doc"""
+        return x * w, torch.is_grad_enabled()
+
+    y, inside = scaled(torch.ones(3))
+    assert not inside and not y.requires_grad and torch.is_grad_enabled()
+    with torch.no_grad():
+        y, inside = scaled(torch.ones(3))
+        assert not inside and not torch.is_grad_enabled()
+    assert torch.is_grad_enabled() and scaled.__name__ == "scaled" and scaled.__doc__ == "doc"
+    # a tap called with gradients on (outside a pass) records no graph either
+    from passes.pair_tap import PairTap, TapView
+    tap = PairTap([TapView(1, None, True)], shape=(4, 3))
+    a = torch.randn(4, 3, requires_grad=True)
+    tap(a * 2, a * 3)
+    assert not tap.moments(0)[0].s1.requires_grad and not tap.cov(0).requires_grad
