@@ -50,12 +50,12 @@ class KeptBatches:
         # run's ``load_raw_totals`` may drop the sums' own after the pass)
         self.shifts: tuple = (None, None)
         self._rows: torch.Tensor | None = None  # (capacity, 4, C) float64
+        self._views: tuple = ()  # its rows as (4, C) and as (1, 4C) views, made with the buffer
 
     def row(self, n: int, shift_a, shift_b, like: torch.Tensor, flat: bool = False) -> torch.Tensor:
         """The (4, C) row for the next batch, of ``n`` examples, on ``like``'s device (C: the
-        last axis of ``like``, (C,) or (1, 4C)); ``flat``: as (1, 4C). The row's view is made
-        when asked for (views of every row made with the buffer cost more than the batches
-        use: 32 views for the first batch, 19 us a tap)."""
+        last axis of ``like``, (C,) or (1, 4C)); ``flat``: as (1, 4C). Views made with the buffer:
+        no op per batch."""
         k = len(self.counts)
         if self._rows is None or k == self._rows.shape[0]:
             c = like.shape[-1] // 4 if flat else like.shape[-1]
@@ -63,20 +63,32 @@ class KeptBatches:
             if k:
                 grown[:k].copy_(self._rows)
             self._rows = grown
+            self._views = (grown.unbind(0), grown.view(grown.shape[0], 1, 4 * c).unbind(0))
         if not k:
             self.shifts = (shift_a, shift_b)
         self.counts.append(n)
-        row = self._rows[k]
-        return row.view(1, -1) if flat else row
+        return self._views[flat][k]
 
     def moments(self) -> list[tuple[torch.Tensor, ...]]:
         """Per batch: (mean A, var A, mean B, var B), float64."""
+        rows = self.rows()
+        return [] if rows is None else list(zip(*(r.unbind(0) for r in rows)))
+
+    def rows(self) -> tuple[torch.Tensor, ...] | None:
+        """(mean A, var A, mean B, var B), float64, each (batches, C): row t is batch t's (what
+        ``moments`` gives batch by batch); None before any batch. A's and B's are taken together,
+        as ``ChannelSums.moments_of_sums`` takes each: the same float64 operations on the same
+        numbers."""
         if not self.counts:
-            return []
+            return None
         s = self._rows[:len(self.counts)]
-        ma, va = ChannelSums.moments_of_sums(self.counts, s[:, 0], s[:, 2], self.shifts[0])
-        mb, vb = ChannelSums.moments_of_sums(self.counts, s[:, 1], s[:, 3], self.shifts[1])
-        return list(zip(ma.unbind(0), va.unbind(0), mb.unbind(0), vb.unbind(0)))
+        n = torch.tensor([float(c) for c in self.counts], dtype=torch.float64, device=s.device)[:, None, None]
+        m = s[:, :2] / n  # [S1_a, S1_b] / n
+        var = (s[:, 2:] / n - m * m).clamp_min(0.0)
+        for side, shift in enumerate(self.shifts):
+            if shift is not None:
+                m[:, side] += shift.double()
+        return m[:, 0], var[:, 0], m[:, 1], var[:, 1]
 
 
 class PairTap(nn.Module):
@@ -143,6 +155,12 @@ class PairTap(nn.Module):
         """Per batch seen by view ``i`` (``keep_batches``): (mean A, var A, mean B, var B), float64."""
         kept = self.per_batch.get(i)
         return [] if kept is None else kept.moments()
+
+    def batch_rows(self, i: int) -> tuple[torch.Tensor, ...] | None:
+        """``batch_moments(i)`` as four (batches, C) tensors (``KeptBatches.rows``); None when view
+        ``i`` kept no batch."""
+        kept = self.per_batch.get(i)
+        return None if kept is None else kept.rows()
 
     def raw_totals(self) -> list[torch.Tensor]:
         """Every sum of the tap about zero, view by view (A's, B's, the cross products): what

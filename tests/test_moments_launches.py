@@ -202,3 +202,28 @@ def test_rows_sums_of_both_sides_match_each_side_alone(shape, dim, offset, dtype
             _same(p, q, exact=_SAME_ORDER)
     if len(shape) > 1 and shape[0] > 8:  # the four sums and the cross products: at most 12 ops a batch
         assert _top_level_ops(tap, [tuple(x.to(dtype) for x in ab) for ab in _batches(shape, 4, offset)]) <= 12
+
+
+@pytest.mark.parametrize("offset", [0.0, 100.0])  # 100: both sides summed about a shift
+def test_kept_batch_rows_are_the_per_batch_moments_bit_for_bit(offset):
+    """``PairTap.batch_rows``: every kept batch's (mean A, var A, mean B, var B) as four (batches, C)
+    tensors, the same numbers as ``batch_moments`` and as each side's own ``moments_of_sums``."""
+    shape = (32, 6)
+    tap = PairTap([TapView(1, None, True)], shape=shape)
+    tap.keep_batches(0)
+    for a, b in _batches(shape, 5, offset):
+        tap(a, b)
+    rows = tap.batch_rows(0)
+    assert len(rows) == 4 and all(r.shape == (5, 6) and r.dtype == torch.float64 for r in rows)
+    per_batch = tap.batch_moments(0)
+    assert len(per_batch) == 5
+    for t, kept in enumerate(per_batch):
+        for r, x in zip(rows, kept):
+            assert torch.equal(r[t], x)
+    kept = tap.per_batch[0]
+    s = kept._rows[:5]
+    assert (kept.shifts[0] is not None) is (offset > 0)
+    for side, (m, v) in enumerate((rows[:2], rows[2:])):
+        want_m, want_v = ChannelSums.moments_of_sums(kept.counts, s[:, side], s[:, 2 + side], kept.shifts[side])
+        assert torch.equal(m, want_m) and torch.equal(v, want_v)
+    assert PairTap([TapView(1, None, True)], shape=shape).batch_rows(0) is None

@@ -125,15 +125,15 @@ def batch_goals(spec: PermutationSpec, points: list[ResetPoint], stats_all: list
     final correction, are the same kind as before: the merged model's over all batches, normalised
     to the global goal. [] when the statistics hold no per-batch moments (closed form, an older
     preparation) or the passes disagree in their number of batches."""
-    counts = {len(st.points[r.node].batches) for st in stats_all for r in points}
+    counts = {0 if st.points[r.node].batches is None else st.points[r.node].batches[0].shape[0]
+              for st in stats_all for r in points}
     if not points or len(counts) != 1 or 0 in counts:
         return []
     perms_all = [spec.checked(p) for p in perms_all]
     out = [{} for _ in range(counts.pop())]
     for r in points:  # every batch of a point at once, as (batches, C) rows: the same elementwise sums
-        a = tuple(torch.stack(m) for m in zip(*(b[:2] for b in stats_all[0].points[r.node].batches)))
-        others = [tuple(torch.stack(m) for m in zip(*(b[2:] for b in st.points[r.node].batches)))
-                  for st in stats_all]
+        a = stats_all[0].points[r.node].batches[:2]
+        others = [st.points[r.node].batches[2:] for st in stats_all]
         mean, std = _interpolated(spec, r, a, others, perms_all, weights)
         mean, std = mean.float(), _normaliser_std(std).float()
         for t, goals in enumerate(out):

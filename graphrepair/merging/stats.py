@@ -68,9 +68,9 @@ class PointStats:
     mean_b: torch.Tensor
     var_b: torch.Tensor
     cov_ab: torch.Tensor | None = None  # (C, C) A-B cross-covariance, closed-form REPAIR only
-    # per batch of this process, in the order seen: (mean A, var A, mean B, var B) (exact REPAIR's
-    # per-batch goals, see repair.batch_goals)
-    batches: list = field(default_factory=list)
+    # per batch of this process, in the order seen: (mean A, var A, mean B, var B), each (batches, C),
+    # row t for batch t (exact REPAIR's per-batch goals, see repair.batch_goals); None without them
+    batches: tuple | None = None
 
 
 @dataclass
@@ -362,7 +362,7 @@ def summarise(spec: PermutationSpec, plan: TapPlan, observe: dict[str, list[Obse
         a, b = taps[node].moments(i)
         stats[r.node] = PointStats(*moments[id(a)], *moments[id(b)],
                                    taps[node].cov(i) if plan.cross_at_resets else None,
-                                   taps[node].batch_moments(i))
+                                   taps[node].batch_rows(i))
     if stats and not bool(torch.isfinite(torch.cat([torch.cat([p.mean_a, p.var_a, p.mean_b, p.var_b])
                                                     for p in stats.values()])).all()):
         for node, p in stats.items():  # one check for all; find the first culprit only on failure
