@@ -78,13 +78,14 @@ def spec_for(spec: PermutationSpec, model: nn.Module, fit: Examples) -> Permutat
 
 def align_pair(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module, fit: Examples, *,
                method: str, resets: list[ResetPoint], cross_at_resets: bool, quiet: bool,
-               seed: int = 0) -> tuple[dict[str, torch.Tensor], PairStats | None, dict[str, float]]:
+               seed: int = 0, states: tuple[dict, dict] | None = None
+               ) -> tuple[dict[str, torch.Tensor], PairStats | None, dict[str, float]]:
     """Permutations of B's groups onto A, and the pass statistics (None for weight matching
     without REPAIR statistics). Activation matching breaks its ties with the weights
     (``activation_perms``) and counts, per group, the units matched without activation signal and
     those the weights did not decide either (``activation_match.unsignalled``; ``PairStats.unsignalled``,
-    ``PairStats.arbitrary``)."""
-    sa, sb = model_a.state_dict(), model_b.state_dict()
+    ``PairStats.arbitrary``). ``states``: the two models' state dicts, when the caller has them."""
+    sa, sb = states if states is not None else (model_a.state_dict(), model_b.state_dict())
     stats = None
     scores = WeightScores(spec, sa, sb) if method == "activation" else None
     if method == "activation" or resets:
@@ -156,13 +157,16 @@ def prepare(models: list[nn.Module], data, *, method: str = "activation", statis
     with distributed.step("checking the models and the fitting data"):
         for m in models[1:]:
             check_same_architecture(models[0], m)
-        for i, m in enumerate(models):
-            check_finite(m.state_dict(), f"model {'AB'[i] if len(models) == 2 else i}")
+        # read once for the checks and the alignment's weights (tracing gives the buffers back)
+        read = [m.state_dict() for m in models]
+        for i, sd in enumerate(read):
+            check_finite(sd, f"model {'AB'[i] if len(models) == 2 else i}")
         device = model_device(models[0])
         # the caller's models are read, never changed: one on another device is copied to model 0's,
         # and each pass puts them in eval mode only while it runs (``models.eval_mode``)
-        models = [m if model_device(m) == device else copy_with_state(m, m.state_dict(), device=device)
-                  for m in models]
+        moved = [model_device(m) != device for m in models]
+        models = [copy_with_state(m, sd, device=device) if move else m for m, sd, move in zip(models, read, moved)]
+        read = [m.state_dict() if move else sd for m, sd, move in zip(models, read, moved)]
         fit = fitting_examples(data, num_examples, batch_size, models)
         example = fit.local_example() if distributed.current() is not None else None
     if distributed.current() is not None:  # the same models everywhere; one example to trace with
@@ -176,10 +180,11 @@ def prepare(models: list[nn.Module], data, *, method: str = "activation", statis
         require_groups(spec, name or spec.model_name or type(models[0]).__name__, see=see)
         rpoints = reset_points(spec, points) if statistics else []
     perms_all, stats_all, corr = [], [], {}
-    for m in models[1:]:
+    for k, m in enumerate(models[1:], 1):
         if align:
             perms, stats, mean_corr = align_pair(spec, models[0], m, fit, method=method, resets=rpoints,
-                                                 cross_at_resets=cross, quiet=quiet, seed=seed)
+                                                 cross_at_resets=cross, quiet=quiet, seed=seed,
+                                                 states=(read[0], read[k]))
         else:
             perms = spec.identity_permutations()
             stats = collect(spec, models[0], m, fit, {}, rpoints, cross_at_resets=cross, quiet=quiet,
@@ -191,7 +196,7 @@ def prepare(models: list[nn.Module], data, *, method: str = "activation", statis
     aligned = []
     with distributed.step("proving the permutations on a batch of the fitting data"):
         for i, (m, p) in enumerate(zip(models[1:], perms_all)):
-            sd = m.state_dict()
+            sd = m.state_dict()  # (afresh: a forward of the passes may have replaced a buffer)
             permuted = spec.permute_state_dict(sd, p)
             if align:
                 prove_permutations(spec, m, permuted, p, fit.example(), f"model {'B' if len(models) == 2 else i + 1}")
