@@ -112,6 +112,8 @@ class _MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in
                 ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
                  "fordblks", "keepcost")]
+
+
 _depth = 0
 _depth_lock = threading.Lock()
 
