@@ -34,7 +34,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from passes.modules import eval_mode, full_precision
+from passes.modules import eval_mode, full_precision, restore_training
 
 from graphrepair import runtime
 from graphrepair.errors import GraphRepairError, GraphRepairWarning, MismatchError, NumericError
@@ -179,9 +179,7 @@ def given_back(*models: nn.Module) -> Iterator[None]:
                     m._buffers[name] = b
                 if b._version != version:
                     b.copy_(copy_)
-        for m, training in flags.items():
-            if m.training is not training:  # (only what changed: see ``passes.modules.eval_mode``)
-                m.training = training
+        restore_training(flags)
 
 
 def copy_with_state(module: nn.Module, state: dict[str, torch.Tensor], *, own: bool = False,

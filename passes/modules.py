@@ -123,9 +123,14 @@ def eval_mode(*models: nn.Module) -> Iterator[None]:
     try:
         yield
     finally:
-        for m, training in flags.items():
-            if m.training is not training:
-                m.training = training
+        restore_training(flags)
+
+
+def restore_training(flags: dict[nn.Module, bool]) -> None:
+    """Each module's training flag as ``flags`` holds it, written only where it changed."""
+    for m, training in flags.items():
+        if m.training is not training:
+            m.training = training
 
 
 @contextlib.contextmanager

@@ -477,8 +477,11 @@ class ChannelSums:
         """Float64 (means, population variances), (k, C) each, of k batches given as their counts
         and (k, C) sums of x - shift and (x - shift)^2 (in the reduction's dtype or float64),
         summed about ``shift`` (as it was then): the moments ``batch_moments`` would have given
-        after each, read once for all of them (no op per batch while the pass runs)."""
-        n = torch.tensor([float(c) for c in counts], dtype=torch.float64, device=s1.device)[:, None]
+        after each, read once for all of them (no op per batch while the pass runs). Sums of
+        several streams at once, (k, ..., C), give moments of that shape (``shift`` None: each
+        stream's shift is the caller's to add)."""
+        n = torch.tensor([float(c) for c in counts], dtype=torch.float64, device=s1.device)
+        n = n.view(-1, *[1] * (s1.ndim - 1))
         m = s1.double() / n
         var = (s2.double() / n - m * m).clamp_min(0.0)
         return (m if shift is None else m + shift.double()), var

@@ -76,15 +76,13 @@ class KeptBatches:
 
     def rows(self) -> tuple[torch.Tensor, ...] | None:
         """(mean A, var A, mean B, var B), float64, each (batches, C): row t is batch t's (what
-        ``moments`` gives batch by batch); None before any batch. A's and B's are taken together,
-        as ``ChannelSums.moments_of_sums`` takes each: the same float64 operations on the same
-        numbers."""
+        ``moments`` gives batch by batch); None before any batch. A's and B's are taken together
+        by ``ChannelSums.moments_of_sums``, each side's shift added after: the same float64
+        operations on the same numbers as for each side alone."""
         if not self.counts:
             return None
         s = self._rows[:len(self.counts)]
-        n = torch.tensor([float(c) for c in self.counts], dtype=torch.float64, device=s.device)[:, None, None]
-        m = s[:, :2] / n  # [S1_a, S1_b] / n
-        var = (s[:, 2:] / n - m * m).clamp_min(0.0)
+        m, var = ChannelSums.moments_of_sums(self.counts, s[:, :2], s[:, 2:], None)  # (k, A | B, C)
         for side, shift in enumerate(self.shifts):
             if shift is not None:
                 m[:, side] += shift.double()
