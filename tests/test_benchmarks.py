@@ -37,3 +37,32 @@ def test_bench_held_memory_alternates_both_trim_settings(capsys):
     assert set(out) == set(bench_held_memory.SETTINGS) and all(len(v) == 1 and v[0] > 0 for v in out.values())
     lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("trim threshold")]
     assert len(lines) == 2 and all(re.search(r"ratio [\d.]+", l) for l in lines)
+
+
+def test_bench_design_times_each_part_of_the_joint_pass(capsys):
+    from benchmarks import bench_design
+
+    best = bench_design.run(depth=2, width=8, batch_size=16, batches=2, repeats=1)
+    assert set(best) == {"plain A + B", "A and B as one model (vmap)", "A and B as one model (baddbmm)",
+                         "paired graph, taps that do nothing", "paired graph, the merge's taps",
+                         "the same, no per-batch moments kept"}
+    assert all(0 < s < 10 for s in best.values())
+    lines = [l for l in capsys.readouterr().out.splitlines() if "ms per batch" in l]
+    assert len(lines) == len(best)
+    # each printed beside its ratio to the plain passes, the plain passes' own being 1
+    assert re.search(r"plain A \+ B\s+[\d.]+ ms per batch =\s+1\.00 x", lines[0])
+
+
+def test_bench_design_statistics_step_sums_what_the_taps_sum():
+    from benchmarks import bench_design
+
+    torch.manual_seed(0)
+    a, b = mlp(depth=2, width=8).eval(), mlp(depth=2, width=8).eval()
+    x = torch.randn(16, 1, 28, 28)
+    out = bench_design.statistics_step(a, b)(x)
+    assert len(out) == 2 * (8 + 1)  # per hidden layer: 4 values x (S1, S2), and one cross product
+    za = a[1](torch.flatten(x, 1))
+    torch.testing.assert_close(out[0], za.sum(0))
+    torch.testing.assert_close(out[1], (za * za).sum(0))
+    ra, rb = torch.relu(za), torch.relu(b[1](torch.flatten(x, 1)))
+    torch.testing.assert_close(out[8], ra.T @ rb)
