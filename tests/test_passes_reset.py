@@ -59,36 +59,6 @@ def test_collect_paths_agree_and_running_stats_are_current(small, monkeypatch):
     torch.testing.assert_close(reset(x), expected.float(), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("shape, dim", [((6, 5, 4, 4), 1), ((6, 4, 4, 5), 3), ((24, 5), 1)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_scaled_is_addcmul_bit_for_bit_on_every_path(shape, dim, dtype, monkeypatch):
-    """The multiply-add of a reset's batch: the shift written out then x * scale added in place
-    (large contiguous CPU tensors) gives torch.addcmul's numbers, bit for bit, in x's shape and
-    layout; a transposed x and a small one take addcmul itself."""
-    import passes.reset as reset_mod
-    from passes.moments import broadcast_shape
-
-    torch.manual_seed(0)
-    x = torch.randn(*shape, dtype=dtype) * 3 + 1
-    c = shape[dim]
-    view = broadcast_shape(x.ndim, dim)
-    scale, shift = (torch.rand(c, dtype=dtype) + 0.5).view(view), torch.randn(c, dtype=dtype).view(view)
-    want, before = torch.addcmul(shift, x, scale), x.clone()
-    calls = []
-    real = torch.Tensor.addcmul_
-    monkeypatch.setattr(torch.Tensor, "addcmul_", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
-    for small, fast in ((x.numel(), False), (x.numel() - 1, True)):
-        monkeypatch.setattr(reset_mod, "_SMALL", small)
-        calls.clear()
-        got = reset_mod._scaled(x, scale, shift)
-        assert torch.equal(got, want) and got.stride() == want.stride() and bool(calls) == fast
-        assert torch.equal(x, before) and got.data_ptr() != x.data_ptr()  # x itself is left as it was
-    t = x.transpose(0, -1)  # not contiguous: addcmul as it is
-    calls.clear()
-    got = reset_mod._scaled(t, scale.transpose(0, -1), shift.transpose(0, -1))
-    assert torch.equal(got, torch.addcmul(shift.transpose(0, -1), t, scale.transpose(0, -1))) and not calls
-
-
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_collect_in_half_precision_accumulates_float32_statistics(dtype):
     """Half-type activations are summed in float32 (BatchNorm's CPU kernel would return their
