@@ -66,3 +66,16 @@ def test_bench_design_statistics_step_sums_what_the_taps_sum():
     torch.testing.assert_close(out[1], (za * za).sum(0))
     ra, rb = torch.relu(za), torch.relu(b[1](torch.flatten(x, 1)))
     torch.testing.assert_close(out[8], ra.T @ rb)
+
+
+def test_bench_design_without_a_compiler_times_the_eager_statistics_and_says_why(capsys, monkeypatch):
+    from benchmarks import bench_design
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(torch, "compile", refuse)
+    best = bench_design.run(depth=2, width=8, batch_size=16, batches=2, repeats=1, compile=True)
+    assert "statistics, eager ops" in best and "statistics, compiled (torch.compile)" not in best
+    out = capsys.readouterr().out
+    assert "torch.compile could not compile the statistics here (RuntimeError: no C++ compiler found)" in out
