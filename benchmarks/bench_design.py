@@ -47,6 +47,7 @@ from graphrepair.merging.stats import pair_roots, plan_taps
 from passes.pair import pair_graph
 from fixtures.zoo import mlp
 from benchmarks.bench_merge import load
+from benchmarks.paper_pipeline import _hidden  # the hidden Linear layers (each before a ReLU)
 
 
 class Skip(nn.Module):
@@ -70,15 +71,9 @@ def _best(fns: dict, repeats: int, calls: int) -> dict[str, float]:
     return best
 
 
-def hidden_linears(model: nn.Sequential) -> list[nn.Linear]:
-    """The hidden Linear layers of ``fixtures.zoo.mlp`` (each followed by a ReLU), in order."""
-    return [m for i, m in enumerate(model) if isinstance(m, nn.Linear) and i + 1 < len(model)
-            and isinstance(model[i + 1], nn.ReLU)]
-
-
 def by_hand_stacked(a: nn.Sequential, b: nn.Sequential):
     """A and B's hidden layers as one batched model, one ``baddbmm`` and one ReLU per layer."""
-    la, lb = hidden_linears(a), hidden_linears(b)
+    la, lb = ([model[i] for i in _hidden(model)] for model in (a, b))
     weights = [torch.stack([p.weight.T, q.weight.T]).contiguous() for p, q in zip(la, lb)]
     biases = [torch.stack([p.bias, q.bias])[:, None] for p, q in zip(la, lb)]
     head = torch.stack([a[-1].weight.T, b[-1].weight.T]).contiguous(), torch.stack([a[-1].bias, b[-1].bias])[:, None]
@@ -96,7 +91,7 @@ def statistics_step(a: nn.Sequential, b: nn.Sequential):
     """The joint pass's statistics of the MLP written as one function of a batch (see the module
     doc): per hidden layer, [S1, S2] of the pre- and post-activation of A and of B, and A's and B's
     post-activation cross product."""
-    la, lb = hidden_linears(a), hidden_linears(b)
+    la, lb = ([model[i] for i in _hidden(model)] for model in (a, b))
 
     def step(x):
         xa = xb = torch.flatten(x, 1)
