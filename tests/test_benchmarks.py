@@ -13,16 +13,35 @@ from fixtures.zoo import mlp
 
 
 def test_bench_merge_prints_ratio_stages_fixed_costs_and_floor(capsys):
+    paired = []
     ratio = bench_merge.bench("tiny MLP", lambda: mlp(depth=3, width=16), (1, 28, 28), 96, 32,
-                              torch.device("cpu"), repeats=1)
+                              torch.device("cpu"), repeats=3, paired=paired)
     out = capsys.readouterr().out
     printed = float(re.search(r"ratio=\s*([\d.]+)", out).group(1))
     assert ratio > 0 and abs(printed - ratio) < 0.01
+    # each repeat's own ratio: as many as repeats, their median and range printed
+    assert len(paired) == 3 and all(r > 0 for r in paired)
+    med, lo, hi = map(float, re.search(r"right after it: median ([\d.]+) \(([\d.]+) - ([\d.]+), 3 repeats\)",
+                                       out).groups())
+    assert abs(med - sorted(paired)[1]) < 0.01 and abs(lo - min(paired)) < 0.01 and abs(hi - max(paired)) < 0.01
     assert re.search(r"resets 3, folded 3", out)
     for label in ("prepare", "merge_prepared", "fixed costs", "floor"):
         assert re.search(rf"{label}[^=]*=\s*[\d.]+", out), label
     floor = float(re.search(r"floor .*?([\d.]+) x the 3 plain passes", out).group(1))
     assert 0 < floor
+
+
+def test_bench_merge_busy_summary_judges_the_medians_of_paired_repeats():
+    quiet = ({"mlp": 3.0, "resnet": 1.2}, {"mlp": [3.2, 3.0, 3.4], "resnet": [1.3, 1.2]})
+    busy = ({"mlp": 1.0, "resnet": 1.1}, {"mlp": [5.0, 5.2, 9.0], "resnet": [1.4, 1.6]})
+    lines = bench_merge.busy_summary(quiet, busy)
+    assert len(lines) == 2
+    # the MLP: medians 5.2 / 3.2 = 1.62, over the goal, though the best of each side says 0.33
+    assert re.search(r"mlp: medians of the paired repeats 5\.20 / 3\.20 = 1\.62 \[goal <= 1\.5: NOT met\]", lines[0])
+    assert re.search(r"best of each side 1\.00 / 3\.00 = 0\.33", lines[0])
+    assert re.search(r"resnet: medians of the paired repeats 1\.50 / 1\.25 = 1\.20 \[goal <= 1\.5: met\]", lines[1])
+    # a case measured on one side only is left out
+    assert len(bench_merge.busy_summary(({"mlp": 3.0}, {"mlp": [3.0]}), busy)) == 1
 
 
 def test_bench_held_memory_alternates_both_trim_settings(capsys):
