@@ -59,6 +59,57 @@ def test_collect_paths_agree_and_running_stats_are_current(small, monkeypatch):
     torch.testing.assert_close(reset(x), expected.float(), rtol=1e-4, atol=1e-4)
 
 
+def _addcmul(x, dim, scale, shift):
+    shape = [1] * x.ndim
+    shape[dim % x.ndim] = -1
+    return torch.addcmul(shift.view(shape), x, scale.view(shape))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape,dim", [((7, 5, 33, 31), 1), ((5, 17), 1), ((5, 17), -1), ((3, 9, 4), -1),
+                                       ((1, 33, 65), 1), ((4, 1, 10), 1), ((2, 6, 3), 0)])
+def test_channel_affine_computes_addcmul_on_every_layout(shape, dim, dtype):
+    """``channel_affine`` (a large batch's multiply-add in collect mode) gives addcmul's x * scale +
+    shift: the same bits where BatchNorm's inference kernel and addcmul round alike on this CPU
+    (a probe decides; both fuse the multiply-add where it was measured), else within one rounding
+    of the product; with signed zeros, a zero scale and an all-zero shift (scale-only) among the
+    channels."""
+    from passes.reset import channel_affine
+
+    torch.manual_seed(0)
+    probe = torch.randn(3, 5, 37, dtype=dtype)
+    ps, pt = torch.rand(5, dtype=dtype) * 3, torch.randn(5, dtype=dtype)
+    exact = torch.equal(channel_affine(probe, 1, ps, pt), _addcmul(probe, 1, ps, pt))
+    c = shape[dim % len(shape)]
+    for trial in range(3):
+        x = torch.randn(shape, dtype=dtype) * 10.0 ** trial
+        x.view(-1)[0] = -0.0
+        scale, shift = torch.rand(c, dtype=dtype) * 3, torch.randn(c, dtype=dtype)
+        scale[0], shift[-1] = 0.0, -0.0
+        if trial == 2:
+            shift = torch.zeros(c, dtype=dtype)
+        got, want = channel_affine(x, dim, scale, shift), _addcmul(x, dim, scale, shift)
+        assert got.shape == x.shape and got.dtype == dtype
+        if exact:
+            assert torch.equal(got, want) and torch.equal(got.signbit(), want.signbit())
+        bound = 2 * torch.finfo(dtype).eps * (_addcmul(x, dim, scale, shift.abs()).abs() + x.abs() * scale.max())
+        assert ((got - want).abs() <= bound).all()
+
+
+def test_channel_affine_falls_back_to_addcmul_where_the_kernel_does_not_apply():
+    """A channels-last (not contiguous) batch, half types and an empty batch take addcmul itself."""
+    from passes.reset import channel_affine
+
+    torch.manual_seed(0)
+    scale, shift = torch.rand(6) + 0.5, torch.randn(6)
+    x = torch.randn(4, 6, 5, 5).to(memory_format=torch.channels_last)
+    assert torch.equal(channel_affine(x, 1, scale, shift), _addcmul(x, 1, scale, shift))
+    h = torch.randn(4, 6, 5, dtype=torch.float16)
+    got = channel_affine(h, 1, scale.half(), shift.half())
+    assert got.dtype == torch.float16 and torch.equal(got, _addcmul(h, 1, scale.half(), shift.half()))
+    assert channel_affine(torch.randn(0, 6, 5), 1, scale, shift).shape == (0, 6, 5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_collect_in_half_precision_accumulates_float32_statistics(dtype):
     """Half-type activations are summed in float32 (BatchNorm's CPU kernel would return their
