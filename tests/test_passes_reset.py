@@ -65,19 +65,23 @@ def _addcmul(x, dim, scale, shift):
     return torch.addcmul(shift.view(shape), x, scale.view(shape))
 
 
+@pytest.mark.parametrize("everywhere", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("shape,dim", [((7, 5, 33, 31), 1), ((5, 17), 1), ((5, 17), -1), ((3, 9, 4), -1),
-                                       ((1, 33, 65), 1), ((4, 1, 10), 1), ((2, 6, 3), 0)])
-def test_channel_affine_computes_addcmul_on_every_layout(shape, dim, dtype):
+@pytest.mark.parametrize("shape,dim", [((7, 5, 33, 31), 1), ((64, 100, 17), 1), ((5, 17), 1), ((5, 17), -1),
+                                       ((3, 9, 4), -1), ((1, 33, 65), 1), ((4, 1, 10), 1), ((2, 6, 3), 0)])
+def test_channel_affine_computes_addcmul_on_every_layout(shape, dim, dtype, everywhere, monkeypatch):
     """``channel_affine`` (a large batch's multiply-add in collect mode) gives addcmul's x * scale +
     shift: the same bits where BatchNorm's inference kernel and addcmul round alike on this CPU
     (a probe decides; both fuse the multiply-add where it was measured), else within one rounding
     of the product; with signed zeros, a zero scale and an all-zero shift (scale-only) among the
-    channels."""
+    channels. ``everywhere``: the kernel for every size and for rows too (``_AFFINE_MIN`` 0)."""
+    import passes.reset as reset_mod
     from passes.reset import channel_affine
 
+    if everywhere:
+        monkeypatch.setattr(reset_mod, "_AFFINE_MIN", 0)
     torch.manual_seed(0)
-    probe = torch.randn(3, 5, 37, dtype=dtype)
+    probe = torch.randn(300, 5, 37, dtype=dtype)  # (above ``_AFFINE_MIN``: the kernel's own numbers)
     ps, pt = torch.rand(5, dtype=dtype) * 3, torch.randn(5, dtype=dtype)
     exact = torch.equal(channel_affine(probe, 1, ps, pt), _addcmul(probe, 1, ps, pt))
     c = shape[dim % len(shape)]
@@ -96,18 +100,33 @@ def test_channel_affine_computes_addcmul_on_every_layout(shape, dim, dtype):
         assert ((got - want).abs() <= bound).all()
 
 
-def test_channel_affine_falls_back_to_addcmul_where_the_kernel_does_not_apply():
-    """A channels-last (not contiguous) batch, half types and an empty batch take addcmul itself."""
-    from passes.reset import channel_affine
+def test_channel_affine_takes_the_kernel_for_large_maps_only(monkeypatch):
+    """BatchNorm's kernel for a contiguous float batch of maps of at least ``_AFFINE_MIN``
+    elements; addcmul itself for a channels-last (not contiguous) batch, half types, rows
+    (channels last), a small batch and an empty one."""
+    from passes.reset import _AFFINE_MIN, channel_affine
 
+    calls = []
+    real = torch.native_batch_norm
+
+    def counted(*args):
+        calls.append(args[0].shape)
+        return real(*args)
+
+    monkeypatch.setattr(torch, "native_batch_norm", counted)
     torch.manual_seed(0)
     scale, shift = torch.rand(6) + 0.5, torch.randn(6)
-    x = torch.randn(4, 6, 5, 5).to(memory_format=torch.channels_last)
-    assert torch.equal(channel_affine(x, 1, scale, shift), _addcmul(x, 1, scale, shift))
-    h = torch.randn(4, 6, 5, dtype=torch.float16)
-    got = channel_affine(h, 1, scale.half(), shift.half())
-    assert got.dtype == torch.float16 and torch.equal(got, _addcmul(h, 1, scale.half(), shift.half()))
-    assert channel_affine(torch.randn(0, 6, 5), 1, scale, shift).shape == (0, 6, 5)
+    maps = torch.randn(4, 6, 40, 40)
+    assert maps.numel() >= _AFFINE_MIN
+    torch.testing.assert_close(channel_affine(maps, 1, scale, shift), _addcmul(maps, 1, scale, shift))
+    assert calls == [(4, 6, 1600)]
+    for x, dim in ((maps.to(memory_format=torch.channels_last), 1), (maps.half(), 1),
+                   (torch.randn(_AFFINE_MIN, 6), -1), (torch.randn(2, 6, 5, 5), 1), (torch.randn(0, 6, 40), 1)):
+        s, t = scale.to(x.dtype), shift.to(x.dtype)
+        got = channel_affine(x, dim, s, t)
+        assert got.dtype == x.dtype and got.shape == x.shape
+        assert torch.equal(got, _addcmul(x, dim, s, t))
+    assert len(calls) == 1
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
