@@ -269,7 +269,7 @@ class Reset(nn.Module):
             mean, var = rows.mean(0), rows.var(0, correction=0)
             scale = self.goal_std.double() * torch.rsqrt(var + self.eps)
             shift = torch.zeros_like(scale) if self.scale_only else self.goal_mean.double() - mean * scale
-            return torch.addcmul(shift.to(x.dtype).view(shape), x, scale.to(x.dtype).view(shape))
+            return channel_affine(x, dim, scale.to(x.dtype), shift.to(x.dtype))
         goal_mean, goal_std = self.batch_goal or (self._buffers["goal_mean"], self._buffers["goal_std"])
         split = (_split(x, dim) if not self.scale_only and x.numel() > x.shape[dim] and x.dtype in _EXACT
                  and (x.is_cuda or x.numel() <= _SMALL) else None)
