@@ -71,9 +71,14 @@ def _best(fns: dict, repeats: int, calls: int) -> dict[str, float]:
     return best
 
 
+def _linears(model: nn.Sequential) -> list[nn.Linear]:
+    """The MLP's hidden Linear layers (``paper_pipeline._hidden``'s), in order."""
+    return [model[i] for i in _hidden(model)]
+
+
 def by_hand_stacked(a: nn.Sequential, b: nn.Sequential):
     """A and B's hidden layers as one batched model, one ``baddbmm`` and one ReLU per layer."""
-    la, lb = ([model[i] for i in _hidden(model)] for model in (a, b))
+    la, lb = _linears(a), _linears(b)
     weights = [torch.stack([p.weight.T, q.weight.T]).contiguous() for p, q in zip(la, lb)]
     biases = [torch.stack([p.bias, q.bias])[:, None] for p, q in zip(la, lb)]
     head = torch.stack([a[-1].weight.T, b[-1].weight.T]).contiguous(), torch.stack([a[-1].bias, b[-1].bias])[:, None]
@@ -91,7 +96,7 @@ def statistics_step(a: nn.Sequential, b: nn.Sequential):
     """The joint pass's statistics of the MLP written as one function of a batch (see the module
     doc): per hidden layer, [S1, S2] of the pre- and post-activation of A and of B, and A's and B's
     post-activation cross product."""
-    la, lb = ([model[i] for i in _hidden(model)] for model in (a, b))
+    la, lb = _linears(a), _linears(b)
 
     def step(x):
         xa = xb = torch.flatten(x, 1)
