@@ -256,8 +256,8 @@ class Reset(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dim = _check_channels(x, self.dim, self.num_channels, self._who)
-        shape = broadcast_shape(x.ndim, dim)
         if self.mode == "apply":
+            shape = broadcast_shape(x.ndim, dim)
             # in the buffers' dtype (float64 only for folding, see as_affine)
             scale = self.goal_std * torch.rsqrt(self.running_var + self.eps)
             shift = torch.zeros_like(scale) if self.scale_only else self.goal_mean - self.running_mean * scale
@@ -266,10 +266,7 @@ class Reset(nn.Module):
         if self.calibrating:  # ``ChannelSums.calibrate``: the shift, nothing counted
             self.sums.calibrate(x, self.calibrating if isinstance(self.calibrating, ShiftChoices) else None)
             rows = x.detach().movedim(dim, -1).reshape(-1, x.shape[dim]).double()
-            mean, var = rows.mean(0), rows.var(0, correction=0)
-            scale = self.goal_std.double() * torch.rsqrt(var + self.eps)
-            shift = torch.zeros_like(scale) if self.scale_only else self.goal_mean.double() - mean * scale
-            return channel_affine(x, dim, scale.to(x.dtype), shift.to(x.dtype))
+            return self._to_goal(x, dim, rows.mean(0), rows.var(0, correction=0), self.goal_mean, self.goal_std)
         goal_mean, goal_std = self.batch_goal or (self._buffers["goal_mean"], self._buffers["goal_std"])
         split = (_split(x, dim) if not self.scale_only and x.numel() > x.shape[dim] and x.dtype in _EXACT
                  and (x.is_cuda or x.numel() <= _SMALL) else None)
@@ -293,6 +290,13 @@ class Reset(nn.Module):
         # the batch's sums are not held until the next batch, among its activations (a long-lived
         # small block there fragments glibc's heap: see ``passes.pair_tap.KeptBatches``)
         self.sums.batch = None
+        return self._to_goal(x, dim, mean, var, goal_mean, goal_std)
+
+    def _to_goal(self, x: torch.Tensor, dim: int, mean: torch.Tensor, var: torch.Tensor,
+                 goal_mean: torch.Tensor, goal_std: torch.Tensor) -> torch.Tensor:
+        """``x`` with the batch's float64 ``mean`` and ``var`` along ``dim`` moved to the goal's
+        (scale and shift in float64, applied in x's dtype by ``channel_affine``; scale only where
+        ``scale_only``)."""
         scale = goal_std.double() * torch.rsqrt(var + self.eps)
         shift = torch.zeros_like(scale) if self.scale_only else goal_mean.double() - mean * scale
         return channel_affine(x, dim, scale.to(x.dtype), shift.to(x.dtype))
