@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 from passes import ChannelAffine, ChannelSums, PassError, Reset, ResetSpec, insert_resets, resets, set_mode
+from passes.moments import broadcast_shape
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec:FutureWarning")
 
@@ -60,8 +61,7 @@ def test_collect_paths_agree_and_running_stats_are_current(small, monkeypatch):
 
 
 def _addcmul(x, dim, scale, shift):
-    shape = [1] * x.ndim
-    shape[dim % x.ndim] = -1
+    shape = broadcast_shape(x.ndim, dim)
     return torch.addcmul(shift.view(shape), x, scale.view(shape))
 
 
