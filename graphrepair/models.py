@@ -2,8 +2,9 @@
 
 - ``@user_models("model_a", "model_b")`` on an API entry point: the named arguments (a model or a
   list of models) are unwrapped (``torch.compile``'s ``_orig_mod``, ``nn.DataParallel`` /
-  ``DistributedDataParallel``'s ``.module``, with a warning), checked (not on the meta device;
-  several models in one dtype) and given back as they came (``given_back``).
+  ``DistributedDataParallel``'s ``.module``, with a warning), checked (a Python torch.nn.Module,
+  not a state dict, a path or TorchScript: ``check_module``; not on the meta device; several models
+  in one dtype) and given back as they came (``given_back``).
 - ``given_back(*models)``: every buffer (its value, and which tensor it is) and every module's
   training flag restored after the block, whatever ran inside: a forward that counts its calls
   or keeps an EMA in a persistent buffer, spectral norm's power iteration in training mode.
@@ -25,9 +26,10 @@ import contextlib
 import copy
 import functools
 import inspect
+import os
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING
 
 import torch
@@ -42,7 +44,7 @@ from graphrepair.errors import GraphRepairError, GraphRepairWarning, MismatchErr
 if TYPE_CHECKING:
     from graphrepair.discovery.spec import PermutationSpec
 
-__all__ = ["check_finite", "check_models", "copy_with_state", "eval_mode", "forward_hooks", "full_precision",
+__all__ = ["check_finite", "check_models", "check_module", "copy_with_state", "eval_mode", "forward_hooks", "full_precision",
            "given_back", "graph_for", "unwrap", "user_models", "with_metadata"]
 
 
@@ -68,6 +70,32 @@ def unwrap(model: nn.Module, who: str = "the model") -> nn.Module:
         warnings.warn(f"{who} is {' in '.join(seen)}: graphrepair works on the module inside, "
                       f"{type(model).__name__}, and returns models of that class", GraphRepairWarning, stacklevel=3)
     return model
+
+
+def check_module(value, who: str = "the model", argument: str = "model") -> None:
+    """A GraphRepairError unless ``value`` (the API argument ``argument``) is a Python
+    torch.nn.Module: for a state dict, a path or anything else, each saying what to do instead;
+    for a TorchScript module, or a module holding one, naming it (neither torch.fx nor
+    torch.export reads TorchScript, and its tables are no Python dicts)."""
+    kind = type(value).__name__
+    if isinstance(value, Mapping):
+        raise GraphRepairError(
+            f"{who} ({argument}) is a {kind} (a state dict?), not a torch.nn.Module: build the model, load "
+            f"the weights into it (model.load_state_dict(state)) and pass the model")
+    if isinstance(value, (str, os.PathLike)):
+        raise GraphRepairError(
+            f"{who} ({argument}) is a path, {os.fspath(value)!r}, not a torch.nn.Module: the Python API "
+            f"takes models; build the model and load its checkpoint first, or use the command line "
+            f"(graphrepair merge --model MODULE:FACTORY --a A --b B ...)")
+    if not isinstance(value, nn.Module):
+        raise GraphRepairError(f"{who} ({argument}) must be a torch.nn.Module, got {kind}")
+    script = next((name for name, m in value.named_modules() if isinstance(m, torch.jit.ScriptModule)), None)
+    if script is not None:
+        where = "is a TorchScript module" if script == "" else f"holds a TorchScript module at {script!r}"
+        raise GraphRepairError(
+            f"{who} {where} (torch.jit.script or torch.jit.trace made it): graphrepair traces Python "
+            f"modules with torch.fx or torch.export, which cannot read TorchScript; use the nn.Module it "
+            f"was made from")
 
 
 def _dtype(model: nn.Module) -> torch.dtype | None:
@@ -103,7 +131,7 @@ def _labels(name: str, n: int | None, count: int) -> list[str]:
 
 def user_models(*names: str):
     """Decorator of an API entry point: its arguments ``names`` (a model, or a list or tuple of
-    models) are unwrapped, checked (``check_models``) and given back as they came
+    models) are unwrapped, checked (``check_module``, ``check_models``) and given back as they came
     (``given_back``); the function sees the unwrapped models. The call runs with CPU memory held
     for reuse (``runtime.held_memory``)."""
 
@@ -116,18 +144,19 @@ def user_models(*names: str):
             models, labels = [], []
             for name in names:
                 v = bound.arguments.get(name)
-                if isinstance(v, nn.Module):
-                    (who,) = _labels(name, None, 1)
-                    v = unwrap(v, who)
-                    models.append(v)
-                    labels.append(who)
-                elif isinstance(v, (list, tuple)) and v and all(isinstance(m, nn.Module) for m in v):
+                if isinstance(v, (list, tuple)):
                     whos = _labels(name, len(v), len(v))
                     v = type(v)(unwrap(m, w) for m, w in zip(v, whos))
+                    for i, (m, w) in enumerate(zip(v, whos)):
+                        check_module(m, w, f"{name}[{i}]")
                     models.extend(v)
                     labels.extend(whos)
                 else:
-                    continue
+                    (who,) = _labels(name, None, 1)
+                    v = unwrap(v, who)
+                    check_module(v, who, name)
+                    models.append(v)
+                    labels.append(who)
                 bound.arguments[name] = v
             check_models(models, labels)
             with given_back(*models), runtime.held_memory():

@@ -230,3 +230,53 @@ def test_a_factory_returning_a_wrapped_model_gives_the_module_inside(wrap, tmp_p
         model = load_model("wrapped_factory:make", tmp_path / "w.safetensors")
     assert type(model) is MLP
     assert all(torch.equal(v, ref.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("call", ["merge", "merge_models", "discover", "export", "trace", "permute"])
+def test_what_is_not_a_model_is_refused_saying_what_to_do(call, tmp_path):
+    """A state dict, a path or None where a model goes. Before: ``AttributeError: 'OrderedDict'
+    object has no attribute 'state_dict'`` from deep inside the merge."""
+    a, b = pair()
+    state = a.state_dict()
+    run = {"merge": lambda v: gr.merge(v, b, X), "merge_models": lambda v: gr.merge_models([a, v], X),
+           "discover": lambda v: gr.discover(v, X[:4]),
+           "export": lambda v: gr.export_onnx(v, X[:2], tmp_path / "m.onnx"),
+           "trace": lambda v: gr.trace(v, X[:4]), "permute": lambda v: gr.permute(v, gr.discover(a, X[:4]), {})}[call]
+    who = {"merge": "model A \\(model_a\\)", "merge_models": "model B \\(models\\[1\\]\\)"}.get(call, "the model \\(model\\)")
+    with pytest.raises(GraphRepairError, match=f"{who} is a OrderedDict \\(a state dict\\?\\), not a torch.nn.Module: "
+                                               "build the model, load the weights into it \\(model.load_state_dict"):
+        run(state)
+    with pytest.raises(GraphRepairError, match=f"{who} is a path, 'b.safetensors', not a torch.nn.Module: .*"
+                                               "graphrepair merge --model MODULE:FACTORY"):
+        run("b.safetensors")
+    with pytest.raises(GraphRepairError, match=f"{who} must be a torch.nn.Module, got NoneType"):
+        run(None)
+    assert not (tmp_path / "m.onnx").exists()
+    assert all(torch.equal(v, state[k]) for k, v in a.state_dict().items())
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_torchscript_models_are_refused_naming_the_module(nested, tmp_path):
+    """A scripted model, or one holding a scripted submodule: neither torch.fx nor torch.export
+    reads TorchScript, and a TorchScript module's tables are no Python dicts. Before: ``AttributeError:
+    'OrderedDictWrapper' object has no attribute 'get'``, raised while giving the models back,
+    which hid the trace's own error."""
+    torch.manual_seed(0)
+
+    def make():
+        first = nn.Linear(8, 16)
+        return nn.Sequential(torch.jit.script(first) if nested else first, nn.ReLU(), nn.Linear(16, 4))
+
+    a, b = make(), make()
+    if not nested:
+        a, b = torch.jit.script(a), torch.jit.script(b)
+    before = a.training
+    where = "holds a TorchScript module at '0'" if nested else "is a TorchScript module"
+    for who, call in (("model A", lambda: gr.merge(a, b, X)), ("the model", lambda: gr.discover(a, X[:4])),
+                      ("the model", lambda: gr.export_onnx(a, X[:2], tmp_path / "m.onnx")),
+                      ("the model", lambda: gr.trace(a, X[:4]))):
+        with pytest.raises(GraphRepairError, match=f"{who} {where} \\(torch.jit.script or torch.jit.trace made it\\).*"
+                                                   "use the nn.Module it was made from"):
+            call()
+    assert not (tmp_path / "m.onnx").exists()
+    assert a.training == before

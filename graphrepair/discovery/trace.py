@@ -32,7 +32,7 @@ from torch import nn
 
 from graphrepair.errors import DataError, ShapeError, TraceError
 from graphrepair.io.inputs import Inputs
-from graphrepair.models import eval_mode, given_back
+from graphrepair.models import check_module, eval_mode, given_back
 from graphrepair.runtime import model_device, model_dtype
 
 
@@ -185,6 +185,7 @@ def _first_line(e: BaseException) -> str:
 
 def trace(model: nn.Module, example_inputs) -> Traced:
     """Trace ``model`` and record every node's output shape on ``example_inputs``."""
+    check_module(model)
     inputs = example_inputs_for(model, example_inputs)
     name = type(model).__name__
     fx_error = None
