@@ -56,8 +56,14 @@ def test_untraceable_model_names_both_causes():
 
 
 def test_wrong_input_shape_names_the_failing_node():
-    with pytest.raises(gr.ShapeError, match=r"node 'conv'.*3 channels"):
+    with pytest.raises(gr.ShapeError, match=r"node 'conv'.*3 channels.*Check the shape and dtype of the example"):
         gr.discover(ZOO["resnet20_bn"].factory(), torch.randn(1, 5, 32, 32))
+
+
+def test_wrong_input_dtype_says_so():
+    """Integer images into float weights: the message asked to check the shape alone."""
+    with pytest.raises(gr.ShapeError, match=r"node 'conv'.*Long.*Check the shape and dtype of the example"):
+        gr.discover(ZOO["resnet20_bn"].factory(), torch.ones(1, 3, 32, 32, dtype=torch.long))
 
 
 def test_dict_and_tuple_outputs_are_supported():

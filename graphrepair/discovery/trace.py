@@ -171,7 +171,7 @@ class _ShapeRecorder(torch.fx.Interpreter):
             self.error = (
                 f"the example input does not fit {self.model_name}: node '{n.name}' "
                 f"({n.format_node()}) failed with {type(e).__name__}: {first}. "
-                f"Check the shape of the example inputs."
+                f"Check the shape and dtype of the example inputs."
             )
             raise ShapeError(self.error) from e
         self.info[n.name] = value_info(out)
