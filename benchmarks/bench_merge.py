@@ -155,7 +155,9 @@ def faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def bench(name, factory, shape, n, batch_size, device, repeats=2, goal=None, paired: list | None = None):
+def bench(name, factory, shape, n, batch_size, device, repeats=2, goal=None, paired: list | None = None,
+          fixed_goal: float | None = None):
+    """``fixed_goal``: the fixed cost's goal in seconds (goal 2 is the MLP's), judged where given."""
     torch.manual_seed(0)
     a, b = factory().to(device).eval(), factory().to(device).eval()
     x = torch.randn(n, *shape, device=device)
@@ -227,7 +229,8 @@ def bench(name, factory, shape, n, batch_size, device, repeats=2, goal=None, pai
     beyond = t_fixed - t_assign
     print(f"{'':30s} fixed cost (a merge of {len(small)} examples) {t_fixed:.3f}s, of which assignments "
           f"{t_assign:.3f}s: {beyond * 1000:.0f} ms beyond them "
-          f"[goal <= 50 ms: {'met' if beyond <= 0.050 else 'NOT met'}] ({load()})")
+          + (f"[goal <= {fixed_goal * 1000:.0f} ms: {'met' if beyond <= fixed_goal else 'NOT met'}] "
+             if fixed_goal is not None else "(no goal: goal 2 is the MLP's) ") + f"({load()})")
     t_floor = min(floor(a, b, result.model, x, batch_size, device, list(prep.stats[0].corr.values()))
                   for _ in range(repeats))
     print(f"{'':30s} floor (discovery, A and B side by side with only the X_A^T X_B products, "
@@ -274,7 +277,7 @@ def run_all(args, device) -> tuple[dict[str, float], dict[str, list[float]]]:
     if args.only in (None, "mlp"):
         out["mlp"] = bench("paper MLP, 20 layers x 128", lambda: mlp(depth=20, width=128), (1, 28, 28),
                            args.examples, args.batch_size, device, args.repeats, goal=3.0,
-                           paired=paired.setdefault("mlp", []))
+                           paired=paired.setdefault("mlp", []), fixed_goal=0.050)
     if args.only in (None, "resnet"):
         out["resnet"] = bench("ResNet20 (BN) width 2, 32x32", lambda: resnet20("bn", width=2), (3, 32, 32),
                               args.examples, args.batch_size, device, args.repeats, goal=1.3,

@@ -29,6 +29,13 @@ def test_bench_merge_prints_ratio_stages_fixed_costs_and_floor(capsys):
         assert re.search(rf"{label}[^=]*=\s*[\d.]+", out), label
     floor = float(re.search(r"floor .*?([\d.]+) x the 3 plain passes", out).group(1))
     assert 0 < floor
+    # goal 2 (fixed cost) is judged on the case given it only
+    assert "ms beyond them (no goal: goal 2 is the MLP's)" in out and "[goal <= 50 ms" not in out
+    bench_merge.bench("tiny MLP", lambda: mlp(depth=3, width=16), (1, 28, 28), 96, 32, torch.device("cpu"),
+                      repeats=1, fixed_goal=10.0)
+    beyond, judged = re.search(r"([\d.]+) ms beyond them \[goal <= 10000 ms: (met|NOT met)\]",
+                               capsys.readouterr().out).groups()
+    assert judged == ("met" if float(beyond) <= 10000 else "NOT met")
 
 
 def test_bench_merge_busy_summary_judges_the_medians_of_paired_repeats():
