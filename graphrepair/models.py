@@ -3,8 +3,8 @@
 - ``@user_models("model_a", "model_b")`` on an API entry point: the named arguments (a model or a
   list of models) are unwrapped (``torch.compile``'s ``_orig_mod``, ``nn.DataParallel`` /
   ``DistributedDataParallel``'s ``.module``, with a warning), checked (a Python torch.nn.Module,
-  not a state dict, a path or TorchScript: ``check_module``; not on the meta device; several models
-  in one dtype) and given back as they came (``given_back``).
+  not a state dict, a path, TorchScript or quantized: ``check_module``; not on the meta device;
+  several models in one dtype) and given back as they came (``given_back``).
 - ``given_back(*models)``: every buffer (its value, and which tensor it is) and every module's
   training flag restored after the block, whatever ran inside: a forward that counts its calls
   or keeps an EMA in a persistent buffer, spectral norm's power iteration in training mode.
@@ -76,12 +76,13 @@ def check_module(value, who: str = "the model", argument: str = "model") -> None
     """A GraphRepairError unless ``value`` (the API argument ``argument``) is a Python
     torch.nn.Module: for a state dict, a path or anything else, each saying what to do instead;
     for a TorchScript module, or a module holding one, naming it (neither torch.fx nor
-    torch.export reads TorchScript, and its tables are no Python dicts)."""
+    torch.export reads TorchScript, and its tables are no Python dicts); for a quantized module
+    (its weights are packed integers), naming it."""
     kind = type(value).__name__
     if isinstance(value, Mapping):
         raise GraphRepairError(
-            f"{who} ({argument}) is a {kind} (a state dict?), not a torch.nn.Module: build the model, load "
-            f"the weights into it (model.load_state_dict(state)) and pass the model")
+            f"{who} ({argument}) is a mapping ({kind}), not a torch.nn.Module: a state dict? Build the model, "
+            f"load the weights into it (model.load_state_dict(state)) and pass the model")
     if isinstance(value, (str, os.PathLike)):
         raise GraphRepairError(
             f"{who} ({argument}) is a path, {os.fspath(value)!r}, not a torch.nn.Module: the Python API "
@@ -89,13 +90,17 @@ def check_module(value, who: str = "the model", argument: str = "model") -> None
             f"(graphrepair merge --model MODULE:FACTORY --a A --b B ...)")
     if not isinstance(value, nn.Module):
         raise GraphRepairError(f"{who} ({argument}) must be a torch.nn.Module, got {kind}")
-    script = next((name for name, m in value.named_modules() if isinstance(m, torch.jit.ScriptModule)), None)
-    if script is not None:
-        where = "is a TorchScript module" if script == "" else f"holds a TorchScript module at {script!r}"
-        raise GraphRepairError(
-            f"{who} {where} (torch.jit.script or torch.jit.trace made it): graphrepair traces Python "
-            f"modules with torch.fx or torch.export, which cannot read TorchScript; use the nn.Module it "
-            f"was made from")
+    for name, m in value.named_modules():
+        where = "is" if name == "" else f"holds at {name!r}"
+        if isinstance(m, torch.jit.ScriptModule):
+            raise GraphRepairError(
+                f"{who} {where} a TorchScript module (torch.jit.script or torch.jit.trace made it): "
+                f"graphrepair traces Python modules with torch.fx or torch.export, which cannot read "
+                f"TorchScript; use the nn.Module it was made from")
+        if ".quantized." in type(m).__module__:  # torch.ao.nn.quantized (static and dynamic), intrinsic
+            raise GraphRepairError(
+                f"{who} {where} a quantized module ({type(m).__module__}.{type(m).__name__}): graphrepair "
+                f"merges floating-point weights; merge the float models, then quantize the merged one")
 
 
 def _dtype(model: nn.Module) -> torch.dtype | None:

@@ -243,8 +243,8 @@ def test_what_is_not_a_model_is_refused_saying_what_to_do(call, tmp_path):
            "export": lambda v: gr.export_onnx(v, X[:2], tmp_path / "m.onnx"),
            "trace": lambda v: gr.trace(v, X[:4]), "permute": lambda v: gr.permute(v, gr.discover(a, X[:4]), {})}[call]
     who = {"merge": "model A \\(model_a\\)", "merge_models": "model B \\(models\\[1\\]\\)"}.get(call, "the model \\(model\\)")
-    with pytest.raises(GraphRepairError, match=f"{who} is a OrderedDict \\(a state dict\\?\\), not a torch.nn.Module: "
-                                               "build the model, load the weights into it \\(model.load_state_dict"):
+    with pytest.raises(GraphRepairError, match=f"{who} is a mapping \\(OrderedDict\\), not a torch.nn.Module: a state dict\\? "
+                                               "Build the model, load the weights into it \\(model.load_state_dict"):
         run(state)
     with pytest.raises(GraphRepairError, match=f"{who} is a path, 'b.safetensors', not a torch.nn.Module: .*"
                                                "graphrepair merge --model MODULE:FACTORY"):
@@ -271,7 +271,7 @@ def test_torchscript_models_are_refused_naming_the_module(nested, tmp_path):
     if not nested:
         a, b = torch.jit.script(a), torch.jit.script(b)
     before = a.training
-    where = "holds a TorchScript module at '0'" if nested else "is a TorchScript module"
+    where = "holds at '0' a TorchScript module" if nested else "is a TorchScript module"
     for who, call in (("model A", lambda: gr.merge(a, b, X)), ("the model", lambda: gr.discover(a, X[:4])),
                       ("the model", lambda: gr.export_onnx(a, X[:2], tmp_path / "m.onnx")),
                       ("the model", lambda: gr.trace(a, X[:4]))):
@@ -280,3 +280,27 @@ def test_torchscript_models_are_refused_naming_the_module(nested, tmp_path):
             call()
     assert not (tmp_path / "m.onnx").exists()
     assert a.training == before
+
+
+@pytest.mark.parametrize("how", ["dynamic", "static"])
+def test_quantized_models_are_refused_naming_the_module(how):
+    """Before (dynamic): ``AttributeError: 'torch.dtype' object has no attribute 'is_meta'`` (its
+    state dict holds a dtype and packed parameters, no weights)."""
+    from torch.ao import quantization as tq
+
+    def make():
+        m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+        if how == "dynamic":
+            return tq.quantize_dynamic(m, {nn.Linear}, dtype=torch.qint8)
+        q = nn.Sequential(tq.QuantStub(), *m, tq.DeQuantStub()).eval()
+        q.qconfig = tq.get_default_qconfig("fbgemm")
+        tq.prepare(q, inplace=True)
+        q(X)
+        return tq.convert(q)
+
+    a, b = make(), make()
+    with pytest.raises(GraphRepairError, match=r"model A holds at '\d' a quantized module \(torch\.ao\.nn\.quantized\..*"
+                                               r"merge the float models, then quantize the merged one"):
+        gr.merge(a, b, X)
+    with pytest.raises(GraphRepairError, match=r"the model holds at '\d' a quantized module"):
+        gr.discover(a, X[:4])
