@@ -257,3 +257,53 @@ def test_weight_norm_interface_returns_the_norms_axes():
     assert g is not None and {("g", 0), ("b.weight", 1)} <= {(m.name, m.axis) for m in g.params}
     g = group_of(spec, "a.weight", 0)
     assert g is not None and ("v", 1) in {(m.name, m.axis) for m in g.params}
+
+
+@pytest.mark.parametrize("twice", [False, True])
+def test_a_pruned_weight_is_fixed_saying_how_to_make_it_permanent(twice):
+    """torch.nn.utils.prune keeps ``weight_orig`` and ``weight_mask`` and makes ``weight`` in a
+    forward pre-hook. Before, ``c2.weight`` (in no state dict) took free axes while its originals,
+    read by no node, were fixed apart: the permutation moved c1 and c2's bias but not c2's weight,
+    and the merge's proof stopped it as "a discovery bug". The other groups stay free; with the
+    pruning made permanent, c2's groups are free again."""
+    from torch.nn.utils import prune
+
+    torch.manual_seed(0)
+    net = Net()
+    prune.l1_unstructured(net.c2, "weight", amount=0.5)
+    if twice:  # a PruningContainer
+        prune.random_unstructured(net.c2, "weight", amount=0.2)
+    spec = discover_checked(net, X)
+    for key in ("c2.weight_orig", "c2.weight_mask"):
+        assert group_of(spec, key, 0) is None and group_of(spec, key, 1) is None
+    assert group_of(spec, "c1.weight", 0) is None and group_of(spec, "c2.bias", 0) is None
+    assert group_of(spec, "l1.weight", 0) is not None  # l1 -> tanh -> l2: not pruned, free
+    reasons = {f.name: f.reason for f in spec.fixed}
+    assert "'c2.weight' is pruned (torch.nn.utils.prune" in reasons["c2.weight_orig"]
+    assert "torch.nn.utils.prune.remove(module, 'weight')" in reasons["c2.weight_orig"]
+    prune.remove(net.c2, "weight")
+    spec = discover_checked(net, X)
+    assert group_of(spec, "c2.weight", 0) is not None and group_of(spec, "c2.weight", 1) is not None
+
+
+class Attribute(nn.Module):
+    """A linear layer whose weight is a plain tensor attribute, set from a buffer in a forward
+    pre-hook (in no state dict under the name the rule reads)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.lin, self.out = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 2)
+        self.lin.register_buffer("stored", self.lin.weight.detach().clone())
+        del self.lin.weight
+        self.lin.register_forward_pre_hook(lambda m, args: setattr(m, "weight", 1.5 * m.stored))
+
+    def forward(self, x):
+        return self.out(torch.relu(self.lin(torch.relu(self.c1(x)))))
+
+
+def test_a_module_tensor_in_no_state_dict_fixes_its_axes():
+    net = Attribute()
+    x = torch.randn(3, 4)
+    spec = discover_checked(net, x)
+    assert group_of(spec, "lin.bias", 0) is None and group_of(spec, "c1.bias", 0) is None
+    assert any("'lin.weight' is not in the state dict" in f.reason for f in spec.fixed)

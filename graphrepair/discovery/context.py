@@ -72,9 +72,21 @@ class Context:
         return None
 
     def param(self, key: str, shape: tuple[int, ...]) -> list[Expr]:
+        """The axes of the module tensor ``key`` a rule reads. One the state dict does not hold
+        and no known parametrisation computes (a tensor attribute, or one a forward pre-hook
+        makes from others) cannot carry a permutation: its axes are fixed, as a non-persistent
+        buffer's read by the graph (``discover._get_attr_axes``)."""
         key = self.aliases.get(key, key)
         self._touched.append(key)
         if key not in self.params:
+            if self.state_shapes and key not in self.state_shapes and key not in self.parametrised:
+                reason = (f"'{key}' is not in the state dict (a tensor attribute, or one a forward "
+                          f"pre-hook computes from others): permutations and merges cannot carry it")
+                for d, s in enumerate(shape):
+                    if s > 1:
+                        self.origins.append(FixedAxis(self.node.name, d, s, reason, "node"))
+                self.params[key] = [Fixed(s, reason) for s in shape]
+                return self.params[key]
             self.params[key] = [self.solver.fresh(s) for s in shape]
             if key in self.parametrised:  # its originals move with it, or it is fixed
                 parametrized.link(self, self.parametrised[key], self.params[key])

@@ -19,7 +19,11 @@ index of the other axes; a grouped conv's per-group axis is not such an axis):
   for grouped convs (a per-row permutation of M's columns has no v to follow it).
 
 Any other parametrisation (a user's ``w -> 2 * w`` included) is not known to commute with
-permutations: every axis of the weight and of its originals is fixed, with that reason.
+permutations: every axis of the weight and of its originals is fixed, with that reason. So is a
+weight pruned by ``torch.nn.utils.prune`` (``weight_orig * weight_mask``, made in a forward
+pre-hook): a permutation would move both alike, but a merge would average the masks, and the
+reason says how to make the pruning permanent first. A module tensor a rule reads that is in no
+state dict and made by none of these is fixed too (``Context.param``).
 ``table(model)`` finds them; the discovery ``Context`` links a parametrised weight's axes to its
 originals' the first time a rule reads it (``link``).
 """
@@ -96,6 +100,7 @@ def table(model: nn.Module) -> dict[str, Parametrised]:
     """Every parametrised tensor of ``model`` by the name rules read it under ("b.weight")."""
     from torch.nn.utils import parametrize
     from torch.nn.utils import parametrizations as pz
+    from torch.nn.utils.prune import BasePruningMethod
     from torch.nn.utils.spectral_norm import SpectralNorm
     from torch.nn.utils.weight_norm import WeightNorm
 
@@ -133,6 +138,13 @@ def table(model: nn.Module) -> dict[str, Parametrised]:
                 found[f"{prefix}{hook.name}"] = _spectral_norm(
                     prefix, hook.name, m, getattr(m, f"{hook.name}_orig"), hook.dim, f"{prefix}{hook.name}_orig",
                     f"{prefix}{hook.name}_u", f"{prefix}{hook.name}_v", legacy="legacy ")
+            elif isinstance(hook, BasePruningMethod):  # (a PruningContainer too: pruned more than once)
+                name, key = hook._tensor_name, f"{prefix}{hook._tensor_name}"
+                found[key] = Parametrised(
+                    key, "pruning", (Original(f"{key}_orig", ()), Original(f"{key}_mask", ())),
+                    f"'{key}' is pruned (torch.nn.utils.prune: {name}_orig times {name}_mask), and a merge "
+                    f"would average the masks, not the weights: make the pruning permanent first "
+                    f"(torch.nn.utils.prune.remove(module, '{name}'))")
     return found
 
 
