@@ -67,3 +67,32 @@ def test_split_batch():
     assert len(inp.args) == 2 and lab is y
     with pytest.raises(DataError, match="batch 3 is a set"):
         split_batch({1, 2}, "batch 3")
+
+
+class TwoInputs(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.h = torch.nn.Linear(8, 16), torch.nn.Linear(3, 16), torch.nn.Linear(16, 2)
+
+    def forward(self, x, y, scale=1.0):
+        return self.h(torch.relu(self.a(x) + self.b(y))) * scale
+
+
+def test_a_forward_of_several_inputs_fed_pairs_says_how_to_give_them():
+    """Batches (x, y) give the forward x alone (y is read as the labels). Before: a ShapeError from
+    inside the trace, "Expected positional argument for parameter y", asking to check the shape."""
+    import graphrepair as gr
+
+    torch.manual_seed(0)
+    a, b = TwoInputs().eval(), TwoInputs().eval()
+    x, y = torch.randn(64, 8), torch.randn(64, 3)
+    with pytest.raises(DataError, match=r"TwoInputs.forward needs 'y' too, and the input gives 1 positional "
+                                        r"tensor\. A batch \(a, b\) is read as \(input, labels\).*\(\(a, b\), labels\)"):
+        gr.merge(a, b, [(x[:32], y[:32]), (x[32:], y[32:])], num_examples=64)
+    with pytest.raises(DataError, match=r"needs 'x', 'y' too, and the input gives 0 positional tensors and scale"):
+        gr.discover(a, {"scale": torch.ones(4)})
+    # the forms the message names: the merge runs, and at alpha 0 (no REPAIR) it is model A
+    labels = torch.zeros(32, dtype=torch.long)
+    for data in ([((x[:32], y[:32]), labels), ((x[32:], y[32:]), labels)], [((x, y),)]):
+        merged = gr.merge(a, b, data, num_examples=64, alpha=0.0, repair=None)
+        torch.testing.assert_close(merged(x, y), a(x, y))

@@ -144,9 +144,9 @@ def probe(model, first, option: str, ref: str):
     """Run ``model`` on two examples of the first batch (``Inputs``), then on the whole batch;
     returns the outputs on the two examples. A keyword input the forward does not take is named
     first."""
-    from graphrepair.discovery.trace import check_keywords
+    from graphrepair.discovery.trace import check_arguments
 
-    check_keywords(model, first, f"{option} {ref}")
+    check_arguments(model, first, f"{option} {ref}")
     out = run_model(model, first.head(2), f"{option} {ref}: the model cannot run on its examples of "
                                           f"{_describe(first)}; give data shaped like the model's input")
     if first.batch_size > 2:

@@ -68,30 +68,43 @@ def example_inputs_for(model: nn.Module, example_inputs, where: str = "example_i
     the model's device, floating tensors in the model's floating dtype (integer ids stay); a
     DataError for any other form, and for a keyword the forward does not take."""
     inputs = Inputs.of(example_inputs, where)
-    check_keywords(model, inputs, where)
+    check_arguments(model, inputs, where)
     return inputs.to(model_device(model), model_dtype(model))
 
 
-def check_keywords(model: nn.Module, inputs: Inputs, where: str = "example_inputs") -> None:
-    """DataError naming a keyword input that ``model.forward`` does not take. A forward with
-    ``**kwargs`` takes any, except a Hugging Face model's (it has a ``config`` and a
-    ``main_input_name``): its ``**kwargs`` carry options such as ``output_attentions``, and a data
-    array by another name (``attention_masks``) would be ignored without a word."""
-    if not inputs.kwargs:
-        return
+def check_arguments(model: nn.Module, inputs: Inputs, where: str = "example_inputs") -> None:
+    """DataError naming a keyword input that ``model.forward`` does not take, or an argument it
+    needs that the input does not give. A forward with ``**kwargs`` takes any keyword, except a
+    Hugging Face model's (it has a ``config`` and a ``main_input_name``): its ``**kwargs`` carry
+    options such as ``output_attentions``, and a data array by another name (``attention_masks``)
+    would be ignored without a word. A forward of several inputs fed batches ``(x, y)`` reads ``y``
+    as the labels (``split_batch``): the message says how to give several inputs."""
     try:
         params = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         return
-    hugging_face = hasattr(model, "config") and hasattr(model, "main_input_name")
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()) and not hugging_face:
-        return
-    names = [n for n, p in params.items()
-             if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
-    for key in inputs.kwargs:
-        if key not in names:
-            raise DataError(f"{where}: '{key}' is not an argument of {type(model).__name__}.forward "
-                            f"(it takes {', '.join(names) or 'no keyword argument'}); rename or drop it")
+    name = type(model).__name__
+    if inputs.kwargs:
+        hugging_face = hasattr(model, "config") and hasattr(model, "main_input_name")
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()) or hugging_face:
+            names = [n for n, p in params.items()
+                     if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+            for key in inputs.kwargs:
+                if key not in names:
+                    raise DataError(f"{where}: '{key}' is not an argument of {name}.forward "
+                                    f"(it takes {', '.join(names) or 'no keyword argument'}); rename or drop it")
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    missing = [n for i, (n, p) in enumerate(params.items())
+               if p.default is inspect.Parameter.empty and p.kind is not inspect.Parameter.VAR_POSITIONAL
+               and p.kind is not inspect.Parameter.VAR_KEYWORD and n not in inputs.kwargs
+               and not (p.kind in positional and i < len(inputs.args))]
+    if missing:
+        given = f"{len(inputs.args)} positional tensor{'s' if len(inputs.args) != 1 else ''}" + (
+            f" and {', '.join(inputs.kwargs)}" if inputs.kwargs else "")
+        raise DataError(
+            f"{where}: {name}.forward needs {', '.join(repr(n) for n in missing)} too, and the input gives "
+            f"{given}. A batch (a, b) is read as (input, labels); give a forward of several inputs each "
+            f"batch as ((a, b), labels) or (a, b) inside a tuple: ((a, b),)")
 
 
 def as_tuple(example_inputs) -> tuple:
