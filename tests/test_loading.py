@@ -304,6 +304,15 @@ def test_checkpoint_whole_model_pickled(tmp_path: Path) -> None:
     assert "\x1b[" not in message  # torch's terminal colour codes are not passed on
 
 
+def test_checkpoint_torchscript_archive(tmp_path: Path) -> None:
+    """Before: torch's paragraph about weights_only and arbitrary code execution, ending in "is it
+    a file written by torch.save?" (it is not: torch.jit.save wrote it)."""
+    torch.jit.save(torch.jit.script(small_net()), tmp_path / "scripted.pt")
+    with pytest.raises(CheckpointError, match=r"'.*scripted.pt' is a TorchScript archive \(torch.jit.save\), "
+                                              r"not a state dict; .*torch.save\(model.state_dict\(\), path\)"):
+        load_checkpoint(small_net(), tmp_path / "scripted.pt")
+
+
 def test_checkpoint_not_a_dict(tmp_path: Path) -> None:
     torch.save([torch.zeros(2)], tmp_path / "w.pt")
     with pytest.raises(CheckpointError, match="holds a list, not a state dict"):

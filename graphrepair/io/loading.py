@@ -305,6 +305,12 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
                 "(or as safetensors), not the model object"
             ) from exc
         except Exception as exc:
+            if "TorchScript archive" in str(exc):  # torch's refusal of a torch.jit.save file
+                raise CheckpointError(
+                    f"checkpoint '{path}' is a TorchScript archive (torch.jit.save), not a state dict; save the "
+                    "weights of the nn.Module it was made from with torch.save(model.state_dict(), path) "
+                    "(or as safetensors)"
+                ) from exc
             raise CheckpointError(
                 f"cannot read checkpoint '{path}': {type(exc).__name__}: {exc}; "
                 "is it a file written by torch.save?"
