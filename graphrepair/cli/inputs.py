@@ -142,8 +142,8 @@ def _describe(x) -> str:
 
 def probe(model, first, option: str, ref: str):
     """Run ``model`` on two examples of the first batch (``Inputs``), then on the whole batch;
-    returns the outputs on the two examples. A keyword input the forward does not take is named
-    first."""
+    returns the outputs on the two examples. A keyword input the forward does not take, or an
+    argument it needs that the batch does not give, is named first (``check_arguments``)."""
     from graphrepair.discovery.trace import check_arguments
 
     check_arguments(model, first, f"{option} {ref}")

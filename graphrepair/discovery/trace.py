@@ -66,7 +66,8 @@ class Traced:
 def example_inputs_for(model: nn.Module, example_inputs, where: str = "example_inputs") -> Inputs:
     """``example_inputs`` (a tensor, a tuple of tensors, a dict of tensors, an Inputs) as Inputs on
     the model's device, floating tensors in the model's floating dtype (integer ids stay); a
-    DataError for any other form, and for a keyword the forward does not take."""
+    DataError for any other form, for a keyword the forward does not take and for an argument it
+    needs that the input does not give (``check_arguments``)."""
     inputs = Inputs.of(example_inputs, where)
     check_arguments(model, inputs, where)
     return inputs.to(model_device(model), model_dtype(model))
