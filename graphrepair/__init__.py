@@ -31,7 +31,7 @@ _PUBLIC = {
     **{name: "graphrepair.errors" for name in (
         "GraphRepairError", "TraceError", "ShapeError", "UnsupportedOpError", "MismatchError", "CheckError",
         "CheckpointError", "DataError", "LoadError", "ExportError", "NumericError", "OutputError",
-        "NoGroupsError", "GraphRepairWarning")},
+        "NoGroupsError", "PermutationError", "UnknownGroupError", "GraphRepairWarning")},
 }
 
 __all__ = list(_PUBLIC)

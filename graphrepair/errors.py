@@ -33,6 +33,16 @@ class CheckError(GraphRepairError):
     """A permutation changed what a model computes."""
 
 
+class UnknownGroupError(GraphRepairError, KeyError):
+    """A permutation group the spec does not have (a KeyError too, as before it had a name)."""
+
+    __str__ = Exception.__str__  # the message as written, not KeyError's quoted form
+
+
+class PermutationError(GraphRepairError, ValueError):
+    """A group's permutation that is not a permutation of the group's channels (a ValueError too)."""
+
+
 class DataError(GraphRepairError):
     """Input data is missing, empty, of the wrong shape, or not finite."""
 

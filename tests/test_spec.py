@@ -182,3 +182,31 @@ def test_prove_refuses_a_permuted_model_that_computes_something_else():
     with pytest.raises(gr.CheckError, match=r"the permutations found of all groups together change the output of "
                                             r"Sequential \(max abs diff .*\), although each group alone does not"):
         spec.prove(m, broken, x, p)
+
+
+def test_permute_refuses_bad_permutations_with_graphrepair_errors(tmp_path):
+    """Before: a bare KeyError or ValueError from ``gr.permute`` (the API's bad input is a
+    GraphRepairError; these stay a KeyError and a ValueError for code that caught those)."""
+    m, spec = _mlp_and_spec()
+    with pytest.raises(gr.UnknownGroupError, match=r"^no permutation group named 'nope' in this spec \(its groups: 0, 2\)$"):
+        gr.permute(m, spec, {"nope": torch.arange(3)})
+    assert issubclass(gr.UnknownGroupError, (gr.GraphRepairError)) and issubclass(gr.UnknownGroupError, KeyError)
+    with pytest.raises(gr.PermutationError, match=r"group '0' is not a permutation of 6 items \(each of 0 \.\. 5 once\)"):
+        gr.permute(m, spec, {"0": torch.zeros(6, dtype=torch.long)})
+    with pytest.raises(gr.PermutationError, match="group '0' is not a tensor of indices"):
+        gr.permute(m, spec, {"0": ["a"] * 6})
+    with pytest.raises(gr.UnknownGroupError, match="no permutation group named 'nope'; groups"):
+        spec.group("nope")
+
+
+@pytest.mark.parametrize("rtol, atol", [(-1, 1e-5), (1e-4, float("nan")), ("1e-4", 1e-5)])
+def test_negative_or_non_finite_tolerances_are_refused(rtol, atol, tmp_path):
+    """Before: a negative rtol failed every comparison, and the proof reported a discovery bug."""
+    m, spec = _mlp_and_spec()
+    x = torch.randn(4, m[0].in_features)
+    bad = "rtol" if rtol != 1e-4 else "atol"
+    with pytest.raises(gr.GraphRepairError, match=f"{bad} must be a finite number >= 0, got"):
+        spec.check(m, x, rtol=rtol, atol=atol)
+    with pytest.raises(gr.GraphRepairError, match=f"{bad} must be a finite number >= 0, got"):
+        gr.export_onnx(m, x, tmp_path / "m.onnx", rtol=rtol, atol=atol)
+    assert not (tmp_path / "m.onnx").exists()

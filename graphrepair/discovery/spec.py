@@ -22,7 +22,8 @@ from torch import nn
 
 from graphrepair.discovery import axes as ax
 from graphrepair.discovery.trace import Traced, example_inputs_for, output_tensors, traceable
-from graphrepair.errors import CheckError, MismatchError
+from graphrepair.errors import CheckError, MismatchError, PermutationError, UnknownGroupError
+from graphrepair.io.checks import check_tolerances
 from graphrepair.models import eval_mode, full_precision, user_models, with_metadata
 
 
@@ -145,7 +146,7 @@ class PermutationSpec:
     def group(self, name: str) -> Group:
         if name in self._by_name:
             return self._by_name[name]
-        raise KeyError(f"no permutation group named {name!r}; groups: {[g.name for g in self.groups][:10]}")
+        raise UnknownGroupError(f"no permutation group named {name!r}; groups: {[g.name for g in self.groups][:10]}")
 
     # -- views ---------------------------------------------------------------------------------
     def as_dict(self) -> dict:
@@ -199,11 +200,17 @@ class PermutationSpec:
         out = {}
         for name, p in perms.items():
             if name not in self.var_of_group:
-                raise KeyError(f"no permutation group named {name!r} in this spec")
+                raise UnknownGroupError(f"no permutation group named {name!r} in this spec (its groups: "
+                                        f"{', '.join(g.name for g in self.groups[:10])}"
+                                        f"{', ...' if len(self.groups) > 10 else ''})")
             g = self.group(name)
-            p = torch.as_tensor(p, dtype=torch.long).cpu()
+            try:
+                p = torch.as_tensor(p, dtype=torch.long).cpu()
+            except (TypeError, ValueError, RuntimeError) as e:
+                raise PermutationError(f"permutation for group {name!r} is not a tensor of indices: {e}") from e
             if p.shape != (g.size,) or not torch.equal(torch.sort(p).values, torch.arange(g.size)):
-                raise ValueError(f"permutation for group {name!r} is not a permutation of {g.size} items")
+                raise PermutationError(f"permutation for group {name!r} is not a permutation of {g.size} items "
+                                       f"(each of 0 .. {g.size - 1} once)")
             out[self.var_of_group[name]] = p
         return out
 
@@ -278,6 +285,7 @@ class PermutationSpec:
         absolute difference. Raises CheckError naming the group that breaks the function.
 
         A float16 or bfloat16 model is checked on a float32 copy (see ``proof_precision``)."""
+        check_tolerances(rtol, atol)
         self.check_model(model)
         model = proof_precision(model)
         args = example_inputs_for(model, example_inputs)

@@ -4,15 +4,26 @@ the command line runs them on data it holds whole."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from graphrepair.errors import DataError
+from graphrepair.errors import DataError, GraphRepairError
 from graphrepair.io.inputs import Inputs
 
-__all__ = ["LabelRule", "check_batch_shape", "check_examples_vary", "check_inputs", "check_labels"]
+__all__ = ["LabelRule", "check_batch_shape", "check_examples_vary", "check_inputs", "check_labels",
+           "check_tolerances"]
+
+
+def check_tolerances(rtol: Any, atol: Any) -> None:
+    """A GraphRepairError unless both tolerances of a comparison (a proof, the ONNX check) are
+    finite numbers >= 0: a negative one fails every comparison, and a proof would then blame
+    discovery."""
+    for name, v in (("rtol", rtol), ("atol", atol)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise GraphRepairError(f"{name} must be a finite number >= 0, got {v!r}")
 
 
 def _dtype(t: torch.Tensor) -> str:

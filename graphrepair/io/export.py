@@ -26,6 +26,7 @@ from passes.export_onnx import export_verified
 from graphrepair.discovery.trace import example_inputs_for, traceable
 from graphrepair.models import check_finite, eval_mode, user_models
 from graphrepair.errors import ExportError, NumericError, OutputError, interrupt_in
+from graphrepair.io.checks import check_tolerances
 from graphrepair.io.fileio import atomic_output, disk_full
 from graphrepair.io.inputs import Inputs
 
@@ -38,6 +39,7 @@ def export_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, *, rt
     ``example_inputs``: a tensor, a tuple of tensors (positional) or a dict of tensors (keyword
     inputs, e.g. ``input_ids`` and ``attention_mask``), moved to the model's device and cast to its
     floating dtype. Hugging Face models are exported with caching off (their config restored)."""
+    check_tolerances(rtol, atol)
     inputs = example_inputs_for(model, example_inputs)
     name = type(model).__name__
     check_finite_model(model)
