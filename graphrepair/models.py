@@ -113,7 +113,8 @@ def _dtype(model: nn.Module) -> torch.dtype | None:
 def check_models(models: list[nn.Module], labels: list[str]) -> None:
     """Weights that exist (no meta tensors) and, for several models, one floating dtype."""
     for m, who in zip(models, labels):
-        meta = next((k for k, t in m.state_dict(keep_vars=True).items() if t.is_meta), None)
+        meta = next((k for k, t in m.state_dict(keep_vars=True).items()
+                     if isinstance(t, torch.Tensor) and t.is_meta), None)
         if meta is not None:
             raise GraphRepairError(f"{who} is on the meta device (no weights, e.g. parameter {meta!r}); "
                                    f"load its weights first (load_state_dict(..., assign=True), or "

@@ -96,3 +96,18 @@ def test_a_forward_of_several_inputs_fed_pairs_says_how_to_give_them():
     for data in ([((x[:32], y[:32]), labels), ((x[32:], y[32:]), labels)], [((x, y),)]):
         merged = gr.merge(a, b, data, num_examples=64, alpha=0.0, repair=None)
         torch.testing.assert_close(merged(x, y), a(x, y))
+
+
+def test_data_on_the_meta_device_is_refused_naming_the_input():
+    """Before: ``NotImplementedError: Cannot copy out of meta tensor; no data!`` from moving it."""
+    import graphrepair as gr
+
+    meta = torch.empty(64, 8, device="meta")
+    with pytest.raises(DataError, match=r"^example_inputs: the input is on the meta device \(a shape without values\)"):
+        Inputs.of(meta)
+    with pytest.raises(DataError, match=r"input 'attention_mask' is on the meta device"):
+        Inputs.of({"input_ids": torch.zeros(2, 3, dtype=torch.long), "attention_mask": torch.empty(2, 3, device="meta")})
+    torch.manual_seed(0)
+    a, b = TwoInputs().eval(), TwoInputs().eval()
+    with pytest.raises(DataError, match="is on the meta device"):
+        gr.merge(a, b, [((meta, torch.randn(64, 3)),)], num_examples=64)

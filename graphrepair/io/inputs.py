@@ -61,7 +61,7 @@ class Inputs:
                 "(keyword arguments)")
         single = as_tensor(value)
         if single is not None:
-            return cls((single,), {})
+            return cls((single,), {})._with_values(where)
         if isinstance(value, (tuple, list)):
             if not value:
                 raise DataError(f"{where} is an empty {type(value).__name__}; {what}")
@@ -71,7 +71,7 @@ class Inputs:
                 if t is None:
                     raise DataError(f"{where}: positional input {i} is a {type(item).__name__}, not a tensor; {what}")
                 args.append(t)
-            return cls(tuple(args), {})
+            return cls(tuple(args), {})._with_values(where)
         if isinstance(value, Mapping):
             kwargs = {}
             for key, item in value.items():
@@ -87,8 +87,17 @@ class Inputs:
             if not kwargs:
                 raise DataError(f"{where} is a dict with no input tensor (keys: {', '.join(map(str, value)) or 'none'}); "
                                 f"{what}")
-            return cls((), kwargs)
+            return cls((), kwargs)._with_values(where)
         raise DataError(f"{where} is a {type(value).__name__}; {what}")
+
+    def _with_values(self, where: str) -> Inputs:
+        """Itself; a DataError naming a tensor on the meta device (a shape without values)."""
+        for name, t in self.named():
+            if t.is_meta:
+                input_ = "the input" if name == "0" and len(self.args) == 1 and not self.kwargs else f"input {name!r}"
+                raise DataError(f"{where}: {input_} is on the meta device (a shape without values); "
+                                "give tensors holding the data")
+        return self
 
     # -- reading ---------------------------------------------------------------------------------
 
