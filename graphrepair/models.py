@@ -72,12 +72,13 @@ def unwrap(model: nn.Module, who: str = "the model") -> nn.Module:
     return model
 
 
-def check_module(value, who: str = "the model", argument: str = "model") -> None:
+def check_module(value, who: str = "the model", argument: str = "model", state: bool = True) -> None:
     """A GraphRepairError unless ``value`` (the API argument ``argument``) is a Python
     torch.nn.Module: for a state dict, a path or anything else, each saying what to do instead;
     for a TorchScript module, or a module holding one, naming it (neither torch.fx nor
-    torch.export reads TorchScript, and its tables are no Python dicts); for a quantized module
-    (its weights are packed integers), naming it."""
+    torch.export reads TorchScript, and its tables are no Python dicts); where ``state`` (the call
+    permutes or merges the state dict), for a quantized module (its weights are packed integers),
+    naming it."""
     kind = type(value).__name__
     if isinstance(value, Mapping):
         raise GraphRepairError(
@@ -97,7 +98,7 @@ def check_module(value, who: str = "the model", argument: str = "model") -> None
                 f"{who} {where} a TorchScript module (torch.jit.script or torch.jit.trace made it): "
                 f"graphrepair traces Python modules with torch.fx or torch.export, which cannot read "
                 f"TorchScript; use the nn.Module it was made from")
-        if ".quantized." in type(m).__module__:  # torch.ao.nn.quantized (static and dynamic), intrinsic
+        if state and ".quantized." in type(m).__module__:  # torch.ao.nn.quantized (static and dynamic), intrinsic
             raise GraphRepairError(
                 f"{who} {where} a quantized module ({type(m).__module__}.{type(m).__name__}): graphrepair "
                 f"merges floating-point weights; merge the float models, then quantize the merged one")
@@ -110,11 +111,20 @@ def _dtype(model: nn.Module) -> torch.dtype | None:
     return None
 
 
-def check_models(models: list[nn.Module], labels: list[str]) -> None:
-    """Weights that exist (no meta tensors) and, for several models, one floating dtype."""
+def check_models(models: list[nn.Module], labels: list[str], tensors_only: bool = True) -> None:
+    """State dicts of tensors only (no extra state; where ``tensors_only``: the calls that permute
+    or merge them), weights that exist (no meta tensors) and, for several models, one floating
+    dtype."""
     for m, who in zip(models, labels):
-        meta = next((k for k, t in m.state_dict(keep_vars=True).items()
-                     if isinstance(t, torch.Tensor) and t.is_meta), None)
+        state = m.state_dict(keep_vars=True)
+        odd = next((k for k, t in state.items() if not isinstance(t, torch.Tensor)), None)
+        if odd is not None and tensors_only:
+            raise GraphRepairError(
+                f"{who}'s state dict holds {odd!r}, a {type(state[odd]).__name__}, not a tensor (a module's "
+                f"extra state, from its get_extra_state): graphrepair permutes and merges tensors and cannot "
+                f"carry it; merge models whose state dicts hold tensors only (the plain torch.nn modules, "
+                f"without the extra state)")
+        meta = next((k for k, t in state.items() if isinstance(t, torch.Tensor) and t.is_meta), None)
         if meta is not None:
             raise GraphRepairError(f"{who} is on the meta device (no weights, e.g. parameter {meta!r}); "
                                    f"load its weights first (load_state_dict(..., assign=True), or "
@@ -135,11 +145,12 @@ def _labels(name: str, n: int | None, count: int) -> list[str]:
     return [f"model {'AB'[i]}" if count == 2 else f"model {i}" for i in range(count)]
 
 
-def user_models(*names: str):
+def user_models(*names: str, state: bool = True):
     """Decorator of an API entry point: its arguments ``names`` (a model, or a list or tuple of
     models) are unwrapped, checked (``check_module``, ``check_models``) and given back as they came
     (``given_back``); the function sees the unwrapped models. The call runs with CPU memory held
-    for reuse (``runtime.held_memory``)."""
+    for reuse (``runtime.held_memory``). ``state=False``: the call reads no state dict (an export,
+    an evaluation): a module's extra state, or a quantized module, is let be."""
 
     def decorate(fn):
         sig = inspect.signature(fn)
@@ -154,17 +165,17 @@ def user_models(*names: str):
                     whos = _labels(name, len(v), len(v))
                     v = type(v)(unwrap(m, w) for m, w in zip(v, whos))
                     for i, (m, w) in enumerate(zip(v, whos)):
-                        check_module(m, w, f"{name}[{i}]")
+                        check_module(m, w, f"{name}[{i}]", state)
                     models.extend(v)
                     labels.extend(whos)
                 else:
                     (who,) = _labels(name, None, 1)
                     v = unwrap(v, who)
-                    check_module(v, who, name)
+                    check_module(v, who, name, state)
                     models.append(v)
                     labels.append(who)
                 bound.arguments[name] = v
-            check_models(models, labels)
+            check_models(models, labels, tensors_only=state)
             with given_back(*models), runtime.held_memory():
                 return fn(*bound.args, **bound.kwargs)
 

@@ -304,3 +304,33 @@ def test_quantized_models_are_refused_naming_the_module(how):
         gr.merge(a, b, X)
     with pytest.raises(GraphRepairError, match=r"the model holds at '\d' a quantized module"):
         gr.discover(a, X[:4])
+
+
+class WithExtra(nn.Linear):
+    """A module with extra state (``get_extra_state``): a dict in its state dict, as an fp8 layer's
+    scaling metadata would be."""
+
+    def get_extra_state(self):
+        return {"calls": 3}
+
+    def set_extra_state(self, state):
+        self.extra = state
+
+
+def test_extra_state_is_refused_where_a_state_dict_is_merged_and_let_be_elsewhere(tmp_path):
+    """Before: ``AttributeError: 'dict' object has no attribute 'shape'`` from discovery and the
+    merge. An export and an evaluation read no state dict: they run as before."""
+    def make():
+        return nn.Sequential(WithExtra(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+
+    torch.manual_seed(0)
+    a, b = make(), make()
+    extra = r"state dict holds '0._extra_state', a dict, not a tensor \(a module's extra state, from its get_extra_state\)"
+    with pytest.raises(GraphRepairError, match=f"model A's {extra}"):
+        gr.merge(a, b, X)
+    with pytest.raises(GraphRepairError, match=f"the model's {extra}"):
+        gr.discover(a, X[:4])
+    report = gr.export_onnx(a, X[:2], tmp_path / "m.onnx")
+    assert report.max_abs_diff < 1e-4 and (tmp_path / "m.onnx").exists()
+    accuracy, loss = gr.evaluate(a, (X, Y))
+    assert 0 <= accuracy <= 1 and loss > 0

@@ -31,7 +31,7 @@ from graphrepair.io.fileio import atomic_output, disk_full
 from graphrepair.io.inputs import Inputs
 
 
-@user_models("model")
+@user_models("model", state=False)
 def export_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, *, rtol: float = 1e-4,
                 atol: float = 1e-4, dynamic_batch: bool = True) -> ExportReport:
     """Write ``model`` to ``path`` as ONNX, verified with onnxruntime; nothing is written on failure.

@@ -40,7 +40,7 @@ from graphrepair.models import eval_mode, forward_hooks, graph_for, user_models
 from graphrepair.runtime import model_device, model_dtype
 
 
-@user_models("model")
+@user_models("model", state=False)
 @torch.no_grad()
 def evaluate(model: nn.Module, data, batch_size: int = 512, quiet: bool = True) -> tuple[float, float]:
     """(accuracy, mean cross-entropy) of a classifier on labeled data; outputs may be logits of
