@@ -174,8 +174,17 @@ def conv_bn():
     return ConvBN()
 
 
+def scripted():
+    return torch.jit.script(MLP())
+
+
 # ------------------------------------------------------------------------------------------------
 # Data functions
+
+
+def meta_data():
+    """Examples with a shape and no values."""
+    return torch.empty(300, 64, device="meta")
 
 
 def batches():

@@ -245,6 +245,11 @@ CASES = {
     "FIFO as --checkpoint": merge(["--a", "FIFO"], a="{w}/fifo.safetensors"),
     "FIFO as --data": merge(["--data", "FIFO"], data="{w}/fifo.npz"),
     "FIFO as --eval": merge(["--eval", "FIFO"], eval_="{w}/fifo.npz"),
+    # 11. models and data as users may hold them, refused before anything runs them
+    "TorchScript factory (merge)": merge(["--model", "TorchScript module", "use the nn.Module it was made from"],
+                                         model=f"{M}:scripted"),
+    "TorchScript factory (export)": command("export", ["--model", "TorchScript module"], model=f"{M}:scripted"),
+    "data on the meta device": merge(["--data", "meta device", "a shape without values"], data=f"{M}:meta_data"),
 }
 
 

@@ -76,6 +76,9 @@ def _check_array(value: Any, key: str, path: Path | str, keys: list[str]) -> tor
             f"{where}: '{key}' is a {type(value).__name__}, not an array; "
             f"it must hold tensors or arrays (keys: {', '.join(keys) or 'none'})"
         )
+    if tensor.is_meta:
+        raise DataError(f"{where}: '{key}' is on the meta device (a shape without values); give tensors "
+                        "holding the data")
     if tensor.is_complex() or tensor.dtype == torch.bool:
         raise DataError(f"{where}: '{key}' has dtype {tensor.dtype}; expected integers or floats")
     if tensor.dim() == 0:

@@ -240,11 +240,15 @@ def load_factory(ref: str) -> nn.Module:
             f"'{ref}' returned a {type(model).__name__}, not a torch.nn.Module; "
             "FACTORY must build and return the model"
         )
-    from graphrepair.models import unwrap
+    from graphrepair.models import check_module, unwrap
 
     # a torch.compile'd or DataParallel model: the module inside (checkpoints hold its keys, not
     # the wrapper's "_orig_mod." / "module." ones); a warning, which the report shows as a note
-    return unwrap(model, f"the model '{ref}' builds")
+    model = unwrap(model, f"the model '{ref}' builds")
+    # TorchScript refused before anything runs it (the commands' probes would blame the input);
+    # what only a merge refuses (quantized modules, extra state) is refused there
+    check_module(model, f"the model '{ref}' builds", "--model", state=False)
+    return model
 
 
 # --------------------------------------------------------------------------------------------------
