@@ -822,3 +822,56 @@ def test_a_failing_rule_is_recorded_not_raised(monkeypatch):
     spec = discover_checked(ZeroHead(), torch.randn(4, 6))
     assert not spec.groups
     assert any("boom" in f.reason and "tanh" in f.reason for f in spec.fixed)
+
+
+def _three_linears() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+
+
+@pytest.mark.parametrize("kind", ["pre-hook", "hook"])
+def test_a_module_with_forward_hooks_fixes_its_axes_naming_them(kind):
+    """A traced graph calls a module hooks and all; a hook that scales the channels changes what
+    the module computes. Before: Linear's rule alone, and the merge's proof reported "a discovery
+    bug". A module without hooks keeps its groups."""
+    torch.manual_seed(0)
+    net = _three_linears()
+    scale = torch.linspace(0.5, 2.0, 16)
+
+    def scaled_input(module, args):
+        return (args[0] * scale,)
+
+    def scaled_output(module, args, out):
+        return out * scale
+
+    handle = (net[2].register_forward_pre_hook(scaled_input) if kind == "pre-hook"
+              else net[2].register_forward_hook(scaled_output))
+    x = torch.randn(4, 8)
+    spec = discover_checked(net, x)
+    assert group_of(spec, "0.weight", 0) is None and group_of(spec, "2.weight", 0) is None
+    hook = "scaled_input" if kind == "pre-hook" else "scaled_output"
+    assert any(f"module '2' has forward hooks (test_a_module_with_forward_hooks_fixes_its_axes_naming_them."
+               f"<locals>.{hook})" in f.reason and "handle.remove()" in f.reason for f in spec.fixed)
+    handle.remove()
+    spec = gr.discover(net, x, reuse_spec=False)
+    assert group_of(spec, "0.weight", 0) is not None and group_of(spec, "2.weight", 0) is not None
+
+
+def test_a_quantization_aware_linear_is_not_read_as_a_linear():
+    """torch.ao.nn.qat's Linear subclasses nn.Linear and fake-quantizes its weight with a scale per
+    output channel (a buffer no rule links to the channels). Before: Linear's rule, and the merge's
+    proof reported "a discovery bug". torch.nn's own subclasses keep their base's rule."""
+    from torch.ao import quantization as tq
+
+    torch.manual_seed(0)
+    net = _three_linears().train()
+    net.qconfig = tq.get_default_qat_qconfig("fbgemm")
+    tq.prepare_qat(net, inplace=True)
+    x = torch.randn(32, 8)
+    net(x)
+    net.apply(tq.disable_observer)  # (observing, each forward moves the scales: no two calls agree)
+    spec = discover_checked(net.eval(), x)
+    assert spec.num_free == 0
+    assert any("is a torch.ao.nn.qat.modules.linear.Linear, a Linear with a forward of its own" in f.reason
+               for f in spec.fixed)
+    sync = nn.Sequential(nn.Linear(8, 16), nn.SyncBatchNorm(16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    assert group_of(discover_checked(sync, x), "1.weight", 0) is not None

@@ -287,15 +287,15 @@ def test_a_pruned_weight_is_fixed_saying_how_to_make_it_permanent(twice):
 
 
 class Attribute(nn.Module):
-    """A linear layer whose weight is a plain tensor attribute, set from a buffer in a forward
-    pre-hook (in no state dict under the name the rule reads)."""
+    """A linear layer whose weight is a plain tensor attribute made from a buffer (in no state dict
+    under the name the rule reads)."""
 
     def __init__(self):
         super().__init__()
         self.c1, self.lin, self.out = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 2)
         self.lin.register_buffer("stored", self.lin.weight.detach().clone())
         del self.lin.weight
-        self.lin.register_forward_pre_hook(lambda m, args: setattr(m, "weight", 1.5 * m.stored))
+        self.lin.weight = 1.5 * self.lin.stored
 
     def forward(self, x):
         return self.out(torch.relu(self.lin(torch.relu(self.c1(x)))))

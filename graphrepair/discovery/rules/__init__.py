@@ -20,11 +20,59 @@ def _find(ctx: Context, node):
         m = ctx.module()
         if node.target == "_guards_fn" or type(m).__name__ == "_GuardsFn":
             return None, True  # torch.export's input guards: reads shapes only
-        return next((rule for types, rule in MODULE_RULES if isinstance(m, types)), None), False
+        return next((rule for types, rule in MODULE_RULES if isinstance(m, types) and _computes_as(m, types)),
+                    None), False
     rule = RULES.get(op_name(node))
     if rule is None and not tensor_args(node) and not isinstance(ctx.info(node), (TensorInfo, tuple)):
         return None, True  # pure Python arithmetic on sizes
     return rule, False
+
+
+def _computes_as(m, types: tuple) -> bool:
+    """Whether module ``m`` computes what the ``types`` its rule was written for compute: torch.nn's
+    own subclasses do (``SyncBatchNorm`` is a batch norm); a subclass from elsewhere that the tracer
+    keeps whole (``torch.ao.nn.qat``'s ``Linear`` fake-quantizes its weight per channel) only
+    where it inherits their ``forward``."""
+    if type(m).__module__.startswith("torch.nn."):
+        return True
+    return any(isinstance(m, t) and type(m).forward is t.forward for t in types)
+
+
+def _own_forward(ctx: Context, node) -> str | None:
+    """The reason for a module call no rule takes though its class subclasses one a rule is for
+    (``_computes_as``), or None (the default reason: no rule)."""
+    if node.op != "call_module":
+        return None
+    m = ctx.module()
+    base = next((t for types, _ in MODULE_RULES for t in types if isinstance(m, t)), None)
+    if base is None:
+        return None
+    return (f"module '{node.target}' is a {type(m).__module__}.{type(m).__name__}, a {base.__name__} with a "
+            f"forward of its own (e.g. fake quantization), which discovery does not read")
+
+
+# the forward (pre-)hooks discovery reads: the legacy parametrisations and pruning, which recompute
+# a weight from its originals (``discovery.parametrized``)
+def _known_hook(hook) -> bool:
+    from torch.nn.utils.prune import BasePruningMethod
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    return isinstance(hook, (WeightNorm, SpectralNorm, BasePruningMethod))
+
+
+def _hooked(ctx: Context, node) -> str | None:
+    """Why a module call is not understood whatever its rule: forward hooks that may change its
+    input or output (a traced graph calls the module, hooks and all), or None."""
+    if node.op != "call_module":
+        return None
+    m = ctx.module()
+    hooks = [h for h in m._forward_pre_hooks.values() if not _known_hook(h)] + list(m._forward_hooks.values())
+    if not hooks:
+        return None
+    names = ", ".join(sorted({getattr(h, "__qualname__", type(h).__name__) for h in hooks}))
+    return (f"module '{node.target}' has forward hooks ({names}) that may change its input or output; "
+            f"remove them (handle.remove()) before merging if they only observe")
 
 
 def apply_rule(ctx: Context, node):
@@ -34,7 +82,10 @@ def apply_rule(ctx: Context, node):
     if nothing:
         return None
     if rule is None:
-        return reject(ctx)
+        return reject(ctx, _own_forward(ctx, node))
+    hooked = _hooked(ctx, node)
+    if hooked is not None:
+        return reject(ctx, hooked)
     try:
         return rule(ctx)
     except Exception as e:  # the rule does not understand this form of the op: be conservative
