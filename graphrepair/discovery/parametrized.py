@@ -96,6 +96,17 @@ def _spectral_norm(prefix: str, name: str, module: nn.Module, weight: torch.Tens
     return Parametrised(key, what, tuple(originals))
 
 
+def reads_hook(hook) -> bool:
+    """Whether ``table`` reads this forward pre-hook: the legacy ``weight_norm`` and
+    ``spectral_norm``, and pruning, which recompute a weight from its originals before each call.
+    What any other hook does discovery cannot tell (``rules.apply_rule`` fixes the module's axes)."""
+    from torch.nn.utils.prune import BasePruningMethod
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    return isinstance(hook, (WeightNorm, SpectralNorm, BasePruningMethod))
+
+
 def table(model: nn.Module) -> dict[str, Parametrised]:
     """Every parametrised tensor of ``model`` by the name rules read it under ("b.weight")."""
     from torch.nn.utils import parametrize

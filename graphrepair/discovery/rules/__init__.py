@@ -8,6 +8,7 @@ node touches and records why: discovery never crashes on a model and never guess
 from __future__ import annotations
 
 from graphrepair.discovery.context import Context, op_name, tensor_args
+from graphrepair.discovery.parametrized import reads_hook
 from graphrepair.discovery.rules import attention, elementwise, layers, norms, parametrized, reductions, shape  # noqa: F401  (they register their rules)
 from graphrepair.discovery.rules.registry import MODULE_RULES, RULES, describe, reject
 from graphrepair.discovery.trace import TensorInfo
@@ -51,23 +52,13 @@ def _own_forward(ctx: Context, node) -> str | None:
             f"forward of its own (e.g. fake quantization), which discovery does not read")
 
 
-# the forward (pre-)hooks discovery reads: the legacy parametrisations and pruning, which recompute
-# a weight from its originals (``discovery.parametrized``)
-def _known_hook(hook) -> bool:
-    from torch.nn.utils.prune import BasePruningMethod
-    from torch.nn.utils.spectral_norm import SpectralNorm
-    from torch.nn.utils.weight_norm import WeightNorm
-
-    return isinstance(hook, (WeightNorm, SpectralNorm, BasePruningMethod))
-
-
 def _hooked(ctx: Context, node) -> str | None:
     """Why a module call is not understood whatever its rule: forward hooks that may change its
     input or output (a traced graph calls the module, hooks and all), or None."""
     if node.op != "call_module":
         return None
     m = ctx.module()
-    hooks = [h for h in m._forward_pre_hooks.values() if not _known_hook(h)] + list(m._forward_hooks.values())
+    hooks = [h for h in m._forward_pre_hooks.values() if not reads_hook(h)] + list(m._forward_hooks.values())
     if not hooks:
         return None
     names = ", ".join(sorted({getattr(h, "__qualname__", type(h).__name__) for h in hooks}))
