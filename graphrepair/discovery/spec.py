@@ -146,7 +146,12 @@ class PermutationSpec:
     def group(self, name: str) -> Group:
         if name in self._by_name:
             return self._by_name[name]
-        raise UnknownGroupError(f"no permutation group named {name!r}; groups: {[g.name for g in self.groups][:10]}")
+        raise self._unknown(name)
+
+    def _unknown(self, name: str) -> UnknownGroupError:
+        return UnknownGroupError(f"no permutation group named {name!r} in this spec (its groups: "
+                                 f"{', '.join(g.name for g in self.groups[:10])}"
+                                 f"{', ...' if len(self.groups) > 10 else ''})")
 
     # -- views ---------------------------------------------------------------------------------
     def as_dict(self) -> dict:
@@ -200,9 +205,7 @@ class PermutationSpec:
         out = {}
         for name, p in perms.items():
             if name not in self.var_of_group:
-                raise UnknownGroupError(f"no permutation group named {name!r} in this spec (its groups: "
-                                        f"{', '.join(g.name for g in self.groups[:10])}"
-                                        f"{', ...' if len(self.groups) > 10 else ''})")
+                raise self._unknown(name)
             g = self.group(name)
             try:
                 p = torch.as_tensor(p, dtype=torch.long).cpu()
