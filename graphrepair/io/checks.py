@@ -1,6 +1,7 @@
 """Checks of data: each batch against the first (dtype, example shape, finite floats), labels against
 a classifier's outputs, examples that do not vary. ``io.examples`` runs them as batches stream;
-the command line runs them on data it holds whole."""
+the command line runs them on data it holds whole. Also the tolerances a comparison of outputs is
+given (a proof, the ONNX check: ``check_tolerances``)."""
 
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 
 from graphrepair.errors import DataError, GraphRepairError
 from graphrepair.io.fileio import check_source
-from graphrepair.io.inputs import as_tensor
+from graphrepair.io.inputs import as_tensor, no_values
 from graphrepair.io.loading import call_reference
 
 __all__ = ["DATA_SUFFIXES", "ArrayDataset", "checked_arrays", "load_data", "load_data_file"]
@@ -77,8 +77,7 @@ def _check_array(value: Any, key: str, path: Path | str, keys: list[str]) -> tor
             f"it must hold tensors or arrays (keys: {', '.join(keys) or 'none'})"
         )
     if tensor.is_meta:
-        raise DataError(f"{where}: '{key}' is on the meta device (a shape without values); give tensors "
-                        "holding the data")
+        raise no_values(where, repr(key))
     if tensor.is_complex() or tensor.dtype == torch.bool:
         raise DataError(f"{where}: '{key}' has dtype {tensor.dtype}; expected integers or floats")
     if tensor.dim() == 0:

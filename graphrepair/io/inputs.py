@@ -24,7 +24,7 @@ import torch
 
 from graphrepair.errors import DataError
 
-__all__ = ["LABEL_KEYS", "Inputs", "as_tensor", "split_batch"]
+__all__ = ["LABEL_KEYS", "Inputs", "as_tensor", "no_values", "split_batch"]
 
 LABEL_KEYS = ("labels", "label", "y")  # a dict batch's labels, in this order of preference
 
@@ -39,6 +39,11 @@ def as_tensor(value: Any) -> torch.Tensor | None:
         except TypeError as exc:
             raise DataError(f"numpy array of dtype {value.dtype} cannot be used as a tensor: {exc}") from exc
     return None
+
+
+def no_values(where: str, what: str) -> DataError:
+    """The error for data ``what`` (of ``where``) on the meta device."""
+    return DataError(f"{where}: {what} is on the meta device (a shape without values); give tensors holding the data")
 
 
 @dataclass(frozen=True)
@@ -94,9 +99,8 @@ class Inputs:
         """Itself; a DataError naming a tensor on the meta device (a shape without values)."""
         for name, t in self.named():
             if t.is_meta:
-                input_ = "the input" if name == "0" and len(self.args) == 1 and not self.kwargs else f"input {name!r}"
-                raise DataError(f"{where}: {input_} is on the meta device (a shape without values); "
-                                "give tensors holding the data")
+                raise no_values(where, "the input" if name == "0" and len(self.args) == 1 and not self.kwargs
+                                else f"input {name!r}")
         return self
 
     # -- reading ---------------------------------------------------------------------------------
