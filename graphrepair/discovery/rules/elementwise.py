@@ -94,7 +94,7 @@ def no_tensor(ctx: Context):
     return None
 
 
-@op("arange tensor scalar_tensor linspace eye tril triu rand randn randint randn_like rand_like _to_dense")
+@op("arange tensor scalar_tensor linspace eye rand randn randint randn_like rand_like _to_dense")
 def constant(ctx: Context):
     """A tensor created in the graph from no tensor: its values may depend on position."""
     return fixed_out(ctx.info(ctx.node), f"constant created at node '{ctx.node.name}'")

@@ -72,6 +72,22 @@ def position_dependent(ctx: Context):
     return tuple(laid) if isinstance(info, tuple) else laid[0]
 
 
+@op("tril triu tril_ triu_")
+def triangular(ctx: Context):
+    """tril/triu keep an entry or zero it by its row and column positions: the last two axes of
+    the input (a weight masked in the forward, say) are fixed, and so are the output's; the
+    leading axes pass through."""
+    x = ctx.input()
+    xa = ctx.axes(x)
+    info = ctx.info(ctx.node)
+    if xa is None or len(xa) < 2 or not isinstance(info, TensorInfo) or len(info.shape) != len(xa):
+        return unknown(ctx)
+    name = op_name(ctx.node)
+    for d in (len(xa) - 2, len(xa) - 1):
+        ctx.fix(xa[d], f"{name} depends on the positions along axis {d}", d, x.name)
+    return xa[:-2] + [Fixed(s, f"{name} output") for s in info.shape[-2:]]
+
+
 def _pool(ctx: Context, name: str):
     """Pooling/resampling over the trailing spatial axes (k of them, from the op's name: ``2d``;
     else all but the batch and channel axes): the channel axis passes through."""
