@@ -875,3 +875,81 @@ def test_a_quantization_aware_linear_is_not_read_as_a_linear():
                for f in spec.fixed)
     sync = nn.Sequential(nn.Linear(8, 16), nn.SyncBatchNorm(16), nn.ReLU(), nn.Linear(16, 4)).eval()
     assert group_of(discover_checked(sync, x), "1.weight", 0) is not None
+
+
+@pytest.mark.parametrize("op", ["tril", "triu", "tril_"])
+@pytest.mark.parametrize("tracer", ["fx", "export"])
+def test_a_triangular_mask_of_a_weight_fixes_the_weights_axes(op, tracer):
+    """``w.tril()`` in the forward (an autoregressive layer's mask) keeps entries by their row and
+    column: permuting either axis of ``w`` changes what comes out. Before: tril/triu were read as
+    constants made from nothing, their output fixed and their input left free, and the proof
+    failed ("a discovery bug"). The layer before keeps its group only through the other path."""
+
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 4)
+            self.w = nn.Parameter(torch.randn(16, 16) / 4)
+
+        def forward(self, x):
+            if tracer == "export":
+                if int(x.shape[-1]) < 0:  # symbolic_trace fails on a Python int of a shape
+                    raise ValueError("never")
+            w = self.w.clone().tril_() if op == "tril_" else getattr(torch, op)(self.w)
+            h = torch.relu(self.a(x))
+            return self.b(torch.relu(F.linear(h, w)) + h)
+
+    x = torch.randn(4, 8)
+    spec = discover_checked(Masked(), x)
+    assert spec.traced.kind == tracer
+    assert spec.num_free == 0
+    assert any(f"{op} depends on the positions along axis" in f.reason for f in spec.fixed), \
+        [f.reason for f in spec.fixed]
+    # the same mask on an activation, of a square map: fixed there too, not a crash
+    spec = discover_checked(nn.Sequential(nn.Linear(8, 16), nn.Unflatten(1, (4, 4)), nn.ReLU()), x)
+    assert spec.num_free == 0
+
+
+@pytest.mark.parametrize("kind", ["pre-hook", "hook"])
+@pytest.mark.parametrize("tracer", ["fx", "export"])
+def test_forward_hooks_registered_for_every_module_fix_the_modules_axes(kind, tracer):
+    """``register_module_forward_hook`` / ``_pre_hook`` hook every module call, those of a traced
+    graph included. Before: the rules alone, and the proof reported "a discovery bug"; a spec
+    discovered before the hook was registered was reused after it. Removed, the groups are back."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 4)
+
+        def forward(self, x):
+            if tracer == "export" and int(x.shape[-1]) < 0:  # symbolic_trace fails on it
+                raise ValueError("never")
+            return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+    scale = torch.linspace(0.5, 2.0, 16)
+
+    def scaled_input(module, args):
+        return (args[0] * scale,) if isinstance(module, nn.Linear) and args[0].shape[-1] == 16 else None
+
+    def scaled_output(module, args, out):
+        return out * scale if isinstance(module, nn.Linear) and out.shape[-1] == 16 else None
+
+    torch.manual_seed(0)
+    net, x = Net().eval(), torch.randn(4, 8)
+    assert gr.discover(net, x).num_free == 32  # (kept for reuse)
+    register = (nn.modules.module.register_module_forward_pre_hook if kind == "pre-hook"
+                else nn.modules.module.register_module_forward_hook)
+    handle = register(scaled_input if kind == "pre-hook" else scaled_output)
+    try:
+        spec = gr.discover(net, x)
+        spec.check(net, x)
+        assert spec.traced.kind == tracer
+        if tracer == "fx":  # (torch.export runs the hooks into its graph: the rules read them there)
+            hook = "scaled_input" if kind == "pre-hook" else "scaled_output"
+            assert spec.num_free == 0
+            assert any("forward hooks registered for every module" in f.reason and hook in f.reason
+                       and "handle.remove()" in f.reason for f in spec.fixed), [f.reason for f in spec.fixed]
+    finally:
+        handle.remove()
+    assert gr.discover(net, x).num_free == 32

@@ -11,7 +11,8 @@ everything about the model that decides it, and reused for that model while the 
   weights), and for a buffer outside the state dict (``persistent=False``) and a plain tensor
   attribute, which a trace keeps as a constant of the graph, a digest of its values;
 - the example inputs: each one's shape, dtype and device;
-- discovery's own rule tables (``rules.registry``), as they stand.
+- discovery's own rule tables (``rules.registry``), as they stand, and the forward hooks
+  registered for every module (``rules.global_hooks``).
 
 A model changed in any of these (a layer replaced, resized or retyped, a flag set, another example
 shape) gets another key and is discovered afresh. An attribute the freezing does not understand is
@@ -117,6 +118,13 @@ def _rules() -> tuple:
     return (tuple(registry.RULES.items()), tuple(registry.MODULE_RULES), tuple(rules.MODULE_RULES))
 
 
+def _global_hooks(memo: dict) -> tuple:
+    """The forward hooks registered for every module (``rules.global_hooks``): they run in every
+    module call of a traced graph, so discovery fixes the modules' axes while any is registered."""
+    from graphrepair.discovery.rules import global_hooks
+    return tuple(_freeze(h, 0, memo) for h in global_hooks())
+
+
 def signature(model: nn.Module, example_inputs) -> tuple | None:
     """What decides ``model``'s spec on ``example_inputs`` (see the module doc), or None where
     something cannot be keyed."""
@@ -137,7 +145,7 @@ def signature(model: nn.Module, example_inputs) -> tuple | None:
                 persistent = attr not in model.get_submodule(owner)._non_persistent_buffers_set
                 tensors.append((kind, name, tuple(t.shape), t.dtype, t.device, first.setdefault(id(t), name),
                                 None if persistent else _digest(t)))
-        key = (type(model), inputs, tuple(mods), tuple(tensors), _rules())
+        key = (type(model), inputs, tuple(mods), tuple(tensors), _rules(), _global_hooks(memo))
         hash(key)
     except Exception:  # something that cannot be keyed: discovered every time, never guessed
         return None

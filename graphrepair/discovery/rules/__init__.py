@@ -7,6 +7,8 @@ node touches and records why: discovery never crashes on a model and never guess
 
 from __future__ import annotations
 
+from torch.nn.modules import module as _module
+
 from graphrepair.discovery.context import Context, op_name, tensor_args
 from graphrepair.discovery.parametrized import reads_hook
 from graphrepair.discovery.rules import attention, elementwise, layers, norms, parametrized, reductions, shape  # noqa: F401  (they register their rules)
@@ -59,11 +61,26 @@ def _hooked(ctx: Context, node) -> str | None:
         return None
     m = ctx.module()
     hooks = [h for h in m._forward_pre_hooks.values() if not reads_hook(h)] + list(m._forward_hooks.values())
-    if not hooks:
-        return None
-    names = ", ".join(sorted({getattr(h, "__qualname__", type(h).__name__) for h in hooks}))
-    return (f"module '{node.target}' has forward hooks ({names}) that may change its input or output; "
-            f"remove them (handle.remove()) before merging if they only observe")
+    if hooks:
+        return (f"module '{node.target}' has forward hooks ({_names(hooks)}) that may change its input or "
+                f"output; remove them (handle.remove()) before merging if they only observe")
+    hooks = global_hooks()
+    if hooks:
+        return (f"forward hooks registered for every module ({_names(hooks)}, "
+                f"torch.nn.modules.module.register_module_forward_hook or _pre_hook) may change the input "
+                f"or output of module '{node.target}'; remove them (handle.remove()) before merging if "
+                f"they only observe")
+    return None
+
+
+def global_hooks() -> list:
+    """The forward hooks and pre-hooks registered for every module (``register_module_forward_hook``,
+    ``register_module_forward_pre_hook``): a traced graph's module calls run them."""
+    return list(_module._global_forward_pre_hooks.values()) + list(_module._global_forward_hooks.values())
+
+
+def _names(hooks: list) -> str:
+    return ", ".join(sorted({getattr(h, "__qualname__", type(h).__name__) for h in hooks}))
 
 
 def apply_rule(ctx: Context, node):
