@@ -35,12 +35,14 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 from torch.fx.passes.shape_prop import ShapeProp
 
 from passes.base import PassResult, finish, graph_pass, start
 from passes.errors import PassError
 from passes.modules import (
+    MATMUL,
     Arg,
     Producer,
     TensorSource,
@@ -350,6 +352,15 @@ def _create_bias(gm: GraphModule, p: Producer, weight: _Slot, t: torch.Tensor) -
         x, mat2 = p.node.args[0], p.node.args[1]
         p.node.target = aten.addmm.default
         p.node.args = (node, x, mat2)
+    elif p.rule is MATMUL:  # x @ M, M (in, out): F.linear(x, M^T, bias), M^T read as a transpose of M
+        x, mat2 = p.node.args[0], p.node.args[1]
+        if mat2.op == "get_attr":
+            with graph.inserting_before(p.node):
+                mat2 = graph.call_method("t", (mat2,))
+        else:  # x @ W.t() with W (out, in): W itself
+            mat2 = mat2.args[0]
+        p.node.target = F.linear
+        p.node.args, p.node.kwargs = (x, mat2, node), {}
     else:
         _set_arg(p.node, p.rule.bias, node)
     return f"created parameter {qualname}"

@@ -343,10 +343,30 @@ _CONVOLUTION_RULES = {
 }
 
 
+# y = x @ M with M (in, out) a stored 2-D tensor: a linear layer written as a matrix product
+# (``x @ self.weight``, ``torch.matmul``); a product of two activations is no producer
+_MATMULS = {operator.matmul, torch.matmul, torch.mm}
+MATMUL = FunctionRule("linear", Arg(1, "other"), None, 1, -1)
+
+
+def _stored_ndim(node: Node) -> int | None:
+    """The number of axes of the tensor a get_attr node reads (None where it cannot be read)."""
+    gm = node.graph.owning_module
+    try:
+        t = operator.attrgetter(str(node.target))(gm)
+    except AttributeError:
+        return None
+    return t.ndim if isinstance(t, torch.Tensor) else None
+
+
 def _function_rule(target: Any, node: Node) -> FunctionRule | None:
     if target is _CONVOLUTION:
         transposed = call_arg(node, Arg(6, "transposed"), False)
         return _CONVOLUTION_RULES[bool(transposed)]
+    if target in _MATMULS:
+        w = node.args[1] if len(node.args) > 1 else None
+        stored = isinstance(trace_tensor_source(w), TensorSource)
+        return MATMUL if stored and _stored_ndim(w if w.op == "get_attr" else w.args[0]) == 2 else None
     for targets, rule in _FUNCTION_TABLE:
         if target in targets:
             return rule

@@ -293,3 +293,83 @@ def test_a_spec_of_other_groups_traced_at_another_dtype_is_refused():
     ha, hb = mlp(depth=3, width=32).to(torch.bfloat16).eval(), mlp(depth=3, width=32).to(torch.bfloat16).eval()
     with pytest.raises(gr.GraphRepairError, match=r"traced with torch.float32 weights.*bfloat16.*16 channels.*spec=None"):
         gr.merge_models([ha, hb], x, num_examples=16, batch_size=16, spec=spec32)
+
+
+class _ProductLayers(nn.Module):
+    """An MLP with (in, out) weight matrices, its layers written ``x @ w``."""
+
+    def __init__(self):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(64, 32) / 8)
+        self.b1 = nn.Parameter(torch.randn(32) / 10)
+        self.w2 = nn.Parameter(torch.randn(32, 32) / 6)
+        self.w3 = nn.Parameter(torch.randn(32, 10) / 6)
+
+    def forward(self, x):
+        return torch.relu(torch.relu(x @ self.w1 + self.b1) @ self.w2) @ self.w3
+
+
+class _ModuleLayers(nn.Module):
+    """The same function with nn.Linear layers (bias-free, the first layer's bias added after)."""
+
+    def __init__(self, net: _ProductLayers):
+        super().__init__()
+        self.l1, self.l2, self.l3 = (nn.Linear(*w.shape, bias=False) for w in (net.w1, net.w2, net.w3))
+        self.b1 = nn.Parameter(net.b1.detach().clone())
+        with torch.no_grad():
+            for layer, w in zip((self.l1, self.l2, self.l3), (net.w1, net.w2, net.w3)):
+                layer.weight.copy_(w.t())
+
+    def forward(self, x):
+        return self.l3(torch.relu(self.l2(torch.relu(self.l1(x) + self.b1))))
+
+
+@pytest.mark.parametrize("output", ["class", "graph"])
+def test_layers_written_as_matrix_products_are_repaired_as_linear_layers(output):
+    """``x @ self.w`` is a linear layer: REPAIR resets its output and folds the correction into
+    ``w``'s columns (a GraphModule creates the bias the shift needs). Before: no reset point, and
+    the merge failed with "needs the endpoint statistics". The same weights in nn.Linear layers
+    merge to the same function."""
+    torch.manual_seed(5)
+    x = torch.randn(512, 64)
+    torch.manual_seed(0)
+    a = _ProductLayers().eval()
+    torch.manual_seed(1)
+    b = _ProductLayers().eval()
+    merged = gr.merge_models([a, b], x, output=output)
+    reference = gr.merge_models([_ModuleLayers(a).eval(), _ModuleLayers(b).eval()], x, output=output)
+    assert isinstance(merged.model, _ProductLayers if output == "class" else torch.fx.GraphModule)
+    with torch.no_grad():
+        got, want = merged.model(x), reference.model(x)
+        plain = gr.merge_models([a, b], x, repair=None).model(x)
+    assert all(torch.equal(p, q) for p, q in zip(merged.perms[0].values(), reference.perms[0].values()))
+    # the products round differently; the class's scale-only corrections carry that further
+    # (0.3e-6 to 3e-4 over 12 seeds of the data, against REPAIR's own change of 0.4 to 0.7)
+    tol = 1e-5 if output == "graph" else 1e-3
+    assert (got - want).abs().max() < tol, (got - want).abs().max()
+    assert (got - plain).abs().max() > 0.1  # (REPAIR changed something)
+    assert merged.notes == reference.notes
+    if output == "class":  # the shifts of the bias-free layers: noted, as for nn.Linear's
+        assert any("correct the scale only" in n for n in merged.notes)
+
+
+def test_a_model_with_nothing_to_reset_says_so():
+    """Layers written with einsum: discovery moves their channels, but REPAIR has no layer output
+    to reset. One GraphRepairError says so and what to do; repair=None merges."""
+
+    class Ein(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w1 = nn.Parameter(torch.randn(8, 32) / 3)
+            self.w2 = nn.Parameter(torch.randn(32, 4) / 6)
+
+        def forward(self, x):
+            return torch.einsum("nh,ho->no", torch.relu(torch.einsum("ni,ih->nh", x, self.w1)), self.w2)
+
+    torch.manual_seed(0)
+    a, b, x = Ein().eval(), Ein().eval(), torch.randn(64, 8)
+    with pytest.raises(gr.GraphRepairError, match=r"nothing to repair in Ein: REPAIR resets the outputs of "
+                                                  r"linear and conv layers .* merge with repair=None"):
+        gr.merge(a, b, x)
+    merged = gr.merge(a, b, x, repair=None)
+    assert isinstance(merged, Ein) and merged(x).shape == (64, 4)

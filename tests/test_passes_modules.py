@@ -284,3 +284,36 @@ def test_eval_mode_puts_every_module_in_eval_and_restores_each_flag():
             model[0].train()
             raise RuntimeError("inside")
     assert all(m.training for m in model.modules())
+
+
+class MatmulLayers(nn.Module):
+    """Linear layers written as matrix products of stored (in, out) tensors, beside products
+    that are no layer: two activations, a 3-D parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(3, 4))
+        self.w2 = nn.Parameter(torch.randn(5, 4))  # (out, in), read transposed
+        self.cube = nn.Parameter(torch.randn(2, 5, 5))
+
+    def forward(self, x):
+        h1 = torch.relu(x @ self.w1)
+        h = torch.matmul(h1, self.w2.t())
+        gram = h @ h.t()  # activations only
+        return (self.cube @ h.t()).sum() + gram.sum() + torch.mm(h1, self.w1.t()).sum()
+
+
+def test_a_matrix_product_with_a_stored_matrix_is_a_linear_producer():
+    """``x @ self.weight`` is a linear layer whose weight is (in, out): its output is a producer
+    (REPAIR resets it and folds into the weight's columns). Before: no producer, and a merge of
+    such a model had no reset point."""
+    gm = torch.fx.symbolic_trace(MatmulLayers())
+    found = {n.name: describe_producer(gm, n) for n in gm.graph.nodes}
+    linear = {name: p for name, p in found.items() if p is not None}
+    assert sorted(linear) == ["matmul", "matmul_1", "mm"], sorted(linear)
+    for name, p in linear.items():
+        assert p.kind == "linear" and p.channel_axis == -1 and p.rule.bias is None
+        src = trace_tensor_source(p.arg(p.rule.weight))
+        assert (src.qualname, src.transposed) == {"matmul": ("w1", False), "matmul_1": ("w2", True),
+                                                 "mm": ("w1", True)}[name]
+    assert torch.isfinite(gm(torch.randn(2, 3)))  # (a model that runs)
