@@ -85,3 +85,29 @@ def test_resnet20_points():
     assert [n for n, _, _ in obs["conv"]] == ["relu", "relu_2", "relu_4", "relu_6"]
     assert [n for n, _, _ in obs["blocks.6.conv2"]] == ["relu_14", "relu_16", "mean"]
     assert [n for n, _, _ in obs["blocks.0.conv1"]] == ["relu_1"]
+
+
+@pytest.mark.parametrize("tracer", ["fx", "export"])
+def test_a_weight_computed_in_the_forward_is_not_observed(tracer):
+    """A weight transposed or scaled in the forward is a node of the group that feeds a linear
+    layer, but no activation: its "samples" are the weight's rows, the same every batch. Before:
+    observed beside the ReLUs, so the weight's rows entered the correlations the assignment
+    solves. Only nodes computed from the model's inputs are observed."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w1 = nn.Parameter(torch.randn(8, 16))  # (in, out)
+            self.a, self.b = nn.Linear(16, 16), nn.Linear(16, 4)
+
+        def forward(self, x):
+            if tracer == "export" and int(x.shape[-1]) < 0:  # symbolic_trace fails on it
+                raise ValueError("never")
+            h = torch.relu(nn.functional.linear(x, self.w1.t()))
+            return self.b(torch.relu(nn.functional.linear(h, self.a.weight * 2.0, self.a.bias)))
+
+    spec = gr.discover(Net().eval(), torch.randn(4, 8))
+    assert spec.traced.kind == tracer
+    observed = {p.node for pts in observation_points(spec).values() for p in pts}
+    relus = {n.name for n in spec.traced.gm.graph.nodes if "relu" in str(n.target)}
+    assert observed == relus and len(relus) == 2, (observed, relus)

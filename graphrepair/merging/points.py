@@ -3,7 +3,8 @@
 Both are chosen from the discovered spec and the traced graph, with no per-architecture code.
 
 Observation points of a group (activation matching): the member nodes that feed an op mixing
-channels (conv, linear, matmul, attention): the features the next layer reads. Every such point of
+channels (conv, linear, matmul, attention): the features the next layer reads, computed from the
+model's inputs (not a weight transposed or parametrised in the forward). Every such point of
 a group contributes (residual streams have many). A group with no such node (e.g. the per-head
 dims inside a fused nn.MultiheadAttention) is aligned by weight matching instead.
 
@@ -63,9 +64,21 @@ def _mixes(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
     return False
 
 
+def _activations(gm: torch.fx.GraphModule) -> set[str]:
+    """The nodes whose values depend on a model input (a placeholder). A node computed from stored
+    tensors alone (a weight transposed, scaled or parametrised in the forward) is no activation:
+    its "samples" would be a weight's rows, the same in every batch."""
+    live: set[str] = set()
+    for n in gm.graph.nodes:
+        if n.op == "placeholder" or any(a.name in live for a in n.all_input_nodes):
+            live.add(n.name)
+    return live
+
+
 def observation_points(spec: PermutationSpec) -> dict[str, list[ObservePoint]]:
     gm = spec.traced.gm
     nodes = {n.name: n for n in gm.graph.nodes}
+    live = _activations(gm)
     out: dict[str, list[ObservePoint]] = {}
     for g in spec.groups:
         vid = spec.var_of_group[g.name]
@@ -73,7 +86,7 @@ def observation_points(spec: PermutationSpec) -> dict[str, list[ObservePoint]]:
         pts = []
         for m in g.nodes:
             n = nodes.get(m.name)
-            if n is None or n.op in ("get_attr", "placeholder") or m.name in seen:
+            if n is None or n.op in ("get_attr", "placeholder") or m.name in seen or m.name not in live:
                 continue
             if not any(_mixes(gm, u) for u in n.users) or _follows_the_batch(spec.node_axes[m.name][m.axis]):
                 continue
