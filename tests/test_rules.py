@@ -953,3 +953,52 @@ def test_forward_hooks_registered_for_every_module_fix_the_modules_axes(kind, tr
     finally:
         handle.remove()
     assert gr.discover(net, x).num_free == 32
+
+
+class _EncoderClassifier(nn.Module):
+    """Token embedding, torch.nn's TransformerEncoder (eval: its fused fast path), a linear head."""
+
+    def __init__(self, norm_first: bool = False):
+        super().__init__()
+        self.embed = nn.Embedding(40, 16)
+        layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True, norm_first=norm_first)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, tokens):
+        return self.head(self.encoder(self.embed(tokens)).mean(1))
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_torch_nn_transformer_layers_are_traced_through(norm_first):
+    """torch.nn's own modules are leaves of a symbolic trace, and no rule reads
+    nn.TransformerEncoder: every channel of such a model was fixed ("no rule for module
+    TransformerEncoder"). Traced through, its layers' attention, feed-forward and the residual
+    stream with its LayerNorms move, and a merge comes back in the class. A decoder layer too."""
+    tokens = torch.randint(0, 40, (8, 6))
+    spec = discover_checked(_EncoderClassifier(norm_first).eval(), tokens)
+    # (traced through, the encoder's ``src.is_nested`` stops symbolic tracing: torch.export traces it)
+    assert spec.traced.kind == "export" and "control flow" in spec.traced.fx_error
+    assert not any("TransformerEncoder" in f.reason for f in spec.fixed)
+    for i in range(2):
+        assert group_of(spec, f"encoder.layers.{i}.linear1.weight", 0).size == 32
+    stream = group_of(spec, "embed.weight", 1)
+    assert stream is not None and stream.size == 16
+    assert any(m.name == "encoder.layers.1.norm2.weight" for m in stream.params)
+    torch.manual_seed(1)
+    a, b = _EncoderClassifier(norm_first).eval(), _EncoderClassifier(norm_first).eval()
+    merged = gr.merge(a, b, torch.randint(0, 40, (64, 6)))
+    assert isinstance(merged, _EncoderClassifier) and torch.isfinite(merged(tokens)).all()
+
+    class Decoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = nn.TransformerDecoderLayer(16, 4, 32, dropout=0.0, batch_first=True, norm_first=norm_first)
+            self.head = nn.Linear(16, 3)
+
+        def forward(self, x):
+            return self.head(self.layer(x, x))
+
+    spec = discover_checked(Decoder(), torch.randn(4, 6, 16))
+    assert not any("TransformerDecoderLayer" in f.reason for f in spec.fixed)
+    assert group_of(spec, "layer.linear1.weight", 0).size == 32

@@ -197,6 +197,27 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
 
 
+# torch.nn's transformer layers, which symbolic tracing would keep whole as leaves (torch.nn's own
+# modules are leaves) though no rule reads them: traced through, their linear layers, attention and
+# norms get their own rules (nn.TransformerEncoder's channels were all fixed, "no rule"). Their
+# forwards test their input's dimensions in Python, which stops symbolic tracing: torch.export
+# traces such a model (``trace``'s fallback)
+_TRACED_THROUGH = (nn.TransformerEncoder, nn.TransformerEncoderLayer, nn.TransformerDecoder,
+                   nn.TransformerDecoderLayer, nn.Transformer)
+
+
+class _Tracer(torch.fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return not isinstance(m, _TRACED_THROUGH) and super().is_leaf_module(m, qualname)
+
+
+def _symbolic_trace(model: nn.Module) -> torch.fx.GraphModule:
+    """``torch.fx.symbolic_trace``, tracing through ``_TRACED_THROUGH``."""
+    tracer = _Tracer()
+    graph = tracer.trace(model)
+    return torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
 def trace(model: nn.Module, example_inputs) -> Traced:
     """Trace ``model`` and record every node's output shape on ``example_inputs``."""
     check_module(model)
@@ -206,7 +227,7 @@ def trace(model: nn.Module, example_inputs) -> Traced:
     # given_back: symbolic tracing runs the forward, which may assign its buffers (a Proxy then)
     with given_back(model), eval_mode(model), torch.no_grad(), traceable(model) as notes:
         try:
-            gm = torch.fx.symbolic_trace(model)
+            gm = _symbolic_trace(model)
             kind = "fx"
             placeholders = _placeholders(gm, inputs)
         except Exception as e:
