@@ -1002,3 +1002,26 @@ def test_torch_nn_transformer_layers_are_traced_through(norm_first):
     spec = discover_checked(Decoder(), torch.randn(4, 6, 16))
     assert not any("TransformerDecoderLayer" in f.reason for f in spec.fixed)
     assert group_of(spec, "layer.linear1.weight", 0).size == 32
+
+
+@pytest.mark.parametrize("tracer", ["fx", "export"])
+def test_an_index_tensor_stored_as_a_buffer_keeps_its_order(tracer):
+    """``h[:, self.ids]`` with ``ids`` a buffer: the index's positions order the output's columns,
+    which come out fixed. Before: ``ids``' own axis was left free, a group of its own, and permuting
+    it reordered the columns the next layer reads (the proof: "a discovery bug")."""
+
+    class Picked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 4)
+            self.register_buffer("ids", torch.arange(16).roll(5))
+
+        def forward(self, x):
+            if tracer == "export" and int(x.shape[-1]) < 0:  # symbolic_trace fails on it
+                raise ValueError("never")
+            return self.b(torch.relu(self.a(x))[:, self.ids])
+
+    spec = discover_checked(Picked(), torch.randn(4, 8))
+    assert spec.traced.kind == tracer
+    assert spec.num_free == 0
+    assert any(f.reason.startswith("index tensor of node") for f in spec.fixed), [f.reason for f in spec.fixed]
