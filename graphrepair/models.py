@@ -76,7 +76,8 @@ def check_module(value, who: str = "the model", argument: str = "model", state: 
     """A GraphRepairError unless ``value`` (the API argument ``argument``) is a Python
     torch.nn.Module: for a state dict, a path or anything else, each saying what to do instead;
     for a TorchScript module, or a module holding one, naming it (neither torch.fx nor
-    torch.export reads TorchScript, and its tables are no Python dicts); where ``state`` (the call
+    torch.export reads TorchScript, and its tables are no Python dicts); for a lazy module whose
+    parameters are not made yet (its forward would make them); where ``state`` (the call
     permutes or merges the state dict), for a quantized module (its weights are packed integers),
     naming it."""
     kind = type(value).__name__
@@ -98,6 +99,11 @@ def check_module(value, who: str = "the model", argument: str = "model", state: 
                 f"{who} {where} a TorchScript module (torch.jit.script or torch.jit.trace made it): "
                 f"graphrepair traces Python modules with torch.fx or torch.export, which cannot read "
                 f"TorchScript; use the nn.Module it was made from")
+        if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params():
+            raise GraphRepairError(
+                f"{who} {where} a lazy module ({type(m).__name__}) whose parameters are not made yet: its "
+                f"first forward would make them, with random values; run the model once (model(x)) or "
+                f"load its weights before giving it to graphrepair")
         if state and ".quantized." in type(m).__module__:  # torch.ao.nn.quantized (static and dynamic), intrinsic
             raise GraphRepairError(
                 f"{who} {where} a quantized module ({type(m).__module__}.{type(m).__name__}): graphrepair "

@@ -334,3 +334,26 @@ def test_extra_state_is_refused_where_a_state_dict_is_merged_and_let_be_elsewher
     assert report.max_abs_diff < 1e-4 and (tmp_path / "m.onnx").exists()
     accuracy, loss = gr.evaluate(a, (X, Y))
     assert 0 <= accuracy <= 1 and loss > 0
+
+
+@pytest.mark.parametrize("call", ["merge", "discover", "evaluate", "export"])
+def test_lazy_modules_not_yet_made_are_refused_and_left_unmade(call, tmp_path):
+    """A ``nn.LazyLinear`` before its first forward has no weights: its forward would make them,
+    with random values, in the caller's model. Before: ``RuntimeError: Can't access the shape of an
+    uninitialized parameter`` from discovery. Once made (one forward), the model merges."""
+    def make():
+        return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.LazyLinear(16), nn.ReLU(), nn.Linear(16, 4)).eval()
+
+    torch.manual_seed(0)
+    a, b = make(), make()
+    b(X[:1])
+    run = {"merge": lambda: gr.merge(a, b, X), "discover": lambda: gr.discover(a, X[:4]),
+           "evaluate": lambda: gr.evaluate(a, (X, Y)),
+           "export": lambda: gr.export_onnx(a, X[:2], tmp_path / "m.onnx")}[call]
+    who = "model A" if call == "merge" else "the model"
+    with pytest.raises(GraphRepairError, match=f"{who} holds at '2' a lazy module \\(LazyLinear\\) whose parameters "
+                                               "are not made yet.*run the model once"):
+        run()
+    assert a[2].has_uninitialized_params() and not (tmp_path / "m.onnx").exists()
+    a(X[:1])
+    assert isinstance(gr.merge(a, b, X), nn.Sequential)
