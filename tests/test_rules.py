@@ -1025,3 +1025,38 @@ def test_an_index_tensor_stored_as_a_buffer_keeps_its_order(tracer):
     assert spec.traced.kind == tracer
     assert spec.num_free == 0
     assert any(f.reason.startswith("index tensor of node") for f in spec.fixed), [f.reason for f in spec.fixed]
+
+
+@pytest.mark.parametrize("op", ["cosine_similarity", "pairwise_distance", "cdist"])
+@pytest.mark.parametrize("tracer", ["fx", "export"])
+def test_similarities_over_the_channels_let_them_move(op, tracer):
+    """cosine_similarity / pairwise_distance of two branches and cdist to learned prototypes
+    reduce over the features: invariant under a permutation both inputs carry. Before: no rule,
+    every axis they touch fixed. cdist's prototypes move too, with the layer that reads the
+    distances."""
+
+    class Similar(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 16), nn.Linear(8, 16)
+            self.prototypes = nn.Parameter(torch.randn(5, 16))
+            self.head = nn.Linear(5 if op == "cdist" else 1, 3)
+
+        def forward(self, x):
+            if tracer == "export" and int(x.shape[-1]) < 0:  # symbolic_trace fails on it
+                raise ValueError("never")
+            u, v = torch.relu(self.a(x)), torch.relu(self.b(x))
+            if op == "cdist":
+                return self.head(torch.cdist(u, self.prototypes))
+            d = F.cosine_similarity(u, v, dim=1) if op == "cosine_similarity" else F.pairwise_distance(u, v)
+            return self.head(d[:, None])
+
+    spec = discover_checked(Similar(), torch.randn(6, 8))
+    assert spec.traced.kind == tracer
+    features = group_of(spec, "a.weight", 0)
+    assert features is not None and features.size == 16
+    if op == "cdist":
+        assert group_of(spec, "prototypes", 1) is features
+        assert group_of(spec, "prototypes", 0).size == 5 and group_of(spec, "head.weight", 1).size == 5
+    else:
+        assert group_of(spec, "b.weight", 0) is features

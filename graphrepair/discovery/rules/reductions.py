@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import re
 
+import torch
+import torch.fx
+
 from graphrepair.discovery.axes import Fixed
 from graphrepair.discovery.context import Context, op_name
 from graphrepair.discovery.rules.registry import module, nn, norm_dim, op, spatial, unknown
@@ -86,6 +89,66 @@ def triangular(ctx: Context):
     for d in (len(xa) - 2, len(xa) - 1):
         ctx.fix(xa[d], f"{name} depends on the positions along axis {d}", d, x.name)
     return xa[:-2] + [Fixed(s, f"{name} output") for s in info.shape[-2:]]
+
+
+
+def _broadcast_pair(ctx: Context, x1, x2, shape) -> list | None:
+    """Fresh axes of ``shape`` (x1's and x2's broadcast shape) carrying, like an elementwise op,
+    each input's aligned axes of that size; None where an input's axes are not known."""
+    full = ctx.fresh_axes(shape)
+    for x in (x1, x2):
+        xa, xs = ctx.axes(x), ctx.shape(x)
+        if xa is None or xs is None or len(xs) > len(shape):
+            return None
+        for k in range(1, len(xs) + 1):
+            if xs[-k] == shape[-k] and xs[-k] > 1:
+                ctx.unify(xa[-k], full[-k])
+    return full
+
+
+@op("cosine_similarity pairwise_distance")
+def paired_reduction(ctx: Context):
+    """cosine_similarity(x1, x2, dim) and pairwise_distance(x1, x2) (over the last axis): x1 and
+    x2 broadcast together as an elementwise op, then the axis is reduced, which is invariant under
+    a permutation both carry; the other axes pass through."""
+    x1, x2, os_ = ctx.arg("x1", index=0), ctx.arg("x2", index=1), ctx.out_shape()
+    if not all(isinstance(x, torch.fx.Node) and ctx.shape(x) is not None for x in (x1, x2)) or os_ is None:
+        return unknown(ctx)
+    shape = tuple(torch.broadcast_shapes(tuple(ctx.shape(x1)), tuple(ctx.shape(x2))))
+    full = _broadcast_pair(ctx, x1, x2, shape)
+    if full is None or not shape:
+        return unknown(ctx)
+    if op_name(ctx.node) == "cosine_similarity":
+        dim, keep = ctx.arg("dim", 1, index=2), False
+    else:
+        dim, keep = -1, bool(ctx.arg("keepdim", False, index=4))
+    if not isinstance(dim, int):
+        return unknown(ctx)
+    d = norm_dim(dim, len(shape))
+    out = full[:d] + ([Fixed(1)] if keep else []) + full[d + 1:]
+    return out if [e.size for e in out] == list(os_) else unknown(ctx)
+
+
+@op("cdist")
+def cdist(ctx: Context):
+    """cdist(x1 (..., P, M), x2 (..., R, M)): distances over the M features, invariant under a
+    permutation both carry; P follows x1's rows, R x2's, the leading axes broadcast."""
+    x1, x2, os_ = ctx.arg("x1", index=0), ctx.arg("x2", index=1), ctx.out_shape()
+    if not all(isinstance(x, torch.fx.Node) and ctx.shape(x) is not None for x in (x1, x2)) or os_ is None:
+        return unknown(ctx)
+    a1, a2, s1, s2 = ctx.axes(x1), ctx.axes(x2), ctx.shape(x1), ctx.shape(x2)
+    if a1 is None or a2 is None or len(s1) < 2 or len(s2) < 2 or s1[-1] != s2[-1] or len(os_) < 2:
+        return unknown(ctx)
+    ctx.unify(a1[-1], a2[-1])
+    out = ctx.fresh_axes(os_)
+    for xa, xs in ((a1, s1), (a2, s2)):
+        lead, olead = xs[:-2], os_[:-2]
+        for k in range(1, len(lead) + 1):
+            if k <= len(olead) and lead[-k] == olead[-k] and lead[-k] > 1:
+                ctx.unify(xa[-2 - k], out[-2 - k])
+    ctx.unify(a1[-2], out[-2])
+    ctx.unify(a2[-2], out[-1])
+    return out
 
 
 def _pool(ctx: Context, name: str):
