@@ -352,14 +352,16 @@ def _create_bias(gm: GraphModule, p: Producer, weight: _Slot, t: torch.Tensor) -
         x, mat2 = p.node.args[0], p.node.args[1]
         p.node.target = aten.addmm.default
         p.node.args = (node, x, mat2)
-    elif p.rule is MATMUL:  # x @ M, M (in, out): F.linear(x, M^T, bias), M^T read as a transpose of M
+    elif p.rule is MATMUL:  # x @ M, M (in, out): linear(x, M^T, bias), M^T read as a transpose of M
         x, mat2 = p.node.args[0], p.node.args[1]
+        aten_graph = isinstance(p.node.target, torch._ops.OpOverload)
         if mat2.op == "get_attr":
             with graph.inserting_before(p.node):
-                mat2 = graph.call_method("t", (mat2,))
+                mat2 = (graph.call_function(aten.t.default, (mat2,)) if aten_graph
+                        else graph.call_method("t", (mat2,)))
         else:  # x @ W.t() with W (out, in): W itself
             mat2 = mat2.args[0]
-        p.node.target = F.linear
+        p.node.target = aten.linear.default if aten_graph else F.linear
         p.node.args, p.node.kwargs = (x, mat2, node), {}
     else:
         _set_arg(p.node, p.rule.bias, node)

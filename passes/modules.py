@@ -345,7 +345,7 @@ _CONVOLUTION_RULES = {
 
 # y = x @ M with M (in, out) a stored 2-D tensor: a linear layer written as a matrix product
 # (``x @ self.weight``, ``torch.matmul``); a product of two activations is no producer
-_MATMULS = {operator.matmul, torch.matmul, torch.mm}
+_MATMULS = {operator.matmul, torch.matmul, torch.mm, aten.matmul.default}
 MATMUL = FunctionRule("linear", Arg(1, "other"), None, 1, -1)
 
 

@@ -298,14 +298,17 @@ def test_a_spec_of_other_groups_traced_at_another_dtype_is_refused():
 class _ProductLayers(nn.Module):
     """An MLP with (in, out) weight matrices, its layers written ``x @ w``."""
 
-    def __init__(self):
+    def __init__(self, export: bool = False):
         super().__init__()
+        self.export = export  # a Python int of a shape: symbolic_trace fails, torch.export traces
         self.w1 = nn.Parameter(torch.randn(64, 32) / 8)
         self.b1 = nn.Parameter(torch.randn(32) / 10)
         self.w2 = nn.Parameter(torch.randn(32, 32) / 6)
         self.w3 = nn.Parameter(torch.randn(32, 10) / 6)
 
     def forward(self, x):
+        if self.export and int(x.shape[-1]) < 0:
+            raise ValueError("never")
         return torch.relu(torch.relu(x @ self.w1 + self.b1) @ self.w2) @ self.w3
 
 
@@ -324,8 +327,9 @@ class _ModuleLayers(nn.Module):
         return self.l3(torch.relu(self.l2(torch.relu(self.l1(x) + self.b1))))
 
 
+@pytest.mark.parametrize("tracer", ["fx", "export"])
 @pytest.mark.parametrize("output", ["class", "graph"])
-def test_layers_written_as_matrix_products_are_repaired_as_linear_layers(output):
+def test_layers_written_as_matrix_products_are_repaired_as_linear_layers(output, tracer):
     """``x @ self.w`` is a linear layer: REPAIR resets its output and folds the correction into
     ``w``'s columns (a GraphModule creates the bias the shift needs). Before: no reset point, and
     the merge failed with "needs the endpoint statistics". The same weights in nn.Linear layers
@@ -333,10 +337,11 @@ def test_layers_written_as_matrix_products_are_repaired_as_linear_layers(output)
     torch.manual_seed(5)
     x = torch.randn(512, 64)
     torch.manual_seed(0)
-    a = _ProductLayers().eval()
+    a = _ProductLayers(tracer == "export").eval()
     torch.manual_seed(1)
-    b = _ProductLayers().eval()
+    b = _ProductLayers(tracer == "export").eval()
     merged = gr.merge_models([a, b], x, output=output)
+    assert merged.spec.traced.kind == tracer
     reference = gr.merge_models([_ModuleLayers(a).eval(), _ModuleLayers(b).eval()], x, output=output)
     assert isinstance(merged.model, _ProductLayers if output == "class" else torch.fx.GraphModule)
     with torch.no_grad():

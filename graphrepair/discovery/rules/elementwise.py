@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch.fx
 
 from graphrepair.discovery.context import Context, op_name, tensor_args
-from graphrepair.discovery.rules.registry import fixed_out, module, nn, op, same_as, unknown
+from graphrepair.discovery.rules.registry import broadcast_into, fixed_out, module, nn, op, same_as, unknown
 from graphrepair.discovery.trace import TensorInfo
 
 ELEMENTWISE = """
@@ -50,13 +50,10 @@ def elementwise(ctx: Context):
         axes, s = ctx.axes(a), ctx.shape(a)
         if axes is None or s is None:
             continue
-        if len(s) > len(shape):
+        if not broadcast_into(ctx, axes, s, out):
             return unknown(ctx)
         if a.op != "get_attr" and len(s) == len(shape) and s == shape and len(s) > 0:
             acts += 1
-        for k in range(1, len(s) + 1):
-            if s[-k] == shape[-k] and s[-k] > 1:
-                ctx.unify(axes[-k], out[-k])
     name = op_name(ctx.node).rstrip("_")  # an in-place op joins as its out-of-place form
     if acts >= 2:
         ctx.join("residual" if name in ("add", "sub") else "gate" if name == "mul" else "elementwise")

@@ -14,7 +14,7 @@ import torch.fx
 
 from graphrepair.discovery.axes import Fixed
 from graphrepair.discovery.context import Context, op_name
-from graphrepair.discovery.rules.registry import module, nn, norm_dim, op, spatial, unknown
+from graphrepair.discovery.rules.registry import broadcast_into, module, nn, norm_dim, op, spatial, unknown
 from graphrepair.discovery.trace import TensorInfo
 
 
@@ -91,21 +91,6 @@ def triangular(ctx: Context):
     return xa[:-2] + [Fixed(s, f"{name} output") for s in info.shape[-2:]]
 
 
-
-def _broadcast_pair(ctx: Context, x1, x2, shape) -> list | None:
-    """Fresh axes of ``shape`` (x1's and x2's broadcast shape) carrying, like an elementwise op,
-    each input's aligned axes of that size; None where an input's axes are not known."""
-    full = ctx.fresh_axes(shape)
-    for x in (x1, x2):
-        xa, xs = ctx.axes(x), ctx.shape(x)
-        if xa is None or xs is None or len(xs) > len(shape):
-            return None
-        for k in range(1, len(xs) + 1):
-            if xs[-k] == shape[-k] and xs[-k] > 1:
-                ctx.unify(xa[-k], full[-k])
-    return full
-
-
 @op("cosine_similarity pairwise_distance")
 def paired_reduction(ctx: Context):
     """cosine_similarity(x1, x2, dim) and pairwise_distance(x1, x2) (over the last axis): x1 and
@@ -115,8 +100,9 @@ def paired_reduction(ctx: Context):
     if not all(isinstance(x, torch.fx.Node) and ctx.shape(x) is not None for x in (x1, x2)) or os_ is None:
         return unknown(ctx)
     shape = tuple(torch.broadcast_shapes(tuple(ctx.shape(x1)), tuple(ctx.shape(x2))))
-    full = _broadcast_pair(ctx, x1, x2, shape)
-    if full is None or not shape:
+    full = ctx.fresh_axes(shape)
+    if not shape or any(ctx.axes(x) is None or not broadcast_into(ctx, ctx.axes(x), ctx.shape(x), full)
+                        for x in (x1, x2)):
         return unknown(ctx)
     if op_name(ctx.node) == "cosine_similarity":
         dim, keep = ctx.arg("dim", 1, index=2), False
@@ -141,11 +127,8 @@ def cdist(ctx: Context):
         return unknown(ctx)
     ctx.unify(a1[-1], a2[-1])
     out = ctx.fresh_axes(os_)
-    for xa, xs in ((a1, s1), (a2, s2)):
-        lead, olead = xs[:-2], os_[:-2]
-        for k in range(1, len(lead) + 1):
-            if k <= len(olead) and lead[-k] == olead[-k] and lead[-k] > 1:
-                ctx.unify(xa[-2 - k], out[-2 - k])
+    if not all(broadcast_into(ctx, xa[:-2], xs[:-2], out[:-2]) for xa, xs in ((a1, s1), (a2, s2))):
+        return unknown(ctx)
     ctx.unify(a1[-2], out[-2])
     ctx.unify(a2[-2], out[-1])
     return out

@@ -72,6 +72,17 @@ def param_axes(ctx: Context, attr: str):
     return ctx.param(f"{ctx.node.target}.{attr}", tuple(t.shape))
 
 
+def broadcast_into(ctx: Context, axes: list, shape, out: list) -> bool:
+    """NumPy broadcasting of a tensor of ``shape`` (``axes``) into ``out``: aligned axes of the same
+    size (more than 1) carry one permutation. False, unifying nothing, where it has more axes."""
+    if len(shape) > len(out):
+        return False
+    for k in range(1, len(shape) + 1):
+        if shape[-k] == out[-k].size and shape[-k] > 1:
+            ctx.unify(axes[-k], out[-k])
+    return True
+
+
 def describe(ctx: Context) -> str:
     n = ctx.node
     if n.op == "call_module":
@@ -101,5 +112,5 @@ def is_module(ctx: Context, *types: type) -> bool:
     return ctx.node.op == "call_module" and isinstance(ctx.module(), types)
 
 
-__all__ = ["MODULE_RULES", "RULES", "Rule", "describe", "fixed_out", "is_module", "module", "norm_dim",
+__all__ = ["MODULE_RULES", "RULES", "Rule", "broadcast_into", "describe", "fixed_out", "is_module", "module", "norm_dim",
            "op", "param_axes", "reject", "same_as", "spatial", "unknown", "nn"]

@@ -421,8 +421,9 @@ def pad_module(ctx: Context):
 def advanced_index(ctx: Context, x, indices):
     """``x[i0, i1, ...]`` with index tensors (aten.index.Tensor; ``None`` keeps an axis whole):
     an axis read through an index tensor is picked by position (fixed), and the index's own axes
-    come out fixed, and are fixed in the index too; an axis kept whole keeps its layout. NumPy's placement: the index axes stand
-    where the indexed axes were when these are adjacent, else first."""
+    come out fixed (and are fixed in the index: a stored index must not move either); an axis
+    kept whole keeps its layout. NumPy's placement: the index axes stand where the indexed axes
+    were when these are adjacent, else first."""
     xa = ctx.axes(x)
     if xa is None or not isinstance(indices, (list, tuple)) or len(indices) > len(xa):
         return unknown(ctx)
@@ -441,8 +442,6 @@ def advanced_index(ctx: Context, x, indices):
         return unknown(ctx)
     for k in picked:
         ctx.fix(xa[k], f"indexed by a tensor at node '{ctx.node.name}'", k, x.name)
-        # the index's own positions order the output's index axes (which come out fixed): an index
-        # stored as a buffer must not move either
         for d, e in enumerate(ctx.axes(indices[k]) or []):
             ctx.fix(e, f"index tensor of node '{ctx.node.name}'", d, indices[k].name)
     kept = [k for k in range(len(xa)) if k not in picked]
