@@ -129,9 +129,21 @@ class ConvBN(nn.Module):
         return self.head(torch.relu(self.bn(self.conv(x.view(-1, 1, 8, 8)))).mean((2, 3)))
 
 
+class Einsum(nn.Module):
+    """Layers written with einsum: their channels move, but REPAIR has no layer output to reset."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(64, 32) / 8)
+        self.w2 = nn.Parameter(torch.randn(32, 10) / 6)
+
+    def forward(self, x):
+        return torch.einsum("nh,ho->no", torch.relu(torch.einsum("ni,ih->nh", x, self.w1)), self.w2)
+
+
 MODELS = {"mlp": MLP, "data_dependent": DataDependent, "fixed_batch": FixedBatch, "in_place": InPlace,
           "hidden_out": HiddenOut, "buffers_only": BuffersOnly, "dict_out": DictOut, "tied_square": TiedSquare,
-          "slow_export": SlowExport, "conv_bn": ConvBN}
+          "slow_export": SlowExport, "conv_bn": ConvBN, "einsum": Einsum}
 
 
 def mlp():
@@ -172,6 +184,10 @@ def slow_export():
 
 def conv_bn():
     return ConvBN()
+
+
+def einsum():
+    return Einsum()
 
 
 def scripted():

@@ -225,6 +225,7 @@ CASES = {
     "no groups: hidden features returned": merge(["no permutation groups", "graphrepair inspect"],
                                                  opts=pair("hidden_out")),
     "no groups: buffers only": merge(["no permutation groups"], opts=pair("buffers_only")),
+    "nothing to reset: einsum layers": merge(["nothing to repair in Einsum", "--repair none"], opts=pair("einsum")),
     "non-UTF-8 --out": merge(["--out", "UTF-8"], out=os.fsdecode(b"{t}/m\xff.onnx")),
     # the GraphModule asked for (the default gives the class back, leaving those resets out)
     "tied weights with --points conv": merge(["--weights", "drop --output graph", "--repair reset or none"],

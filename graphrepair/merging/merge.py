@@ -200,7 +200,7 @@ def _merge_prepared(prep: Prepared, weights: list[float], repair: str | None, qu
             f"nothing to repair in {prep.spec.model_name}: REPAIR resets the outputs of linear and conv "
             f"layers (nn.Linear, nn.Conv*, F.linear, F.conv*, x @ weight) and of residual adds whose channels "
             f"move, and none of its groups has one (its layers are other ops, e.g. einsum); merge with "
-            f"repair=None, or write its layers with F.linear")
+            f"repair=None (--repair none), or write its layers with F.linear")
     if repair == "approx" and prep.stats[0].points and next(iter(prep.stats[0].points.values())).cov_ab is None:
         raise GraphRepairError("repair='approx' needs A-B cross-covariances: prepare(..., cross=True)")
     # a convex combination of finite weights (every model was checked in prepare) is finite
