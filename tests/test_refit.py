@@ -217,7 +217,8 @@ def test_refit_with_no_layer_it_can_fit_says_so():
             return x * self.w
 
     m = Scale()
-    with pytest.raises(GraphRepairError, match="no Linear, Conv1d/2d, BatchNorm or LayerNorm layer that can be refit"):
+    with pytest.raises(GraphRepairError, match=r"no Linear, Conv1d/2d, BatchNorm or LayerNorm layer that can be refit "
+                                               r"\(functional layers are not refit\); merge with refit=0$"):
         R.refit(m, [m, m], [0.5, 0.5], _fit(torch.randn(8, 4)), 1)
 
 

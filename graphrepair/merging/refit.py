@@ -307,8 +307,10 @@ def refit(merged: nn.Module, endpoints: list[nn.Module], weights: list[float], f
         return out
     modules, out.kept = _find_layers(merged, endpoints)
     if not modules:
+        why = "; ".join(f"{k}: {v}" for k, v in list(out.kept.items())[:3])
         raise GraphRepairError(f"refit: {type(merged).__name__} has no Linear, Conv1d/2d, BatchNorm or LayerNorm "
-                               f"layer that can be refit ({'; '.join(f'{k}: {v}' for k, v in list(out.kept.items())[:3])})")
+                               f"layer that can be refit" + (f" ({why})" if why else " (functional layers are not "
+                               "refit); merge with refit=0"))
     ends = [dict(e.named_modules()) for e in endpoints]
     device = next(iter(modules.values())).weight.device
     with eval_mode(merged, *endpoints):
