@@ -1060,3 +1060,34 @@ def test_similarities_over_the_channels_let_them_move(op, tracer):
         assert group_of(spec, "prototypes", 0).size == 5 and group_of(spec, "head.weight", 1).size == 5
     else:
         assert group_of(spec, "b.weight", 0) is features
+
+
+@pytest.mark.parametrize("op", ["F.glu", "nn.GLU", "F.normalize"])
+@pytest.mark.parametrize("tracer", ["fx", "export"])
+def test_gated_units_and_normalize_let_channels_move(op, tracer):
+    """glu gates one half of the channels by the other: both halves carry the output's
+    permutation. F.normalize divides by the norm along the channels: equivariant. Before: no rule
+    for glu, nn.GLU or normalize under symbolic tracing, every axis they touched fixed."""
+
+    class Gated(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 32 if "glu" in op.lower() else 16), nn.Linear(16, 4)
+            self.gate = nn.GLU(-1)
+
+        def forward(self, x):
+            if tracer == "export" and int(x.shape[-1]) < 0:  # symbolic_trace fails on it
+                raise ValueError("never")
+            h = self.a(x)
+            h = {"F.glu": lambda: F.glu(h, -1), "nn.GLU": lambda: self.gate(h),
+                 "F.normalize": lambda: F.normalize(torch.relu(h), dim=1)}[op]()
+            return self.b(h)
+
+    spec = discover_checked(Gated(), torch.randn(6, 8))
+    assert spec.traced.kind == tracer
+    g = group_of(spec, "b.weight", 1)
+    assert g is not None and g.size == 16
+    if op != "F.normalize":  # the two halves of a's outputs move alike
+        assert len([m for m in g.params if m.name == "a.weight"]) == 1 and spec.num_free == 16
+    else:
+        assert group_of(spec, "a.weight", 0) is g

@@ -2,7 +2,8 @@
 
 Elementwise ops broadcast like NumPy: aligned axes of one size carry one permutation, so a
 residual add, a gate or a layer scale joins its inputs' groups. Softmax along any axis is
-equivariant under a permutation of that axis. Ops that only read metadata add no constraint.
+equivariant under a permutation of that axis, and so is F.normalize (a division by a norm along
+it). Ops that only read metadata add no constraint.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ hardswish_ hardsigmoid elu elu_ selu celu leaky_relu leaky_relu_ softplus softsi
 tanhshrink threshold glu_none neg abs exp exp2 expm1 log log2 log10 log1p sqrt rsqrt erf erfc square
 sin cos reciprocal sign clamp clamp_ clamp_min clamp_max clip nan_to_num isnan isinf isfinite round
 floor ceil trunc dropout dropout_ alpha_dropout feature_alpha_dropout dropout1d dropout2d dropout3d
-softmax log_softmax _softmax _log_softmax _safe_softmax softmin
+softmax log_softmax _softmax _log_softmax _safe_softmax softmin normalize
 """
 
 # In-place forms (``x.add_(y)``, what a symbolic trace keeps of ``out += identity`` in HF's

@@ -231,6 +231,32 @@ def split(ctx: Context):
     return tuple(xa[:dim] + [p] + xa[dim + 1:] for p in pieces)
 
 
+def _glu(ctx: Context, dim):
+    """glu(x, dim) = a * sigmoid(b) of x's two halves along ``dim``: the halves carry one
+    permutation, the output's axis; the other axes pass through."""
+    x = ctx.input()
+    xa, os_ = ctx.axes(x), ctx.out_shape()
+    if xa is None or os_ is None or not isinstance(dim, int) or len(os_) != len(xa):
+        return unknown(ctx)
+    dim = norm_dim(dim, len(xa))
+    a, b = ctx.fresh(os_[dim]), ctx.fresh(os_[dim])
+    ctx.unify(xa[dim], cat([a, b]))
+    ctx.unify(a, b)
+    return xa[:dim] + [a] + xa[dim + 1:]
+
+
+@op("glu")
+def glu(ctx: Context):
+    """F.glu / aten.glu along ``dim`` (``_glu``)."""
+    return _glu(ctx, ctx.arg("dim", -1, index=1))
+
+
+@module(nn.GLU)
+def glu_module(ctx: Context):
+    """nn.GLU along its ``dim`` (``_glu``)."""
+    return _glu(ctx, ctx.module().dim)
+
+
 @op("getitem")
 def getitem(ctx: Context):
     """Tuple element, or tensor indexing: full slices keep an axis; an int or a partial slice
