@@ -1091,3 +1091,48 @@ def test_gated_units_and_normalize_let_channels_move(op, tracer):
         assert len([m for m in g.params if m.name == "a.weight"]) == 1 and spec.num_free == 16
     else:
         assert group_of(spec, "a.weight", 0) is g
+
+
+class _RepeatedKV(nn.Module):
+    """Grouped-query attention whose key/value heads are repeated for their query heads with
+    ``repeat_interleave`` (8 query heads, 2 key/value heads, head dim 4)."""
+
+    def __init__(self, tracer: str):
+        super().__init__()
+        self.tracer = tracer
+        self.emb, self.head = nn.Linear(6, 32), nn.Linear(32, 3)
+        self.q, self.k, self.v, self.o = nn.Linear(32, 32), nn.Linear(32, 8), nn.Linear(32, 8), nn.Linear(32, 32)
+
+    def forward(self, x):
+        if self.tracer == "export" and int(x.shape[-1]) < 0:  # symbolic_trace fails on it
+            raise ValueError("never")
+        z = self.emb(x)
+        b, t, _ = z.shape
+        q = self.q(z).view(b, t, 8, 4).transpose(1, 2)
+        k = self.k(z).view(b, t, 2, 4).transpose(1, 2).repeat_interleave(4, dim=1)
+        v = self.v(z).view(b, t, 2, 4).transpose(1, 2).repeat_interleave(4, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, 32)
+        return self.head((z + self.o(y)).mean(1))
+
+
+@pytest.mark.parametrize("tracer", ["fx", "export"])
+def test_repeat_interleave_repeats_each_position_as_one(tracer):
+    """repeat_interleave(r, dim) makes r copies of each position in a row: the key/value heads
+    move, each with the query heads it serves, and so do the head dims. Before: no rule, and
+    attention's heads and head dims were all fixed. Repeats given per position stay fixed."""
+    spec = discover_checked(_RepeatedKV(tracer), torch.randn(4, 5, 6))
+    assert spec.traced.kind == tracer
+    kv_heads = group_of(spec, "k.weight", 0)
+    assert kv_heads is not None and sorted(g.size for g in spec.groups) == [2, 4, 4, 32]
+    assert group_of(spec, "q.weight", 0) is not None and group_of(spec, "v.weight", 0) is not None
+
+    class PerPosition(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 4), nn.Linear(8, 2)
+            self.register_buffer("r", torch.tensor([1, 3, 2, 2]))
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)).repeat_interleave(self.r, dim=-1))
+
+    assert discover_checked(PerPosition(), torch.randn(4, 8)).num_free == 0

@@ -162,6 +162,22 @@ def repeat(ctx: Context):
     return out
 
 
+@op("repeat_interleave")
+def repeat_interleave(ctx: Context):
+    """x.repeat_interleave(r, dim) with a whole number r: each position along ``dim`` becomes r
+    copies in a row, kron(axis, fixed[r]) (grouped-query attention's key/value heads repeated for
+    their query heads); repeats given per position, or no ``dim`` (the flattened tensor): fixed."""
+    x = ctx.input()
+    xa, xs, os_ = ctx.axes(x), ctx.shape(x), ctx.out_shape()
+    r, dim = ctx.arg("repeats", index=1), ctx.arg("dim", index=2)
+    if xa is None or os_ is None or not isinstance(r, int) or not isinstance(dim, int) or len(os_) != len(xs):
+        return unknown(ctx)
+    dim = norm_dim(dim, len(xa))
+    if os_[dim] != xs[dim] * r:
+        return unknown(ctx)
+    return xa[:dim] + [kron(xa[dim], Fixed(r, "repeat_interleave copies"))] + xa[dim + 1:]
+
+
 @op("squeeze unsqueeze squeeze_ unsqueeze_")
 def squeeze_unsqueeze(ctx: Context):
     xa, os_ = ctx.axes(ctx.input()), ctx.out_shape()
