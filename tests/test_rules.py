@@ -1136,3 +1136,23 @@ def test_repeat_interleave_repeats_each_position_as_one(tracer):
             return self.b(torch.relu(self.a(x)).repeat_interleave(self.r, dim=-1))
 
     assert discover_checked(PerPosition(), torch.randn(4, 8)).num_free == 0
+
+
+def test_a_transformer_model_torch_export_cannot_trace_keeps_its_layers_whole(monkeypatch):
+    """Where torch.export fails on a model holding nn.TransformerEncoder, symbolic tracing keeps
+    the encoder whole as before (its channels fixed, "no rule"), the rest is discovered, and the
+    trace's notes say why."""
+    from graphrepair.discovery import trace as tr
+
+    def fails(model, inputs):
+        raise RuntimeError("export says no")
+
+    monkeypatch.setattr(tr, "_export", fails)
+    tokens = torch.randint(0, 40, (8, 6))
+    spec = discover_checked(_EncoderClassifier(), tokens)
+    assert spec.traced.kind == "fx"
+    assert any("torch.export failed (RuntimeError: export says no): traced with torch.nn's transformer "
+               "layers kept whole" in n for n in spec.traced.notes)
+    assert any("no rule for module TransformerEncoder" in f.reason for f in spec.fixed)
+    with pytest.raises(gr.TraceError, match="export says no"):  # a model without such layers: as before
+        gr.trace(_RepeatedKV("export"), torch.randn(4, 5, 6))

@@ -201,7 +201,8 @@ def _first_line(e: BaseException) -> str:
 # modules are leaves) though no rule reads them: traced through, their linear layers, attention and
 # norms get their own rules (nn.TransformerEncoder's channels were all fixed, "no rule"). Their
 # forwards test their input's dimensions in Python, which stops symbolic tracing: torch.export
-# traces such a model (``trace``'s fallback)
+# traces such a model (``trace``'s fallback), or, where torch.export fails, symbolic tracing
+# keeps them whole as before (``_with_leaves``)
 _TRACED_THROUGH = (nn.TransformerEncoder, nn.TransformerEncoderLayer, nn.TransformerDecoder,
                    nn.TransformerDecoderLayer, nn.Transformer)
 
@@ -216,6 +217,18 @@ def _symbolic_trace(model: nn.Module) -> torch.fx.GraphModule:
     tracer = _Tracer()
     graph = tracer.trace(model)
     return torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def _with_leaves(model: nn.Module) -> torch.fx.GraphModule | None:
+    """For a model holding ``_TRACED_THROUGH`` layers, which symbolic tracing cannot trace
+    through: its symbolic trace with them kept whole, as ``torch.fx.symbolic_trace`` keeps them
+    (None for any other model, or where that fails too)."""
+    if not any(isinstance(m, _TRACED_THROUGH) for m in model.modules()):
+        return None
+    try:
+        return torch.fx.symbolic_trace(model)
+    except Exception:
+        return None
 
 
 def trace(model: nn.Module, example_inputs) -> Traced:
@@ -237,11 +250,19 @@ def trace(model: nn.Module, example_inputs) -> Traced:
                 kind = "export"
                 placeholders = _placeholders(gm, inputs)
             except Exception as e2:
-                raise TraceError(
-                    f"cannot trace {name}: torch.fx.symbolic_trace failed ({fx_error}) and "
-                    f"torch.export.export failed ({_first_line(e2)}). Make the forward traceable "
-                    f"(no data-dependent Python control flow) or check the example input."
-                ) from e2
+                gm = _with_leaves(model)
+                if gm is None:
+                    raise TraceError(
+                        f"cannot trace {name}: torch.fx.symbolic_trace failed ({fx_error}) and "
+                        f"torch.export.export failed ({_first_line(e2)}). Make the forward traceable "
+                        f"(no data-dependent Python control flow) or check the example input."
+                    ) from e2
+                # torch.nn's transformer layers kept whole, as symbolic_trace keeps them: their
+                # channels fixed ("no rule"), the rest of the model discovered
+                kind = "fx"
+                placeholders = _placeholders(gm, inputs)
+                notes.append(f"torch.export failed ({_first_line(e2)}): traced with torch.nn's "
+                             f"transformer layers kept whole, their channels fixed")
         recorder = _ShapeRecorder(gm, name)
         try:
             recorder.run(*placeholders)
