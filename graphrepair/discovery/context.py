@@ -80,17 +80,22 @@ class Context:
         self._touched.append(key)
         if key not in self.params:
             if self.state_shapes and key not in self.state_shapes and key not in self.parametrised:
-                reason = (f"'{key}' is not in the state dict (a tensor attribute, or one a forward "
-                          f"pre-hook computes from others): permutations and merges cannot carry it")
-                for d, s in enumerate(shape):
-                    if s > 1:
-                        self.origins.append(FixedAxis(self.node.name, d, s, reason, "node"))
-                self.params[key] = [Fixed(s, reason) for s in shape]
+                self.params[key] = self.unheld(self.node.name, shape, (
+                    f"'{key}' is not in the state dict (a tensor attribute, or one a forward "
+                    f"pre-hook computes from others): permutations and merges cannot carry it"))
                 return self.params[key]
             self.params[key] = [self.solver.fresh(s) for s in shape]
             if key in self.parametrised:  # its originals move with it, or it is fixed
                 parametrized.link(self, self.parametrised[key], self.params[key])
         return self.params[key]
+
+    def unheld(self, where: str, shape: tuple[int, ...], reason: str) -> list[Expr]:
+        """Fixed axes of a tensor no state dict holds (permutations and merges cannot carry it),
+        recorded as origins at node ``where`` for ``spec.fixed``."""
+        for d, s in enumerate(shape):
+            if s > 1:
+                self.origins.append(FixedAxis(where, d, s, reason, "node"))
+        return [Fixed(s, reason) for s in shape]
 
     def fresh(self, size: int) -> Expr:
         return self.solver.fresh(size)

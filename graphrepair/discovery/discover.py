@@ -142,12 +142,8 @@ def _get_attr_axes(ctx: Context, node: torch.fx.Node, info: TensorInfo, persiste
         return [Fixed(s, "not used by the traced graph") for s in info.shape]
     if key in persistent:
         return ctx.param(node.target, info.shape)
-    reason = (f"'{node.target}' is not in the state dict (a non-persistent buffer or a tensor "
-              f"attribute): permutations and merges cannot carry it")
-    for d, s in enumerate(info.shape):
-        if s > 1:
-            ctx.origins.append(FixedAxis(node.name, d, s, reason, "node"))
-    return [Fixed(s, reason) for s in info.shape]
+    return ctx.unheld(node.name, info.shape, f"'{node.target}' is not in the state dict (a non-persistent "
+                      f"buffer or a tensor attribute): permutations and merges cannot carry it")
 
 
 # -- turning the solved variables into a frozen spec ---------------------------------------------
