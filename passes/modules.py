@@ -349,12 +349,13 @@ _MATMULS = {operator.matmul, torch.matmul, torch.mm, aten.matmul.default}
 MATMUL = FunctionRule("linear", Arg(1, "other"), None, 1, -1)
 
 
-def _stored_ndim(node: Node) -> int | None:
-    """The number of axes of the tensor a get_attr node reads (None where it cannot be read)."""
+def _stored_ndim(node: Node, qualname: str) -> int | None:
+    """The number of axes of the tensor at ``qualname`` in ``node``'s graph module (None where it
+    cannot be read)."""
     gm = node.graph.owning_module
     try:
-        t = operator.attrgetter(str(node.target))(gm)
-    except AttributeError:
+        t = None if gm is None else get_attr_value(gm, qualname)
+    except PassError:
         return None
     return t.ndim if isinstance(t, torch.Tensor) else None
 
@@ -364,9 +365,8 @@ def _function_rule(target: Any, node: Node) -> FunctionRule | None:
         transposed = call_arg(node, Arg(6, "transposed"), False)
         return _CONVOLUTION_RULES[bool(transposed)]
     if target in _MATMULS:
-        w = node.args[1] if len(node.args) > 1 else None
-        stored = isinstance(trace_tensor_source(w), TensorSource)
-        return MATMUL if stored and _stored_ndim(w if w.op == "get_attr" else w.args[0]) == 2 else None
+        src = trace_tensor_source(node.args[1] if len(node.args) > 1 else None)
+        return MATMUL if isinstance(src, TensorSource) and _stored_ndim(node, src.qualname) == 2 else None
     for targets, rule in _FUNCTION_TABLE:
         if target in targets:
             return rule
