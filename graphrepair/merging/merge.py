@@ -193,14 +193,14 @@ def _merge_prepared(prep: Prepared, weights: list[float], repair: str | None, qu
         raise GraphRepairError(f"no permutation groups in {prep.spec.model_name}: no hidden channel may move, so "
                                f"there is nothing to repair; spec.fixed (discover(model, x).fixed) says why each "
                                f"axis is kept fixed")
-    if repair in ("exact", "approx") and (not prep.points or prep.stats[0] is None) and reset_points(prep.spec):
-        raise GraphRepairError(f"repair={repair!r} needs the endpoint statistics: prepare(..., statistics=True)")
-    if repair in ("exact", "approx") and not prep.points:
+    if repair in ("exact", "approx") and not prep.points and not reset_points(prep.spec):
         raise GraphRepairError(
             f"nothing to repair in {prep.spec.model_name}: REPAIR resets the outputs of linear and conv "
             f"layers (nn.Linear, nn.Conv*, F.linear, F.conv*, x @ weight) and of residual adds whose channels "
             f"move, and none of its groups has one (its layers are other ops, e.g. einsum); merge with "
             f"repair=None (--repair none), or write its layers with F.linear")
+    if repair in ("exact", "approx") and (not prep.points or prep.stats[0] is None):
+        raise GraphRepairError(f"repair={repair!r} needs the endpoint statistics: prepare(..., statistics=True)")
     if repair == "approx" and prep.stats[0].points and next(iter(prep.stats[0].points.values())).cov_ab is None:
         raise GraphRepairError("repair='approx' needs A-B cross-covariances: prepare(..., cross=True)")
     # a convex combination of finite weights (every model was checked in prepare) is finite
