@@ -66,14 +66,12 @@ def command(session: Session, model_ref, ckpt_a, ckpt_b, fit_ref, method, num_ex
     warnings = study.warnings
     if plots:
         from graphrepair.study.plots import barrier_figure, layers_figure, save_figure
-        from graphrepair.distributed import is_reporting
-        from graphrepair.io.fileio import atomic_outputs
 
         title = f"{model_ref}: {Path(ckpt_a).name} -> {Path(ckpt_b).name}"
         figs = [barrier_figure(study.curves, title)]
         if layers:
             figs.append(layers_figure(study.layers, study.layer_labels, study.layer_alpha, title))
-        with atomic_outputs(plots, written=session.written, writes=is_reporting()) as tmps:
+        with session.outputs(plots) as tmps:
             for fig, tmp in zip(figs, tmps):
                 save_figure(fig, tmp)
     study.notes = list(dict.fromkeys(fit.notes + session.notes() + study.notes))

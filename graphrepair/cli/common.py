@@ -143,6 +143,18 @@ class Session:
         finally:
             logging.disable(level)
 
+    @contextlib.contextmanager
+    def outputs(self, paths: list) -> Iterator[list[Path | None]]:
+        """``atomic_outputs`` for the command's files: written by the reporting process only,
+        recorded in ``written`` once all are in place, and not committed at all once a signal
+        came, even one a library swallowed (the run then ends as interrupted, outputs unchanged)."""
+        from graphrepair.distributed import is_reporting
+        from graphrepair.io.fileio import atomic_outputs
+
+        with atomic_outputs(paths, written=self.written, writes=is_reporting(),
+                            interrupted=lambda: self.signals.received) as tmps:
+            yield tmps
+
     # -- how a run ends ---------------------------------------------------------------------------
 
     def interrupted(self, signum: int | None) -> None:

@@ -31,7 +31,7 @@ def command(session: Session, out_dir, pair, alphas, as_json):
     out = make_out_dir(out_dir, "--out")
     check_files(session, {f"--out ({name})": out / name for name in OUTPUT_NAMES.values()}, {})
     result = run_demo(out, pair=pair, alphas=alphas, device=pick_device(session.device), quiet=session.quiet,
-                      written=session.written)
+                      outputs=session.outputs)
     result.study.notes = list(dict.fromkeys(session.notes() + result.study.notes))
     if as_json:
         echo_json(result.as_dict())

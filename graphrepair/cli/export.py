@@ -28,8 +28,6 @@ def command(session: Session, model_ref, checkpoint, input_shape, input_dtype, v
     from graphrepair.cli.inputs import example_input, load_models, pick_device, run_model
     from graphrepair.errors import ShapeError
     from graphrepair.io.export import export_dict, export_onnx, op_summary
-    from graphrepair.distributed import is_reporting
-    from graphrepair.io.fileio import atomic_outputs
 
     device = pick_device(session.device)
     (model,) = load_models(model_ref, [("--checkpoint", checkpoint)], device)
@@ -40,7 +38,7 @@ def command(session: Session, model_ref, checkpoint, input_shape, input_dtype, v
     run_model(model, other, f"--input-shape {input_shape}: the model runs on a batch of {shape[0]} but not on one "
                             f"of {other.shape[0]} (it seems to fix its batch size; the ONNX file has a dynamic "
                             f"batch axis)", ShapeError)
-    with atomic_outputs([path], written=session.written, writes=is_reporting()) as (tmp,):
+    with session.outputs([path]) as (tmp,):
         rep = export_onnx(model, (x,), tmp)
     data = export_dict(rep, path)
     if as_json:

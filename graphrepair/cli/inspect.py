@@ -33,8 +33,6 @@ def command(session: Session, model_ref, checkpoint, input_shape, input_dtype, v
 
     from graphrepair.discovery.discover import discover
     from graphrepair.io.loading import load_factory
-    from graphrepair.distributed import is_reporting
-    from graphrepair.io.fileio import atomic_outputs
     from graphrepair.cli.inputs import with_option
     from graphrepair.cli.report import print_spec
     from graphrepair.errors import GraphRepairError, ShapeError
@@ -53,7 +51,7 @@ def command(session: Session, model_ref, checkpoint, input_shape, input_dtype, v
     max_diff = spec.check(model, (x,)) if check else None
     if paths["--dot"] is not None:
         dot = spec.to_dot()
-        with atomic_outputs([paths["--dot"]], written=session.written, writes=is_reporting()) as (tmp,):
+        with session.outputs([paths["--dot"]]) as (tmp,):
             tmp.write_text(dot)
     if as_json:
         data = spec.as_dict()

@@ -89,15 +89,13 @@ def command(session: Session, model_ref, ckpt_a, ckpt_b, fit_ref, method, num_ex
     export = None
     from graphrepair.distributed import is_reporting
     from graphrepair.io.export import export_dict, export_onnx
-    from graphrepair.io.fileio import atomic_outputs
 
     with contextlib.ExitStack() as stack:
         place_hf = None
         if out_hf is not None and is_reporting():  # proved by from_pretrained, placed after the files
             from graphrepair.io.zoo_refs import staged_pretrained
             place_hf = stack.enter_context(staged_pretrained(res.model, out_hf, fit.example))
-        with atomic_outputs([onnx_path, weights_path], written=session.written,
-                            writes=is_reporting()) as (tmp_onnx, tmp_weights):
+        with session.outputs([onnx_path, weights_path]) as (tmp_onnx, tmp_weights):
             if tmp_onnx is not None:
                 export = export_onnx(res.model, fit.example, tmp_onnx)
             if tmp_weights is not None:

@@ -220,11 +220,11 @@ def prepare_out_dir(out_dir: str | Path) -> Path:
 
 def run_demo(out_dir: str | Path | None = "graphrepair-demo", *, pair: str | DemoPair = "digits-mlp",
              alphas: int = 11, device: torch.device | str | None = None, quiet: bool = True,
-             written: list[Path] | None = None, **pair_options) -> DemoResult:
+             outputs=None, **pair_options) -> DemoResult:
     """Build (train) the pair, run the naive / aligned / REPAIR study, write the files to
     ``out_dir`` (nothing is written when it is None), and return everything, figures included.
-    ``pair_options`` go to the pair's builder (e.g. ``epochs=10`` for a quicker run); ``written``
-    receives the paths once all three files are in place."""
+    ``pair_options`` go to the pair's builder (e.g. ``epochs=10`` for a quicker run); ``outputs``
+    is how the files are written (see ``write_outputs``)."""
     from graphrepair.study.plots import barrier_figure, layers_figure
 
     start = time.perf_counter()
@@ -247,13 +247,15 @@ def run_demo(out_dir: str | Path | None = "graphrepair-demo", *, pair: str | Dem
     seconds["study"] = time.perf_counter() - t
     result = DemoResult(pair, study, merged, figures, seconds=seconds)
     if out is not None:
-        write_outputs(result, out, written)
+        write_outputs(result, out, outputs)
     seconds["total"] = time.perf_counter() - start
     return result
 
 
-def write_outputs(result: DemoResult, out: Path, written: list[Path] | None = None) -> None:
-    """merged.onnx (verified), barrier.png and layers.png, all or none."""
+def write_outputs(result: DemoResult, out: Path, outputs=None) -> None:
+    """merged.onnx (verified), barrier.png and layers.png, all or none. ``outputs(paths)`` stages
+    and commits them (a context manager giving temporary paths; ``io.fileio.atomic_outputs`` when
+    None; the command line passes ``Session.outputs``)."""
     from graphrepair.io.export import export_onnx
     from graphrepair.distributed import is_reporting
     from graphrepair.io.fileio import atomic_outputs
@@ -262,7 +264,8 @@ def write_outputs(result: DemoResult, out: Path, written: list[Path] | None = No
     t = time.perf_counter()
     targets = {k: out / name for k, name in OUTPUT_NAMES.items()}
     example = first_examples(result.pair.fit)
-    with atomic_outputs(list(targets.values()), written=written, writes=is_reporting()) as tmps:
+    stage = outputs or (lambda paths: atomic_outputs(paths, writes=is_reporting()))
+    with stage(list(targets.values())) as tmps:
         tmp = dict(zip(targets, tmps))
         result.export = export_onnx(result.merged.model, (example,), tmp["onnx"])
         save_figure(result.figures["barrier"], tmp["barrier"])

@@ -332,11 +332,15 @@ def deferred_signals(signums: Sequence[int] = HELD_SIGNALS) -> Iterator[list[int
 
 @contextlib.contextmanager
 def atomic_outputs(paths: Sequence[str | os.PathLike | None], written: list[Path] | None = None, *,
-                   writes: bool = True) -> Iterator[list[Path | None]]:
+                   writes: bool = True,
+                   interrupted: Callable[[], int | None] | None = None) -> Iterator[list[Path | None]]:
     """Temporary paths for ``paths`` (None stays None); all are committed together when the block
     succeeds (see the module text), none when it raises. ``written``, when given, receives the
     paths once they are all in place. ``writes=False`` (a process that does not write, e.g. a rank
-    other than 0 of a distributed run) gives paths in a temporary directory that is removed after."""
+    other than 0 of a distributed run) gives paths in a temporary directory that is removed after.
+    ``interrupted``, when given, is asked once the block is done, with the signals held: when it
+    names a signal, the process was interrupted and a library caught the exception the handler
+    raised, so the run went on to its end; nothing is committed and KeyboardInterrupt is raised."""
     if not writes:
         with tempfile.TemporaryDirectory(prefix="graphrepair-rank-") as d:
             yield [None if p is None else Path(d) / f"{i}_{Path(p).name}" for i, p in enumerate(paths)]
@@ -350,6 +354,9 @@ def atomic_outputs(paths: Sequence[str | os.PathLike | None], written: list[Path
         for s in live:
             s.seal()
         with deferred_signals():
+            signum = None if interrupted is None else interrupted()
+            if signum is not None:
+                raise KeyboardInterrupt(f"{signal.Signals(signum).name} arrived before the outputs were committed")
             _commit_all(live)
             if written is not None:
                 written.extend(s.path for s in live)
