@@ -257,6 +257,13 @@ class WeightScores:
         # only the units asked for are gathered (not the whole group, then a few of its rows)
         units_a = None if rows is None else rows.cpu()
         units_b = None if cols is None else cols.cpu()
+        # B's units are multiplied in increasing order, then put in the order asked for: a GEMM's
+        # last bits may depend on where a column lies (MKL's on AMD EPYC), and a block asked for
+        # again with the same units in another order must be the block made afresh, bit for bit
+        gathered_b, back = units_b, None
+        if units_b is not None and len(units_b) > 1 and not bool((units_b[1:] > units_b[:-1]).all()):
+            rank = units_b.argsort()
+            gathered_b, back = units_b[rank], rank.argsort()
         widen = pairing is not _sorted_values
         # A's views of a few units (the tie-break's rows, asked for again round after round with
         # other permutations held) are kept: they read no permutation
@@ -276,17 +283,19 @@ class WeightScores:
         todo = (list(range(len(now))) if terms is None else
                 [k for k, perms in enumerate(now) if not _same_perms(terms[2][k][0], perms)]) if few else None
         if todo is not None and len(todo) < len(now):  # (a kept block: A's views are kept too)
-            gen = self.views(name, held, units_a, units_b, todo,
+            gen = self.views(name, held, units_a, gathered_b, todo,
                              known_a=None if known_a is None else [known_a[k] for k in todo])
         else:
             # inner products alone (no norm summed from B's views) read the views in any layout
-            gen = self.views(name, held, units_a, units_b, items, widen=widen, known_a=known_a,
+            gen = self.views(name, held, units_a, gathered_b, items, widen=widen, known_a=known_a,
                              keep_layout=pairing is _inner and not norms)
         made_a, made = [], {}
         for k, (wa, wb) in enumerate(gen):
             made_a.append(wa)
             term = pairing(wa, wb).cpu()
             norm = wb.flatten(1).square().sum(1).cpu() if norms else None
+            if back is not None:
+                term, norm = term[:, back], None if norm is None else norm[back]
             if todo is not None:  # summed below, in the tensors' order (the same sums, bit for bit)
                 made[todo[k]] = (term, norm)
                 continue
