@@ -85,6 +85,41 @@ def test_exact_repair_without_groups_says_so():
         gr.merge(a, b, torch.randn(50, 64), repair="exact", num_examples=50)
 
 
+@pytest.mark.parametrize("repair", ["exact", None])
+def test_activations_whose_squares_overflow_are_named_not_called_nan(repair):
+    """Finite activations of 1e20 have squares beyond float32: the error says so (it said "NaN/Inf
+    activations?") and names the way out, which works: the same merge in float64."""
+    torch.manual_seed(0)
+    a, b = hostile_models.MLP(), hostile_models.MLP()
+    x = torch.randn(200, 64) * 1e20
+    with pytest.raises(NumericError, match=r"model A's activations at node '\w+' are finite but large "
+                                           r"\(means up to \d\.\de\+\d+\): their squares overflow.*float64"):
+        gr.merge(a, b, x, repair=repair, num_examples=200)
+    merged = gr.merge(a.double(), b.double(), x.double(), repair=repair, num_examples=200)
+    assert next(merged.parameters()).dtype == torch.float64
+    assert bool(torch.isfinite(merged(x.double())).all())
+    with pytest.raises(NumericError, match=r"not finite, as at every observed point \(NaN/Inf activations"):
+        gr.merge(a.float(), b.float(), torch.full((200, 64), float("inf")), repair=repair, num_examples=200)
+
+
+@pytest.mark.parametrize("repair", ["exact", None])
+@pytest.mark.parametrize("row", [5, 150])
+def test_one_nan_in_the_data_is_an_error_without_repair_too(repair, row):
+    """One NaN input value makes every channel it reaches NaN in the sums; the correlations read
+    NaN channels as units without signal, so alignment alone (repair=None) matched every unit by
+    the weights, its note blaming dead or tied units. With every observed point NaN there is
+    nothing to align on: both now say which statistics are not finite and where to look (a model
+    that computes NaN at a few points merges with a note: test_public_models, t5_tiny)."""
+    torch.manual_seed(0)
+    a, b = hostile_models.MLP(), hostile_models.MLP()
+    x = torch.randn(200, 64)
+    x[row, 3] = float("nan")
+    with pytest.raises(NumericError, match=r"statistics of model A at node '\w+' are not finite, as at every "
+                                           r"observed point \(NaN/Inf activations: look for NaN or infinite "
+                                           r"values in the data"):
+        gr.merge(a, b, x, repair=repair, num_examples=200, batch_size=50)
+
+
 def test_export_refuses_nan_weights_and_outputs(tmp_path, pair):
     a, _, x = pair
     broken = hostile_models.MLP()

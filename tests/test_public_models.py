@@ -129,4 +129,7 @@ def test_timm_pair_merges_and_exports(entry, tmp_path):
                          ids=lambda e: e.name)
 def test_decoder_seq2seq_and_unet_pairs_merge(entry, tmp_path):
     need(entry.package)
-    merge_pair(entry, tmp_path, export=entry.name in EXPORTED)
+    result = merge_pair(entry, tmp_path, export=entry.name in EXPORTED)
+    if entry.name == "t5_tiny":  # its decoder computes NaN at a point (the merge goes on, and says so)
+        assert any(n.startswith("statistics not finite (NaN/Inf activations) at '") and
+                   "matched by the weights alone" in n for n in result.notes), result.notes

@@ -312,7 +312,7 @@ def summarise(spec: PermutationSpec, plan: TapPlan, observe: dict[str, list[Obse
         if not plan.cross_at_resets:  # read once: free the cross products now (``drop_cross``)
             taps[view_node].drop_cross(i)
         if not torch.isfinite(jc).all():
-            raise NumericError(f"correlations at node {node!r} are not finite (NaN/Inf activations?)")
+            raise NumericError(f"correlations at node {node!r} are not finite ({_why_not_finite(node, sa, sb)})")
         joint[node] = JointPoint(plan.joint_exprs[node][1], jc, sa.var)
     # every variance and mean read below, at once (``moments.moments_all``: rows of one table
     # per channel count, the same numbers as each sums' own)
@@ -320,6 +320,9 @@ def summarise(spec: PermutationSpec, plan: TapPlan, observe: dict[str, list[Obse
     at_reset = [plan.at_reset[r.node] for r in resets]
     read = {id(s): s for node, i in ordinary + at_reset for s in taps[node].moments(i)}
     moments = dict(zip(read, moments_all(list(read.values()))))
+    notes = list(plan.notes)
+    if moments and not bool(torch.isfinite(torch.cat([t.reshape(-1) for mv in moments.values() for t in mv])).all()):
+        notes.extend(_not_finite_points(taps, ordinary + at_reset, moments))
     corr: dict[str, torch.Tensor] = {}
     dead: dict[str, int] = {}
     coupled: dict[str, Coupled] = {}
@@ -355,7 +358,13 @@ def summarise(spec: PermutationSpec, plan: TapPlan, observe: dict[str, list[Obse
     # finite exactly when all of them are. One check for all; the first culprit named on failure
     if corr and not bool(torch.isfinite(torch.stack([c.sum() for c in corr.values()])).all()):
         g = next(g for g, c in corr.items() if not torch.isfinite(c).all())
-        raise NumericError(f"correlations of group {g!r} are not finite (NaN/Inf activations?)")
+        why = "NaN/Inf activations?"
+        for p in observe[g]:  # the first point whose statistics say why
+            node, i = plan.at_group.get((g, p.node)) or plan.at_joint[p.node]
+            why = _why_not_finite(p.node, *taps[node].moments(i))
+            if why != _NOT_FINITE:
+                break
+        raise NumericError(f"correlations of group {g!r} are not finite ({why})")
     stats = {}
     for r in resets:
         node, i = plan.at_reset[r.node]
@@ -368,10 +377,64 @@ def summarise(spec: PermutationSpec, plan: TapPlan, observe: dict[str, list[Obse
         for node, p in stats.items():  # one check for all; find the first culprit only on failure
             for who, m, v in (("A", p.mean_a, p.var_a), ("B", p.mean_b, p.var_b)):
                 if not (torch.isfinite(m).all() and torch.isfinite(v).all()):
-                    raise NumericError(f"statistics of model {who} at node {node!r} are not finite "
-                                       f"(NaN/Inf activations)")
-    return PairStats(corr, stats, examples, {g: n for g, n in dead.items() if n}, coupled, joint,
-                     list(plan.notes))
+                    why = _overflow(who, node, m, v) or _NAN
+                    raise NumericError(f"statistics of model {who} at node {node!r} are not finite ({why})")
+    return PairStats(corr, stats, examples, {g: n for g, n in dead.items() if n}, coupled, joint, notes)
+
+
+_NOT_FINITE = "NaN/Inf activations?"
+_NAN = "NaN/Inf activations: look for NaN or infinite values in the data and the weights"
+
+
+def _overflow(who: str, node: str, mean: torch.Tensor, var: torch.Tensor) -> str | None:
+    """Why a finite ``mean`` has a variance that is not: the squares overflowed (None otherwise)."""
+    if not bool(torch.isfinite(mean).all()) or not bool(torch.isinf(var).any()):
+        return None
+    top = float(mean.abs().max())
+    return (f"model {who}'s activations at node {node!r} are finite but large (means up to {top:.1e}): "
+            f"their squares overflow the statistics' sums; merge the models in float64 "
+            f"(model.double() and float64 data) or scale the inputs down")
+
+
+def _not_finite_points(taps, points: list[tuple[str, int]], moments: dict) -> list[str]:
+    """The note on channels whose statistics are not finite (NaN or Inf activations there): the
+    correlations read them as units without signal, which the weights match. A model may compute
+    them in a few places (T5's decoder: a masked attention row); when every point holds nothing
+    else (NaN in the data reaches every channel), NumericError: there is nothing to align on."""
+    points = list(dict.fromkeys(points))  # (a tap read for a group and a reset alike: once)
+    bad, whole = [], 0
+    for node, i in points:
+        worst, parts = 0, []
+        for who, s in zip("AB", taps[node].moments(i)):
+            m, v = moments[id(s)]
+            k = int((~(torch.isfinite(m) & torch.isfinite(v))).sum())
+            if k:
+                parts.append(f"{k} of {m.numel()} channels in model {who}")
+                worst = max(worst, k / m.numel())
+        if parts:
+            bad.append(f"'{node}' ({', '.join(parts)})")
+        whole += worst == 1
+    if not bad:
+        return []
+    if whole == len(points):
+        node, i = points[0]
+        for who, s in zip("AB", taps[node].moments(i)):
+            m, v = moments[id(s)]
+            if not (torch.isfinite(m).all() and torch.isfinite(v).all()):
+                raise NumericError(f"statistics of model {who} at node {node!r} are not finite, as at every "
+                                   f"observed point ({_overflow(who, node, m, v) or _NAN})")
+    shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
+    return [f"statistics not finite (NaN/Inf activations) at {shown}: those units are matched by the "
+            f"weights alone"]
+
+
+def _why_not_finite(node: str, sa, sb) -> str:
+    """Why the correlations at ``node`` (``ChannelSums`` of A and B there) are not finite."""
+    for who, s in (("A", sa), ("B", sb)):
+        why = _overflow(who, node, s.mean, s.var)
+        if why is not None:
+            return why
+    return _NOT_FINITE
 
 
 def collect(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module, batches,
