@@ -436,7 +436,6 @@ def test_barrier_with_refit_adds_its_curve(work):
     assert refit["accuracy"][0] == repair["accuracy"][0] and refit["accuracy"][2] == repair["accuracy"][2]
     # the midpoint is the refit merge's, made here through the API on the same files
     import graphrepair as gr
-    from torch.utils.data import TensorDataset
 
     fit, test = np.load(work / "fit.npz"), np.load(work / "test.npz")
     a, b = load_mlp3(work / "a.safetensors"), load_mlp3(work / "b.safetensors")

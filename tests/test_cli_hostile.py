@@ -20,7 +20,7 @@ import resource
 import shutil
 import signal
 import stat
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np

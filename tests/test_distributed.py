@@ -22,7 +22,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from graphrepair import distributed
 from graphrepair.merging.activation_match import tie_safe
 from graphrepair.merging.assign import lap
 from tests.helpers import finish_ranks

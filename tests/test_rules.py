@@ -10,7 +10,7 @@ from torch import nn
 
 import graphrepair as gr
 from graphrepair.discovery import rules
-from tests.helpers import ZeroHead, discover_checked, group_of, randomize_
+from tests.helpers import ZeroHead, discover_checked, group_of
 
 
 

@@ -14,7 +14,6 @@ discovered afresh.
 from __future__ import annotations
 
 from types import MappingProxyType
-from typing import Any
 
 import torch
 import torch.fx

@@ -24,7 +24,6 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from graphrepair.errors import LoadError, OutputError
