@@ -187,3 +187,27 @@ def test_paths_the_os_cannot_take(tmp_path):
         with pytest.raises(DataError):
             load_data_file(tmp_path / name)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_later_batch_the_models_fail_on_is_a_data_error_naming_its_shape():
+    """The API reads later batches unchecked (a model may take inputs of any size): a batch of 32
+    features after batches of 64 reached the models and came back as torch's RuntimeError. Now
+    the failure is a DataError naming the batch and both shapes; batches of other image sizes that
+    the models take still merge, and a later batch of another float dtype is converted."""
+    torch.manual_seed(0)
+    a, b = hostile_models.MLP(), hostile_models.MLP()
+    x = torch.randn(150, 64)
+    with pytest.raises(DataError, match=r"batch 2 of the data holds examples of shape \(32,\), the first batch "
+                                        r"\(64,\), and the model failed on it \(RuntimeError: mat1 and mat2"):
+        gr.merge(a, b, [x[:50], x[50:100], x[100:150, :32]], num_examples=150)
+    y = torch.randint(0, 10, (50,))
+    with pytest.raises(DataError, match=r"batch 1 of .* holds examples of shape \(32,\), the first batch \(64,\), "
+                                        r"and the model failed on it"):
+        gr.evaluate(a, [(x[:50], y), (x[50:100, :32], y)])
+    merged = gr.merge(a, b, [x[:50], x[50:100].double(), x[100:]], num_examples=150)
+    assert next(merged.parameters()).dtype == torch.float32
+    conv = [nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3)) for _ in range(2)]
+    images = [torch.randn(20, 3, 16, 16), torch.randn(20, 3, 24, 24), torch.randn(20, 3, 16, 16)]
+    merged = gr.merge(*conv, images, num_examples=60)
+    assert merged(images[1]).shape == (20, 3)

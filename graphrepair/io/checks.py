@@ -72,6 +72,25 @@ def check_inputs(x: Inputs, like: Inputs, where: str, index: int | None = None) 
             check_batch_shape(t, (None,) * (ref.dim() - 1), label)
 
 
+def example_shapes(x: Inputs) -> str:
+    """The shape of one example of ``x`` (beyond the batch axis), per input where there are several."""
+    named = [(n, tuple(t.shape[1:])) for n, t in x.named()]
+    return str(named[0][1]) if len(named) == 1 else ", ".join(f"{n}: {s}" for n, s in named)
+
+
+def raise_if_other_shape(exc: Exception, where: str, inputs: Inputs, first: str) -> None:
+    """DataError when a model failed (``exc``) on the batch ``where`` whose examples are not of the
+    first batch's shapes ``first`` (``example_shapes``), which it ran on: the data, not the model,
+    is at fault. (A model taking inputs of any size runs on such batches: they are not refused
+    before it runs, except on the command line, ``Examples(strict=True)``.)"""
+    if isinstance(exc, GraphRepairError) or example_shapes(inputs) == first:
+        return
+    text = " ".join(str(exc).split())[:300]
+    raise DataError(f"{where} holds examples of shape {example_shapes(inputs)}, the first batch {first}, and "
+                    f"the model failed on it ({type(exc).__name__}: {text}); give batches of the shapes the "
+                    f"model takes") from exc
+
+
 IGNORE_INDEX = -100  # a label skipped by accuracy and loss alike (cross_entropy's default, e.g. padding)
 
 

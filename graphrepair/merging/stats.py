@@ -46,7 +46,8 @@ from passes.pair_tap import PairTap, TapView
 
 from graphrepair import distributed
 from graphrepair.discovery import axes as ax
-from graphrepair.errors import DataError, MismatchError, NumericError
+from graphrepair.errors import DataError, NumericError
+from graphrepair.io.checks import example_shapes, raise_if_other_shape
 from graphrepair.io.inputs import Inputs
 from graphrepair.merging import kept
 from graphrepair.merging.points import ObservePoint, ResetPoint
@@ -271,8 +272,13 @@ def run_pair(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module, plan
         with eval_mode(model_a, model_b):  # the pair may run the models' own modules
             if example is not None:
                 calibrate(pair, plan.taps.values(), example)
-            for batch in progress(batches, "statistics of A and B", total=total, quiet=quiet):
-                batch.inputs.call(pair)
+            for t, batch in enumerate(progress(batches, "statistics of A and B", total=total, quiet=quiet)):
+                try:
+                    batch.inputs.call(pair)
+                except Exception as exc:  # (not an interrupt)
+                    if example is not None:
+                        raise_if_other_shape(exc, f"batch {t} of the data", batch.inputs, example_shapes(example))
+                    raise
                 examples += batch.size
     finally:  # the pair is kept without its models and taps; the graph copies (when made) are
         # not kept in cycles (``runtime.release``)

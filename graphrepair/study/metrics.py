@@ -32,7 +32,7 @@ from passes.observe import ObserverSpec, insert_observers, observers
 
 from graphrepair import distributed
 from graphrepair.io.examples import Examples
-from graphrepair.io.checks import IGNORE_INDEX, LabelRule, check_labels
+from graphrepair.io.checks import IGNORE_INDEX, LabelRule, check_labels, example_shapes, raise_if_other_shape
 from graphrepair.errors import DataError
 from graphrepair.merging.merge import Prepared, check_alpha, merge_prepared, prepare
 from graphrepair.progress import progress
@@ -56,9 +56,15 @@ def evaluate(model: nn.Module, data, batch_size: int = 512, quiet: bool = True) 
         # in the step: a rank whose data fail says so to every rank
         local = Examples.of(data, None, batch_size, device=device, dtype=model_dtype(model), labels=True,
                             consistent=False, allow_empty=run, between=distributed.check if run else None)
-        for batch in progress(local, "evaluating", quiet=quiet):
+        first = None  # the first batch's example shapes
+        for t, batch in enumerate(progress(local, "evaluating", quiet=quiet)):
             y = batch.labels
-            out = batch.inputs.call(model)
+            first = first or example_shapes(batch.inputs)
+            try:
+                out = batch.inputs.call(model)
+            except Exception as exc:  # (not an interrupt)
+                raise_if_other_shape(exc, f"batch {t} of {local.where}", batch.inputs, first)
+                raise
             logits = out["logits"] if isinstance(out, dict) or hasattr(out, "logits") else out
             if isinstance(logits, (tuple, list)):
                 logits = logits[0]
