@@ -364,7 +364,7 @@ def summarise(spec: PermutationSpec, plan: TapPlan, observe: dict[str, list[Obse
     # finite exactly when all of them are. One check for all; the first culprit named on failure
     if corr and not bool(torch.isfinite(torch.stack([c.sum() for c in corr.values()])).all()):
         g = next(g for g, c in corr.items() if not torch.isfinite(c).all())
-        why = "NaN/Inf activations?"
+        why = _NOT_FINITE
         for p in observe[g]:  # the first point whose statistics say why
             node, i = plan.at_group.get((g, p.node)) or plan.at_joint[p.node]
             why = _why_not_finite(p.node, *taps[node].moments(i))
