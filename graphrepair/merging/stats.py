@@ -327,7 +327,11 @@ def summarise(spec: PermutationSpec, plan: TapPlan, observe: dict[str, list[Obse
     read = {id(s): s for node, i in ordinary + at_reset for s in taps[node].moments(i)}
     moments = dict(zip(read, moments_all(list(read.values()))))
     notes = list(plan.notes)
-    if moments and not bool(torch.isfinite(torch.cat([t.reshape(-1) for mv in moments.values() for t in mv])).all()):
+    # one check of every mean and variance read (the reset points' among them, checked again
+    # below only where this one fails)
+    finite = not moments or bool(torch.isfinite(torch.cat([t.reshape(-1) for mv in moments.values()
+                                                           for t in mv])).all())
+    if not finite:
         notes.extend(_not_finite_points(taps, ordinary + at_reset, moments))
     corr: dict[str, torch.Tensor] = {}
     dead: dict[str, int] = {}
@@ -378,9 +382,8 @@ def summarise(spec: PermutationSpec, plan: TapPlan, observe: dict[str, list[Obse
         stats[r.node] = PointStats(*moments[id(a)], *moments[id(b)],
                                    taps[node].cov(i) if plan.cross_at_resets else None,
                                    taps[node].batch_rows(i))
-    if stats and not bool(torch.isfinite(torch.cat([torch.cat([p.mean_a, p.var_a, p.mean_b, p.var_b])
-                                                    for p in stats.values()])).all()):
-        for node, p in stats.items():  # one check for all; find the first culprit only on failure
+    if not finite:  # (the reset points' moments are among those checked above)
+        for node, p in stats.items():  # the first culprit named
             for who, m, v in (("A", p.mean_a, p.var_a), ("B", p.mean_b, p.var_b)):
                 if not (torch.isfinite(m).all() and torch.isfinite(v).all()):
                     why = _overflow(who, node, m, v) or _NAN
