@@ -339,3 +339,28 @@ def test_dead_in_any_order_keeps_the_merge_permutations(monkeypatch):
     assert found[8].keys() == found[10 ** 9].keys()
     for g in found[8]:
         assert torch.equal(found[8][g], found[10 ** 9][g]), g
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_reduced_solve_is_the_optimum_of_the_matrix(seed):
+    """``lap_each(reduced=True)`` (weight matching's descent): scipy solves each matrix less its
+    row maxima, then less its column minima. The reduced form is >= 0 with a 0 in every row and
+    column, and the optimum is the matrix's own (scipy's on the matrix as it is; no ties here)."""
+    gen = torch.Generator().manual_seed(seed)
+    n = 300 + 50 * seed
+    a, b = torch.randn(n, 3 * n, generator=gen, dtype=torch.float64), torch.randn(n, 3 * n, generator=gen, dtype=torch.float64)
+    scores = [a @ b.T, (a @ b.T) * 1e-3 + 7.0, -(a @ b.T)]
+    for score, (got, perm) in zip(scores, assign.lap_each(iter(scores), threads=2, reduced=True)):
+        assert got is score
+        c = assign._reduced(score.numpy())
+        assert (c >= 0).all() and (c.min(0) == 0).all() and (c.min(1) == 0).all()
+        assert torch.equal(perm, torch.as_tensor(linear_sum_assignment(score.numpy(), maximize=True)[1]))
+    dead = scores[0].clone()
+    dead[:5] = 0.0  # units without weights: all-zero rows, any order among them
+    dead[:, :5] = 0.0
+    (_, perm), = assign.lap_each([dead], reduced=True)
+    assert sorted(perm.tolist()) == list(range(n))
+    best = dead.numpy()[np.arange(n), linear_sum_assignment(dead.numpy(), maximize=True)[1]].sum()
+    assert dead.numpy()[np.arange(n), perm.numpy()].sum() == pytest.approx(best, rel=1e-12)
+    (_, empty), = assign.lap_each([torch.zeros(0, 0)], reduced=True)
+    assert empty.numel() == 0

@@ -443,3 +443,58 @@ def test_a_few_units_scored_in_their_own_precision_leave_no_views_for_a_cosine()
     got = own.cosine(name, held, rows, rows.flip(0))
     torch.testing.assert_close(got, WeightScores(spec, sa, sb).cosine(name, held, rows, rows.flip(0)),
                                rtol=1e-12, atol=1e-12)
+
+
+def test_the_pairing_free_scores_multiply_in_the_weights_own_precision():
+    """The sorted start's products and the heads' best replicas: float32 weights are multiplied
+    in float32, float64 ones in float64, and float32 ones in float64 where the caller lets float32
+    products run in TF32 or bfloat16 (``torch.set_float32_matmul_precision``)."""
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(40, 1, 300, generator=gen), torch.randn(40, 1, 300, generator=gen)
+    want = a.flatten(1).sort(1).values @ b.flatten(1).sort(1).values.T
+    got = weight_match._sorted_values(a, b)
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    got64 = weight_match._sorted_values(a.double(), b.double())
+    assert got64.dtype == torch.float64
+    torch.testing.assert_close(got64, want.double(), rtol=1e-5, atol=1e-4)
+    ra, rb = torch.randn(8, 4, 50, generator=gen), torch.randn(8, 4, 50, generator=gen)
+    best = weight_match._best_replicas(ra, rb)
+    want_best = torch.einsum("irk,jsk->ijrs", ra, rb).max(-1).values.double().sum(-1)
+    assert best.dtype == torch.float64 and torch.equal(best, want_best)
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        assert weight_match._sorted_values(a, b).dtype == torch.float64
+        wide = torch.einsum("irk,jsk->ijrs", ra.double(), rb.double()).max(-1).values.sum(-1)
+        assert torch.equal(weight_match._best_replicas(ra, rb), wide)
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def test_the_rank_one_power_iteration_stops_once_it_settles(monkeypatch):
+    """The sorted start's column constants come from the first singular pair, found by power
+    iteration; on a near rank-one matrix its vector settles within a few steps, where it stops:
+    the constants are those of thirty steps up to rounding, and the eased matrix's optimum is the same."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(200, 400, generator=gen) * (1 + 0.05 * torch.randn(200, 1, generator=gen))
+    b = torch.randn(200, 400, generator=gen) * (1 + 0.05 * torch.randn(200, 1, generator=gen))
+    score = weight_match._sorted_values(a.double()[:, None], b.double()[:, None])
+    steps = []
+    matmul = torch.Tensor.__matmul__
+
+    class Counted(torch.Tensor):
+        pass
+
+    def counted(self, other):
+        steps.append(1)
+        return matmul(torch.Tensor(self), other)
+
+    monkeypatch.setattr(Counted, "__matmul__", counted)
+    v = weight_match._rank_one_duals(score.as_subclass(Counted)).as_subclass(torch.Tensor)
+    assert 4 <= len(steps) <= 2 * 6  # (two products a step, and the last singular pair's)
+    monkeypatch.setattr(weight_match, "_SETTLED", -1.0)  # never settled: all thirty steps
+    steps.clear()
+    full = weight_match._rank_one_duals(score.as_subclass(Counted)).as_subclass(torch.Tensor)
+    assert len(steps) == 2 * 30 + 1
+    torch.testing.assert_close(v, full, rtol=0, atol=1e-12 * float(score.abs().max()))
+    assert torch.equal(lap(weight_match._eased(score)), lap(score))

@@ -109,6 +109,25 @@ def _solve(s: np.ndarray) -> torch.Tensor:
     return torch.as_tensor(cols, dtype=torch.long)
 
 
+def _reduced(s: np.ndarray) -> np.ndarray:
+    """The minimising form of ``s`` (a new array), reduced: each row's maximum less the row, then
+    less each column's minimum. Every entry is >= 0 and every row and column holds a 0; every
+    assignment's cost is its score, negated, plus one constant (the same optimum, ties aside:
+    the subtractions round in the last bits). The solver's paths start from those zeros (a
+    LLaMA MLP group of 2,816 units in weight matching's descent: 0.50-0.58 s -> 0.35-0.40 s)."""
+    c = np.subtract(s.max(1)[:, None], s)
+    c -= c.min(0)
+    return c
+
+
+def _solve_reduced(s: np.ndarray, dead: bool = False) -> torch.Tensor:
+    """``_solve`` of ``s`` through its reduced form (``_reduced``; ``dead`` is not read)."""
+    if not s.size:
+        return _solve(s)
+    _, cols = linear_sum_assignment(_reduced(s))
+    return torch.as_tensor(cols, dtype=torch.long)
+
+
 def _blocks(n: int) -> Iterator[slice]:
     """Row blocks of ``BLOCK_ROWS``: a pass over the matrix works in a few small buffers."""
     return (slice(a, min(a + BLOCK_ROWS, n)) for a in range(0, n, BLOCK_ROWS))
@@ -398,8 +417,8 @@ def workers() -> int:
     return max(1, min(cores, torch.get_num_threads()))
 
 
-def lap_each(scores: Iterable[torch.Tensor], threads: int | None = None, dead_any_order: bool = False
-             ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def lap_each(scores: Iterable[torch.Tensor], threads: int | None = None, dead_any_order: bool = False,
+             reduced: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """``(score, lap(score))`` for each score, in order. ``scores`` is read lazily in the
     caller's thread, at most ``threads`` matrices ahead (a model's correlations can take
     gigabytes: they are never all held); the solver runs side by side on that many threads when
@@ -407,8 +426,11 @@ def lap_each(scores: Iterable[torch.Tensor], threads: int | None = None, dead_an
     path first where it applies, then scipy: numpy and scipy calls only, no torch computation).
     ``dead_any_order``: the dead units (all-zero rows and columns) may be matched in another
     order than scipy's, where every optimum pairs the live units alike (module doc, "Dead units
-    in any order")."""
+    in any order"). ``reduced``: scipy solves each matrix's reduced form (``_reduced``), without
+    the certified path: weight matching's scores, which are not on the tie grid and whose ties
+    no rule builds on."""
     threads = threads or workers()
+    solve = _solve_reduced if reduced else _solve_any
     scores = iter(scores)
     pool = None
     try:
@@ -420,9 +442,9 @@ def lap_each(scores: Iterable[torch.Tensor], threads: int | None = None, dead_an
             if threads > 1 and len(chunk) > 1 and max(c.shape[0] for c in costs) >= PARALLEL_ROWS:
                 if pool is None:
                     pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="graphrepair-lap")
-                perms = list(pool.map(_solve_any, costs, [dead_any_order] * len(costs)))
+                perms = list(pool.map(solve, costs, [dead_any_order] * len(costs)))
             else:
-                perms = [_solve_any(c, dead_any_order) for c in costs]
+                perms = [solve(c, dead_any_order) for c in costs]
             yield from zip(chunk, perms)
     finally:
         if pool is not None:

@@ -31,16 +31,23 @@ whose answer was known):
   own permutation are those after its last step would find what it found, and is not scored or
   solved again.
 - The groups of one sweep that do not read each other (a LLaMA's MLP groups read only the
-  stream) have their assignments solved side by side (``assign.lap_each``), in the sweep's order.
+  stream) have their assignments solved side by side (``assign.lap_each``), in the sweep's order,
+  each through its reduced form (``assign.lap_each(reduced=True)``: every row and column starts
+  with a zero; a LLaMA MLP group's solve 0.50-0.58 s -> 0.35-0.40 s).
 - The sorted start's matrices are near rank one, where the solver's paths run long: it gets them
-  less exact column constants, which keep its answer (``_eased``); their rows are sorted in the
-  weights' own dtype (``_sorted_rows``).
-- The descent's inner products are taken in the weights' own precision, at least float32
-  (``WeightScores(products="own")``), as Git Re-Basin takes them: float64 products of float32
-  weights cost twice the time and a widened copy of every view (the LLaMA: ``weight_matching``
-  32.8 -> 28.7 s, the same permutations). The sorted start's products stay float64: its near
-  rank-one matrices are full of near-ties (from float32 ones the LLaMA's start, and with it the
-  result, moves), and so does the objective that picks between the two starts.
+  less exact column constants, which keep its answer (``_eased``, whose power iteration stops
+  once its vector settles: after 3 steps on such a matrix, not 30).
+- The inner products, the sorted start's and the heads' best replicas (``_best_replicas``) are
+  taken in the weights' own precision, at least float32 (``WeightScores(products="own")``,
+  ``_own_precision``), as Git Re-Basin takes them, and summed in float64: float64 products of
+  float32 weights cost twice the time and a widened copy of every view (the LLaMA:
+  ``weight_matching`` 32.8 -> 28.7 s for the descent's products; 35.6 -> 29.4 s for the sorted
+  start's and the best replicas', with the reduced solves). The sorted start's near rank-one
+  matrices are full of near-ties: on two independently initialised LLaMAs, whose weights hold
+  no pairing to find, float32 products move 26 of their 33 groups (objective 19182.30 ->
+  19186.27, a little higher), while the zoo's permutations, by weight and by activation
+  matching, and torchvision's by weight matching, are the same. The objective that picks
+  between the two starts stays float64.
 The permutations are those of the plain descent: the same steps decide the same way (a part sum
 adds the same terms in another order, and a float32 product rounds where a float64 one would
 not: a score's last bits may differ, which matters for ties only; the zoo's reference
@@ -126,9 +133,21 @@ def _inner(wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
     return wa.flatten(1) @ wb.flatten(1).T
 
 
+def _own_precision(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the pairing-free scores multiply views of ``dtype`` in: the weights' own
+    precision, at least float32, as the descent's products (``WeightScores(products="own")``);
+    float64 where the caller lets float32 products run in TF32 or bfloat16."""
+    if dtype == torch.float64 or torch.get_float32_matmul_precision() != "highest":
+        return torch.float64
+    return torch.float32
+
+
 def _best_replicas(wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
-    """Each replica of A's channel i against its best match among B's channel j's: (|g|, |g|)."""
-    return torch.einsum("irk,jsk->ijrs", wa, wb).max(-1).values.sum(-1)
+    """Each replica of A's channel i against its best match among B's channel j's: (|g|, |g|).
+    The views come in the weights' own dtype (``views(widen=False)``), multiplied in
+    ``_own_precision``; summed in float64."""
+    to = _own_precision(wa.dtype)
+    return torch.einsum("irk,jsk->ijrs", wa.to(to), wb.to(to)).max(-1).values.double().sum(-1)
 
 
 class WeightScores:
@@ -264,7 +283,7 @@ class WeightScores:
         if units_b is not None and len(units_b) > 1 and not bool((units_b[1:] > units_b[:-1]).all()):
             rank = units_b.argsort()
             gathered_b, back = units_b[rank], rank.argsort()
-        widen = pairing is not _sorted_values
+        widen = pairing is not _sorted_values and pairing is not _best_replicas  # (own dtype: see each)
         # A's views of a few units (the tie-break's rows, asked for again round after round with
         # other permutations held) are kept: they read no permutation
         known = self._rows_a.get(name) if units_a is not None and items is None and widen else None
@@ -456,25 +475,27 @@ def _positions(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor | None:
 def _sorted_values(wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
     """Inner products of A's channel i's and B's channel j's weights, each sorted: the same
     whatever the other groups' permutations (the pairing-free start of ``weight_matching``).
-    The views come in the weights' own dtype (``views(widen=False)``): sorted there, then
-    widened (the same values as sorting in float64, as widening keeps the order)."""
-    return _sorted_rows(wa.flatten(1)) @ _sorted_rows(wb.flatten(1)).T
+    The views come in the weights' own dtype (``views(widen=False)``): sorted there and
+    multiplied in ``_own_precision`` (``_score`` sums the products in float64)."""
+    to = _own_precision(wa.dtype)
+    return _sorted_rows(wa.flatten(1), to) @ _sorted_rows(wb.flatten(1), to).T
 
 
-def _sorted_rows(w: torch.Tensor) -> torch.Tensor:
-    """Each row of ``w`` sorted, in float64. On the CPU by numpy (a 512 x 32000 float32 block:
-    0.4 s against torch's 1.3-1.4 s), in row blocks side by side on ``assign.workers()`` threads
-    (numpy's sort releases the GIL; a row's sort does not depend on the others, so the values
-    are the same: a 1024 x 32000 block 52 -> 88 M values/s on 2 cores), each block widened as it
-    is written; half-precision rows through float32 first."""
+def _sorted_rows(w: torch.Tensor, to: torch.dtype = torch.float64) -> torch.Tensor:
+    """Each row of ``w`` sorted, in dtype ``to`` (float32 or float64; widening keeps the order,
+    so the values are those of ``w`` sorted in ``to``). On the CPU by numpy (a 512 x 32000
+    float32 block: 0.4 s against torch's 1.3-1.4 s), in row blocks side by side on
+    ``assign.workers()`` threads (numpy's sort releases the GIL; a row's sort does not depend
+    on the others, so the values are the same: a 1024 x 32000 block 52 -> 88 M values/s on 2
+    cores), each block converted as it is written; half-precision rows through float32 first."""
     if w.dtype in (torch.float16, torch.bfloat16):
         w = w.float()
     if w.device.type != "cpu":
-        return w.sort(1).values.double()
+        return w.sort(1).values.to(to)
     # a strided block sorts at half the speed; torch lays it out again (a transposed 1024 x 32000
     # block: 0.09 s, against numpy's ``ascontiguousarray`` 0.34 s)
     rows = w.contiguous().numpy()
-    out = np.empty(rows.shape, np.float64)
+    out = np.empty(rows.shape, np.float64 if to == torch.float64 else np.float32)
 
     def sort(block: slice) -> None:
         out[block] = np.sort(rows[block], axis=1)
@@ -534,10 +555,12 @@ def _rank_one_duals(score: torch.Tensor) -> torch.Tensor | None:
     x = torch.ones(score.shape[1], dtype=score.dtype)
     for _ in range(30):  # the first singular pair, S ~ sigma tau^T
         y = score @ x
-        x = score.T @ y
+        last, x = x, score.T @ y
         if not x.norm() > 0:
             return None
         x = x / x.norm()
+        if (x - last).abs().max() <= _SETTLED:  # (a sorted start's matrix: after 3 steps)
+            break
     sigma, tau = score @ x, x
     if tau.sum() < 0:
         sigma, tau = -sigma, -tau
@@ -546,6 +569,10 @@ def _rank_one_duals(score: torch.Tensor) -> torch.Tensor | None:
     v = torch.empty_like(tau)
     v[order] = torch.cat([steps.new_zeros(1), steps.cumsum(0)])
     return _in_range(score, v)
+
+
+# the power iteration of ``_rank_one_duals`` stops once no entry of the unit vector moves by more
+_SETTLED = 1e-15
 
 
 def _tightened(score: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -628,7 +655,7 @@ def weight_matching(spec: PermutationSpec, state_a: dict, state_b: dict, *, grou
         todo = [name for name in batch if not settled(perms, name)]
         made = (scores.score(name, {k: v for k, v in perms.items() if k != name}) for name in todo)
         changed = False
-        for name, (score, new) in zip(todo, lap_each(made)):
+        for name, (score, new) in zip(todo, lap_each(made, reduced=True)):
             size = score.shape[0]
             old = perms[name]
             if (score[torch.arange(size), new].sum() > score[torch.arange(size), old].sum() + 1e-12
