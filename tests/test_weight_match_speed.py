@@ -201,8 +201,16 @@ def test_the_sorted_start_hands_the_solver_its_score_less_exact_column_constants
     assert torch.equal(shift + eased, score)
     assert torch.equal(lap(eased), lap(score))
     dead = score.clone()
-    dead[7] = 0.0  # a unit without weights: 0 is no float64 difference away from v_j
-    assert weight_match._eased(dead) is dead
+    dead[7] = 0.0  # units without weights: all-zero rows and columns, 0 - v_j is exact
+    dead[:, 11] = 0.0
+    eased_dead = weight_match._eased(dead)
+    assert eased_dead is not dead
+    shift = dead - eased_dead
+    assert torch.equal(shift, shift[:1].expand_as(shift)) and torch.equal(shift + eased_dead, dead)
+    best = lap(dead)
+    got = lap(eased_dead)
+    rows = torch.arange(len(got))
+    assert dead[rows, got].sum() == pytest.approx(float(dead[rows, best].sum()), rel=1e-12)
     mixed = torch.randn(50, 50, generator=gen, dtype=torch.float64)
     assert weight_match._eased(mixed) is mixed
 

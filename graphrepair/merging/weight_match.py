@@ -525,14 +525,17 @@ def _eased(score: torch.Tensor) -> torch.Tensor:
     solver's paths. v starts from the duals of the rank-one matrix's optimal pairing
     (``_rank_one_duals``: 5.9 s -> 0.8 s), tightened on S itself (``_tightened``: a 2816-unit
     LLaMA MLP group 1.3 - 1.6 s -> 0.9 - 1.1 s). All of v is moved by one constant into the
-    columns' range, so that every S_ij - v_j is exact (Sterbenz: v_j / 2 <= S_ij <= 2 v_j); where
-    the tightened v allows no such subtraction the rank-one v is tried, and where neither does
-    (units without weights, mixed signs) the score goes to the solver as it is."""
+    columns' range, so that every S_ij - v_j is exact (Sterbenz: 0 < v_j / 2 <= S_ij <= 2 v_j, or
+    S_ij = 0: a unit without weights, whose row or column is all 0, and 0 - v_j is -v_j exactly,
+    whatever v_j's sign; before, such a unit sent the whole matrix to the solver as it is: a LLaMA
+    MLP group of 2,816 units with 20 such units on each side 1.4 s -> 22 s); where the tightened v allows no
+    such subtraction the rank-one v is tried, and where neither does (mixed signs) the score goes
+    to the solver as it is."""
     v = _rank_one_duals(score)
     if v is None:
         return score
     for w in (_tightened(score, v), v):
-        if (w > 0).all() and (score >= w / 2).all() and (score <= 2 * w).all():
+        if ((score == 0) | ((w > 0) & (score >= w / 2) & (score <= 2 * w))).all():
             return score - w
     return score
 
