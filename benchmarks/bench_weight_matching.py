@@ -2,13 +2,15 @@
 
     python -m benchmarks.bench_weight_matching [--hidden 1024] [--layers 8] [--intermediate 2816]
                                                [--heads 16] [--kv-heads 4] [--vocab 32000]
-                                               [--sequences 16] [--tokens 128] [--repair exact]
+                                               [--sequences 16] [--tokens 128] [--repair exact] [--pruned 0]
 
 Two random-init ``LlamaForCausalLM`` of one ``LlamaConfig`` built here (nothing downloaded;
 seeds 0 and 1), grouped-query attention, fed ``--sequences`` sequences of ``--tokens`` random
 token ids as a dict of keyword tensors (``input_ids``, ``attention_mask``). The defaults are the
 issue's pair: hidden 1024, 8 layers, MLP 2816, 16 heads over 4 key/value heads, vocabulary 32000
 (156M parameters). Quick runs: ``--hidden 256 --layers 4 --intermediate 704 --vocab 1000``.
+``--pruned 0.05``: 5% of each MLP's units have no weights (zeroed rows of ``gate_proj`` and
+``up_proj``, columns of ``down_proj``), other units in A and in B, as structured pruning leaves them.
 
 Printed, measured in one run on the same pair and data, and the machine's load average before
 and after:
@@ -56,6 +58,15 @@ def pair(args) -> tuple[torch.nn.Module, torch.nn.Module, dict]:
     for seed in (0, 1):
         torch.manual_seed(seed)
         models.append(LlamaForCausalLM(config).eval())
+    if args.pruned:  # a share of each MLP's units without weights, other units in A and in B
+        gen = torch.Generator().manual_seed(3)
+        with torch.no_grad():
+            for model in models:
+                for layer in model.model.layers:
+                    dead = torch.randperm(args.intermediate, generator=gen)[: round(args.pruned * args.intermediate)]
+                    layer.mlp.gate_proj.weight[dead] = 0
+                    layer.mlp.up_proj.weight[dead] = 0
+                    layer.mlp.down_proj.weight[:, dead] = 0
     g = torch.Generator().manual_seed(2)
     data = {"input_ids": torch.randint(1, args.vocab, (args.sequences, args.tokens), generator=g),
             "attention_mask": torch.ones(args.sequences, args.tokens, dtype=torch.long)}
@@ -98,6 +109,9 @@ def main(argv=None) -> tuple[float, float, float]:
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--repair", default="exact", choices=["exact", "approx", "reset", "none"])
+    p.add_argument("--pruned", type=float, default=0.0,
+                   help="the share of each MLP's units whose weights are zeroed, other units in A and in B "
+                        "(structured pruning: units without weights; default 0)")
     args = p.parse_args(argv)
     if args.intermediate is None:
         args.intermediate = -(-(8 * args.hidden // 3) // 256) * 256
@@ -107,6 +121,7 @@ def main(argv=None) -> tuple[float, float, float]:
     print(f"LLaMA hidden {args.hidden}, {args.layers} layers, MLP {args.intermediate}, {args.heads} heads / "
           f"{args.kv_heads} kv heads, vocabulary {args.vocab}: {n / 1e6:.1f}M parameters; "
           f"{args.sequences} sequences of {args.tokens} tokens; repair {args.repair}; "
+          f"{'' if not args.pruned else f'{args.pruned:.0%} of each MLP pruned; '}"
           f"{torch.get_num_threads()} threads; load average {load()}", flush=True)
     warm = {k: v[:2] for k, v in data.items()}
     timed_merge(a, b, warm, "activation", repair, args.batch_size)

@@ -334,6 +334,31 @@ def test_the_benchmark_times_both_merges_of_one_llama_pair(capsys):
     assert abs(printed - t_w / t_act) < 0.01 and "goal (issue 20, goal 5): <= 2x" in out
 
 
+def test_the_benchmark_prunes_other_units_in_a_and_in_b(capsys):
+    """``--pruned``: a share of each MLP's units without weights (rows of gate and up, columns of
+    down all zero), other units in A and in B; the merges run and the line says so."""
+    pytest.importorskip("transformers")
+    import argparse
+
+    from benchmarks import bench_weight_matching
+
+    args = argparse.Namespace(vocab=50, hidden=32, intermediate=64, layers=2, heads=4, kv_heads=2,
+                              tokens=8, sequences=4, pruned=0.25)
+    a, b, _ = bench_weight_matching.pair(args)
+    dead = []
+    for model in (a, b):
+        for layer in model.model.layers:
+            rows = (layer.mlp.gate_proj.weight == 0).all(1)
+            assert torch.equal(rows, (layer.mlp.up_proj.weight == 0).all(1))
+            assert torch.equal(rows, (layer.mlp.down_proj.weight == 0).all(0))
+            assert int(rows.sum()) == 16
+            dead.append(rows)
+    assert not torch.equal(dead[0], dead[2])  # other units in A and in B
+    bench_weight_matching.main(["--hidden", "32", "--layers", "1", "--heads", "4", "--kv-heads", "2",
+                                "--vocab", "50", "--sequences", "4", "--tokens", "8", "--pruned", "0.25"])
+    assert "25% of each MLP pruned" in capsys.readouterr().out
+
+
 def write() -> None:
     out = {}
     for name, kind in CASES:
