@@ -384,10 +384,7 @@ def summarise(spec: PermutationSpec, plan: TapPlan, observe: dict[str, list[Obse
                                    taps[node].batch_rows(i))
     if not finite:  # (the reset points' moments are among those checked above)
         for node, p in stats.items():  # the first culprit named
-            for who, m, v in (("A", p.mean_a, p.var_a), ("B", p.mean_b, p.var_b)):
-                if not (torch.isfinite(m).all() and torch.isfinite(v).all()):
-                    why = _overflow(who, node, m, v) or _NAN
-                    raise NumericError(f"statistics of model {who} at node {node!r} are not finite ({why})")
+            _raise_if_not_finite(node, (("A", p.mean_a, p.var_a), ("B", p.mean_b, p.var_b)))
     return PairStats(corr, stats, examples, {g: n for g, n in dead.items() if n}, coupled, joint, notes)
 
 
@@ -403,6 +400,15 @@ def _overflow(who: str, node: str, mean: torch.Tensor, var: torch.Tensor) -> str
     return (f"model {who}'s activations at node {node!r} are finite but large (means up to {top:.1e}): "
             f"their squares overflow the statistics' sums; merge the models in float64 "
             f"(model.double() and float64 data) or scale the inputs down")
+
+
+def _raise_if_not_finite(node: str, per_model, where: str = "") -> None:
+    """NumericError naming the first model of ``per_model`` ((who, mean, var), ...) whose
+    statistics at ``node`` are not finite, and why (``_overflow``, else NaN/Inf activations)."""
+    for who, m, v in per_model:
+        if not (torch.isfinite(m).all() and torch.isfinite(v).all()):
+            raise NumericError(f"statistics of model {who} at node {node!r} are not finite{where} "
+                               f"({_overflow(who, node, m, v) or _NAN})")
 
 
 def _not_finite_points(taps, points: list[tuple[str, int]], moments: dict) -> list[str]:
@@ -427,11 +433,8 @@ def _not_finite_points(taps, points: list[tuple[str, int]], moments: dict) -> li
         return []
     if whole == len(points):
         node, i = points[0]
-        for who, s in zip("AB", taps[node].moments(i)):
-            m, v = moments[id(s)]
-            if not (torch.isfinite(m).all() and torch.isfinite(v).all()):
-                raise NumericError(f"statistics of model {who} at node {node!r} are not finite, as at every "
-                                   f"observed point ({_overflow(who, node, m, v) or _NAN})")
+        _raise_if_not_finite(node, ((who, *moments[id(s)]) for who, s in zip("AB", taps[node].moments(i))),
+                             ", as at every observed point")
     shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
     return [f"statistics not finite (NaN/Inf activations) at {shown}: those units are matched by the "
             f"weights alone"]
