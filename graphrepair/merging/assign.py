@@ -120,8 +120,8 @@ def _reduced(s: np.ndarray) -> np.ndarray:
     return c
 
 
-def _solve_reduced(s: np.ndarray, dead: bool = False) -> torch.Tensor:
-    """``_solve`` of ``s`` through its reduced form (``_reduced``; ``dead`` is not read)."""
+def _solve_reduced(s: np.ndarray) -> torch.Tensor:
+    """``_solve`` of ``s`` through its reduced form (``_reduced``)."""
     if not s.size:
         return _solve(s)
     _, cols = linear_sum_assignment(_reduced(s))
@@ -430,7 +430,9 @@ def lap_each(scores: Iterable[torch.Tensor], threads: int | None = None, dead_an
     the certified path: weight matching's scores, which are not on the tie grid and whose ties
     no rule builds on."""
     threads = threads or workers()
-    solve = _solve_reduced if reduced else _solve_any
+    def solve(c: np.ndarray) -> torch.Tensor:
+        return _solve_reduced(c) if reduced else _solve_any(c, dead_any_order)
+
     scores = iter(scores)
     pool = None
     try:
@@ -442,9 +444,9 @@ def lap_each(scores: Iterable[torch.Tensor], threads: int | None = None, dead_an
             if threads > 1 and len(chunk) > 1 and max(c.shape[0] for c in costs) >= PARALLEL_ROWS:
                 if pool is None:
                     pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="graphrepair-lap")
-                perms = list(pool.map(solve, costs, [dead_any_order] * len(costs)))
+                perms = list(pool.map(solve, costs))
             else:
-                perms = [solve(c, dead_any_order) for c in costs]
+                perms = [solve(c) for c in costs]
             yield from zip(chunk, perms)
     finally:
         if pool is not None:

@@ -250,10 +250,9 @@ class WeightScores:
     def _product_dtype(self, t: torch.Tensor) -> torch.dtype:
         """The dtype a view of ``t`` is multiplied in (``products``). Float32 only while float32
         matrix products are full float32 ones (``torch.set_float32_matmul_precision("highest")``,
-        torch's default): where the caller allows TF32 or bfloat16 products, float64."""
-        if self.products == "float64" or torch.get_float32_matmul_precision() != "highest":
-            return torch.float64
-        return torch.promote_types(t.dtype, torch.float32)
+        torch's default): where the caller allows TF32 or bfloat16 products, float64
+        (``_own_precision``)."""
+        return torch.float64 if self.products == "float64" else _own_precision(t.dtype)
 
     def score(self, name: str, held: dict, pairing=None, rows=None, cols=None) -> torch.Tensor:
         """(|g|, |g|) summed ``pairing`` (default: inner products) of A's and B's weights that
