@@ -23,7 +23,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import inspect
 import os
@@ -36,6 +35,7 @@ import torch
 import torch.fx
 from torch import nn
 
+from passes.base import deepcopy_quietly
 from passes.modules import eval_mode, full_precision, restore_training
 
 from graphrepair import runtime
@@ -246,11 +246,7 @@ def copy_with_state(module: nn.Module, state: dict[str, torch.Tensor], *, own: b
     _check_keys(current, state)
     memo = {id(t): t for t in current.values()}  # shared until replaced below
     memo.update(_empty_containers(module))
-    with warnings.catch_warnings():
-        # GraphModules from torch.export carry pytree specs whose copy warns about a deprecation
-        # inside torch itself; nothing the caller can act on
-        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
-        clone = copy.deepcopy(module, memo)
+    clone = deepcopy_quietly(module, memo)
     _give(clone, current, state, own, device)
     if device is not None:
         clone.to(device)

@@ -76,11 +76,17 @@ def start(gm: fx.GraphModule, inplace: bool, pass_name: str) -> fx.GraphModule:
         )
     if inplace:
         return gm
+    return deepcopy_quietly(gm)
+
+
+def deepcopy_quietly(obj, memo: dict | None = None):
+    """``copy.deepcopy(obj, memo)`` without the FutureWarning torch raises while copying a
+    torch.export graph (its pytree specs' copy reads a deprecated ``LeafSpec`` inside torch
+    itself): nothing the caller can act on, and it would reach every user who merges such a
+    model. Every copy of a graph, or of a model that may hold one, goes through here."""
     with warnings.catch_warnings():
-        # GraphModules from torch.export carry pytree specs whose copy warns about a deprecation
-        # inside torch itself; nothing the caller can act on.
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
-        return copy.deepcopy(gm)
+        return copy.deepcopy(obj, memo)
 
 
 def finish(gm: fx.GraphModule, recompile: bool = True) -> None:

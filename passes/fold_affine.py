@@ -30,7 +30,6 @@ parameters only can decide before the affines have their values.
 from __future__ import annotations
 
 import operator
-from copy import deepcopy
 from dataclasses import dataclass
 
 import torch
@@ -39,7 +38,7 @@ import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 from torch.fx.passes.shape_prop import ShapeProp
 
-from passes.base import PassResult, finish, graph_pass, start
+from passes.base import PassResult, deepcopy_quietly, finish, graph_pass, start
 from passes.errors import PassError
 from passes.modules import (
     MATMUL,
@@ -482,7 +481,7 @@ def fold_plan(gm: GraphModule, example_inputs: tuple | None = None) -> dict[str,
     none then; each Reset's last input tells its rank)."""
     if example_inputs is not None:
         ShapeProp(gm).propagate(*example_inputs)
-    copy = GraphModule(gm, deepcopy(gm.graph))  # the same modules and parameters, another graph
+    copy = GraphModule(gm, deepcopy_quietly(gm.graph))  # the same modules and parameters, another graph
     candidates = [n for n in copy.graph.nodes
                   if n.op == "call_module" and isinstance(get_module(copy, n), (Reset, ChannelAffine))]
     return _fold(copy, candidates, write=False)[4]

@@ -378,3 +378,23 @@ def test_a_model_with_nothing_to_reset_says_so():
         gr.merge(a, b, x)
     merged = gr.merge(a, b, x, repair=None)
     assert isinstance(merged, Ein) and merged(x).shape == (64, 4)
+
+
+@pytest.mark.parametrize("repair", ["exact", None])
+def test_a_merge_of_a_torch_export_traced_model_shows_no_warning_from_inside_torch(repair):
+    """Copying a torch.export graph makes torch warn (a FutureWarning: its pytree specs' copy
+    reads a deprecated ``LeafSpec``) about torch's own code, nothing the user can act on: no
+    merge of such a model shows it (shape_branch_cnn's forward branches on a shape, so it is
+    traced by torch.export). Every warning is recorded, whatever pytest's filters."""
+    import warnings
+
+    entry = ZOO["shape_branch_cnn"]
+    a = randomize_(entry.factory().eval(), seed=1)
+    b = randomize_(entry.factory().eval(), seed=2)
+    x = entry.example_inputs(batch=16)[0]
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        merged = gr.merge_models([a, b], x, num_examples=16, batch_size=8, repair=repair).model
+    assert type(merged) is type(a)
+    assert torch.isfinite(merged(x[:2])).all()
+    assert not [str(w.message) for w in seen if issubclass(w.category, FutureWarning)]

@@ -13,12 +13,13 @@ construction of the expressions, leaves the function unchanged.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
 from torch import nn
+
+from passes.base import deepcopy_quietly
 
 from graphrepair.discovery import axes as ax
 from graphrepair.discovery.trace import Traced, example_inputs_for, output_tensors, traceable
@@ -256,7 +257,7 @@ class PermutationSpec:
     def permute_model(self, model: nn.Module, perms: dict[str, torch.Tensor]) -> nn.Module:
         """A copy of ``model`` whose parameters and buffers (BatchNorm running statistics included)
         are reordered by ``perms`` ({group name: permutation}). ``model`` is untouched."""
-        new = copy.deepcopy(model)
+        new = deepcopy_quietly(model)
         with torch.no_grad():
             # permute_state_dict keeps the state dict's _metadata (module versions), which
             # _load_from_state_dict may read
@@ -360,9 +361,7 @@ def proof_precision(model: nn.Module) -> nn.Module:
     float32. The cost is the copy: twice the model's half-precision memory while the proof runs."""
     if not any(t.dtype in HALF for t in list(model.parameters()) + list(model.buffers())):
         return model
-    import copy
-
-    new = copy.deepcopy(model)
+    new = deepcopy_quietly(model)
     return new._apply(lambda t: t.float() if t.dtype in HALF else t)
 
 
@@ -402,7 +401,7 @@ def _uninformative(ref: list[torch.Tensor], args) -> bool:
 def _perturbed(model: nn.Module, seed: int) -> nn.Module:
     """A copy of ``model`` with noise added to every floating parameter (tied ones stay tied):
     zero-initialised layers (heads, layer scales) then pass their inputs on."""
-    new = copy.deepcopy(model)
+    new = deepcopy_quietly(model)
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for p in new.parameters():  # each tensor once

@@ -40,14 +40,13 @@ What comes back (``output``):
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
 import torch.fx
 from torch import nn
 
-from passes.base import annotation
+from passes.base import annotation, deepcopy_quietly
 from passes.fold_affine import NEEDS_BIAS, fold_affines, fold_plan, refold
 from passes.reset import ChannelAffine, Reset, ResetSpec, insert_resets, remove_resets, restart_all, resets, set_mode
 
@@ -235,7 +234,7 @@ def repair_merged(spec: PermutationSpec, model_a: nn.Module, merged_state: dict[
     if running is not None and output == "class" and plan is None:
         plan = class_resets(gm, placeholder_args(gm, fit.example()), scale_only)
     treated = None if plan is None else dict(plan)  # (the caller's copy: the plan may be kept)
-    unfolded = copy.deepcopy(gm) if keep_unfolded else None
+    unfolded = deepcopy_quietly(gm) if keep_unfolded else None
     # exact: every reset saw data and knows its input's rank; closed form (and a distributed rank,
     # which may have seen no batch): shapes from one example
     example = running is not None or distributed.current() is not None
@@ -248,7 +247,7 @@ def repair_merged(spec: PermutationSpec, model_a: nn.Module, merged_state: dict[
         return Repaired(model, len(points), len(steps), [], unfolded, treated)
     # the graph to keep as it is before the fold (the fold takes its resets out), put back after
     if reuse:
-        graph_before = copy.deepcopy(gm.graph)
+        graph_before = deepcopy_quietly(gm.graph)
         resets_before = {name: m for name, m in gm.named_modules() if isinstance(m, Reset)}
         params_before = [k for k, _ in gm.named_parameters()]
     # the folded module's code is regenerated only when it is returned (``finalize``)
