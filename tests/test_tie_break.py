@@ -21,9 +21,13 @@ def _setup():
 
 
 def test_a_block_asked_again_is_kept_and_reordered(monkeypatch):
+    """The whole block kept (``WeightScores._last``), as for a group that is not ``plain`` (a
+    plain group keeps each tensor's term instead: ``tests/test_weight_match_speed.py``)."""
     spec, sa, sb = _setup()
     g, other = [x.name for x in spec.groups]
     scores = WeightScores(spec, sa, sb)
+    assert scores.plain(g)
+    scores.plain = lambda name: False
     assert scores.depends(g) == (other,) and scores.depends(other) == (g,)
     held = {other: torch.randperm(10, generator=torch.Generator().manual_seed(1))}
     rows, cols = torch.tensor([1, 4, 7]), torch.tensor([2, 9, 5])

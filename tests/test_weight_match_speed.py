@@ -122,18 +122,26 @@ def test_a_score_of_cached_parts_is_the_score_from_scratch(name, kind):
         assert cached.made - made <= (len(cached.parts(big)) if moved is None else 1)
 
 
+def _generic(scores: WeightScores) -> WeightScores:
+    """``scores`` taking every block through ``_score`` (no group ``plain``)."""
+    scores.plain = lambda name: False
+    return scores
+
+
+@pytest.mark.parametrize("lean", [True, False], ids=["plain groups' own path", "_score"])
 @pytest.mark.parametrize("name,kind", [("resnet20_ln", "independent"), ("transformer_tiny", "independent"),
                                        ("mlp10", "independent")])
-def test_a_block_of_kept_terms_is_the_block_from_scratch_bit_for_bit(monkeypatch, name, kind):
+def test_a_block_of_kept_terms_is_the_block_from_scratch_bit_for_bit(monkeypatch, name, kind, lean):
     """The tie-break asks a group's cosines of a few of A's units against a few of B's again and
     again, the other groups moving between: each tensor's term is kept and made again only when
     a group that tensor reads moved (the same units in another order reorder the kept terms).
-    Each block equals a fresh ``WeightScores``' block exactly."""
+    Each block equals a fresh ``WeightScores``' block exactly. Both ways a block is made: a
+    ``plain`` group's (``_FewUnits``) and ``_score``'s."""
     spec, sa, sb = pair(name, kind)
     made = []
     inner = weight_match._inner
     monkeypatch.setattr(weight_match, "_inner", lambda wa, wb: made.append(1) or inner(wa, wb))
-    kept = WeightScores(spec, sa, sb)
+    kept = WeightScores(spec, sa, sb) if lean else _generic(WeightScores(spec, sa, sb))
     g = max(spec.groups, key=lambda h: (len(kept.touches[h.name]), len(kept.depends(h.name)))).name
     reads = kept._reads(g)
     neighbours = list(kept.depends(g))
@@ -151,14 +159,60 @@ def test_a_block_of_kept_terms_is_the_block_from_scratch_bit_for_bit(monkeypatch
         kept._last.clear()  # (the whole block kept: not what is tested here)
         got = kept.cosine(g, held, rows=rows, cols=c)
         n = len(made) - before
-        expected = WeightScores(spec, sa, sb).cosine(g, held, rows=rows, cols=c)
+        fresh = WeightScores(spec, sa, sb)
+        expected = (fresh if lean else _generic(fresh)).cosine(g, held, rows=rows, cols=c)
         assert torch.equal(got, expected)
+        assert bool(kept._few) == (lean and kept.plain(g))  # (the way asked for)
         if moved is None and c is cols:
             assert n == len(reads)  # the first block: every term
         elif moved is None:
             assert n == 0  # the same units in another order: every term kept
         else:  # only the terms of the tensors that read the moved group
             assert n == sum(moved in r for r in reads) < len(reads)
+
+
+@pytest.mark.parametrize("name", ["mlp10", "resnet20_bn", "resnet20_ln", "grouped_conv_net", "transformer_tiny",
+                                  "vit_tiny_custom", "llama_gqa"])
+def test_a_plain_groups_block_is_scores_block_bit_for_bit(monkeypatch, name):
+    """A ``plain`` group's block of a few units (a linear or conv layer's: each tensor holds the
+    units along an axis of their own) gathers its rows once and permutes only their other axes
+    when other groups move (``_FewUnits``): every block, asked for round after round as the
+    tie-break asks (other groups moving, B's units in other orders), equals ``_score``'s block
+    bit for bit; a block wider than ``_KEEP_ROWS`` numbers is ``_score``'s. The tie-break's
+    ties are exact on the rounded cosines, so the same bits are the same permutations."""
+    spec, sa, sb = pair(name, "independent")
+    lean, generic = WeightScores(spec, sa, sb), _generic(WeightScores(spec, sa, sb))
+    plain = [g.name for g in spec.groups if lean.plain(g.name)]
+    assert plain
+    if name in ("transformer_tiny", "vit_tiny_custom", "llama_gqa"):
+        assert len(plain) < len(spec.groups)  # heads x head dims are read through a Kron: not plain
+    gen = torch.Generator().manual_seed(0)
+    held = {h.name: torch.randperm(h.size, generator=gen) for h in spec.groups}
+    for g in plain:
+        size = spec.group(g).size
+        k = max(2, size // 4)
+        rows = torch.randperm(size, generator=gen)[:k]
+        cols = torch.randperm(size, generator=gen)[:k]
+        others = {h: p for h, p in held.items() if h != g}
+        neighbour = next(iter(lean.depends(g)), None)
+        for step in range(4):
+            if step == 1:
+                cols = cols.flip(0)
+            elif step == 2 and neighbour is not None:
+                others = {**others, neighbour: torch.randperm(spec.group(neighbour).size, generator=gen)}
+            elif step == 3:
+                rows, cols = rows.sort().values, cols.sort().values
+            got = lean.cosine(g, others, rows=rows, cols=cols)
+            assert torch.equal(got, generic.cosine(g, others, rows=rows, cols=cols)), (g, step)
+            assert g in lean._few
+            assert got.abs().max() > 0
+    monkeypatch.setattr(weight_match, "_KEEP_ROWS", 1)
+    wide = WeightScores(spec, sa, sb)
+    g = plain[0]
+    rows = torch.arange(min(3, spec.group(g).size))
+    got = wide.cosine(g, {}, rows=rows, cols=rows.flip(0))
+    assert not wide._few
+    assert torch.equal(got, generic.cosine(g, {}, rows=rows, cols=rows.flip(0)))
 
 
 def test_a_settled_group_is_not_scored_again(monkeypatch):
