@@ -182,7 +182,10 @@ def user_models(*names: str, state: bool = True):
                     labels.append(who)
                 bound.arguments[name] = v
             check_models(models, labels, tensors_only=state)
-            with given_back(*models), runtime.held_memory():
+            # out of inference mode, should the caller be in it: what the call makes (a merged
+            # model's weights above all) are ordinary tensors, which the caller can run with
+            # autograd, train and change in place outside it, like the models given
+            with torch.inference_mode(False), given_back(*models), runtime.held_memory():
                 return fn(*bound.args, **bound.kwargs)
 
         return wrapper
@@ -212,7 +215,10 @@ def given_back(*models: nn.Module) -> Iterator[None]:
     after it (also when it raises). A buffer's values are copied back into the caller's own
     tensor where a forward changed them in place (its version counter moved), and the caller's
     tensor is put back where a forward replaced it (``self.calls = self.calls + 1``). Buffers are
-    copied once on entry (BatchNorm statistics, counters: small beside the weights)."""
+    copied once on entry (BatchNorm statistics, counters: small beside the weights). An inference
+    tensor (a model built or loaded under ``torch.inference_mode``) has no version counter and
+    cannot be changed in place out of inference mode, where the calls run (``user_models``): it
+    is only put back where it was replaced."""
     flags, saved = {}, []
     for model in models:
         for m in model.modules():
@@ -221,7 +227,8 @@ def given_back(*models: nn.Module) -> Iterator[None]:
             flags[m] = m.training
             for name, b in m._buffers.items():
                 if b is not None:
-                    saved.append((m, name, b, b._version, b.detach().clone()))
+                    frozen = b.is_inference()
+                    saved.append((m, name, b, None if frozen else b._version, None if frozen else b.detach().clone()))
     try:
         yield
     finally:
@@ -229,7 +236,7 @@ def given_back(*models: nn.Module) -> Iterator[None]:
             for m, name, b, version, copy_ in saved:
                 if m._buffers.get(name) is not b:
                     m._buffers[name] = b
-                if b._version != version:
+                if version is not None and b._version != version:
                     b.copy_(copy_)
         restore_training(flags)
 
@@ -280,7 +287,9 @@ def _give(module: nn.Module, current: dict, state: dict, own: bool, device) -> N
         v = state[k].detach()
         if v.shape != t.shape:
             raise MismatchError(f"parameter {k!r} has shape {tuple(v.shape)}, but the model's is {tuple(t.shape)}")
-        v = v.to(device=device if device is not None else t.device, dtype=t.dtype, copy=not own)
+        # (an inference tensor, from a model built under torch.inference_mode, is copied: out of
+        # inference mode it could not be a parameter that requires grad, nor change in place)
+        v = v.to(device=device if device is not None else t.device, dtype=t.dtype, copy=not own or v.is_inference())
         new[k] = nn.Parameter(v, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else v
     _load_assigned(module, new, current)
 

@@ -179,7 +179,8 @@ def fold_batchnorms(gm: GraphModule, inplace: bool = False, example_inputs: tupl
     """
     gm = start(gm, inplace, "fold_batchnorms")
     if example_inputs is not None:
-        ShapeProp(gm).propagate(*example_inputs)
+        with torch.no_grad():  # (shapes only: nothing to record for autograd; inputs may be inference tensors)
+            ShapeProp(gm).propagate(*example_inputs)
     candidates = []
     for node in gm.graph.nodes:
         p = describe_producer(gm, node)

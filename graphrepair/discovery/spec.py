@@ -256,9 +256,11 @@ class PermutationSpec:
 
     def permute_model(self, model: nn.Module, perms: dict[str, torch.Tensor]) -> nn.Module:
         """A copy of ``model`` whose parameters and buffers (BatchNorm running statistics included)
-        are reordered by ``perms`` ({group name: permutation}). ``model`` is untouched."""
-        new = deepcopy_quietly(model)
-        with torch.no_grad():
+        are reordered by ``perms`` ({group name: permutation}). ``model`` is untouched. The copy
+        holds ordinary tensors, also where the caller is in ``torch.inference_mode``."""
+        with torch.inference_mode(False):
+            new = deepcopy_quietly(model)
+        with torch.inference_mode(False), torch.no_grad():
             # permute_state_dict keeps the state dict's _metadata (module versions), which
             # _load_from_state_dict may read
             new.load_state_dict(self.permute_state_dict(new.state_dict(), perms))

@@ -166,8 +166,9 @@ def merge_prepared(prep: Prepared, weights: list[float], repair: str | None,
     ``refit_examples`` fitting examples (None: all). ``output``: "class" (the user's class, REPAIR
     limited to the corrections it can hold) or "graph" (a GraphModule where a correction does not
     fold); see ``merging.repair``. The prepared (caller's) models come back as they were
-    (``models.given_back``)."""
-    with given_back(*prep.models):
+    (``models.given_back``); the merged model's tensors are ordinary ones even where the caller
+    is in ``torch.inference_mode`` (as with every entry point, ``models.user_models``)."""
+    with torch.inference_mode(False), given_back(*prep.models):
         return _merge_prepared(prep, weights, repair, quiet, keep_unfolded, refit, refit_examples, output)
 
 
