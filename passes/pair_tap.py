@@ -188,10 +188,14 @@ class PairTap(nn.Module):
 
     def cov(self, i: int) -> torch.Tensor:
         """A-B cross-covariance of view ``i`` (float64)."""
+        return covariance(*self.sums[i], self.cross_total(i))
+
+    def cross_total(self, i: int) -> torch.Tensor:
+        """The float64 sum of view ``i``'s cross products about the shifts (what ``cov`` reads)."""
         total = None if self.cross[i] is None else self.cross[i].total
         if total is None:
             raise PassError(f"the tap at node {self.source!r} has no cross products for view {i}")
-        return covariance(*self.sums[i], total)
+        return total
 
 
 def _channels(view: TapView, shape: tuple | None) -> int | None:

@@ -213,6 +213,35 @@ def test_moments_all_reads_every_sums_as_it_reads_itself():
         moments_all(sums[:2] + [ChannelSums(-1, channels=5)])
 
 
+def test_correlations_together_are_each_correlation_bit_for_bit(monkeypatch):
+    """``moments.correlations_together`` takes the small correlations of one shape together: each
+    equals, bit for bit, its own ``correlation(covariance(...))``; sums about shifts far from 0,
+    dead channels, other counts, a stack made in parts (``_STACKED``). A part of one, a shape
+    seen once and a matrix wider than ``_SMALL_CORR`` come back None (the caller makes them)."""
+    from passes.moments import correlation, correlations_together, covariance
+
+    monkeypatch.setattr(moments, "_STACKED", 2 * 6 * 4)  # parts of two 6 x 4 matrices
+    g = torch.Generator().manual_seed(0)
+    items, expected = [], []
+    for ca, cb, n, offset in [(6, 4, 7, 0.0), (6, 4, 9, 150.0), (6, 4, 5, -40.0), (6, 4, 8, 0.0), (6, 4, 6, 3.0),
+                              (5, 5, 7, 0.0), (300, 300, 4, 0.0)]:
+        cm = CrossMoments(ca, cb)
+        for _ in range(2):
+            xa = torch.randn(ca, n, generator=g) * 2 + offset
+            xa[0] = 1.5  # a dead channel of A
+            xb = torch.randn(cb, n, generator=g) + offset
+            xb[-1] = -2.0  # and of B
+            cm.update(xa, xb)
+        items.append((cm.sab, cm.a, cm.b, cm.var_a, cm.var_b))
+        expected.append(correlation(covariance(cm.a, cm.b, cm.sab), cm.var_a, cm.var_b, 1e-6))
+    assert items[1][1].shift is not None and items[2][2].shift is not None  # sums about their shifts
+    got = correlations_together(items, 1e-6)
+    assert [k for k, c in enumerate(got) if c is None] == [4, 5, 6]
+    for c, e in zip(got[:4], expected):
+        assert torch.equal(c, e)
+        assert c[0].abs().sum() == 0 and c[:, -1].abs().sum() == 0 and c.abs().max() > 0.1
+
+
 @pytest.mark.parametrize("shape", [(2048, 2816), (9, moments._SMALL // 4 + 3), (100, 7)])
 def test_sums_of_squares_of_large_rows_in_blocks(shape):
     """A rows matrix too large to square at once is squared block by block (each block at most

@@ -33,6 +33,7 @@ them directly; no copy of either model is made.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -41,7 +42,7 @@ from torch import nn
 
 from passes.in_place_ops import writes_in_place
 from passes.pair import bind_pair, pair_graph, unbind_pair
-from passes.moments import PairScratch, ShiftChoices, correlation, moments_all
+from passes.moments import PairScratch, ShiftChoices, correlation, correlations_together, moments_all
 from passes.pair_tap import PairTap, TapView
 
 from graphrepair import distributed
@@ -333,6 +334,18 @@ def summarise(spec: PermutationSpec, plan: TapPlan, observe: dict[str, list[Obse
                                                            for t in mv])).all())
     if not finite:
         notes.extend(_not_finite_points(taps, ordinary + at_reset, moments))
+    # the small correlations of the ordinary points, all together (``moments.correlations_together``:
+    # the same numbers as each alone), their cross products then freed (``drop_cross``); a wide
+    # one is made below when its group reads it
+    read = list(dict.fromkeys(ordinary))
+    together = correlations_together([(taps[node].cross_total(i), *taps[node].moments(i),
+                                       *(moments[id(s)][1] for s in taps[node].moments(i))) for node, i in read],
+                                     DEAD_STD)
+    correlated = {key: c for key, c in zip(read, together) if c is not None}
+    uses = Counter(key for key in ordinary if key in correlated)  # (a point two groups read: each its own)
+    if not plan.cross_at_resets:
+        for node, i in correlated:
+            taps[node].drop_cross(i)
     corr: dict[str, torch.Tensor] = {}
     dead: dict[str, int] = {}
     coupled: dict[str, Coupled] = {}
@@ -352,9 +365,13 @@ def summarise(spec: PermutationSpec, plan: TapPlan, observe: dict[str, list[Obse
                 node, i = plan.at_group[(g, p.node)]
                 sa, sb = taps[node].moments(i)
                 va = moments[id(sa)][1]
-                m = correlation(taps[node].cov(i), va, moments[id(sb)][1], DEAD_STD)
-                if not plan.cross_at_resets:
-                    taps[node].drop_cross(i)
+                if (node, i) in correlated:
+                    uses[(node, i)] -= 1
+                    m = correlated[(node, i)] if uses[(node, i)] == 0 else correlated[(node, i)].clone()
+                else:
+                    m = correlation(taps[node].cov(i), va, moments[id(sb)][1], DEAD_STD)
+                    if not plan.cross_at_resets:
+                        taps[node].drop_cross(i)
                 if nodes:
                     plain = m.clone() if plain is None else plain.add_(m)
             total = m if total is None else total.add_(m)
