@@ -206,6 +206,9 @@ def test_a_plain_groups_block_is_scores_block_bit_for_bit(monkeypatch, name):
             assert torch.equal(got, generic.cosine(g, others, rows=rows, cols=cols)), (g, step)
             assert g in lean._few
             assert got.abs().max() > 0
+    g = plain[0]  # a group whose own permutation is held: read through its own axis, as _score reads it
+    rows = torch.arange(min(3, spec.group(g).size))
+    assert torch.equal(lean.cosine(g, held, rows=rows, cols=rows.flip(0)), generic.cosine(g, held, rows=rows, cols=rows.flip(0)))
     monkeypatch.setattr(weight_match, "_KEEP_ROWS", 1)
     wide = WeightScores(spec, sa, sb)
     g = plain[0]
