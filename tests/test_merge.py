@@ -398,3 +398,36 @@ def test_a_merge_of_a_torch_export_traced_model_shows_no_warning_from_inside_tor
     assert type(merged) is type(a)
     assert torch.isfinite(merged(x[:2])).all()
     assert not [str(w.message) for w in seen if issubclass(w.category, FutureWarning)]
+
+
+def test_merges_on_several_threads_at_once_are_the_merges_one_after_another():
+    """What a merge keeps between calls in this process (the discovered spec of an architecture,
+    the merged graph of an earlier merge: ``discovery.reuse``, ``merging.kept``) is shared by
+    merges that run at once on several threads (a sweep in a thread pool): each thread's merge is
+    the one it makes alone, weight for weight (one model A with six Bs, four threads, small
+    batches: the passes interleave; a kept graph shared instead of taken by one merge at a time
+    fails here)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    entry = ZOO["resnet20_bn"]
+    a = randomize_(entry.factory().eval(), seed=10)  # one model A, as a sweep over B's merges it
+    pairs = [(a, randomize_(entry.factory().eval(), seed=20 + s)) for s in range(6)]
+    x = entry.example_inputs(batch=64)[0]
+
+    def merged(pair):
+        result = gr.merge_models(list(pair), x, num_examples=64, batch_size=4)
+        return {k: v.clone() for k, v in result.model.state_dict().items()}
+
+    alone = [merged(p) for p in pairs]
+    assert not all(torch.equal(alone[0][k], alone[1][k]) for k in alone[0])  # the merges differ
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # (four merges on the machine's cores, not four times its threads)
+        with ThreadPoolExecutor(4) as pool:
+            together = list(pool.map(merged, pairs))
+    finally:
+        torch.set_num_threads(threads)
+    for one, other in zip(alone, together):
+        assert one.keys() == other.keys()
+        for k in one:
+            assert torch.allclose(one[k], other[k], rtol=0, atol=1e-6), k
