@@ -21,7 +21,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import torch.fx as fx
+from torch.fx.passes.shape_prop import ShapeProp
 
 from passes.errors import PassError
 
@@ -87,6 +89,14 @@ def deepcopy_quietly(obj, memo: dict | None = None):
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
         return copy.deepcopy(obj, memo)
+
+
+def propagate_shapes(gm: fx.GraphModule, example_inputs) -> None:
+    """Every node's shape on ``example_inputs`` (``ShapeProp``, into ``node.meta``), without
+    autograd: only the shapes are read, and inputs made under ``torch.inference_mode`` could not
+    be recorded."""
+    with torch.no_grad():
+        ShapeProp(gm).propagate(*example_inputs)
 
 
 def finish(gm: fx.GraphModule, recompile: bool = True) -> None:

@@ -36,9 +36,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx import GraphModule, Node
-from torch.fx.passes.shape_prop import ShapeProp
 
-from passes.base import PassResult, deepcopy_quietly, finish, graph_pass, start
+from passes.base import PassResult, deepcopy_quietly, finish, graph_pass, propagate_shapes, start
 from passes.errors import PassError
 from passes.modules import (
     MATMUL,
@@ -459,7 +458,7 @@ def fold_affines(gm: GraphModule, inplace: bool = False, example_inputs: tuple |
                 "statistics and call set_mode(gm, 'apply') before folding"
             )
     if example_inputs is not None:
-        _shapes(gm, example_inputs)
+        propagate_shapes(gm, example_inputs)
     made = [] if steps is not None else None
     folded, kept, replaced, notes, _ = _fold(gm, candidates, write=True, steps=made)
     if made is not None and not kept and not notes:  # (a note: a bias was created)
@@ -471,13 +470,6 @@ def fold_affines(gm: GraphModule, inplace: bool = False, example_inputs: tuple |
 NEEDS_BIAS = "needs a bias"  # fold_plan: it folds, but its shift needs a parameter its producer lacks
 
 
-def _shapes(gm: GraphModule, example_inputs) -> None:
-    """Every node's shape on ``example_inputs`` (``ShapeProp``), without autograd: only the
-    shapes are read, and inputs made under ``torch.inference_mode`` could not be recorded."""
-    with torch.no_grad():
-        ShapeProp(gm).propagate(*example_inputs)
-
-
 def fold_plan(gm: GraphModule, example_inputs: tuple | None = None) -> dict[str, str | None]:
     """What ``fold_affines`` would do with every Reset and ChannelAffine of ``gm``, in any mode,
     changing nothing (not the parameters, not the graph): {affine node name: None (it folds into
@@ -487,7 +479,7 @@ def fold_plan(gm: GraphModule, example_inputs: tuple | None = None) -> dict[str,
     ``example_inputs``: run once to learn ranks (a Reset in collect mode would count them: give
     none then; each Reset's last input tells its rank)."""
     if example_inputs is not None:
-        _shapes(gm, example_inputs)
+        propagate_shapes(gm, example_inputs)
     copy = GraphModule(gm, deepcopy_quietly(gm.graph))  # the same modules and parameters, another graph
     candidates = [n for n in copy.graph.nodes
                   if n.op == "call_module" and isinstance(get_module(copy, n), (Reset, ChannelAffine))]

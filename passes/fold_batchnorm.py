@@ -22,10 +22,9 @@ from __future__ import annotations
 
 import torch
 from torch.fx import GraphModule, Node
-from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
-from passes.base import PassResult, finish, graph_pass, start
+from passes.base import PassResult, finish, graph_pass, propagate_shapes, start
 from passes.fold_affine import check_producer, scale_producer
 from passes.modules import (
     Arg,
@@ -179,8 +178,7 @@ def fold_batchnorms(gm: GraphModule, inplace: bool = False, example_inputs: tupl
     """
     gm = start(gm, inplace, "fold_batchnorms")
     if example_inputs is not None:
-        with torch.no_grad():  # (shapes only: nothing to record for autograd; inputs may be inference tensors)
-            ShapeProp(gm).propagate(*example_inputs)
+        propagate_shapes(gm, example_inputs)
     candidates = []
     for node in gm.graph.nodes:
         p = describe_producer(gm, node)

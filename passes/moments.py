@@ -795,7 +795,7 @@ def correlation(cov: torch.Tensor, var_a: torch.Tensor, var_b: torch.Tensor, eps
     return out.clamp_(-1.0, 1.0)
 
 
-# correlations of at most this many entries are taken together (``correlations_all``), at most
+# correlations of at most this many entries are taken together (``correlations_together``), at most
 # ``_STACKED`` entries at a time
 _SMALL_CORR = 1 << 16
 _STACKED = 1 << 21

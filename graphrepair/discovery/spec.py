@@ -260,10 +260,10 @@ class PermutationSpec:
         holds ordinary tensors, also where the caller is in ``torch.inference_mode``."""
         with torch.inference_mode(False):
             new = deepcopy_quietly(model)
-        with torch.inference_mode(False), torch.no_grad():
-            # permute_state_dict keeps the state dict's _metadata (module versions), which
-            # _load_from_state_dict may read
-            new.load_state_dict(self.permute_state_dict(new.state_dict(), perms))
+            with torch.no_grad():
+                # permute_state_dict keeps the state dict's _metadata (module versions), which
+                # _load_from_state_dict may read
+                new.load_state_dict(self.permute_state_dict(new.state_dict(), perms))
         return new
 
     def check_model(self, model: nn.Module) -> None:

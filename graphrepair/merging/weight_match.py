@@ -512,7 +512,7 @@ class _FewUnits:
     def __init__(self, scores: WeightScores, name: str, rows: torch.Tensor, cols: torch.Tensor):
         self.rows = rows.clone()
         self.cols = cols.sort().values  # B's units are multiplied in increasing order (``_score``)
-        self.back = None  # their order as asked for (``holds``)
+        self.back = None  # their order as asked for (``holds``): positions in ``cols``
         self.holds(rows, cols)
         self.tensors = []  # per tensor: A's rows, B's rows, B's other axes (axis, expression, variables)
         for key, axis, pos, _ in scores.touches[name]:
@@ -528,17 +528,12 @@ class _FewUnits:
 
     def holds(self, rows: torch.Tensor, cols: torch.Tensor) -> bool:
         """Whether this block is of A's units ``rows`` (in that order) and B's units ``cols`` (in
-        any order), and if so, remembers the order ``cols`` asks for."""
-        if not torch.equal(self.rows, rows) or len(cols) != len(self.cols):
+        any order), and if so, remembers the order ``cols`` asks for (``_positions``)."""
+        back = _positions(self.cols, cols) if torch.equal(self.rows, rows) else None
+        if back is None:
             return False
-        if len(cols) > 1 and not bool((cols[1:] > cols[:-1]).all()):
-            rank = cols.argsort()
-            if not torch.equal(cols[rank], self.cols):
-                return False
-            self.back = rank.argsort()
-            return True
-        self.back = None
-        return torch.equal(cols, self.cols)
+        self.back = back
+        return True
 
     def score(self, vp: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(the summed inner products, B's units' squared norms) with B's other axes permuted by
@@ -546,10 +541,9 @@ class _FewUnits:
         total = torch.zeros(len(self.rows), len(self.cols), dtype=torch.float64)
         norms = torch.zeros(len(self.cols), dtype=torch.float64)
         for k, (wa, wb, others) in enumerate(self.tensors):
-            now = tuple(vp.get(i) for _, _, ids in others for i in ids)
+            now = {i: vp.get(i) for _, _, ids in others for i in ids}
             kept = self.kept[k]
-            if kept is None or not all(x is y or (x is not None and y is not None and torch.equal(x, y))
-                                       for x, y in zip(kept[0], now)):
+            if kept is None or not _same_perms(kept[0], now):
                 sub = wb
                 for d, e, ids in others:  # as ``views``: contiguous float64 rows either way
                     if any(vp.get(i) is not None for i in ids):  # (else the identity: nothing moves)
@@ -558,9 +552,7 @@ class _FewUnits:
                 kept = self.kept[k] = (now, _inner(wa, sub).cpu(), sub.flatten(1).square().sum(1).cpu())
             total += kept[1]
             norms += kept[2]
-        if self.back is not None:
-            return total[:, self.back], norms[self.back]
-        return total, norms
+        return total[:, self.back], norms[self.back]
 
 
 def _same_perms(a: dict, b: dict) -> bool:
