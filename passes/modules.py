@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import operator
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -133,15 +134,21 @@ def restore_training(flags: dict[nn.Module, bool]) -> None:
             m.training = training
 
 
-@contextlib.contextmanager
-def full_precision() -> Iterator[None]:
-    """float32 matrix products and convolutions in IEEE float32 inside the block, not TF32, on
-    CUDA; the settings are restored after it. cuDNN convolutions default to TF32 on Ampere and
-    later (10 mantissa bits): a permuted ResNet-50 then differs from itself by 1e-2 on an H200,
-    which is no evidence about the permutation. For checks that compare two computations
-    (proofs of permutations, ONNX against torch); a no-op for the CPU."""
-    new = hasattr(torch.backends.cuda.matmul, "fp32_precision") and hasattr(torch.backends.cudnn, "conv")
-    if new:  # torch >= 2.9: the new API (mixing it with the legacy flags is an error there)
+# ``full_precision``'s blocks open now in this process (any thread) and the settings the first one
+# found; the flags are process-wide, so the first block in sets them and the last one out restores
+_precision_lock = threading.Lock()
+_precision_blocks = 0
+_precision_saved: tuple | None = None
+
+
+def _precision_api_is_new() -> bool:
+    """torch >= 2.9's per-backend ``fp32_precision`` (mixing it with the legacy flags is an error there)."""
+    return hasattr(torch.backends.cuda.matmul, "fp32_precision") and hasattr(torch.backends.cudnn, "conv")
+
+
+def _set_ieee() -> tuple:
+    """Turn TF32 off; returns the settings it found."""
+    if _precision_api_is_new():
         saved = (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision)
         torch.backends.cuda.matmul.fp32_precision = "ieee"
         torch.backends.cudnn.conv.fp32_precision = "ieee"
@@ -149,13 +156,42 @@ def full_precision() -> Iterator[None]:
         saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
+    return saved
+
+
+def _restore_precision(saved: tuple) -> None:
+    if _precision_api_is_new():
+        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = saved
+    else:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@contextlib.contextmanager
+def full_precision() -> Iterator[None]:
+    """float32 matrix products and convolutions in IEEE float32 inside the block, not TF32, on
+    CUDA; the settings are restored after it. cuDNN convolutions default to TF32 on Ampere and
+    later (10 mantissa bits): a permuted ResNet-50 then differs from itself by 1e-2 on an H200,
+    which is no evidence about the permutation. For checks that compare two computations
+    (proofs of permutations, ONNX against torch); a no-op for the CPU.
+
+    The flags are the process's, so blocks of several threads (merges in a thread pool) share
+    them: the first block in sets them and the last one out restores what the first found.
+    Each block saving and restoring its own left them as the last thread to leave had found
+    them, IEEE after all blocks ended when two overlapped (with torch >= 2.9's API, every later
+    read of the legacy cuDNN flag then raised, the ONNX exporter's included)."""
+    global _precision_blocks, _precision_saved
+    with _precision_lock:
+        if _precision_blocks == 0:
+            _precision_saved = _set_ieee()
+        _precision_blocks += 1
     try:
         yield
     finally:
-        if new:
-            torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = saved
-        else:
-            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+        with _precision_lock:
+            _precision_blocks -= 1
+            if _precision_blocks == 0:
+                _restore_precision(_precision_saved)
+                _precision_saved = None
 
 
 def named_nodes(gm: GraphModule, names, pass_name: str) -> dict[str, Node]:

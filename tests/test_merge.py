@@ -421,12 +421,15 @@ def test_merges_on_several_threads_at_once_are_the_merges_one_after_another():
     alone = [merged(p) for p in pairs]
     assert not all(torch.equal(alone[0][k], alone[1][k]) for k in alone[0])  # the merges differ
     threads = torch.get_num_threads()
+    precision = (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision)
     try:
         torch.set_num_threads(1)  # (four merges on the machine's cores, not four times its threads)
         with ThreadPoolExecutor(4) as pool:
             together = list(pool.map(merged, pairs))
     finally:
         torch.set_num_threads(threads)
+    # the proofs' IEEE settings (process-wide, ``passes.modules.full_precision``) as they were
+    assert (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision) == precision
     for one, other in zip(alone, together):
         assert one.keys() == other.keys()
         for k in one:

@@ -169,6 +169,43 @@ def test_full_precision_turns_tf32_off_and_restores_the_settings():
     assert _precisions() == before
 
 
+def test_full_precision_blocks_of_two_threads_leave_the_settings_as_they_were():
+    """Blocks of two threads overlapping (merges in a thread pool), the first one out before the
+    second: the settings are IEEE while either block is open and as before once both ended.
+    When each block restored what it had found, the second left IEEE behind (and with torch's
+    new API every later read of the legacy cuDNN flag raised)."""
+    import threading
+
+    from passes.modules import full_precision
+
+    before = _precisions()
+    second_in, first_out = threading.Event(), threading.Event()
+    seen = []
+
+    def first():
+        with full_precision():
+            second_in.wait(5)
+            seen.append(("first, both in", _precisions()))
+        first_out.set()
+
+    def second():
+        with full_precision():
+            second_in.set()
+            first_out.wait(5)
+            seen.append(("second, first out", _precisions()))
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    threads[0].start()
+    while not threads[0].is_alive():
+        pass
+    threads[1].start()
+    for t in threads:
+        t.join(10)
+    assert sorted(seen) == [("first, both in", ("ieee", "ieee")), ("second, first out", ("ieee", "ieee"))]
+    assert _precisions() == before
+    torch.backends.cudnn.allow_tf32  # noqa: B018 (the legacy flag reads: conv and RNN agree again)
+
+
 def test_proofs_and_the_onnx_reference_run_without_tf32(tmp_path):
     """cuDNN convolutions run in TF32 by default on recent GPUs: a permuted ResNet-50 then differs
     from itself by 1e-2 (seen on an H200), failing its proof. The proof's and the ONNX check's
