@@ -218,13 +218,20 @@ def given_back(*models: nn.Module) -> Iterator[None]:
     copied once on entry (BatchNorm statistics, counters: small beside the weights). An inference
     tensor (a model built or loaded under ``torch.inference_mode``) has no version counter and
     cannot be changed in place out of inference mode, where the calls run (``user_models``): it
-    is only put back where it was replaced."""
-    flags, saved = {}, []
+    is only put back where it was replaced.
+
+    Every module's other attributes are put back too: one a forward sets on its module
+    (``self.last = h``, a cache made on the first call) is removed again, or given back the object
+    it held, so that tracing, which runs the forward on proxies, leaves no ``torch.fx.Proxy`` on
+    the caller's model (nor on a copy made after it), and the calls' own forwards leave nothing of
+    theirs."""
+    flags, saved, attrs = {}, [], []
     for model in models:
         for m in model.modules():
             if m in flags:
                 continue
             flags[m] = m.training
+            attrs.append((m, dict(vars(m))))
             for name, b in m._buffers.items():
                 if b is not None:
                     frozen = b.is_inference()
@@ -238,7 +245,17 @@ def given_back(*models: nn.Module) -> Iterator[None]:
                     m._buffers[name] = b
                 if version is not None and b._version != version:
                     b.copy_(copy_)
+        for m, was in attrs:
+            now = vars(m)
+            for k in [k for k in now if k not in was]:
+                del now[k]
+            for k, v in was.items():
+                if now.get(k, _GONE) is not v:
+                    now[k] = v
         restore_training(flags)
+
+
+_GONE = object()  # (an attribute ``given_back`` finds removed)
 
 
 def copy_with_state(module: nn.Module, state: dict[str, torch.Tensor], *, own: bool = False,

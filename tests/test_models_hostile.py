@@ -357,3 +357,45 @@ def test_lazy_modules_not_yet_made_are_refused_and_left_unmade(call, tmp_path):
     assert a[2].has_uninitialized_params() and not (tmp_path / "m.onnx").exists()
     a(X[:1])
     assert isinstance(gr.merge(a, b, X), nn.Sequential)
+
+
+class Caching(MLP):
+    """A forward that keeps things on its module: a tensor made on the first call and reused
+    (a positional table, a mask) and the latest hidden activation."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = None
+
+    def forward(self, x):
+        if self.table is None:
+            self.table = torch.zeros(16)
+        h = torch.relu(self.a(x)) + self.table
+        self.last = h
+        return self.h(torch.relu(self.b(h)))
+
+
+@pytest.mark.parametrize("call", list(CALLS))
+@pytest.mark.parametrize("warm", [False, True])
+def test_what_a_forward_keeps_on_its_module_is_given_back_and_no_proxy_is_left(call, warm):
+    # symbolic tracing runs the forward on proxies: a cache made on the first call, or an
+    # attribute set on every call, held a torch.fx.Proxy afterwards, and the caller's model
+    # then returned a Proxy instead of a tensor (as did the merged model, copied from it)
+    a, b = pair(Caching)
+    if warm:
+        with torch.no_grad():
+            a(X), b(X)
+    before = {m: dict(vars(m)) for m in (a, b)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GraphRepairWarning)
+        out = CALLS[call](a, b)
+    for m in (a, b):
+        assert vars(m).keys() == before[m].keys()
+        assert all(vars(m)[k] is v for k, v in before[m].items())
+    assert isinstance(a(X), torch.Tensor) and isinstance(b(X), torch.Tensor)
+    merged = out if isinstance(out, nn.Module) else getattr(out, "model", None)
+    if call.startswith("merge"):
+        assert isinstance(merged, Caching)
+        assert not any(isinstance(v, torch.fx.Proxy) for m in merged.modules() for v in vars(m).values())
+        assert isinstance(merged(X), torch.Tensor)
+
