@@ -36,6 +36,7 @@ import torch.fx
 from torch import nn
 
 from passes.base import deepcopy_quietly
+from passes.errors import CopyError
 from passes.modules import eval_mode, full_precision, restore_training
 
 from graphrepair import runtime
@@ -186,7 +187,10 @@ def user_models(*names: str, state: bool = True):
             # model's weights above all) are ordinary tensors, which the caller can run with
             # autograd, train and change in place outside it, like the models given
             with torch.inference_mode(False), given_back(*models), runtime.held_memory():
-                return fn(*bound.args, **bound.kwargs)
+                try:
+                    return fn(*bound.args, **bound.kwargs)
+                except CopyError as e:  # (``passes`` raises its own errors)
+                    raise GraphRepairError(str(e)) from e
 
         return wrapper
 

@@ -25,7 +25,7 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.shape_prop import ShapeProp
 
-from passes.errors import PassError
+from passes.errors import CopyError, CopyWarning, PassError
 
 # The one key of ``node.meta`` under which passes annotate nodes (STYLE.md: one key per project).
 META_KEY = "graphrepair"
@@ -85,10 +85,102 @@ def deepcopy_quietly(obj, memo: dict | None = None):
     """``copy.deepcopy(obj, memo)`` without the FutureWarning torch raises while copying a
     torch.export graph (its pytree specs' copy reads a deprecated ``LeafSpec`` inside torch
     itself): nothing the caller can act on, and it would reach every user who merges such a
-    model. Every copy of a graph, or of a model that may hold one, goes through here."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
-        return copy.deepcopy(obj, memo)
+    model. Every copy of a graph, or of a model that may hold one, goes through here.
+
+    What ``obj`` holds that deepcopy refuses does not stop the copy: an object that cannot be
+    copied (a ``threading.Lock``, an open file: "cannot pickle") is shared by the copy, and a
+    tensor computed with autograd (an activation a forward kept on the model, legacy
+    ``weight_norm``'s weight after a training step: "Only Tensors created explicitly by the user")
+    is copied without its graph; each is named in a ``CopyWarning``. The copy starts again from
+    ``memo`` as given with these stand-ins in it. ``CopyError`` where ``obj`` itself is what
+    cannot be copied."""
+    memo = {} if memo is None else memo
+    given = dict(memo)
+    stand_ins: dict[int, tuple[Any, Any]] = {}  # id -> (the object, what the copy holds instead)
+    try:
+        for _ in range(_COPY_TRIES):
+            try:
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+                    return copy.deepcopy(obj, memo)
+            except (MemoryError, RecursionError):
+                raise
+            except Exception as e:
+                bad = _refused(e)
+                if bad is None or id(bad) in stand_ins:
+                    raise
+                if bad is obj or isinstance(bad, torch.nn.Module):  # (a module is never shared: its weights are replaced)
+                    where = "" if bad is obj else f" ({_where(obj, bad)})"
+                    raise CopyError(f"{type(bad).__name__}{where} cannot be copied ({type(e).__name__}: {e}); "
+                                    "give it a __deepcopy__ or a model that copy.deepcopy copies") from e
+                stand_ins[id(bad)] = (bad, _stand_in(bad))
+                memo.clear()
+                memo.update(given)
+                memo.update({k: new for k, (_, new) in stand_ins.items()})
+        raise CopyError(f"{type(obj).__name__} holds more than {_COPY_TRIES} objects that cannot be "
+                        "copied; give their classes a __deepcopy__")
+    finally:
+        for old, _ in stand_ins.values():  # (outside the filters above; from one place: said once)
+            warnings.warn(_copy_note(obj, old), CopyWarning, stacklevel=1)
+
+
+# ``deepcopy_quietly`` starts a copy again at most this many times (once per object it cannot copy)
+_COPY_TRIES = 64
+
+
+def _refused(error: BaseException):
+    """The object whose copy raised ``error``: ``x`` of the innermost ``copy.deepcopy`` call in
+    its traceback (None where there is none)."""
+    found, tb = None, error.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code is copy.deepcopy.__code__:
+            found = tb.tb_frame.f_locals.get("x", found)
+        tb = tb.tb_next
+    return found
+
+
+def _stand_in(x):
+    """What a copy holds in place of ``x``, which deepcopy refused: a tensor's values, detached
+    (as a new leaf, requiring grad where ``x`` did); any other object, itself."""
+    if isinstance(x, torch.Tensor):
+        y = x.detach().clone()
+        return y.requires_grad_() if x.requires_grad and y.is_floating_point() else y
+    return x
+
+
+def _copy_note(root, x) -> str:
+    where = _where(root, x)
+    if isinstance(x, torch.Tensor):
+        what = "a tensor computed with autograd (it has a grad_fn)" if x.grad_fn is not None else \
+            f"a {type(x).__name__}"
+        return f"{where} is {what}, which deepcopy refuses: the copy holds its values, detached from the graph"
+    return (f"{where} (a {type(x).__module__}.{type(x).__qualname__}) cannot be copied: the copy shares "
+            "this object with the original")
+
+
+def _where(root, x) -> str:
+    """Where ``root`` (a module) holds ``x``: attributes of its modules, or items of them."""
+    found = []
+    if isinstance(root, torch.nn.Module):
+        for name, m in root.named_modules():
+            if m is x:
+                return f"module {name!r}"
+            owner = f"module {name!r}" if name else f"the {type(root).__name__}"
+            for k, v in vars(m).items():
+                if k == "_modules":
+                    continue
+                items = v.values() if isinstance(v, dict) else v if isinstance(v, (list, tuple, set, frozenset)) else ()
+                if v is x:
+                    found.append(f"attribute {k!r} of {owner}")
+                elif any(i is x for i in items):
+                    if k in ("_parameters", "_buffers"):
+                        found.append(f"{k[1:-1]} {next(n for n, i in v.items() if i is x)!r} of {owner}")
+                    else:
+                        found.append(f"an item of attribute {k!r} of {owner}")
+    if not found:
+        return f"an object the {type(root).__name__} holds"
+    more = f" and {len(found) - 3} more places" if len(found) > 3 else ""
+    return " and ".join(found[:3]) + more
 
 
 def propagate_shapes(gm: fx.GraphModule, example_inputs) -> None:

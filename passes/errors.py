@@ -42,3 +42,14 @@ class ExportVerificationError(PassError):
         self.output_name = output_name
         self.output_index = output_index
         self.where = where
+
+
+class CopyError(PassError):
+    """An object cannot be deep-copied, and it is the object being copied itself (not something it
+    holds, which the copy shares instead: ``passes.base.deepcopy_quietly``)."""
+
+
+class CopyWarning(UserWarning):
+    """What a copy of a model could not copy: an object it holds that deepcopy refuses (a lock, an
+    open file), which the copy shares with the original, or a tensor computed with autograd, whose
+    copy holds its values without the graph (``passes.base.deepcopy_quietly``)."""

@@ -399,3 +399,59 @@ def test_what_a_forward_keeps_on_its_module_is_given_back_and_no_proxy_is_left(c
         assert not any(isinstance(v, torch.fx.Proxy) for m in merged.modules() for v in vars(m).values())
         assert isinstance(merged(X), torch.Tensor)
 
+
+class Holding(MLP):
+    """A model holding what deepcopy refuses: a lock, a dict with one, an open file."""
+
+    def __init__(self, path):
+        super().__init__()
+        self.b.lock = __import__("threading").Lock()
+        self.state = {"lock": __import__("threading").RLock(), "calls": 0}
+        self.log = open(path, "w")
+
+
+def test_a_model_holding_what_cannot_be_copied_is_merged_sharing_it_with_a_warning(tmp_path):
+    torch.manual_seed(0)
+    a, b = Holding(tmp_path / "a.log"), Holding(tmp_path / "b.log")
+    try:
+        with pytest.warns(UserWarning) as caught:
+            merged = gr.merge(a, b, X, repair="exact")
+        said = {str(w.message) for w in caught}
+        for where in ("attribute 'lock' of module 'b' (a _thread.lock)",
+                      "an item of attribute 'state' of the Holding (a _thread.RLock)",
+                      "attribute 'log' of the Holding (a _io.TextIOWrapper)"):
+            assert any(s.startswith(where) and s.endswith("the copy shares this object with the original")
+                       for s in said), (where, said)
+        assert type(merged) is Holding
+        assert merged.b.lock is a.b.lock and merged.log is a.log and merged.state["lock"] is a.state["lock"]
+        assert merged.state is not a.state and merged.b is not a.b  # the rest is copied as deepcopy copies it
+        assert merged.b.weight.data_ptr() != a.b.weight.data_ptr()
+        assert isinstance(merged(X), torch.Tensor)
+    finally:
+        a.log.close(), b.log.close()
+
+
+def test_a_model_keeping_an_activation_with_its_graph_is_merged_with_its_values_detached():
+    # a training step leaves self.last with a grad_fn: deepcopy refuses such a tensor
+    a, b = pair(Caching)
+    for m in (a, b):
+        m(X).sum().backward()
+    kept = a.last
+    assert kept.grad_fn is not None
+    with pytest.warns(UserWarning, match=r"attribute 'last' of the Caching is a tensor computed with autograd"):
+        merged = gr.merge(a, b, X)
+    assert a.last is kept and kept.grad_fn is not None
+    assert isinstance(merged.last, torch.Tensor) and merged.last.grad_fn is None
+    assert isinstance(merged(X), torch.Tensor)
+
+
+class Uncopyable(MLP):
+    def __deepcopy__(self, memo):
+        raise TypeError("cannot pickle 'Uncopyable' object")
+
+
+def test_a_model_that_cannot_be_copied_itself_is_a_graphrepair_error_naming_it():
+    a, b = pair(Uncopyable)
+    with pytest.raises(GraphRepairError, match=r"^Uncopyable cannot be copied \(TypeError: cannot pickle "
+                                               r"'Uncopyable' object\); give it a __deepcopy__"):
+        gr.merge(a, b, X)

@@ -134,3 +134,57 @@ def test_set_mode_counts_what_it_switched():
     result = set_mode(gm, "apply")
     assert result.modified and result.counts == {"resets": 1}
     assert not set_mode(gm, "apply").modified
+
+
+class _Refusing:
+    """An object deepcopy refuses."""
+
+    def __deepcopy__(self, memo):
+        raise TypeError("cannot pickle '_Refusing' object")
+
+
+def test_deepcopy_quietly_shares_what_it_cannot_copy_and_copies_the_rest_once():
+    from passes.base import deepcopy_quietly
+    from passes.errors import CopyWarning
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1))
+    bad, kept = _Refusing(), torch.ones(2, requires_grad=True) * 3  # (a tensor with a grad_fn)
+    model[0].bad = bad
+    model.items = [torch.zeros(1), bad]
+    model[1].kept = kept
+    given = torch.full((1,), 7.0)
+    with pytest.warns(CopyWarning) as caught:
+        clone = deepcopy_quietly(model, {id(model[1].weight): given})
+    assert {str(w.message) for w in caught} == {
+        "an item of attribute 'items' of the Sequential and attribute 'bad' of module '0' (a "
+        "tests.test_passes_base._Refusing) cannot be copied: the copy shares this object with the original",
+        "attribute 'kept' of module '1' is a tensor computed with autograd (it has a grad_fn), which deepcopy "
+        "refuses: the copy holds its values, detached from the graph"}
+    assert clone[0].bad is bad and clone.items[1] is bad  # one object, shared wherever it is held
+    assert clone.items is not model.items and clone.items[0] is not model.items[0]
+    assert clone[1].weight is given  # the caller's memo holds
+    assert clone[0].weight is not model[0].weight and torch.equal(clone[0].weight, model[0].weight)
+    assert clone[1].kept.grad_fn is None and clone[1].kept.requires_grad and torch.equal(clone[1].kept, kept)
+    assert clone[0] is not model[0] and clone[0].bad is bad
+
+
+def test_deepcopy_quietly_names_what_cannot_be_copied_itself():
+    from passes.base import deepcopy_quietly
+    from passes.errors import CopyError
+
+    with pytest.raises(CopyError, match=r"_Refusing cannot be copied \(TypeError: cannot pickle '_Refusing' object\)"):
+        deepcopy_quietly(_Refusing())
+
+
+def test_deepcopy_quietly_never_shares_a_module():
+    # a copy sharing a submodule would give the original's layer the copy's weights
+    from passes.base import deepcopy_quietly
+    from passes.errors import CopyError
+
+    class Stubborn(torch.nn.Linear):
+        def __deepcopy__(self, memo):
+            raise TypeError("no")
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), Stubborn(2, 2))
+    with pytest.raises(CopyError, match=r"^Stubborn \(module '1'\) cannot be copied \(TypeError: no\)"):
+        deepcopy_quietly(model)
