@@ -455,3 +455,59 @@ def test_a_model_that_cannot_be_copied_itself_is_a_graphrepair_error_naming_it()
     with pytest.raises(GraphRepairError, match=r"^Uncopyable cannot be copied \(TypeError: cannot pickle "
                                                r"'Uncopyable' object\); give it a __deepcopy__"):
         gr.merge(a, b, X)
+
+
+def _halve(x):
+    x /= 2
+
+
+WRITES = {  # a forward's first step, written into its input
+    "x /= 2": _halve,
+    "x.sub_(0.1).div_(2)": lambda x: x.sub_(0.1).div_(2),
+    "relu(x, inplace=True)": lambda x: torch.nn.functional.relu(x, inplace=True),
+    "x[:, :3] *= 2": lambda x: x[:, :3].mul_(2),
+}
+
+
+class Writing(MLP):
+    """A forward that writes into its input (preprocessing in place); ``export``: one that
+    symbolic tracing cannot trace (torch.export's graph then)."""
+
+    def __init__(self, how, export=False, out_of_place=False):
+        super().__init__()
+        self.how, self.export, self.out_of_place = how, export, out_of_place
+
+    def forward(self, x):
+        if self.export and x.size(1) == 3:
+            x = x * 0
+        if self.out_of_place:
+            x = x.clone()
+        WRITES[self.how](x)
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("export", [False, True])
+@pytest.mark.parametrize("how", list(WRITES))
+def test_a_forward_writing_into_its_input_merges_as_its_out_of_place_twin(how, export):
+    # before: the proof ran the model twice on one example (the second run saw it halved), the
+    # joint pass fed B what A had written, and the caller's data came back changed
+    torch.manual_seed(0)
+    a, b = Writing(how, export), Writing(how, export)
+    twins = []
+    for m in (a, b):
+        twins.append(Writing(how, export, out_of_place=True))
+        twins[-1].load_state_dict(m.state_dict())
+    x = X.clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GraphRepairWarning)
+        got = gr.merge_models([a, b], x, repair="exact")
+        want = gr.merge_models(twins, X.clone(), repair="exact")
+        graph = gr.merge_models([a, b], x, repair="exact", output="graph").model
+        spec = gr.discover(a, x[:4])
+        assert gr.evaluate(a, (x, Y))
+    assert torch.equal(x, X)  # the caller's data as given
+    assert all(torch.equal(got.perms[0][k], want.perms[0][k]) for k in want.perms[0])
+    assert torch.equal(got.model(X.clone()), want.model(X.clone()))
+    torch.testing.assert_close(graph(X.clone()), got.model(X.clone()), rtol=1e-5, atol=1e-6)
+    # (symbolic tracing makes ``x /= 2`` out of place: that graph writes into nothing)
+    assert any("writes into its inputs" in n for n in spec.traced.notes) == (how != "x /= 2" or export)

@@ -263,16 +263,46 @@ def trace(model: nn.Module, example_inputs) -> Traced:
                 placeholders = _placeholders(gm, inputs)
                 notes.append(f"torch.export failed ({_first_line(e2)}): traced with torch.nn's "
                              f"transformer layers kept whole, their channels fixed")
-        recorder = _ShapeRecorder(gm, name)
-        try:
-            recorder.run(*placeholders)
-        except Exception as e:
-            if recorder.error is not None:  # fx appends its own context to the message: drop it
-                raise ShapeError(recorder.error) from e.__cause__
-            raise
+        recorder = _record(gm, name, placeholders)
+        if recorder is None:  # the graph writes into its inputs: it copies them first, and is run again
+            _copy_inputs(gm, placeholders)
+            notes.append("the forward writes into its inputs (an in-place op on an argument): the graph "
+                         "copies them first, so that the caller's data and the other model's input stay "
+                         "as given")
+            recorder = _record(gm, name, placeholders)
     own = frozenset(gm.state_dict()) - frozenset(model.state_dict())
     return Traced(gm=gm, kind=kind, model_name=name, info=recorder.info, fx_error=fx_error, graph_own=own,
                   notes=tuple(notes), signature=inputs.signature())
+
+
+def _record(gm: torch.fx.GraphModule, name: str, placeholders: list) -> _ShapeRecorder | None:
+    """``gm`` run on copies of ``placeholders``, every node's output recorded; None where the run
+    wrote into one of them (its version counter moved)."""
+    own = [p.clone() if isinstance(p, torch.Tensor) else p for p in placeholders]
+    versions = [p._version if isinstance(p, torch.Tensor) else None for p in own]
+    recorder = _ShapeRecorder(gm, name)
+    try:
+        recorder.run(*own)
+    except Exception as e:
+        if recorder.error is not None:  # fx appends its own context to the message: drop it
+            raise ShapeError(recorder.error) from e.__cause__
+        raise
+    if any(v is not None and p._version != v for p, v in zip(own, versions)):
+        return None
+    return recorder
+
+
+def _copy_inputs(gm: torch.fx.GraphModule, placeholders: list) -> None:
+    """``gm`` reading copies of its tensor inputs (``clone`` after the placeholders): an in-place op
+    on an argument then writes into the copy."""
+    nodes = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    with gm.graph.inserting_after(nodes[-1]):
+        for node, value in reversed(list(zip(nodes, placeholders))):
+            if isinstance(value, torch.Tensor):
+                copy_ = gm.graph.call_method("clone", (node,))
+                node.replace_all_uses_with(copy_, delete_user_cb=lambda user, c=copy_: user is not c)
+    gm.graph.lint()
+    gm.recompile()
 
 
 def _placeholders(gm: torch.fx.GraphModule, inputs: Inputs) -> list:

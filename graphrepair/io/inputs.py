@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+import weakref
 
 import numpy as np
 import torch
@@ -193,8 +194,20 @@ class Inputs:
         return self.map(lambda t: t.cpu())
 
     def call(self, model: Callable[..., Any]) -> Any:
-        """``model(*args, **kwargs)``."""
-        return model(*self.args, **self.kwargs)
+        """``model(*args, **kwargs)``, on copies of the tensors for a model whose forward writes
+        into its inputs (``x /= 255``, ``x.sub_(mean)``): the caller's data is left as it is, and
+        every call sees the data as given (a proof running the model twice on one example, the
+        two models of a merge fed one batch). Whether a model writes into its inputs is found on
+        its first call, given copies (their version counters move), and kept while it lives."""
+        writes = _WRITES_INPUTS.get(model) if _weakly_held(model) else True
+        if writes is False:
+            return model(*self.args, **self.kwargs)
+        own = self.map(lambda t: t.clone())
+        versions = [t._version for _, t in own.named()]
+        out = model(*own.args, **own.kwargs)
+        if writes is None:
+            _WRITES_INPUTS[model] = any(t._version != v for (_, t), v in zip(own.named(), versions))
+        return out
 
     @staticmethod
     def cat(parts: list[Inputs]) -> Inputs:
@@ -203,6 +216,20 @@ class Inputs:
         args = tuple(torch.cat([p.args[i] for p in parts]) for i in range(len(first.args)))
         kwargs = {k: torch.cat([p.kwargs[k] for p in parts]) for k in first.kwargs}
         return Inputs(args, kwargs)
+
+
+# model -> whether its forward writes into its inputs (``Inputs.call``)
+_WRITES_INPUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _weakly_held(model) -> bool:
+    """Whether ``model`` can be a key of ``_WRITES_INPUTS`` (else every call copies its inputs)."""
+    try:
+        weakref.ref(model)
+        hash(model)
+    except TypeError:
+        return False
+    return True
 
 
 def split_batch(batch: Any, where: str = "the data") -> tuple[Inputs, Any]:
