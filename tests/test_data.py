@@ -105,6 +105,16 @@ def test_xy_tuple_is_a_dataset_but_a_list_is_batches() -> None:
     assert sizes(iter_batches((X, X[:3]))) == [10, 3]  # lengths differ: two batches
 
 
+def test_a_list_of_inputs_and_their_labels_is_refused_saying_to_give_a_tuple() -> None:
+    # before: read as two batches, the labels failed in the model as a batch of another shape
+    with pytest.raises(DataError, match=r"^data is a list of two tensors, read as two batches, but the second "
+                                        r"\(\(10,\) int64\) looks like the labels of the first \(\(10, 3\) "
+                                        r"float32\): give inputs and labels as a tuple, \(x, y\)$"):
+        list(iter_batches([X, Y]))
+    ids = torch.arange(10)  # one-axis integer inputs: two batches of token ids, as before
+    assert sizes(iter_batches([ids, ids])) == [10, 10]
+
+
 def test_map_style_dataset_is_batched() -> None:
     class Squares(Dataset):
         def __len__(self) -> int:

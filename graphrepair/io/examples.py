@@ -6,7 +6,8 @@
 * arrays of inputs and labels held in memory: an ``ArrayDataset`` (what ``load_data_file`` returns),
   a ``TensorDataset``, a dict with ``"x"`` (and ``"y"``), a *tuple* ``(x, y)`` of two tensors with the
   same number of examples, or a dict of keyword tensors with one first axis (a ``labels`` entry is
-  the labels), all split into batches. A list of two tensors stays a list of two batches;
+  the labels), all split into batches. A list of two tensors stays a list of two batches (refused
+  where the second is one integer label per example of the first: a tuple was meant);
 * any other map-style ``Dataset`` (batched with a ``DataLoader``, in order);
 * any iterable of batches -- a ``DataLoader``, a list, a generator -- each batch as
   ``io.inputs.split_batch`` reads it: a tensor, ``(input, labels)``, or a dict of keyword tensors
@@ -174,6 +175,12 @@ def _source(data: Any, batch_size: int) -> _Arrays | Iterable:
         return _arrays(ts[0], ts[1] if len(ts) > 1 else None, "the TensorDataset")
     if is_xy_pair(data):
         return _arrays(data[0], data[1], "x")
+    if _labels_in_a_list(data):
+        x, y = (as_tensor(t) for t in data)
+        raise DataError(f"data is a list of two tensors, read as two batches, but the second "
+                        f"({tuple(y.shape)} {str(y.dtype).removeprefix('torch.')}) looks like the labels of the "
+                        f"first ({tuple(x.shape)} {str(x.dtype).removeprefix('torch.')}): give inputs and labels as "
+                        f"a tuple, (x, y)")
     if isinstance(data, Mapping):
         if "x" in data and as_tensor(data["x"]) is not None and set(data) <= {"x", *LABEL_KEYS}:
             return _arrays(data["x"], next((data[k] for k in LABEL_KEYS if k in data), None), "'x'")
@@ -188,6 +195,17 @@ def _source(data: Any, batch_size: int) -> _Arrays | Iterable:
     if isinstance(data, Iterable):
         return data
     raise DataError(f"data of type {type(data).__name__} is not a tensor, a dataset or an iterable of batches")
+
+
+def _labels_in_a_list(data: Any) -> bool:
+    """A list [x, y] that cannot be two batches of one input: y is integer class indices, one per
+    example of x, and x has more axes or is floating."""
+    if not (isinstance(data, list) and len(data) == 2):
+        return False
+    x, y = (as_tensor(t) for t in data)
+    return (x is not None and y is not None and y.dim() == 1 and x.dim() >= 1 and x.shape[0] == y.shape[0]
+            and not y.is_floating_point() and not y.is_complex() and y.dtype != torch.bool
+            and (x.dim() > 1 or x.is_floating_point()))
 
 
 def _shuffles(data: Any) -> bool:
