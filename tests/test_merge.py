@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -434,3 +435,32 @@ def test_merges_on_several_threads_at_once_are_the_merges_one_after_another():
         assert one.keys() == other.keys()
         for k in one:
             assert torch.allclose(one[k], other[k], rtol=0, atol=1e-6), k
+
+
+def test_integer_and_bool_tensors_that_differ_are_model_as_and_a_warning_names_them():
+    class Indexed(torch.nn.Module):
+        def __init__(self, seed):
+            super().__init__()
+            torch.manual_seed(seed)
+            self.a, self.h = torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)
+            self.bn = torch.nn.BatchNorm1d(16)
+            self.register_buffer("order", torch.randperm(4))  # an index: no average is one
+            self.register_buffer("keep", torch.arange(4) != seed)  # a mask
+            self.register_buffer("same", torch.arange(4))
+
+        def forward(self, x):
+            return self.h(torch.relu(self.bn(self.a(x))))[:, self.order] * self.keep
+
+    a, b = Indexed(0), Indexed(1)
+    b.bn.num_batches_tracked += 5  # BatchNorm's counter differs in every pair: not named
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
+    with pytest.warns(gr.GraphRepairWarning) as caught:
+        merged = gr.merge(a, b, x)
+    said = [str(w.message) for w in caught if "integer" in str(w.message)]
+    assert said == ["integer and bool tensors cannot be averaged: the merged model holds model A's 'order', "
+                    "'keep', which differ in the other model"]
+    assert torch.equal(merged.order, a.order) and torch.equal(merged.keep, a.keep)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", gr.GraphRepairWarning)
+        warnings.filterwarnings("ignore", message=".*fewer than")
+        gr.merge(a, b, x, alpha=0.0)  # all weight on model A: nothing lost, nothing said

@@ -13,6 +13,7 @@ w_i, and the goal statistics are the w-weighted averages of the aligned endpoint
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -21,7 +22,7 @@ from torch import nn
 from graphrepair import distributed
 from graphrepair.discovery.discover import discover
 from graphrepair.discovery.spec import PermutationSpec
-from graphrepair.errors import DataError, GraphRepairError
+from graphrepair.errors import DataError, GraphRepairError, GraphRepairWarning
 from graphrepair.merging.checks import check_same_architecture
 from graphrepair.merging.diagnostics import check_statistics
 from graphrepair.merging.weight_match import weight_matching
@@ -148,6 +149,19 @@ def interpolate_states(states: list[dict[str, torch.Tensor]], weights: list[floa
     return out
 
 
+def _note_kept(first: dict[str, torch.Tensor], others: list[dict[str, torch.Tensor]], weights: list[float]) -> None:
+    """A warning naming the integer and bool tensors (other than BatchNorm's batch counters) whose
+    values differ between the models given weight: the merged model holds model A's, which no
+    average can replace (an index, a mask, a step count)."""
+    differ = [k for k, t in first.items() if not t.is_floating_point() and not k.endswith("num_batches_tracked")
+              and any(w > 0 and not torch.equal(s[k], t) for s, w in zip(others, weights[1:]))]
+    if differ:
+        names = ", ".join(repr(k) for k in differ[:3]) + (f" and {len(differ) - 3} more" if len(differ) > 3 else "")
+        warnings.warn(f"integer and bool tensors cannot be averaged: the merged model holds model A's {names}, "
+                      f"which differ{'s' if len(differ) == 1 else ''} in the other model"
+                      f"{'s' if len(others) > 1 else ''}", GraphRepairWarning, stacklevel=2)
+
+
 def _combine(pieces: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
     """sum_i weights[i] pieces[i] in float64, a fresh tensor laid out as ``pieces[0]`` (``to``
     keeps a dense tensor's strides): each term rounded, then added in order to a zero (+ 0.0
@@ -206,6 +220,7 @@ def _merge_prepared(prep: Prepared, weights: list[float], repair: str | None, qu
         raise GraphRepairError("repair='approx' needs A-B cross-covariances: prepare(..., cross=True)")
     # a convex combination of finite weights (every model was checked in prepare) is finite
     merged_state = interpolate_states([models[0].state_dict()] + prep.aligned, weights)
+    _note_kept(models[0].state_dict(), prep.aligned, weights)
     result = MergeResult(model=None, spec=prep.spec, perms=prep.perms, weights=weights,
                          method=prep.method, repair=repair, mean_corr=prep.mean_corr, output=output)
     if prep.stats and prep.stats[0] is not None:
