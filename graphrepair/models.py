@@ -228,14 +228,24 @@ def given_back(*models: nn.Module) -> Iterator[None]:
     (``self.last = h``, a cache made on the first call) is removed again, or given back the object
     it held, so that tracing, which runs the forward on proxies, leaves no ``torch.fx.Proxy`` on
     the caller's model (nor on a copy made after it), and the calls' own forwards leave nothing of
-    theirs."""
-    flags, saved, attrs = {}, [], []
+    theirs.
+
+    Parameters: those of modules whose forward writes into their weights (``nn.Embedding`` and
+    ``nn.EmbeddingBag`` with ``max_norm`` renormalise the rows they look up) are copied on entry
+    and copied back; any other parameter a forward changed in place (its version counter moved)
+    is named in a warning, since it could not be given back."""
+    flags, saved, attrs, params = {}, [], [], []
     for model in models:
-        for m in model.modules():
+        for path, m in model.named_modules():
             if m in flags:
                 continue
             flags[m] = m.training
             attrs.append((m, dict(vars(m))))
+            writes = isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None
+            for name, p in m._parameters.items():
+                if p is not None and not p.is_inference():
+                    params.append((f"{path}.{name}" if path else name, p, p._version,
+                                   p.detach().clone() if writes else None))
             for name, b in m._buffers.items():
                 if b is not None:
                     frozen = b.is_inference()
@@ -249,6 +259,13 @@ def given_back(*models: nn.Module) -> Iterator[None]:
                     m._buffers[name] = b
                 if version is not None and b._version != version:
                     b.copy_(copy_)
+            changed = []
+            for name, p, version, copy_ in params:
+                if p._version != version:
+                    if copy_ is None:
+                        changed.append(name)
+                    else:
+                        p.copy_(copy_)
         for m, was in attrs:
             now = vars(m)
             for k in [k for k in now if k not in was]:
@@ -257,6 +274,12 @@ def given_back(*models: nn.Module) -> Iterator[None]:
                 if now.get(k, _GONE) is not v:
                     now[k] = v
         restore_training(flags)
+        if changed:
+            names = ", ".join(repr(k) for k in changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+            warnings.warn(f"the model's forward changed parameter{'s' if len(changed) > 1 else ''} {names} in place "
+                          f"during the call (graphrepair runs the forward, it does not write weights) and "
+                          f"{'they' if len(changed) > 1 else 'it'} could not be given back", GraphRepairWarning,
+                          stacklevel=3)
 
 
 _GONE = object()  # (an attribute ``given_back`` finds removed)

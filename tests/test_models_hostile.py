@@ -511,3 +511,51 @@ def test_a_forward_writing_into_its_input_merges_as_its_out_of_place_twin(how, e
     torch.testing.assert_close(graph(X.clone()), got.model(X.clone()), rtol=1e-5, atol=1e-6)
     # (symbolic tracing makes ``x /= 2`` out of place: that graph writes into nothing)
     assert any("writes into its inputs" in n for n in spec.traced.notes) == (how != "x /= 2" or export)
+
+
+class Renormed(nn.Module):
+    """An embedding with ``max_norm``: its forward renormalises the rows it looks up, in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(40, 16, max_norm=1.0)
+        self.a, self.h = nn.Linear(16, 16), nn.Linear(16, 4)
+
+    def forward(self, ids):
+        return self.h(torch.relu(self.a(self.emb(ids).mean(1))))
+
+
+IDS = torch.randint(0, 40, (96, 5), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.mark.parametrize("call", ["merge", "align", "barrier", "evaluate"])
+def test_weights_a_forward_renormalises_are_given_back(call):
+    torch.manual_seed(0)
+    a, b = Renormed(), Renormed()
+    before = [m.emb.weight.detach().clone() for m in (a, b)]
+    assert before[0].norm(dim=1).max() > 1  # rows the forward will renormalise
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GraphRepairWarning)  # given back: nothing to say
+        warnings.filterwarnings("ignore", message=".*fewer than")
+        {"merge": lambda: gr.merge(a, b, IDS),
+         "align": lambda: gr.align(a, b, IDS),
+         "barrier": lambda: gr.barrier(a, b, eval_data=(IDS, Y), fit_data=IDS, alphas=3),
+         "evaluate": lambda: gr.evaluate(a, (IDS, Y))}[call]()
+    assert all(torch.equal(m.emb.weight, w) for m, w in zip((a, b), before))
+
+
+class Clipping(MLP):
+    """A forward that clips its own weight in place."""
+
+    def forward(self, x):
+        with torch.no_grad():
+            self.b.weight.clamp_(-0.1, 0.1)
+        return super().forward(x)
+
+
+def test_a_weight_a_forward_changes_in_place_is_named():
+    a, b = pair(Clipping)
+    with pytest.warns(GraphRepairWarning, match=r"the model's forward changed parameter 'b.weight' in place during "
+                                                r"the call \(graphrepair runs the forward, it does not write "
+                                                r"weights\) and it could not be given back"):
+        gr.evaluate(a, (X, Y))
