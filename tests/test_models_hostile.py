@@ -10,6 +10,7 @@ import warnings
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 import graphrepair as gr
 from graphrepair.errors import GraphRepairError, GraphRepairWarning
@@ -559,3 +560,30 @@ def test_a_weight_a_forward_changes_in_place_is_named():
                                                 r"the call \(graphrepair runs the forward, it does not write "
                                                 r"weights\) and it could not be given back"):
         gr.evaluate(a, (X, Y))
+
+
+class Sampling(MLP):
+    """A forward that draws random numbers in eval mode: dropout always on, or added noise."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        h = F.dropout(h, 0.2, training=True) if self.how == "dropout" else h + 0.01 * torch.randn_like(h)
+        return self.h(torch.relu(self.b(h)))
+
+
+@pytest.mark.parametrize("how", ["dropout", "noise"])
+def test_a_forward_drawing_random_numbers_is_refused_saying_so_not_called_a_discovery_bug(how):
+    torch.manual_seed(0)
+    a, b = Sampling(how), Sampling(how)
+    said = (r"Sampling gives other outputs when run again on the same example in eval mode \(max abs diff "
+            r"[0-9.e-]+\): its forward draws random numbers \(dropout called with training=True, added noise, "
+            r"sampling\), so no permutation can be checked against it; make the forward deterministic in eval "
+            r"mode \(e.g. F.dropout\(x, p, training=self.training\)\) to merge it$")
+    with pytest.raises(GraphRepairError, match="^model B: " + said):
+        gr.merge(a, b, X)
+    with pytest.raises(GraphRepairError, match="^" + said):
+        gr.discover(a, X[:4]).check(a, X[:4])

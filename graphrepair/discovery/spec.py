@@ -330,6 +330,17 @@ class PermutationSpec:
         worst = _compare(ref, got, rtol, atol)
         if worst is None:
             return max((float((a - b).abs().max()) for a, b in zip(ref, got) if a.numel()), default=0.0)
+        again = _compare(ref, _outputs(model, args), rtol, atol)
+        if again is not None:  # the model itself, run again, does not give what it gave
+            error = CheckError(
+                f"{self.model_name} gives other outputs when run again on the same example in eval mode "
+                f"(max abs diff {again:.3g}): its forward draws random numbers (dropout called with "
+                f"training=True, added noise, sampling), so no permutation can be checked against it; make "
+                f"the forward deterministic in eval mode (e.g. F.dropout(x, p, training=self.training)) to "
+                f"merge it"
+            )
+            error.random_forward = True
+            raise error
         # find the first group that breaks the function on its own, to name it
         for g in self.groups:
             if g.name not in perms:

@@ -219,6 +219,8 @@ def prove_permutations(spec: PermutationSpec, model: nn.Module, permuted_state: 
     try:
         return spec.prove(model, permuted, example, perms)
     except CheckError as e:
+        if getattr(e, "random_forward", False):  # the model, not the permutations (``PermutationSpec._prove``)
+            raise CheckError(f"{who}: {e}") from e
         raise CheckError(f"the permutations aligning {who} break its function: {e}") from e
     finally:
         release(permuted)  # a copy of a GraphModule is a cycle (see runtime.release)
