@@ -287,7 +287,14 @@ def _compare(
 def _run_torch(model: nn.Module, inputs: tuple[tuple, dict]) -> list[tuple[str, torch.Tensor]]:
     args, kwargs = inputs
     with torch.no_grad(), full_precision():  # the reference, not TF32 (see full_precision)
-        return flatten_outputs(model(*args, **kwargs))
+        return flatten_outputs(model(*_copied(args), **_copied(kwargs)))
+
+
+def _copied(inputs):
+    """``inputs`` (a tuple or dict, nested) with every tensor copied: each run of the model gets
+    its own, so that a forward writing into its inputs (``x /= 255``) leaves the example as it
+    is for the next run and for onnxruntime."""
+    return pytree.tree_map(lambda a: a.clone() if isinstance(a, torch.Tensor) else a, inputs)
 
 
 def _feed(names: list[str], inputs: tuple[tuple, dict]) -> dict[str, np.ndarray]:
@@ -462,7 +469,7 @@ def export_verified(
     exported = model
     with eval_mode(model), torch.no_grad():
         try:
-            probe = model(*example_inputs, **kwargs)
+            probe = model(*_copied(example_inputs), **_copied(kwargs))
         except Exception as exc:
             raise ExportFailedError(
                 f"torch itself fails on the example inputs ({type(exc).__name__}: {exc})") from exc
@@ -488,9 +495,9 @@ def export_verified(
             with _quiet():
                 program = torch.onnx.export(
                     exported,
-                    traced_args,
+                    _copied(traced_args),
                     None,
-                    kwargs=traced_kwargs or None,
+                    kwargs=_copied(traced_kwargs) or None,
                     dynamo=True,
                     external_data=False,
                     dynamic_shapes=dynamic_shapes,

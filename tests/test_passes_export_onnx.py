@@ -227,3 +227,34 @@ def test_onnx_export_from_a_batch_of_one_runs_any_batch(tmp_path, name):
         with torch.no_grad():
             torch.testing.assert_close(torch.from_numpy(got), model(xb), rtol=1e-4, atol=1e-4)
     assert os.listdir(tmp_path) == [f"{name}.onnx"]
+
+
+class _Centring(nn.Module):
+    """A forward that writes into its input (preprocessing in place)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x, *, scale):
+        x.sub_(0.5)
+        scale.mul_(2)
+        return self.fc(x) * scale
+
+
+def test_a_forward_writing_into_its_inputs_exports_and_verifies_on_the_example_as_given(tmp_path):
+    # before: the probe, the exporter's trace and torch's reference each ran on the example the
+    # run before had written into, and onnxruntime, fed the example at last, disagreed
+    torch.manual_seed(0)
+    model = _Centring().eval()
+    x, scale = torch.randn(4, 6), torch.full((4, 1), 1.5)
+    given = (x.clone(), scale.clone())
+    path = tmp_path / "centring.onnx"
+    report = export_onnx(model, (x,), path, kwargs={"scale": scale})
+    assert torch.equal(x, given[0]) and torch.equal(scale, given[1])
+    assert report.max_abs_diff < 1e-5
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    got = session.run(None, dict(zip(names, (x.numpy(), scale.numpy()))))[0]
+    want = model(x.clone(), scale=scale.clone()).detach().numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
