@@ -587,3 +587,32 @@ def test_a_forward_drawing_random_numbers_is_refused_saying_so_not_called_a_disc
         gr.merge(a, b, X)
     with pytest.raises(GraphRepairError, match="^" + said):
         gr.discover(a, X[:4]).check(a, X[:4])
+
+
+class Tied(nn.Module):
+    """A small language model whose output layer may share the embedding's weight."""
+
+    def __init__(self, tie):
+        super().__init__()
+        self.emb, self.mid, self.head = nn.Embedding(30, 16), nn.Linear(16, 16), nn.Linear(16, 30, bias=False)
+        if tie:
+            self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.head(torch.relu(self.mid(self.emb(ids))))
+
+
+@pytest.mark.parametrize("ties", [(True, False), (False, True)])
+def test_models_tied_differently_are_refused_naming_the_weights(ties):
+    # before: A tied, B not: the merged output layer silently lost B's; A not, B tied: B's one
+    # tensor was permuted as two, and the proof blamed discovery
+    torch.manual_seed(0)
+    a, b = Tied(ties[0]), Tied(ties[1])
+    said = ["ties 'head.weight' to 'emb.weight'", "does not tie 'head.weight'"]
+    first, second = said if ties[0] else said[::-1]
+    ids = torch.randint(0, 30, (32, 5), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(GraphRepairError, match=rf"^models A and B differ: A {first} and B {second}; tie or untie "
+                                               rf"them alike before merging$"):
+        gr.merge(a, b, ids, repair=None)
+    merged = gr.merge(a, Tied(ties[0]), ids, repair=None)  # tied alike: merged, tied as A is
+    assert (merged.head.weight is merged.emb.weight) == ties[0]
