@@ -464,3 +464,42 @@ def test_integer_and_bool_tensors_that_differ_are_model_as_and_a_warning_names_t
         warnings.simplefilter("error", gr.GraphRepairWarning)
         warnings.filterwarnings("ignore", message=".*fewer than")
         gr.merge(a, b, x, alpha=0.0)  # all weight on model A: nothing lost, nothing said
+
+
+class _Unregistered(nn.Module):
+    """Layers in a plain list (a common slip: not registered, in no state dict) and a cached
+    activation (not weights)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.h = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 4)
+        self.extra = [nn.Linear(4, 4)]
+        self.scales = {"out": nn.Parameter(torch.ones(4))}
+
+    def forward(self, x):
+        h = torch.relu(self.b(torch.relu(self.a(x))))
+        self.last = h
+        return self.extra[0](self.h(h)) * self.scales["out"]
+
+
+def test_weights_in_no_state_dict_that_differ_are_named():
+    torch.manual_seed(0)
+    a, b = _Unregistered(), _Unregistered()
+    with torch.no_grad():
+        b.scales["out"].mul_(2)
+        a(torch.randn(4, 8)), b(torch.randn(4, 8))  # cached activations differ: not weights, not named
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
+    with pytest.warns(gr.GraphRepairWarning) as caught:
+        merged = gr.merge(a, b, x, repair=None)
+    said = [str(w.message) for w in caught if "no state dict" in str(w.message)]
+    assert said == ["model A holds weights in no state dict (attribute 'extra' of the _Unregistered, attribute "
+                    "'scales' of the _Unregistered: modules or parameters in a plain list or dict), which differ "
+                    "in the other model: no merge reads them, and the merged model holds model A's; register "
+                    "them (nn.ModuleList, nn.ModuleDict, nn.ParameterList) to merge them"]
+    assert torch.equal(merged.extra[0].weight, a.extra[0].weight)
+    b.extra[0].load_state_dict(a.extra[0].state_dict())
+    b.scales["out"] = a.scales["out"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", gr.GraphRepairWarning)
+        warnings.filterwarnings("ignore", message=".*fewer than")
+        gr.merge(a, b, x, repair=None)  # the same in both: nothing lost, nothing said

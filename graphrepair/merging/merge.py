@@ -162,6 +162,56 @@ def _note_kept(first: dict[str, torch.Tensor], others: list[dict[str, torch.Tens
                       f"{'s' if len(others) > 1 else ''}", GraphRepairWarning, stacklevel=2)
 
 
+def _note_unregistered(models: list[nn.Module], weights: list[float]) -> None:
+    """A warning naming the weights model A holds outside its state dict (modules or parameters
+    in a plain list or dict) that differ in another model given weight: no merge reads them, and
+    the merged model, a copy of A, holds A's."""
+    differ = []
+    for path, m in models[0].named_modules():
+        for k, v in vars(m).items():
+            if k in ("_parameters", "_buffers", "_modules") or not _holds_weights(v):
+                continue
+            for other, w in zip(models[1:], weights[1:]):
+                try:
+                    theirs = vars(other.get_submodule(path)).get(k)
+                except AttributeError:
+                    theirs = None
+                if w > 0 and not _same_weights(v, theirs):
+                    where = f"attribute {k!r} of module {path!r}" if path else f"attribute {k!r} of the {type(models[0]).__name__}"
+                    differ.append(where)
+                    break
+    if differ:
+        names = ", ".join(differ[:3]) + (f" and {len(differ) - 3} more" if len(differ) > 3 else "")
+        warnings.warn(f"model A holds weights in no state dict ({names}: modules or parameters in a plain "
+                      f"list or dict), which differ in the other model: no merge reads them, and the merged "
+                      f"model holds model A's; register them (nn.ModuleList, nn.ModuleDict, nn.ParameterList) "
+                      f"to merge them", GraphRepairWarning, stacklevel=4)
+
+
+def _holds_weights(v) -> bool:
+    """Whether an attribute value is a plain list, tuple or dict holding modules or parameters
+    (a tensor kept as an attribute may be an activation a forward left: not named)."""
+    items = v.values() if isinstance(v, dict) else v if isinstance(v, (list, tuple)) else ()
+    return any(isinstance(i, (nn.Module, nn.Parameter)) for i in items)
+
+
+def _same_weights(a, b) -> bool:
+    """Whether two attribute values hold the same tensors (modules by their state dicts)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and \
+            a.dtype == b.dtype and torch.equal(a.detach().cpu(), b.detach().cpu())
+    if isinstance(a, nn.Module) or isinstance(b, nn.Module):
+        if not (isinstance(a, nn.Module) and isinstance(b, nn.Module)):
+            return False
+        sa, sb = a.state_dict(), b.state_dict()
+        return sa.keys() == sb.keys() and all(_same_weights(sa[k], sb[k]) for k in sa)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_weights(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same_weights(x, y) for x, y in zip(a, b))
+    return True  # (anything else is not weights)
+
+
 def _combine(pieces: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
     """sum_i weights[i] pieces[i] in float64, a fresh tensor laid out as ``pieces[0]`` (``to``
     keeps a dense tensor's strides): each term rounded, then added in order to a zero (+ 0.0
@@ -297,6 +347,7 @@ def merge_models(models: list[nn.Module], data, *, weights: list[float] | None =
     check_output(output)
     if repair not in REPAIR_MODES:
         raise GraphRepairError(f"repair must be one of {REPAIR_MODES}, got {repair!r}")
+    _note_unregistered(models, weights)  # (before any forward of this call sets attributes)
     prep = prepare(models, data, method=method, statistics=repair in ("exact", "approx"),
                    cross=repair == "approx", num_examples=num_examples, batch_size=batch_size,
                    points=points, spec=spec, quiet=quiet, seed=seed, name=name, see=see)
