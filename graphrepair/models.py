@@ -285,6 +285,17 @@ def given_back(*models: nn.Module) -> Iterator[None]:
 _GONE = object()  # (an attribute ``given_back`` finds removed)
 
 
+def tied_names(model: nn.Module) -> dict[str, str]:
+    """state_dict key -> canonical key: tied parameters (one tensor, several names) share one,
+    the first name of the tensor."""
+    first: dict[int, str] = {}
+    out: dict[str, str] = {}
+    for name, t in list(model.named_parameters(remove_duplicate=False)) + list(
+            model.named_buffers(remove_duplicate=False)):
+        out[name] = first.setdefault(id(t), name)
+    return out
+
+
 def copy_with_state(module: nn.Module, state: dict[str, torch.Tensor], *, own: bool = False,
                     device: torch.device | None = None) -> nn.Module:
     """A copy of ``module`` carrying ``state`` (every key of the module's state dict), made without

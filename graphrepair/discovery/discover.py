@@ -26,17 +26,7 @@ from graphrepair.discovery.context import STRUCTURAL, Context, tensor_args
 from graphrepair.discovery.spec import FixedAxis, Group, Member, PermutationSpec
 from graphrepair.discovery.rules import apply_rule
 from graphrepair.discovery.trace import TensorInfo, Traced, trace
-from graphrepair.models import user_models
-
-def _aliases(model: nn.Module) -> dict[str, str]:
-    """state_dict key -> canonical key: tied parameters (one tensor, several names) share one."""
-    first: dict[int, str] = {}
-    out: dict[str, str] = {}
-    for name, t in list(model.named_parameters(remove_duplicate=False)) + list(
-            model.named_buffers(remove_duplicate=False)):
-        out[name] = first.setdefault(id(t), name)
-    return out
-
+from graphrepair.models import tied_names, user_models
 
 @user_models("model")
 def discover(model: nn.Module, example_inputs, *, traced: Traced | None = None,
@@ -56,7 +46,7 @@ def discover(model: nn.Module, example_inputs, *, traced: Traced | None = None,
 
 def _discover(model: nn.Module, example_inputs, traced: Traced | None) -> PermutationSpec:
     traced = traced or trace(model, example_inputs)
-    ctx = Context(traced, _aliases(model), parametrized.table(model),
+    ctx = Context(traced, tied_names(model), parametrized.table(model),
                   {k: tuple(t.shape) for k, t in model.state_dict(keep_vars=True).items()})
     # what a permutation or a merge can carry: the state dict (canonical keys of tied tensors)
     persistent = {ctx.aliases.get(k, k) for k in model.state_dict(keep_vars=True)}

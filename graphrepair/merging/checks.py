@@ -6,6 +6,7 @@ from __future__ import annotations
 from torch import nn
 
 from graphrepair.errors import MismatchError
+from graphrepair.models import tied_names
 
 
 def check_same_architecture(model_a: nn.Module, model_b: nn.Module) -> None:
@@ -22,23 +23,10 @@ def check_same_architecture(model_a: nn.Module, model_b: nn.Module) -> None:
         longer, name = (sa, "A") if len(sa) > len(sb) else (sb, "B")
         extra = list(longer)[min(len(sa), len(sb))]
         raise MismatchError(f"models A and B differ: only {name} has parameter {extra!r}")
-    ties_a, ties_b = _ties(model_a), _ties(model_b)
+    ties_a, ties_b = tied_names(model_a), tied_names(model_b)
     for k in sa:
-        a, b = ties_a.get(k), ties_b.get(k)
+        a, b = (t if t != k else None for t in (ties_a.get(k, k), ties_b.get(k, k)))
         if a != b:  # a merge would keep one model's tying and drop the other model's tensor
             said = [f"{m} ties {k!r} to {t!r}" if t else f"{m} does not tie {k!r}" for m, t in (("A", a), ("B", b))]
             raise MismatchError(f"models A and B differ: {said[0]} and {said[1]}; tie or untie them alike "
                                 f"before merging")
-
-
-def _ties(model: nn.Module) -> dict[str, str]:
-    """State-dict key -> the first key holding the same tensor (tied weights, e.g. an embedding and
-    its output layer), for every key after the first of its tensor."""
-    first: dict[int, str] = {}
-    out = {}
-    for k, t in model.state_dict(keep_vars=True).items():
-        if id(t) in first:
-            out[k] = first[id(t)]
-        else:
-            first[id(t)] = k
-    return out
