@@ -199,7 +199,10 @@ class Inputs:
         every call sees the data as given (a proof running the model twice on one example, the
         two models of a merge fed one batch). Whether a model writes into its inputs is found on
         its first call, given copies (their version counters move), and kept while it lives."""
-        writes = _WRITES_INPUTS.get(model) if _weakly_held(model) else True
+        try:
+            writes = _WRITES_INPUTS.get(model)
+        except TypeError:  # (no weak reference can hold it: every call copies)
+            writes = True
         if writes is False:
             return model(*self.args, **self.kwargs)
         own = self.map(lambda t: t.clone())
@@ -220,16 +223,6 @@ class Inputs:
 
 # model -> whether its forward writes into its inputs (``Inputs.call``)
 _WRITES_INPUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _weakly_held(model) -> bool:
-    """Whether ``model`` can be a key of ``_WRITES_INPUTS`` (else every call copies its inputs)."""
-    try:
-        weakref.ref(model)
-        hash(model)
-    except TypeError:
-        return False
-    return True
 
 
 def split_batch(batch: Any, where: str = "the data") -> tuple[Inputs, Any]:
