@@ -88,6 +88,12 @@ class TerminatedError(GraphRepairError):
     """The process was asked to stop (SIGTERM), e.g. by torchrun because another rank failed."""
 
 
+def listed(items, shown: int = 3) -> str:
+    """The first ``shown`` of ``items`` for a message, "a, b, c and 4 more"."""
+    items = list(items)
+    return ", ".join(items[:shown]) + (f" and {len(items) - shown} more" if len(items) > shown else "")
+
+
 def interrupt_in(exc: BaseException | None) -> KeyboardInterrupt | None:
     """The interrupt behind ``exc``: libraries (torch's exporter) turn one into errors of their own."""
     return next((e for e in exception_chain(exc) if isinstance(e, KeyboardInterrupt)), None)

@@ -40,7 +40,7 @@ from passes.errors import CopyError
 from passes.modules import eval_mode, full_precision, restore_training
 
 from graphrepair import runtime
-from graphrepair.errors import GraphRepairError, GraphRepairWarning, MismatchError, NumericError
+from graphrepair.errors import GraphRepairError, GraphRepairWarning, MismatchError, NumericError, listed
 
 if TYPE_CHECKING:
     from graphrepair.discovery.spec import PermutationSpec
@@ -275,8 +275,8 @@ def given_back(*models: nn.Module) -> Iterator[None]:
                     now[k] = v
         restore_training(flags)
         if changed:
-            names = ", ".join(repr(k) for k in changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
-            warnings.warn(f"the model's forward changed parameter{'s' if len(changed) > 1 else ''} {names} in place "
+            warnings.warn(f"the model's forward changed parameter{'s' if len(changed) > 1 else ''} "
+                          f"{listed(repr(k) for k in changed)} in place "
                           f"during the call (graphrepair runs the forward, it does not write weights) and "
                           f"{'they' if len(changed) > 1 else 'it'} could not be given back", GraphRepairWarning,
                           stacklevel=3)

@@ -22,7 +22,7 @@ from torch import nn
 from graphrepair import distributed
 from graphrepair.discovery.discover import discover
 from graphrepair.discovery.spec import PermutationSpec
-from graphrepair.errors import DataError, GraphRepairError, GraphRepairWarning
+from graphrepair.errors import DataError, GraphRepairError, GraphRepairWarning, listed
 from graphrepair.merging.checks import check_same_architecture
 from graphrepair.merging.diagnostics import check_statistics
 from graphrepair.merging.weight_match import weight_matching
@@ -156,8 +156,8 @@ def _note_kept(first: dict[str, torch.Tensor], others: list[dict[str, torch.Tens
     differ = [k for k, t in first.items() if not t.is_floating_point() and not k.endswith("num_batches_tracked")
               and any(w > 0 and not torch.equal(s[k], t) for s, w in zip(others, weights[1:]))]
     if differ:
-        names = ", ".join(repr(k) for k in differ[:3]) + (f" and {len(differ) - 3} more" if len(differ) > 3 else "")
-        warnings.warn(f"integer and bool tensors cannot be averaged: the merged model holds model A's {names}, "
+        warnings.warn(f"integer and bool tensors cannot be averaged: the merged model holds model A's "
+                      f"{listed(repr(k) for k in differ)}, "
                       f"which differ{'s' if len(differ) == 1 else ''} in the other model"
                       f"{'s' if len(others) > 1 else ''}", GraphRepairWarning, stacklevel=2)
 
@@ -181,8 +181,7 @@ def _note_unregistered(models: list[nn.Module], weights: list[float]) -> None:
                     differ.append(where)
                     break
     if differ:
-        names = ", ".join(differ[:3]) + (f" and {len(differ) - 3} more" if len(differ) > 3 else "")
-        warnings.warn(f"model A holds weights in no state dict ({names}: modules or parameters in a plain "
+        warnings.warn(f"model A holds weights in no state dict ({listed(differ)}: modules or parameters in a plain "
                       f"list or dict), which differ in the other model: no merge reads them, and the merged "
                       f"model holds model A's; register them (nn.ModuleList, nn.ModuleDict, nn.ParameterList) "
                       f"to merge them", GraphRepairWarning, stacklevel=4)
@@ -269,8 +268,9 @@ def _merge_prepared(prep: Prepared, weights: list[float], repair: str | None, qu
     if repair == "approx" and prep.stats[0].points and next(iter(prep.stats[0].points.values())).cov_ab is None:
         raise GraphRepairError("repair='approx' needs A-B cross-covariances: prepare(..., cross=True)")
     # a convex combination of finite weights (every model was checked in prepare) is finite
-    merged_state = interpolate_states([models[0].state_dict()] + prep.aligned, weights)
-    _note_kept(models[0].state_dict(), prep.aligned, weights)
+    first = models[0].state_dict()
+    merged_state = interpolate_states([first] + prep.aligned, weights)
+    _note_kept(first, prep.aligned, weights)
     result = MergeResult(model=None, spec=prep.spec, perms=prep.perms, weights=weights,
                          method=prep.method, repair=repair, mean_corr=prep.mean_corr, output=output)
     if prep.stats and prep.stats[0] is not None:

@@ -47,7 +47,7 @@ from passes.pair_tap import PairTap, TapView
 
 from graphrepair import distributed
 from graphrepair.discovery import axes as ax
-from graphrepair.errors import DataError, NumericError
+from graphrepair.errors import DataError, NumericError, listed
 from graphrepair.io.checks import example_shapes, raise_if_other_shape
 from graphrepair.io.inputs import Inputs
 from graphrepair.merging import kept
@@ -452,8 +452,7 @@ def _not_finite_points(taps, points: list[tuple[str, int]], moments: dict) -> li
         node, i = points[0]
         _raise_if_not_finite(node, ((who, *moments[id(s)]) for who, s in zip("AB", taps[node].moments(i))),
                              ", as at every observed point")
-    shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
-    return [f"statistics not finite (NaN/Inf activations) at {shown}: those units are matched by the "
+    return [f"statistics not finite (NaN/Inf activations) at {listed(bad, 4)}: those units are matched by the "
             f"weights alone"]
 
 
