@@ -162,7 +162,14 @@ def main() -> None:
         torch.save(result, os.path.join(out, f"{case}.rank{rank}.pt"))
     if status == 0:
         dist.destroy_process_group()
-    sys.exit(status)
+        sys.exit(status)
+    # after a failure the group is left as it is, and the process ends at once, as the command
+    # line ends (``graphrepair.cli.launch.end``): a gloo group whose other process may be gone can
+    # abort in C++ when the interpreter tears it down ('terminate called without an active
+    # exception', exit -6), whatever the case answered
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 if __name__ == "__main__":
