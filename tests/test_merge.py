@@ -503,3 +503,19 @@ def test_weights_in_no_state_dict_that_differ_are_named():
         warnings.simplefilter("error", gr.GraphRepairWarning)
         warnings.filterwarnings("ignore", message=".*fewer than")
         gr.merge(a, b, x, repair=None)  # the same in both: nothing lost, nothing said
+
+
+def test_models_of_other_architectures_are_refused_before_any_warning_on_their_weights():
+    """Two models that differ in architecture: the MismatchError comes first, with no warning on
+    weights outside their state dicts before it (the comparison of such weights reads models
+    that are not alike)."""
+    torch.manual_seed(0)
+    a, b = _Unregistered(), _Unregistered()
+    b.h = nn.Linear(16, 5)
+    b.extra = [nn.Linear(5, 4)]
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(gr.MismatchError, match="'h.weight'"):
+            gr.merge(a, b, x, repair=None)
+    assert [str(w.message) for w in caught] == []

@@ -347,6 +347,8 @@ def merge_models(models: list[nn.Module], data, *, weights: list[float] | None =
     check_output(output)
     if repair not in REPAIR_MODES:
         raise GraphRepairError(f"repair must be one of {REPAIR_MODES}, got {repair!r}")
+    for m in models[1:]:  # models of other architectures are refused before anything is said of their weights
+        check_same_architecture(models[0], m)
     _note_unregistered(models, weights)  # (before any forward of this call sets attributes)
     prep = prepare(models, data, method=method, statistics=repair in ("exact", "approx"),
                    cross=repair == "approx", num_examples=num_examples, batch_size=batch_size,
