@@ -296,6 +296,54 @@ def tied_names(model: nn.Module) -> dict[str, str]:
     return out
 
 
+def unheld_tensors(model: nn.Module) -> dict[tuple, tuple[str, str]]:
+    """The tensors ``model`` holds outside its state dict, by where their values lie (storage
+    address, offset, shape, strides, dtype: a traced graph's constant shares a parameter's storage
+    without being the same object) -> (the name a user knows it by, what kind of holding it is):
+    "a buffer registered with persistent=False", "a tensor attribute", and "a plain list or dict"
+    for a module, parameter or tensor in a list, tuple or dict attribute (not registered:
+    ``layers[0].weight``). What discovery names
+    when a traced graph reads one (the tracer's own names, ``lifted_tensor_0``, tell nothing)."""
+    found: dict[tuple, tuple[str, str]] = {}
+
+    def key(t: torch.Tensor) -> tuple:
+        return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+
+    def add(t, name: str, kind: str) -> None:
+        if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            found.setdefault(key(t), (name, kind))
+
+    listed = "a plain list or dict"
+    for path, m in model.named_modules():
+        prefix = f"{path}." if path else ""
+        for k in m._non_persistent_buffers_set:
+            add(m._buffers.get(k), prefix + k, "a buffer registered with persistent=False")
+        for k, v in vars(m).items():
+            if k in ("_parameters", "_buffers", "_modules"):
+                continue
+            if isinstance(v, torch.Tensor):
+                add(v, prefix + k, "a tensor attribute")
+                continue
+            items = v.items() if isinstance(v, dict) else enumerate(v) if isinstance(v, (list, tuple)) else ()
+            for i, item in items:
+                at = f"{prefix}{k}[{i!r}]"
+                if isinstance(item, nn.Module):
+                    for name, t in (*item.named_parameters(), *item.named_buffers()):
+                        add(t, f"{at}.{name}", listed)
+                else:
+                    add(item, at, listed)
+    return found
+
+
+def unheld_name(model: nn.Module, t: torch.Tensor, table: dict | None = None) -> tuple[str, str] | None:
+    """(name, kind) of tensor ``t`` among ``model``'s ``unheld_tensors`` (``table``: that table,
+    when already made), or None."""
+    if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+        return None
+    table = unheld_tensors(model) if table is None else table
+    return table.get((t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype))
+
+
 def copy_with_state(module: nn.Module, state: dict[str, torch.Tensor], *, own: bool = False,
                     device: torch.device | None = None) -> nn.Module:
     """A copy of ``module`` carrying ``state`` (every key of the module's state dict), made without

@@ -619,6 +619,39 @@ def test_non_persistent_buffer_axes_are_fixed_and_the_spec_holds():
         spec.check(m, torch.randn(2, 49, 8), seed=seed)
 
 
+class _ListedLayers(nn.Module):
+    """Its only hidden layer in a plain list (a common slip): no state dict holds it, and tracing
+    falls back to torch.export, which calls its weights ``lifted_tensor_N``."""
+
+    def __init__(self, listed: bool = True):
+        super().__init__()
+        self.layers = [nn.Linear(8, 16), nn.Linear(16, 4)]
+        self.register_buffer("shift", torch.linspace(0, 1, 16), persistent=False)
+        self.scale = torch.full((4,), 2.0)  # a tensor attribute
+
+    def forward(self, x):
+        return self.layers[1](F.relu(self.layers[0](x) + self.shift)) * self.scale
+
+
+def test_tensors_in_no_state_dict_are_named_as_the_model_holds_them():
+    """What discovery fixes because no state dict holds it is named by the model's own path to it
+    (``layers[0].weight``, ``shift``, ``scale``), not by the tracer's name, with what to do about
+    a layer in a plain list; a merge refuses the model saying so."""
+    torch.manual_seed(0)
+    m, x = _ListedLayers(), torch.randn(2, 8)
+    spec = gr.discover(m, x)
+    reasons = " | ".join(f.reason for f in spec.fixed)
+    assert "lifted_tensor" not in reasons and "_tensor_constant" not in reasons
+    for name in ("layers[0].weight", "layers[0].bias", "layers[1].weight"):
+        assert (f"'{name}' is in a plain list or dict (no state dict holds it): register it with nn.ModuleList, "
+                f"nn.ModuleDict or nn.ParameterList to merge it") in reasons
+    assert "'shift' is not in the state dict (a buffer registered with persistent=False)" in reasons
+    assert "'scale' is not in the state dict (a tensor attribute)" in reasons
+    with pytest.raises(gr.NoGroupsError, match=r"'layers\[0\]\.weight' is in a plain list or dict .*register "
+                                               r"it with nn\.ModuleList, nn\.ModuleDict or nn\.ParameterList"):
+        gr.merge(m, _ListedLayers(), torch.randn(32, 8))
+
+
 # --------------------------------------------------------------------------------------------
 # Stochastic depth / drop path: identity in eval, a per-sample scale in training (regression)
 

@@ -45,6 +45,8 @@ class Context:
         self.node: torch.fx.Node | None = None
         self._named: dict[str, Any] | None = None  # the node's arguments by name (``named_args``)
         self._touched: list[str] = []  # parameters the node's rule has read (fixed on rejection)
+        self.model: nn.Module | None = None  # the model traced (names of what no state dict holds)
+        self.unheld_table: dict | None = None  # ``models.unheld_tensors(model)``, made when first needed
 
     def begin(self, node: torch.fx.Node) -> None:
         """Start the rule of ``node``."""

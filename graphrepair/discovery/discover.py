@@ -13,6 +13,7 @@ discovered afresh.
 
 from __future__ import annotations
 
+import operator
 from types import MappingProxyType
 
 import torch
@@ -26,7 +27,7 @@ from graphrepair.discovery.context import STRUCTURAL, Context, tensor_args
 from graphrepair.discovery.spec import FixedAxis, Group, Member, PermutationSpec
 from graphrepair.discovery.rules import apply_rule
 from graphrepair.discovery.trace import TensorInfo, Traced, trace
-from graphrepair.models import tied_names, user_models
+from graphrepair.models import tied_names, unheld_name, unheld_tensors, user_models
 
 @user_models("model")
 def discover(model: nn.Module, example_inputs, *, traced: Traced | None = None,
@@ -48,6 +49,7 @@ def _discover(model: nn.Module, example_inputs, traced: Traced | None) -> Permut
     traced = traced or trace(model, example_inputs)
     ctx = Context(traced, tied_names(model), parametrized.table(model),
                   {k: tuple(t.shape) for k, t in model.state_dict(keep_vars=True).items()})
+    ctx.model = model  # (what a tensor outside the state dict is called there: ``_unheld_name``)
     # what a permutation or a merge can carry: the state dict (canonical keys of tied tensors)
     persistent = {ctx.aliases.get(k, k) for k in model.state_dict(keep_vars=True)}
     gm = traced.gm
@@ -131,8 +133,30 @@ def _get_attr_axes(ctx: Context, node: torch.fx.Node, info: TensorInfo, persiste
         return [Fixed(s, "not used by the traced graph") for s in info.shape]
     if key in persistent:
         return ctx.param(node.target, info.shape)
+    known = _unheld_name(ctx, node)
+    if known is not None:  # by the name the user knows it by, not the tracer's (``lifted_tensor_0``)
+        name, kind = known
+        return ctx.unheld(node.name, info.shape, (
+            f"'{name}' is in a plain list or dict (no state dict holds it): register it with "
+            f"nn.ModuleList, nn.ModuleDict or nn.ParameterList to merge it"
+            if kind == "a plain list or dict" else
+            f"'{name}' is not in the state dict ({kind}): permutations and merges cannot carry it"))
     return ctx.unheld(node.name, info.shape, f"'{node.target}' is not in the state dict (a non-persistent "
                       f"buffer or a tensor attribute): permutations and merges cannot carry it")
+
+
+def _unheld_name(ctx: Context, node: torch.fx.Node) -> tuple[str, str] | None:
+    """(name, kind) in the model of the tensor a ``get_attr`` node outside the state dict reads
+    (``models.unheld_tensors``, made once per discovery), or None."""
+    if ctx.model is None:
+        return None
+    try:
+        t = operator.attrgetter(node.target)(ctx.gm)
+    except AttributeError:
+        return None
+    if ctx.unheld_table is None:
+        ctx.unheld_table = unheld_tensors(ctx.model)
+    return unheld_name(ctx.model, t, ctx.unheld_table)
 
 
 # -- turning the solved variables into a frozen spec ---------------------------------------------

@@ -24,7 +24,7 @@ def require_groups(spec: PermutationSpec, name: str, see: str | None = None) -> 
         return spec
     reasons = list(dict.fromkeys(f.reason for f in spec.fixed if not f.structural
                                  and not f.reason.startswith(("model input", "model output"))))[:2]
-    why = f" (e.g. {'; '.join(_short(r, 100) for r in reasons)})" if reasons else ""
+    why = f" (e.g. {'; '.join(_short(r, 160) for r in reasons)})" if reasons else ""
     where = f"`{see}`" if see else "spec.fixed (discover(model, x).fixed)"
     raise NoGroupsError(f"no permutation groups in {name}: no hidden channel may move{why}, so there "
                         f"is nothing to align or repair; see {where} for every axis kept fixed and why")
