@@ -505,6 +505,34 @@ def test_weights_in_no_state_dict_that_differ_are_named():
         gr.merge(a, b, x, repair=None)  # the same in both: nothing lost, nothing said
 
 
+def test_a_barrier_names_the_weights_in_no_state_dict_its_path_cannot_carry():
+    """The far end of a barrier's path (alpha 1, model B aligned) and every inner point hold model
+    A's weights outside the state dicts: ``barrier`` and the command line's study say so, as a
+    merge does."""
+    from graphrepair.study.runner import run_study
+
+    torch.manual_seed(0)
+    a, b = _Unregistered(), _Unregistered()
+    with torch.no_grad():
+        b.scales["out"].mul_(2)
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
+    y = torch.randint(0, 4, (64,), generator=torch.Generator().manual_seed(1))
+    for run in (lambda: gr.barrier(a, b, eval_data=TensorDataset(x, y), fit_data=x, alphas=3, num_examples=64,
+                                   batch_size=32),
+                lambda: run_study(a, b, fit_data=x, eval_data=TensorDataset(x, y), alphas=3, num_examples=64,
+                                  batch_size=32)):
+        with pytest.warns(gr.GraphRepairWarning) as caught:
+            run()
+        said = [str(w.message) for w in caught if "no state dict" in str(w.message)]
+        assert len(said) == 1 and said[0].startswith("model A holds weights in no state dict (attribute 'extra' of "
+                                                     "the _Unregistered, attribute 'scales' of the _Unregistered")
+    b.extra[0].load_state_dict(a.extra[0].state_dict())
+    b.scales["out"] = a.scales["out"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gr.barrier(a, b, eval_data=TensorDataset(x, y), fit_data=x, alphas=3, num_examples=64, batch_size=32)
+    assert not [w for w in caught if "no state dict" in str(w.message)]
+
 def test_models_of_other_architectures_are_refused_before_any_warning_on_their_weights():
     """Two models that differ in architecture: the MismatchError comes first, with no warning on
     weights outside their state dicts before it (the comparison of such weights reads models

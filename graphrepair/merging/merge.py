@@ -162,7 +162,7 @@ def _note_kept(first: dict[str, torch.Tensor], others: list[dict[str, torch.Tens
                       f"{'s' if len(others) > 1 else ''}", GraphRepairWarning, stacklevel=2)
 
 
-def _note_unregistered(models: list[nn.Module], weights: list[float]) -> None:
+def note_unregistered(models: list[nn.Module], weights: list[float], stacklevel: int = 4) -> None:
     """A warning naming the weights model A holds outside its state dict (modules or parameters
     in a plain list or dict) that differ in another model given weight: no merge reads them, and
     the merged model, a copy of A, holds A's."""
@@ -184,7 +184,7 @@ def _note_unregistered(models: list[nn.Module], weights: list[float]) -> None:
         warnings.warn(f"model A holds weights in no state dict ({listed(differ)}: modules or parameters in a plain "
                       f"list or dict), which differ in the other model: no merge reads them, and the merged "
                       f"model holds model A's; register them (nn.ModuleList, nn.ModuleDict, nn.ParameterList) "
-                      f"to merge them", GraphRepairWarning, stacklevel=4)
+                      f"to merge them", GraphRepairWarning, stacklevel=stacklevel)
 
 
 def _holds_weights(v) -> bool:
@@ -349,7 +349,7 @@ def merge_models(models: list[nn.Module], data, *, weights: list[float] | None =
         raise GraphRepairError(f"repair must be one of {REPAIR_MODES}, got {repair!r}")
     for m in models[1:]:  # models of other architectures are refused before anything is said of their weights
         check_same_architecture(models[0], m)
-    _note_unregistered(models, weights)  # (before any forward of this call sets attributes)
+    note_unregistered(models, weights)  # (before any forward of this call sets attributes)
     prep = prepare(models, data, method=method, statistics=repair in ("exact", "approx"),
                    cross=repair == "approx", num_examples=num_examples, batch_size=batch_size,
                    points=points, spec=spec, quiet=quiet, seed=seed, name=name, see=see)

@@ -34,7 +34,8 @@ from graphrepair import distributed
 from graphrepair.io.examples import Examples
 from graphrepair.io.checks import IGNORE_INDEX, LabelRule, check_labels, example_shapes, raise_if_other_shape
 from graphrepair.errors import DataError
-from graphrepair.merging.merge import Prepared, check_alpha, merge_prepared, prepare
+from graphrepair.merging.checks import check_same_architecture
+from graphrepair.merging.merge import Prepared, check_alpha, merge_prepared, note_unregistered, prepare
 from graphrepair.progress import progress
 from graphrepair.models import eval_mode, forward_hooks, graph_for, user_models
 from graphrepair.runtime import model_device, model_dtype
@@ -171,6 +172,9 @@ def barrier(model_a: nn.Module, model_b: nn.Module, *, eval_data, fit_data, alph
     ``eval_data`` (labeled) is what the path is measured on, ``fit_data`` what the alignment and
     REPAIR statistics come from; both by name, so that the two cannot be swapped silently.
     ``refit``: sweeps of the least-squares refit after REPAIR at every inner alpha."""
+    check_same_architecture(model_a, model_b)
+    # the path's far end and every inner point hold model A's weights outside the state dicts
+    note_unregistered([model_a, model_b], [0.0, 1.0])
     prep = prepare([model_a, model_b], fit_data, method=method,
                    statistics=repair in ("exact", "approx"), cross=repair == "approx",
                    num_examples=num_examples, batch_size=batch_size, quiet=quiet)

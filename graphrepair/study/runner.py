@@ -29,7 +29,8 @@ from torch import nn
 from graphrepair.errors import GraphRepairError
 from graphrepair.io.examples import Examples
 from graphrepair.merging.diagnostics import check_statistics, corr_summary
-from graphrepair.merging.merge import Prepared, merge_prepared, prepare
+from graphrepair.merging.checks import check_same_architecture
+from graphrepair.merging.merge import Prepared, merge_prepared, note_unregistered, prepare
 from graphrepair.study.metrics import Curve, alpha_grid, curve, layer_report
 from graphrepair.study.tables import number, percent, plural, text_table
 
@@ -149,6 +150,9 @@ def run_study(model_a: nn.Module, model_b: nn.Module, *, fit_data, eval_data, al
     PermutationSpec when already discovered; ``name`` and ``see``: how a NoGroupsError names the
     model and where it sends the reader (``prepare``)."""
     grid = alpha_grid(alphas)
+    check_same_architecture(model_a, model_b)
+    # the curves' far ends and inner points hold model A's weights outside the state dicts
+    note_unregistered([model_a, model_b], [0.0, 1.0], stacklevel=3)
     fit_data = Examples.of(fit_data, num_examples, batch_size)  # one set of examples for both preparations
     naive = prepare([model_a, model_b], fit_data, method=method, statistics=False, align=False,
                     num_examples=num_examples, batch_size=batch_size, points=points, spec=spec,
