@@ -224,7 +224,8 @@ def given_back(*models: nn.Module) -> Iterator[None]:
     cannot be changed in place out of inference mode, where the calls run (``user_models``): it
     is only put back where it was replaced.
 
-    Every module's other attributes are put back too: one a forward sets on its module
+    Every module's parameters, buffers and submodules are put back as the objects they were (one
+    a forward replaced or registered is dropped again), and its other attributes too: one a forward sets on its module
     (``self.last = h``, a cache made on the first call) is removed again, or given back the object
     it held, so that tracing, which runs the forward on proxies, leaves no ``torch.fx.Proxy`` on
     the caller's model (nor on a copy made after it), and the calls' own forwards leave nothing of
@@ -234,13 +235,17 @@ def given_back(*models: nn.Module) -> Iterator[None]:
     ``nn.EmbeddingBag`` with ``max_norm`` renormalise the rows they look up) are copied on entry
     and copied back; any other parameter a forward changed in place (its version counter moved)
     is named in a warning, since it could not be given back."""
-    flags, saved, attrs, params = {}, [], [], []
+    flags, saved, attrs, params, tables = {}, [], [], [], []
     for model in models:
         for path, m in model.named_modules():
             if m in flags:
                 continue
             flags[m] = m.training
             attrs.append((m, dict(vars(m))))
+            # which parameters, buffers and submodules the module holds, by object (a forward that
+            # replaces one, ``self.gain = nn.Parameter(...)``, leaves the caller's optimizer and
+            # every other holder with an object the model no longer reads)
+            tables.append((m, {k: dict(vars(m)[k]) for k in _TABLES}))
             writes = isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None
             for name, p in m._parameters.items():
                 if p is not None and not p.is_inference():
@@ -266,6 +271,12 @@ def given_back(*models: nn.Module) -> Iterator[None]:
                         changed.append(name)
                     else:
                         p.copy_(copy_)
+        for m, held in tables:
+            for key, was in held.items():
+                now = vars(m)[key]
+                if now.keys() != was.keys() or any(now[k] is not v for k, v in was.items()):
+                    now.clear()
+                    now.update(was)
         for m, was in attrs:
             now = vars(m)
             for k in [k for k in now if k not in was]:
@@ -283,6 +294,7 @@ def given_back(*models: nn.Module) -> Iterator[None]:
 
 
 _GONE = object()  # (an attribute ``given_back`` finds removed)
+_TABLES = ("_parameters", "_buffers", "_modules")  # nn.Module's own tables (``given_back``)
 
 
 def tied_names(model: nn.Module) -> dict[str, str]:

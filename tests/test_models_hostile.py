@@ -401,6 +401,47 @@ def test_what_a_forward_keeps_on_its_module_is_given_back_and_no_proxy_is_left(c
         assert isinstance(merged(X), torch.Tensor)
 
 
+
+class Replacing(MLP):
+    """A forward that replaces its own parameters, buffers and submodules with new objects (a
+    gain re-wrapped as a new nn.Parameter, a buffer and a layer registered on the first call): a
+    habit that leaves the caller's optimizer holding parameters the model no longer reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.gain = nn.Parameter(torch.ones(16))
+
+    def forward(self, x):
+        h = torch.relu(self.a(x)) * self.gain
+        self.gain = nn.Parameter(self.gain.detach().clone())
+        if "extra" not in self._buffers:
+            self.register_buffer("extra", torch.zeros(()))
+            self.spare = nn.Linear(2, 2)
+        return self.h(torch.relu(self.b(h)))
+
+
+@pytest.mark.parametrize("call", list(CALLS))
+def test_parameters_buffers_and_modules_a_forward_replaces_are_given_back(call):
+    """Before, every call but merge left the caller's model holding the forward's new gain (not
+    the caller's nn.Parameter, which an optimizer holds), a buffer and a submodule it never had."""
+    a, b = pair(Replacing)
+    before = {m: {k: dict(vars(m)[k]) for k in ("_parameters", "_buffers", "_modules")} for m in (a, b)}
+    params = {m: list(m.parameters()) for m in (a, b)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GraphRepairWarning)
+        out = CALLS[call](a, b)
+    for m in (a, b):
+        for key, was in before[m].items():
+            now = vars(m)[key]
+            assert now.keys() == was.keys(), (key, now.keys(), was.keys())
+            assert all(now[k] is v for k, v in was.items()), key
+        assert all(p is q for p, q in zip(m.parameters(), params[m])) and len(list(m.parameters())) == len(params[m])
+    if call.startswith("merge"):
+        merged = out if isinstance(out, nn.Module) else out.model
+        # (the refit runs the merged model's own forward, which registers its extras as on any first call)
+        assert isinstance(merged, Replacing) and set(a.state_dict()) <= set(merged.state_dict())
+        assert torch.isfinite(merged(X)).all()
+
 class Holding(MLP):
     """A model holding what deepcopy refuses: a lock, a dict with one, an open file."""
 
