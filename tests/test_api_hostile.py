@@ -78,6 +78,22 @@ def test_merge_models_refuses_bad_weights(pair, weights):
         gr.merge_models([a, b], x, weights=weights)
 
 
+
+@pytest.mark.parametrize("call, message", [
+    (lambda a, b, x, tmp: gr.merge(a, b, x, points="some"), "points must be 'all' or 'conv', got 'some'"),
+    (lambda a, b, x, tmp: __import__("graphrepair.io.fileio", fromlist=["save_safetensors"]).save_safetensors(
+        {1: torch.zeros(2)}, tmp / "s.safetensors"), "state dict keys must be str, found 1"),
+    (lambda a, b, x, tmp: __import__("graphrepair.io.fileio", fromlist=["save_safetensors"]).save_safetensors(
+        {"w": 3}, tmp / "s.safetensors"), "state dict entry 'w' is a int, not a tensor"),
+])
+def test_arguments_refused_elsewhere_are_graphrepair_errors_too(pair, tmp_path, call, message):
+    """Before: a ValueError (``points``) and TypeErrors (a state dict to save), not the
+    GraphRepairError every bad input gets; nothing is written."""
+    a, b, x = pair
+    with pytest.raises(GraphRepairError, match=message):
+        call(a, b, x, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
 def test_exact_repair_without_groups_says_so():
     torch.manual_seed(0)
     a, b = hostile_models.InPlace(), hostile_models.InPlace()

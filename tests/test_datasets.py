@@ -19,7 +19,7 @@ from fixtures.datasets import MNIST_MEAN, MNIST_STD, mnist, mnist_path
 from graphrepair.demo.data import digits
 from graphrepair.demo.model import mlp  # the MLP the fixture pairs and the demo are trained as
 from graphrepair.demo.train import evaluate, train, train_pair
-from graphrepair.errors import DataError, NumericError
+from graphrepair.errors import DataError, GraphRepairError, NumericError
 
 
 # --------------------------------------------------------------------------------------------------
@@ -155,7 +155,7 @@ def test_train_pair_different_and_reproducible(digits_data) -> None:
     assert not torch.equal(a[1].weight, b[1].weight)
     a2, _ = train_pair(factory, (x, y), seeds=(0, 5), epochs=1, lr=0.05)
     assert torch.equal(a[1].weight, a2[1].weight)
-    with pytest.raises(ValueError, match="two different seeds"):
+    with pytest.raises(GraphRepairError, match="two different seeds"):
         train_pair(factory, (x, y), seeds=(2, 2), epochs=1, lr=0.05)
 
 
@@ -166,9 +166,9 @@ def test_train_progress_and_errors(digits_data, capsys: pytest.CaptureFixture[st
     assert "epoch 1/2: loss" in err and "epoch 2/2" in err
     with pytest.raises(NumericError, match="lower the learning rate"):
         train(mlp(1, 8, 64), x, y, epochs=1, lr=1e30)
-    with pytest.raises(ValueError, match="optimizer must be 'sgd' or 'adam'"):
+    with pytest.raises(GraphRepairError, match="optimizer must be 'sgd' or 'adam'"):
         train(mlp(1, 8, 64), x, y, epochs=1, lr=0.1, optimizer="lbfgs")
-    with pytest.raises(ValueError, match="x has 1437 examples but y has 10"):
+    with pytest.raises(DataError, match="x has 1437 examples but y has 10"):
         train(mlp(1, 8, 64), x, y[:10], epochs=1, lr=0.1)
 
 

@@ -63,7 +63,7 @@ def test_residual_points():
     assert reset_points(spec, "conv") == convs
     assert reset_points(spec, "all") == [*convs, ResetPoint("add", 1, 8, "residual", "add")]
     assert _obs(observation_points(spec)) == {"stem": [("relu", 1, list(range(8))), ("mean", 1, list(range(8)))]}
-    with pytest.raises(ValueError, match="points must be 'all' or 'conv', got 'every'"):
+    with pytest.raises(gr.GraphRepairError, match="points must be 'all' or 'conv', got 'every'"):
         reset_points(spec, "every")
 
 

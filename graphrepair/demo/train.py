@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from graphrepair.errors import NumericError
+from graphrepair.errors import DataError, GraphRepairError, NumericError
 from passes.modules import module_device
 
 __all__ = ["evaluate", "train", "train_pair"]
@@ -104,11 +104,11 @@ def train(
     Raises NumericError if the loss becomes NaN or infinite (lower ``lr``).
     """
     if optimizer not in ("sgd", "adam"):
-        raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
+        raise GraphRepairError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
     if epochs < 1 or batch_size < 1:
-        raise ValueError(f"epochs and batch_size must be positive, got {epochs} and {batch_size}")
+        raise GraphRepairError(f"epochs and batch_size must be positive, got {epochs} and {batch_size}")
     if x.shape[0] != y.shape[0]:
-        raise ValueError(f"x has {x.shape[0]} examples but y has {y.shape[0]}")
+        raise DataError(f"x has {x.shape[0]} examples but y has {y.shape[0]}")
     device = torch.device(device) if device is not None else module_device(model)
     model.to(device)
     x = x.to(device)
@@ -181,9 +181,9 @@ def train_pair(
     and different data orders, reproducible. ``kw`` must include ``epochs`` and ``lr``.
     """
     if len(seeds) != 2 or seeds[0] == seeds[1]:
-        raise ValueError(f"train_pair needs two different seeds, got {seeds!r}")
+        raise GraphRepairError(f"train_pair needs two different seeds, got {seeds!r}")
     if "seed" in kw:
-        raise TypeError("train_pair sets seed from seeds; do not pass seed")
+        raise GraphRepairError("train_pair sets seed from seeds; do not pass seed")
     x, y = dataset
     device = torch.device(kw["device"]) if kw.get("device") is not None else torch.device("cpu")
     models = []

@@ -48,7 +48,7 @@ from pathlib import Path
 
 import torch
 
-from graphrepair.errors import DataError, GraphRepairError, OutputError
+from graphrepair.errors import CheckpointError, DataError, GraphRepairError, OutputError
 
 __all__ = ["atomic_output", "atomic_outputs", "atomic_write", "deferred_signals", "check_source", "check_target", "disk_full", "real_target",
            "save_safetensors", "same_file"]
@@ -469,9 +469,9 @@ def _detached_cpu_tensors(state_dict: Mapping[str, torch.Tensor]) -> dict[str, t
     seen_storage: set[tuple[str, int]] = set()
     for key, value in state_dict.items():
         if not isinstance(key, str):
-            raise TypeError(f"state dict keys must be str, found {key!r} ({type(key).__name__})")
+            raise CheckpointError(f"state dict keys must be str, found {key!r} ({type(key).__name__})")
         if not isinstance(value, torch.Tensor):
-            raise TypeError(
+            raise CheckpointError(
                 f"state dict entry '{key}' is a {type(value).__name__}, not a tensor; "
                 "safetensors stores tensors only"
             )

@@ -25,6 +25,7 @@ from passes.modules import producer_kind
 from graphrepair.discovery import axes as ax
 from graphrepair.discovery.context import op_name
 from graphrepair.discovery.spec import PermutationSpec
+from graphrepair.errors import GraphRepairError
 
 MIXING_OPS = {"linear", "conv1d", "conv2d", "conv3d", "convolution", "_convolution", "conv_transpose1d",
               "conv_transpose2d", "conv_transpose3d", "matmul", "mm", "bmm", "addmm", "baddbmm",
@@ -115,7 +116,7 @@ def reset_points(spec: PermutationSpec, which: str = "all") -> list[ResetPoint]:
     """``which``: "all" (conv/linear outputs and residual outputs, the paper's full REPAIR) or
     "conv" (conv/linear outputs only)."""
     if which not in ("all", "conv"):
-        raise ValueError(f"points must be 'all' or 'conv', got {which!r}")
+        raise GraphRepairError(f"points must be 'all' or 'conv', got {which!r}")
     gm = spec.traced.gm
     info = spec.traced.info
     out: list[ResetPoint] = []
