@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -197,6 +198,25 @@ def test_permute_refuses_bad_permutations_with_graphrepair_errors(tmp_path):
         gr.permute(m, spec, {"0": ["a"] * 6})
     with pytest.raises(gr.UnknownGroupError, match=r"^no permutation group named 'nope' in this spec \(its groups: 0, 2\)$"):
         spec.group("nope")
+
+
+def test_permutations_given_as_users_hold_them_are_taken_or_refused_by_name():
+    """Before: ``None`` for the permutations was an AttributeError; a reversed numpy array (negative
+    strides) was refused with torch's own words; a float tensor with fractions was truncated into
+    a permutation (1.2, 0.7 -> 1, 0) and bools into indices."""
+    m, spec = _mlp_and_spec()
+    x = torch.randn(4, 4)
+    flipped = gr.permute(m, spec, {"0": np.arange(6)[::-1]})
+    assert torch.equal(flipped[0].weight, m[0].weight.flip(0))
+    torch.testing.assert_close(flipped(x), m(x))
+    assert torch.equal(gr.permute(m, spec, {"0": torch.arange(6.0).flip(0)})[0].weight, flipped[0].weight)
+    with pytest.raises(gr.PermutationError, match=r"^permutations must be a dict \{group name: permutation\}, got NoneType$"):
+        gr.permute(m, spec, None)
+    fractions = torch.tensor([1.2, 0.7, 2.0, 3.0, 4.0, 5.0])
+    with pytest.raises(gr.PermutationError, match=r"group '0' is not a tensor of indices: it holds non-integer values"):
+        gr.permute(m, spec, {"0": fractions})
+    with pytest.raises(gr.PermutationError, match=r"group '0' is not a tensor of indices: it holds bool values"):
+        gr.permute(m, spec, {"0": torch.ones(6, dtype=torch.bool)})
 
 
 @pytest.mark.parametrize("rtol, atol", [(-1, 1e-5), (1e-4, float("nan")), ("1e-4", 1e-5)])

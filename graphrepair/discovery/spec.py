@@ -13,9 +13,11 @@ construction of the expressions, leaves the function unchanged.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -203,15 +205,24 @@ class PermutationSpec:
         return out
 
     def _var_perms(self, perms: dict[str, torch.Tensor]) -> dict[int, torch.Tensor]:
+        if not isinstance(perms, Mapping):
+            raise PermutationError(f"permutations must be a dict {{group name: permutation}}, got "
+                                   f"{type(perms).__name__}")
         out = {}
         for name, p in perms.items():
             if name not in self.var_of_group:
                 raise self._unknown(name)
             g = self.group(name)
             try:
-                p = torch.as_tensor(p, dtype=torch.long).cpu()
+                if isinstance(p, np.ndarray):
+                    p = np.ascontiguousarray(p)  # (a reversed view has negative strides, which torch refuses)
+                p = torch.as_tensor(p)
             except (TypeError, ValueError, RuntimeError) as e:
                 raise PermutationError(f"permutation for group {name!r} is not a tensor of indices: {e}") from e
+            if p.dtype == torch.bool or p.is_complex() or (p.is_floating_point() and not bool((p == p.round()).all())):
+                raise PermutationError(f"permutation for group {name!r} is not a tensor of indices: it holds "
+                                       f"{'bool' if p.dtype == torch.bool else 'non-integer'} values ({p.dtype})")
+            p = p.to(device="cpu", dtype=torch.long)
             if p.shape != (g.size,) or not torch.equal(torch.sort(p).values, torch.arange(g.size)):
                 raise PermutationError(f"permutation for group {name!r} is not a permutation of {g.size} items "
                                        f"(each of 0 .. {g.size - 1} once)")
