@@ -225,8 +225,9 @@ def given_back(*models: nn.Module) -> Iterator[None]:
     is only put back where it was replaced.
 
     Every module's parameters, buffers and submodules are put back as the objects they were (one
-    a forward replaced or registered is dropped again), and its other attributes too: one a forward sets on its module
-    (``self.last = h``, a cache made on the first call) is removed again, or given back the object
+    a forward replaced is given back, one it registered is dropped again), and its other
+    attributes too: one a forward sets on its module (``self.last = h``, a cache made on the
+    first call) is removed again, or given back the object
     it held, so that tracing, which runs the forward on proxies, leaves no ``torch.fx.Proxy`` on
     the caller's model (nor on a copy made after it), and the calls' own forwards leave nothing of
     theirs.
@@ -245,7 +246,7 @@ def given_back(*models: nn.Module) -> Iterator[None]:
             # which parameters, buffers and submodules the module holds, by object (a forward that
             # replaces one, ``self.gain = nn.Parameter(...)``, leaves the caller's optimizer and
             # every other holder with an object the model no longer reads)
-            tables.append((m, {k: dict(vars(m)[k]) for k in _TABLES}))
+            tables.append((m, {k: dict(vars(m)[k]) for k in _TABLES}, set(m._non_persistent_buffers_set)))
             writes = isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None
             for name, p in m._parameters.items():
                 if p is not None and not p.is_inference():
@@ -271,12 +272,15 @@ def given_back(*models: nn.Module) -> Iterator[None]:
                         changed.append(name)
                     else:
                         p.copy_(copy_)
-        for m, held in tables:
+        for m, held, transient in tables:
             for key, was in held.items():
                 now = vars(m)[key]
                 if now.keys() != was.keys() or any(now[k] is not v for k, v in was.items()):
                     now.clear()
                     now.update(was)
+            if m._non_persistent_buffers_set != transient:
+                m._non_persistent_buffers_set.intersection_update(transient)
+                m._non_persistent_buffers_set.update(transient)
         for m, was in attrs:
             now = vars(m)
             for k in [k for k in now if k not in was]:

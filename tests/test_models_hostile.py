@@ -425,7 +425,11 @@ def test_parameters_buffers_and_modules_a_forward_replaces_are_given_back(call):
     """Before, every call but merge left the caller's model holding the forward's new gain (not
     the caller's nn.Parameter, which an optimizer holds), a buffer and a submodule it never had."""
     a, b = pair(Replacing)
+    if call != "evaluate":  # (tracing a model that builds itself on its first call: the next test)
+        with torch.no_grad():
+            a(X), b(X)
     before = {m: {k: dict(vars(m)[k]) for k in ("_parameters", "_buffers", "_modules")} for m in (a, b)}
+    transient = {m: set(m._non_persistent_buffers_set) for m in (a, b)}
     params = {m: list(m.parameters()) for m in (a, b)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", GraphRepairWarning)
@@ -436,11 +440,40 @@ def test_parameters_buffers_and_modules_a_forward_replaces_are_given_back(call):
             assert now.keys() == was.keys(), (key, now.keys(), was.keys())
             assert all(now[k] is v for k, v in was.items()), key
         assert all(p is q for p, q in zip(m.parameters(), params[m])) and len(list(m.parameters())) == len(params[m])
+        assert m._non_persistent_buffers_set == transient[m]
     if call.startswith("merge"):
         merged = out if isinstance(out, nn.Module) else out.model
         # (the refit runs the merged model's own forward, which registers its extras as on any first call)
         assert isinstance(merged, Replacing) and set(a.state_dict()) <= set(merged.state_dict())
         assert torch.isfinite(merged(X)).all()
+
+
+class Building(Replacing):
+    """Registers a non-persistent buffer on its first call too."""
+
+    def forward(self, x):
+        if "scratch" not in self._buffers:
+            self.register_buffer("scratch", torch.zeros(()), persistent=False)
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("call", ["merge", "discover", "align"])
+def test_a_model_that_registers_weights_on_its_first_call_is_refused_until_called_once(call):
+    """Tracing runs the forward, and a forward that registers buffers or layers on its first call
+    registered them on the caller's model as torch.export's fake tensors (a merge then failed on
+    the missing weight, and model A kept FakeTensor buffers). Now a TraceError says to call the
+    model once first; the model comes back without them; once called, it merges."""
+    a, b = pair(Building)
+    with pytest.raises(gr.TraceError, match=r"the forward of Building registers buffer 'extra', buffer 'scratch', "
+                                            r"submodule 'spare' when called \(it builds itself on its first "
+                                            r"call\): call the model once on an example before graphrepair traces it"):
+        CALLS[call](a, b)
+    assert dict(a.named_buffers()) == {} and not hasattr(a, "spare") and a._non_persistent_buffers_set == set()
+    with torch.no_grad():
+        a(X), b(X)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GraphRepairWarning)
+        CALLS[call](a, b)
 
 class Holding(MLP):
     """A model holding what deepcopy refuses: a lock, a dict with one, an open file."""

@@ -30,7 +30,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from graphrepair.errors import DataError, ShapeError, TraceError
+from graphrepair.errors import DataError, ShapeError, TraceError, listed
 from graphrepair.io.inputs import Inputs
 from graphrepair.models import check_module, eval_mode, given_back
 from graphrepair.runtime import model_device, model_dtype
@@ -237,6 +237,7 @@ def trace(model: nn.Module, example_inputs) -> Traced:
     inputs = example_inputs_for(model, example_inputs)
     name = type(model).__name__
     fx_error = None
+    before = _registered(model)
     # given_back: symbolic tracing runs the forward, which may assign its buffers (a Proxy then)
     with given_back(model), eval_mode(model), torch.no_grad(), traceable(model) as notes:
         try:
@@ -263,6 +264,14 @@ def trace(model: nn.Module, example_inputs) -> Traced:
                 placeholders = _placeholders(gm, inputs)
                 notes.append(f"torch.export failed ({_first_line(e2)}): traced with torch.nn's "
                              f"transformer layers kept whole, their channels fixed")
+        owners = {path for _, path in before if _ == "submodule"} | {""}
+        added = sorted((kind, path) for kind, path in _registered(model) - before
+                       if path.rpartition(".")[0] in owners)  # (not the contents of a new submodule)
+        if added:  # (given_back drops them again; the traced graph would read what the model lacks)
+            raise TraceError(
+                f"the forward of {name} registers {listed(f'{kind} {path!r}' for kind, path in added)} "
+                f"when called (it builds itself on its first call): call the model once on an example "
+                f"before graphrepair traces it")
         recorder = _record(gm, name, placeholders)
         if recorder is None:  # the graph writes into its inputs: it copies them first, and is run again
             _copy_inputs(gm, placeholders)
@@ -273,6 +282,14 @@ def trace(model: nn.Module, example_inputs) -> Traced:
     own = frozenset(gm.state_dict()) - frozenset(model.state_dict())
     return Traced(gm=gm, kind=kind, model_name=name, info=recorder.info, fx_error=fx_error, graph_own=own,
                   notes=tuple(notes), signature=inputs.signature())
+
+
+def _registered(model: nn.Module) -> set[tuple[str, str]]:
+    """(kind, path) of every parameter, buffer and submodule ``model`` holds (what a forward that
+    builds itself on its first call adds to)."""
+    kinds = (("_parameters", "parameter"), ("_buffers", "buffer"), ("_modules", "submodule"))
+    return {(kind, f"{path}.{k}" if path else k) for path, m in model.named_modules()
+            for table, kind in kinds for k in vars(m)[table]}
 
 
 def _record(gm: torch.fx.GraphModule, name: str, placeholders: list) -> _ShapeRecorder | None:
