@@ -201,14 +201,32 @@ class _NonPersistentBuffer(nn.Module):
         return self.fc2(torch.relu(self.fc1(x + self.offset)))
 
 
+class _ExportedBuffers(_NonPersistentBuffer):
+    """Traced by torch.export (symbolic tracing fails on the branch on a size), with a
+    non-persistent buffer it reads and one it does not: a copy of torch.export's graph holds them
+    as persistent buffers, and the merge returned a GraphModule instead of the class (a note-less
+    change of type)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("unused", torch.zeros(()), persistent=False)
+
+    def forward(self, x):
+        if x.size(1) == 3:
+            x = torch.cat([x, x[:, :1]], 1)
+        return super().forward(x)
+
+
 @pytest.mark.parametrize("repair", ["exact", None])
-@pytest.mark.parametrize("cls, own", [(_TensorConstant, "_tensor_constant0"), (_NonPersistentBuffer, "offset")])
-def test_a_model_whose_graph_has_tensors_of_its_own_merges_into_its_class(repair, cls, own):
+@pytest.mark.parametrize("cls, own, kind", [(_TensorConstant, {"_tensor_constant0"}, "fx"),
+                                            (_NonPersistentBuffer, {"offset"}, "fx"),
+                                            (_ExportedBuffers, {"offset", "unused"}, "export")])
+def test_a_model_whose_graph_has_tensors_of_its_own_merges_into_its_class(repair, cls, own, kind):
     torch.manual_seed(0)
     a, b = cls().eval(), cls().eval()
     x = torch.randn(64, 4)
     spec = gr.discover(a, x[:2])
-    assert spec.traced.graph_own == {own}
+    assert spec.traced.kind == kind and spec.traced.graph_own == own
     res = gr.merge_models([a, b], x, num_examples=64, repair=repair)
     assert type(res.model) is cls and res.model.state_dict().keys() == a.state_dict().keys()
     assert torch.isfinite(res.model(x)).all()

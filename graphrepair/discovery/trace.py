@@ -279,6 +279,12 @@ def trace(model: nn.Module, example_inputs) -> Traced:
                          "copies them first, so that the caller's data and the other model's input stay "
                          "as given")
             recorder = _record(gm, name, placeholders)
+    # the graph's buffers are all in its state dict, as symbolic tracing registers them (torch.export
+    # keeps a non-persistent buffer so, which a copy of the graph, GraphModule's deepcopy, does not:
+    # the copy's state dict then had a tensor the traced graph's had not); those the model holds
+    # in no state dict are the graph's own, as traced
+    for m in gm.modules():
+        m._non_persistent_buffers_set.clear()
     own = frozenset(gm.state_dict()) - frozenset(model.state_dict())
     return Traced(gm=gm, kind=kind, model_name=name, info=recorder.info, fx_error=fx_error, graph_own=own,
                   notes=tuple(notes), signature=inputs.signature())
