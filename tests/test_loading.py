@@ -528,7 +528,7 @@ def test_save_safetensors_handles_awkward_tensors(tmp_path: Path) -> None:
 
 
 def test_save_safetensors_rejects_non_tensor_and_leaves_nothing(tmp_path: Path) -> None:
-    with pytest.raises(TypeError, match="'step' is a int"):
+    with pytest.raises(CheckpointError, match="'step' is a int"):
         save_safetensors({"w": torch.zeros(2), "step": 3}, tmp_path / "s.safetensors")
     assert entries(tmp_path) == []
 
