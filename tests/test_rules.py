@@ -1189,3 +1189,61 @@ def test_a_transformer_model_torch_export_cannot_trace_keeps_its_layers_whole(mo
     assert any("no rule for module TransformerEncoder" in f.reason for f in spec.fixed)
     with pytest.raises(gr.TraceError, match="export says no"):  # a model without such layers: as before
         gr.trace(_RepeatedKV("export"), torch.randn(4, 5, 6))
+
+
+class _Bags(nn.Module):
+    """A recommender's pooled embeddings (nn.EmbeddingBag, and F.embedding_bag with per-sample
+    weights) feeding an MLP."""
+
+    def __init__(self, functional: bool):
+        super().__init__()
+        self.functional = functional
+        self.bag = nn.EmbeddingBag(50, 12, mode="mean")
+        self.table = nn.Parameter(torch.randn(50, 12))
+        self.fc = nn.Linear(12, 16)
+        self.out = nn.Linear(16, 3)
+
+    def forward(self, ids):
+        if self.functional:
+            pooled = F.embedding_bag(ids, self.table, per_sample_weights=torch.ones(ids.shape) * 0.5, mode="sum")
+        else:
+            pooled = self.bag(ids)
+        return self.out(torch.relu(self.fc(torch.relu(pooled))))
+
+
+class _Bilinear(nn.Module):
+    def __init__(self, functional: bool):
+        super().__init__()
+        self.functional = functional
+        self.a, self.b = nn.Linear(6, 16), nn.Linear(6, 8)
+        self.bil = nn.Bilinear(16, 8, 10)
+        self.out = nn.Linear(10, 3)
+
+    def forward(self, x):
+        h1, h2 = torch.relu(self.a(x)), torch.tanh(self.b(x))
+        y = F.bilinear(h1, h2, self.bil.weight, self.bil.bias) if self.functional else self.bil(h1, h2)
+        return self.out(torch.relu(y))
+
+
+@pytest.mark.parametrize("functional", [False, True])
+def test_embedding_bags_and_bilinear_layers_move_their_channels(functional):
+    """Before: "no rule for module EmbeddingBag / Bilinear", every axis around them fixed (a model
+    built on them had no group at all). An embedding bag's dim axis moves as an embedding's, a
+    bilinear layer reads each input's channels on its own weight axis; the proofs hold."""
+    bags = _Bags(functional)
+    spec = discover_checked(bags, torch.randint(0, 50, (4, 5)))
+    table = "table" if functional else "bag.weight"
+    assert group_of(spec, table, 1).size == 12 and group_of(spec, table, 0) is None
+    assert group_of(spec, table, 1) is group_of(spec, "fc.weight", 1)
+    bil = _Bilinear(functional)
+    spec = discover_checked(bil, torch.randn(4, 6))
+    assert group_of(spec, "bil.weight", 1) is group_of(spec, "a.weight", 0)
+    assert group_of(spec, "bil.weight", 2) is group_of(spec, "b.weight", 0)
+    assert group_of(spec, "bil.weight", 0) is group_of(spec, "out.weight", 1)
+    assert group_of(spec, "bil.bias", 0) is group_of(spec, "bil.weight", 0)
+    assert sorted(g.size for g in spec.groups) == [8, 10, 16]
+    torch.manual_seed(1)
+    other = _Bilinear(functional).eval()
+    x = torch.randn(256, 6)
+    merged = gr.merge(bil, other, x, num_examples=256)
+    assert type(merged) is _Bilinear and torch.isfinite(merged(x)).all()

@@ -1,4 +1,5 @@
-"""Layers with weights and matrix products: linear, convolution, embedding, PReLU, matmul.
+"""Layers with weights and matrix products: linear, bilinear, convolution, embedding (and
+embedding bag), PReLU, matmul.
 
 Axis conventions: Linear weight (out, in) acting on the last axis; ConvNd weight
 (out, in/groups, *kernel) with channels on axis 1 (or 0 for unbatched input); ConvTransposeNd
@@ -122,6 +123,55 @@ def embedding(ctx: Context):
 @module(nn.Embedding)
 def embedding_module(ctx: Context):
     return _embedding(ctx, ctx.input(), param_axes(ctx, "weight"))
+
+
+def _embedding_bag(ctx: Context, idx, w):
+    """An embedding bag sums, averages or takes the maximum of its bag's rows channel by channel
+    (``per_sample_weights`` scale whole rows): the dim axis is free, as an embedding's, and the
+    output's bag axis is data."""
+    if ctx.axes(idx) is None or w is None or len(w) != 2:
+        return unknown(ctx)
+    ctx.fix(w[0], "embedding rows are addressed by token ids", record=False)
+    out = ctx.out_shape()
+    return [spatial(out[0], "bags of an embedding bag"), w[1]]
+
+
+@op("embedding_bag")
+def embedding_bag(ctx: Context):
+    if is_aten(ctx.node):  # aten's form returns the bags' offsets beside the output: not read here
+        return unknown(ctx)
+    return _embedding_bag(ctx, ctx.input(), ctx.axes(ctx.arg("weight")))
+
+
+@module(nn.EmbeddingBag)
+def embedding_bag_module(ctx: Context):
+    return _embedding_bag(ctx, ctx.input(), param_axes(ctx, "weight"))
+
+
+def _bilinear(ctx: Context, x1, x2, w, b):
+    """y_k = x1^T W_k x2 + b_k on the last axes: W (out, in1, in2) reads x1's channels on its second
+    axis and x2's on its third; its rows are the output channels. The leading axes are shared by
+    both inputs and the output."""
+    a1, a2 = ctx.axes(x1), ctx.axes(x2)
+    if a1 is None or a2 is None or w is None or len(w) != 3 or len(a1) != len(a2):
+        return unknown(ctx)
+    ctx.unify(a1[-1], w[1])
+    ctx.unify(a2[-1], w[2])
+    for d in range(len(a1) - 1):
+        ctx.unify(a1[d], a2[d])
+    if b is not None:
+        ctx.unify(b[0], w[0])
+    return a1[:-1] + [w[0]]
+
+
+@op("bilinear")
+def bilinear(ctx: Context):
+    return _bilinear(ctx, ctx.arg("input1"), ctx.arg("input2"), ctx.axes(ctx.arg("weight")), ctx.axes(ctx.arg("bias")))
+
+
+@module(nn.Bilinear)
+def bilinear_module(ctx: Context):
+    return _bilinear(ctx, ctx.arg("input1"), ctx.arg("input2"), param_axes(ctx, "weight"), param_axes(ctx, "bias"))
 
 
 def _prelu(ctx: Context, x, wa):
