@@ -437,11 +437,36 @@ def test_reductions_and_softmax_over_channels_are_invariant():
 
 
 def test_unknown_module_fixes_everything_it_touches():
-    m = nn.Sequential(nn.Linear(3, 6), nn.ReLU(), nn.LSTM(6, 4))
+    m = nn.Sequential(nn.Linear(3, 6), nn.ReLU(), nn.LSTM(6, 4, proj_size=2))  # (projections: no rule)
     x = torch.randn(5, 2, 3)
     spec = gr.discover(m, x)
     assert spec.num_free == 0
     assert any("LSTM" in f.reason for f in spec.fixed)
+
+
+class _TupleOut(nn.Module):
+    """Returns what an op returning several tensors gives, as it is: chunk's halves, or an LSTM's
+    (output, (h_n, c_n))."""
+
+    def __init__(self, lstm: bool):
+        super().__init__()
+        self.a = nn.Linear(3, 8)
+        self.rnn = nn.LSTM(8, 4) if lstm else None
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        return self.rnn(h) if self.rnn is not None else h.chunk(2, -1)
+
+
+@pytest.mark.parametrize("lstm", [False, True])
+def test_tensors_a_model_returns_inside_an_ops_tuple_are_model_outputs(lstm):
+    """Before: the axes of a tuple-valued node the model returned as it is were not fixed as model
+    outputs, so the chunked layer's units moved and the proof failed, calling it a discovery bug."""
+    m, x = _TupleOut(lstm), torch.randn(5, 2, 3)
+    spec = discover_checked(m, x)
+    assert group_of(spec, "rnn.weight_hh_l0" if lstm else "a.weight", 1 if lstm else 0) is None
+    if lstm:
+        assert group_of(spec, "a.weight", 0).size == 8  # what feeds the LSTM still moves
 
 
 # -- arguments by name, failing rules, grouped-query attention, stochastic depth ---------------------
@@ -1247,3 +1272,62 @@ def test_embedding_bags_and_bilinear_layers_move_their_channels(functional):
     x = torch.randn(256, 6)
     merged = gr.merge(bil, other, x, num_examples=256)
     assert type(merged) is _Bilinear and torch.isfinite(merged(x)).all()
+
+
+class _Recurrent(nn.Module):
+    """A feature layer, a recurrent layer, a head on its last step (or on its final state)."""
+
+    def __init__(self, cell: nn.Module, state: bool = False):
+        super().__init__()
+        self.inp, self.rnn, self.state = nn.Linear(6, 16), cell, state
+        width = cell.hidden_size * (1 if state else 2 if cell.bidirectional else 1)
+        self.out = nn.Linear(width, 3)
+
+    def forward(self, x):
+        h, last = self.rnn(torch.relu(self.inp(x)))
+        if self.state:
+            return self.out((last[0] if isinstance(last, tuple) else last)[-1])
+        return self.out(h[:, -1] if self.rnn.batch_first else h[-1])
+
+
+@pytest.mark.parametrize("make, cells", [
+    (lambda: nn.LSTM(16, 12, num_layers=2, bidirectional=True, batch_first=True), ["l0", "l0_reverse", "l1", "l1_reverse"]),
+    (lambda: nn.GRU(16, 12, num_layers=2), ["l0", "l1"]),
+    (lambda: nn.RNN(16, 12, bidirectional=True, nonlinearity="relu", batch_first=True), ["l0", "l0_reverse"]),
+])
+def test_recurrent_layers_move_each_cells_units(make, cells):
+    """Before: "no rule for module LSTM" fixed every axis around it, the layer feeding it too (a
+    recurrent model had no group). Each layer and direction's hidden units move with all its gates'
+    rows, its recurrent weight's columns and the next layer's input columns; the proofs hold."""
+    model = _Recurrent(make())
+    x = torch.randn(4, 7, 6) if model.rnn.batch_first else torch.randn(7, 4, 6)
+    spec = discover_checked(model, x)
+    units = [group_of(spec, f"rnn.weight_hh_{c}", 1) for c in cells]
+    assert all(g is not None and g.size == 12 for g in units) and len({g.name for g in units}) == len(cells)
+    for c, g in zip(cells, units):
+        assert group_of(spec, f"rnn.weight_ih_{c}", 0) is g and group_of(spec, f"rnn.bias_hh_{c}", 0) is g
+    assert group_of(spec, "rnn.weight_ih_l0", 1) is group_of(spec, "inp.weight", 0)  # the layer feeding it moves
+    assert group_of(spec, "out.weight", 1).name in {g.name for g in units[-2:]}  # the head reads the last layer
+
+
+def test_a_recurrent_layers_final_state_carries_its_units_only_when_it_has_one_cell():
+    """h_n holds every layer and direction along one axis: read from a one-layer LSTM it carries
+    that cell's units; read from a two-layer one the layer stays fixed, saying why."""
+    one = discover_checked(_Recurrent(nn.LSTM(16, 12, batch_first=True), state=True), torch.randn(4, 7, 6))
+    assert group_of(one, "out.weight", 1) is group_of(one, "rnn.weight_hh_l0", 1) is not None
+    two = gr.discover(_Recurrent(nn.LSTM(16, 12, num_layers=2, batch_first=True), state=True), torch.randn(4, 7, 6))
+    assert two.groups == () or all(group_of(two, f"rnn.weight_hh_l{k}", 1) is None for k in (0, 1))
+    assert any("the final state of LSTM at node 'rnn'" in f.reason for f in two.fixed)
+
+
+@pytest.mark.parametrize("method", ["activation", "weight"])
+def test_recurrent_models_merge_into_their_class(method):
+    torch.manual_seed(0)
+    a = _Recurrent(nn.LSTM(16, 12, num_layers=2, batch_first=True)).eval()
+    torch.manual_seed(1)
+    b = _Recurrent(nn.LSTM(16, 12, num_layers=2, batch_first=True)).eval()
+    x = torch.randn(512, 7, 6)
+    merged = gr.merge(a, b, x, method=method, num_examples=512)
+    assert type(merged) is _Recurrent and torch.isfinite(merged(x)).all()
+    same = gr.merge(a, b, x, method=method, num_examples=512, alpha=0.0, repair=None)
+    torch.testing.assert_close(same(x), a(x))

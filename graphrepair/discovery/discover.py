@@ -66,8 +66,9 @@ def _discover(model: nn.Module, example_inputs, traced: Traced | None) -> Permut
             continue
         if node.op == "output":
             for a in tensor_args(node):
-                for d, e in enumerate(ctx.axes(a) or []):
-                    ctx.fix(e, "model output", d, a.name, record=False)
+                for exprs in _tensors_of(ctx.values.get(a.name)):  # (a node of tuples too: chunk, an LSTM)
+                    for d, e in enumerate(exprs):
+                        ctx.fix(e, "model output", d, a.name, record=False)
             continue
         out = apply_rule(ctx, node)
         ctx.values[node.name] = out
@@ -114,6 +115,16 @@ def _confine_per_block(ctx: Context) -> None:
             for exprs in (v if isinstance(v, tuple) else (v,)):
                 if isinstance(exprs, list) and id(exprs) not in params:
                     changed |= any([share(solver.resolve(e)) for e in exprs])
+
+
+def _tensors_of(value) -> list[list]:
+    """The axes of every tensor in a node's value: a list of expressions, or tuples of such values
+    (a node returning a tuple, returned as it is by the model)."""
+    if isinstance(value, list):
+        return [value]
+    if isinstance(value, tuple):
+        return [exprs for v in value for exprs in _tensors_of(v)]
+    return []
 
 
 def _get_attr_axes(ctx: Context, node: torch.fx.Node, info: TensorInfo, persistent: set[str]) -> list:

@@ -9,8 +9,10 @@ parameters to the same rule as the functional and ATen forms.
 
 from __future__ import annotations
 
-from graphrepair.discovery.axes import kron, per_block, wreath
-from graphrepair.discovery.context import Context, is_aten, op_name
+import operator
+
+from graphrepair.discovery.axes import Fixed, cat, kron, per_block, wreath
+from graphrepair.discovery.context import STRUCTURAL, Context, is_aten, op_name
 from graphrepair.discovery.rules.registry import module, nn, op, param_axes, spatial, unknown
 
 
@@ -172,6 +174,75 @@ def bilinear(ctx: Context):
 @module(nn.Bilinear)
 def bilinear_module(ctx: Context):
     return _bilinear(ctx, ctx.arg("input1"), ctx.arg("input2"), param_axes(ctx, "weight"), param_axes(ctx, "bias"))
+
+
+_GATES = ((nn.LSTM, 4), (nn.GRU, 3), (nn.RNN, 1))  # stacked gate blocks in each weight's rows
+
+
+def _read(node) -> bool:
+    """Whether anything reads ``node``'s value: taking a tuple's element (``h, (h_n, c_n) = ...``
+    makes every element's node) reads nothing until something reads that element."""
+    if node.op == "call_function" and node.target is operator.getitem:
+        return any(_read(u) for u in node.users)
+    return True
+
+
+@module(nn.LSTM, nn.GRU, nn.RNN)
+def recurrent_module(ctx: Context):
+    """nn.LSTM, nn.GRU and nn.RNN: each layer and direction's hidden units may move, one
+    permutation P for all of that cell's tensors. ``weight_ih`` and ``weight_hh`` stack the
+    gates' rows gate by gate (G blocks of H rows: kron(gates, P)), ``weight_hh``'s columns read
+    the cell's own state (P), biases follow the rows; ``weight_ih``'s columns read the layer's
+    input: the model's features in the first layer, the previous layer's outputs (the forward
+    then the backward direction's units) above it. The output carries the last layer's. The time
+    axis is fixed (the steps are a recurrence). The final state (h_n, c_n: every layer and
+    direction along one axis) carries P only with one layer and one direction; otherwise it is
+    fixed where nothing reads it, and the whole layer is fixed where something does. Not handled
+    (fixed): projections (``proj_size``), an initial state passed in, packed sequences."""
+    m = ctx.module()
+    x = ctx.input()
+    xa, xs = ctx.axes(x), ctx.shape(x)
+    if xa is None or xs is None or len(xs) not in (2, 3) or getattr(m, "proj_size", 0) or len(ctx.node.args) > 1 \
+            or ctx.node.kwargs:
+        return unknown(ctx)
+    gates = next(g for t, g in _GATES if isinstance(m, t))
+    directions, layers, h = 2 if m.bidirectional else 1, m.num_layers, m.hidden_size
+    state_read = any(_read(u) for u in ctx.node.users
+                     if not (u.op == "call_function" and u.target is operator.getitem and u.args[1] == 0))
+    if state_read and layers * directions > 1:
+        return unknown(ctx, f"the final state of {type(m).__name__} at node '{ctx.node.name}' (every layer and "
+                            f"direction along one axis) is read")
+    batched = len(xs) == 3
+    time = (1 if m.batch_first else 0) if batched else 0
+    ctx.fix(xa[time], "time steps of a recurrent layer", structural=True)
+    inp, cells = xa[-1], []
+    for k in range(layers):
+        outs = []
+        for d in range(directions):
+            suffix = f"_l{k}" + ("_reverse" if d else "")
+            w_ih, w_hh = param_axes(ctx, "weight_ih" + suffix), param_axes(ctx, "weight_hh" + suffix)
+            if w_ih is None or w_hh is None:
+                return unknown(ctx)
+            p = ctx.fresh(h)
+            rows = kron(Fixed(gates, STRUCTURAL + "gates of a recurrent layer"), p)
+            ctx.unify(w_ih[0], rows)
+            ctx.unify(w_ih[1], inp)
+            ctx.unify(w_hh[0], rows)
+            ctx.unify(w_hh[1], p)
+            for name in ("bias_ih", "bias_hh"):
+                b = param_axes(ctx, name + suffix)
+                if b is not None:
+                    ctx.unify(b[0], rows)
+            outs.append(p)
+            cells.append(p)
+        inp = cat(outs)
+    out = list(xa[:-1]) + [inp]
+    unit = cells[0] if layers * directions == 1 else Fixed(h, "final states of several layers or directions")
+    state = [Fixed(layers * directions, STRUCTURAL + "layers and directions")] + (
+        [xa[0 if m.batch_first else 1]] if batched else []) + [unit]
+    if isinstance(m, nn.LSTM):
+        return out, (state, list(state))
+    return out, state
 
 
 def _prelu(ctx: Context, x, wa):
