@@ -1329,5 +1329,10 @@ def test_recurrent_models_merge_into_their_class(method):
     x = torch.randn(512, 7, 6)
     merged = gr.merge(a, b, x, method=method, num_examples=512)
     assert type(merged) is _Recurrent and torch.isfinite(merged(x)).all()
+    # the features feeding the LSTM are observed where it reads them (its input weights mix them)
+    from graphrepair.merging.points import observation_points
+
+    spec = gr.discover(a, x[:2])
+    assert [p.node for p in observation_points(spec)[group_of(spec, "inp.weight", 0).name]] == ["relu"]
     same = gr.merge(a, b, x, method=method, num_examples=512, alpha=0.0, repair=None)
     torch.testing.assert_close(same(x), a(x))

@@ -29,8 +29,9 @@ from graphrepair.errors import GraphRepairError
 
 MIXING_OPS = {"linear", "conv1d", "conv2d", "conv3d", "convolution", "_convolution", "conv_transpose1d",
               "conv_transpose2d", "conv_transpose3d", "matmul", "mm", "bmm", "addmm", "baddbmm",
-              "scaled_dot_product_attention", "einsum"}
-MIXING_MODULES = (torch.nn.Linear, torch.nn.modules.conv._ConvNd, torch.nn.MultiheadAttention)
+              "scaled_dot_product_attention", "einsum", "bilinear"}
+MIXING_MODULES = (torch.nn.Linear, torch.nn.modules.conv._ConvNd, torch.nn.MultiheadAttention, torch.nn.Bilinear,
+                  torch.nn.RNNBase)  # (a recurrent layer's input weights read its input's units)
 
 
 @dataclass(frozen=True)
