@@ -1336,3 +1336,23 @@ def test_recurrent_models_merge_into_their_class(method):
     assert [p.node for p in observation_points(spec)[group_of(spec, "inp.weight", 0).name]] == ["relu"]
     same = gr.merge(a, b, x, method=method, num_examples=512, alpha=0.0, repair=None)
     torch.testing.assert_close(same(x), a(x))
+
+
+@pytest.mark.parametrize("make, conv", [
+    (lambda: nn.Threshold(0.1, -1.0), False), (lambda: nn.Hardshrink(0.3), False), (lambda: nn.Softshrink(0.3), False),
+    (lambda: nn.RReLU(), False), (lambda: nn.Softmax2d(), True), (lambda: nn.LPPool2d(2, 2), True),
+    (lambda: nn.LPPool1d(3, 2), "1d"),
+])
+def test_channelwise_modules_let_their_channels_move(make, conv):
+    """Before: "no rule for module Threshold" (and Hardshrink, Softshrink, RReLU, Softmax2d,
+    LPPool): every channel around them fixed. Each acts channel by channel (Softmax2d normalises
+    over the channels, which permuting them reorders alike); the proofs hold."""
+    if conv == "1d":
+        model, x = nn.Sequential(nn.Conv1d(3, 8, 3, padding=1), make(), nn.Conv1d(8, 4, 1)), torch.randn(4, 3, 12)
+    elif conv:
+        model, x = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), make(), nn.Conv2d(8, 4, 1)), torch.randn(4, 3, 8, 8)
+    else:
+        model, x = nn.Sequential(nn.Linear(8, 16), make(), nn.Linear(16, 4)), torch.randn(4, 8)
+    spec = discover_checked(model, x)
+    assert spec.num_free == (8 if conv else 16)
+    assert group_of(spec, "0.weight", 0) is group_of(spec, "2.weight", 1)

@@ -22,7 +22,7 @@ hardswish_ hardsigmoid elu elu_ selu celu leaky_relu leaky_relu_ softplus softsi
 tanhshrink threshold glu_none neg abs exp exp2 expm1 log log2 log10 log1p sqrt rsqrt erf erfc square
 sin cos reciprocal sign clamp clamp_ clamp_min clamp_max clip nan_to_num isnan isinf isfinite round
 floor ceil trunc dropout dropout_ alpha_dropout feature_alpha_dropout dropout1d dropout2d dropout3d
-softmax log_softmax _softmax _log_softmax _safe_softmax softmin normalize
+softmax log_softmax _softmax _log_softmax _safe_softmax softmin normalize hardshrink softshrink rrelu
 """
 
 # In-place forms (``x.add_(y)``, what a symbolic trace keeps of ``out += identity`` in HF's
@@ -35,6 +35,7 @@ POINTWISE_MODULES = (
     nn.Hardsigmoid, nn.ELU, nn.SELU, nn.CELU, nn.LeakyReLU, nn.Softplus, nn.Softsign, nn.Mish,
     nn.LogSigmoid, nn.Tanhshrink, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
     nn.AlphaDropout, nn.FeatureAlphaDropout, nn.Identity, nn.Softmax, nn.LogSoftmax, nn.Softmin,
+    nn.Softmax2d, nn.Threshold, nn.Hardshrink, nn.Softshrink, nn.RReLU,
 )
 
 

@@ -157,7 +157,7 @@ def _pool(ctx: Context, name: str):
     adaptive_avg_pool2d adaptive_avg_pool3d adaptive_max_pool1d adaptive_max_pool2d adaptive_max_pool3d
     _adaptive_avg_pool2d _adaptive_avg_pool3d max_pool2d_with_indices max_pool3d_with_indices
     max_pool1d_with_indices interpolate upsample_nearest1d upsample_nearest2d upsample_nearest3d
-    upsample_bilinear2d upsample_bicubic2d upsample_linear1d upsample_trilinear3d lp_pool2d""")
+    upsample_bilinear2d upsample_bicubic2d upsample_linear1d upsample_trilinear3d lp_pool1d lp_pool2d lp_pool3d""")
 def pool(ctx: Context):
     return _pool(ctx, op_name(ctx.node))
 
@@ -165,7 +165,7 @@ def pool(ctx: Context):
 @module(nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
         nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
         nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Upsample, nn.UpsamplingNearest2d,
-        nn.UpsamplingBilinear2d)
+        nn.UpsamplingBilinear2d, nn.LPPool1d, nn.LPPool2d, nn.LPPool3d)
 def pool_module(ctx: Context):
     return _pool(ctx, type(ctx.module()).__name__)
 
