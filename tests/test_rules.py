@@ -1356,3 +1356,31 @@ def test_channelwise_modules_let_their_channels_move(make, conv):
     spec = discover_checked(model, x)
     assert spec.num_free == (8 if conv else 16)
     assert group_of(spec, "0.weight", 0) is group_of(spec, "2.weight", 1)
+
+
+class _SubPixel(nn.Module):
+    """ESPCN-style upsampling (a conv to C r^2 channels, PixelShuffle) and its inverse."""
+
+    def __init__(self, functional: bool):
+        super().__init__()
+        self.functional = functional
+        self.a = nn.Conv2d(3, 8 * 4, 3, padding=1)
+        self.b = nn.Conv2d(8, 6, 3, padding=1)
+        self.c = nn.Conv2d(6 * 4, 2, 1)
+
+    def forward(self, x):
+        if self.functional:
+            up = F.pixel_shuffle(torch.relu(self.a(x)), 2)
+            return self.c(F.pixel_unshuffle(torch.relu(self.b(up)), 2))
+        up = nn.PixelShuffle(2)(torch.relu(self.a(x)))
+        return self.c(nn.PixelUnshuffle(2)(torch.relu(self.b(up))))
+
+
+@pytest.mark.parametrize("functional", [False, True])
+def test_pixel_shuffles_move_whole_blocks_of_sub_pixels(functional):
+    """Before: "no rule" fixed the channels on both sides. A pixel shuffle's input channels are
+    blocks of r^2 sub-pixels of one output channel: the blocks move with that channel."""
+    spec = discover_checked(_SubPixel(functional), torch.randn(2, 3, 6, 6))
+    a, b = group_of(spec, "a.weight", 0), group_of(spec, "b.weight", 0)
+    assert a.size == 8 and b.size == 6
+    assert group_of(spec, "b.weight", 1) is a and group_of(spec, "c.weight", 1) is b

@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 
 from graphrepair.discovery.axes import Fixed, cat, kron
-from graphrepair.discovery.context import Context, op_name
+from graphrepair.discovery.context import STRUCTURAL, Context, op_name
 from graphrepair.discovery.rules.elementwise import no_tensor
-from graphrepair.discovery.rules.registry import module, nn, norm_dim, op, unknown
+from graphrepair.discovery.rules.registry import module, nn, norm_dim, op, spatial, unknown
 
 
 def reshape_axes(ctx: Context, in_axes, in_shape, out_shape):
@@ -271,6 +271,46 @@ def glu(ctx: Context):
 def glu_module(ctx: Context):
     """nn.GLU along its ``dim`` (``_glu``)."""
     return _glu(ctx, ctx.module().dim)
+
+
+def _pixel_shuffle(ctx: Context, factor, shuffle: bool):
+    """pixel_shuffle(r): input channel c r^2 + i r + j becomes output channel c at sub-position
+    (i, j), so the input's channels are kron(output channels, r^2 sub-positions) and only whole
+    blocks of r^2 move, with their output channel; pixel_unshuffle the other way round."""
+    x = ctx.input()
+    xa, xs, out = ctx.axes(x), ctx.shape(x), ctx.out_shape()
+    if xa is None or xs is None or out is None or len(xs) < 3 or not isinstance(factor, int):
+        return unknown(ctx)
+    c = len(xs) - 3
+    for d in (c + 1, c + 2):
+        ctx.fix(xa[d], "spatial axis of a pixel shuffle", structural=True)
+    sub = Fixed(factor * factor, STRUCTURAL + "sub-pixel positions of a pixel shuffle")
+    if shuffle:
+        channels = ctx.fresh(out[c])
+        ctx.unify(xa[c], kron(channels, sub))
+    else:
+        channels = kron(xa[c], sub)
+    return xa[:c] + [channels] + [spatial(s) for s in out[c + 1:]]
+
+
+@op("pixel_shuffle")
+def pixel_shuffle(ctx: Context):
+    return _pixel_shuffle(ctx, ctx.arg("upscale_factor", index=1), True)
+
+
+@op("pixel_unshuffle")
+def pixel_unshuffle(ctx: Context):
+    return _pixel_shuffle(ctx, ctx.arg("downscale_factor", index=1), False)
+
+
+@module(nn.PixelShuffle)
+def pixel_shuffle_module(ctx: Context):
+    return _pixel_shuffle(ctx, ctx.module().upscale_factor, True)
+
+
+@module(nn.PixelUnshuffle)
+def pixel_unshuffle_module(ctx: Context):
+    return _pixel_shuffle(ctx, ctx.module().downscale_factor, False)
 
 
 @op("getitem")
