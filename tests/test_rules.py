@@ -1384,3 +1384,77 @@ def test_pixel_shuffles_move_whole_blocks_of_sub_pixels(functional):
     a, b = group_of(spec, "a.weight", 0), group_of(spec, "b.weight", 0)
     assert a.size == 8 and b.size == 6
     assert group_of(spec, "b.weight", 1) is a and group_of(spec, "c.weight", 1) is b
+
+
+class _Sampled(nn.Module):
+    """A spatial transformer's sampling (F.grid_sample on a grid from the network) and a soft
+    split (nn.Unfold, as T2T-ViT tokenises) folded back (nn.Fold / F.fold)."""
+
+    def __init__(self, functional: bool):
+        super().__init__()
+        self.functional = functional
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.loc = nn.Linear(3 * 8 * 8, 6)
+        self.b = nn.Conv2d(8, 5, 1)
+        self.mix = nn.Linear(5 * 9, 5 * 9)
+        self.c = nn.Conv2d(5, 2, 1)
+
+    def forward(self, x):
+        theta = self.loc(x.flatten(1)).view(-1, 2, 3) * 0.1 + torch.tensor([[1.0, 0, 0], [0, 1.0, 0]])
+        h = F.grid_sample(torch.relu(self.a(x)), F.affine_grid(theta, (x.shape[0], 8, 8, 8), align_corners=False),
+                          align_corners=False)
+        h = torch.relu(self.b(h))
+        cols = F.unfold(h, 3, padding=1) if self.functional else nn.Unfold(3, padding=1)(h)
+        cols = self.mix(cols.transpose(1, 2)).transpose(1, 2)
+        back = F.fold(cols, (8, 8), 3, padding=1) if self.functional else nn.Fold((8, 8), 3, padding=1)(cols)
+        return self.c(back)
+
+
+@pytest.mark.parametrize("functional", [False, True])
+def test_grid_sampling_and_unfold_fold_let_channels_move(functional):
+    """Before: "no rule for grid_sampler / unfold / fold" fixed the channels around them. Grid
+    sampling passes channels through; unfold's rows are kron(channels, kernel positions), fold's
+    input the same; the proofs hold."""
+    spec = discover_checked(_Sampled(functional), torch.randn(2, 3, 8, 8))
+    assert group_of(spec, "a.weight", 0).size == 8 and group_of(spec, "b.weight", 1) is group_of(spec, "a.weight", 0)
+    assert group_of(spec, "mix.weight", 1) is group_of(spec, "b.weight", 0)  # kron(b's channels, 9 positions)
+    assert group_of(spec, "c.weight", 1) is group_of(spec, "mix.weight", 0)
+    assert group_of(spec, "loc.weight", 0) is None  # the grid's parameters mean places
+
+
+def test_tensor_unfold_is_a_sliding_window_not_im2col():
+    m = nn.Sequential(nn.Linear(4, 6), nn.ReLU())
+    spec = gr.discover(_Windowed(m), torch.randn(2, 10, 4))
+    spec.check(_Windowed(m), torch.randn(2, 10, 4))
+
+
+class _Windowed(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.out = inner, nn.Linear(6 * 3, 2)
+
+    def forward(self, x):  # (B, T, 4) -> windows of 3 steps along T
+        h = self.inner(x).unfold(1, 3, 1)  # (B, T-2, 6, 3)
+        return self.out(h.flatten(2))
+
+
+_SHIFT = torch.linspace(-1, 1, 16)  # a module-level tensor: no model holds it
+
+
+class _ReadsAGlobal(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 16), nn.Linear(16, 2)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x) + _SHIFT) + torch.zeros(16).fill_(0.5))
+
+
+def test_constants_no_model_holds_are_said_to_come_from_the_forward():
+    """A tensor the forward reads from outside the model, or makes itself, is the graph's constant
+    (``_tensor_constant0``): the reason says where such a tensor comes from, not that it may be a
+    non-persistent buffer or a tensor attribute (those are named by their own paths)."""
+    spec = gr.discover(_ReadsAGlobal(), torch.randn(2, 4))
+    reasons = {f.reason for f in spec.fixed if "_tensor_constant" in f.reason}
+    assert reasons and all("is not in the state dict (a tensor the forward makes, or reads from outside the "
+                           "model): permutations and merges cannot carry it" in r for r in reasons)

@@ -152,8 +152,8 @@ def _get_attr_axes(ctx: Context, node: torch.fx.Node, info: TensorInfo, persiste
             f"nn.ModuleList, nn.ModuleDict or nn.ParameterList to merge it"
             if kind == "a plain list or dict" else
             f"'{name}' is not in the state dict ({kind}): permutations and merges cannot carry it"))
-    return ctx.unheld(node.name, info.shape, f"'{node.target}' is not in the state dict (a non-persistent "
-                      f"buffer or a tensor attribute): permutations and merges cannot carry it")
+    return ctx.unheld(node.name, info.shape, f"'{node.target}' is not in the state dict (a tensor the forward "
+                      f"makes, or reads from outside the model): permutations and merges cannot carry it")
 
 
 def _unheld_name(ctx: Context, node: torch.fx.Node) -> tuple[str, str] | None:

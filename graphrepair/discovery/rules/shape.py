@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from graphrepair.discovery.axes import Fixed, cat, kron
-from graphrepair.discovery.context import STRUCTURAL, Context, op_name
+from graphrepair.discovery.context import STRUCTURAL, Context, is_aten, op_name
 from graphrepair.discovery.rules.elementwise import no_tensor
 from graphrepair.discovery.rules.registry import module, nn, norm_dim, op, spatial, unknown
 
@@ -311,6 +311,83 @@ def pixel_shuffle_module(ctx: Context):
 @module(nn.PixelUnshuffle)
 def pixel_unshuffle_module(ctx: Context):
     return _pixel_shuffle(ctx, ctx.module().downscale_factor, False)
+
+
+def _kernel_size(v, k: int) -> int | None:
+    """The number of kernel positions of an unfold/fold ``kernel_size`` (an int or k ints)."""
+    sizes = [v] * k if isinstance(v, int) else list(v) if isinstance(v, (tuple, list)) else None
+    if sizes is None or len(sizes) != k or not all(isinstance(n, int) for n in sizes):
+        return None
+    count = 1
+    for n in sizes:
+        count *= n
+    return count
+
+
+def _im2col(ctx: Context, kernel_size, unfold: bool):
+    """unfold (im2col): channel c's kernel positions become rows c K .. c K + K - 1 of the
+    output's second axis (K positions of the kernel), its last axis the sliding blocks: the rows
+    are kron(channels, K), the blocks fixed. fold is the inverse: its input rows are kron(output
+    channels, K)."""
+    x = ctx.input()
+    xa, xs, out = ctx.axes(x), ctx.shape(x), ctx.out_shape()
+    if xa is None or xs is None or out is None:
+        return unknown(ctx)
+    k = _kernel_size(kernel_size, 2)
+    if unfold:
+        if len(xs) not in (3, 4) or k is None:
+            return unknown(ctx)
+        c = len(xs) - 3
+        for d in (c + 1, c + 2):
+            ctx.fix(xa[d], "spatial axis of an unfold", structural=True)
+        rows = kron(xa[c], Fixed(k, STRUCTURAL + "kernel positions of an unfold"))
+        return xa[:c] + [rows, spatial(out[-1], "sliding blocks of an unfold")]
+    if len(xs) not in (2, 3) or k is None:
+        return unknown(ctx)
+    c = len(xs) - 2
+    ctx.fix(xa[c + 1], "sliding blocks of a fold", structural=True)
+    channels = ctx.fresh(out[c])
+    ctx.unify(xa[c], kron(channels, Fixed(k, STRUCTURAL + "kernel positions of a fold")))
+    return xa[:c] + [channels] + [spatial(n) for n in out[c + 1:]]
+
+
+@op("unfold im2col")
+def unfold_op(ctx: Context):
+    if op_name(ctx.node) == "unfold" and (ctx.node.op == "call_method" or is_aten(ctx.node)):
+        return unknown(ctx)  # Tensor.unfold (aten.unfold): a sliding window along one axis, not im2col
+    return _im2col(ctx, ctx.arg("kernel_size", index=1), True)
+
+
+@op("fold col2im")
+def fold_op(ctx: Context):
+    return _im2col(ctx, ctx.arg("kernel_size", index=2), False)
+
+
+@module(nn.Unfold)
+def unfold_module(ctx: Context):
+    return _im2col(ctx, ctx.module().kernel_size, True)
+
+
+@module(nn.Fold)
+def fold_module(ctx: Context):
+    return _im2col(ctx, ctx.module().kernel_size, False)
+
+
+@op("grid_sample grid_sampler grid_sampler_2d grid_sampler_3d")
+def grid_sample(ctx: Context):
+    """Each channel is sampled at the grid's points, the same for every channel: the channels
+    pass through, the grid's axes (the output's spatial axes) are data."""
+    x = ctx.input()
+    xa, xs, out = ctx.axes(x), ctx.shape(x), ctx.out_shape()
+    ga = ctx.axes(ctx.arg("grid", index=1))
+    if xa is None or xs is None or out is None or ga is None or len(xs) not in (4, 5) or len(out) != len(xs):
+        return unknown(ctx)
+    for d in range(2, len(xs)):
+        ctx.fix(xa[d], "spatial axis sampled by a grid", structural=True)
+    for d, e in enumerate(ga):
+        ctx.fix(e, "a sampling grid's axis", d, structural=True)
+    ctx.unify(xa[0], ga[0])
+    return [xa[0], xa[1]] + [spatial(n, "sampled by a grid") for n in out[2:]]
 
 
 @op("getitem")
