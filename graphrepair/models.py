@@ -246,7 +246,7 @@ def given_back(*models: nn.Module) -> Iterator[None]:
             # which parameters, buffers and submodules the module holds, by object (a forward that
             # replaces one, ``self.gain = nn.Parameter(...)``, leaves the caller's optimizer and
             # every other holder with an object the model no longer reads)
-            tables.append((m, {k: dict(vars(m)[k]) for k in _TABLES}, set(m._non_persistent_buffers_set)))
+            tables.append((m, {k: dict(vars(m)[k]) for k in MODULE_TABLES}, set(m._non_persistent_buffers_set)))
             writes = isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None
             for name, p in m._parameters.items():
                 if p is not None and not p.is_inference():
@@ -298,7 +298,13 @@ def given_back(*models: nn.Module) -> Iterator[None]:
 
 
 _GONE = object()  # (an attribute ``given_back`` finds removed)
-_TABLES = ("_parameters", "_buffers", "_modules")  # nn.Module's own tables (``given_back``)
+MODULE_TABLES = ("_parameters", "_buffers", "_modules")  # nn.Module's own tables of what it holds
+PLAIN_CONTAINER = "a plain list or dict"  # ``unheld_tensors``' kind for a tensor held in one
+
+
+def _storage_key(t: torch.Tensor) -> tuple:
+    """Where a tensor's values lie: storage address, offset, shape, strides, dtype (``unheld_tensors``)."""
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
 
 
 def tied_names(model: nn.Module) -> dict[str, str]:
@@ -316,26 +322,22 @@ def unheld_tensors(model: nn.Module) -> dict[tuple, tuple[str, str]]:
     """The tensors ``model`` holds outside its state dict, by where their values lie (storage
     address, offset, shape, strides, dtype: a traced graph's constant shares a parameter's storage
     without being the same object) -> (the name a user knows it by, what kind of holding it is):
-    "a buffer registered with persistent=False", "a tensor attribute", and "a plain list or dict"
-    for a module, parameter or tensor in a list, tuple or dict attribute (not registered:
-    ``layers[0].weight``). What discovery names
-    when a traced graph reads one (the tracer's own names, ``lifted_tensor_0``, tell nothing)."""
+    "a buffer registered with persistent=False", "a tensor attribute", and ``PLAIN_CONTAINER`` for
+    a module, parameter or tensor in a list, tuple or dict attribute (not registered:
+    ``layers[0].weight``). What discovery names when a traced graph reads one (the tracer's own
+    names, ``lifted_tensor_0``, tell nothing); look one up with ``unheld_name``."""
     found: dict[tuple, tuple[str, str]] = {}
-
-    def key(t: torch.Tensor) -> tuple:
-        return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
 
     def add(t, name: str, kind: str) -> None:
         if isinstance(t, torch.Tensor) and t.device.type != "meta":
-            found.setdefault(key(t), (name, kind))
+            found.setdefault(_storage_key(t), (name, kind))
 
-    listed = "a plain list or dict"
     for path, m in model.named_modules():
         prefix = f"{path}." if path else ""
         for k in m._non_persistent_buffers_set:
             add(m._buffers.get(k), prefix + k, "a buffer registered with persistent=False")
         for k, v in vars(m).items():
-            if k in ("_parameters", "_buffers", "_modules"):
+            if k in MODULE_TABLES:
                 continue
             if isinstance(v, torch.Tensor):
                 add(v, prefix + k, "a tensor attribute")
@@ -345,19 +347,17 @@ def unheld_tensors(model: nn.Module) -> dict[tuple, tuple[str, str]]:
                 at = f"{prefix}{k}[{i!r}]"
                 if isinstance(item, nn.Module):
                     for name, t in (*item.named_parameters(), *item.named_buffers()):
-                        add(t, f"{at}.{name}", listed)
+                        add(t, f"{at}.{name}", PLAIN_CONTAINER)
                 else:
-                    add(item, at, listed)
+                    add(item, at, PLAIN_CONTAINER)
     return found
 
 
-def unheld_name(model: nn.Module, t: torch.Tensor, table: dict | None = None) -> tuple[str, str] | None:
-    """(name, kind) of tensor ``t`` among ``model``'s ``unheld_tensors`` (``table``: that table,
-    when already made), or None."""
+def unheld_name(table: dict, t) -> tuple[str, str] | None:
+    """(name, kind) of tensor ``t`` in a model's ``unheld_tensors`` table, or None."""
     if not isinstance(t, torch.Tensor) or t.device.type == "meta":
         return None
-    table = unheld_tensors(model) if table is None else table
-    return table.get((t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype))
+    return table.get(_storage_key(t))
 
 
 def copy_with_state(module: nn.Module, state: dict[str, torch.Tensor], *, own: bool = False,

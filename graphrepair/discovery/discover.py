@@ -27,7 +27,7 @@ from graphrepair.discovery.context import STRUCTURAL, Context, tensor_args
 from graphrepair.discovery.spec import FixedAxis, Group, Member, PermutationSpec
 from graphrepair.discovery.rules import apply_rule
 from graphrepair.discovery.trace import TensorInfo, Traced, trace
-from graphrepair.models import tied_names, unheld_name, unheld_tensors, user_models
+from graphrepair.models import PLAIN_CONTAINER, tied_names, unheld_name, unheld_tensors, user_models
 
 @user_models("model")
 def discover(model: nn.Module, example_inputs, *, traced: Traced | None = None,
@@ -150,7 +150,7 @@ def _get_attr_axes(ctx: Context, node: torch.fx.Node, info: TensorInfo, persiste
         return ctx.unheld(node.name, info.shape, (
             f"'{name}' is in a plain list or dict (no state dict holds it): register it with "
             f"nn.ModuleList, nn.ModuleDict or nn.ParameterList to merge it"
-            if kind == "a plain list or dict" else
+            if kind == PLAIN_CONTAINER else
             f"'{name}' is not in the state dict ({kind}): permutations and merges cannot carry it"))
     return ctx.unheld(node.name, info.shape, f"'{node.target}' is not in the state dict (a tensor the forward "
                       f"makes, or reads from outside the model): permutations and merges cannot carry it")
@@ -167,7 +167,7 @@ def _unheld_name(ctx: Context, node: torch.fx.Node) -> tuple[str, str] | None:
         return None
     if ctx.unheld_table is None:
         ctx.unheld_table = unheld_tensors(ctx.model)
-    return unheld_name(ctx.model, t, ctx.unheld_table)
+    return unheld_name(ctx.unheld_table, t)
 
 
 # -- turning the solved variables into a frozen spec ---------------------------------------------

@@ -32,7 +32,7 @@ from torch import nn
 
 from graphrepair.errors import DataError, ShapeError, TraceError, listed
 from graphrepair.io.inputs import Inputs
-from graphrepair.models import check_module, eval_mode, given_back
+from graphrepair.models import MODULE_TABLES, check_module, eval_mode, given_back
 from graphrepair.runtime import model_device, model_dtype
 
 
@@ -264,7 +264,7 @@ def trace(model: nn.Module, example_inputs) -> Traced:
                 placeholders = _placeholders(gm, inputs)
                 notes.append(f"torch.export failed ({_first_line(e2)}): traced with torch.nn's "
                              f"transformer layers kept whole, their channels fixed")
-        owners = {path for _, path in before if _ == "submodule"} | {""}
+        owners = {path for kind, path in before if kind == "submodule"} | {""}
         added = sorted((kind, path) for kind, path in _registered(model) - before
                        if path.rpartition(".")[0] in owners)  # (not the contents of a new submodule)
         if added:  # (given_back drops them again; the traced graph would read what the model lacks)
@@ -293,7 +293,7 @@ def trace(model: nn.Module, example_inputs) -> Traced:
 def _registered(model: nn.Module) -> set[tuple[str, str]]:
     """(kind, path) of every parameter, buffer and submodule ``model`` holds (what a forward that
     builds itself on its first call adds to)."""
-    kinds = (("_parameters", "parameter"), ("_buffers", "buffer"), ("_modules", "submodule"))
+    kinds = tuple(zip(MODULE_TABLES, ("parameter", "buffer", "submodule")))
     return {(kind, f"{path}.{k}" if path else k) for path, m in model.named_modules()
             for table, kind in kinds for k in vars(m)[table]}
 

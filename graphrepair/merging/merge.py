@@ -33,7 +33,7 @@ from graphrepair.merging.refit import Refit, check_refit
 from graphrepair.merging.refit import refit as refit_layers
 from graphrepair.merging.repair import (OUTPUTS, REPAIR_MODES, SCALE_ONLY, batch_goals, closed_form_statistics, goal_statistics,
                                        repair_merged, reset_batchnorm_stats)
-from graphrepair.models import copy_with_state, given_back, user_models
+from graphrepair.models import MODULE_TABLES, copy_with_state, given_back, user_models
 
 
 @dataclass
@@ -169,7 +169,7 @@ def note_unregistered(models: list[nn.Module], weights: list[float], stacklevel:
     differ = []
     for path, m in models[0].named_modules():
         for k, v in vars(m).items():
-            if k in ("_parameters", "_buffers", "_modules") or not _holds_weights(v):
+            if k in MODULE_TABLES or not _holds_weights(v):
                 continue
             for other, w in zip(models[1:], weights[1:]):
                 try:
